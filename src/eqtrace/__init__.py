@@ -1,0 +1,21 @@
+"""eqtrace: online learning of recurrent and spiking networks with eligibility traces."""
+
+import importlib.metadata
+
+from . import nn as nn
+from ._algorithm import AbstractAlgorithm as AbstractAlgorithm
+from ._algorithms._rtrl import RTRL as RTRL, RTRLTrace as RTRLTrace
+from ._cell import AbstractCell as AbstractCell
+from ._drivers import (
+    bptt_gradient as bptt_gradient,
+    init_state_and_trace as init_state_and_trace,
+    make_forward_step as make_forward_step,
+    make_online_step as make_online_step,
+    online_gradient as online_gradient,
+    run_online as run_online,
+    train_online as train_online,
+    truncated_bptt_gradient as truncated_bptt_gradient,
+)
+
+
+__version__ = importlib.metadata.version("eqtrace")

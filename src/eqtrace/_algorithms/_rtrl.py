@@ -1,0 +1,74 @@
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jax.flatten_util import ravel_pytree
+from jaxtyping import Array, Float
+
+from .._algorithm import AbstractAlgorithm
+from .._cell import AbstractCell
+from .._custom_types import Input, State
+
+
+class RTRLTrace(eqx.Module):
+    """The exact sensitivity `M = dh/dθ` of the flattened state to the flattened parameters."""
+
+    jacobian: Float[Array, "state params"]
+
+
+def _flat_transition(cell: AbstractCell, state: State, x: Input):
+    """The cell's state transition as a function of flat vectors `(h, θ) -> h'`."""
+    params, static = eqx.partition(cell, eqx.is_inexact_array)
+    h, unravel_state = ravel_pytree(state)
+    theta, unravel_params = ravel_pytree(params)
+
+    def transition(h, theta):
+        new_state, _ = eqx.combine(unravel_params(theta), static)(unravel_state(h), x)
+        return ravel_pytree(new_state)[0]
+
+    return transition, h, theta, unravel_state, unravel_params
+
+
+class RTRL(AbstractAlgorithm):
+    """Exact real-time recurrent learning (Williams & Zipser, 1989).
+
+    Carries the full sensitivity `M_t = dh_t/dθ` and updates it with
+    `M_t = J^h_t M_{t-1} + J^θ_t`, where `J^h_t = ∂h_t/∂h_{t-1}` and `J^θ_t = ∂h_t/∂θ`. The
+    online gradient of a loss at step `t` is `M_tᵀ ḡ_t`; summed over steps it equals the BPTT
+    gradient of the summed loss exactly.
+
+    A `Sequential` is treated as one recurrent system (its layers up to the last cell), so the
+    gradient stays exact across layers; stateless layers after the last cell are read-outs with
+    exact gradients.
+
+    Memory is `O(|h|·|θ|)` and compute `O(|h|·|θ|)` forward passes' worth per step: a tool for
+    small models and for checking other rules, not for training large networks.
+    """
+
+    per_layer = False
+
+    def init_cell_trace(self, cell: AbstractCell, state: State) -> RTRLTrace:
+        params = eqx.filter(cell, eqx.is_inexact_array)
+        h, _ = ravel_pytree(state)
+        theta, _ = ravel_pytree(params)
+        return RTRLTrace(jnp.zeros((h.size, theta.size), jnp.result_type(h, theta)))
+
+    def update(
+        self, cell: AbstractCell, state: State, trace: RTRLTrace, x: Input
+    ) -> tuple[State, RTRLTrace]:
+        transition, h, theta, unravel_state, _ = _flat_transition(cell, state, x)
+        new_h, linear = jax.linearize(transition, h, theta)
+        zero_theta = jnp.zeros_like(theta)
+        # J^h M: one JVP per column of M.
+        propagated = jax.vmap(lambda m: linear(m, zero_theta), in_axes=1, out_axes=1)(
+            trace.jacobian
+        )
+        # J^θ: one VJP per state element (|h| ≪ |θ|).
+        transpose = jax.linear_transpose(linear, h, theta)
+        immediate = jax.vmap(lambda e: transpose(e)[1])(jnp.eye(new_h.size, dtype=new_h.dtype))
+        return unravel_state(new_h), RTRLTrace(propagated + immediate)
+
+    def parameter_gradient(self, cell: AbstractCell, trace: RTRLTrace, state_cotangent: State):
+        params = eqx.filter(cell, eqx.is_inexact_array)
+        _, unravel_params = ravel_pytree(params)
+        g, _ = ravel_pytree(state_cotangent)
+        return unravel_params(trace.jacobian.T @ g)
