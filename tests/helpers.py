@@ -46,7 +46,7 @@ def online_and_bptt(algorithm, model, xs, targets, loss_fn=squared_loss, state=N
     params, static = eqx.partition(model, eqx.is_inexact_array)
     if state is None:
         state = model.init_state()
-    trace = algorithm.init_trace(model, state)
+    trace = algorithm.init_trace(model, state, xs[0])
     online_step = eqtrace.make_online_step(algorithm, static)
     _, online, _, _ = eqtrace.online_gradient(
         online_step, loss_fn, params, state, trace, xs, targets

@@ -8,7 +8,13 @@ import jax.tree_util as jtu
 
 from ._cell import AbstractCell
 from ._custom_types import Input, State, Trace
-from ._validation import check_input, check_matches, check_state
+from ._validation import (
+    check_input,
+    check_matches,
+    check_state,
+    example_input,
+    require_example_input,
+)
 from .nn._sequential import Sequential
 
 
@@ -32,8 +38,9 @@ class AbstractAlgorithm(eqx.Module):
     per_layer: ClassVar[bool]
 
     @abc.abstractmethod
-    def init_cell_trace(self, cell: AbstractCell, state: State) -> Trace:
-        """The initial (zero) trace of one recurrent system for one sample."""
+    def init_cell_trace(self, cell: AbstractCell, state: State, x: Input) -> Trace:
+        """The initial (zero) trace of one recurrent system for one sample; `x` is an example
+        input (only its shape and dtype matter)."""
 
     @abc.abstractmethod
     def update(
@@ -42,30 +49,42 @@ class AbstractAlgorithm(eqx.Module):
         """One step of the system and of its trace, `(h_{t-1}, ε_{t-1}) -> (h_t, ε_t)`."""
 
     @abc.abstractmethod
-    def parameter_gradient(self, cell: AbstractCell, trace: Trace, state_cotangent: State) -> Any:
-        """The online gradient of the cell's parameters, the trace `ε_t` contracted with
-        `ḡ = dL/dh_t`. Returns a pytree shaped like `cell` (`None` on non-array leaves)."""
+    def parameter_gradient(
+        self, cell: AbstractCell, state: State, x: Input, trace: Trace, state_cotangent: State
+    ) -> Any:
+        """The online gradient of the cell's parameters: the new trace `ε_t` contracted with
+        `ḡ = dL/dh_t` (`state` and `x` are the step's inputs). Returns a pytree shaped like
+        `eqx.filter(cell, eqx.is_inexact_array)`."""
 
-    def init_trace(self, model: AbstractCell, state: State) -> Trace:
+    def init_trace(self, model: AbstractCell, state: State, x: Input | None = None) -> Trace:
         """The initial trace of `model` (a cell or a `Sequential`) for one sample.
 
         **Arguments:**
 
         - `model`: the cell or network.
         - `state`: its state for one sample, e.g. `model.init_state()`.
+        - `x`: an example input of one step (only its shape and dtype are used). Needed only
+          when the model does not declare an `input_size`.
 
         **Returns:** the trace pytree to pass to `step`.
         """
         check_state(model, state)
+        x = example_input(model) if x is None else x
         if isinstance(model, Sequential):
             if self.per_layer:
-                return tuple(
-                    self.init_cell_trace(layer, s) if isinstance(layer, AbstractCell) else None
-                    for layer, s in zip(model.layers, state)
-                )
+                traces = []
+                for layer, s in zip(model.layers, state):
+                    require_example_input(model, x)
+                    if isinstance(layer, AbstractCell):
+                        traces.append(self.init_cell_trace(layer, s, x))
+                        s, x = jax.eval_shape(layer, s, x)
+                    else:
+                        traces.append(None)
+                        x = jax.eval_shape(layer, x)
+                return tuple(traces)
             core = model.core
-            return self.init_cell_trace(core, state[: len(core.layers)])
-        return self.init_cell_trace(model, state)
+            return self.init_cell_trace(core, state[: len(core.layers)], x)
+        return self.init_cell_trace(model, state, x)
 
     def step(
         self, model: AbstractCell, state: State, trace: Trace, x: Input
@@ -84,7 +103,7 @@ class AbstractAlgorithm(eqx.Module):
         check_state(model, state)
         check_matches(
             "trace",
-            jax.eval_shape(self.init_trace, model, state),
+            jax.eval_shape(self.init_trace, model, state, x),
             trace,
             f"Create it with `{type(self).__name__}(...).init_trace(model, state)` for this "
             "model; a trace made by another algorithm or for another model cannot be reused.",
@@ -134,7 +153,7 @@ def _online_transition_bwd(new_trace, cotangents, perturbed, inputs, algorithm):
     state_cotangent = _materialise_zeros(state, cotangents[0])
     cell_grad = _no_gradient(cell)
     if any(jtu.tree_leaves(cell_perturbed)):
-        cell_grad = algorithm.parameter_gradient(cell, new_trace, state_cotangent)
+        cell_grad = algorithm.parameter_gradient(cell, state, x, new_trace, state_cotangent)
     x_grad = _no_gradient(x)
     if any(jtu.tree_leaves(x_perturbed)):
         # Exact spatial credit within the step: the VJP of the transition with respect to x.

@@ -66,3 +66,17 @@ def check_input(model: Any, x: Any) -> None:
             f"{type(model).__name__}, but received shape {jnp.shape(x)}. For a batch, "
             "`jax.vmap` the step over the batch axis; for a sequence, `jax.lax.scan` it over time."
         )
+
+
+def example_input(model: Any) -> jax.ShapeDtypeStruct | None:
+    """A stand-in for one step's input, from the size the model declares (`None` if it does not)."""
+    size = input_size(model)
+    return None if size is None else jax.ShapeDtypeStruct((size,), jnp.result_type(float))
+
+
+def require_example_input(model: Any, x: Any) -> None:
+    if x is None:
+        raise ValueError(
+            f"{type(model).__name__} does not declare an `input_size`, so the shape of its input "
+            "is unknown: pass an example input, `algorithm.init_trace(model, state, x)`."
+        )

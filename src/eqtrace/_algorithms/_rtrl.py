@@ -46,7 +46,8 @@ class RTRL(AbstractAlgorithm):
 
     per_layer = False
 
-    def init_cell_trace(self, cell: AbstractCell, state: State) -> RTRLTrace:
+    def init_cell_trace(self, cell: AbstractCell, state: State, x: Input) -> RTRLTrace:
+        del x
         params = eqx.filter(cell, eqx.is_inexact_array)
         h, _ = ravel_pytree(state)
         theta, _ = ravel_pytree(params)
@@ -67,7 +68,10 @@ class RTRL(AbstractAlgorithm):
         immediate = jax.vmap(lambda e: transpose(e)[1])(jnp.eye(new_h.size, dtype=new_h.dtype))
         return unravel_state(new_h), RTRLTrace(propagated + immediate)
 
-    def parameter_gradient(self, cell: AbstractCell, trace: RTRLTrace, state_cotangent: State):
+    def parameter_gradient(
+        self, cell: AbstractCell, state: State, x: Input, trace: RTRLTrace, state_cotangent: State
+    ):
+        del state, x
         params = eqx.filter(cell, eqx.is_inexact_array)
         _, unravel_params = ravel_pytree(params)
         g, _ = ravel_pytree(state_cotangent)

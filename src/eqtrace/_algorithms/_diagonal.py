@@ -1,0 +1,181 @@
+"""The machinery the diagonal rules share: one linearisation of a cell per step.
+
+From a single VJP of the cell (with every op's input cut and a zero probe added to every op's
+output), pulled back along one cotangent per state leaf, come at once:
+
+- `D[k, m] = ∂h^k_t/∂h^m_{t-1}` with op outputs held fixed (element-wise, flat over neurons);
+- `df[k, o] = ∂h^k_t/∂u_o`, shaped like the op's output;
+- `∂h^k_t/∂p` for per-neuron parameters `p`;
+- and, as auxiliary output, each op's input `a_t`.
+Small shared parameters get their dense `∂h_t/∂p` from forward-mode JVPs.
+"""
+
+import math
+from typing import Any, NamedTuple
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+
+from .._ops import is_op
+from .._validation import require_example_input
+from .._structure import CellStructure, analyse, find_ops, other_params_spec, probed_call
+
+
+class Linearisation(NamedTuple):
+    new_state: Any
+    #: `(K, K, N)`: `D[k, m, n] = ∂h^k_n/∂h^m_n` at the previous state, op outputs held fixed.
+    jacobian: jax.Array
+    #: Per op, its input vector `a_t`.
+    op_inputs: tuple[jax.Array, ...]
+    #: Per op, `(K, *u_shape)`: `∂h^k/∂u` per output element.
+    op_sensitivities: tuple[jax.Array, ...]
+    #: Per non-op parameter, `(K, *neuron_shape)` (per-neuron) or `(K, N, |p|)` (shared).
+    param_sensitivities: tuple[jax.Array, ...]
+
+
+def cell_structure(algorithm_name: str, cell, state, x, strict: bool) -> CellStructure:
+    require_example_input(cell, x)
+    structure = analyse(cell, state, x)
+    if strict and structure.violations:
+        problems = "\n".join(f"  - {v}" for v in structure.violations)
+        raise ValueError(
+            f"{algorithm_name} cannot trace {structure.cell_name}: its structure breaks the "
+            f"diagonal assumptions:\n{problems}\nUse `eqtrace.RTRL()` for this cell, change the "
+            f"cell, or pass `strict=False` to {algorithm_name} to accept the approximation."
+        )
+    return structure
+
+
+def flat_leaves(tree) -> jax.Array:
+    """Stacks same-shaped state leaves into `(K, N)`."""
+    return jnp.stack([jnp.ravel(leaf) for leaf in jtu.tree_leaves(tree)])
+
+
+def to_outputs(structure: CellStructure, flat: jax.Array, op_index: int) -> jax.Array:
+    """Moves a per-neuron array `(..., N)` onto op `op_index`'s output elements."""
+    owner = structure.owners[op_index]
+    shape = structure.op_output_shapes[op_index]
+    return jnp.take(flat, owner, axis=-1).reshape(*flat.shape[:-1], *shape)
+
+
+def mix(jacobian: jax.Array, trace: jax.Array) -> jax.Array:
+    """`Σ_m D[:, m] ⊙ ε[m]` written as element-wise products, so XLA fuses it with the rest of
+    the trace update (a `dot_general` over the tiny K axis would not fuse)."""
+    num_leaves = trace.shape[0]
+    return sum(jacobian[:, m] * trace[m][None] for m in range(num_leaves))
+
+
+def linearise(cell, structure: CellStructure, state, x) -> Linearisation:
+    num_leaves, num_neurons = structure.num_leaves, structure.num_neurons
+    params, rest = eqx.partition(cell, other_params_spec(cell))
+
+    def transition(state, probes, params):
+        new_state, records = probed_call(eqx.combine(params, rest), state, x, probes, cut=True)
+        return new_state, tuple(a for a, _ in records)
+
+    probes = [
+        jnp.zeros(shape, jnp.result_type(*jtu.tree_leaves(eqx.filter(op, eqx.is_inexact_array))))
+        for shape, (_, op) in zip(structure.op_output_shapes, find_ops(cell))
+    ]
+    new_state, pullback, op_inputs = jax.vjp(transition, state, probes, params, has_aux=True)
+    leaves, treedef = jtu.tree_flatten(new_state)
+    one_hot = jtu.tree_unflatten(
+        treedef,
+        [
+            jnp.broadcast_to(
+                (jnp.arange(num_leaves) == k).astype(leaf.dtype).reshape(-1, *[1] * leaf.ndim),
+                (num_leaves, *leaf.shape),
+            )
+            for k, leaf in enumerate(leaves)
+        ],
+    )
+    d_state, d_probes, d_params = jax.vmap(pullback)(one_hot)
+    jacobian = jnp.stack(
+        [leaf.reshape(num_leaves, num_neurons) for leaf in jtu.tree_leaves(d_state)], axis=1
+    )
+
+    param_sensitivities = []
+    param_leaves, param_def = jtu.tree_flatten(params)
+    for i, (kind, leaf, d_leaf) in enumerate(
+        zip(structure.param_kinds, param_leaves, jtu.tree_leaves(d_params))
+    ):
+        if kind == "shared":
+            param_sensitivities.append(_shared_sensitivity(transition, state, probes, params, i))
+        else:
+            param_sensitivities.append(d_leaf)
+    return Linearisation(
+        new_state=new_state,
+        jacobian=jacobian,
+        op_inputs=op_inputs,
+        op_sensitivities=tuple(d_probes),
+        param_sensitivities=tuple(param_sensitivities),
+    )
+
+
+def _shared_sensitivity(transition, state, probes, params, index: int) -> jax.Array:
+    """`(K, N, |p|)`: the dense `∂h/∂p` of the `index`-th parameter, one JVP per entry of p."""
+    leaves, treedef = jtu.tree_flatten(params)
+    leaf = leaves[index]
+
+    def jvp_along(direction):
+        tangents = [jnp.zeros_like(p) for p in leaves]
+        tangents[index] = direction.reshape(leaf.shape)
+        _, out = jax.jvp(
+            lambda p: transition(state, probes, p)[0], (params,), (jtu.tree_unflatten(treedef, tangents),)
+        )
+        return flat_leaves(out)
+
+    columns = jax.vmap(jvp_along)(jnp.eye(leaf.size, dtype=leaf.dtype))  # (|p|, K, N)
+    return jnp.moveaxis(columns, 0, -1)
+
+
+def init_param_traces(structure: CellStructure, cell) -> tuple[jax.Array, ...]:
+    """Zero traces for the non-op parameters of `cell`."""
+    dtypes = [p.dtype for p in jtu.tree_leaves(eqx.filter(cell, other_params_spec(cell)))]
+    traces = []
+    for kind, shape, dtype in zip(structure.param_kinds, structure.param_shapes, dtypes):
+        k, n = structure.num_leaves, structure.num_neurons
+        if kind == "shared":
+            traces.append(jnp.zeros((k, n, math.prod(shape)), dtype))
+        else:
+            traces.append(jnp.zeros((k, *shape), dtype))
+    return tuple(traces)
+
+
+def update_param_traces(
+    structure: CellStructure, lin: Linearisation, traces: tuple[jax.Array, ...]
+) -> tuple[jax.Array, ...]:
+    """Exact element-wise traces `ε_p[k] = Σ_m D[k, m] ⊙ ε_p[m] + ∂h^k/∂p` for non-op params."""
+    jacobian = lin.jacobian
+    new = []
+    for kind, trace, immediate in zip(structure.param_kinds, traces, lin.param_sensitivities):
+        if kind == "shared":
+            new.append(mix(jacobian[..., None], trace) + immediate)
+        else:
+            d = jacobian.reshape(*jacobian.shape[:2], *structure.neuron_shape)
+            new.append(mix(d, trace) + immediate)
+    return tuple(new)
+
+
+def param_gradients(
+    structure: CellStructure, traces: tuple[jax.Array, ...], cotangent: jax.Array
+) -> list[jax.Array]:
+    """`Σ_k ḡ^k ⊙ ε_p[k]` for each non-op parameter; `cotangent` is `(K, N)`."""
+    grads = []
+    for kind, shape, trace in zip(structure.param_kinds, structure.param_shapes, traces):
+        if kind == "shared":
+            grads.append(jnp.einsum("kn,knp->p", cotangent, trace).reshape(shape))
+        else:
+            grads.append(jnp.sum(cotangent.reshape(trace.shape) * trace, axis=0))
+    return grads
+
+
+def assemble_gradient(cell, op_grads: list[Any], param_grads: list[jax.Array]) -> Any:
+    """Puts per-op and per-parameter gradients back into a pytree shaped like the cell."""
+    op_iter = iter(op_grads)
+    at_ops = jtu.tree_map(lambda n: next(op_iter) if is_op(n) else None, cell, is_leaf=is_op)
+    others = eqx.filter(cell, other_params_spec(cell))
+    at_params = jtu.tree_unflatten(jtu.tree_structure(others), param_grads)
+    return eqx.combine(at_ops, at_params)

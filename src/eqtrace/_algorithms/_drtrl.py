@@ -1,0 +1,113 @@
+from typing import Any, ClassVar
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+
+from .._algorithm import AbstractAlgorithm
+from .._cell import AbstractCell
+from .._custom_types import Input, State
+from .._ops import op_params, spread, weight_vjp, weights_reach_one_output
+from .._structure import find_ops
+from ._diagonal import (
+    assemble_gradient,
+    cell_structure,
+    flat_leaves,
+    init_param_traces,
+    linearise,
+    mix,
+    param_gradients,
+    to_outputs,
+    update_param_traces,
+)
+
+
+class DRTRLTrace(eqx.Module):
+    """D-RTRL's trace: per synaptic op, one trace per state leaf shaped like the op's
+    parameters (`(K, *W.shape)`); per other parameter, its element-wise (or dense) trace."""
+
+    ops: tuple[Any, ...]
+    params: tuple[jax.Array, ...]
+
+
+class DRTRL(AbstractAlgorithm):
+    """Diagonal RTRL with parameter-dimension traces (Wang et al., *Nature Communications*, 2026).
+
+    For every state leaf `k` and synaptic op `o` with output `u_o = op_o(a_t; W_o)`:
+
+    $$
+    ε_t[k, o] = \\sum_m B_o(D_t[k, m]) ⊙ ε_{t-1}[m, o] + \\mathrm{VJP}_W[op_o(a_t; ·)](∂h^k_t/∂u_o),
+    $$
+
+    where `D_t[k, m] = ∂h^k_t/∂h^m_{t-1}` with every op output held fixed (element-wise) and
+    `B_o` spreads a per-output vector over `W_o` (for a dense op, the trace gains
+    `∂h/∂u ⊗ a_t` each step). The online gradient is `∇W_o = Σ_k B_o(ḡ^k) ⊙ ε_t[k, o]`.
+    Per-neuron parameters (e.g. a learnable time constant) get the exact element-wise trace
+    `ε = Σ_m D ⊙ ε + ∂h/∂p`, small shared parameters a dense one.
+
+    It is exact (equal to BPTT) for a single layer whose recurrence is element-wise, followed by
+    a stateless read-out; with recurrent weights it drops the paths through other neurons.
+    Memory per sample is `O(K·|θ|)`. Each cell of a `Sequential` has its own trace; the credit
+    between layers within a step is exact.
+
+    **Arguments:**
+
+    - `strict`: raise if the cell breaks the diagonal assumptions (see `eqtrace.check`).
+      With `strict=False` the rule runs anyway as an approximation.
+    """
+
+    strict: bool = True
+    per_layer: ClassVar[bool] = True
+
+    def _structure(self, cell, state, x):
+        structure = cell_structure("DRTRL", cell, state, x, self.strict)
+        for path, op in find_ops(cell):
+            if not weights_reach_one_output(op):
+                raise ValueError(
+                    f"DRTRL cannot trace the op `{path}` ({type(op).__name__}) of "
+                    f"{structure.cell_name}: it shares each weight across many outputs, so a "
+                    "weight-shaped trace per neuron is not defined. Use `eqtrace.PPProp(...)`, "
+                    "whose input/output traces handle shared weights."
+                )
+        return structure
+
+    def init_cell_trace(self, cell: AbstractCell, state: State, x: Input) -> DRTRLTrace:
+        structure = self._structure(cell, state, x)
+        k = structure.num_leaves
+        ops = tuple(
+            jtu.tree_map(lambda w: jnp.zeros((k, *w.shape), w.dtype), op_params(op))
+            for _, op in find_ops(cell)
+        )
+        return DRTRLTrace(ops=ops, params=init_param_traces(structure, cell))
+
+    def update(
+        self, cell: AbstractCell, state: State, trace: DRTRLTrace, x: Input
+    ) -> tuple[State, DRTRLTrace]:
+        structure = self._structure(cell, state, x)
+        lin = linearise(cell, structure, state, x)
+        new_ops = []
+        for i, ((_, op), a, df, eps) in enumerate(
+            zip(find_ops(cell), lin.op_inputs, lin.op_sensitivities, trace.ops)
+        ):
+            d_out = to_outputs(structure, lin.jacobian, i)  # (K, K, *u)
+            spread_d = jax.vmap(jax.vmap(lambda v: spread(op, v, a)))(d_out)
+            immediate = jax.vmap(lambda c: weight_vjp(op, a, c))(df)
+            new_ops.append(jtu.tree_map(lambda s, e, im: mix(s, e) + im, spread_d, eps, immediate))
+        new_params = update_param_traces(structure, lin, trace.params)
+        return lin.new_state, DRTRLTrace(ops=tuple(new_ops), params=new_params)
+
+    def parameter_gradient(
+        self, cell: AbstractCell, state: State, x: Input, trace: DRTRLTrace, state_cotangent: State
+    ) -> Any:
+        structure = self._structure(cell, state, x)
+        cotangent = flat_leaves(state_cotangent)  # (K, N)
+        op_grads = []
+        for i, ((_, op), eps) in enumerate(zip(find_ops(cell), trace.ops)):
+            g_out = to_outputs(structure, cotangent, i)  # (K, *u)
+            ones = jnp.ones(structure.op_input_shapes[i], g_out.dtype)
+            spread_g = jax.vmap(lambda v: spread(op, v, ones))(g_out)
+            op_grads.append(jtu.tree_map(lambda s, e: jnp.sum(s * e, axis=0), spread_g, eps))
+        return assemble_gradient(
+            cell, op_grads, param_gradients(structure, trace.params, cotangent)
+        )

@@ -1,0 +1,148 @@
+from typing import Any, ClassVar
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Int
+
+from .._algorithm import AbstractAlgorithm
+from .._cell import AbstractCell
+from .._custom_types import Input, State
+from .._ops import bias_of, op_params, weight_vjp
+from .._structure import find_ops
+from ._diagonal import (
+    assemble_gradient,
+    cell_structure,
+    flat_leaves,
+    init_param_traces,
+    linearise,
+    mix,
+    param_gradients,
+    to_outputs,
+    update_param_traces,
+)
+
+
+class PPPropTrace(eqx.Module):
+    """pp-prop's trace: per synaptic op an input trace `ε_x` (shaped like the op's input) and
+    an output trace `ε_f` per state leaf (`(K, *u_shape)`); per other parameter its
+    element-wise (or dense) trace; and the number of steps since `init_trace`."""
+
+    inputs: tuple[Array, ...]
+    outputs: tuple[Array, ...]
+    params: tuple[Array, ...]
+    steps: Int[Array, ""]
+
+
+class PPProp(AbstractAlgorithm):
+    """pp-prop, or ES-D-RTRL: D-RTRL with each weight trace factorised into an exponentially
+    smoothed input trace and output trace (Wang et al., *Nature Communications*, 2026).
+
+    $$
+    \\begin{aligned}
+    ε_x[o] &← α ε_x[o] + a_t, \\qquad
+    ε_f[k, o] ← α \\sum_m D_t[k, m] ⊙ ε_f[m, o] + (1 − α)\\, ∂h^k_t/∂u_o, \\\\
+    ∇W_o &= \\mathrm{VJP}_W[op_o(ε_x[o]; ·)]\\Big(\\sum_k ḡ^k ⊙ ε_f[k, o]\\Big) / (1 − α^{t+1}),
+    \\end{aligned}
+    $$
+
+    with `t` counting steps from `init_trace` (`t = 0` at the first step). The division by
+    `1 − α^{t+1}` (bias correction, as in Adam) makes the first step equal D-RTRL exactly; a
+    bias, whose input is the constant 1, has input trace `(1 − α^{t+1})/(1 − α)`. Memory per
+    sample is `O(K·(I + O))` per op instead of `O(K·I·O)`, and it works for any op linear in its
+    weights: dense, masked, convolution, embedding. Per-neuron parameters get the exact
+    element-wise trace of D-RTRL.
+
+    **Arguments** (give exactly one of `decay` and `rank`):
+
+    - `decay`: the smoothing factor `α ∈ [0, 1)`.
+    - `rank`: the rank `r ≥ 1` of the approximation, `α = (r − 1)/(r + 1)`.
+    - `bias_correction`: divide by `1 − α^{t+1}` (default) or not.
+    - `strict`: raise if the cell breaks the diagonal assumptions (see `eqtrace.check`).
+    """
+
+    decay: float
+    bias_correction: bool = True
+    strict: bool = True
+    per_layer: ClassVar[bool] = True
+
+    def __init__(
+        self,
+        decay: float | None = None,
+        *,
+        rank: float | None = None,
+        bias_correction: bool = True,
+        strict: bool = True,
+    ):
+        if (decay is None) == (rank is None):
+            raise ValueError(
+                "PPProp: give exactly one of `decay` (α in [0, 1)) or `rank` (r >= 1, "
+                f"α = (r - 1)/(r + 1)); received decay={decay}, rank={rank}."
+            )
+        if rank is not None:
+            if rank < 1:
+                raise ValueError(f"PPProp: `rank` must be >= 1, but received {rank}.")
+            decay = (rank - 1) / (rank + 1)
+        assert decay is not None
+        if not 0 <= decay < 1:
+            raise ValueError(f"PPProp: `decay` must lie in [0, 1), but received {decay}.")
+        self.decay = float(decay)
+        self.bias_correction = bias_correction
+        self.strict = strict
+
+    def init_cell_trace(self, cell: AbstractCell, state: State, x: Input) -> PPPropTrace:
+        structure = cell_structure("PPProp", cell, state, x, self.strict)
+        ops = find_ops(cell)
+        dtypes = [jnp.result_type(*jax.tree_util.tree_leaves(op_params(op))) for _, op in ops]
+        k = structure.num_leaves
+        return PPPropTrace(
+            inputs=tuple(
+                jnp.zeros(shape, dtype) for shape, dtype in zip(structure.op_input_shapes, dtypes)
+            ),
+            outputs=tuple(
+                jnp.zeros((k, *shape), dtype)
+                for shape, dtype in zip(structure.op_output_shapes, dtypes)
+            ),
+            params=init_param_traces(structure, cell),
+            steps=jnp.zeros((), jnp.int32),
+        )
+
+    def update(
+        self, cell: AbstractCell, state: State, trace: PPPropTrace, x: Input
+    ) -> tuple[State, PPPropTrace]:
+        structure = cell_structure("PPProp", cell, state, x, self.strict)
+        lin = linearise(cell, structure, state, x)
+        alpha = self.decay
+        inputs = tuple(alpha * e + a for e, a in zip(trace.inputs, lin.op_inputs))
+        outputs = tuple(
+            alpha * mix(to_outputs(structure, lin.jacobian, i), e) + (1 - alpha) * df
+            for i, (e, df) in enumerate(zip(trace.outputs, lin.op_sensitivities))
+        )
+        return lin.new_state, PPPropTrace(
+            inputs=inputs,
+            outputs=outputs,
+            params=update_param_traces(structure, lin, trace.params),
+            steps=trace.steps + 1,
+        )
+
+    def parameter_gradient(
+        self, cell: AbstractCell, state: State, x: Input, trace: PPPropTrace, state_cotangent: State
+    ) -> Any:
+        structure = cell_structure("PPProp", cell, state, x, self.strict)
+        cotangent = flat_leaves(state_cotangent)
+        alpha = self.decay
+        # 1 − α^{t+1} with t+1 = steps taken; the bias's input trace is that over (1 − α).
+        accumulated = 1 - alpha ** trace.steps.astype(cotangent.dtype)
+        correction = accumulated if self.bias_correction else jnp.ones_like(accumulated)
+        bias_input_trace = accumulated / (1 - alpha)
+        op_grads = []
+        for i, ((_, op), eps_x, eps_f) in enumerate(zip(find_ops(cell), trace.inputs, trace.outputs)):
+            g_out = to_outputs(structure, cotangent, i)
+            grad = weight_vjp(op, eps_x, jnp.sum(g_out * eps_f, axis=0))
+            grad = jax.tree_util.tree_map(lambda g: g / correction, grad)
+            if bias_of(op) is not None:
+                grad = eqx.tree_at(lambda g: g.bias, grad, grad.bias * bias_input_trace)
+            op_grads.append(grad)
+        return assemble_gradient(
+            cell, op_grads, param_gradients(structure, trace.params, cotangent)
+        )
