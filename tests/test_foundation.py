@@ -61,17 +61,17 @@ class OneStepRTRL(eqtrace.AbstractAlgorithm):
 
     per_layer = False
 
-    def init_cell_trace(self, cell, state):
-        return _OneStepTrace(eqtrace.RTRL().init_cell_trace(cell, state).jacobian)
+    def init_cell_trace(self, cell, state, x):
+        return _OneStepTrace(eqtrace.RTRL().init_cell_trace(cell, state, x).jacobian)
 
     def update(self, cell, state, trace, x):
         fresh = eqtrace.RTRLTrace(jnp.zeros_like(trace.jacobian))
         new_state, new_trace = eqtrace.RTRL().update(cell, state, fresh, x)
         return new_state, _OneStepTrace(new_trace.jacobian)
 
-    def parameter_gradient(self, cell, trace, state_cotangent):
+    def parameter_gradient(self, cell, state, x, trace, state_cotangent):
         full = eqtrace.RTRLTrace(trace.jacobian)
-        return eqtrace.RTRL().parameter_gradient(cell, full, state_cotangent)
+        return eqtrace.RTRL().parameter_gradient(cell, state, x, full, state_cotangent)
 
 
 def make_model(name: str, key: PRNGKeyArray):

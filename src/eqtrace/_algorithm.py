@@ -49,12 +49,14 @@ class AbstractAlgorithm(eqx.Module):
         """One step of the system and of its trace, `(h_{t-1}, ε_{t-1}) -> (h_t, ε_t)`."""
 
     @abc.abstractmethod
-    def parameter_gradient(
-        self, cell: AbstractCell, state: State, x: Input, trace: Trace, state_cotangent: State
-    ) -> Any:
-        """The online gradient of the cell's parameters: the new trace `ε_t` contracted with
-        `ḡ = dL/dh_t` (`state` and `x` are the step's inputs). Returns a pytree shaped like
-        `eqx.filter(cell, eqx.is_inexact_array)`."""
+    def parameter_tangent(
+        self, cell: AbstractCell, state: State, x: Input, trace: Trace, params_tangent: Any
+    ) -> State:
+        """The trace applied to a tangent of the cell's parameters, `Σ ε_t · δθ`: the change
+        of `h_t` that the rule attributes to `δθ`. It must be linear in `params_tangent` (a
+        pytree shaped like `eqx.filter(cell, eqx.is_inexact_array)`); its transpose, which JAX
+        derives, contracts the trace with `ḡ = dL/dh_t` to give the online gradient. `state`
+        and `x` are the step's inputs."""
 
     def init_trace(self, model: AbstractCell, state: State, x: Input | None = None) -> Trace:
         """The initial trace of `model` (a cell or a `Sequential`) for one sample.
@@ -114,7 +116,7 @@ class AbstractAlgorithm(eqx.Module):
                 new_state, new_trace = [], []
                 for layer, s, tr in zip(model.layers, state, trace):
                     if isinstance(layer, AbstractCell):
-                        s, tr = online_transition((layer, s, tr, x), self)
+                        s, tr = online_transition(self, layer, s, tr, x)
                         x = layer.output(s)
                     else:
                         x = layer(x)
@@ -122,53 +124,53 @@ class AbstractAlgorithm(eqx.Module):
                     new_trace.append(tr)
                 return tuple(new_state), tuple(new_trace), x
             core = model.core
-            core_state, trace = online_transition(
-                (core, state[: len(core.layers)], trace, x), self
-            )
+            core_state, trace = online_transition(self, core, state[: len(core.layers)], trace, x)
             new_state = core_state + state[len(core.layers) :]
             return new_state, trace, model.output(new_state)
-        new_state, trace = online_transition((model, state, trace, x), self)
+        new_state, trace = online_transition(self, model, state, trace, x)
         return new_state, trace, model.output(new_state)
 
 
-@eqx.filter_custom_vjp
-def online_transition(inputs, algorithm):
-    """`(h_t, ε_t)` from `(h_{t-1}, ε_{t-1}, x_t)`, differentiated by the algorithm's rule."""
-    cell, state, trace, x = inputs
-    return algorithm.update(cell, state, trace, x)
+def online_transition(algorithm: AbstractAlgorithm, cell: AbstractCell, state, trace, x):
+    """`(h_t, ε_t)` from `(h_{t-1}, ε_{t-1}, x_t)`, differentiable as the online rule says.
+
+    Derivatives of the returned state are: exact with respect to `x` (within-step credit to
+    earlier layers); the algorithm's trace with respect to the cell's parameters; zero with
+    respect to the old state and trace (no backpropagation through time).
+
+    The parameter path is a zero-valued term whose JVP is the trace applied to a parameter
+    tangent (`_trace_link`); reverse mode transposes it into the trace contracted with
+    `ḡ = dL/dh_t`. (DESIGN.md §2 suggests a `custom_vjp` on the whole step; expressing the rule
+    as a linear JVP instead lets `jax.vmap` turn the gradient of shared parameters into one
+    batch-contracted product rather than per-sample gradients summed afterwards, costs nothing
+    in the forward pass, and makes forward-mode differentiation of a step work too.)
+    """
+    params, static = eqx.partition(cell, eqx.is_inexact_array)
+    frozen = eqx.combine(jax.lax.stop_gradient(params), static)
+    state, trace = jax.lax.stop_gradient((state, trace))
+    new_state, new_trace = algorithm.update(frozen, state, trace, jax.lax.stop_gradient(x))
+    if jtu.tree_leaves(eqx.filter(x, eqx.is_inexact_array)):
+        # The same values again, now differentiable in x; XLA merges the duplicate forward.
+        new_state, _ = frozen(state, x)
+    link = _trace_link(
+        params, algorithm=algorithm, static=static, state=state, x=x, trace=new_trace
+    )
+    return jtu.tree_map(jnp.add, new_state, link), new_trace
 
 
-@online_transition.def_fwd
-def _online_transition_fwd(perturbed, inputs, algorithm):
-    del perturbed
-    cell, state, trace, x = inputs
-    new_state, new_trace = algorithm.update(cell, state, trace, x)
-    return (new_state, new_trace), new_trace
+@eqx.filter_custom_jvp
+def _trace_link(params, *, algorithm, static, state, x, trace):
+    del params, algorithm, static, x, trace
+    return jtu.tree_map(jnp.zeros_like, state)
 
 
-@online_transition.def_bwd
-def _online_transition_bwd(new_trace, cotangents, perturbed, inputs, algorithm):
-    cell, state, trace, x = inputs
-    cell_perturbed, _, _, x_perturbed = perturbed
-    state_cotangent = _materialise_zeros(state, cotangents[0])
-    cell_grad = _no_gradient(cell)
-    if any(jtu.tree_leaves(cell_perturbed)):
-        cell_grad = algorithm.parameter_gradient(cell, state, x, new_trace, state_cotangent)
-    x_grad = _no_gradient(x)
-    if any(jtu.tree_leaves(x_perturbed)):
-        # Exact spatial credit within the step: the VJP of the transition with respect to x.
-        _, vjp_x = eqx.filter_vjp(lambda x_: cell(state, x_)[0], x)
-        (x_grad,) = vjp_x(state_cotangent)
-    return cell_grad, _no_gradient(state), _no_gradient(trace), x_grad
-
-
-def _materialise_zeros(like: Any, cotangent: Any) -> Any:
-    """Replaces symbolic-zero (`None`) cotangents by arrays of zeros."""
-    if cotangent is None:
-        return jtu.tree_map(jnp.zeros_like, like)
-    return jtu.tree_map(lambda s, c: jnp.zeros_like(s) if c is None else c, like, cotangent)
-
-
-def _no_gradient(tree: Any) -> Any:
-    """A symbolic-zero cotangent for `tree` (`None` in place of every array)."""
-    return jtu.tree_map(lambda _: None, eqx.filter(tree, eqx.is_inexact_array))
+@_trace_link.def_jvp
+def _trace_link_jvp(primals, tangents, *, algorithm, static, state, x, trace):
+    (params,) = primals
+    (params_tangent,) = tangents
+    zeros = jtu.tree_map(jnp.zeros_like, state)
+    params_tangent = jtu.tree_map(
+        lambda p, t: jnp.zeros_like(p) if t is None else t, params, params_tangent
+    )
+    cell = eqx.combine(params, static)
+    return zeros, algorithm.parameter_tangent(cell, state, x, trace, params_tangent)

@@ -131,7 +131,8 @@ def online_gradient(
 def train_online(
     online_step: OnlineStep,
     loss_fn: LossFn,
-    optimizer: optax.GradientTransformation,
+    # `optax.MultiSteps` is not a `GradientTransformation` instance, but has the same interface.
+    optimizer: optax.GradientTransformation | optax.MultiSteps,
     params: Params,
     opt_state: optax.OptState,
     state: State,
@@ -239,6 +240,9 @@ def truncated_bptt_gradient(
         )
         (state, loss, grads), _ = jax.lax.scan(body, (state, loss, grads), windows)
     if rest:
-        tail = (chunk(xs, full * window, length, (rest,)), chunk(targets, full * window, length, (rest,)))
+        tail = (
+            chunk(xs, full * window, length, (rest,)),
+            chunk(targets, full * window, length, (rest,)),
+        )
         (state, loss, grads), _ = body((state, loss, grads), tail)
     return loss, grads, state

@@ -68,7 +68,9 @@ def find_ops(cell) -> list[tuple[str, Any]]:
 
 def other_params_spec(cell):
     """A filter spec selecting the floating arrays of `cell` that are not inside an op."""
-    return jtu.tree_map(lambda n: False if is_op(n) else eqx.is_inexact_array(n), cell, is_leaf=is_op)
+    return jtu.tree_map(
+        lambda n: False if is_op(n) else eqx.is_inexact_array(n), cell, is_leaf=is_op
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,9 +124,9 @@ def analyse(cell, state, x) -> CellStructure:
 
 def _random_like(tree, rng: np.random.Generator, scale: float):
     def draw(leaf):
-        if not eqx.is_array_like(leaf) or isinstance(leaf, bool | int | float | complex):
-            return leaf
-        shape, dtype = jnp.shape(leaf), jnp.result_type(leaf)
+        if not (hasattr(leaf, "shape") and hasattr(leaf, "dtype")):
+            return leaf  # Python scalars and non-array leaves are part of the structure.
+        shape, dtype = tuple(leaf.shape), leaf.dtype
         if jnp.issubdtype(dtype, jnp.inexact):
             return jnp.asarray(rng.normal(scale=scale, size=shape), dtype)
         if jnp.issubdtype(dtype, jnp.bool_):
@@ -213,7 +215,8 @@ def _analyse(cell, state, x) -> CellStructure:
                 param_offdiag[i] |= bool(np.any(block * (1 - np.eye(num_neurons)) != 0))
         new_state, y = c(s, xr)
         output_mismatch |= not all(
-            np.allclose(a, b) for a, b in zip(jtu.tree_leaves(y), jtu.tree_leaves(c.output(new_state)))
+            np.allclose(a, b)
+            for a, b in zip(jtu.tree_leaves(y), jtu.tree_leaves(c.output(new_state)))
         )
 
     owners = []

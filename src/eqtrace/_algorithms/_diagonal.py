@@ -18,9 +18,8 @@ import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 
-from .._ops import is_op
-from .._validation import require_example_input
 from .._structure import CellStructure, analyse, find_ops, other_params_spec, probed_call
+from .._validation import require_example_input
 
 
 class Linearisation(NamedTuple):
@@ -123,7 +122,9 @@ def _shared_sensitivity(transition, state, probes, params, index: int) -> jax.Ar
         tangents = [jnp.zeros_like(p) for p in leaves]
         tangents[index] = direction.reshape(leaf.shape)
         _, out = jax.jvp(
-            lambda p: transition(state, probes, p)[0], (params,), (jtu.tree_unflatten(treedef, tangents),)
+            lambda p: transition(state, probes, p)[0],
+            (params,),
+            (jtu.tree_unflatten(treedef, tangents),),
         )
         return flat_leaves(out)
 
@@ -159,23 +160,39 @@ def update_param_traces(
     return tuple(new)
 
 
-def param_gradients(
-    structure: CellStructure, traces: tuple[jax.Array, ...], cotangent: jax.Array
-) -> list[jax.Array]:
-    """`Σ_k ḡ^k ⊙ ε_p[k]` for each non-op parameter; `cotangent` is `(K, N)`."""
-    grads = []
-    for kind, shape, trace in zip(structure.param_kinds, structure.param_shapes, traces):
+def param_tangents(
+    structure: CellStructure, traces: tuple[jax.Array, ...], tangents: list[jax.Array]
+) -> jax.Array:
+    """`Σ_p ε_p ⋅ δp` over the non-op parameters, as `(K, N)`."""
+    k, n = structure.num_leaves, structure.num_neurons
+    total = jnp.zeros((k, n), jnp.result_type(*traces) if traces else jnp.result_type(float))
+    for kind, trace, delta in zip(structure.param_kinds, traces, tangents):
         if kind == "shared":
-            grads.append(jnp.einsum("kn,knp->p", cotangent, trace).reshape(shape))
+            total = total + trace @ jnp.ravel(delta)
         else:
-            grads.append(jnp.sum(cotangent.reshape(trace.shape) * trace, axis=0))
-    return grads
+            total = total + (trace * delta[None]).reshape(k, n)
+    return total
 
 
-def assemble_gradient(cell, op_grads: list[Any], param_grads: list[jax.Array]) -> Any:
-    """Puts per-op and per-parameter gradients back into a pytree shaped like the cell."""
-    op_iter = iter(op_grads)
-    at_ops = jtu.tree_map(lambda n: next(op_iter) if is_op(n) else None, cell, is_leaf=is_op)
-    others = eqx.filter(cell, other_params_spec(cell))
-    at_params = jtu.tree_unflatten(jtu.tree_structure(others), param_grads)
-    return eqx.combine(at_ops, at_params)
+def from_outputs(structure: CellStructure, per_output: jax.Array, op_index: int) -> jax.Array:
+    """Sums `(K, *u_shape)` over the output elements each neuron owns, giving `(K, N)`; the
+    transpose of `to_outputs`."""
+    k = per_output.shape[0]
+    zeros = jnp.zeros((k, structure.num_neurons), per_output.dtype)
+    return zeros.at[:, structure.owners[op_index]].add(per_output.reshape(k, -1))
+
+
+def unflatten_like(state, flat: jax.Array):
+    """`(K, N)` back into the state's leaves."""
+    leaves, treedef = jtu.tree_flatten(state)
+    return jtu.tree_unflatten(
+        treedef, [row.reshape(leaf.shape).astype(leaf.dtype) for row, leaf in zip(flat, leaves)]
+    )
+
+
+def split_tangent(params_tangent) -> tuple[list[Any], list[jax.Array]]:
+    """Splits a parameter tangent (a copy of the cell holding tangents in place of its arrays)
+    into its ops and the leaves of its non-op parameters, in the cell's traversal order."""
+    op_parts = [op for _, op in find_ops(params_tangent)]
+    others = jtu.tree_leaves(eqx.filter(params_tangent, other_params_spec(params_tangent)))
+    return op_parts, others

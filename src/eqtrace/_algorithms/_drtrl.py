@@ -8,17 +8,18 @@ import jax.tree_util as jtu
 from .._algorithm import AbstractAlgorithm
 from .._cell import AbstractCell
 from .._custom_types import Input, State
-from .._ops import op_params, spread, weight_vjp, weights_reach_one_output
+from .._ops import apply_op, op_params, spread, weight_vjp, weights_reach_one_output
 from .._structure import find_ops
 from ._diagonal import (
-    assemble_gradient,
     cell_structure,
-    flat_leaves,
+    from_outputs,
     init_param_traces,
     linearise,
     mix,
-    param_gradients,
+    param_tangents,
+    split_tangent,
     to_outputs,
+    unflatten_like,
     update_param_traces,
 )
 
@@ -97,17 +98,21 @@ class DRTRL(AbstractAlgorithm):
         new_params = update_param_traces(structure, lin, trace.params)
         return lin.new_state, DRTRLTrace(ops=tuple(new_ops), params=new_params)
 
-    def parameter_gradient(
-        self, cell: AbstractCell, state: State, x: Input, trace: DRTRLTrace, state_cotangent: State
-    ) -> Any:
+    def parameter_tangent(
+        self, cell: AbstractCell, state: State, x: Input, trace: DRTRLTrace, params_tangent
+    ) -> State:
         structure = self._structure(cell, state, x)
-        cotangent = flat_leaves(state_cotangent)  # (K, N)
-        op_grads = []
-        for i, ((_, op), eps) in enumerate(zip(find_ops(cell), trace.ops)):
-            g_out = to_outputs(structure, cotangent, i)  # (K, *u)
-            ones = jnp.ones(structure.op_input_shapes[i], g_out.dtype)
-            spread_g = jax.vmap(lambda v: spread(op, v, ones))(g_out)
-            op_grads.append(jtu.tree_map(lambda s, e: jnp.sum(s * e, axis=0), spread_g, eps))
-        return assemble_gradient(
-            cell, op_grads, param_gradients(structure, trace.params, cotangent)
-        )
+        op_tangents, param_tangents_ = split_tangent(params_tangent)
+        total = param_tangents(structure, trace.params, param_tangents_)
+        for i, ((_, op), eps, delta) in enumerate(zip(find_ops(cell), trace.ops, op_tangents)):
+            ones = jnp.ones(structure.op_input_shapes[i], total.dtype)
+            # B_oᵀ(ε[k] ⊙ δW): the JVP of the op at an all-ones input, one per state leaf.
+            per_output = jax.vmap(
+                lambda e: eqx.filter_jvp(lambda o: apply_op(o, ones), (op,), (_times(e, delta),))[1]
+            )(eps)
+            total = total + from_outputs(structure, per_output, i)
+        return unflatten_like(state, total)
+
+
+def _times(trace, delta):
+    return jtu.tree_map(lambda e, d: e * d, trace, delta)

@@ -1,4 +1,4 @@
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import equinox as eqx
 import jax
@@ -8,17 +8,18 @@ from jaxtyping import Array, Int
 from .._algorithm import AbstractAlgorithm
 from .._cell import AbstractCell
 from .._custom_types import Input, State
-from .._ops import bias_of, op_params, weight_vjp
+from .._ops import apply_op, bias_of, op_params
 from .._structure import find_ops
 from ._diagonal import (
-    assemble_gradient,
     cell_structure,
-    flat_leaves,
+    from_outputs,
     init_param_traces,
     linearise,
     mix,
-    param_gradients,
+    param_tangents,
+    split_tangent,
     to_outputs,
+    unflatten_like,
     update_param_traces,
 )
 
@@ -125,24 +126,23 @@ class PPProp(AbstractAlgorithm):
             steps=trace.steps + 1,
         )
 
-    def parameter_gradient(
-        self, cell: AbstractCell, state: State, x: Input, trace: PPPropTrace, state_cotangent: State
-    ) -> Any:
+    def parameter_tangent(
+        self, cell: AbstractCell, state: State, x: Input, trace: PPPropTrace, params_tangent
+    ) -> State:
         structure = cell_structure("PPProp", cell, state, x, self.strict)
-        cotangent = flat_leaves(state_cotangent)
+        op_tangents, param_tangents_ = split_tangent(params_tangent)
+        total = param_tangents(structure, trace.params, param_tangents_)
         alpha = self.decay
-        # 1 − α^{t+1} with t+1 = steps taken; the bias's input trace is that over (1 − α).
-        accumulated = 1 - alpha ** trace.steps.astype(cotangent.dtype)
+        # 1 − α^{t+1}, with t + 1 the number of steps taken; a bias's input trace is that
+        # divided by (1 − α).
+        accumulated = 1 - alpha ** trace.steps.astype(total.dtype)
         correction = accumulated if self.bias_correction else jnp.ones_like(accumulated)
         bias_input_trace = accumulated / (1 - alpha)
-        op_grads = []
-        for i, ((_, op), eps_x, eps_f) in enumerate(zip(find_ops(cell), trace.inputs, trace.outputs)):
-            g_out = to_outputs(structure, cotangent, i)
-            grad = weight_vjp(op, eps_x, jnp.sum(g_out * eps_f, axis=0))
-            grad = jax.tree_util.tree_map(lambda g: g / correction, grad)
+        for i, ((_, op), eps_x, eps_f, delta) in enumerate(
+            zip(find_ops(cell), trace.inputs, trace.outputs, op_tangents)
+        ):
             if bias_of(op) is not None:
-                grad = eqx.tree_at(lambda g: g.bias, grad, grad.bias * bias_input_trace)
-            op_grads.append(grad)
-        return assemble_gradient(
-            cell, op_grads, param_gradients(structure, trace.params, cotangent)
-        )
+                delta = eqx.tree_at(lambda d: d.bias, delta, delta.bias * bias_input_trace)
+            _, du = eqx.filter_jvp(lambda o: apply_op(o, eps_x), (op,), (delta,))
+            total = total + from_outputs(structure, eps_f * (du / correction)[None], i)
+        return unflatten_like(state, total)

@@ -68,11 +68,10 @@ class RTRL(AbstractAlgorithm):
         immediate = jax.vmap(lambda e: transpose(e)[1])(jnp.eye(new_h.size, dtype=new_h.dtype))
         return unravel_state(new_h), RTRLTrace(propagated + immediate)
 
-    def parameter_gradient(
-        self, cell: AbstractCell, state: State, x: Input, trace: RTRLTrace, state_cotangent: State
-    ):
-        del state, x
-        params = eqx.filter(cell, eqx.is_inexact_array)
-        _, unravel_params = ravel_pytree(params)
-        g, _ = ravel_pytree(state_cotangent)
-        return unravel_params(trace.jacobian.T @ g)
+    def parameter_tangent(
+        self, cell: AbstractCell, state: State, x: Input, trace: RTRLTrace, params_tangent
+    ) -> State:
+        del cell, x
+        _, unravel_state = ravel_pytree(state)
+        delta, _ = ravel_pytree(params_tangent)
+        return unravel_state(trace.jacobian @ delta)

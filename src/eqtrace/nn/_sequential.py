@@ -1,8 +1,6 @@
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import equinox as eqx
-
 from .._cell import AbstractCell
 from .._custom_types import Input
 
