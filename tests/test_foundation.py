@@ -69,9 +69,9 @@ class OneStepRTRL(eqtrace.AbstractAlgorithm):
         new_state, new_trace = eqtrace.RTRL().update(cell, state, fresh, x)
         return new_state, _OneStepTrace(new_trace.jacobian)
 
-    def parameter_gradient(self, cell, state, x, trace, state_cotangent):
+    def parameter_tangent(self, cell, state, x, trace, params_tangent):
         full = eqtrace.RTRLTrace(trace.jacobian)
-        return eqtrace.RTRL().parameter_gradient(cell, state, x, full, state_cotangent)
+        return eqtrace.RTRL().parameter_tangent(cell, state, x, full, params_tangent)
 
 
 def make_model(name: str, key: PRNGKeyArray):

@@ -152,8 +152,15 @@ def online_transition(algorithm: AbstractAlgorithm, cell: AbstractCell, state, t
     if jtu.tree_leaves(eqx.filter(x, eqx.is_inexact_array)):
         # The same values again, now differentiable in x; XLA merges the duplicate forward.
         new_state, _ = frozen(state, x)
+    # `x` without its tangent: keyword arguments of a `filter_custom_jvp` must not carry one,
+    # and the credit to `x` already flows through `frozen(state, x)` above.
     link = _trace_link(
-        params, algorithm=algorithm, static=static, state=state, x=x, trace=new_trace
+        params,
+        algorithm=algorithm,
+        static=static,
+        state=state,
+        x=jax.lax.stop_gradient(x),
+        trace=new_trace,
     )
     return jtu.tree_map(jnp.add, new_state, link), new_trace
 

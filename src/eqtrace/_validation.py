@@ -68,10 +68,14 @@ def check_input(model: Any, x: Any) -> None:
         )
 
 
-def example_input(model: Any) -> jax.ShapeDtypeStruct | None:
-    """A stand-in for one step's input, from the size the model declares (`None` if it does not)."""
+def example_input(model: Any) -> jax.Array | None:
+    """A stand-in for one step's input, from the size the model declares (`None` if it does not).
+
+    Zeros rather than a `jax.ShapeDtypeStruct`, because it is passed to `init_cell_trace`,
+    whose `x: Input` annotation (checked by jaxtyping/beartype) admits arrays only.
+    """
     size = input_size(model)
-    return None if size is None else jax.ShapeDtypeStruct((size,), jnp.result_type(float))
+    return None if size is None else jnp.zeros((size,), jnp.result_type(float))
 
 
 def require_example_input(model: Any, x: Any) -> None:

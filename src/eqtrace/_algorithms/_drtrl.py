@@ -8,7 +8,7 @@ import jax.tree_util as jtu
 from .._algorithm import AbstractAlgorithm
 from .._cell import AbstractCell
 from .._custom_types import Input, State
-from .._ops import apply_op, op_params, spread, weight_vjp, weights_reach_one_output
+from .._ops import contract, op_params, outer, spread, weights_reach_one_output
 from .._structure import find_ops
 from ._diagonal import (
     cell_structure,
@@ -56,9 +56,13 @@ class DRTRL(AbstractAlgorithm):
 
     - `strict`: raise if the cell breaks the diagonal assumptions (see `eqtrace.check`).
       With `strict=False` the rule runs anyway as an approximation.
+    - `trace_dtype`: dtype in which the weight traces are stored (e.g. `jnp.bfloat16` to halve
+      their memory and bandwidth); the update is computed in the parameters' dtype. Defaults
+      to the parameters' dtype.
     """
 
     strict: bool = True
+    trace_dtype: Any = None
     per_layer: ClassVar[bool] = True
 
     def _structure(self, cell, state, x):
@@ -77,7 +81,9 @@ class DRTRL(AbstractAlgorithm):
         structure = self._structure(cell, state, x)
         k = structure.num_leaves
         ops = tuple(
-            jtu.tree_map(lambda w: jnp.zeros((k, *w.shape), w.dtype), op_params(op))
+            jtu.tree_map(
+                lambda w: jnp.zeros((k, *w.shape), self.trace_dtype or w.dtype), op_params(op)
+            )
             for _, op in find_ops(cell)
         )
         return DRTRLTrace(ops=ops, params=init_param_traces(structure, cell))
@@ -91,10 +97,16 @@ class DRTRL(AbstractAlgorithm):
         for i, ((_, op), a, df, eps) in enumerate(
             zip(find_ops(cell), lin.op_inputs, lin.op_sensitivities, trace.ops)
         ):
-            d_out = to_outputs(structure, lin.jacobian, i)  # (K, K, *u)
-            spread_d = jax.vmap(jax.vmap(lambda v: spread(op, v, a)))(d_out)
-            immediate = jax.vmap(lambda c: weight_vjp(op, a, c))(df)
-            new_ops.append(jtu.tree_map(lambda s, e, im: mix(s, e) + im, spread_d, eps, immediate))
+            propagate = spread(op, to_outputs(structure, lin.jacobian, i))  # leaves (K, K, …)
+            immediate = outer(op, a, df)  # leaves (K, …)
+            new_ops.append(
+                jtu.tree_map(
+                    lambda d, e, im: (mix(d, e.astype(im.dtype)) + im).astype(e.dtype),
+                    propagate,
+                    eps,
+                    immediate,
+                )
+            )
         new_params = update_param_traces(structure, lin, trace.params)
         return lin.new_state, DRTRLTrace(ops=tuple(new_ops), params=new_params)
 
@@ -102,17 +114,9 @@ class DRTRL(AbstractAlgorithm):
         self, cell: AbstractCell, state: State, x: Input, trace: DRTRLTrace, params_tangent
     ) -> State:
         structure = self._structure(cell, state, x)
-        op_tangents, param_tangents_ = split_tangent(params_tangent)
-        total = param_tangents(structure, trace.params, param_tangents_)
+        op_tangents, other_tangents = split_tangent(params_tangent)
+        total = param_tangents(structure, trace.params, other_tangents)
         for i, ((_, op), eps, delta) in enumerate(zip(find_ops(cell), trace.ops, op_tangents)):
-            ones = jnp.ones(structure.op_input_shapes[i], total.dtype)
-            # B_oᵀ(ε[k] ⊙ δW): the JVP of the op at an all-ones input, one per state leaf.
-            per_output = jax.vmap(
-                lambda e: eqx.filter_jvp(lambda o: apply_op(o, ones), (op,), (_times(e, delta),))[1]
-            )(eps)
-            total = total + from_outputs(structure, per_output, i)
+            eps = jtu.tree_map(lambda e, d: e.astype(d.dtype), eps, delta)
+            total = total + from_outputs(structure, contract(op, eps, delta), i)
         return unflatten_like(state, total)
-
-
-def _times(trace, delta):
-    return jtu.tree_map(lambda e, d: e * d, trace, delta)

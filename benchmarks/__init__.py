@@ -1,0 +1,1 @@
+"""Timing and memory tables for eqtrace's online rules against plain-JAX baselines."""
