@@ -8,11 +8,11 @@ import jax.random as jr
 import jax.tree_util as jtu
 import numpy as np
 import pytest
-from helpers import online_and_bptt, relative_error
 
 import eqtrace
 from eqtrace import nn
 from eqtrace.nn import surrogate
+from helpers import online_and_bptt, relative_error
 
 
 INPUT, HIDDEN, LENGTH = 3, 4, 8
@@ -58,7 +58,13 @@ CELLS = {
         key=key,
     ),
     "alif": lambda i, h, dtype, key: nn.ALIF(
-        i, h, recurrent=True, beta=0.5, tau_adapt=30, surrogate=surrogate.Arctan(), dtype=dtype,
+        i,
+        h,
+        recurrent=True,
+        beta=0.5,
+        tau_adapt=30,
+        surrogate=surrogate.Arctan(),
+        dtype=dtype,
         key=key,
     ),
     "alif-learn": lambda i, h, dtype, key: nn.ALIF(
@@ -177,7 +183,10 @@ def test_rtrl_equals_bptt(name):
 @pytest.mark.parametrize("name", CELLS)
 def test_every_parameter_gets_a_gradient(name):
     cell, _, online, _ = _rtrl_and_bptt(name)
-    names = [jtu.keystr(path) for path, _ in jtu.tree_leaves_with_path(eqx.filter(cell, eqx.is_inexact_array))]
+    names = [
+        jtu.keystr(path)
+        for path, _ in jtu.tree_leaves_with_path(eqx.filter(cell, eqx.is_inexact_array))
+    ]
     leaves = _leaves(online)
     assert len(leaves) == len(names)
     for path, leaf in zip(names, leaves):
@@ -335,15 +344,15 @@ def test_reset(reset, kind, getkey):
     else:
         v2 = alpha * (1 - s1) * v1
     np.testing.assert_allclose(state[0], v2, rtol=1e-12)
-    assert state[0][0] == pytest.approx(alpha * alpha * 1.5 - threshold if reset == "subtract" else 0)
+    assert state[0][0] == pytest.approx(
+        alpha * alpha * 1.5 - threshold if reset == "subtract" else 0
+    )
     assert jnp.all(s2 == 0)
 
 
 def test_alif_threshold_rises_after_a_spike(getkey):
     beta, tau_adapt, threshold = 0.5, 50.0, 1.0
-    cell = nn.ALIF(
-        INPUT, HIDDEN, beta=beta, tau_adapt=tau_adapt, threshold=threshold, key=getkey()
-    )
+    cell = nn.ALIF(INPUT, HIDDEN, beta=beta, tau_adapt=tau_adapt, threshold=threshold, key=getkey())
     rho = math.exp(-1 / tau_adapt)
     zeros = jnp.zeros(HIDDEN)
     state = (jnp.array([2.0, 0.0, 0.0, 0.0]), zeros, zeros)
@@ -360,7 +369,9 @@ def test_alif_threshold_rises_after_a_spike(getkey):
     lif = nn.LIF(INPUT, HIDDEN, key=getkey())
     alif = nn.ALIF(INPUT, HIDDEN, beta=beta, tau_adapt=tau_adapt, key=getkey())
     alif = eqx.tree_at(lambda c: c.input_op, alif, lif.input_op)
-    xs = jnp.broadcast_to(3.0 * jnp.sign(lif.input_op.weight[:, 0].sum()) * jnp.ones(INPUT), (40, INPUT))
+    xs = jnp.broadcast_to(
+        3.0 * jnp.sign(lif.input_op.weight[:, 0].sum()) * jnp.ones(INPUT), (40, INPUT)
+    )
     lif_spikes = _run(lif, xs)[1].sum()
     alif_spikes = _run(alif, xs)[1].sum()
     assert 0 < alif_spikes < lif_spikes
@@ -373,7 +384,7 @@ def test_leaky_readout_filters(getkey):
     y = jr.normal(getkey(), (2,))
     x = jr.normal(getkey(), (INPUT,))
     new_y, out = cell(y, x)
-    expected = kappa * y + (1 - kappa) * (cell.op.weight @ x + cell.op.bias)
+    expected = kappa * y + (1 - kappa) * (cell.input_op.weight @ x + cell.input_op.bias)
     np.testing.assert_allclose(new_y, expected, rtol=1e-12)
     assert jnp.array_equal(out, new_y)
     assert cell.hidden_size == 2

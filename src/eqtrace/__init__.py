@@ -8,6 +8,11 @@ from ._algorithms._drtrl import DRTRL as DRTRL, DRTRLTrace as DRTRLTrace
 from ._algorithms._ppprop import PPProp as PPProp, PPPropTrace as PPPropTrace
 from ._algorithms._rtrl import RTRL as RTRL, RTRLTrace as RTRLTrace
 from ._cell import AbstractCell as AbstractCell
+from ._check import (
+    StructureReport as StructureReport,
+    check as check,
+    trace_size as trace_size,
+)
 from ._drivers import (
     bptt_gradient as bptt_gradient,
     init_state_and_trace as init_state_and_trace,

@@ -37,6 +37,16 @@ class Linearisation(NamedTuple):
 def cell_structure(algorithm_name: str, cell, state, x, strict: bool) -> CellStructure:
     require_example_input(cell, x)
     structure = analyse(cell, state, x)
+    untraceable = [
+        p for p, k in zip(structure.param_paths, structure.param_kinds) if k == "unsupported"
+    ]
+    if untraceable:
+        raise ValueError(
+            f"{algorithm_name} cannot trace the parameter(s) {untraceable} of "
+            f"{structure.cell_name}: they are neither per-neuron, nor small and shared, nor "
+            "inside a recognised synaptic op, so they would get no gradient. Use "
+            "`eqtrace.RTRL()` for this cell, or hold them in an op such as `eqtrace.nn.Linear`."
+        )
     if strict and structure.violations:
         problems = "\n".join(f"  - {v}" for v in structure.violations)
         raise ValueError(

@@ -33,7 +33,7 @@ class LeakyReadout(AbstractCell):
     - `key`: PRNG key.
     """
 
-    op: Linear
+    input_op: Linear
     input_size: int = eqx.field(static=True)
     output_size: int = eqx.field(static=True)
     tau: float = eqx.field(static=True)
@@ -53,7 +53,7 @@ class LeakyReadout(AbstractCell):
             raise ValueError(
                 f"LeakyReadout: `tau` and `dt` must be positive, but got tau={tau}, dt={dt}."
             )
-        self.op = Linear(input_size, output_size, dtype=dtype, key=key)
+        self.input_op = Linear(input_size, output_size, dtype=dtype, key=key)
         self.input_size = input_size
         self.output_size = output_size
         self.tau = float(tau)
@@ -70,11 +70,11 @@ class LeakyReadout(AbstractCell):
         return math.exp(-self.dt / self.tau)
 
     def init_state(self) -> Float[Array, " output"]:
-        return jnp.zeros(self.output_size, self.op.weight.dtype)
+        return jnp.zeros(self.output_size, self.input_op.weight.dtype)
 
     def __call__(
         self, state: Float[Array, " output"], x: Float[Array, " input"]
     ) -> tuple[Float[Array, " output"], Float[Array, " output"]]:
         kappa = self.decay
-        y = kappa * state + (1 - kappa) * self.op(x)
+        y = kappa * state + (1 - kappa) * self.input_op(x)
         return y, y
