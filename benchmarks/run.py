@@ -6,9 +6,9 @@
         --algorithms bptt,drtrl,ppprop
 
 Every algorithm computes the same thing: `Σ_t loss(y_t, target_t)` over a batch of sequences
-(and, except `forward`, its gradient). Inputs and targets are drawn from a PRNG key folded with
-the step index *inside* the step, so no `(T, B, I)` tensor exists and memory measures the
-algorithm, not the data. Times are measured in this process; peak memory in a fresh
+(and, except `forward`, its gradient). Step `t` reads its inputs and targets from a small pool
+of `POOL` steps (entry `t % POOL`), so no `(T, batch, input)` tensor exists and memory measures
+the algorithm, not the data. Times are measured in this process; peak memory in a fresh
 subprocess per (model, algorithm). See `benchmarks/README.md` for the columns.
 """
 
@@ -74,57 +74,88 @@ class Config:
         )
 
 
+POOL = 64  # distinct steps of data; step t reads entry t % POOL
+
+
+class Stream(eqx.Module):
+    """The data of step `t`: entry `t % POOL` of small pools of inputs and targets.
+
+    Memory stays constant in the sequence length (no `(T, batch, input)` tensor), and `x_t` is
+    read from memory as real data would be. (Drawing `x_t` from a key inside the step does not
+    work as a benchmark: XLA fuses the sampler into every consumer and recomputes it per weight.)
+    """
+
+    inputs: jax.Array  # (POOL, batch, input)
+    targets: jax.Array  # (POOL, batch, outputs) regression targets, or (POOL, batch) labels
+    classify: bool = eqx.field(static=True)
+
+    def x(self, t: jax.Array) -> jax.Array:
+        return self.inputs[t % self.inputs.shape[0]]
+
+    def loss(self, y: jax.Array, t: jax.Array) -> jax.Array:
+        """The batch-mean loss of step `t`: cross-entropy against the labels, or MSE."""
+        target = self.targets[t % self.targets.shape[0]]
+        if self.classify:
+            return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(y, target))
+        return jnp.mean((y - target) ** 2)
+
+
 @dataclasses.dataclass(frozen=True)
 class Problem:
     config: Config
     model: eqtrace.AbstractCell
     params: Any
     static: Any
-    # `make_inputs(t) -> (batch, input)` and `loss_fn(y, t) -> scalar`, both from PRNG keys
-    # folded with the step index `t`, so nothing of size T is ever stored.
-    make_inputs: Callable[[jax.Array], jax.Array]
-    loss_fn: Callable[[jax.Array, jax.Array], jax.Array]
+    stream: Stream
 
 
 def build_problem(config: Config) -> Problem:
-    """The network, its parameters, and the streamed inputs and loss of `config.model`."""
+    """The network, its parameters, and the data stream of `config.model`."""
     cell_key, readout_key, x_key, y_key = jr.split(jr.key(config.seed), 4)
-    batch, n_in, hidden = config.batch, config.input, config.hidden
+    batch, n_in, hidden, n_out = config.batch, config.input, config.hidden, 10
     dtype = jnp.result_type(float)
     if config.model == "gru":
         model = eqtrace.nn.Sequential(
             [
                 eqtrace.nn.GRUCell(n_in, hidden, key=cell_key),
-                eqx.nn.Linear(hidden, 10, key=readout_key),
+                eqx.nn.Linear(hidden, n_out, key=readout_key),
             ]
         )
-
-        def make_inputs(t):
-            return jr.normal(jr.fold_in(x_key, t), (batch, n_in), dtype)
-
-        def loss_fn(y, t):  # mean squared error against random regression targets
-            target = jr.normal(jr.fold_in(y_key, t), y.shape, y.dtype)
-            return jnp.mean((y - target) ** 2)
-
+        # Gaussian inputs; mean squared error against random regression targets.
+        stream = Stream(
+            jr.normal(x_key, (POOL, batch, n_in), dtype),
+            jr.normal(y_key, (POOL, batch, n_out), dtype),
+            classify=False,
+        )
     elif config.model == "lif":
         model = eqtrace.nn.Sequential(
             [
                 eqtrace.nn.LIF(n_in, hidden, recurrent=True, synapse=True, key=cell_key),
-                eqtrace.nn.LeakyReadout(hidden, 10, key=readout_key),
+                eqtrace.nn.LeakyReadout(hidden, n_out, key=readout_key),
             ]
         )
-
-        def make_inputs(t):  # Poisson-like input spikes at 10% per step
-            return jr.bernoulli(jr.fold_in(x_key, t), 0.1, (batch, n_in)).astype(dtype)
-
-        def loss_fn(y, t):  # cross-entropy against random class labels, at every step
-            labels = jr.randint(jr.fold_in(y_key, t), y.shape[:1], 0, y.shape[-1])
-            return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(y, labels))
-
+        # Poisson-like input spikes (10% per step); cross-entropy against random labels.
+        stream = Stream(
+            jr.bernoulli(x_key, 0.1, (POOL, batch, n_in)).astype(dtype),
+            jr.randint(y_key, (POOL, batch), 0, n_out),
+            classify=True,
+        )
     else:
         raise ValueError(f"--model must be one of {MODELS}, but got {config.model!r}.")
     params, static = eqx.partition(model, eqx.is_inexact_array)
-    return Problem(config, model, params, static, make_inputs, loss_fn)
+    return Problem(config, model, params, static, stream)
+
+
+class _OnStream(eqx.Module):
+    """`step(params, state, [trace,] t)`: a batched step fed `x_t` from the stream. A module,
+    so that the stream's arrays are traced arguments of the drivers' `filter_jit`."""
+
+    step: Callable = eqx.field(static=True)
+    stream: Stream
+
+    def __call__(self, params, *carry_and_t):
+        *carry, t = carry_and_t
+        return self.step(params, *carry, self.stream.x(t))
 
 
 def make_algorithm(name: str, config: Config) -> eqtrace.AbstractAlgorithm:
@@ -165,25 +196,22 @@ def _batched_init_state(problem: Problem, params) -> Any:
     return jax.tree.map(lambda a: jnp.broadcast_to(a, (batch, *a.shape)), model.init_state())
 
 
-def make_runner(problem: Problem, name: str) -> Callable[[Any], Any]:
-    """`run(params)`: one batch of sequences of `config.steps` steps under algorithm `name`.
+def make_runner(problem: Problem, name: str) -> Callable[[Any, Stream], Any]:
+    """`run(params, stream)`: one batch of sequences of `config.steps` steps under `name`.
 
     `forward` returns the summed loss; every other algorithm returns `(loss, grads)`. The
-    initial state and trace are built inside, so the only input is the parameters.
+    initial state and trace are built inside, so the inputs are the parameters and the data.
     """
     static, steps = problem.static, problem.config.steps
     forward_step = jax.vmap(eqtrace.make_forward_step(static), in_axes=(None, 0, 0))
 
-    def batched_forward(params, state, t):
-        return forward_step(params, state, problem.make_inputs(t))
-
     if name == "forward":
 
-        def run_forward(params):
+        def run_forward(params, stream):
             def body(carry, t):
                 state, loss = carry
-                state, y = batched_forward(params, state, t)
-                return (state, loss + problem.loss_fn(y, t)), None
+                state, y = forward_step(params, state, stream.x(t))
+                return (state, loss + stream.loss(y, t)), None
 
             init = (_batched_init_state(problem, params), jnp.zeros((), jnp.result_type(float)))
             (_, loss), _ = jax.lax.scan(body, init, jnp.arange(steps))
@@ -193,11 +221,11 @@ def make_runner(problem: Problem, name: str) -> Callable[[Any], Any]:
 
     if name == "bptt":
 
-        def run_bptt(params):
+        def run_bptt(params, stream):
             ts = jnp.arange(steps)
             state = _batched_init_state(problem, params)
             loss, grads, _ = eqtrace.bptt_gradient(
-                batched_forward, problem.loss_fn, params, state, ts, ts
+                _OnStream(forward_step, stream), stream.loss, params, state, ts, ts
             )
             return loss, grads
 
@@ -206,15 +234,12 @@ def make_runner(problem: Problem, name: str) -> Callable[[Any], Any]:
     algorithm = make_algorithm(name, problem.config)
     online_step = jax.vmap(eqtrace.make_online_step(algorithm, static), in_axes=(None, 0, 0, 0))
 
-    def batched_online(params, state, trace, t):
-        return online_step(params, state, trace, problem.make_inputs(t))
-
-    def run_online(params):
+    def run_online(params, stream):
         ts = jnp.arange(steps)
         model = eqx.combine(params, static)
         state, trace = eqtrace.init_state_and_trace(model, algorithm, problem.config.batch)
         loss, grads, _, _ = eqtrace.online_gradient(
-            batched_online, problem.loss_fn, params, state, trace, ts, ts
+            _OnStream(online_step, stream), stream.loss, params, state, trace, ts, ts
         )
         return loss, grads
 
@@ -233,10 +258,10 @@ def trace_megabytes(problem: Problem, name: str) -> float | None:
     return sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(trace)) / MB
 
 
-def compile_runner(run: Callable, params) -> tuple[Any, float]:
+def compile_runner(run: Callable, *args) -> tuple[Any, float]:
     """Trace, lower and compile `run`: the compiled executable and the seconds it took."""
     start = time.perf_counter()
-    compiled = jax.jit(run).lower(params).compile()
+    compiled = jax.jit(run).lower(*args).compile()
     return compiled, time.perf_counter() - start
 
 
@@ -249,13 +274,14 @@ def _xla_temp_megabytes(compiled) -> float | None:
 
 def time_algorithm(problem: Problem, name: str, repeats: int, warmup: int) -> dict:
     """Compile once, then time `repeats` runs after `warmup` runs (seconds per batch)."""
-    compiled, compile_s = compile_runner(make_runner(problem, name), problem.params)
+    args = (problem.params, problem.stream)
+    compiled, compile_s = compile_runner(make_runner(problem, name), *args)
     for _ in range(warmup):
-        jax.block_until_ready(compiled(problem.params))
+        jax.block_until_ready(compiled(*args))
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        jax.block_until_ready(compiled(problem.params))
+        jax.block_until_ready(compiled(*args))
         times.append(time.perf_counter() - start)
     return {
         "compile_s": compile_s,
@@ -275,11 +301,23 @@ def _maxrss_mb() -> float:
     return kb * (1 if sys.platform.startswith("linux") else 1 / 1024) / 1024
 
 
-def _current_rss_mb() -> float | None:
+def _peak_rss_mb() -> float:
+    """The peak RSS of this process so far: `VmHWM`, else `ru_maxrss`.
+
+    `ru_maxrss` of a subprocess is not its own: across fork + exec Linux carries the parent's
+    high-water mark into the child's (`signal->maxrss`), so every worker would report at least
+    the RSS of the benchmark process that spawned it. `VmHWM` belongs to the new address space.
+    """
+    hwm = _proc_status_mb("VmHWM")
+    return _maxrss_mb() if hwm is None else hwm
+
+
+def _proc_status_mb(field: str) -> float | None:
+    """`VmRSS` (resident now) or `VmHWM` (its high-water mark) from `/proc/self/status`."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("VmRSS:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) / 1024
     except OSError:
         pass
@@ -308,29 +346,34 @@ def _reset_peak_rss() -> bool:
 def measure_memory_here(config: Config, name: str) -> dict:
     """Peak memory of one run of `name`, in this (fresh) process.
 
-    - `peak_rss_mb`: `ru_maxrss` of the process: imports, compilation and the run.
-    - `run_delta_mb`: how far the run raised the RSS above what was resident just before it
-      (the high-water mark is reset after compiling): the algorithm's own working memory.
+    - `peak_rss_mb`: the peak RSS of the process (`VmHWM`, see `_peak_rss_mb`): imports,
+      compilation and the runs.
+    - `run_delta_mb`: how far a second run raised the RSS above what was resident just before
+      it (the high-water mark `VmHWM` is reset after the first run, and freed heap pages
+      returned to the OS): the algorithm's own working memory, without imports or compiling.
     - `xla_temp_mb`: XLA's static temporary buffer for the compiled program.
     """
     problem = build_problem(config)
-    compiled, compile_s = compile_runner(make_runner(problem, name), problem.params)
+    args = (problem.params, problem.stream)
+    compiled, compile_s = compile_runner(make_runner(problem, name), *args)
     # A first run pays the runtime's one-off costs (thread pools, code pages); its buffers are
     # then freed and handed back to the OS, so the measured second run allocates afresh.
-    out = compiled(problem.params)
+    out = compiled(*args)
     jax.block_until_ready(out)
     del out
-    peak_before_run = _maxrss_mb()
+    peak_before_run = _peak_rss_mb()
     _release_free_memory()
     reset = _reset_peak_rss()
-    rss_before = _current_rss_mb()
+    rss_before = _proc_status_mb("VmRSS")
     start = time.perf_counter()
-    jax.block_until_ready(compiled(problem.params))
+    jax.block_until_ready(compiled(*args))
     run_s = time.perf_counter() - start
-    run_peak = _maxrss_mb()
-    delta = run_peak - rss_before if reset and rss_before is not None else None
+    # `VmHWM`, not `ru_maxrss`: the latter also keeps the peak of threads that exited before
+    # the reset (e.g. the compiler's).
+    run_peak = _proc_status_mb("VmHWM")
+    delta = run_peak - rss_before if reset and None not in (rss_before, run_peak) else None
     return {
-        "peak_rss_mb": max(peak_before_run, run_peak),
+        "peak_rss_mb": max(peak_before_run, run_peak or 0.0),
         "run_delta_mb": delta,
         "xla_temp_mb": _xla_temp_megabytes(compiled),
         "compile_s": compile_s,

@@ -134,26 +134,19 @@ def scan_outputs(model, state, xs):
 def test_rtrl_equals_bptt(name, getkey):
     model = make_model(name, getkey())
     xs, targets = sequence(getkey(), model)
-    online, bptt = online_and_bptt(eqtrace.RTRL(), model, xs, targets)
-    assert relative_error(online, bptt) <= 1e-9
-    # And from a non-zero initial state.
+    # From a generic state (the zero initial state is covered by the batch test below): with
+    # h_0 = 0 some terms of the first step vanish and could hide a wrong recurrence.
     state = random_state(getkey(), model)
     online, bptt = online_and_bptt(eqtrace.RTRL(), model, xs, targets, state=state)
     assert relative_error(online, bptt) <= 1e-9
-
-
-def test_every_parameter_gets_a_gradient(getkey):
-    model = make_model("two_layer", getkey())
-    xs, targets = sequence(getkey(), model)
-    online, _ = online_and_bptt(eqtrace.RTRL(), model, xs, targets)
+    # Every parameter, the read-out's included, gets a non-zero gradient.
     for leaf in jtu.tree_leaves(online):
         assert jnp.all(leaf != 0)
 
 
-@pytest.mark.parametrize("name", ["gru", "two_layer"])
-def test_rtrl_batch_equals_loop_and_bptt(name, getkey):
+def test_rtrl_batch_equals_loop_and_bptt(getkey):
     batch = 3
-    model = make_model(name, getkey())
+    model = make_model("two_layer", getkey())
     algorithm = eqtrace.RTRL()
     params, static = eqx.partition(model, eqx.is_inexact_array)
     online_step = eqtrace.make_online_step(algorithm, static)
@@ -219,34 +212,37 @@ def _truncated(model, xs, targets, window, state=None):
     )
 
 
-@pytest.mark.parametrize("window", [LENGTH, LENGTH + 3])
-def test_truncated_bptt_long_window_is_bptt(window, getkey):
-    model = make_model("two_layer", getkey())
+def test_truncated_bptt_long_window_is_bptt(getkey):
+    model = make_model("gru", getkey())
     params, static = eqx.partition(model, eqx.is_inexact_array)
     xs, targets = sequence(getkey(), model)
     state = random_state(getkey(), model)
-    loss, grads, final = _truncated(model, xs, targets, window, state)
     bptt_loss, bptt, bptt_final = eqtrace.bptt_gradient(
         eqtrace.make_forward_step(static), squared_loss, params, state, xs, targets
     )
-    assert jnp.allclose(loss, bptt_loss, rtol=1e-12)
-    assert relative_error(grads, bptt) <= 1e-12
-    assert tree_allclose(final, bptt_final, rtol=1e-12)
+    for window in [LENGTH, LENGTH + 3]:
+        loss, grads, final = _truncated(model, xs, targets, window, state)
+        assert jnp.allclose(loss, bptt_loss, rtol=1e-12)
+        assert relative_error(grads, bptt) <= 1e-12
+        assert tree_allclose(final, bptt_final, rtol=1e-12)
 
 
 def test_truncated_bptt_window_one_is_sum_of_one_step_gradients(getkey):
-    model = make_model("two_layer", getkey())
+    model = make_model("gru", getkey())
     params, static = eqx.partition(model, eqx.is_inexact_array)
     forward_step = eqtrace.make_forward_step(static)
     xs, targets = sequence(getkey(), model)
     loss, grads, final = _truncated(model, xs, targets, 1)
 
+    @jax.jit
+    def one_step_grad(params, state, x, target):
+        state = jax.lax.stop_gradient(state)
+        return jax.grad(lambda p: squared_loss(forward_step(p, state, x)[1], target))(params)
+
     state = model.init_state()
     expected = jtu.tree_map(jnp.zeros_like, params)
     for x, target in zip(xs, targets):
-        state = jax.lax.stop_gradient(state)
-        step_grads = jax.grad(lambda p: squared_loss(forward_step(p, state, x)[1], target))(params)
-        expected = jtu.tree_map(jnp.add, expected, step_grads)
+        expected = jtu.tree_map(jnp.add, expected, one_step_grad(params, state, x, target))
         state, _ = forward_step(params, state, x)
     assert relative_error(grads, expected) <= 1e-12
     assert tree_allclose(final, state, rtol=1e-12)
@@ -316,6 +312,7 @@ def _delayed_copy_task(key, batch, length):
     return xs, previous[..., None]
 
 
+@eqx.filter_jit
 def _evaluate(model, xs, targets):
     state = jax.vmap(lambda _: model.init_state())(jnp.arange(xs.shape[1]))
     _, ys = jax.lax.scan(lambda s, x: jax.vmap(model)(s, x), state, xs)
@@ -355,7 +352,7 @@ def test_train_online_decreases_loss(every_k, getkey):
 
 def test_train_online_multisteps_applies_mean_gradient_every_k(getkey):
     k = 4
-    model = make_model("gru", getkey())
+    model = make_model("rnn", getkey())
     algorithm = eqtrace.RTRL()
     params, static = eqx.partition(model, eqx.is_inexact_array)
     step = eqtrace.make_online_step(algorithm, static)
@@ -384,11 +381,11 @@ def test_train_online_multisteps_applies_mean_gradient_every_k(getkey):
 
 
 def test_jit_equals_no_jit(getkey):
-    model = make_model("two_layer", getkey())
+    model = make_model("gru", getkey())
     algorithm = eqtrace.RTRL()
     state = random_state(getkey(), model)
     trace = algorithm.init_trace(model, state)
-    xs, targets = sequence(getkey(), model, length=3)
+    xs, targets = sequence(getkey(), model, length=2)
 
     def loss_and_carry(model, state, trace, x, target):
         state, trace, y = algorithm.step(model, state, trace, x)
@@ -408,7 +405,7 @@ def test_jit_equals_no_jit(getkey):
 
 def test_drivers_do_not_retrace(getkey):
     batch = 2
-    model = make_model("two_layer", getkey())
+    model = make_model("gru", getkey())
     algorithm = eqtrace.RTRL()
     params, static = eqx.partition(model, eqx.is_inexact_array)
     state, trace = eqtrace.init_state_and_trace(model, algorithm, batch_size=batch)
@@ -469,8 +466,13 @@ def test_gradient_into_x_is_exact_within_step(name, getkey):
     x = jr.normal(getkey(), (INPUT,))
     target = jr.normal(getkey(), output_shape(model, x))
 
-    online = jax.grad(lambda x: squared_loss(algorithm.step(model, state, trace, x)[2], target))(x)
-    exact = jax.grad(lambda x: squared_loss(model(state, x)[1], target))(x)
+    @jax.jit
+    def online_and_exact(x):
+        online = jax.grad(lambda x: squared_loss(algorithm.step(model, state, trace, x)[2], target))
+        exact = jax.grad(lambda x: squared_loss(model(state, x)[1], target))
+        return online(x), exact(x)
+
+    online, exact = online_and_exact(x)
     assert relative_error(online, exact) <= 1e-12
     assert jnp.all(online != 0)
 
@@ -492,18 +494,20 @@ def test_gradient_into_x_through_an_encoder(getkey):
     x = jr.normal(getkey(), (INPUT,))
     target = jr.normal(getkey(), (2,))
 
-    def online_loss(model, x):
+    def online_loss(args):
+        model, x = args
         return squared_loss(algorithm.step(model, state, trace, x)[2], target)
 
-    def exact_loss(model, x):
+    def exact_loss(args):
+        model, x = args
         return squared_loss(model(state, x)[1], target)
 
+    def grads(loss):
+        return eqx.filter_jit(eqx.filter_grad(loss))((model, x))
+
     # At the first step from a zero trace, RTRL's parameter gradient is exact as well.
-    online = eqx.filter_grad(online_loss)(model, x)
-    exact = eqx.filter_grad(exact_loss)(model, x)
+    (online, online_x), (exact, exact_x) = grads(online_loss), grads(exact_loss)
     assert relative_error(online, exact) <= 1e-12
-    online_x = jax.grad(online_loss, argnums=1)(model, x)
-    exact_x = jax.grad(exact_loss, argnums=1)(model, x)
     assert relative_error(online_x, exact_x) <= 1e-12
     # And a whole sequence still matches BPTT.
     xs, targets = sequence(getkey(), model)
@@ -534,12 +538,15 @@ def test_init_state_and_trace_batch_shapes(name, getkey):
     if name == "two_layer":  # the read-out is outside the traced recurrent core
         n_params -= ravel_pytree(eqx.filter(model.layers[-1], eqx.is_inexact_array))[0].size
     assert trace.jacobian.shape == (batch, n_state, n_params)
-    # A vmapped step accepts them.
-    _, static = eqx.partition(model, eqx.is_inexact_array)
-    params = eqx.filter(model, eqx.is_inexact_array)
+    # A vmapped step accepts them and returns the same layout.
+    params, static = eqx.partition(model, eqx.is_inexact_array)
     step = jax.vmap(eqtrace.make_online_step(algorithm, static), in_axes=(None, 0, 0, 0))
-    new_state, new_trace, _ = step(params, state, trace, jnp.ones((batch, INPUT)))
-    assert jtu.tree_structure((new_state, new_trace)) == jtu.tree_structure((state, trace))
+    new_state, new_trace, _ = jax.eval_shape(step, params, state, trace, jnp.ones((batch, INPUT)))
+    assert tree_allclose(
+        jtu.tree_map(lambda a: jnp.zeros(a.shape, a.dtype), (new_state, new_trace)),
+        (state, trace),
+        rtol=0.0,
+    )
 
 
 def _step_args(getkey):

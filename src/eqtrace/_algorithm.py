@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 
 from ._cell import AbstractCell
-from ._custom_types import Input, State, Trace
+from ._custom_types import ExampleInput, Input, State, Trace
 from ._validation import (
     check_input,
     check_matches,
@@ -38,7 +38,7 @@ class AbstractAlgorithm(eqx.Module):
     per_layer: ClassVar[bool]
 
     @abc.abstractmethod
-    def init_cell_trace(self, cell: AbstractCell, state: State, x: Input) -> Trace:
+    def init_cell_trace(self, cell: AbstractCell, state: State, x: ExampleInput) -> Trace:
         """The initial (zero) trace of one recurrent system for one sample; `x` is an example
         input (only its shape and dtype matter)."""
 
@@ -58,7 +58,7 @@ class AbstractAlgorithm(eqx.Module):
         derives, contracts the trace with `ḡ = dL/dh_t` to give the online gradient. `state`
         and `x` are the step's inputs."""
 
-    def init_trace(self, model: AbstractCell, state: State, x: Input | None = None) -> Trace:
+    def init_trace(self, model: AbstractCell, state: State, x: ExampleInput | None = None) -> Trace:
         """The initial trace of `model` (a cell or a `Sequential`) for one sample.
 
         **Arguments:**

@@ -8,7 +8,7 @@ import jax.tree_util as jtu
 
 from ._algorithm import AbstractAlgorithm
 from ._cell import AbstractCell
-from ._custom_types import Input
+from ._custom_types import ExampleInput
 from ._structure import CellStructure, analyse
 from ._validation import example_input, require_example_input
 from .nn._sequential import Sequential
@@ -79,7 +79,7 @@ class StructureReport:
         return "\n".join(lines)
 
 
-def trace_size(algorithm: AbstractAlgorithm, model: AbstractCell, x: Input | None = None):
+def trace_size(algorithm: AbstractAlgorithm, model: AbstractCell, x: ExampleInput | None = None):
     """`(values, bytes)` of `algorithm`'s trace of `model` for one sample."""
     state = model.init_state()
     trace = jax.eval_shape(algorithm.init_trace, model, state, x)
@@ -90,7 +90,7 @@ def trace_size(algorithm: AbstractAlgorithm, model: AbstractCell, x: Input | Non
 
 
 def check(
-    model: AbstractCell, algorithm: AbstractAlgorithm | None = None, x: Input | None = None
+    model: AbstractCell, algorithm: AbstractAlgorithm | None = None, x: ExampleInput | None = None
 ) -> StructureReport:
     """Checks the diagonal assumptions of `model` on a small random instance and reports what
     is traced and the trace memory per sample.

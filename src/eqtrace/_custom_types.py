@@ -2,6 +2,7 @@
 
 from typing import Any, TypeAlias
 
+import jax
 from jaxtyping import Array, ArrayLike, Float, PyTree
 
 
@@ -11,6 +12,8 @@ State: TypeAlias = PyTree[Float[Array, "..."]]
 Trace: TypeAlias = Any
 #: The input of one time step (usually `Float[Array, " n_in"]`; integers for an embedding).
 Input: TypeAlias = PyTree[ArrayLike]
-#: The floating-point arrays of a model, as returned by `eqx.partition(model, eqx.is_inexact_array)`.
+#: An example input: an input, or only its shape and dtype.
+ExampleInput: TypeAlias = PyTree[ArrayLike | jax.ShapeDtypeStruct]
+#: The floating arrays of a model: `params` in `eqx.partition(model, eqx.is_inexact_array)`.
 Params: TypeAlias = PyTree[Float[Array, "..."] | None]
 Scalar: TypeAlias = Float[Array, ""]

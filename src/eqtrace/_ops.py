@@ -75,8 +75,9 @@ def outer(op: Any, a: jax.Array, cotangent: jax.Array) -> Any:
     of the cotangent with the op's input vector `a`, masked like the op."""
     params = op_params(op)
     if isinstance(op, eqx.nn.Embedding):
-        return eqx.tree_at(lambda p: p.weight, params, a[:, None] * cotangent[..., None, :])
-    weight = cotangent[..., :, None] * a
+        a = a.reshape((1,) * (cotangent.ndim - 1) + (-1, 1))
+        return eqx.tree_at(lambda p: p.weight, params, a * cotangent[..., None, :])
+    weight = cotangent[..., :, None] * a.reshape((1,) * cotangent.ndim + a.shape)
     if getattr(op, "mask", None) is not None:
         weight = jnp.where(op.mask, weight, 0)
     return _with_weight_and_bias(params, weight, cotangent)
@@ -92,5 +93,5 @@ def contract(op: Any, trace: Any, delta: Any) -> jax.Array:
         return jnp.einsum("...vo,vo->...o", trace.weight, delta.weight)
     out = jnp.einsum("...oi,oi->...o", trace.weight, delta.weight)
     if getattr(op, "bias", None) is not None:
-        out = out + trace.bias * delta.bias
+        out = out + trace.bias * delta.bias.reshape((1,) * (trace.bias.ndim - 1) + (-1,))
     return out

@@ -136,6 +136,29 @@ def _random_like(tree, rng: np.random.Generator, scale: float):
     return jtu.tree_map(draw, tree)
 
 
+@eqx.filter_jit
+def _jacobians(cell, state, x, spec):
+    """The Jacobians the analysis inspects, for one random instance (jitted: one compile
+    serves every draw)."""
+    params, rest = eqx.partition(cell, spec)
+    param_leaves, param_def = jtu.tree_flatten(params)
+    _, records = jax.eval_shape(
+        lambda: probed_call(cell, state, x, [None] * len(find_ops(cell)), cut=True)
+    )
+    zero_probes = [jnp.zeros(u.shape, u.dtype) for _, u in records]
+
+    def run(s, probes, param_leaves, cut):
+        params = jtu.tree_unflatten(param_def, param_leaves)
+        new_state, _ = probed_call(eqx.combine(params, rest), s, x, probes, cut=cut)
+        return jnp.stack([jnp.ravel(leaf) for leaf in jtu.tree_leaves(new_state)])
+
+    jac_probe, jac_full = jax.jacrev(run, argnums=(1, 2))(state, zero_probes, param_leaves, False)
+    jac_state, jac_cut = jax.jacrev(run, argnums=(0, 2))(state, zero_probes, param_leaves, True)
+    new_state, y = cell(state, x)
+    outputs = (jtu.tree_leaves(y), jtu.tree_leaves(cell.output(new_state)))
+    return jac_probe, jac_state, jac_cut, jac_full, outputs
+
+
 def _analyse(cell, state, x) -> CellStructure:
     name = type(cell).__name__
     violations: list[str] = []
@@ -181,43 +204,23 @@ def _analyse(cell, state, x) -> CellStructure:
         c = _random_like(cell, rng, scale)
         s = _random_like(state, rng, scale)
         xr = _random_like(x, rng, scale)
-        params, rest = eqx.partition(c, spec)
-        param_leaves, param_def = jtu.tree_flatten(params)
-        zero_probes = [jnp.zeros(u.shape, u.dtype) for _, u in records]
-
-        def flat_state(tree):
-            return jnp.stack([jnp.ravel(leaf) for leaf in jtu.tree_leaves(tree)])
-
-        def run(s, probes, param_leaves, cut):
-            params = jtu.tree_unflatten(param_def, param_leaves)
-            new_state, _ = probed_call(eqx.combine(params, rest), s, xr, probes, cut=cut)
-            return flat_state(new_state)
-
+        jac_probe, jac_state, jac_cut, jac_full, outputs = _jacobians(c, s, xr, spec)
         # ∂h/∂u for every op: which neurons each output element reaches.
-        for i, jac in enumerate(jax.jacrev(run, argnums=1)(s, zero_probes, param_leaves, False)):
+        for i, jac in enumerate(jac_probe):
             hits = np.any(np.asarray(jac).reshape(num_leaves, num_neurons, -1) != 0, axis=0)
             owner_hits[i] |= hits
         # The state Jacobian with op inputs cut must be element-wise within each leaf pair.
-        jac_state = jax.jacrev(run, argnums=0)(s, zero_probes, param_leaves, True)
         for m, block in enumerate(jtu.tree_leaves(jac_state)):
             block = np.asarray(block).reshape(num_leaves, num_neurons, num_neurons)
             cut_offdiag[:, m] |= np.any(block * (1 - np.eye(num_neurons)) != 0, axis=(1, 2))
         # Parameters outside ops: per-neuron (diagonal) or small shared; none may feed an op.
-        jac_cut = jac_full = []
-        if param_leaves:
-            jac_cut = jax.jacrev(run, argnums=2)(s, zero_probes, param_leaves, True)
-            jac_full = jax.jacrev(run, argnums=2)(s, zero_probes, param_leaves, False)
         for i, (jc, jf) in enumerate(zip(jac_cut, jac_full)):
             jc, jf = np.asarray(jc), np.asarray(jf)
             param_feeds_op[i] |= not np.allclose(jc, jf)
             if param_shapes[i] == neuron_shape:
                 block = jc.reshape(num_leaves, num_neurons, num_neurons)
                 param_offdiag[i] |= bool(np.any(block * (1 - np.eye(num_neurons)) != 0))
-        new_state, y = c(s, xr)
-        output_mismatch |= not all(
-            np.allclose(a, b)
-            for a, b in zip(jtu.tree_leaves(y), jtu.tree_leaves(c.output(new_state)))
-        )
+        output_mismatch |= not all(np.allclose(a, b) for a, b in zip(*outputs))
 
     owners = []
     for path, hits in zip(op_paths, owner_hits):

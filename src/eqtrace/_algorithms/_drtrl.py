@@ -7,7 +7,7 @@ import jax.tree_util as jtu
 
 from .._algorithm import AbstractAlgorithm
 from .._cell import AbstractCell
-from .._custom_types import Input, State
+from .._custom_types import ExampleInput, Input, State
 from .._ops import contract, op_params, outer, spread, weights_reach_one_output
 from .._structure import find_ops
 from ._diagonal import (
@@ -77,7 +77,7 @@ class DRTRL(AbstractAlgorithm):
                 )
         return structure
 
-    def init_cell_trace(self, cell: AbstractCell, state: State, x: Input) -> DRTRLTrace:
+    def init_cell_trace(self, cell: AbstractCell, state: State, x: ExampleInput) -> DRTRLTrace:
         structure = self._structure(cell, state, x)
         k = structure.num_leaves
         ops = tuple(

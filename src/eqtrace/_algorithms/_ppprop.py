@@ -7,7 +7,7 @@ from jaxtyping import Array, Int
 
 from .._algorithm import AbstractAlgorithm
 from .._cell import AbstractCell
-from .._custom_types import Input, State
+from .._custom_types import ExampleInput, Input, State
 from .._ops import apply_op, bias_of, op_params
 from .._structure import find_ops
 from ._diagonal import (
@@ -69,9 +69,9 @@ class PPProp(AbstractAlgorithm):
 
     def __init__(
         self,
-        decay: float | None = None,
+        decay: float | int | None = None,
         *,
-        rank: float | None = None,
+        rank: float | int | None = None,
         bias_correction: bool = True,
         strict: bool = True,
     ):
@@ -91,7 +91,7 @@ class PPProp(AbstractAlgorithm):
         self.bias_correction = bias_correction
         self.strict = strict
 
-    def init_cell_trace(self, cell: AbstractCell, state: State, x: Input) -> PPPropTrace:
+    def init_cell_trace(self, cell: AbstractCell, state: State, x: ExampleInput) -> PPPropTrace:
         structure = cell_structure("PPProp", cell, state, x, self.strict)
         ops = find_ops(cell)
         dtypes = [jnp.result_type(*jax.tree_util.tree_leaves(op_params(op))) for _, op in ops]

@@ -6,7 +6,7 @@ from jaxtyping import Array, Float
 
 from .._algorithm import AbstractAlgorithm
 from .._cell import AbstractCell
-from .._custom_types import Input, State
+from .._custom_types import ExampleInput, Input, State
 
 
 class RTRLTrace(eqx.Module):
@@ -46,7 +46,7 @@ class RTRL(AbstractAlgorithm):
 
     per_layer = False
 
-    def init_cell_trace(self, cell: AbstractCell, state: State, x: Input) -> RTRLTrace:
+    def init_cell_trace(self, cell: AbstractCell, state: State, x: ExampleInput) -> RTRLTrace:
         del x
         params = eqx.filter(cell, eqx.is_inexact_array)
         h, _ = ravel_pytree(state)

@@ -45,7 +45,8 @@ class LSTMCell(AbstractCell):
     def __init__(self, input_size: int, hidden_size: int, *, dtype=None, key: PRNGKeyArray):
         ikey, rkey, okey = jr.split(key, 3)
         input_op = Linear(input_size, 4 * hidden_size, dtype=dtype, key=ikey)
-        bias = jnp.zeros_like(input_op.bias).at[hidden_size : 2 * hidden_size].set(1)
+        bias = jnp.zeros(4 * hidden_size, input_op.weight.dtype)
+        bias = bias.at[hidden_size : 2 * hidden_size].set(1)
         self.input_op = eqx.tree_at(lambda o: o.bias, input_op, bias)
         recurrent = Linear(hidden_size, 4 * hidden_size, use_bias=False, dtype=dtype, key=rkey)
         self.recurrent_op = _orthogonal_like(recurrent, okey)

@@ -1,0 +1,91 @@
+"""eqtrace demo: train a GRU online with D-RTRL on MNIST-1D, and compare with pp-prop and BPTT.
+
+MNIST-1D (generated locally, no download): 4 000 training and 1 000 test sequences of 40
+scalars, 10 classes. A GRU reads one scalar per time step; a linear read-out classifies the
+sequence at the last step (cross-entropy). Each update takes a batch of 100 sequences:
+
+- D-RTRL and pp-prop run the online step (`eqtrace.make_online_step`, `jax.vmap`ped over the
+  batch) forward over the sequence, carrying an eligibility trace whose size does not depend on
+  the sequence length, and read the gradient off the trace at the last step;
+- BPTT is `jax.grad` through the unrolled sequence, the reference.
+
+The printed table gives the test accuracy, the wall time of training (compilation included) and
+the memory each method keeps per sample to compute its gradient (the trace pytree's size).
+
+    python examples/demo.py                      # all three, about 2 minutes on 2 CPU cores
+    python examples/demo.py --algorithms drtrl --hidden 128 --steps 3000
+
+Expected with the defaults (hidden 64, 1 500 updates of batch 100): D-RTRL about 90 % test
+accuracy, BPTT about 97 %, pp-prop about 50 % (chance is 10 %). The data helpers, the model and
+the update step shared with `mnist1d_gru.py` are in `examples/_mnist1d.py`.
+"""
+
+import argparse
+import time
+
+from _mnist1d import LABELS, METHODS, load_mnist1d, results_table, train
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--algorithms",
+        default=",".join(METHODS),
+        help="comma-separated subset of drtrl, ppprop, bptt (default: all three)",
+    )
+    parser.add_argument("--hidden", type=int, default=64, help="GRU units (default: 64)")
+    parser.add_argument("--steps", type=int, default=1500, help="updates (default: 1500)")
+    parser.add_argument("--batch", type=int, default=100, help="sequences per update (100)")
+    parser.add_argument("--lr", type=float, default=3e-2, help="peak Adam learning rate (3e-2)")
+    parser.add_argument("--rank", type=float, default=100.0, help="pp-prop rank (default: 100)")
+    parser.add_argument("--seed", type=int, default=0, help="PRNG seed (default: 0)")
+    parser.add_argument(
+        "--fast", action="store_true", help="a tiny smoke run (hidden 8, 20 updates of batch 16)"
+    )
+    args = parser.parse_args(argv)
+    if args.fast:
+        args.hidden, args.steps, args.batch = 8, 20, 16
+    args.algorithms = [a.strip().lower() for a in args.algorithms.split(",") if a.strip()]
+    unknown = sorted(set(args.algorithms) - set(METHODS))
+    if unknown:
+        parser.error(f"unknown algorithms {unknown}; choose from {', '.join(METHODS)}")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    start = time.perf_counter()
+    data = load_mnist1d()
+    length = data["x_train"].shape[1]
+    print(
+        f"MNIST-1D: {len(data['y_train'])} train / {len(data['y_test'])} test sequences of "
+        f"length {length}. GRU({args.hidden}) + linear read-out, {args.steps} updates of batch "
+        f"{args.batch}, Adam (peak lr {args.lr:g}, cosine decay)."
+    )
+    results = []
+    for method in args.algorithms:
+        results.append(
+            train(
+                method,
+                data,
+                hidden=args.hidden,
+                steps=args.steps,
+                batch_size=args.batch,
+                learning_rate=args.lr,
+                seed=args.seed,
+                rank=args.rank,
+            )
+        )
+    print()
+    print(results_table(results, length))
+    print(
+        f"\nChance is 10 %. pp-prop used rank {args.rank:g}. "
+        f"Total time {time.perf_counter() - start:.0f} s."
+    )
+    best = max(results, key=lambda r: r["test_accuracy"])
+    print(f"Best: {LABELS[best['method']]} ({best['test_accuracy']:.1%}).")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,397 @@
+"""D-RTRL and pp-prop against their oracles: BPTT where exact, RTRL at T = 1, and the defining
+recurrences on a hand-computable case."""
+
+import math
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import jax.tree_util as jtu
+import numpy as np
+import pytest
+from helpers import online_and_bptt, relative_error, squared_loss
+
+import eqtrace
+from eqtrace import nn
+
+
+class LeakyTanh(eqtrace.AbstractCell):
+    """`h' = α ⊙ h + tanh(W x + b)`: element-wise recurrence, learnable per-neuron decay."""
+
+    op: eqx.nn.Linear
+    decay: jax.Array
+
+    def __init__(self, input_size, hidden_size, *, key):
+        self.op = eqx.nn.Linear(input_size, hidden_size, key=key)
+        self.decay = jnp.linspace(0.3, 0.9, hidden_size)
+
+    def init_state(self):
+        return jnp.zeros(self.decay.shape)
+
+    def __call__(self, state, x):
+        h = self.decay * state + jnp.tanh(self.op(x))
+        return h, h
+
+
+class LeakyCurrent(eqtrace.AbstractCell):
+    """Two state leaves per neuron (current and potential): a 2×2 block per neuron, plus a
+    shared scalar gain."""
+
+    op: nn.Linear
+    log_tau: jax.Array
+    gain: jax.Array
+
+    def __init__(self, input_size, hidden_size, *, key):
+        self.op = nn.Linear(input_size, hidden_size, key=key)
+        self.log_tau = jnp.log(jnp.linspace(2.0, 5.0, hidden_size))
+        self.gain = jnp.array(0.7)
+
+    def init_state(self):
+        return jnp.zeros(self.log_tau.shape), jnp.zeros(self.log_tau.shape)
+
+    def __call__(self, state, x):
+        current, potential = state
+        current = 0.8 * current + self.op(x)
+        decay = jnp.exp(-1 / jnp.exp(self.log_tau))
+        potential = decay * potential + (1 - decay) * jnp.tanh(self.gain * current + potential)
+        return (current, potential), potential
+
+    def output(self, state):
+        return state[1]
+
+
+class Rolling(eqtrace.AbstractCell):
+    """Mixes neurons outside any synaptic op: breaks the diagonal assumption."""
+
+    op: eqx.nn.Linear
+    hidden_size: int = eqx.field(static=True)
+
+    def __init__(self, input_size, hidden_size, *, key):
+        self.op = eqx.nn.Linear(input_size, hidden_size, key=key)
+        self.hidden_size = hidden_size
+
+    def init_state(self):
+        return jnp.zeros(self.hidden_size)
+
+    def __call__(self, state, x):
+        h = jnp.tanh(0.5 * jnp.roll(state, 1) + self.op(x))
+        return h, h
+
+
+ALGORITHMS = [eqtrace.DRTRL(), eqtrace.PPProp(0.6), eqtrace.PPProp(rank=3)]
+
+
+def _sequence(key, length, input_size, output_size):
+    xkey, tkey = jr.split(key)
+    return jr.normal(xkey, (length, input_size)), jr.normal(tkey, (length, output_size))
+
+
+@pytest.mark.parametrize("cell_cls", [LeakyTanh, LeakyCurrent])
+def test_drtrl_equals_bptt_for_elementwise_layer(cell_cls, getkey):
+    model = nn.Sequential([cell_cls(3, 4, key=getkey()), eqx.nn.Linear(4, 2, key=getkey())])
+    xs, targets = _sequence(getkey(), 7, 3, 2)
+    online, bptt = online_and_bptt(eqtrace.DRTRL(), model, xs, targets)
+    assert relative_error(online, bptt) <= 1e-9
+
+
+def test_drtrl_is_not_exact_with_recurrent_weights(getkey):
+    # The oracle above is not vacuous: with recurrent weights D-RTRL drops paths.
+    model = nn.RNNCell(3, 4, key=getkey())
+    xs, targets = _sequence(getkey(), 7, 3, 4)
+    online, bptt = online_and_bptt(eqtrace.DRTRL(), model, xs, targets)
+    assert relative_error(online, bptt) > 1e-3
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS, ids=["drtrl", "ppprop", "ppprop-rank"])
+@pytest.mark.parametrize("cell_cls", [nn.RNNCell, nn.GRUCell, LeakyCurrent])
+def test_equals_rtrl_at_first_step(algorithm, cell_cls, getkey):
+    model = cell_cls(3, 4, key=getkey())
+    state = jtu.tree_map(lambda s: jr.normal(getkey(), s.shape), model.init_state())
+    xs, targets = _sequence(getkey(), 1, 3, 4)
+    online, _ = online_and_bptt(algorithm, model, xs, targets, state=state)
+    exact, _ = online_and_bptt(eqtrace.RTRL(), model, xs, targets, state=state)
+    assert relative_error(online, exact) <= 1e-12
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS[:2], ids=["drtrl", "ppprop"])
+def test_two_layer_network_first_step_equals_rtrl(algorithm, getkey):
+    # At T = 1 from a zero state, layer-wise traces with exact spatial credit are exact.
+    model = nn.Sequential(
+        [
+            nn.GRUCell(3, 4, key=getkey()),
+            nn.RNNCell(4, 5, key=getkey()),
+            eqx.nn.Linear(5, 2, key=getkey()),
+        ]
+    )
+    xs, targets = _sequence(getkey(), 1, 3, 2)
+    online, _ = online_and_bptt(algorithm, model, xs, targets)
+    exact, _ = online_and_bptt(eqtrace.RTRL(), model, xs, targets)
+    assert relative_error(online, exact) <= 1e-12
+
+
+class Affine(eqtrace.AbstractCell):
+    """`h' = λ ⊙ h + W x + b`: `D = λ`, `∂h/∂u = 1`, so the traces are hand-computable."""
+
+    op: nn.Linear
+    decay: float = eqx.field(static=True)
+
+    def __init__(self, *, key):
+        self.op = nn.Linear(2, 2, key=key)
+        self.decay = 0.5
+
+    def init_state(self):
+        return jnp.zeros(2)
+
+    def __call__(self, state, x):
+        h = self.decay * state + self.op(x)
+        return h, h
+
+
+@pytest.mark.parametrize("bias_correction", [True, False])
+def test_ppprop_recurrences_by_hand(bias_correction, getkey):
+    alpha, lam = 0.25, 0.5
+    cell = Affine(key=getkey())
+    algorithm = eqtrace.PPProp(alpha, bias_correction=bias_correction)
+    x0, x1 = jnp.array([1.0, -2.0]), jnp.array([0.5, 3.0])
+    state = cell.init_state()
+    trace = algorithm.init_trace(cell, state, x0)
+    state, trace, _ = algorithm.step(cell, state, trace, x0)
+    np.testing.assert_allclose(trace.inputs[0], x0)
+    np.testing.assert_allclose(trace.outputs[0], [[1 - alpha] * 2])
+    state, trace, _ = algorithm.step(cell, state, trace, x1)
+    eps_x = alpha * x0 + x1
+    eps_f = alpha * lam * (1 - alpha) + (1 - alpha)
+    np.testing.assert_allclose(trace.inputs[0], eps_x)
+    np.testing.assert_allclose(trace.outputs[0], [[eps_f] * 2])
+    assert int(trace.steps) == 2
+
+    # The gradient of ⟨g, h_2⟩: (g ⊙ ε_f) ⊗ ε_x / (1 − α²), and for the bias g ⊙ ε_f / (1 − α).
+    g = jnp.array([0.3, -1.1])
+    params, static = eqx.partition(cell, eqx.is_inexact_array)
+    step = eqtrace.make_online_step(algorithm, static)
+    prev_state = 0.5 * 0 + cell.op(x0)
+    prev_trace = algorithm.init_trace(cell, state, x0)
+    _, prev_trace, _ = algorithm.step(cell, cell.init_state(), prev_trace, x0)
+    grads = jax.grad(lambda p: jnp.vdot(g, step(p, prev_state, prev_trace, x1)[2]))(params)
+    correction = 1 - alpha**2 if bias_correction else 1.0
+    bias_trace = (1 - alpha**2) / (1 - alpha)
+    np.testing.assert_allclose(grads.op.weight, jnp.outer(g * eps_f, eps_x) / correction)
+    np.testing.assert_allclose(grads.op.bias, g * eps_f * bias_trace / correction)
+
+
+def test_drtrl_trace_recurrence_by_hand(getkey):
+    # ε_W = λ ε_W + 1 ⊗ x_t for the affine cell.
+    cell = Affine(key=getkey())
+    algorithm = eqtrace.DRTRL()
+    xs = [jnp.array([1.0, -2.0]), jnp.array([0.5, 3.0]), jnp.array([-1.0, 0.25])]
+    state, trace = cell.init_state(), algorithm.init_trace(cell, cell.init_state(), xs[0])
+    expected = jnp.zeros((2, 2))
+    for x in xs:
+        state, trace, _ = algorithm.step(cell, state, trace, x)
+        expected = 0.5 * expected + jnp.outer(jnp.ones(2), x)
+    np.testing.assert_allclose(trace.ops[0].weight[0], expected)
+    np.testing.assert_allclose(trace.ops[0].bias[0], [1 + 0.5 + 0.25] * 2)
+
+
+def _nonzero_everywhere(grads) -> list[str]:
+    leaves = jtu.tree_leaves_with_path(grads)
+    return [jtu.keystr(p) for p, g in leaves if not bool(jnp.any(g != 0))]
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS[:2], ids=["drtrl", "ppprop"])
+@pytest.mark.parametrize("which", ["gru", "two-layer"])
+def test_every_parameter_gets_a_gradient(algorithm, which, getkey):
+    if which == "gru":
+        model = nn.Sequential([nn.GRUCell(3, 4, key=getkey()), eqx.nn.Linear(4, 2, key=getkey())])
+    else:
+        model = nn.Sequential(
+            [
+                eqx.nn.Linear(3, 3, key=getkey()),
+                nn.GRUCell(3, 4, key=getkey()),
+                LeakyCurrent(4, 5, key=getkey()),
+                eqx.nn.Linear(5, 2, key=getkey()),
+            ]
+        )
+    xs, targets = _sequence(getkey(), 5, 3, 2)
+    online, _ = online_and_bptt(algorithm, model, xs, targets)
+    assert _nonzero_everywhere(online) == []
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS[:2], ids=["drtrl", "ppprop"])
+def test_batch_equals_per_sample_loop(algorithm, getkey):
+    model = nn.Sequential([nn.GRUCell(3, 4, key=getkey()), eqx.nn.Linear(4, 2, key=getkey())])
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+    batch, length = 3, 5
+    xs = jr.normal(getkey(), (length, batch, 3))
+    targets = jr.normal(getkey(), (length, batch, 2))
+    step = jax.vmap(eqtrace.make_online_step(algorithm, static), in_axes=(None, 0, 0, 0))
+    state, trace = eqtrace.init_state_and_trace(model, algorithm, batch)
+
+    def batch_loss(y, t):
+        return jnp.sum((y - t) ** 2) / batch
+
+    _, batched, _, _ = eqtrace.online_gradient(step, batch_loss, params, state, trace, xs, targets)
+    per_sample = [
+        online_and_bptt(algorithm, model, xs[:, b], targets[:, b])[0] for b in range(batch)
+    ]
+    mean = jtu.tree_map(lambda *g: sum(g) / batch, *per_sample)
+    assert relative_error(batched, mean) <= 1e-12
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS[:2], ids=["drtrl", "ppprop"])
+def test_jit_equals_no_jit(algorithm, getkey):
+    model = nn.GRUCell(3, 4, key=getkey())
+    state = jr.normal(getkey(), (4,))
+    x = jr.normal(getkey(), (3,))
+    trace = algorithm.init_trace(model, state)
+    _, trace, _ = algorithm.step(model, state, trace, x)
+    eager = algorithm.step(model, state, trace, x)
+    jitted = eqx.filter_jit(algorithm.step)(model, state, trace, x)
+    assert relative_error(jitted, eager) <= 1e-12
+
+
+def test_structure_check_flags_mixing_outside_ops(getkey):
+    report = eqtrace.check(Rolling(3, 4, key=getkey()), x=jnp.zeros(3))
+    assert not report.ok
+    assert any("depends on other neurons" in v for v in report.violations)
+    with pytest.raises(ValueError, match="outside a synaptic op"):
+        eqtrace.DRTRL().init_trace(Rolling(3, 4, key=getkey()), jnp.zeros(4), jnp.zeros(3))
+    # Opting out runs the rule as an approximation.
+    eqtrace.DRTRL(strict=False).init_trace(Rolling(3, 4, key=getkey()), jnp.zeros(4), jnp.zeros(3))
+
+
+def test_structure_check_passes_builtin_cells(getkey):
+    for cell in [nn.RNNCell(3, 4, key=getkey()), nn.GRUCell(3, 4, key=getkey())]:
+        report = eqtrace.check(cell)
+        assert report.ok, str(report)
+        assert "trace memory per sample" in str(report)
+
+
+class BigParameter(eqtrace.AbstractCell):
+    op: nn.Linear
+    mixing: jax.Array
+
+    def __init__(self, *, key):
+        self.op = nn.Linear(3, 4, key=key)
+        self.mixing = jnp.ones((9, 9))
+
+    def init_state(self):
+        return jnp.zeros(4)
+
+    def __call__(self, state, x):
+        h = jnp.tanh(state + self.op(x) + jnp.sum(self.mixing))
+        return h, h
+
+
+def test_untraceable_parameter_is_named(getkey):
+    cell = BigParameter(key=getkey())
+    for algorithm in [eqtrace.DRTRL(strict=False), eqtrace.PPProp(0.5, strict=False)]:
+        with pytest.raises(ValueError, match=r"\.mixing.*RTRL"):
+            algorithm.init_trace(cell, cell.init_state(), jnp.zeros(3))
+
+
+def test_drtrl_rejects_shared_weights_and_suggests_ppprop(getkey):
+    class ConvCell(eqtrace.AbstractCell):
+        conv: eqx.nn.Conv1d
+
+        def __init__(self, *, key):
+            self.conv = eqx.nn.Conv1d(2, 3, kernel_size=3, padding=1, key=key)
+
+        def init_state(self):
+            return jnp.zeros((3, 6))
+
+        def __call__(self, state, x):
+            h = 0.5 * state + jnp.tanh(self.conv(x))
+            return h, h
+
+    cell = ConvCell(key=getkey())
+    x = jr.normal(getkey(), (2, 6))
+    with pytest.raises(ValueError, match="PPProp"):
+        eqtrace.DRTRL().init_trace(cell, cell.init_state(), x)
+    # pp-prop handles it, and equals RTRL at the first step.
+    state = jr.normal(getkey(), (3, 6))
+    xs, targets = x[None], jr.normal(getkey(), (1, 3, 6))
+    online, _ = online_and_bptt(eqtrace.PPProp(0.5), cell, xs, targets, state=state)
+    exact, _ = online_and_bptt(eqtrace.RTRL(), cell, xs, targets, state=state)
+    assert relative_error(online, exact) <= 1e-12
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS[:2], ids=["drtrl", "ppprop"])
+def test_embedding_and_masked_ops(algorithm, getkey):
+    class TokenCell(eqtrace.AbstractCell):
+        embed: eqx.nn.Embedding
+        recurrent: nn.Linear
+
+        def __init__(self, *, key):
+            k1, k2 = jr.split(key)
+            self.embed = eqx.nn.Embedding(5, 4, key=k1)
+            mask = jnp.array(np.random.default_rng(0).random((4, 4)) < 0.5)
+            self.recurrent = nn.Linear(4, 4, mask=mask, key=k2)
+
+        def init_state(self):
+            return jnp.zeros(4)
+
+        def __call__(self, state, token):
+            h = jnp.tanh(self.embed(token) + self.recurrent(state))
+            return h, h
+
+    cell = TokenCell(key=getkey())
+    state = jr.normal(getkey(), (4,))
+    tokens = jnp.array([3])
+    targets = jr.normal(getkey(), (1, 4))
+    online, _ = online_and_bptt(algorithm, cell, tokens, targets, state=state)
+    exact, _ = online_and_bptt(eqtrace.RTRL(), cell, tokens, targets, state=state)
+    assert relative_error(online, exact) <= 1e-12
+    # Masked weights get exactly zero gradient; the others do not.
+    mask = cell.recurrent.mask
+    assert bool(jnp.all(online.recurrent.weight[~mask] == 0))
+
+
+def test_trace_sizes_match_formulas(getkey):
+    input_size, hidden = 3, 4
+    gru = nn.GRUCell(input_size, hidden, key=getkey())
+    ops_params = 3 * hidden * (input_size + hidden) + 2 * 3 * hidden
+    assert eqtrace.trace_size(eqtrace.DRTRL(), gru)[0] == 1 * ops_params
+    # pp-prop: per op I + K·O, plus the step counter.
+    assert (
+        eqtrace.trace_size(eqtrace.PPProp(0.5), gru)[0]
+        == (input_size + hidden) + 2 * 3 * hidden + 1
+    )
+    leaky = LeakyCurrent(input_size, hidden, key=getkey())
+    x = jnp.zeros(input_size)
+    k = 2  # two state leaves
+    drtrl = k * (hidden * input_size + hidden) + k * hidden + k * hidden * 1
+    assert eqtrace.trace_size(eqtrace.DRTRL(), leaky, x)[0] == drtrl
+    ppprop = input_size + k * hidden + k * hidden + k * hidden * 1 + 1
+    assert eqtrace.trace_size(eqtrace.PPProp(0.5), leaky, x)[0] == ppprop
+    assert eqtrace.trace_size(eqtrace.RTRL(), gru)[0] == hidden * ops_params
+
+
+def test_ppprop_arguments():
+    assert eqtrace.PPProp(rank=3).decay == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="exactly one"):
+        eqtrace.PPProp()
+    with pytest.raises(ValueError, match="exactly one"):
+        eqtrace.PPProp(0.5, rank=2)
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        eqtrace.PPProp(1.0)
+
+
+def test_drtrl_bfloat16_traces_track_float32(getkey):
+    model = nn.GRUCell(3, 8, key=getkey())
+    model = jtu.tree_map(lambda a: a.astype(jnp.float32) if eqx.is_inexact_array(a) else a, model)
+    xs = jr.normal(getkey(), (6, 3), jnp.float32)
+    targets = jr.normal(getkey(), (6, 8), jnp.float32)
+    full, _ = online_and_bptt(eqtrace.DRTRL(), model, xs, targets)
+    low, _ = online_and_bptt(eqtrace.DRTRL(trace_dtype=jnp.bfloat16), model, xs, targets)
+    assert relative_error(low, full) < 5e-2
+    assert math.isfinite(relative_error(low, full))
+
+
+def test_step_loss_on_state_and_output(getkey):
+    # A loss on the returned state (not only y) is credited too.
+    model = LeakyTanh(3, 4, key=getkey())
+    xs, targets = _sequence(getkey(), 4, 3, 4)
+    online, bptt = online_and_bptt(eqtrace.DRTRL(), model, xs, targets, loss_fn=squared_loss)
+    assert relative_error(online, bptt) <= 1e-9
