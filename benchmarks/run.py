@@ -272,25 +272,55 @@ def _xla_temp_megabytes(compiled) -> float | None:
         return None
 
 
-def time_algorithm(problem: Problem, name: str, repeats: int, warmup: int) -> dict:
-    """Compile once, then time `repeats` runs after `warmup` runs (seconds per batch)."""
+def time_algorithms(
+    problem: Problem, names: Sequence[str], repeats: int, warmup: int, log=lambda s: None
+) -> dict[str, dict]:
+    """Compiles every algorithm, then times them *interleaved*: `repeats` rounds, each running
+    every algorithm once (after `warmup` untimed runs each). On a shared machine the load
+    changes over seconds; interleaving exposes all algorithms to the same load, so the ratios
+    of a round are comparable even when absolute times drift.
+
+    **Returns:** per algorithm `compile_s`, `times_s` (one per round, seconds per call),
+    `xla_temp_mb`, or `error` if it failed to compile or run.
+    """
     args = (problem.params, problem.stream)
-    compiled, compile_s = compile_runner(make_runner(problem, name), *args)
-    for _ in range(warmup):
-        jax.block_until_ready(compiled(*args))
-    times = []
+    out: dict[str, dict] = {}
+    compiled = {}
+    for name in names:
+        log(f"compiling {name} ...")
+        try:
+            executable, compile_s = compile_runner(make_runner(problem, name), *args)
+            for _ in range(warmup):
+                jax.block_until_ready(executable(*args))
+        except Exception as error:  # report it in the table and go on with the others
+            message = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            out[name] = {"error": f"{type(error).__name__}: {message}"}
+            log(f"{name} failed: {out[name]['error']}")
+            continue
+        compiled[name] = executable
+        out[name] = {
+            "compile_s": compile_s,
+            "times_s": [],
+            "xla_temp_mb": _xla_temp_megabytes(executable),
+        }
+    log(f"timing {', '.join(compiled)}: {repeats} interleaved rounds ...")
     for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(compiled(*args))
-        times.append(time.perf_counter() - start)
-    return {
-        "compile_s": compile_s,
-        "median_s": statistics.median(times),
-        "min_s": min(times),
-        "max_s": max(times),
-        "times_s": times,
-        "xla_temp_mb": _xla_temp_megabytes(compiled),
-    }
+        for name, executable in compiled.items():
+            start = time.perf_counter()
+            jax.block_until_ready(executable(*args))
+            out[name]["times_s"].append(time.perf_counter() - start)
+    return out
+
+
+def paired_ratio(times: Sequence[float], base: Sequence[float]) -> str:
+    """The median over rounds of `times[i] / base[i]` (both measured in round `i`), with the
+    quartiles of those ratios in brackets when there are at least 4 rounds."""
+    ratios = [t / b for t, b in zip(times, base)]
+    text = f"{statistics.median(ratios):.2f}"
+    if len(ratios) >= 4:
+        q1, _, q3 = statistics.quantiles(ratios, n=4)
+        text += f" [{q1:.2f}–{q3:.2f}]"
+    return text
 
 
 # ---- Memory: one fresh process per measurement. ----
@@ -454,21 +484,21 @@ def run_table(
     problem = build_problem(config)
     n_state, n_params = sizes(problem)
     results: list[dict] = []
+    runnable = []
     for name in algorithms:
         reason = skip_reason(problem, name)
         if reason is not None:
             log(reason)
             results.append({"algorithm": name, "skipped": reason})
-            continue
-        log(f"timing {name} ...")
-        try:
-            result = {"algorithm": name, "trace_mb": trace_megabytes(problem, name)}
-            result.update(time_algorithm(problem, name, repeats, warmup))
-        except Exception as error:  # report it in the table and go on with the others
-            message = str(error).strip().splitlines()[0] if str(error).strip() else ""
-            result = {"algorithm": name, "error": f"{type(error).__name__}: {message}"}
-            log(f"{name} failed: {result['error']}")
-        results.append(result)
+        else:
+            results.append({"algorithm": name, "trace_mb": trace_megabytes(problem, name)})
+            runnable.append(name)
+    timings = time_algorithms(problem, runnable, repeats, warmup, log)
+    for result in results:
+        result.update(timings.get(result["algorithm"], {}))
+        if result.get("times_s"):
+            times = result["times_s"]
+            result.update(median_s=statistics.median(times), min_s=min(times), max_s=max(times))
     if memory:
         todo = [r for r in results if "skipped" not in r and "error" not in r]
         log(f"measuring peak memory of {len(todo)} algorithms in subprocesses ...")
@@ -490,7 +520,7 @@ def run_table(
             continue
         mem = r.get("memory", {})
         ratio = {
-            base: r["median_s"] / timed[base]["median_s"] if base in timed else None
+            base: paired_ratio(r["times_s"], timed[base]["times_s"]) if base in timed else None
             for base in ("bptt", "forward")
         }
         rows.append(
@@ -500,8 +530,8 @@ def run_table(
                 _fmt(1e3 * r["median_s"], ".2f"),
                 _fmt(1e3 * r["min_s"], ".2f"),
                 _fmt(1e3 * r["max_s"], ".2f"),
-                _fmt(ratio["bptt"], ".2f"),
-                _fmt(ratio["forward"], ".2f"),
+                ratio["bptt"] or "—",
+                ratio["forward"] or "—",
                 _fmt(mem.get("peak_rss_mb"), ".0f") if "error" not in mem else mem["error"],
                 _fmt(mem.get("run_delta_mb"), ".1f"),
                 _fmt(mem.get("xla_temp_mb", r.get("xla_temp_mb")), ".1f"),
@@ -510,7 +540,10 @@ def run_table(
         )
     print(f"\n## {config.describe()}  (|h| = {n_state}, |θ| = {n_params}, {repeats} runs)")
     print(environment_line())
-    print("times are per batch of sequences (one call: the whole batch over all steps)\n")
+    print(
+        "times: one call = the whole batch over all steps; × BPTT, × forward: median over the "
+        "interleaved rounds of the per-round ratio [quartiles]\n"
+    )
     print(markdown_table(header, rows))
     for r in results:
         if "skipped" in r:

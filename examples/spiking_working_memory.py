@@ -92,17 +92,16 @@ def make_batch(key, batch_size: int, cue: int, delay: int, recall: int):
     return spikes, labels
 
 
-def make_model(hidden: int, key):
+def make_model(hidden: int, key, input_gain: float = 5.0):
     akey, rkey = jr.split(key)
-    return eqtrace.nn.Sequential(
-        [
-            eqtrace.nn.ALIF(
-                4 * POPULATION, hidden, recurrent=True, tau_mem=20.0, tau_adapt=2000.0,
-                beta=0.07, key=akey,
-            ),
-            eqtrace.nn.LeakyReadout(hidden, 2, tau=20.0, key=rkey),
-        ]
+    alif = eqtrace.nn.ALIF(
+        4 * POPULATION, hidden, recurrent=True, tau_mem=20.0, tau_adapt=2000.0, beta=0.07,
+        key=akey,
     )
+    # The default uniform(±1/√n_in) weights suit dense inputs; with sparse input spikes they
+    # leave the neurons silent. Scaled up, the neurons fire at ~25 Hz during cue and recall.
+    alif = eqx.tree_at(lambda c: c.input_op.weight, alif, input_gain * alif.input_op.weight)
+    return eqtrace.nn.Sequential([alif, eqtrace.nn.LeakyReadout(hidden, 2, tau=20.0, key=rkey)])
 
 
 def cross_entropy(logits, labels):

@@ -395,3 +395,32 @@ def test_step_loss_on_state_and_output(getkey):
     xs, targets = _sequence(getkey(), 4, 3, 4)
     online, bptt = online_and_bptt(eqtrace.DRTRL(), model, xs, targets, loss_fn=squared_loss)
     assert relative_error(online, bptt) <= 1e-9
+
+
+def _every_cell():
+    """Every built-in cell, sized input 3 → 4 neurons, with inputs strong enough to spike."""
+    return {
+        "rnn": lambda k: nn.RNNCell(3, 4, key=k),
+        "gru": lambda k: nn.GRUCell(3, 4, key=k),
+        "lstm": lambda k: nn.LSTMCell(3, 4, key=k),
+        "mingru": lambda k: nn.MinGRUCell(3, 4, key=k),
+        "lru": lambda k: nn.LRUCell(3, 4, key=k),
+        "lif": lambda k: nn.LIF(3, 4, key=k, recurrent=True, synapse=True, learn_tau=True),
+        "lif-zero": lambda k: nn.LIF(3, 4, key=k, reset="zero", tau_mem=5.0),
+        "alif": lambda k: nn.ALIF(3, 4, key=k, recurrent=True, learn_tau=True, learn_beta=True),
+        "readout": lambda k: nn.LeakyReadout(3, 4, key=k),
+    }
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS[:2], ids=["drtrl", "ppprop"])
+@pytest.mark.parametrize("name", list(_every_cell()))
+def test_every_cell_first_step_equals_rtrl(algorithm, name, getkey):
+    cell = _every_cell()[name](getkey())
+    assert eqtrace.check(cell).ok, str(eqtrace.check(cell))
+    state = jtu.tree_map(lambda s: jr.uniform(getkey(), s.shape, s.dtype), cell.init_state())
+    xs = 3 * jr.normal(getkey(), (1, 3))
+    y_shape = jax.eval_shape(cell.output, state).shape
+    targets = jr.normal(getkey(), (1, *y_shape))
+    online, _ = online_and_bptt(algorithm, cell, xs, targets, state=state)
+    exact, _ = online_and_bptt(eqtrace.RTRL(), cell, xs, targets, state=state)
+    assert relative_error(online, exact) <= 1e-9

@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import jax.random as jr
 import jax.tree_util as jtu
+import numpy as np
 import optax
 import pytest
 from jax.flatten_util import ravel_pytree
@@ -96,21 +97,31 @@ def make_model(name: str, key: PRNGKeyArray):
 MODELS = ["rnn", "gru", "leaky", "two_layer"]
 
 
-def sequence(key, model, length=LENGTH, batch=()):
-    xkey, tkey = jr.split(key)
-    xs = jr.normal(xkey, (length, *batch, INPUT))
-    targets = jr.normal(tkey, (length, *batch, *output_shape(model, jnp.zeros(INPUT))))
+@pytest.fixture
+def rng():
+    # Data come from NumPy: `jr.normal` would compile once per shape, a large share of the
+    # file's run time at these sizes.
+    return np.random.default_rng(0)
+
+
+def normal(rng, shape, scale=1.0):
+    return jnp.asarray(scale * rng.standard_normal(shape))
+
+
+def unstack(a):
+    """The slices along the leading axis, without an `unstack` compilation per shape."""
+    return [jnp.asarray(row) for row in np.asarray(a)]
+
+
+def sequence(rng, model, length=LENGTH, batch=()):
+    xs = normal(rng, (length, *batch, INPUT))
+    targets = normal(rng, (length, *batch, *output_shape(model, jnp.zeros(INPUT))))
     return xs, targets
 
 
-def random_state(key, model):
+def random_state(rng, model):
     """A generic non-zero state, so that no test passes because the state is zero."""
-    state = model.init_state()
-    leaves, treedef = jtu.tree_flatten(state)
-    keys = jr.split(key, len(leaves))
-    return jtu.tree_unflatten(
-        treedef, [0.5 * jr.normal(k, leaf.shape, leaf.dtype) for k, leaf in zip(keys, leaves)]
-    )
+    return jtu.tree_map(lambda leaf: normal(rng, leaf.shape, 0.5), model.init_state())
 
 
 def batch_mean(loss_fn):
@@ -131,12 +142,12 @@ def scan_outputs(model, state, xs):
 
 
 @pytest.mark.parametrize("name", MODELS)
-def test_rtrl_equals_bptt(name, getkey):
+def test_rtrl_equals_bptt(name, getkey, rng):
     model = make_model(name, getkey())
-    xs, targets = sequence(getkey(), model)
+    xs, targets = sequence(rng, model)
     # From a generic state (the zero initial state is covered by the batch test below): with
     # h_0 = 0 some terms of the first step vanish and could hide a wrong recurrence.
-    state = random_state(getkey(), model)
+    state = random_state(rng, model)
     online, bptt = online_and_bptt(eqtrace.RTRL(), model, xs, targets, state=state)
     assert relative_error(online, bptt) <= 1e-9
     # Every parameter, the read-out's included, gets a non-zero gradient.
@@ -144,14 +155,14 @@ def test_rtrl_equals_bptt(name, getkey):
         assert jnp.all(leaf != 0)
 
 
-def test_rtrl_batch_equals_loop_and_bptt(getkey):
+def test_rtrl_batch_equals_loop_and_bptt(getkey, rng):
     batch = 3
     model = make_model("two_layer", getkey())
     algorithm = eqtrace.RTRL()
     params, static = eqx.partition(model, eqx.is_inexact_array)
     online_step = eqtrace.make_online_step(algorithm, static)
     batched_step = jax.vmap(online_step, in_axes=(None, 0, 0, 0))
-    xs, targets = sequence(getkey(), model, batch=(batch,))
+    xs, targets = sequence(rng, model, batch=(batch,))
     state, trace = eqtrace.init_state_and_trace(model, algorithm, batch_size=batch)
     mean_loss = batch_mean(squared_loss)
 
@@ -177,11 +188,11 @@ def test_rtrl_batch_equals_loop_and_bptt(getkey):
     assert relative_error(batched, bptt) <= 1e-9
 
 
-def test_bptt_matches_finite_differences(getkey):
+def test_bptt_matches_finite_differences(getkey, rng):
     model = eqtrace.nn.RNNCell(INPUT, HIDDEN, key=getkey())
     params, static = eqx.partition(model, eqx.is_inexact_array)
-    xs, targets = sequence(getkey(), model, length=4)
-    state = random_state(getkey(), model)
+    xs, targets = sequence(rng, model, length=4)
+    state = random_state(rng, model)
     _, grads, _ = eqtrace.bptt_gradient(
         eqtrace.make_forward_step(static), squared_loss, params, state, xs, targets
     )
@@ -212,11 +223,11 @@ def _truncated(model, xs, targets, window, state=None):
     )
 
 
-def test_truncated_bptt_long_window_is_bptt(getkey):
+def test_truncated_bptt_long_window_is_bptt(getkey, rng):
     model = make_model("gru", getkey())
     params, static = eqx.partition(model, eqx.is_inexact_array)
-    xs, targets = sequence(getkey(), model)
-    state = random_state(getkey(), model)
+    xs, targets = sequence(rng, model)
+    state = random_state(rng, model)
     bptt_loss, bptt, bptt_final = eqtrace.bptt_gradient(
         eqtrace.make_forward_step(static), squared_loss, params, state, xs, targets
     )
@@ -227,11 +238,11 @@ def test_truncated_bptt_long_window_is_bptt(getkey):
         assert tree_allclose(final, bptt_final, rtol=1e-12)
 
 
-def test_truncated_bptt_window_one_is_sum_of_one_step_gradients(getkey):
+def test_truncated_bptt_window_one_is_sum_of_one_step_gradients(getkey, rng):
     model = make_model("gru", getkey())
     params, static = eqx.partition(model, eqx.is_inexact_array)
     forward_step = eqtrace.make_forward_step(static)
-    xs, targets = sequence(getkey(), model)
+    xs, targets = sequence(rng, model)
     loss, grads, final = _truncated(model, xs, targets, 1)
 
     @jax.jit
@@ -241,7 +252,7 @@ def test_truncated_bptt_window_one_is_sum_of_one_step_gradients(getkey):
 
     state = model.init_state()
     expected = jtu.tree_map(jnp.zeros_like, params)
-    for x, target in zip(xs, targets):
+    for x, target in zip(unstack(xs), unstack(targets)):
         expected = jtu.tree_map(jnp.add, expected, one_step_grad(params, state, x, target))
         state, _ = forward_step(params, state, x)
     assert relative_error(grads, expected) <= 1e-12
@@ -252,12 +263,12 @@ def test_truncated_bptt_window_one_is_sum_of_one_step_gradients(getkey):
     assert relative_error(online, expected) <= 1e-9
 
 
-def test_truncated_bptt_uneven_windows(getkey):
+def test_truncated_bptt_uneven_windows(getkey, rng):
     length, window = 7, 3
     model = make_model("gru", getkey())
     params, static = eqx.partition(model, eqx.is_inexact_array)
     forward_step = eqtrace.make_forward_step(static)
-    xs, targets = sequence(getkey(), model, length=length)
+    xs, targets = sequence(rng, model, length=length)
     loss, grads, final = _truncated(model, xs, targets, window)
 
     state = model.init_state()
@@ -274,9 +285,9 @@ def test_truncated_bptt_uneven_windows(getkey):
     assert tree_allclose(final, state, rtol=1e-12)
 
 
-def test_truncated_bptt_rejects_empty_window(getkey):
+def test_truncated_bptt_rejects_empty_window(getkey, rng):
     model = make_model("rnn", getkey())
-    xs, targets = sequence(getkey(), model)
+    xs, targets = sequence(rng, model)
     with pytest.raises(ValueError, match="`window` must be >= 1"):
         _truncated(model, xs, targets, 0)
 
@@ -286,7 +297,7 @@ def test_truncated_bptt_rejects_empty_window(getkey):
 
 
 @pytest.mark.parametrize("batch", [(), (2,)])
-def test_run_online_outputs_equal_plain_scan(batch, getkey):
+def test_run_online_outputs_equal_plain_scan(batch, getkey, rng):
     model = make_model("two_layer", getkey())
     algorithm = eqtrace.RTRL()
     params, static = eqx.partition(model, eqx.is_inexact_array)
@@ -295,7 +306,7 @@ def test_run_online_outputs_equal_plain_scan(batch, getkey):
     if batch:
         online_step = jax.vmap(online_step, in_axes=(None, 0, 0, 0))
         forward = jax.vmap(model)
-    xs, _ = sequence(getkey(), model, batch=batch)
+    xs, _ = sequence(rng, model, batch=batch)
     state, trace = eqtrace.init_state_and_trace(
         model, algorithm, batch_size=batch[0] if batch else None
     )
@@ -305,9 +316,9 @@ def test_run_online_outputs_equal_plain_scan(batch, getkey):
     assert tree_allclose(final, expected_final, rtol=1e-12)
 
 
-def _delayed_copy_task(key, batch, length):
+def _delayed_copy_task(rng, batch, length):
     """Output, at each step, the first input channel of the previous step."""
-    xs = jr.normal(key, (length, batch, INPUT))
+    xs = normal(rng, (length, batch, INPUT))
     previous = jnp.concatenate([jnp.zeros((1, batch)), xs[:-1, :, 0]])
     return xs, previous[..., None]
 
@@ -320,7 +331,7 @@ def _evaluate(model, xs, targets):
 
 
 @pytest.mark.parametrize("every_k", [1, 2])
-def test_train_online_decreases_loss(every_k, getkey):
+def test_train_online_decreases_loss(every_k, getkey, rng):
     batch, length, epochs = 16, 8, 60
     k1, k2 = jr.split(getkey())
     model = eqtrace.nn.Sequential(
@@ -333,7 +344,7 @@ def test_train_online_decreases_loss(every_k, getkey):
     if every_k > 1:
         optimizer = optax.MultiSteps(optimizer, every_k_schedule=every_k)
     opt_state = optimizer.init(params)
-    xs, targets = _delayed_copy_task(getkey(), batch, length)
+    xs, targets = _delayed_copy_task(rng, batch, length)
     mean_loss = batch_mean(squared_loss)
 
     before = _evaluate(model, xs, targets)
@@ -350,13 +361,13 @@ def test_train_online_decreases_loss(every_k, getkey):
     assert after < 0.5 * before
 
 
-def test_train_online_multisteps_applies_mean_gradient_every_k(getkey):
+def test_train_online_multisteps_applies_mean_gradient_every_k(getkey, rng):
     k = 4
     model = make_model("rnn", getkey())
     algorithm = eqtrace.RTRL()
     params, static = eqx.partition(model, eqx.is_inexact_array)
     step = eqtrace.make_online_step(algorithm, static)
-    xs, targets = sequence(getkey(), model, length=k)
+    xs, targets = sequence(rng, model, length=k)
     state, trace = eqtrace.init_state_and_trace(model, algorithm)
     optimizer = optax.MultiSteps(optax.adam(1e-2), every_k_schedule=k)
 
@@ -380,12 +391,12 @@ def test_train_online_multisteps_applies_mean_gradient_every_k(getkey):
     assert not tree_allclose(new_params, params, rtol=1e-6)
 
 
-def test_jit_equals_no_jit(getkey):
+def test_jit_equals_no_jit(getkey, rng):
     model = make_model("gru", getkey())
     algorithm = eqtrace.RTRL()
-    state = random_state(getkey(), model)
+    state = random_state(rng, model)
     trace = algorithm.init_trace(model, state)
-    xs, targets = sequence(getkey(), model, length=2)
+    xs, targets = sequence(rng, model, length=2)
 
     def loss_and_carry(model, state, trace, x, target):
         state, trace, y = algorithm.step(model, state, trace, x)
@@ -394,7 +405,7 @@ def test_jit_equals_no_jit(getkey):
     eager = eqx.filter_value_and_grad(loss_and_carry, has_aux=True)
     jitted = eqx.filter_jit(eager)
     eager_carry = jit_carry = (state, trace)
-    for x, target in zip(xs, targets):
+    for x, target in zip(unstack(xs), unstack(targets)):
         (eager_loss, (*eager_carry, eager_y)), eager_grads = eager(model, *eager_carry, x, target)
         (jit_loss, (*jit_carry, jit_y)), jit_grads = jitted(model, *jit_carry, x, target)
         assert jnp.allclose(eager_loss, jit_loss, rtol=1e-12)
@@ -403,7 +414,7 @@ def test_jit_equals_no_jit(getkey):
         assert relative_error(jit_grads, eager_grads) <= 1e-12
 
 
-def test_drivers_do_not_retrace(getkey):
+def test_drivers_do_not_retrace(getkey, rng):
     batch = 2
     model = make_model("gru", getkey())
     algorithm = eqtrace.RTRL()
@@ -440,7 +451,7 @@ def test_drivers_do_not_retrace(getkey):
         step = eqx.debug.assert_max_traces(step, max_traces=1)
         batched_step = jax.vmap(step, in_axes=in_axes)
         for _ in range(2):  # new values, same shapes
-            xs, targets = sequence(getkey(), model, batch=(batch,))
+            xs, targets = sequence(rng, model, batch=(batch,))
             driver(batched_step, xs, targets)
         assert eqx.debug.get_num_traces(step) == 1, name
 
@@ -448,7 +459,7 @@ def test_drivers_do_not_retrace(getkey):
     step = eqx.debug.assert_max_traces(eqtrace.make_forward_step(static), max_traces=2)
     batched_step = jax.vmap(step, in_axes=(None, 0, 0))
     for _ in range(2):
-        xs, targets = sequence(getkey(), model, batch=(batch,))
+        xs, targets = sequence(rng, model, batch=(batch,))
         eqtrace.truncated_bptt_gradient(batched_step, mean_loss, params, state, xs, targets, 4)
     assert eqx.debug.get_num_traces(step) == 2
 
@@ -458,13 +469,13 @@ def test_drivers_do_not_retrace(getkey):
 
 
 @pytest.mark.parametrize("name", MODELS)
-def test_gradient_into_x_is_exact_within_step(name, getkey):
+def test_gradient_into_x_is_exact_within_step(name, getkey, rng):
     model = make_model(name, getkey())
     algorithm = eqtrace.RTRL()
-    state = random_state(getkey(), model)
+    state = random_state(rng, model)
     trace = algorithm.init_trace(model, state)
-    x = jr.normal(getkey(), (INPUT,))
-    target = jr.normal(getkey(), output_shape(model, x))
+    x = normal(rng, (INPUT,))
+    target = normal(rng, output_shape(model, x))
 
     @jax.jit
     def online_and_exact(x):
@@ -477,7 +488,7 @@ def test_gradient_into_x_is_exact_within_step(name, getkey):
     assert jnp.all(online != 0)
 
 
-def test_gradient_into_x_through_an_encoder(getkey):
+def test_gradient_into_x_through_an_encoder(getkey, rng):
     # The input to the recurrent core comes from a trainable stateless layer: its weights and
     # the raw input both get their exact within-step gradient.
     k1, k2, k3 = jr.split(getkey(), 3)
@@ -489,10 +500,10 @@ def test_gradient_into_x_through_an_encoder(getkey):
         ]
     )
     algorithm = eqtrace.RTRL()
-    state = random_state(getkey(), model)
+    state = random_state(rng, model)
     trace = algorithm.init_trace(model, state)
-    x = jr.normal(getkey(), (INPUT,))
-    target = jr.normal(getkey(), (2,))
+    x = normal(rng, (INPUT,))
+    target = normal(rng, (2,))
 
     def online_loss(args):
         model, x = args
@@ -510,7 +521,7 @@ def test_gradient_into_x_through_an_encoder(getkey):
     assert relative_error(online, exact) <= 1e-12
     assert relative_error(online_x, exact_x) <= 1e-12
     # And a whole sequence still matches BPTT.
-    xs, targets = sequence(getkey(), model)
+    xs, targets = sequence(rng, model)
     online, bptt = online_and_bptt(algorithm, model, xs, targets)
     assert relative_error(online, bptt) <= 1e-9
 
