@@ -172,10 +172,8 @@ def test_rtrl_batch_equals_loop_and_bptt(getkey, rng):
 
     state0, trace0 = eqtrace.init_state_and_trace(model, algorithm)
     per_sample = [
-        eqtrace.online_gradient(
-            online_step, squared_loss, params, state0, trace0, xs[:, b], targets[:, b]
-        )
-        for b in range(batch)
+        eqtrace.online_gradient(online_step, squared_loss, params, state0, trace0, x, target)
+        for x, target in zip(unstack(xs.swapaxes(0, 1)), unstack(targets.swapaxes(0, 1)))
     ]
     loop_loss = sum(out[0] for out in per_sample) / batch
     loop_grads = jtu.tree_map(lambda *g: sum(g) / batch, *(out[1] for out in per_sample))
@@ -371,16 +369,10 @@ def test_train_online_multisteps_applies_mean_gradient_every_k(getkey, rng):
     state, trace = eqtrace.init_state_and_trace(model, algorithm)
     optimizer = optax.MultiSteps(optax.adam(1e-2), every_k_schedule=k)
 
-    # Before the k-th step, nothing is applied.
-    unchanged, *_ = eqtrace.train_online(
-        step, squared_loss, optimizer, params, optimizer.init(params), state, trace,
-        xs[:-1], targets[:-1],
-    )  # fmt: skip
-    assert tree_allclose(unchanged, params, rtol=0.0)
-
-    # At the k-th step, one Adam step on the mean of the k online gradients (all computed with
-    # the initial parameters, since none were applied before).
-    new_params, *_ = eqtrace.train_online(
+    # After k steps: one Adam step on the mean of the k online gradients, all taken at the
+    # initial parameters. (Matching this also shows that nothing was applied before step k:
+    # an earlier update would have changed the later gradients.)
+    new_params, opt_state, *_ = eqtrace.train_online(
         step, squared_loss, optimizer, params, optimizer.init(params), state, trace, xs, targets
     )
     _, summed, _, _ = eqtrace.online_gradient(step, squared_loss, params, state, trace, xs, targets)
@@ -388,6 +380,7 @@ def test_train_online_multisteps_applies_mean_gradient_every_k(getkey, rng):
     updates, _ = adam.update(jtu.tree_map(lambda g: g / k, summed), adam.init(params), params)
     expected = optax.apply_updates(params, updates)
     assert relative_error(new_params, expected) <= 1e-9
+    assert opt_state.gradient_step == 1
     assert not tree_allclose(new_params, params, rtol=1e-6)
 
 

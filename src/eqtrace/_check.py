@@ -54,10 +54,15 @@ class StructureReport:
                 f"  layer {i}: {cell.cell_name}, {cell.num_leaves} state leaf(s) "
                 f"{list(cell.state_paths)} of neuron shape {cell.neuron_shape}"
             )
-            for path, kind, a, u in zip(
-                cell.op_paths, cell.op_types, cell.op_input_shapes, cell.op_output_shapes
+            for path, kind, a, u, traced in zip(
+                cell.op_paths,
+                cell.op_types,
+                cell.op_input_shapes,
+                cell.op_output_shapes,
+                cell.op_traced,
             ):
-                lines.append(f"    synaptic op {path} ({kind}): input {a} -> output {u}, traced")
+                how = "traced" if traced else "read-out only, exact gradient through `output`"
+                lines.append(f"    synaptic op {path} ({kind}): input {a} -> output {u}, {how}")
             for path, kind, shape in zip(cell.param_paths, cell.param_kinds, cell.param_shapes):
                 how = {
                     "elementwise": "per-neuron, exact element-wise trace",

@@ -84,6 +84,9 @@ class CellStructure:
     op_output_shapes: tuple[tuple[int, ...], ...]
     #: Per op, the flat neuron index that each flat output element reaches.
     owners: tuple[np.ndarray, ...]
+    #: Per op, whether it reaches the state at all; ops used only in `output` (read-outs)
+    #: get exact gradients through the output and need no trace.
+    op_traced: tuple[bool, ...]
     param_paths: tuple[str, ...]
     #: Per non-op parameter: "elementwise" (per-neuron) or "shared" (small, dense trace).
     param_kinds: tuple[str, ...]
@@ -274,6 +277,7 @@ def _analyse(cell, state, x) -> CellStructure:
         op_input_shapes=in_shapes,
         op_output_shapes=out_shapes,
         owners=tuple(owners),
+        op_traced=tuple(bool(hits.any()) for hits in owner_hits),
         param_paths=param_paths,
         param_kinds=tuple(kinds),
         param_shapes=param_shapes,

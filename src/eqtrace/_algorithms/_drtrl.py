@@ -28,7 +28,7 @@ class DRTRLTrace(eqx.Module):
     """D-RTRL's trace: per synaptic op, one trace per state leaf shaped like the op's
     parameters (`(K, *W.shape)`); per other parameter, its element-wise (or dense) trace."""
 
-    ops: tuple[Any, ...]
+    ops: tuple[Any, ...]  # `None` for ops that do not reach the state (read-outs)
     params: tuple[jax.Array, ...]
 
 
@@ -84,7 +84,9 @@ class DRTRL(AbstractAlgorithm):
             jtu.tree_map(
                 lambda w: jnp.zeros((k, *w.shape), self.trace_dtype or w.dtype), op_params(op)
             )
-            for _, op in find_ops(cell)
+            if traced
+            else None
+            for (_, op), traced in zip(find_ops(cell), structure.op_traced)
         )
         return DRTRLTrace(ops=ops, params=init_param_traces(structure, cell))
 
@@ -97,6 +99,9 @@ class DRTRL(AbstractAlgorithm):
         for i, ((_, op), a, df, eps) in enumerate(
             zip(find_ops(cell), lin.op_inputs, lin.op_sensitivities, trace.ops)
         ):
+            if eps is None:  # A read-out op: exact gradient through `output`, no trace.
+                new_ops.append(None)
+                continue
             propagate = spread(op, to_outputs(structure, lin.jacobian, i))  # leaves (K, K, …)
             immediate = outer(op, a, df)  # leaves (K, …)
             new_ops.append(
@@ -117,6 +122,8 @@ class DRTRL(AbstractAlgorithm):
         op_tangents, other_tangents = split_tangent(params_tangent)
         total = param_tangents(structure, trace.params, other_tangents)
         for i, ((_, op), eps, delta) in enumerate(zip(find_ops(cell), trace.ops, op_tangents)):
+            if eps is None:
+                continue
             eps = jtu.tree_map(lambda e, d: e.astype(d.dtype), eps, delta)
             total = total + from_outputs(structure, contract(op, eps, delta), i)
         return unflatten_like(state, total)

@@ -29,8 +29,8 @@ class PPPropTrace(eqx.Module):
     an output trace `ε_f` per state leaf (`(K, *u_shape)`); per other parameter its
     element-wise (or dense) trace; and the number of steps since `init_trace`."""
 
-    inputs: tuple[Array, ...]
-    outputs: tuple[Array, ...]
+    inputs: tuple[Array | None, ...]  # `None` for ops that do not reach the state (read-outs)
+    outputs: tuple[Array | None, ...]
     params: tuple[Array, ...]
     steps: Int[Array, ""]
 
@@ -98,11 +98,16 @@ class PPProp(AbstractAlgorithm):
         k = structure.num_leaves
         return PPPropTrace(
             inputs=tuple(
-                jnp.zeros(shape, dtype) for shape, dtype in zip(structure.op_input_shapes, dtypes)
+                jnp.zeros(shape, dtype) if traced else None
+                for shape, dtype, traced in zip(
+                    structure.op_input_shapes, dtypes, structure.op_traced
+                )
             ),
             outputs=tuple(
-                jnp.zeros((k, *shape), dtype)
-                for shape, dtype in zip(structure.op_output_shapes, dtypes)
+                jnp.zeros((k, *shape), dtype) if traced else None
+                for shape, dtype, traced in zip(
+                    structure.op_output_shapes, dtypes, structure.op_traced
+                )
             ),
             params=init_param_traces(structure, cell),
             steps=jnp.zeros((), jnp.int32),
@@ -114,9 +119,14 @@ class PPProp(AbstractAlgorithm):
         structure = cell_structure("PPProp", cell, state, x, self.strict)
         lin = linearise(cell, structure, state, x)
         alpha = self.decay
-        inputs = tuple(alpha * e + a for e, a in zip(trace.inputs, lin.op_inputs))
+        # Ops that do not reach the state (read-outs) have `None` traces and are skipped.
+        inputs = tuple(
+            None if e is None else alpha * e + a for e, a in zip(trace.inputs, lin.op_inputs)
+        )
         outputs = tuple(
-            alpha * mix(to_outputs(structure, lin.jacobian, i), e) + (1 - alpha) * df
+            None
+            if e is None
+            else alpha * mix(to_outputs(structure, lin.jacobian, i), e) + (1 - alpha) * df
             for i, (e, df) in enumerate(zip(trace.outputs, lin.op_sensitivities))
         )
         return lin.new_state, PPPropTrace(
@@ -141,6 +151,8 @@ class PPProp(AbstractAlgorithm):
         for i, ((_, op), eps_x, eps_f, delta) in enumerate(
             zip(find_ops(cell), trace.inputs, trace.outputs, op_tangents)
         ):
+            if eps_x is None:
+                continue
             if bias_of(op) is not None:
                 delta = eqx.tree_at(lambda d: d.bias, delta, delta.bias * bias_input_trace)
             _, du = eqx.filter_jvp(lambda o: apply_op(o, eps_x), (op,), (delta,))
