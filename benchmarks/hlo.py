@@ -13,6 +13,7 @@ of `eqtrace.online_gradient` for the configuration of `benchmarks.run`.
 import argparse
 import collections
 import re
+import time
 from collections.abc import Sequence
 
 import jax
@@ -107,7 +108,7 @@ def analyse(text: str, trace_bytes: int, top: int = 15) -> str:
         "fusion kinds: " + ", ".join(f"{kind} {n}" for kind, n in kinds.most_common()),
         f"trace size: {trace_bytes / 2**20:.2f} MB",
         "",
-        f"largest materialised buffers (top-level instruction outputs; ≥ trace marked *):",
+        "largest materialised buffers (top-level instruction outputs; ≥ trace marked *):",
     ]
     for size, comp, ins in sorted(buffers, key=lambda b: -b[0])[:top]:
         mark = "*" if size >= trace_bytes else " "
@@ -188,13 +189,18 @@ def main(argv: Sequence[str] | None = None) -> str:
     )
     step, step_with_grad, call_args, trace_bytes = online_step_functions(config, args.algorithm)
     f = step if args.no_grad else step_with_grad
-    compiled = jax.jit(f).lower(*call_args).compile()
+    start = time.perf_counter()
+    lowered = jax.jit(f).lower(*call_args)
+    traced = time.perf_counter()
+    compiled = lowered.compile()
+    done = time.perf_counter()
     text = compiled.as_text()
     if args.out:
         with open(args.out, "w") as file:
             file.write(text)
     report = analyse(text, trace_bytes, args.top)
     print(f"# {args.algorithm} {'update' if args.no_grad else 'step + gradient'}: {config}")
+    print(f"trace + lower {traced - start:.2f} s, XLA compile {done - traced:.2f} s")
     print(report)
     return report
 

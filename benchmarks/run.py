@@ -252,9 +252,12 @@ def trace_megabytes(problem: Problem, name: str) -> float | None:
         return None
     algorithm = make_algorithm(name, problem.config)
     model = problem.model
-    _, trace = jax.eval_shape(
-        lambda: eqtrace.init_state_and_trace(model, algorithm, problem.config.batch)
-    )
+    try:
+        _, trace = jax.eval_shape(
+            lambda: eqtrace.init_state_and_trace(model, algorithm, problem.config.batch)
+        )
+    except Exception:  # the timing reports the error
+        return None
     return sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(trace)) / MB
 
 
@@ -401,7 +404,9 @@ def measure_memory_here(config: Config, name: str) -> dict:
     # `VmHWM`, not `ru_maxrss`: the latter also keeps the peak of threads that exited before
     # the reset (e.g. the compiler's).
     run_peak = _proc_status_mb("VmHWM")
-    delta = run_peak - rss_before if reset and None not in (rss_before, run_peak) else None
+    delta = None
+    if reset and rss_before is not None and run_peak is not None:
+        delta = run_peak - rss_before
     return {
         "peak_rss_mb": max(peak_before_run, run_peak or 0.0),
         "run_delta_mb": delta,
@@ -436,15 +441,17 @@ def measure_memories(
     """Runs the memory subprocesses, `workers` at a time (RSS is per process, so running them
     side by side does not change what each one measures)."""
     with ThreadPoolExecutor(max(1, workers)) as pool:
-        return list(pool.map(lambda job: measure_memory(*job, timeout), jobs))
+        return list(pool.map(lambda job: measure_memory(job[0], job[1], timeout), jobs))
 
 
 # ---- Tables. ----
 
 
 def _fmt(value: float | None, spec: str = ".1f") -> str:
-    return "—" if value is None or (isinstance(value, float) and math.isnan(value)) else format(
-        value, spec
+    return (
+        "—"
+        if value is None or (isinstance(value, float) and math.isnan(value))
+        else format(value, spec)
     )
 
 
@@ -588,9 +595,7 @@ def sweep_memory(
         if "error" in r:
             rows.append([r["algorithm"], str(r["steps"]), r["error"], *["—"] * 6])
             continue
-        base = next(
-            b for b in results if b["algorithm"] == r["algorithm"] and b["steps"] == first
-        )
+        base = next(b for b in results if b["algorithm"] == r["algorithm"] and b["steps"] == first)
 
         def ratio(key, r=r, base=base):
             if "error" in base or r.get(key) is None or not base.get(key):
@@ -653,7 +658,7 @@ def _plot_sweep(results: list[dict], config: Config, path: str, log) -> None:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.run", description=__doc__.split("\n\n")[0]
+        prog="python -m benchmarks.run", description=(__doc__ or "").split("\n\n")[0]
     )
     parser.add_argument("--model", choices=MODELS, default="gru")
     parser.add_argument("--input", type=int, help="input size (default: 32 gru, 100 lif)")

@@ -86,8 +86,7 @@ def memory_per_sample(method: str, model, length: int) -> tuple[int, int]:
         states = jtu.tree_leaves(model.init_state())
         floats = length * sum(s.size for s in states)
         return floats, floats * states[0].dtype.itemsize
-    _, trace = eqtrace.init_state_and_trace(model, algorithm)
-    return sum(leaf.size for leaf in jtu.tree_leaves(trace)), tree_bytes(trace)
+    return eqtrace.trace_size(algorithm, model)
 
 
 def make_update(method: str, model, optimizer, batch_size: int, rank: float = 20.0):

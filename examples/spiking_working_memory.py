@@ -53,7 +53,13 @@ def parse_args(argv=None):
     parser.add_argument("--steps", type=int, default=150, help="updates (default: 150)")
     parser.add_argument("--batch", type=int, default=32, help="sequences per update (32)")
     parser.add_argument("--lr", type=float, default=1e-2, help="Adam learning rate (1e-2)")
-    parser.add_argument("--rank", type=float, default=100.0, help="pp-prop rank (default: 100)")
+    parser.add_argument("--rank", type=float, default=1000.0, help="pp-prop rank (1000)")
+    parser.add_argument(
+        "--rate-reg", type=float, default=1.0, help="weight of the firing-rate penalty (1.0)"
+    )
+    parser.add_argument(
+        "--target-rate", type=float, default=10.0, help="target population rate in Hz (10)"
+    )
     parser.add_argument("--eval-every", type=int, default=25, help="test every N updates (25)")
     parser.add_argument("--seed", type=int, default=0, help="PRNG seed (default: 0)")
     parser.add_argument("--out", type=Path, default=Path("outputs"), help="where to save plots")
@@ -109,43 +115,76 @@ def cross_entropy(logits, labels):
 
 
 def make_update(method, model, optimizer, args):
-    """`update(params, opt_state, xs, labels) -> (params, opt_state, loss)` for one batch."""
-    params, static = eqx.partition(model, eqx.is_inexact_array)
-    stored = args.cue + args.delay  # steps before the recall window
+    """`update(params, opt_state, xs, labels) -> (params, opt_state, loss)` for one batch.
 
-    def recall_loss(logits, labels):  # one step of the recall window
-        return cross_entropy(logits, labels) / args.recall
+    The loss has two parts: the cross-entropy of the read-out in the recall window, and a
+    penalty on the mean firing rate of the ALIF layer over the whole trial (without it the
+    trained networks fire at several hundred Hz). The penalty is a loss on the *state* (the
+    spikes), not on the network's output `y`, so the per-step loop is written out here rather
+    than taken from `eqtrace.online_gradient`, whose `loss_fn` sees `y` only: the online rules
+    give the gradient of a loss on the returned state just as well.
+    """
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+    length = args.cue + args.delay + args.recall
+    recall_start = args.cue + args.delay
+
+    def step_loss(logits, new_state, labels, t):
+        in_recall = (t >= recall_start).astype(logits.dtype)
+        task = in_recall * cross_entropy(logits, labels) / args.recall
+        spikes = new_state[0][-1]  # the ALIF layer's state is (v, a, s): s is the last leaf
+        # Population rate (spikes per step) held near the target of `args.target_rate` Hz.
+        rate_error = jnp.mean(spikes) - args.target_rate / 1000
+        return task + args.rate_reg * rate_error**2 / length, task
 
     if method == "bptt":
         forward = jax.vmap(eqtrace.make_forward_step(static), in_axes=(None, 0, 0))
         state0 = jax.vmap(lambda _: model.init_state())(jnp.arange(args.batch))
 
-        def weighted_loss(logits, target):  # the loss counts in the recall window only
-            labels, weight = target
-            return weight * recall_loss(logits, labels)
+        def unrolled_loss(params, xs, labels):
+            def body(carry, inputs):
+                state, total, task = carry
+                x, t = inputs
+                state, logits = forward(params, state, x)
+                loss, task_t = step_loss(logits, state, labels, t)
+                return (state, total + loss, task + task_t), None
+
+            zero = jnp.zeros(())
+            (_, total, task), _ = jax.lax.scan(
+                body, (state0, zero, zero), (xs, jnp.arange(length))
+            )
+            return total, task
 
         def gradient(params, xs, labels):
-            length = xs.shape[0]
-            weights = (jnp.arange(length) >= stored).astype(xs.dtype)
-            targets = (jnp.broadcast_to(labels, (length, *labels.shape)), weights)
-            loss, grads, _ = eqtrace.bptt_gradient(
-                forward, weighted_loss, params, state0, xs, targets
-            )
-            return loss, grads
+            (_, task), grads = jax.value_and_grad(unrolled_loss, has_aux=True)(params, xs, labels)
+            return task, grads
 
     else:
-        algorithm = eqtrace.DRTRL() if method == "drtrl" else eqtrace.PPProp(rank=args.rank)
+        algorithm = make_algorithm(method, args.rank)
         step = jax.vmap(eqtrace.make_online_step(algorithm, static), in_axes=(None, 0, 0, 0))
         state0, trace0 = eqtrace.init_state_and_trace(model, algorithm, batch_size=args.batch)
 
         def gradient(params, xs, labels):
-            # Cue and delay: the traces run forward, no loss yet. Recall: the online gradient.
-            _, state, trace = eqtrace.run_online(step, params, state0, trace0, xs[:stored])
-            recall_labels = jnp.broadcast_to(labels, (args.recall, *labels.shape))
-            loss, grads, _, _ = eqtrace.online_gradient(
-                step, recall_loss, params, state, trace, xs[stored:], recall_labels
-            )
-            return loss, grads
+            # Online: the gradient of each step's loss is taken within the step and summed;
+            # nothing is differentiated through the scan, so memory does not grow with T.
+            def body(carry, inputs):
+                state, trace, task, grads = carry
+                x, t = inputs
+
+                def loss_of_step(params):
+                    new_state, new_trace, logits = step(params, state, trace, x)
+                    loss, task_t = step_loss(logits, new_state, labels, t)
+                    return loss, (new_state, new_trace, task_t)
+
+                (_, (state, trace, task_t)), step_grads = jax.value_and_grad(
+                    loss_of_step, has_aux=True
+                )(params)
+                grads = jax.tree.map(jnp.add, grads, step_grads)
+                return (state, trace, task + task_t, grads), None
+
+            zeros = jax.tree.map(jnp.zeros_like, params)
+            init = (state0, trace0, jnp.zeros(()), zeros)
+            (_, _, task, grads), _ = jax.lax.scan(body, init, (xs, jnp.arange(length)))
+            return task, grads
 
     @eqx.filter_jit
     def update(params, opt_state, xs, labels):
@@ -154,6 +193,10 @@ def make_update(method, model, optimizer, args):
         return optax.apply_updates(params, updates), opt_state, loss
 
     return params, static, update
+
+
+def make_algorithm(method, rank):
+    return eqtrace.DRTRL() if method == "drtrl" else eqtrace.PPProp(rank=rank)
 
 
 def make_evaluate(static, args):
@@ -180,8 +223,7 @@ def memory_per_sample(method, model, length):
         leaves = jtu.tree_leaves(model.init_state())
         floats = length * sum(leaf.size for leaf in leaves)
         return floats, 4 * floats
-    algorithm = eqtrace.DRTRL() if method == "drtrl" else eqtrace.PPProp(rank=100.0)
-    _, trace = eqtrace.init_state_and_trace(model, algorithm)
+    _, trace = eqtrace.init_state_and_trace(model, make_algorithm(method, 1.0))
     leaves = jtu.tree_leaves(trace)
     return sum(leaf.size for leaf in leaves), sum(leaf.nbytes for leaf in leaves)
 

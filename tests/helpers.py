@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import jax.random as jr
 import jax.tree_util as jtu
+import numpy as np
 
 import eqtrace
 
@@ -13,8 +14,9 @@ def tree_allclose(x: Any, y: Any, *, rtol: float = 1e-9, atol: float = 0.0) -> b
     """Whether two pytrees have the same structure and all leaves are close."""
     if jtu.tree_structure(x) != jtu.tree_structure(y):
         return False
+    # NumPy rather than jax.numpy: eager JAX ops compile once per shape, which adds up.
     return all(
-        a.shape == b.shape and bool(jnp.allclose(a, b, rtol=rtol, atol=atol))
+        a.shape == b.shape and bool(np.allclose(np.asarray(a), np.asarray(b), rtol=rtol, atol=atol))
         for a, b in zip(jtu.tree_leaves(x), jtu.tree_leaves(y))
     )
 
@@ -22,10 +24,10 @@ def tree_allclose(x: Any, y: Any, *, rtol: float = 1e-9, atol: float = 0.0) -> b
 def relative_error(x: Any, y: Any) -> float:
     """Largest leaf-wise `max|x - y| / max|y|` (zero leaves of `y` compare absolutely)."""
     errors = [
-        float(jnp.max(jnp.abs(a - b)) / jnp.maximum(jnp.max(jnp.abs(b)), 1e-300))
+        float(np.max(np.abs(np.asarray(a) - b)) / np.maximum(np.max(np.abs(b)), 1e-300))
         if b.size
         else 0.0
-        for a, b in zip(jtu.tree_leaves(x), jtu.tree_leaves(y))
+        for a, b in ((a, np.asarray(b)) for a, b in zip(jtu.tree_leaves(x), jtu.tree_leaves(y)))
     ]
     return max(errors)
 

@@ -154,6 +154,7 @@ def online_transition(algorithm: AbstractAlgorithm, cell: AbstractCell, state, t
         new_state, _ = frozen(state, x)
     # `x` without its tangent: keyword arguments of a `filter_custom_jvp` must not carry one,
     # and the credit to `x` already flows through `frozen(state, x)` above.
+    # Every keyword argument of the link is a constant of the rule (no tangent may reach it).
     link = _trace_link(
         params,
         algorithm=algorithm,

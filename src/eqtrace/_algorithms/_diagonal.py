@@ -17,6 +17,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
+import numpy as np
 
 from .._structure import CellStructure, analyse, find_ops, other_params_spec, probed_call
 from .._validation import require_example_input
@@ -66,7 +67,14 @@ def to_outputs(structure: CellStructure, flat: jax.Array, op_index: int) -> jax.
     """Moves a per-neuron array `(..., N)` onto op `op_index`'s output elements."""
     owner = structure.owners[op_index]
     shape = structure.op_output_shapes[op_index]
-    return jnp.take(flat, owner, axis=-1).reshape(*flat.shape[:-1], *shape)
+    n = structure.num_neurons
+    if owner.size % n == 0 and np.array_equal(owner, np.tile(np.arange(n), owner.size // n)):
+        # The common layouts (one output per neuron, or gates stacked along the output) are a
+        # tile, which fuses into the trace update where a gather would not.
+        moved = jnp.tile(flat, (1,) * (flat.ndim - 1) + (owner.size // n,))
+    else:
+        moved = jnp.take(flat, owner, axis=-1, mode="promise_in_bounds")
+    return moved.reshape(*flat.shape[:-1], *shape)
 
 
 def mix(jacobian: jax.Array, trace: jax.Array) -> jax.Array:
