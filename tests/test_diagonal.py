@@ -10,10 +10,10 @@ import jax.random as jr
 import jax.tree_util as jtu
 import numpy as np
 import pytest
-from helpers import online_and_bptt, relative_error, squared_loss
 
 import eqtrace
 from eqtrace import nn
+from helpers import online_and_bptt, relative_error, squared_loss
 
 
 class LeakyTanh(eqtrace.AbstractCell):
