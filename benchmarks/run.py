@@ -39,7 +39,7 @@ import optax
 import eqtrace
 
 
-ALGORITHMS = ("forward", "bptt", "rtrl", "drtrl", "ppprop")
+ALGORITHMS = ("forward", "bptt", "rtrl", "drtrl", "drtrl-bf16", "ppprop")
 MODELS = ("gru", "lif")
 # Per-model defaults: (input, hidden, batch, steps).
 DEFAULTS = {"gru": (32, 128, 32, 200), "lif": (100, 256, 32, 1000)}
@@ -163,6 +163,8 @@ def make_algorithm(name: str, config: Config) -> eqtrace.AbstractAlgorithm:
         return eqtrace.RTRL()
     if name == "drtrl":
         return eqtrace.DRTRL()
+    if name == "drtrl-bf16":  # bfloat16 traces, float32 arithmetic: half the trace traffic.
+        return eqtrace.DRTRL(trace_dtype=jnp.bfloat16)
     if name == "ppprop":
         return eqtrace.PPProp(rank=config.rank)
     raise ValueError(f"Unknown online algorithm {name!r}; expected one of {ALGORITHMS}.")

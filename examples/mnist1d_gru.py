@@ -34,7 +34,7 @@ def parse_args(argv=None):
     parser.add_argument("--hidden", type=int, default=128, help="GRU units (default: 128)")
     parser.add_argument("--steps", type=int, default=4000, help="updates (default: 4000)")
     parser.add_argument("--batch", type=int, default=100, help="sequences per update (100)")
-    parser.add_argument("--lr", type=float, default=3e-2, help="peak Adam learning rate (3e-2)")
+    parser.add_argument("--lr", type=float, default=1e-2, help="peak Adam learning rate (1e-2)")
     parser.add_argument("--rank", type=float, default=100.0, help="pp-prop rank (default: 100)")
     parser.add_argument("--eval-every", type=int, default=250, help="test every N updates (250)")
     parser.add_argument("--seed", type=int, default=0, help="PRNG seed (default: 0)")

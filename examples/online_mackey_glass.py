@@ -9,13 +9,15 @@ stream, which is why the target is simply the series shifted (the standard set-u
 The Mackey-Glass series (τ = 17, β = 0.2, γ = 0.1, n = 10, sampled every time unit) is
 generated here by integrating the delay differential equation.
 
-    python examples/online_mackey_glass.py                   # D-RTRL, 30 000 steps
+    python examples/online_mackey_glass.py                   # D-RTRL, 100 000 steps
     python examples/online_mackey_glass.py --algorithm ppprop
     python examples/online_mackey_glass.py --fast            # smoke run, seconds
 
-Expected result (defaults, seed 0): the prediction error over the last 2 000 steps falls to a
-normalised RMSE of about 0.1 or below, far under the persistence baseline (predict
-`x(t + horizon) = x(t)`, about 0.8), in well under a minute on a CPU. The plot
+Expected result (defaults, seed 0): the normalised RMSE of the prediction falls from about 0.6
+over the first 2 000 steps to about 0.09 over the last 2 000, far under the persistence baseline
+(predict `x(t + horizon) = x(t)`: about 1.2, the series being anti-correlated 10 steps apart),
+in a few seconds on a CPU (~15 µs per step, update included). `--algorithm ppprop` gets about
+0.3. The plot
 `outputs/online_mackey_glass.png` shows the prediction against the target at the start and at
 the end of the stream, and the running error.
 """
@@ -38,11 +40,11 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--algorithm", default="drtrl", choices=["drtrl", "ppprop", "rtrl"])
     parser.add_argument("--hidden", type=int, default=32, help="GRU units (default: 32)")
-    parser.add_argument("--steps", type=int, default=30_000, help="length of the stream (30000)")
+    parser.add_argument("--steps", type=int, default=100_000, help="length of the stream (100000)")
     parser.add_argument("--horizon", type=int, default=10, help="steps ahead to predict (10)")
-    parser.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate (3e-3)")
+    parser.add_argument("--lr", type=float, default=3e-4, help="Adam learning rate (3e-4)")
     parser.add_argument("--rank", type=float, default=20.0, help="pp-prop rank (default: 20)")
-    parser.add_argument("--chunk", type=int, default=1000, help="steps per `train_online` call")
+    parser.add_argument("--chunk", type=int, default=5000, help="steps per `train_online` call")
     parser.add_argument("--seed", type=int, default=0, help="PRNG seed (default: 0)")
     parser.add_argument("--out", type=Path, default=Path("outputs"), help="where to save plots")
     parser.add_argument("--fast", action="store_true", help="a tiny smoke run")
@@ -61,7 +63,7 @@ def mackey_glass(length: int, *, tau=17.0, beta=0.2, gamma=0.1, n=10, dt=0.1, se
     transient = 500 * per_unit
     total = transient + length * per_unit
     x = np.empty(total + lag)
-    x[:lag] = 1.2 + 0.1 * rng.standard_normal()
+    x[: lag + 1] = 1.2 + 0.1 * rng.standard_normal()
     for i in range(lag, total + lag - 1):
         delayed = x[i - lag]
         x[i + 1] = x[i] + dt * (beta * delayed / (1 + delayed**n) - gamma * x[i])
@@ -95,12 +97,12 @@ def main(argv=None):
     def loss_fn(y, target):
         return jnp.mean((y - target) ** 2)
 
-    # The prediction the *current* parameters make at each step, recorded along the way: the
-    # losses `train_online` returns are computed before each step's update.
     print(
         f"Mackey-Glass, {args.steps} steps, predict {args.horizon} ahead; GRU({args.hidden}) "
         f"trained online with {type(algorithm).__name__}, one Adam update per step."
     )
+    # `train_online` returns each step's loss, computed before that step's update: the error
+    # of the prediction the network actually made at that point of the stream.
     losses = []
     start = time.perf_counter()
     for begin in tqdm(range(0, args.steps, args.chunk), desc="stream", ncols=90):
@@ -113,8 +115,6 @@ def main(argv=None):
     seconds = time.perf_counter() - start
     losses = np.concatenate(losses)
 
-    # Predictions of the final network on the end of the stream, continuing from its state,
-    # and of the untrained network on the start, for the plot.
     window = min(2000, args.steps // 3)
     last = slice(args.steps - window, args.steps)
     nrmse = float(np.sqrt(losses[last].mean()))  # the series has unit variance

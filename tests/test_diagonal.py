@@ -190,8 +190,8 @@ def test_drtrl_trace_recurrence_by_hand(getkey):
     for x in xs:
         state, trace, _ = algorithm.step(cell, state, trace, x)
         expected = 0.5 * expected + jnp.outer(jnp.ones(2), x)
-    np.testing.assert_allclose(trace.ops[0].weight[0], expected)
-    np.testing.assert_allclose(trace.ops[0].bias[0], [1 + 0.5 + 0.25] * 2)
+    np.testing.assert_allclose(trace.ops[0].weight[..., 0], expected)
+    np.testing.assert_allclose(trace.ops[0].bias[..., 0], [1 + 0.5 + 0.25] * 2)
 
 
 def _nonzero_everywhere(grads) -> list[str]:

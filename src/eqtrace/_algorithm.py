@@ -149,36 +149,43 @@ def online_transition(algorithm: AbstractAlgorithm, cell: AbstractCell, state, t
     frozen = eqx.combine(jax.lax.stop_gradient(params), static)
     state, trace = jax.lax.stop_gradient((state, trace))
     new_state, new_trace = algorithm.update(frozen, state, trace, jax.lax.stop_gradient(x))
-    if jtu.tree_leaves(eqx.filter(x, eqx.is_inexact_array)):
-        # The same values again, now differentiable in x; XLA merges the duplicate forward.
-        new_state, _ = frozen(state, x)
-    # `x` without its tangent: keyword arguments of a `filter_custom_jvp` must not carry one,
-    # and the credit to `x` already flows through `frozen(state, x)` above.
-    # Every keyword argument of the link is a constant of the rule (no tangent may reach it).
-    link = _trace_link(
-        params,
-        algorithm=algorithm,
-        static=static,
-        state=state,
-        x=jax.lax.stop_gradient(x),
-        trace=new_trace,
-    )
+    link = _link(params, x, algorithm=algorithm, static=static, state=state, trace=new_trace)
     return jtu.tree_map(jnp.add, new_state, link), new_trace
 
 
 @eqx.filter_custom_jvp
-def _trace_link(params, *, algorithm, static, state, x, trace):
-    del params, algorithm, static, x, trace
+def _link(params, x, *, algorithm, static, state, trace):
+    """Zero in value. Its JVP is the step's derivative as the online rule defines it: the trace
+    applied to the parameters' tangent, plus the exact `∂h_t/∂x` applied to the input's."""
+    del params, x, algorithm, static, trace
     return jtu.tree_map(jnp.zeros_like, state)
 
 
-@_trace_link.def_jvp
-def _trace_link_jvp(primals, tangents, *, algorithm, static, state, x, trace):
-    (params,) = primals
-    (params_tangent,) = tangents
+@_link.def_jvp
+def _link_jvp(primals, tangents, *, algorithm, static, state, trace):
+    params, x = primals
+    params_tangent, x_tangent = tangents
     zeros = jtu.tree_map(jnp.zeros_like, state)
-    params_tangent = jtu.tree_map(
-        lambda p, t: jnp.zeros_like(p) if t is None else t, params, params_tangent
-    )
     cell = eqx.combine(params, static)
-    return zeros, algorithm.parameter_tangent(cell, state, x, trace, params_tangent)
+    tangent = zeros
+    if any(t is not None for t in jtu.tree_leaves(params_tangent, is_leaf=_is_none)):
+        params_tangent = jtu.tree_map(
+            lambda p, t: jnp.zeros_like(p) if t is None else t, params, params_tangent
+        )
+        tangent = algorithm.parameter_tangent(cell, state, x, trace, params_tangent)
+    if any(t is not None for t in jtu.tree_leaves(x_tangent, is_leaf=_is_none)):
+        # Exact within-step credit to the input (and so to the layers below). Only computed
+        # when the input is differentiated, so a first layer pays nothing for it.
+        diff_x, static_x = eqx.partition(x, eqx.is_inexact_array)
+        x_tangent = jtu.tree_map(
+            lambda a, t: jnp.zeros_like(a) if t is None else t, diff_x, x_tangent
+        )
+        _, from_x = jax.jvp(
+            lambda dx: cell(state, eqx.combine(dx, static_x))[0], (diff_x,), (x_tangent,)
+        )
+        tangent = jtu.tree_map(jnp.add, tangent, from_x)
+    return zeros, tangent
+
+
+def _is_none(x) -> bool:
+    return x is None

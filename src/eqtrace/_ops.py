@@ -59,39 +59,41 @@ def _with_weight_and_bias(params: Any, weight: jax.Array, bias: jax.Array) -> An
 # The next three are D-RTRL's per-op algebra for ops whose every weight reaches one output
 # (dense, masked dense, embedding). They are written as broadcasts and element-wise products,
 # not as VJPs/JVPs of the op, so that the whole trace update fuses into one pass over the trace.
+# Extra axes (one per state leaf) trail the parameter axes: a trace is `(*W.shape, K)`.
 
 
 def spread(op: Any, v: jax.Array) -> Any:
-    """`B_o(v)`: the per-output vector `v` (with any leading axes) spread over the op's
+    """`B_o(v)`: the per-output vector `v` (shape `(*u_shape, *extra)`) spread over the op's
     parameters, `v[i]` on every weight of output `i`, as arrays that broadcast against them."""
     params = op_params(op)
     if isinstance(op, eqx.nn.Embedding):
-        return eqx.tree_at(lambda p: p.weight, params, v[..., None, :])
-    return _with_weight_and_bias(params, v[..., :, None], v)
+        return eqx.tree_at(lambda p: p.weight, params, v[None])
+    return _with_weight_and_bias(params, v[:, None], v)
 
 
 def outer(op: Any, a: jax.Array, cotangent: jax.Array) -> Any:
-    """`VJP_W[op(a; ·)](cotangent)` (leading axes of `cotangent` are kept): the outer product
-    of the cotangent with the op's input vector `a`, masked like the op."""
+    """`VJP_W[op(a; ·)](cotangent)` for a cotangent of shape `(*u_shape, *extra)`: the outer
+    product of the cotangent with the op's input vector `a`, masked like the op."""
     params = op_params(op)
+    extra = (1,) * (cotangent.ndim - 1)
     if isinstance(op, eqx.nn.Embedding):
-        a = a.reshape((1,) * (cotangent.ndim - 1) + (-1, 1))
-        return eqx.tree_at(lambda p: p.weight, params, a * cotangent[..., None, :])
-    weight = cotangent[..., :, None] * a.reshape((1,) * cotangent.ndim + a.shape)
+        weight = a.reshape(-1, 1, *extra) * cotangent[None]
+        return eqx.tree_at(lambda p: p.weight, params, weight)
+    weight = cotangent[:, None] * a.reshape(1, -1, *extra)
     if getattr(op, "mask", None) is not None:
-        weight = jnp.where(op.mask, weight, 0)
+        weight = jnp.where(op.mask.reshape(*op.mask.shape, *extra), weight, 0)
     return _with_weight_and_bias(params, weight, cotangent)
 
 
 def contract(op: Any, trace: Any, delta: Any) -> jax.Array:
-    """`B_oᵀ(ε ⊙ δW)`: a weight-shaped trace (with leading axes) times a parameter tangent,
-    summed onto the op's outputs."""
+    """`B_oᵀ(ε ⊙ δW)`: a weight-shaped trace times a parameter tangent, summed onto the op's
+    outputs."""
     # einsum, not sum(ε * δW): under `jax.vmap` its transpose (the gradient, summed over the
     # batch) becomes one dot; a multiply-then-reduce over the major batch axis is an order of
     # magnitude slower on CPU.
     if isinstance(op, eqx.nn.Embedding):
-        return jnp.einsum("...vo,vo->...o", trace.weight, delta.weight)
-    out = jnp.einsum("...oi,oi->...o", trace.weight, delta.weight)
+        return jnp.einsum("vo,vo->o", trace.weight, delta.weight)
+    out = jnp.einsum("oi,oi->o", trace.weight, delta.weight)
     if getattr(op, "bias", None) is not None:
-        out = out + trace.bias * delta.bias.reshape((1,) * (trace.bias.ndim - 1) + (-1,))
+        out = out + trace.bias * delta.bias
     return out

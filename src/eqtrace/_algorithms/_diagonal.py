@@ -63,18 +63,37 @@ def flat_leaves(tree) -> jax.Array:
     return jnp.stack([jnp.ravel(leaf) for leaf in jtu.tree_leaves(tree)])
 
 
+def _tiles(structure: CellStructure, op_index: int) -> int | None:
+    """How many times op `op_index`'s outputs tile the neurons (`u = [u_1, …, u_r]`, each
+    `u_j` one element per neuron, as for stacked gates), or `None` for another owner map."""
+    owner, n = structure.owners[op_index], structure.num_neurons
+    if owner.size % n == 0 and np.array_equal(owner, np.tile(np.arange(n), owner.size // n)):
+        return owner.size // n
+    return None
+
+
 def to_outputs(structure: CellStructure, flat: jax.Array, op_index: int) -> jax.Array:
     """Moves a per-neuron array `(..., N)` onto op `op_index`'s output elements."""
-    owner = structure.owners[op_index]
     shape = structure.op_output_shapes[op_index]
-    n = structure.num_neurons
-    if owner.size % n == 0 and np.array_equal(owner, np.tile(np.arange(n), owner.size // n)):
-        # The common layouts (one output per neuron, or gates stacked along the output) are a
-        # tile, which fuses into the trace update where a gather would not.
-        moved = jnp.tile(flat, (1,) * (flat.ndim - 1) + (owner.size // n,))
+    tiles = _tiles(structure, op_index)
+    if tiles is not None:  # A tile fuses into the trace update where a gather would not.
+        moved = jnp.tile(flat, (1,) * (flat.ndim - 1) + (tiles,))
     else:
-        moved = jnp.take(flat, owner, axis=-1, mode="promise_in_bounds")
+        moved = jnp.take(flat, structure.owners[op_index], axis=-1, mode="promise_in_bounds")
     return moved.reshape(*flat.shape[:-1], *shape)
+
+
+def from_outputs(structure: CellStructure, per_output: jax.Array, op_index: int) -> jax.Array:
+    """Sums `(..., *u_shape)` over the output elements each neuron owns, giving `(..., N)`:
+    the transpose of `to_outputs`."""
+    lead = per_output.shape[: per_output.ndim - len(structure.op_output_shapes[op_index])]
+    flat = per_output.reshape(*lead, -1)
+    n = structure.num_neurons
+    tiles = _tiles(structure, op_index)
+    if tiles is not None:
+        return jnp.sum(flat.reshape(*lead, tiles, n), axis=-2)
+    zeros = jnp.zeros((*lead, n), per_output.dtype)
+    return zeros.at[..., structure.owners[op_index]].add(flat)
 
 
 def mix(jacobian: jax.Array, trace: jax.Array) -> jax.Array:
@@ -192,19 +211,12 @@ def param_tangents(
     return total
 
 
-def from_outputs(structure: CellStructure, per_output: jax.Array, op_index: int) -> jax.Array:
-    """Sums `(K, *u_shape)` over the output elements each neuron owns, giving `(K, N)`; the
-    transpose of `to_outputs`."""
-    k = per_output.shape[0]
-    zeros = jnp.zeros((k, structure.num_neurons), per_output.dtype)
-    return zeros.at[:, structure.owners[op_index]].add(per_output.reshape(k, -1))
-
-
-def unflatten_like(state, flat: jax.Array):
-    """`(K, N)` back into the state's leaves."""
+def unflatten_like(state, rows) -> Any:
+    """Per-leaf rows `(N,)` (a `(K, N)` array or a sequence of K rows) back into the state's
+    leaves."""
     leaves, treedef = jtu.tree_flatten(state)
     return jtu.tree_unflatten(
-        treedef, [row.reshape(leaf.shape).astype(leaf.dtype) for row, leaf in zip(flat, leaves)]
+        treedef, [row.reshape(leaf.shape).astype(leaf.dtype) for row, leaf in zip(rows, leaves)]
     )
 
 

@@ -15,7 +15,6 @@ from ._diagonal import (
     from_outputs,
     init_param_traces,
     linearise,
-    mix,
     param_tangents,
     split_tangent,
     to_outputs,
@@ -24,11 +23,24 @@ from ._diagonal import (
 )
 
 
-class DRTRLTrace(eqx.Module):
-    """D-RTRL's trace: per synaptic op, one trace per state leaf shaped like the op's
-    parameters (`(K, *W.shape)`); per other parameter, its element-wise (or dense) trace."""
+def _propagate(spread_jacobian, trace, immediate):
+    """`ε[…, k] ← Σ_m B(D[k, m]) ⊙ ε[…, m] + VJP_W(∂h^k/∂u)` for one parameter array. The leaf
+    axis is the last, so the K-by-K mixing stays within each weight's few values and XLA fuses
+    the update into one pass over the trace."""
+    dtype = immediate.dtype
+    new = immediate + sum(
+        spread_jacobian[..., m] * trace[..., m : m + 1].astype(dtype)
+        for m in range(trace.shape[-1])
+    )
+    return new.astype(trace.dtype)
 
-    ops: tuple[Any, ...]  # `None` for ops that do not reach the state (read-outs)
+
+class DRTRLTrace(eqx.Module):
+    """D-RTRL's trace: per synaptic op, its parameters' traces for all state leaves, shaped
+    `(*W.shape, K)` (`None` for ops that do not reach the state, i.e. read-outs); per other
+    parameter, its element-wise (or dense) trace."""
+
+    ops: tuple[Any, ...]
     params: tuple[jax.Array, ...]
 
 
@@ -82,7 +94,7 @@ class DRTRL(AbstractAlgorithm):
         k = structure.num_leaves
         ops = tuple(
             jtu.tree_map(
-                lambda w: jnp.zeros((k, *w.shape), self.trace_dtype or w.dtype), op_params(op)
+                lambda w: jnp.zeros((*w.shape, k), self.trace_dtype or w.dtype), op_params(op)
             )
             if traced
             else None
@@ -102,16 +114,10 @@ class DRTRL(AbstractAlgorithm):
             if eps is None:  # A read-out op: exact gradient through `output`, no trace.
                 new_ops.append(None)
                 continue
-            propagate = spread(op, to_outputs(structure, lin.jacobian, i))  # leaves (K, K, …)
-            immediate = outer(op, a, df)  # leaves (K, …)
-            new_ops.append(
-                jtu.tree_map(
-                    lambda d, e, im: (mix(d, e.astype(im.dtype)) + im).astype(e.dtype),
-                    propagate,
-                    eps,
-                    immediate,
-                )
-            )
+            d_out = jnp.moveaxis(to_outputs(structure, lin.jacobian, i), (0, 1), (-2, -1))
+            propagate = spread(op, d_out)  # leaves (…, K, K)
+            immediate = outer(op, a, jnp.moveaxis(df, 0, -1))  # leaves (…, K)
+            new_ops.append(jtu.tree_map(_propagate, propagate, eps, immediate))
         new_params = update_param_traces(structure, lin, trace.params)
         return lin.new_state, DRTRLTrace(ops=tuple(new_ops), params=new_params)
 
@@ -120,10 +126,15 @@ class DRTRL(AbstractAlgorithm):
     ) -> State:
         structure = self._structure(cell, state, x)
         op_tangents, other_tangents = split_tangent(params_tangent)
-        total = param_tangents(structure, trace.params, other_tangents)
-        for i, ((_, op), eps, delta) in enumerate(zip(find_ops(cell), trace.ops, op_tangents)):
-            if eps is None:
-                continue
-            eps = jtu.tree_map(lambda e, d: e.astype(d.dtype), eps, delta)
-            total = total + from_outputs(structure, contract(op, eps, delta), i)
-        return unflatten_like(state, total)
+        from_params = param_tangents(structure, trace.params, other_tangents)
+        # One row per state leaf, kept apart: a leaf the loss does not reach gets a symbolic
+        # zero cotangent, and JAX then skips reading that leaf's trace in the backward pass.
+        rows = []
+        for k in range(structure.num_leaves):
+            row = from_params[k]
+            for i, ((_, op), eps, delta) in enumerate(zip(find_ops(cell), trace.ops, op_tangents)):
+                if eps is not None:
+                    eps_k = jtu.tree_map(lambda e, d: e[..., k].astype(d.dtype), eps, delta)
+                    row = row + from_outputs(structure, contract(op, eps_k, delta), i)
+            rows.append(row)
+        return unflatten_like(state, rows)
