@@ -133,6 +133,7 @@ def check(
     if getattr(algorithm, "strict", False):
         # Report the memory even when the structure is violated.
         algorithm = eqx.tree_at(lambda a: a.strict, algorithm, False)
+    assert algorithm is not None
     try:
         floats, nbytes = trace_size(algorithm, model, x)
     except ValueError:  # The algorithm cannot trace this model; the violations say why.

@@ -99,8 +99,10 @@ def from_outputs(structure: CellStructure, per_output: jax.Array, op_index: int)
 def mix(jacobian: jax.Array, trace: jax.Array) -> jax.Array:
     """`Σ_m D[:, m] ⊙ ε[m]` written as element-wise products, so XLA fuses it with the rest of
     the trace update (a `dot_general` over the tiny K axis would not fuse)."""
-    num_leaves = trace.shape[0]
-    return sum(jacobian[:, m] * trace[m][None] for m in range(num_leaves))
+    mixed = jacobian[:, 0] * trace[0][None]
+    for m in range(1, trace.shape[0]):
+        mixed = mixed + jacobian[:, m] * trace[m][None]
+    return mixed
 
 
 def linearise(cell, structure: CellStructure, state, x) -> Linearisation:

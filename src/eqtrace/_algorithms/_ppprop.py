@@ -151,10 +151,10 @@ class PPProp(AbstractAlgorithm):
         for i, ((_, op), eps_x, eps_f, delta) in enumerate(
             zip(find_ops(cell), trace.inputs, trace.outputs, op_tangents)
         ):
-            if eps_x is None:
+            if eps_x is None or eps_f is None:
                 continue
             if bias_of(op) is not None:
                 delta = eqx.tree_at(lambda d: d.bias, delta, delta.bias * bias_input_trace)
-            _, du = eqx.filter_jvp(lambda o: apply_op(o, eps_x), (op,), (delta,))
+            _, du = eqx.filter_jvp(functools.partial(apply_op, a=eps_x), (op,), (delta,))
             total = total + from_outputs(structure, eps_f * (du / correction)[None], i)
         return unflatten_like(state, total)

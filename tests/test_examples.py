@@ -1,0 +1,88 @@
+"""Every script in `examples/` runs end to end in its fast configuration.
+
+Each example runs as a subprocess (`python examples/X.py --fast`), as a user would run it, in
+its own JAX process (float32, not this suite's float64). The selected examples are all started
+at once and run concurrently, so the file takes about as long as the two slowest examples.
+"""
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+TIMEOUT = 300  # seconds; a fast run takes 10-30 s
+
+# script -> (extra arguments, text its output must contain, plot it saves)
+CASES = {
+    "demo": ([], ["D-RTRL", "pp-prop", "BPTT", "memory/sample"], None),
+    "mnist1d_gru": ([], ["D-RTRL", "ms per update"], "mnist1d_gru.png"),
+    "spiking_working_memory": ([], ["D-RTRL", "pp-prop", "BPTT"], "spiking_working_memory.png"),
+    "online_mackey_glass": ([], ["NRMSE", "persistence"], "online_mackey_glass.png"),
+    "custom_cell": ([], ["structure: OK", "relative error", "test accuracy"], "custom_cell.png"),
+    "batching_and_sequences": ([], ["max difference", "update"], "batching_and_sequences.png"),
+}
+HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
+
+
+def _command(name: str, out: Path) -> list[str]:
+    args, _, plot = CASES[name]
+    command = [sys.executable, str(EXAMPLES / f"{name}.py"), "--fast", *args]
+    if plot is not None:
+        command += ["--out", str(out)]
+    return command
+
+
+@pytest.fixture(scope="module")
+def runs(request, tmp_path_factory):
+    """Starts every selected example at once; each test then waits for its own."""
+    selected = {
+        item.callspec.params["name"]
+        for item in request.session.items
+        if item.module is request.module and hasattr(item, "callspec")
+    }
+    env = dict(os.environ, MPLBACKEND="Agg", TQDM_DISABLE="1", JAX_PLATFORMS="cpu")
+    env.pop("JAX_ENABLE_X64", None)
+    processes = {}
+    for name in sorted(selected):
+        out = tmp_path_factory.mktemp(name)
+        processes[name] = (
+            subprocess.Popen(
+                _command(name, out),
+                cwd=out,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            ),
+            out,
+        )
+    yield processes
+    for process, _ in processes.values():
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_example_runs(name, runs):
+    process, out = runs[name]
+    try:
+        stdout, stderr = process.communicate(timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        stdout, stderr = process.communicate()
+        pytest.fail(f"examples/{name}.py --fast did not finish in {TIMEOUT} s:\n{stdout}\n{stderr}")
+    assert process.returncode == 0, f"examples/{name}.py --fast failed:\n{stdout}\n{stderr}"
+    _, expected, plot = CASES[name]
+    for text in expected:
+        assert text in stdout, f"{text!r} missing from the output of {name}.py:\n{stdout}"
+    if plot is not None:
+        if HAS_MATPLOTLIB:
+            assert (out / plot).is_file(), f"{name}.py did not save {plot}:\n{stdout}"
+        else:
+            assert "matplotlib is not installed" in stdout
