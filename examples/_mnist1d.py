@@ -54,7 +54,7 @@ def make_model(hidden: int, key) -> eqtrace.nn.Sequential:
     )
 
 
-def make_algorithm(method: str, rank: float = 20.0) -> eqtrace.AbstractAlgorithm | None:
+def make_algorithm(method: str, rank: float = 100.0) -> eqtrace.AbstractAlgorithm | None:
     """The online rule of `method` (`None` for BPTT)."""
     if method == "drtrl":
         return eqtrace.DRTRL()
@@ -68,10 +68,6 @@ def make_algorithm(method: str, rank: float = 20.0) -> eqtrace.AbstractAlgorithm
 def cross_entropy(logits, labels):
     """Mean cross-entropy over the batch: `logits` `(B, 10)`, integer `labels` `(B,)`."""
     return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
-
-
-def tree_bytes(tree: Any) -> int:
-    return sum(leaf.size * leaf.dtype.itemsize for leaf in jtu.tree_leaves(tree))
 
 
 def memory_per_sample(method: str, model, length: int) -> tuple[int, int]:
@@ -89,7 +85,7 @@ def memory_per_sample(method: str, model, length: int) -> tuple[int, int]:
     return eqtrace.trace_size(algorithm, model)
 
 
-def make_update(method: str, model, optimizer, batch_size: int, rank: float = 20.0):
+def make_update(method: str, model, optimizer, batch_size: int, rank: float = 100.0):
     """One jitted training update on a batch: `update(params, opt_state, xs, labels)` with `xs`
     time-major `(T, B, 1)`, returning `(params, opt_state, loss)`."""
     params, static = eqx.partition(model, eqx.is_inexact_array)
@@ -132,7 +128,6 @@ def make_update(method: str, model, optimizer, batch_size: int, rank: float = 20
         return optax.apply_updates(params, updates), opt_state, loss
 
     return params, static, update
-
 
 
 def make_evaluate(static, batch_size: int = 1000):
@@ -178,7 +173,7 @@ def train(
     batch_size: int,
     learning_rate: float,
     seed: int,
-    rank: float = 20.0,
+    rank: float = 100.0,
     eval_every: int = 0,
     progress: bool = True,
 ) -> dict[str, Any]:

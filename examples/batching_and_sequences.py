@@ -38,7 +38,9 @@ INPUT, HIDDEN, OUTPUT, DELAY = 2, 32, 1, 2
 
 
 def max_difference(a, b) -> float:
-    return max(float(jnp.max(jnp.abs(x - y))) for x, y in zip(jtu.tree_leaves(a), jtu.tree_leaves(b)))
+    return max(
+        float(jnp.max(jnp.abs(x - y))) for x, y in zip(jtu.tree_leaves(a), jtu.tree_leaves(b))
+    )
 
 
 def parse_args(argv=None):
@@ -75,9 +77,11 @@ def main(argv=None):
     print("1. One sample, one step")
     print(f"   state: {jtu.tree_map(jnp.shape, state)}, output y: {y.shape}")
     floats, nbytes = eqtrace.trace_size(algorithm, model)
-    print(f"   trace: {type(trace).__name__ if not isinstance(trace, tuple) else 'per layer'}, "
-          f"{floats:,} floats ({nbytes:,} bytes) per sample; leaf shapes "
-          f"{[leaf.shape for leaf in jtu.tree_leaves(trace)]}")
+    print(
+        f"   trace: {type(trace).__name__ if not isinstance(trace, tuple) else 'per layer'}, "
+        f"{floats:,} floats ({nbytes:,} bytes) per sample; leaf shapes "
+        f"{[leaf.shape for leaf in jtu.tree_leaves(trace)]}"
+    )
 
     # 2. A batch: vmap the step. Parameters are shared (None), the rest has a batch axis 0.
     batch = 4
@@ -90,7 +94,8 @@ def main(argv=None):
         s, t = jtu.tree_map(lambda a: a[b], (states, traces))
         loop_ys.append(online_step(params, s, t, xs_batch[b])[2])
     print(f"\n2. A batch of {batch} with jax.vmap: outputs {ys.shape}")
-    print(f"   vmap vs a loop over samples: max difference {max_difference(ys, jnp.stack(loop_ys)):.1e}")
+    difference = max_difference(ys, jnp.stack(loop_ys))
+    print(f"   vmap vs a loop over samples: max difference {difference:.1e}")
 
     # 3. A sequence: time-major inputs (T, B, I), scanned in one call.
     length = 10
@@ -101,7 +106,8 @@ def main(argv=None):
         s, t, y = batched_step(params, s, t, xs[step])
         loop_ys.append(y)
     print(f"\n3. A sequence of {length} steps with run_online: outputs {ys.shape} (T, B, out)")
-    print(f"   run_online vs a loop over time: max difference {max_difference(ys, jnp.stack(loop_ys)):.1e}")
+    difference = max_difference(ys, jnp.stack(loop_ys))
+    print(f"   run_online vs a loop over time: max difference {difference:.1e}")
 
     # 4. The training loop by hand. The loss of one step, averaged over the batch:
     def loss_fn(y, target):
@@ -136,10 +142,14 @@ def main(argv=None):
     xs, targets = make_batch(key, args.batch, args.length)
     by_hand = sequence_gradient(params, xs, targets)
     state0, trace0 = eqtrace.init_state_and_trace(model, algorithm, batch_size=args.batch)
-    loss, grads, _, _ = eqtrace.online_gradient(batched_step, loss_fn, params, state0, trace0, xs, targets)
+    loss, grads, _, _ = eqtrace.online_gradient(
+        batched_step, loss_fn, params, state0, trace0, xs, targets
+    )
     print("\n4. The training loop by hand (init → vmap → scan → accumulate → update)")
-    print(f"   hand-written accumulation vs eqtrace.online_gradient: max difference "
-          f"{max_difference(by_hand, (loss, grads)):.1e}")
+    print(
+        f"   hand-written accumulation vs eqtrace.online_gradient: max difference "
+        f"{max_difference(by_hand, (loss, grads)):.1e}"
+    )
 
     optimizer = optax.adam(args.lr)
     opt_state = optimizer.init(params)
@@ -153,7 +163,9 @@ def main(argv=None):
     losses = []
     for i in range(args.steps):
         key, bkey = jr.split(key)
-        params, opt_state, loss = update(params, opt_state, *make_batch(bkey, args.batch, args.length))
+        params, opt_state, loss = update(
+            params, opt_state, *make_batch(bkey, args.batch, args.length)
+        )
         losses.append(float(loss))
         if i % max(1, args.steps // 6) == 0 or i == args.steps - 1:
             print(f"   update {i + 1:4d}: mean loss per step {losses[-1]:.4f}")
@@ -172,8 +184,12 @@ def plot(losses, path: Path):
         return
     fig, ax = plt.subplots(figsize=(6, 3.6))
     ax.plot(range(1, len(losses) + 1), losses)
-    ax.set(xlabel="update", ylabel="mean squared error per step", yscale="log",
-           title=f"GRU + D-RTRL: recall the input from {DELAY} steps earlier")
+    ax.set(
+        xlabel="update",
+        ylabel="mean squared error per step",
+        yscale="log",
+        title=f"GRU + D-RTRL: recall the input from {DELAY} steps earlier",
+    )
     ax.grid(alpha=0.3)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -23,9 +23,9 @@ The script
     python examples/custom_cell.py
     python examples/custom_cell.py --fast          # smoke run, seconds
 
-Expected result: relative error of D-RTRL against RTRL ~1e-7 (float32 round-off) without the
-recurrent op, a cosine similarity around 0.9 with it; test accuracy above 90 % after 600
-updates of batch 64 (about half a minute on 2 CPU cores). The learning curve goes to
+Expected result (seed 0, 2 CPU cores, ~20 s in all): relative error of D-RTRL against RTRL
+~2e-8 (float32 round-off) without the recurrent op, and a cosine similarity of 0.985 with it;
+test accuracy ~98 % after 1 500 updates of batch 64 (~10 s of training). The learning curve goes to
 `outputs/custom_cell.png` when matplotlib is installed.
 """
 
@@ -74,9 +74,7 @@ class ResonatorCell(eqtrace.AbstractCell):
         ikey, rkey = jr.split(key)
         self.input_op = eqx.nn.Linear(input_size, hidden_size, key=ikey)
         self.recurrent_op = (
-            eqx.nn.Linear(hidden_size, hidden_size, use_bias=False, key=rkey)
-            if recurrent
-            else None
+            eqx.nn.Linear(hidden_size, hidden_size, use_bias=False, key=rkey) if recurrent else None
         )
         # Natural frequencies spread log-uniformly over [0.1, 1.5] rad per step.
         self.log_omega = jnp.linspace(math.log(0.1), math.log(1.5), hidden_size)
@@ -221,7 +219,9 @@ def train(args):
     start = time.perf_counter()
     for i in (bar := tqdm(range(1, args.steps + 1), ncols=90, desc="D-RTRL")):
         key, bkey = jr.split(key)
-        params, opt_state, loss = update(params, opt_state, *make_batch(bkey, args.batch, args.length))
+        params, opt_state, loss = update(
+            params, opt_state, *make_batch(bkey, args.batch, args.length)
+        )
         if i % max(1, args.steps // 20) == 0 or i == args.steps:
             curve["step"].append(i)
             curve["accuracy"].append(float(accuracy(params, test_xs, test_labels)))
@@ -247,8 +247,12 @@ def plot(curve, path: Path):
     fig, ax = plt.subplots(figsize=(6, 3.6))
     ax.plot(curve["step"], [100 * a for a in curve["accuracy"]], marker="o")
     ax.axhline(25, color="grey", ls="--", lw=0.8, label="chance")
-    ax.set(xlabel="update", ylabel="test accuracy (%)", ylim=(0, 100),
-           title="Resonator neurons trained with D-RTRL")
+    ax.set(
+        xlabel="update",
+        ylabel="test accuracy (%)",
+        ylim=(0, 100),
+        title="Resonator neurons trained with D-RTRL",
+    )
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()

@@ -71,7 +71,9 @@ def mackey_glass(length: int, *, tau=17.0, beta=0.2, gamma=0.1, n=10, dt=0.1, se
 
 
 def make_algorithm(name: str, rank: float):
-    return {"drtrl": eqtrace.DRTRL, "rtrl": eqtrace.RTRL}.get(name, lambda: eqtrace.PPProp(rank=rank))()
+    return {"drtrl": eqtrace.DRTRL, "rtrl": eqtrace.RTRL}.get(
+        name, lambda: eqtrace.PPProp(rank=rank)
+    )()
 
 
 def main(argv=None):
@@ -108,8 +110,15 @@ def main(argv=None):
     for begin in tqdm(range(0, args.steps, args.chunk), desc="stream", ncols=90):
         end = min(begin + args.chunk, args.steps)
         params, opt_state, state, trace, chunk_losses = eqtrace.train_online(
-            online_step, loss_fn, optimizer, params, opt_state, state, trace,
-            xs[begin:end], targets[begin:end],
+            online_step,
+            loss_fn,
+            optimizer,
+            params,
+            opt_state,
+            state,
+            trace,
+            xs[begin:end],
+            targets[begin:end],
         )
         losses.append(np.asarray(chunk_losses))
     seconds = time.perf_counter() - start
@@ -156,8 +165,12 @@ def plot(args, series, losses, static, final_params, algorithm, window):
     width = max(1, min(500, len(losses) // 20))
     running = np.sqrt(np.convolve(losses, np.ones(width) / width, mode="valid"))
     ax_err.plot(np.arange(width - 1, len(losses)), running)
-    ax_err.set(xlabel="step", ylabel=f"running RMSE ({width} steps)", yscale="log",
-               title=f"Online learning with {type(algorithm).__name__}, one update per step")
+    ax_err.set(
+        xlabel="step",
+        ylabel=f"running RMSE ({width} steps)",
+        yscale="log",
+        title=f"Online learning with {type(algorithm).__name__}, one update per step",
+    )
     ax_err.grid(alpha=0.3)
     fig.tight_layout()
     path = args.out / "online_mackey_glass.png"
