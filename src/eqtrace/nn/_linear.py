@@ -59,4 +59,3 @@ class Linear(eqx.Module):
         weight = self.weight if self.mask is None else jnp.where(self.mask, self.weight, 0)
         u = weight @ a
         return u if self.bias is None else u + self.bias
-
