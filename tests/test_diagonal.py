@@ -389,6 +389,37 @@ def test_drtrl_bfloat16_traces_track_float32(getkey):
     assert math.isfinite(relative_error(low, full))
 
 
+def test_loss_on_a_state_leaf_outside_the_output(getkey):
+    # A loss on a state leaf that `y` does not show (the current of the two-leaf neuron) is
+    # credited through the trace too: D-RTRL stays exact for this element-wise layer.
+    model = LeakyCurrent(3, 4, key=getkey())
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+    xs, targets = _sequence(getkey(), 5, 3, 4)
+    online_step = eqtrace.make_online_step(eqtrace.DRTRL(), static)
+
+    def step_with_state(params, state, trace, x):
+        state, trace, y = online_step(params, state, trace, x)
+        return state, trace, (y, state)
+
+    def loss_fn(y_and_state, target):
+        y, (current, _) = y_and_state
+        return jnp.sum((y - target) ** 2) + 0.3 * jnp.sum(current**2)
+
+    state = model.init_state()
+    trace = eqtrace.DRTRL().init_trace(model, state, xs[0])
+    _, online, _, _ = eqtrace.online_gradient(
+        step_with_state, loss_fn, params, state, trace, xs, targets
+    )
+
+    def forward_with_state(params, state, x):
+        state, y = eqx.combine(params, static)(state, x)
+        return state, (y, state)
+
+    _, bptt, _ = eqtrace.bptt_gradient(forward_with_state, loss_fn, params, state, xs, targets)
+    assert relative_error(online, bptt) <= 1e-9
+    assert bool(jnp.all(online.log_tau != 0))
+
+
 def test_step_loss_on_state_and_output(getkey):
     # A loss on the returned state (not only y) is credited too.
     model = LeakyTanh(3, 4, key=getkey())
