@@ -11,7 +11,7 @@ import optax
 
 from ._algorithm import AbstractAlgorithm
 from ._cell import AbstractCell
-from ._custom_types import Input, Params, Scalar, State, Trace
+from ._custom_types import ExampleInput, Input, Params, Scalar, State, Trace
 
 
 OnlineStep = Callable[[Params, State, Trace, Input], tuple[State, Trace, Any]]
@@ -50,11 +50,18 @@ def make_forward_step(static: Any) -> ForwardStep:
 
 
 def init_state_and_trace(
-    model: AbstractCell, algorithm: AbstractAlgorithm, batch_size: int | None = None
+    model: AbstractCell,
+    algorithm: AbstractAlgorithm,
+    batch_size: int | None = None,
+    x: ExampleInput | None = None,
 ) -> tuple[State, Trace]:
-    """The initial state and trace of `model`, with a leading batch axis if `batch_size` is set."""
+    """The initial state and trace of `model`, with a leading batch axis if `batch_size` is set.
+
+    `x` is an example input of one step of one sample (only its shape and dtype are used),
+    needed when the model does not declare an `input_size`.
+    """
     state = model.init_state()
-    trace = algorithm.init_trace(model, state)
+    trace = algorithm.init_trace(model, state, x)
     if batch_size is None:
         return state, trace
     return jtu.tree_map(lambda a: jnp.broadcast_to(a, (batch_size, *a.shape)), (state, trace))

@@ -82,5 +82,6 @@ def require_example_input(model: Any, x: Any) -> None:
     if x is None:
         raise ValueError(
             f"{type(model).__name__} does not declare an `input_size`, so the shape of its input "
-            "is unknown: pass an example input, `algorithm.init_trace(model, state, x)`."
+            "is unknown: pass an example input of one step, `algorithm.init_trace(model, state, "
+            "x)` or `eqtrace.init_state_and_trace(model, algorithm, x=x)`."
         )
