@@ -455,3 +455,25 @@ def test_every_cell_first_step_equals_rtrl(algorithm, name, getkey):
     online, _ = online_and_bptt(algorithm, cell, xs, targets, state=state)
     exact, _ = online_and_bptt(eqtrace.RTRL(), cell, xs, targets, state=state)
     assert relative_error(online, exact) <= 1e-9
+
+
+@pytest.mark.parametrize(
+    "algorithm",
+    [
+        eqtrace.RTRL(check_finite=True),
+        eqtrace.DRTRL(check_finite=True),
+        eqtrace.PPProp(0.5, check_finite=True),
+    ],
+    ids=["rtrl", "drtrl", "ppprop"],
+)
+def test_check_finite_is_opt_in(algorithm, getkey):
+    model = nn.GRUCell(3, 4, key=getkey())
+    state = model.init_state()
+    trace = algorithm.init_trace(model, state)
+    bad = jnp.array([jnp.nan, 0.0, 1.0])
+    with pytest.raises(Exception, match="non-finite"):
+        jax.block_until_ready(algorithm.step(model, state, trace, bad))
+    # Without the flag the NaN passes through silently, as in plain JAX.
+    lenient = eqx.tree_at(lambda a: a.check_finite, algorithm, False)
+    _, new_trace, _ = lenient.step(model, state, trace, bad)
+    assert not bool(jnp.all(jnp.isfinite(jtu.tree_leaves(new_trace)[0])))

@@ -139,7 +139,7 @@ def online_transition(algorithm: AbstractAlgorithm, cell: AbstractCell, state, t
     respect to the old state and trace (no backpropagation through time).
 
     The parameter path is a zero-valued term whose JVP is the trace applied to a parameter
-    tangent (`_trace_link`); reverse mode transposes it into the trace contracted with
+    tangent (`_link`); reverse mode transposes it into the trace contracted with
     `ḡ = dL/dh_t`. (DESIGN.md §2 suggests a `custom_vjp` on the whole step; expressing the rule
     as a linear JVP instead lets `jax.vmap` turn the gradient of shared parameters into one
     batch-contracted product rather than per-sample gradients summed afterwards, costs nothing
@@ -149,6 +149,8 @@ def online_transition(algorithm: AbstractAlgorithm, cell: AbstractCell, state, t
     frozen = eqx.combine(jax.lax.stop_gradient(params), static)
     state, trace = jax.lax.stop_gradient((state, trace))
     new_state, new_trace = algorithm.update(frozen, state, trace, jax.lax.stop_gradient(x))
+    if getattr(algorithm, "check_finite", False):
+        new_state, new_trace = _error_if_not_finite(algorithm, (new_state, new_trace))
     link = _link(params, x, algorithm=algorithm, static=static, state=state, trace=new_trace)
     return jtu.tree_map(jnp.add, new_state, link), new_trace
 
@@ -185,6 +187,17 @@ def _link_jvp(primals, tangents, *, algorithm, static, state, trace):
         )
         tangent = jtu.tree_map(jnp.add, tangent, from_x)
     return zeros, tangent
+
+
+def _error_if_not_finite(algorithm: AbstractAlgorithm, tree: Any) -> Any:
+    leaves = jtu.tree_leaves(eqx.filter(tree, eqx.is_inexact_array))
+    finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in leaves]))
+    return eqx.error_if(
+        tree,
+        jnp.logical_not(finite),
+        f"{type(algorithm).__name__}: the state or trace became non-finite (NaN or inf). Check "
+        "the input and the learning rate, or lower the trace decay.",
+    )
 
 
 def _is_none(x) -> bool:

@@ -71,10 +71,13 @@ class DRTRL(AbstractAlgorithm):
     - `trace_dtype`: dtype in which the weight traces are stored (e.g. `jnp.bfloat16` to halve
       their memory and bandwidth); the update is computed in the parameters' dtype. Defaults
       to the parameters' dtype.
+    - `check_finite`: raise (through `eqx.error_if`) as soon as the state or trace holds a NaN
+      or inf. Off by default: the check costs a pass over the trace every step.
     """
 
     strict: bool = True
     trace_dtype: Any = None
+    check_finite: bool = False
     per_layer: ClassVar[bool] = True
 
     def _structure(self, cell, state, x):

@@ -61,11 +61,14 @@ class PPProp(AbstractAlgorithm):
     - `rank`: the rank `r ≥ 1` of the approximation, `α = (r − 1)/(r + 1)`.
     - `bias_correction`: divide by `1 − α^{t+1}` (default) or not.
     - `strict`: raise if the cell breaks the diagonal assumptions (see `eqtrace.check`).
+    - `check_finite`: raise (through `eqx.error_if`) as soon as the state or trace holds a NaN
+      or inf. Off by default: the check costs a pass over the trace every step.
     """
 
     decay: float
     bias_correction: bool = True
     strict: bool = True
+    check_finite: bool = False
     per_layer: ClassVar[bool] = True
 
     def __init__(
@@ -75,6 +78,7 @@ class PPProp(AbstractAlgorithm):
         rank: float | int | None = None,
         bias_correction: bool = True,
         strict: bool = True,
+        check_finite: bool = False,
     ):
         if (decay is None) == (rank is None):
             raise ValueError(
@@ -91,6 +95,7 @@ class PPProp(AbstractAlgorithm):
         self.decay = float(decay)
         self.bias_correction = bias_correction
         self.strict = strict
+        self.check_finite = check_finite
 
     def init_cell_trace(self, cell: AbstractCell, state: State, x: ExampleInput) -> PPPropTrace:
         structure = cell_structure("PPProp", cell, state, x, self.strict)

@@ -42,8 +42,14 @@ class RTRL(AbstractAlgorithm):
 
     Memory is `O(|h|·|θ|)` and compute `O(|h|·|θ|)` forward passes' worth per step: a tool for
     small models and for checking other rules, not for training large networks.
+
+    **Arguments:**
+
+    - `check_finite`: raise (through `eqx.error_if`) as soon as the state or trace holds a NaN
+      or inf. Off by default.
     """
 
+    check_finite: bool = False
     per_layer = False
 
     def init_cell_trace(self, cell: AbstractCell, state: State, x: ExampleInput) -> RTRLTrace:
