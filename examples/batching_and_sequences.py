@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import jax.random as jr
 import jax.tree_util as jtu
 import optax
+from _plotting import pyplot
 
 import eqtrace
 
@@ -174,13 +175,8 @@ def main(argv=None):
 
 
 def plot(losses, path: Path):
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plot.")
+    plt = pyplot()
+    if plt is None:
         return
     fig, ax = plt.subplots(figsize=(6, 3.6))
     ax.plot(range(1, len(losses) + 1), losses)

@@ -40,6 +40,7 @@ import jax.numpy as jnp
 import jax.random as jr
 import jax.tree_util as jtu
 import optax
+from _plotting import pyplot
 from jaxtyping import Array, Float, PRNGKeyArray
 
 import eqtrace
@@ -236,13 +237,8 @@ def train(args):
 
 
 def plot(curve, path: Path):
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plot.")
+    plt = pyplot()
+    if plt is None:
         return None
     fig, ax = plt.subplots(figsize=(6, 3.6))
     ax.plot(curve["step"], [100 * a for a in curve["accuracy"]], marker="o")

@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 from _mnist1d import LABELS, METHODS, load_mnist1d, results_table, train
+from _plotting import pyplot
 
 
 TARGET = 0.88
@@ -59,14 +60,10 @@ def parse_args(argv=None):
 
 def plot(results, path: Path) -> Path | None:
     """Training loss and test accuracy against updates, one line per method."""
-    try:
-        import matplotlib
+    import numpy as np
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        import numpy as np
-    except ImportError:
-        print("matplotlib is not installed: no plot.")
+    plt = pyplot()
+    if plt is None:
         return None
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.8))
     for r in results:

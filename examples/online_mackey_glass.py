@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
 import optax
+from _plotting import pyplot
 
 import eqtrace
 
@@ -141,13 +142,8 @@ def main(argv=None):
 
 
 def plot(args, series, losses, static, final_params, algorithm, window):
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plot.")
+    plt = pyplot()
+    if plt is None:
         return None
     # Replay the end of the stream with the final parameters (frozen) to draw its predictions.
     forward = eqtrace.make_forward_step(static)

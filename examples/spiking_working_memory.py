@@ -47,6 +47,7 @@ import jax.numpy as jnp
 import jax.random as jr
 import jax.tree_util as jtu
 import optax
+from _plotting import pyplot
 
 import eqtrace
 
@@ -289,13 +290,8 @@ def train(method, args):
 
 
 def plot(results, path: Path):
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plot.")
+    plt = pyplot()
+    if plt is None:
         return None
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.8))
     for r in results:
