@@ -39,7 +39,18 @@ import optax
 import eqtrace
 
 
-ALGORITHMS = ("forward", "bptt", "rtrl", "drtrl", "drtrl-bf16", "ppprop")
+# An online algorithm with the suffix "-block" runs `--block` steps per call of an online block
+# (`eqtrace.make_online_block`): the same gradient, fewer passes over the trace.
+ALGORITHMS = (
+    "forward",
+    "bptt",
+    "rtrl",
+    "drtrl",
+    "drtrl-block",
+    "drtrl-bf16",
+    "ppprop",
+    "ppprop-block",
+)
 MODELS = ("gru", "lif")
 # Per-model defaults: (input, hidden, batch, steps).
 DEFAULTS = {"gru": (32, 128, 32, 200), "lif": (100, 256, 32, 1000)}
@@ -55,6 +66,7 @@ class Config:
     batch: int = 32
     steps: int = 200
     rank: float = 4.0
+    block: int = 50
     # RTRL is skipped when its batched trace, batch·|h|·|θ| numbers, exceeds this.
     rtrl_limit: float = 1e7
     seed: int = 0
@@ -64,6 +76,7 @@ class Config:
         return [
             *("--model", self.model, "--input", str(self.input), "--hidden", str(self.hidden)),
             *("--batch", str(self.batch), "--steps", str(self.steps), "--rank", str(self.rank)),
+            *("--block", str(self.block)),
             *("--rtrl-limit", str(self.rtrl_limit), "--seed", str(self.seed)),
         ]
 
@@ -159,6 +172,7 @@ class _OnStream(eqx.Module):
 
 
 def make_algorithm(name: str, config: Config) -> eqtrace.AbstractAlgorithm:
+    name = name.removesuffix("-block")
     if name == "rtrl":
         return eqtrace.RTRL()
     if name == "drtrl":
@@ -179,7 +193,7 @@ def sizes(problem: Problem) -> tuple[int, int]:
 
 def skip_reason(problem: Problem, name: str) -> str | None:
     """Why `name` is not run on this problem, or `None`."""
-    if name != "rtrl":
+    if name.removesuffix("-block") != "rtrl":
         return None
     n_state, n_params = sizes(problem)
     numbers = problem.config.batch * n_state * n_params
@@ -234,14 +248,30 @@ def make_runner(problem: Problem, name: str) -> Callable[[Any, Stream], Any]:
         return run_bptt
 
     algorithm = make_algorithm(name, problem.config)
-    online_step = jax.vmap(eqtrace.make_online_step(algorithm, static), in_axes=(None, 0, 0, 0))
+    if name.endswith("-block"):
+        block_size = problem.config.block
+        online_step = jax.vmap(
+            eqtrace.make_online_block(algorithm, static),
+            in_axes=(None, 0, 0, 1),
+            out_axes=(0, 0, 1),
+        )
+    else:
+        block_size = None
+        online_step = jax.vmap(eqtrace.make_online_step(algorithm, static), in_axes=(None, 0, 0, 0))
 
     def run_online(params, stream):
         ts = jnp.arange(steps)
         model = eqx.combine(params, static)
         state, trace = eqtrace.init_state_and_trace(model, algorithm, problem.config.batch)
         loss, grads, _, _ = eqtrace.online_gradient(
-            _OnStream(online_step, stream), stream.loss, params, state, trace, ts, ts
+            _OnStream(online_step, stream),
+            stream.loss,
+            params,
+            state,
+            trace,
+            ts,
+            ts,
+            block_size=block_size,
         )
         return loss, grads
 
@@ -669,6 +699,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, help="sequence length T (default: 200 gru, 1000 lif)")
     parser.add_argument("--algorithms", default=",".join(ALGORITHMS), help="comma-separated")
     parser.add_argument("--rank", type=float, default=4.0, help="pp-prop rank, α = (r-1)/(r+1)")
+    parser.add_argument("--block", type=int, default=50, help="steps per block for *-block")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs after warm-up")
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs after compiling")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
@@ -695,6 +726,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         batch=batch if args.batch is None else args.batch,
         steps=steps if args.steps is None else args.steps,
         rank=args.rank,
+        block=args.block,
         rtrl_limit=args.rtrl_limit,
         seed=args.seed,
     )

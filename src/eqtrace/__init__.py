@@ -17,6 +17,7 @@ from ._drivers import (
     bptt_gradient as bptt_gradient,
     init_state_and_trace as init_state_and_trace,
     make_forward_step as make_forward_step,
+    make_online_block as make_online_block,
     make_online_step as make_online_step,
     online_gradient as online_gradient,
     run_online as run_online,

@@ -58,6 +58,38 @@ class AbstractAlgorithm(eqx.Module):
         derives, contracts the trace with `ḡ = dL/dh_t` to give the online gradient. `state`
         and `x` are the step's inputs."""
 
+    def cell_steps(
+        self, cell: AbstractCell, state: State, trace: Trace, xs: Input
+    ) -> tuple[State, Trace]:
+        """Steps of one recurrent system over the leading (time) axis of `xs`.
+
+        **Returns:** the new states `h_1 … h_T`, stacked along a leading axis, and the last
+        trace; with the same values and derivatives as `T` single steps. This default keeps
+        every step's trace for the derivatives (memory `T` times the trace); algorithms
+        override it to do the same work in fewer passes over the trace.
+        """
+        params, static = eqx.partition(cell, eqx.is_inexact_array)
+        frozen = eqx.combine(jax.lax.stop_gradient(params), static)
+
+        def body(carry, x):
+            new_state, new_trace = self.update(frozen, *carry, x)
+            return (new_state, new_trace), (carry[0], new_state, new_trace)
+
+        carry = jax.lax.stop_gradient((state, trace))
+        (_, trace), (previous, states, traces) = jax.lax.scan(
+            body, carry, jax.lax.stop_gradient(xs)
+        )
+        if getattr(self, "check_finite", False):
+            states, traces = error_if_not_finite(self, (states, traces))
+
+        def link(x, state, trace):
+            return _link(params, x, algorithm=self, static=static, state=state, trace=trace)
+
+        # The links of all steps at once: their transpose contracts the traces with the
+        # cotangents of all steps in one product.
+        links = jax.vmap(link)(xs, previous, traces)
+        return jtu.tree_map(jnp.add, states, links), trace
+
     def init_trace(self, model: AbstractCell, state: State, x: ExampleInput | None = None) -> Trace:
         """The initial trace of `model` (a cell or a `Sequential`) for one sample.
 
@@ -102,15 +134,7 @@ class AbstractAlgorithm(eqx.Module):
 
         **Returns:** `(state, trace, y)`, with `y = model.output(state)` at the new state.
         """
-        check_state(model, state)
-        check_matches(
-            "trace",
-            jax.eval_shape(self.init_trace, model, state, x),
-            trace,
-            f"Create it with `{type(self).__name__}(...).init_trace(model, state)` for this "
-            "model; a trace made by another algorithm or for another model cannot be reused.",
-        )
-        check_input(model, x)
+        self._check_arguments(model, state, trace, x)
         if isinstance(model, Sequential):
             if self.per_layer:
                 new_state, new_trace = [], []
@@ -129,6 +153,56 @@ class AbstractAlgorithm(eqx.Module):
             return new_state, trace, model.output(new_state)
         new_state, trace = online_transition(self, model, state, trace, x)
         return new_state, trace, model.output(new_state)
+
+    def steps(
+        self, model: AbstractCell, state: State, trace: Trace, xs: Input
+    ) -> tuple[State, Trace, Any]:
+        """Advances `model` over the leading (time) axis of `xs`: a block of `T` steps.
+
+        The values and the derivatives are those of `T` calls of `step` — `jax.grad` of
+        `Σ_t L(y_t)` is the sum of the `T` online gradients — but an algorithm may compute them
+        in fewer passes over the trace (`DRTRL` passes once per block instead of once per step).
+
+        **Arguments:** as for `step`, with `xs` holding `T` inputs of one sample along a leading
+        axis.
+
+        **Returns:** `(state, trace, ys)`: the last state and trace, and the `T` outputs stacked.
+        """
+        self._check_arguments(model, state, trace, jtu.tree_map(lambda a: a[0], xs))
+        if isinstance(model, Sequential):
+            if self.per_layer:
+                new_state, new_trace = [], []
+                for layer, s, tr in zip(model.layers, state, trace):
+                    if isinstance(layer, AbstractCell):
+                        states, tr = self.cell_steps(layer, s, tr, xs)
+                        s, xs = _last(states), jax.vmap(layer.output)(states)
+                    else:
+                        xs = jax.vmap(layer)(xs)
+                    new_state.append(s)
+                    new_trace.append(tr)
+                return tuple(new_state), tuple(new_trace), xs
+            core = model.core
+            rest = state[len(core.layers) :]
+            states, trace = self.cell_steps(core, state[: len(core.layers)], trace, xs)
+            ys = jax.vmap(lambda s: model.output(s + rest))(states)
+            return _last(states) + rest, trace, ys
+        states, trace = self.cell_steps(model, state, trace, xs)
+        return _last(states), trace, jax.vmap(model.output)(states)
+
+    def _check_arguments(self, model, state, trace, x) -> None:
+        check_state(model, state)
+        check_matches(
+            "trace",
+            jax.eval_shape(self.init_trace, model, state, x),
+            trace,
+            f"Create it with `{type(self).__name__}(...).init_trace(model, state)` for this "
+            "model; a trace made by another algorithm or for another model cannot be reused.",
+        )
+        check_input(model, x)
+
+
+def _last(stacked: Any) -> Any:
+    return jtu.tree_map(lambda a: a[-1], stacked)
 
 
 def online_transition(algorithm: AbstractAlgorithm, cell: AbstractCell, state, trace, x):
@@ -150,7 +224,7 @@ def online_transition(algorithm: AbstractAlgorithm, cell: AbstractCell, state, t
     state, trace = jax.lax.stop_gradient((state, trace))
     new_state, new_trace = algorithm.update(frozen, state, trace, jax.lax.stop_gradient(x))
     if getattr(algorithm, "check_finite", False):
-        new_state, new_trace = _error_if_not_finite(algorithm, (new_state, new_trace))
+        new_state, new_trace = error_if_not_finite(algorithm, (new_state, new_trace))
     link = _link(params, x, algorithm=algorithm, static=static, state=state, trace=new_trace)
     return jtu.tree_map(jnp.add, new_state, link), new_trace
 
@@ -170,26 +244,34 @@ def _link_jvp(primals, tangents, *, algorithm, static, state, trace):
     zeros = jtu.tree_map(jnp.zeros_like, state)
     cell = eqx.combine(params, static)
     tangent = zeros
-    if any(t is not None for t in jtu.tree_leaves(params_tangent, is_leaf=_is_none)):
-        params_tangent = jtu.tree_map(
-            lambda p, t: jnp.zeros_like(p) if t is None else t, params, params_tangent
+    if has_tangent(params_tangent):
+        tangent = algorithm.parameter_tangent(
+            cell, state, x, trace, fill_tangent(params, params_tangent)
         )
-        tangent = algorithm.parameter_tangent(cell, state, x, trace, params_tangent)
-    if any(t is not None for t in jtu.tree_leaves(x_tangent, is_leaf=_is_none)):
+    if has_tangent(x_tangent):
         # Exact within-step credit to the input (and so to the layers below). Only computed
         # when the input is differentiated, so a first layer pays nothing for it.
         diff_x, static_x = eqx.partition(x, eqx.is_inexact_array)
-        x_tangent = jtu.tree_map(
-            lambda a, t: jnp.zeros_like(a) if t is None else t, diff_x, x_tangent
-        )
         _, from_x = jax.jvp(
-            lambda dx: cell(state, eqx.combine(dx, static_x))[0], (diff_x,), (x_tangent,)
+            lambda dx: cell(state, eqx.combine(dx, static_x))[0],
+            (diff_x,),
+            (fill_tangent(diff_x, x_tangent),),
         )
         tangent = jtu.tree_map(jnp.add, tangent, from_x)
     return zeros, tangent
 
 
-def _error_if_not_finite(algorithm: AbstractAlgorithm, tree: Any) -> Any:
+def has_tangent(tangent: Any) -> bool:
+    """Whether a custom-JVP tangent holds anything but symbolic zeros (`None`)."""
+    return any(t is not None for t in jtu.tree_leaves(tangent, is_leaf=_is_none))
+
+
+def fill_tangent(primal: Any, tangent: Any) -> Any:
+    """A custom-JVP tangent with its symbolic zeros (`None`) made explicit."""
+    return jtu.tree_map(lambda p, t: jnp.zeros_like(p) if t is None else t, primal, tangent)
+
+
+def error_if_not_finite(algorithm: AbstractAlgorithm, tree: Any) -> Any:
     leaves = jtu.tree_leaves(eqx.filter(tree, eqx.is_inexact_array))
     finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in leaves]))
     return eqx.error_if(

@@ -15,6 +15,8 @@ from ._custom_types import ExampleInput, Input, Params, Scalar, State, Trace
 
 
 OnlineStep = Callable[[Params, State, Trace, Input], tuple[State, Trace, Any]]
+#: Same signature, but `T` steps at once: inputs and outputs carry a leading time axis.
+OnlineBlock = OnlineStep
 ForwardStep = Callable[[Params, State, Input], tuple[State, Any]]
 LossFn = Callable[[Any, Any], Scalar]
 
@@ -37,6 +39,28 @@ def make_online_step(algorithm: AbstractAlgorithm, static: Any) -> OnlineStep:
         return algorithm.step(eqx.combine(params, static), state, trace, x)
 
     return online_step
+
+
+def make_online_block(algorithm: AbstractAlgorithm, static: Any) -> OnlineBlock:
+    """The pure online block `online_block(params, state, trace, xs) -> (state, trace, ys)`:
+    as many steps as `xs` has entries along its leading (time) axis, `ys` stacked likewise.
+
+    Values and gradients are those of the online step called once per entry; the algorithm
+    may compute them in fewer passes over the trace (`DRTRL` reads and writes its trace once
+    per block instead of once per step, which is several times faster for large traces).
+    The gradient of a step is then available at the end of its block, not right after it.
+
+    **Arguments:** as for `make_online_step`.
+
+    **Returns:** a function to `jax.vmap` over a batch with time kept leading:
+    `jax.vmap(online_block, in_axes=(None, 0, 0, 1), out_axes=(0, 0, 1))`; pass it to
+    `online_gradient(..., block_size=C)`.
+    """
+
+    def online_block(params, state, trace, xs):
+        return algorithm.steps(eqx.combine(params, static), state, trace, xs)
+
+    return online_block
 
 
 def make_forward_step(static: Any) -> ForwardStep:
@@ -95,43 +119,75 @@ def _step_loss_and_grad(online_step, loss_fn, params, state, trace, x, target):
 
 @eqx.filter_jit
 def online_gradient(
-    online_step: OnlineStep,
+    online_step: OnlineStep | OnlineBlock,
     loss_fn: LossFn,
     params: Params,
     state: State,
     trace: Trace,
     xs: Input,
     targets: Any,
+    *,
+    block_size: int | None = None,
 ) -> tuple[Scalar, Params, State, Trace]:
     """Accumulates the online gradient of `Σ_t loss_fn(y_t, target_t)` over a sequence.
 
     Memory is constant in the sequence length: the gradient of each step is taken within the
-    step and summed, never through the scan.
+    step (or within its block) and summed, never through the whole scan.
 
     **Arguments:**
 
-    - `online_step`: from `make_online_step` (vmapped for a batch).
+    - `online_step`: from `make_online_step` (vmapped for a batch); with `block_size`, an
+      online block from `make_online_block` (vmapped with time leading).
     - `loss_fn`: `loss_fn(y_t, target_t) -> scalar` for one step (average over the batch inside
       it when `online_step` is vmapped).
     - `params`, `state`, `trace`: as for `online_step`.
     - `xs`, `targets`: inputs and targets with a leading time axis.
+    - `block_size`: if given, run `block_size` steps per call of the online block (a last,
+      shorter block takes the remainder). The result is the same; the extra memory is that of
+      one block's per-step Jacobians.
 
     **Returns:** `(loss, grads, state, trace)`: the summed loss, the summed online gradient, and
     the final state and trace.
     """
+    if block_size is not None and block_size < 1:
+        raise ValueError(f"online_gradient: `block_size` must be >= 1, but got {block_size}.")
+
+    def call_loss(ys, targets):
+        """The loss of one call of `online_step`: of one step, or of a block's steps summed."""
+        if block_size is None:
+            return loss_fn(ys, targets)
+        return jnp.sum(jax.vmap(loss_fn)(ys, targets))
 
     def body(carry, inputs):
         state, trace, loss, grads = carry
         (step_loss, (state, trace)), step_grads = _step_loss_and_grad(
-            online_step, loss_fn, params, state, trace, *inputs
+            online_step, call_loss, params, state, trace, *inputs
         )
         grads = jtu.tree_map(jnp.add, grads, step_grads)
         return (state, trace, loss + step_loss, grads), None
 
     zeros = jtu.tree_map(jnp.zeros_like, params)
     init = (state, trace, jnp.zeros((), jnp.result_type(float)), zeros)
-    (state, trace, loss, grads), _ = jax.lax.scan(body, init, (xs, targets))
+    if block_size is None:
+        (state, trace, loss, grads), _ = jax.lax.scan(body, init, (xs, targets))
+    else:
+        state, trace, loss, grads = _scan_blocks(body, init, (xs, targets), block_size)
     return loss, grads, state, trace
+
+
+def _scan_blocks(body: Callable, carry: Any, sequences: Any, size: int) -> Any:
+    """Runs `body(carry, block) -> (carry, _)` over consecutive blocks of `size` steps of
+    `sequences` (leading time axis), a last, shorter block taking the remainder."""
+    length = jtu.tree_leaves(sequences)[0].shape[0]
+    full, rest = divmod(length, size)
+    if full:
+        blocks = jtu.tree_map(
+            lambda a: a[: full * size].reshape(full, size, *a.shape[1:]), sequences
+        )
+        carry, _ = jax.lax.scan(body, carry, blocks)
+    if rest:
+        carry, _ = body(carry, jtu.tree_map(lambda a: a[full * size :], sequences))
+    return carry
 
 
 @eqx.filter_jit
@@ -220,8 +276,6 @@ def truncated_bptt_gradient(
     """
     if window < 1:
         raise ValueError(f"truncated_bptt_gradient: `window` must be >= 1, but got {window}.")
-    length = jtu.tree_leaves(xs)[0].shape[0]
-    full, rest = divmod(length, window)
 
     def window_grad(state, xs, targets):
         state = jax.lax.stop_gradient(state)
@@ -230,9 +284,6 @@ def truncated_bptt_gradient(
         )
         return loss, grads, state
 
-    def chunk(tree, start, stop, shape):
-        return jtu.tree_map(lambda a: a[start:stop].reshape(*shape, *a.shape[1:]), tree)
-
     def body(carry, inputs):
         state, loss, grads = carry
         step_loss, step_grads, state = window_grad(state, *inputs)
@@ -240,16 +291,5 @@ def truncated_bptt_gradient(
 
     loss = jnp.zeros((), jnp.result_type(float))
     grads = jtu.tree_map(jnp.zeros_like, params)
-    if full:
-        windows = (
-            chunk(xs, 0, full * window, (full, window)),
-            chunk(targets, 0, full * window, (full, window)),
-        )
-        (state, loss, grads), _ = jax.lax.scan(body, (state, loss, grads), windows)
-    if rest:
-        tail = (
-            chunk(xs, full * window, length, (rest,)),
-            chunk(targets, full * window, length, (rest,)),
-        )
-        (state, loss, grads), _ = body((state, loss, grads), tail)
+    state, loss, grads = _scan_blocks(body, (state, loss, grads), (xs, targets), window)
     return loss, grads, state

@@ -97,3 +97,17 @@ def contract(op: Any, trace: Any, delta: Any) -> jax.Array:
     if getattr(op, "bias", None) is not None:
         out = out + trace.bias * delta.bias
     return out
+
+
+def outer_sum(op: Any, a: jax.Array, cotangent: jax.Array) -> Any:
+    """`Σ_t outer(op, a_t, cotangent_t)` over a leading time axis, as one contraction over `t`
+    (a matrix product) rather than `t` rank-one updates."""
+    params = op_params(op)
+    if isinstance(op, eqx.nn.Embedding):
+        weight = jnp.einsum("tv,to...->vo...", a, cotangent)
+        return eqx.tree_at(lambda p: p.weight, params, weight)
+    weight = jnp.einsum("to...,ti->oi...", cotangent, a)
+    if getattr(op, "mask", None) is not None:
+        extra = (1,) * (cotangent.ndim - 2)
+        weight = jnp.where(op.mask.reshape(*op.mask.shape, *extra), weight, 0)
+    return _with_weight_and_bias(params, weight, jnp.sum(cotangent, axis=0))

@@ -5,16 +5,27 @@ import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 
-from .._algorithm import AbstractAlgorithm
+from .._algorithm import AbstractAlgorithm, error_if_not_finite, fill_tangent, has_tangent
 from .._cell import AbstractCell
 from .._custom_types import ExampleInput, Input, State
-from .._ops import contract, op_params, outer, spread, weights_reach_one_output
-from .._structure import find_ops
+from .._ops import (
+    apply_op,
+    contract,
+    op_params,
+    outer,
+    outer_sum,
+    spread,
+    weights_reach_one_output,
+)
+from .._structure import CellStructure, find_ops
 from ._diagonal import (
+    Linearisation,
     cell_structure,
+    flat_leaves,
     from_outputs,
     init_param_traces,
     linearise,
+    mix,
     param_tangents,
     split_tangent,
     to_outputs,
@@ -141,3 +152,152 @@ class DRTRL(AbstractAlgorithm):
                     row = row + from_outputs(structure, contract(op, eps_k, delta), i)
             rows.append(row)
         return unflatten_like(state, rows)
+
+    def cell_steps(
+        self, cell: AbstractCell, state: State, trace: DRTRLTrace, xs: Input
+    ) -> tuple[State, DRTRLTrace]:
+        """`C` steps in one pass over the trace. The recursion `ε_t = D_t ε_{t-1} + I_t`
+        (`I_t` the immediate term) unrolls over the block to
+
+        $$
+        ε_C = Φ(C, 0)\\,ε_0 + \\sum_{τ=1}^{C} Φ(C, τ)\\,I_τ,\\qquad
+        Φ(C, τ) = D_C ⋯ D_{τ+1},
+        $$
+
+        a K-by-K block per neuron, so the weight-shaped trace is read and written once per
+        block and the sum over `τ` is one matrix product per op, instead of `C` memory-bound
+        passes. The derivative the rule gives `h_t`, `ε_t · δθ`, is computed without forming
+        `ε_t` (see `_block_link`). Values and gradients equal `C` single steps up to round-off.
+        """
+        x = jtu.tree_map(lambda a: a[0], xs)
+        structure = self._structure(cell, state, x)
+        params, static = eqx.partition(cell, eqx.is_inexact_array)
+        frozen = eqx.combine(jax.lax.stop_gradient(params), static)
+        state, trace = jax.lax.stop_gradient((state, trace))
+        lins, previous = _linearise_block(frozen, structure, state, jax.lax.stop_gradient(xs))
+        products, first = _transition_products(lins.jacobian)
+        new_ops = []
+        for i, ((_, op), eps) in enumerate(zip(find_ops(frozen), trace.ops)):
+            if eps is None:  # A read-out op: exact gradient through `output`, no trace.
+                new_ops.append(None)
+                continue
+            phi = to_outputs(structure, products, i)  # (C, K, K, *u)
+            immediate = jnp.einsum("tkm...,tm...->t...k", phi, lins.op_sensitivities[i])
+            carried = jnp.moveaxis(to_outputs(structure, first, i), (0, 1), (-2, -1))
+            summed = outer_sum(op, lins.op_inputs[i], immediate)
+            new_ops.append(jtu.tree_map(_propagate, spread(op, carried), eps, summed))
+        new_params, _ = jax.lax.scan(
+            lambda traces, lin: (update_param_traces(structure, lin, traces), None),
+            trace.params,
+            lins,
+        )
+        states, new_trace = lins.new_state, DRTRLTrace(ops=tuple(new_ops), params=new_params)
+        if self.check_finite:
+            states, new_trace = error_if_not_finite(self, (states, new_trace))
+        link = _block_link(
+            params,
+            xs,
+            algorithm=self,
+            static=static,
+            state=state,
+            trace=trace,
+            lins=lins,
+            previous=previous,
+        )
+        return jtu.tree_map(jnp.add, states, link), new_trace
+
+    def _block_parameter_tangent(
+        self, cell, state, x, trace: DRTRLTrace, lins: Linearisation, params_tangent
+    ) -> jax.Array:
+        """`z_t = ε_t · δθ` for the block's steps, `(C, K, N)`, from the state-sized recursion
+        `z_t = D_t z_{t-1} + I_t δθ` with `z_0 = ε_0 · δθ`. Reverse mode transposes it into a
+        backward pass over the block through the element-wise `D_t` only, with the weight
+        gradient `Σ_t (∂h/∂u ⊙ λ_t) ⊗ a_t` as one matrix product per op."""
+        structure = self._structure(cell, state, x)
+        carried = flat_leaves(self.parameter_tangent(cell, state, x, trace, params_tangent))
+        op_tangents, other_tangents = split_tangent(params_tangent)
+        immediate = jnp.zeros((lins.jacobian.shape[0], *carried.shape), carried.dtype)
+        for i, ((_, op), traced, delta) in enumerate(
+            zip(find_ops(cell), structure.op_traced, op_tangents)
+        ):
+            if traced:
+                delta_op = eqx.combine(delta, eqx.filter(op, eqx.is_inexact_array, inverse=True))
+                u = jax.vmap(lambda a: apply_op(delta_op, a))(lins.op_inputs[i])
+                immediate = immediate + from_outputs(
+                    structure, lins.op_sensitivities[i] * u[:, None], i
+                )
+        if lins.param_sensitivities:
+            immediate = immediate + jax.vmap(
+                lambda s: param_tangents(structure, s, other_tangents)
+            )(lins.param_sensitivities)
+
+        def body(z, inputs):
+            jacobian, step_immediate = inputs
+            z = mix(jacobian, z) + step_immediate
+            return z, z
+
+        _, zs = jax.lax.scan(body, carried, (lins.jacobian, immediate))
+        return zs
+
+
+def _linearise_block(cell, structure: CellStructure, state, xs) -> tuple[Linearisation, Any]:
+    """The block's per-step linearisations stacked on a leading axis, and the states
+    `h_0 … h_{C-1}` they start from."""
+
+    def body(state, x):
+        lin = linearise(cell, structure, state, x)
+        return lin.new_state, (lin, state)
+
+    _, (lins, previous) = jax.lax.scan(body, state, xs)
+    return lins, previous
+
+
+def _transition_products(jacobians: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """From `D_1 … D_C` `(C, K, K, N)`: `Φ(C, τ) = D_C ⋯ D_{τ+1}` for `τ = 1 … C` stacked
+    (`Φ(C, C) = I`), and `Φ(C, 0)`."""
+    k, n = jacobians.shape[1], jacobians.shape[-1]
+    eye = jnp.broadcast_to(jnp.eye(k, dtype=jacobians.dtype)[..., None], (k, k, n))
+
+    def body(product, jacobian):
+        return jnp.einsum("kmn,mjn->kjn", product, jacobian), product
+
+    first, products = jax.lax.scan(body, eye, jacobians, reverse=True)
+    return products, first
+
+
+@eqx.filter_custom_jvp
+def _block_link(params, xs, *, algorithm, static, state, trace, lins, previous):
+    """Zero in value, stacked like the block's states. Its JVP is each step's derivative as
+    D-RTRL defines it: `ε_t · δθ` plus the exact `∂h_t/∂x_t` applied to `δx_t`."""
+    del params, xs, algorithm, static, state, trace, previous
+    return jtu.tree_map(jnp.zeros_like, lins.new_state)
+
+
+@_block_link.def_jvp
+def _block_link_jvp(primals, tangents, *, algorithm, static, state, trace, lins, previous):
+    params, xs = primals
+    params_tangent, xs_tangent = tangents
+    zeros = jtu.tree_map(jnp.zeros_like, lins.new_state)
+    cell = eqx.combine(params, static)
+    tangent = zeros
+    if has_tangent(params_tangent):
+        x = jtu.tree_map(lambda a: a[0], xs)
+        zs = algorithm._block_parameter_tangent(
+            cell, state, x, trace, lins, fill_tangent(params, params_tangent)
+        )
+        leaves, treedef = jtu.tree_flatten(lins.new_state)
+        tangent = jtu.tree_unflatten(
+            treedef,
+            [zs[:, k].reshape(leaf.shape).astype(leaf.dtype) for k, leaf in enumerate(leaves)],
+        )
+    if has_tangent(xs_tangent):
+        diff_xs, static_xs = eqx.partition(xs, eqx.is_inexact_array)
+        xs_tangent = fill_tangent(diff_xs, xs_tangent)
+
+        def from_x(h, dx, sx, t):
+            return jax.jvp(lambda d: cell(h, eqx.combine(d, sx))[0], (dx,), (t,))[1]
+
+        tangent = jtu.tree_map(
+            jnp.add, tangent, jax.vmap(from_x)(previous, diff_xs, static_xs, xs_tangent)
+        )
+    return zeros, tangent
