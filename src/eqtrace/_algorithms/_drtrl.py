@@ -182,15 +182,15 @@ class DRTRL(AbstractAlgorithm):
                 new_ops.append(None)
                 continue
             phi = to_outputs(structure, products, i)  # (C, K, K, *u)
-            immediate = jnp.einsum("tkm...,tm...->t...k", phi, lins.op_sensitivities[i])
+            sensitivities = lins.op_sensitivities[i]  # (C, K, *u)
+            immediate = sum(
+                phi[:, :, m] * sensitivities[:, m, None] for m in range(sensitivities.shape[1])
+            )  # (C, K, *u): Φ(C, τ) ∂h_τ/∂u_τ
+            immediate = jnp.moveaxis(immediate, 1, -1)
             carried = jnp.moveaxis(to_outputs(structure, first, i), (0, 1), (-2, -1))
             summed = outer_sum(op, lins.op_inputs[i], immediate)
             new_ops.append(jtu.tree_map(_propagate, spread(op, carried), eps, summed))
-        new_params, _ = jax.lax.scan(
-            lambda traces, lin: (update_param_traces(structure, lin, traces), None),
-            trace.params,
-            lins,
-        )
+        new_params = _propagate_param_traces(structure, products, first, lins, trace.params)
         states, new_trace = lins.new_state, DRTRLTrace(ops=tuple(new_ops), params=new_params)
         if self.check_finite:
             states, new_trace = error_if_not_finite(self, (states, new_trace))
@@ -242,13 +242,15 @@ class DRTRL(AbstractAlgorithm):
 
 def _linearise_block(cell, structure: CellStructure, state, xs) -> tuple[Linearisation, Any]:
     """The block's per-step linearisations stacked on a leading axis, and the states
-    `h_0 … h_{C-1}` they start from."""
+    `h_0 … h_{C-1}` they start from. Only the plain cell runs step by step; the
+    linearisations, which need just `(h_{t-1}, x_t)`, are computed for all steps at once (a
+    scan of them would cost many small kernels per step)."""
 
     def body(state, x):
-        lin = linearise(cell, structure, state, x)
-        return lin.new_state, (lin, state)
+        return cell(state, x)[0], state
 
-    _, (lins, previous) = jax.lax.scan(body, state, xs)
+    _, previous = jax.lax.scan(body, state, xs)
+    lins = jax.vmap(lambda h, x: linearise(cell, structure, h, x))(previous, xs)
     return lins, previous
 
 
@@ -259,10 +261,26 @@ def _transition_products(jacobians: jax.Array) -> tuple[jax.Array, jax.Array]:
     eye = jnp.broadcast_to(jnp.eye(k, dtype=jacobians.dtype)[..., None], (k, k, n))
 
     def body(product, jacobian):
-        return jnp.einsum("kmn,mjn->kjn", product, jacobian), product
+        # Sums of element-wise products: a dot over the tiny K axis, batched over neurons,
+        # is many times slower on CPU.
+        new = sum(product[:, m, None] * jacobian[None, m] for m in range(k))
+        return new, product
 
     first, products = jax.lax.scan(body, eye, jacobians, reverse=True)
     return products, first
+
+
+def _propagate_param_traces(structure, products, first, lins, traces) -> tuple[jax.Array, ...]:
+    """The non-op parameters' traces over the block, `Φ(C, 0) ε_0 + Σ_τ Φ(C, τ) ∂h_τ/∂p`."""
+    new = []
+    for kind, trace, immediate in zip(structure.param_kinds, traces, lins.param_sensitivities):
+        if kind == "shared":  # `(K, N, |p|)`
+            per_step, carried = products[..., None], first[..., None]
+        else:  # `(K, *neuron_shape)`
+            per_step = products.reshape(*products.shape[:3], *structure.neuron_shape)
+            carried = first.reshape(*first.shape[:2], *structure.neuron_shape)
+        new.append(mix(carried, trace) + jnp.sum(jax.vmap(mix)(per_step, immediate), axis=0))
+    return tuple(new)
 
 
 @eqx.filter_custom_jvp
