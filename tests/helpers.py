@@ -8,6 +8,7 @@ import jax.tree_util as jtu
 import numpy as np
 
 import eqtrace
+from eqtrace import nn
 
 
 def tree_allclose(x: Any, y: Any, *, rtol: float = 1e-9, atol: float = 0.0) -> bool:
@@ -63,3 +64,48 @@ def output_shape(model, x) -> tuple[int, ...]:
     state = model.init_state()
     _, y = jax.eval_shape(model, state, x)
     return y.shape
+
+
+class LeakyTanh(eqtrace.AbstractCell):
+    """`h' = α ⊙ h + tanh(W x + b)`: element-wise recurrence, learnable per-neuron decay."""
+
+    op: eqx.nn.Linear
+    decay: jax.Array
+
+    def __init__(self, input_size, hidden_size, *, key):
+        self.op = eqx.nn.Linear(input_size, hidden_size, key=key)
+        self.decay = jnp.linspace(0.3, 0.9, hidden_size)
+
+    def init_state(self):
+        return jnp.zeros(self.decay.shape)
+
+    def __call__(self, state, x):
+        h = self.decay * state + jnp.tanh(self.op(x))
+        return h, h
+
+
+class LeakyCurrent(eqtrace.AbstractCell):
+    """Two state leaves per neuron (current and potential): a 2×2 block per neuron, plus a
+    shared scalar gain."""
+
+    op: nn.Linear
+    log_tau: jax.Array
+    gain: jax.Array
+
+    def __init__(self, input_size, hidden_size, *, key):
+        self.op = nn.Linear(input_size, hidden_size, key=key)
+        self.log_tau = jnp.log(jnp.linspace(2.0, 5.0, hidden_size))
+        self.gain = jnp.array(0.7)
+
+    def init_state(self):
+        return jnp.zeros(self.log_tau.shape), jnp.zeros(self.log_tau.shape)
+
+    def __call__(self, state, x):
+        current, potential = state
+        current = 0.8 * current + self.op(x)
+        decay = jnp.exp(-1 / jnp.exp(self.log_tau))
+        potential = decay * potential + (1 - decay) * jnp.tanh(self.gain * current + potential)
+        return (current, potential), potential
+
+    def output(self, state):
+        return state[1]

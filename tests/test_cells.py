@@ -204,7 +204,7 @@ def test_rtrl_equals_bptt_two_layers(name, getkey):
     targets = jr.normal(getkey(), (LENGTH, 2))
     if name in SPIKING:
         (first_states, _, _), _ = _run(model, xs)
-        spikes = first_states[-1]
+        spikes = jax.vmap(first.output)(first_states)
         assert 0 < jnp.sum(spikes) < spikes.size
     online, bptt = online_and_bptt(eqtrace.RTRL(), model, xs, targets)
     assert relative_error(online, bptt) <= 1e-9
@@ -304,9 +304,8 @@ def test_lif_decay_without_input(synapse, learn_tau, getkey):
         key=getkey(),
     )
     v = jnp.linspace(-0.5, 0.9, HIDDEN)  # below threshold: no spike, no reset
-    zeros = jnp.zeros(HIDDEN)
     i = jnp.linspace(0.0, 0.01, HIDDEN)
-    state = (v, i, zeros) if synapse else (v, zeros)
+    state = (v, i) if synapse else (v,)
     x = jnp.zeros(INPUT)
     alpha, alpha_syn = math.exp(-dt / tau_mem), math.exp(-dt / tau_syn)
     for _ in range(3):
@@ -328,10 +327,19 @@ def test_reset(reset, kind, getkey):
     cell = cls(INPUT, HIDDEN, reset=reset, threshold=threshold, tau_mem=tau, key=getkey())
     alpha = math.exp(-1 / tau)
     v0 = jnp.array([1.5, 0.5, -0.3, 0.79])  # only neuron 0 crosses the threshold
-    zeros = jnp.zeros(HIDDEN)
-    state = (v0, zeros) if kind == "lif" else (v0, zeros, zeros)
     x = jnp.zeros(INPUT)
-    state, s1 = cell(state, x)
+    if kind == "lif":
+        # The LIF's spikes are a function of v: (v0,) has spiked; the next step resets it.
+        s0 = cell.output((v0,))
+        assert jnp.array_equal(s0, (v0 > threshold).astype(v0.dtype))
+        state, s1 = cell((v0,), x)
+        v1 = alpha * v0 - threshold * s0 if reset == "subtract" else alpha * (1 - s0) * v0
+        np.testing.assert_allclose(state[0], v1, rtol=1e-12)
+        assert state[0][0] == pytest.approx(alpha * 1.5 - threshold if reset == "subtract" else 0)
+        assert jnp.all(s1 == 0)
+        return
+    zeros = jnp.zeros(HIDDEN)
+    state, s1 = cell((v0, zeros, zeros), x)
     v1 = alpha * v0
     np.testing.assert_allclose(state[0], v1, rtol=1e-12)
     # Spikes are exactly [v > threshold].

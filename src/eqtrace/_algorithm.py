@@ -191,6 +191,7 @@ class AbstractAlgorithm(eqx.Module):
 
     def _check_arguments(self, model, state, trace, x) -> None:
         check_state(model, state)
+        check_input(model, x)
         check_matches(
             "trace",
             jax.eval_shape(self.init_trace, model, state, x),
@@ -198,7 +199,6 @@ class AbstractAlgorithm(eqx.Module):
             f"Create it with `{type(self).__name__}(...).init_trace(model, state)` for this "
             "model; a trace made by another algorithm or for another model cannot be reused.",
         )
-        check_input(model, x)
 
 
 def _last(stacked: Any) -> Any:

@@ -94,8 +94,11 @@ class LIF(AbstractCell):
     width is relative to `ϑ` (Bellec et al.); the forward pass is exactly `s_t = [v_t > ϑ]`.
     The reset is differentiated like everything else (no stop-gradient).
 
-    The state is the tuple `(v, s)`, or `(v, i, s)` with a synapse, every leaf of shape
-    `(hidden_size,)`; the output is the spike leaf `s`. The weights are synaptic ops
+    The state is the tuple `(v,)`, or `(v, i)` with a synapse, every leaf of shape
+    `(hidden_size,)`; the output is the spikes `s = output(state)`, computed from `v`. (The
+    spikes need no state leaf of their own: `s_t` is a fixed function of `v_t`, and an extra
+    leaf would cost the online rules a third more trace for no information. `ALIF` keeps one
+    because its spike function has a learnable parameter, `β`.) The weights are synaptic ops
     (`input_op`, and `recurrent_op` acting on the previous spikes), optionally masked for sparse
     connectivity; everything else is element-wise per neuron. With `learn_tau=True` the time
     constants are per-neuron parameters `log_tau_mem` (and `log_tau_syn`), `τ = exp(log τ)`;
@@ -174,27 +177,24 @@ class LIF(AbstractCell):
 
     def init_state(self) -> _SpikingState:
         zeros = jnp.zeros(self.hidden_size, self.input_op.weight.dtype)
-        return (zeros, zeros, zeros) if self.synapse else (zeros, zeros)
+        return (zeros, zeros) if self.synapse else (zeros,)
 
     def __call__(
         self, state: _SpikingState, x: Float[Array, " input"]
     ) -> tuple[_SpikingState, Float[Array, " hidden"]]:
-        if self.synapse:
-            v, i, s = state
-        else:
-            (v, s), i = state, None
+        s = self.output(state)  # the previous step's spikes
+        v, i = state if self.synapse else (state[0], None)
         current = _synaptic_input(self, s, x)
         if i is not None:
             i = _decay(self.log_tau_syn, self.tau_syn, self.dt) * i + current
             current = i
         v = _membrane(self, v, s, current)
-        s = self.surrogate((v - self.threshold) / self.threshold)
-        new_state = (v, s) if i is None else (v, i, s)
+        new_state = (v,) if i is None else (v, i)
         return new_state, self.output(new_state)
 
     def output(self, state: _SpikingState) -> Float[Array, " hidden"]:
-        """The spikes `s`, the last leaf of the state."""
-        return state[-1]
+        """The spikes `s = H((v − ϑ)/ϑ)` of the state."""
+        return self.surrogate((state[0] - self.threshold) / self.threshold)
 
 
 class ALIF(AbstractCell):

@@ -1,0 +1,255 @@
+"""Online blocks (`AbstractAlgorithm.steps`, `make_online_block`, `online_gradient(block_size=)`):
+the same states, traces and gradients as stepping, for every algorithm. D-RTRL's blocks use a
+different computation (one pass over the trace per block), so they are held to the step-by-step
+path, and through it to BPTT where D-RTRL is exact."""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+import optax
+import pytest
+
+import eqtrace
+from eqtrace import nn
+from helpers import LeakyCurrent, LeakyTanh, relative_error, squared_loss
+
+
+ALGORITHMS = {
+    "drtrl": eqtrace.DRTRL(),
+    "ppprop": eqtrace.PPProp(rank=3),
+    "rtrl": eqtrace.RTRL(),
+}
+
+INPUT, BATCH, LENGTH, BLOCK = 3, 2, 11, 4  # 11 = 2 blocks of 4 and a remainder of 3
+
+
+def _models(key):
+    keys = jr.split(key, 8)
+    return {
+        # Spiking: a current leaf, recurrent weights, learnt time constants, a leaky read-out.
+        "lif": nn.Sequential(
+            [
+                nn.LIF(
+                    INPUT,
+                    5,
+                    recurrent=True,
+                    synapse=True,
+                    learn_tau=True,
+                    threshold=0.2,
+                    key=keys[0],
+                ),
+                nn.LeakyReadout(5, 2, key=keys[1]),
+            ]
+        ),
+        # Input credit into a first layer, a GRU's fused gates, a shared scalar parameter.
+        "stack": nn.Sequential(
+            [
+                eqx.nn.Linear(INPUT, 4, key=keys[2]),
+                nn.GRUCell(4, 5, key=keys[3]),
+                LeakyCurrent(5, 3, key=keys[4]),
+                eqx.nn.Linear(3, 2, key=keys[5]),
+            ]
+        ),
+        "alif": nn.Sequential(
+            [
+                nn.ALIF(INPUT, 4, recurrent=True, learn_tau=True, learn_beta=True, key=keys[6]),
+                eqx.nn.Linear(4, 2, key=keys[7]),
+            ]
+        ),
+    }
+
+
+def _data(key, length=LENGTH):
+    xkey, tkey = jr.split(key)
+    # Inputs large enough that the spiking layers fire.
+    return 2 * jr.normal(xkey, (length, BATCH, INPUT)), jr.normal(tkey, (length, BATCH, 2))
+
+
+def _batch_loss(y, target):
+    return jnp.sum((y - target) ** 2) / BATCH
+
+
+def _stepped_and_blocked(algorithm, model, xs, targets, block_size=BLOCK):
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+    state, trace = eqtrace.init_state_and_trace(model, algorithm, BATCH)
+    step = jax.vmap(eqtrace.make_online_step(algorithm, static), in_axes=(None, 0, 0, 0))
+    block = jax.vmap(
+        eqtrace.make_online_block(algorithm, static), in_axes=(None, 0, 0, 1), out_axes=(0, 0, 1)
+    )
+    stepped = eqtrace.online_gradient(step, _batch_loss, params, state, trace, xs, targets)
+    blocked = eqtrace.online_gradient(
+        block, _batch_loss, params, state, trace, xs, targets, block_size=block_size
+    )
+    return stepped, blocked
+
+
+@pytest.mark.parametrize("model_name", ["lif", "stack", "alif"])
+@pytest.mark.parametrize("name", ["drtrl", "ppprop", "rtrl"])
+def test_blocks_equal_steps(name, model_name, getkey):
+    model = _models(getkey())[model_name]
+    xs, targets = _data(getkey())
+    if model_name == "lif":  # the test exercises the spiking regime
+        lif = model.layers[0]
+        init = jax.vmap(lambda _: lif.init_state())(xs[0])
+        _, spikes = jax.lax.scan(lambda s, x: jax.vmap(lif)(s, x), init, xs)
+        assert 0 < float(jnp.mean(spikes)) < 1
+    stepped, blocked = _stepped_and_blocked(ALGORITHMS[name], model, xs, targets)
+    (loss, grads, state, trace), (block_loss, block_grads, block_state, block_trace) = (
+        stepped,
+        blocked,
+    )
+    assert relative_error(block_loss, loss) <= 1e-12
+    assert relative_error(block_grads, grads) <= 1e-10
+    assert relative_error(block_state, state) <= 1e-12
+    assert relative_error(block_trace, trace) <= 1e-10
+    # Not vacuous: every parameter gets a gradient.
+    assert all(bool(jnp.any(g != 0)) for g in jax.tree.leaves(grads))
+
+
+@pytest.mark.parametrize("block_size", [1, 3, LENGTH, 2 * LENGTH])
+def test_drtrl_blocks_any_size(block_size, getkey):
+    model = _models(getkey())["lif"]
+    xs, targets = _data(getkey())
+    (_, grads, _, trace), (_, block_grads, _, block_trace) = _stepped_and_blocked(
+        eqtrace.DRTRL(), model, xs, targets, block_size
+    )
+    assert relative_error(block_grads, grads) <= 1e-10
+    assert relative_error(block_trace, trace) <= 1e-10
+
+
+@pytest.mark.parametrize("cell_cls", [LeakyTanh, LeakyCurrent])
+def test_drtrl_blocks_equal_bptt_for_elementwise_layer(cell_cls, getkey):
+    """DESIGN §5 oracle 2 through the block path: exact for an element-wise recurrence."""
+    model = nn.Sequential([cell_cls(INPUT, 4, key=getkey()), eqx.nn.Linear(4, 2, key=getkey())])
+    xs, targets = _data(getkey())
+    xs, targets = xs[:, 0], targets[:, 0]
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+    algorithm = eqtrace.DRTRL()
+    state = model.init_state()
+    trace = algorithm.init_trace(model, state, xs[0])
+    block = eqtrace.make_online_block(algorithm, static)
+    _, online, _, _ = eqtrace.online_gradient(
+        block, squared_loss, params, state, trace, xs, targets, block_size=BLOCK
+    )
+    _, bptt, _ = eqtrace.bptt_gradient(
+        eqtrace.make_forward_step(static), squared_loss, params, state, xs, targets
+    )
+    assert relative_error(online, bptt) <= 1e-10
+
+
+def test_embedding_and_masked_ops_in_blocks(getkey):
+    class TokenCell(eqtrace.AbstractCell):
+        embed: eqx.nn.Embedding
+        recurrent: nn.Linear
+
+        def __init__(self, *, key):
+            k1, k2 = jr.split(key)
+            self.embed = eqx.nn.Embedding(5, 4, key=k1)
+            mask = jnp.array(np.random.default_rng(0).random((4, 4)) < 0.5)
+            self.recurrent = nn.Linear(4, 4, mask=mask, key=k2)
+
+        def init_state(self):
+            return jnp.zeros(4)
+
+        def __call__(self, state, token):
+            h = 0.5 * state + jnp.tanh(self.embed(token) + self.recurrent(state))
+            return h, h
+
+    cell = TokenCell(key=getkey())
+    params, static = eqx.partition(cell, eqx.is_inexact_array)
+    algorithm = eqtrace.DRTRL()
+    tokens = jr.randint(getkey(), (LENGTH,), 0, 5)
+    targets = jr.normal(getkey(), (LENGTH, 4))
+    state = cell.init_state()
+    trace = algorithm.init_trace(cell, state, tokens[0])
+    args = (squared_loss, params, state, trace, tokens, targets)
+    stepped = eqtrace.online_gradient(eqtrace.make_online_step(algorithm, static), *args)
+    blocked = eqtrace.online_gradient(
+        eqtrace.make_online_block(algorithm, static), *args, block_size=BLOCK
+    )
+    assert relative_error(blocked, stepped) <= 1e-10
+    grads = blocked[1]
+    assert bool(jnp.all(grads.recurrent.weight[~cell.recurrent.mask] == 0))
+
+
+@pytest.mark.parametrize("name", ["drtrl", "ppprop"])
+def test_steps_outputs_and_jit(name, getkey):
+    algorithm = ALGORITHMS[name]
+    model = _models(getkey())["stack"]
+    xs = jr.normal(getkey(), (LENGTH, INPUT))
+    state = model.init_state()
+    trace = algorithm.init_trace(model, state)
+    stepped_ys = []
+    stepped_state, stepped_trace = state, trace
+    for x in xs:
+        stepped_state, stepped_trace, y = algorithm.step(model, stepped_state, stepped_trace, x)
+        stepped_ys.append(y)
+    eager = algorithm.steps(model, state, trace, xs)
+    jitted = eqx.filter_jit(algorithm.steps)(model, state, trace, xs)
+    assert relative_error(eager, (stepped_state, stepped_trace, jnp.stack(stepped_ys))) <= 1e-12
+    assert relative_error(jitted, eager) <= 1e-12
+
+
+def test_blocks_reject_bad_arguments(getkey):
+    model = nn.GRUCell(INPUT, 4, key=getkey())
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+    state = model.init_state()
+    block = eqtrace.make_online_block(eqtrace.DRTRL(), static)
+    xs = jnp.zeros((LENGTH, INPUT))
+    ppprop_trace = eqtrace.PPProp(0.5).init_trace(model, state)
+    with pytest.raises(ValueError, match="trace"):
+        block(params, state, ppprop_trace, xs)
+    trace = eqtrace.DRTRL().init_trace(model, state)
+    with pytest.raises(ValueError, match="x"):
+        block(params, state, trace, jnp.zeros((LENGTH, INPUT + 1)))
+    with pytest.raises(ValueError, match="block_size"):
+        eqtrace.online_gradient(
+            block, squared_loss, params, state, trace, xs, jnp.zeros((LENGTH, 4)), block_size=0
+        )
+
+
+def test_drtrl_blocks_check_finite(getkey):
+    model = nn.GRUCell(INPUT, 4, key=getkey())
+    algorithm = eqtrace.DRTRL(check_finite=True)
+    state = model.init_state()
+    trace = algorithm.init_trace(model, state)
+    xs = jnp.zeros((LENGTH, INPUT)).at[2, 0].set(jnp.nan)
+    with pytest.raises(Exception, match="non-finite"):
+        jax.block_until_ready(algorithm.steps(model, state, trace, xs))
+
+
+def test_drtrl_blocks_bfloat16_traces(getkey):
+    model = _models(getkey())["lif"]
+    xs, targets = _data(getkey())
+    (_, grads, _, _), (_, block_grads, _, block_trace) = _stepped_and_blocked(
+        eqtrace.DRTRL(trace_dtype=jnp.bfloat16), model, xs, targets
+    )
+    assert all(leaf.dtype == jnp.bfloat16 for leaf in jax.tree.leaves(block_trace[0].ops))
+    # Rounded at block ends rather than at every step: close, not equal.
+    assert relative_error(block_grads, grads) <= 3e-2
+
+
+def test_train_with_blocks(getkey):
+    """Plain optax on block gradients: a short training run reduces the loss."""
+    model = _models(getkey())["stack"]
+    xs, _ = _data(getkey(), length=40)
+    targets = jnp.tanh(jnp.cumsum(xs[..., :2], axis=0) / 4)  # depends on the input history
+    algorithm = eqtrace.DRTRL()
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+    block = jax.vmap(
+        eqtrace.make_online_block(algorithm, static), in_axes=(None, 0, 0, 1), out_axes=(0, 0, 1)
+    )
+    optimizer = optax.adam(1e-1)
+    opt_state = optimizer.init(params)
+    losses = []
+    for _ in range(30):
+        state, trace = eqtrace.init_state_and_trace(model, algorithm, BATCH)
+        loss, grads, _, _ = eqtrace.online_gradient(
+            block, _batch_loss, params, state, trace, xs, targets, block_size=10
+        )
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        losses.append(float(loss))
+    assert losses[-1] < 0.5 * losses[0]
