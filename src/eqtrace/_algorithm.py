@@ -72,7 +72,7 @@ class AbstractAlgorithm(eqx.Module):
         frozen = eqx.combine(jax.lax.stop_gradient(params), static)
 
         def body(carry, x):
-            new_state, new_trace = self.update(frozen, *carry, x)
+            new_state, new_trace = self.update(frozen, carry[0], carry[1], x)
             return (new_state, new_trace), (carry[0], new_state, new_trace)
 
         carry = jax.lax.stop_gradient((state, trace))

@@ -263,7 +263,9 @@ def _transition_products(jacobians: jax.Array) -> tuple[jax.Array, jax.Array]:
     def body(product, jacobian):
         # Sums of element-wise products: a dot over the tiny K axis, batched over neurons,
         # is many times slower on CPU.
-        new = sum(product[:, m, None] * jacobian[None, m] for m in range(k))
+        new = product[:, 0, None] * jacobian[None, 0]
+        for m in range(1, k):
+            new = new + product[:, m, None] * jacobian[None, m]
         return new, product
 
     first, products = jax.lax.scan(body, eye, jacobians, reverse=True)
