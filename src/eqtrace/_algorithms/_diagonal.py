@@ -152,6 +152,20 @@ def linearise(cell, structure: CellStructure, state, x) -> Linearisation:
     )
 
 
+def linearise_block(cell, structure: CellStructure, state, xs) -> tuple[Linearisation, Any]:
+    """The block's per-step linearisations stacked on a leading axis, and the states
+    `h_0 … h_{C-1}` they start from. Only the plain cell runs step by step; the
+    linearisations, which need just `(h_{t-1}, x_t)`, are computed for all steps at once (a
+    scan of them would cost many small kernels per step)."""
+
+    def body(state, x):
+        return cell(state, x)[0], state
+
+    _, previous = jax.lax.scan(body, state, xs)
+    lins = jax.vmap(lambda h, x: linearise(cell, structure, h, x))(previous, xs)
+    return lins, previous
+
+
 def _shared_sensitivity(transition, state, probes, params, index: int) -> jax.Array:
     """`(K, N, |p|)`: the dense `∂h/∂p` of the `index`-th parameter, one JVP per entry of p."""
     leaves, treedef = jtu.tree_flatten(params)

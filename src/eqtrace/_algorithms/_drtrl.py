@@ -17,7 +17,7 @@ from .._ops import (
     spread,
     weights_reach_one_output,
 )
-from .._structure import CellStructure, find_ops
+from .._structure import find_ops
 from ._diagonal import (
     Linearisation,
     cell_structure,
@@ -25,6 +25,7 @@ from ._diagonal import (
     from_outputs,
     init_param_traces,
     linearise,
+    linearise_block,
     mix,
     param_tangents,
     split_tangent,
@@ -174,7 +175,7 @@ class DRTRL(AbstractAlgorithm):
         params, static = eqx.partition(cell, eqx.is_inexact_array)
         frozen = eqx.combine(jax.lax.stop_gradient(params), static)
         state, trace = jax.lax.stop_gradient((state, trace))
-        lins, previous = _linearise_block(frozen, structure, state, jax.lax.stop_gradient(xs))
+        lins, previous = linearise_block(frozen, structure, state, jax.lax.stop_gradient(xs))
         products, first = _transition_products(lins.jacobian)
         new_ops = []
         for i, ((_, op), eps) in enumerate(zip(find_ops(frozen), trace.ops)):
@@ -238,20 +239,6 @@ class DRTRL(AbstractAlgorithm):
 
         _, zs = jax.lax.scan(body, carried, (lins.jacobian, immediate))
         return zs
-
-
-def _linearise_block(cell, structure: CellStructure, state, xs) -> tuple[Linearisation, Any]:
-    """The block's per-step linearisations stacked on a leading axis, and the states
-    `h_0 … h_{C-1}` they start from. Only the plain cell runs step by step; the
-    linearisations, which need just `(h_{t-1}, x_t)`, are computed for all steps at once (a
-    scan of them would cost many small kernels per step)."""
-
-    def body(state, x):
-        return cell(state, x)[0], state
-
-    _, previous = jax.lax.scan(body, state, xs)
-    lins = jax.vmap(lambda h, x: linearise(cell, structure, h, x))(previous, xs)
-    return lins, previous
 
 
 def _transition_products(jacobians: jax.Array) -> tuple[jax.Array, jax.Array]:

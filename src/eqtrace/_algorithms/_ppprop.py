@@ -12,10 +12,12 @@ from .._custom_types import ExampleInput, Input, State
 from .._ops import apply_op, bias_of, op_params
 from .._structure import find_ops
 from ._diagonal import (
+    Linearisation,
     cell_structure,
     from_outputs,
     init_param_traces,
     linearise,
+    linearise_block,
     mix,
     param_tangents,
     split_tangent,
@@ -124,6 +126,25 @@ class PPProp(AbstractAlgorithm):
     ) -> tuple[State, PPPropTrace]:
         structure = cell_structure("PPProp", cell, state, x, self.strict)
         lin = linearise(cell, structure, state, x)
+        return lin.new_state, self._advance(structure, lin, trace)
+
+    def update_steps(
+        self, cell: AbstractCell, state: State, trace: PPPropTrace, xs: Input
+    ) -> tuple[State, State, PPPropTrace]:
+        # The linearisations of all steps at once; only the cheap trace recursions are scanned.
+        x = jax.tree_util.tree_map(lambda a: a[0], xs)
+        structure = cell_structure("PPProp", cell, state, x, self.strict)
+        lins, previous = linearise_block(cell, structure, state, xs)
+
+        def body(trace, lin):
+            trace = self._advance(structure, lin, trace)
+            return trace, trace
+
+        _, traces = jax.lax.scan(body, trace, lins)
+        return previous, lins.new_state, traces
+
+    def _advance(self, structure, lin: Linearisation, trace: PPPropTrace) -> PPPropTrace:
+        """The trace recursions of one step, given the step's linearisation."""
         alpha = self.decay
         # Ops that do not reach the state (read-outs) have `None` traces and are skipped.
         inputs = tuple(
@@ -135,7 +156,7 @@ class PPProp(AbstractAlgorithm):
             else alpha * mix(to_outputs(structure, lin.jacobian, i), e) + (1 - alpha) * df
             for i, (e, df) in enumerate(zip(trace.outputs, lin.op_sensitivities))
         )
-        return lin.new_state, PPPropTrace(
+        return PPPropTrace(
             inputs=inputs,
             outputs=outputs,
             params=update_param_traces(structure, lin, trace.params),
