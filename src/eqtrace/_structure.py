@@ -28,10 +28,12 @@ MAX_SHARED_PARAM_SIZE = 64
 
 class _Probed(eqx.Module):
     """An op whose output gets `probe` added, whose input gradient may be cut, and whose input
-    is reported to `record` (used within one traced function, returned through `has_aux`)."""
+    and output are reported to `record` (used within one traced function, returned through
+    `has_aux`). Given a recorded `output`, it returns that instead of applying the op."""
 
     op: Any
     probe: jax.Array | None
+    output: jax.Array | None
     record: Callable = eqx.field(static=True)
     cut: bool = eqx.field(static=True)
 
@@ -40,21 +42,26 @@ class _Probed(eqx.Module):
         a = op_input(self.op, raw_input)
         if self.cut:
             a = jax.lax.stop_gradient(a)
-        u = apply_op(self.op, a)
+        u = apply_op(self.op, a) if self.output is None else self.output
         self.record((a, u))
         return u if self.probe is None else u + self.probe
 
 
-def probed_call(cell, state, x, probes, *, cut: bool):
-    """Runs `cell(state, x)` with `probes[i]` added to the output of its i-th op.
+def probed_call(cell, state, x, probes, *, cut: bool, outputs=None):
+    """Runs `cell(state, x)` with `probes[i]` added to the output of its i-th op; with
+    `outputs` (recorded by an earlier call), the ops return those instead of recomputing
+    them, so only the cell's element-wise part runs.
 
     **Returns:** `(new_state, ((a_1, u_1), …))`, each op's input vector and output.
     """
     records = []
     probe_iter = iter(probes)
+    output_iter = iter([None] * len(probes) if outputs is None else outputs)
 
     def wrap(node):
-        return _Probed(node, next(probe_iter), records.append, cut) if is_op(node) else node
+        if not is_op(node):
+            return node
+        return _Probed(node, next(probe_iter), next(output_iter), records.append, cut)
 
     new_state, _ = jtu.tree_map(wrap, cell, is_leaf=is_op)(state, x)
     return new_state, tuple(records)

@@ -105,12 +105,16 @@ def mix(jacobian: jax.Array, trace: jax.Array) -> jax.Array:
     return mixed
 
 
-def linearise(cell, structure: CellStructure, state, x) -> Linearisation:
+def linearise(cell, structure: CellStructure, state, x, op_outputs=None) -> Linearisation:
+    """The step's linearisation; with `op_outputs` (each op's output at this step, recorded
+    earlier), the ops are not recomputed."""
     num_leaves, num_neurons = structure.num_leaves, structure.num_neurons
     params, rest = eqx.partition(cell, other_params_spec(cell))
 
     def transition(state, probes, params):
-        new_state, records = probed_call(eqx.combine(params, rest), state, x, probes, cut=True)
+        new_state, records = probed_call(
+            eqx.combine(params, rest), state, x, probes, cut=True, outputs=op_outputs
+        )
         return new_state, tuple(a for a, _ in records)
 
     probes = [
@@ -154,15 +158,21 @@ def linearise(cell, structure: CellStructure, state, x) -> Linearisation:
 
 def linearise_block(cell, structure: CellStructure, state, xs) -> tuple[Linearisation, Any]:
     """The block's per-step linearisations stacked on a leading axis, and the states
-    `h_0 … h_{C-1}` they start from. Only the plain cell runs step by step; the
-    linearisations, which need just `(h_{t-1}, x_t)`, are computed for all steps at once (a
-    scan of them would cost many small kernels per step)."""
+    `h_0 … h_{C-1}` they start from. Only the plain cell runs step by step, recording its ops'
+    outputs; the linearisations, which need just `(h_{t-1}, x_t)` and those outputs, are
+    computed for all steps at once, without recomputing the ops (a scan of them would cost
+    many small kernels per step)."""
+
+    no_probes = [None] * len(structure.op_paths)
 
     def body(state, x):
-        return cell(state, x)[0], state
+        new_state, records = probed_call(cell, state, x, no_probes, cut=False)
+        return new_state, (state, tuple(u for _, u in records))
 
-    _, previous = jax.lax.scan(body, state, xs)
-    lins = jax.vmap(lambda h, x: linearise(cell, structure, h, x))(previous, xs)
+    _, (previous, op_outputs) = jax.lax.scan(body, state, xs)
+    lins = jax.vmap(lambda h, x, u: linearise(cell, structure, h, x, u))(
+        previous, xs, op_outputs
+    )
     return lins, previous
 
 
