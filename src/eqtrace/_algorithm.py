@@ -58,23 +58,6 @@ class AbstractAlgorithm(eqx.Module):
         derives, contracts the trace with `ḡ = dL/dh_t` to give the online gradient. `state`
         and `x` are the step's inputs."""
 
-    def update_steps(
-        self, cell: AbstractCell, state: State, trace: Trace, xs: Input
-    ) -> tuple[State, State, Trace]:
-        """`update` over the leading (time) axis of `xs`, without derivatives.
-
-        **Returns:** `(previous, states, traces)`: the states each step starts from
-        (`h_0 … h_{T-1}`), the new states (`h_1 … h_T`) and the new traces, each stacked along
-        a leading axis. This default scans `update`; algorithms may vectorise parts of it.
-        """
-
-        def body(carry, x):
-            new_state, new_trace = self.update(cell, carry[0], carry[1], x)
-            return (new_state, new_trace), (carry[0], new_state, new_trace)
-
-        _, (previous, states, traces) = jax.lax.scan(body, (state, trace), xs)
-        return previous, states, traces
-
     def cell_steps(
         self, cell: AbstractCell, state: State, trace: Trace, xs: Input
     ) -> tuple[State, Trace]:
@@ -82,14 +65,18 @@ class AbstractAlgorithm(eqx.Module):
 
         **Returns:** the new states `h_1 … h_T`, stacked along a leading axis, and the last
         trace; with the same values and derivatives as `T` single steps. This default keeps
-        every step's trace (from `update_steps`) for the derivatives, so its memory is `T`
-        times the trace; algorithms with large traces override it.
+        every step's trace for the derivatives, so its memory is `T` times the trace;
+        algorithms with large traces override it.
         """
         params, static = eqx.partition(cell, eqx.is_inexact_array)
         frozen = eqx.combine(jax.lax.stop_gradient(params), static)
-        previous, states, traces = self.update_steps(
-            frozen, *jax.lax.stop_gradient((state, trace, xs))
-        )
+
+        def body(carry, x):
+            new_state, new_trace = self.update(frozen, carry[0], carry[1], x)
+            return (new_state, new_trace), (carry[0], new_state, new_trace)
+
+        carry = jax.lax.stop_gradient((state, trace))
+        _, (previous, states, traces) = jax.lax.scan(body, carry, jax.lax.stop_gradient(xs))
         if getattr(self, "check_finite", False):
             states, traces = error_if_not_finite(self, (states, traces))
 

@@ -170,9 +170,7 @@ def linearise_block(cell, structure: CellStructure, state, xs) -> tuple[Linearis
         return new_state, (state, tuple(u for _, u in records))
 
     _, (previous, op_outputs) = jax.lax.scan(body, state, xs)
-    lins = jax.vmap(lambda h, x, u: linearise(cell, structure, h, x, u))(
-        previous, xs, op_outputs
-    )
+    lins = jax.vmap(lambda h, x, u: linearise(cell, structure, h, x, u))(previous, xs, op_outputs)
     return lins, previous
 
 

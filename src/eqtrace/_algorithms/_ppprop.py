@@ -12,12 +12,10 @@ from .._custom_types import ExampleInput, Input, State
 from .._ops import apply_op, bias_of, op_params
 from .._structure import find_ops
 from ._diagonal import (
-    Linearisation,
     cell_structure,
     from_outputs,
     init_param_traces,
     linearise,
-    linearise_block,
     mix,
     param_tangents,
     split_tangent,
@@ -126,25 +124,6 @@ class PPProp(AbstractAlgorithm):
     ) -> tuple[State, PPPropTrace]:
         structure = cell_structure("PPProp", cell, state, x, self.strict)
         lin = linearise(cell, structure, state, x)
-        return lin.new_state, self._advance(structure, lin, trace)
-
-    def update_steps(
-        self, cell: AbstractCell, state: State, trace: PPPropTrace, xs: Input
-    ) -> tuple[State, State, PPPropTrace]:
-        # The linearisations of all steps at once; only the cheap trace recursions are scanned.
-        x = jax.tree_util.tree_map(lambda a: a[0], xs)
-        structure = cell_structure("PPProp", cell, state, x, self.strict)
-        lins, previous = linearise_block(cell, structure, state, xs)
-
-        def body(trace, lin):
-            trace = self._advance(structure, lin, trace)
-            return trace, trace
-
-        _, traces = jax.lax.scan(body, trace, lins)
-        return previous, lins.new_state, traces
-
-    def _advance(self, structure, lin: Linearisation, trace: PPPropTrace) -> PPPropTrace:
-        """The trace recursions of one step, given the step's linearisation."""
         alpha = self.decay
         # Ops that do not reach the state (read-outs) have `None` traces and are skipped.
         inputs = tuple(
@@ -156,7 +135,7 @@ class PPProp(AbstractAlgorithm):
             else alpha * mix(to_outputs(structure, lin.jacobian, i), e) + (1 - alpha) * df
             for i, (e, df) in enumerate(zip(trace.outputs, lin.op_sensitivities))
         )
-        return PPPropTrace(
+        return lin.new_state, PPPropTrace(
             inputs=inputs,
             outputs=outputs,
             params=update_param_traces(structure, lin, trace.params),
@@ -168,20 +147,24 @@ class PPProp(AbstractAlgorithm):
     ) -> State:
         structure = cell_structure("PPProp", cell, state, x, self.strict)
         op_tangents, param_tangents_ = split_tangent(params_tangent)
-        total = param_tangents(structure, trace.params, param_tangents_)
+        # One row per state leaf, kept apart (as in D-RTRL), so the transpose needs no
+        # reduction over leaves.
+        rows = list(param_tangents(structure, trace.params, param_tangents_))
         alpha = self.decay
         # 1 − α^{t+1}, with t + 1 the number of steps taken; a bias's input trace is that
-        # divided by (1 − α).
-        accumulated = 1 - alpha ** trace.steps.astype(total.dtype)
-        correction = accumulated if self.bias_correction else jnp.ones_like(accumulated)
-        bias_input_trace = accumulated / (1 - alpha)
+        # divided by (1 − α). The correction scales the (small) input trace, a primal value,
+        # rather than the tangent.
+        accumulated = 1 - alpha ** trace.steps.astype(rows[0].dtype)
+        scale = 1 / accumulated if self.bias_correction else jnp.ones_like(accumulated)
         for i, ((_, op), eps_x, eps_f, delta) in enumerate(
             zip(find_ops(cell), trace.inputs, trace.outputs, op_tangents)
         ):
             if eps_x is None or eps_f is None:
                 continue
             if bias_of(op) is not None:
+                bias_input_trace = scale * accumulated / (1 - alpha)
                 delta = eqx.tree_at(lambda d: d.bias, delta, delta.bias * bias_input_trace)
-            _, du = eqx.filter_jvp(functools.partial(apply_op, a=eps_x), (op,), (delta,))
-            total = total + from_outputs(structure, eps_f * (du / correction)[None], i)
-        return unflatten_like(state, total)
+            _, du = eqx.filter_jvp(functools.partial(apply_op, a=eps_x * scale), (op,), (delta,))
+            for k in range(len(rows)):
+                rows[k] = rows[k] + from_outputs(structure, eps_f[k] * du, i)
+        return unflatten_like(state, rows)
