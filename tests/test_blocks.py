@@ -178,7 +178,7 @@ def test_embedding_and_masked_ops_in_blocks(getkey):
 def test_steps_outputs_and_jit(name, getkey):
     algorithm = ALGORITHMS[name]
     model = _models(getkey())["stack"]
-    xs = jr.normal(getkey(), (LENGTH, INPUT))
+    xs = jr.normal(getkey(), (4, INPUT))
     state = model.init_state()
     trace = algorithm.init_trace(model, state)
     stepped_ys = []
