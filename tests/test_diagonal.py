@@ -321,6 +321,9 @@ def test_trace_sizes_match_formulas(getkey):
     ppprop = input_size + k * hidden + k * hidden + k * hidden * 1 + 1
     assert eqtrace.trace_size(eqtrace.PPProp(0.5), leaky, x)[0] == ppprop
     assert eqtrace.trace_size(eqtrace.RTRL(), gru)[0] == hidden * ops_params
+    # Ops whose outputs are summed (W_ih x + W_hh h) share pp-prop's output trace.
+    rnn = nn.RNNCell(input_size, hidden, key=getkey())
+    assert eqtrace.trace_size(eqtrace.PPProp(0.5), rnn)[0] == (input_size + hidden) + hidden + 1
 
 
 def test_ppprop_arguments():

@@ -94,6 +94,9 @@ class CellStructure:
     #: Per op, whether it reaches the state at all; ops used only in `output` (read-outs)
     #: get exact gradients through the output and need no trace.
     op_traced: tuple[bool, ...]
+    #: Per op, the first op with the same `∂h/∂u` (itself if none): ops whose outputs are
+    #: summed, as `W_in x + W_rec s`, share it, so pp-prop keeps one output trace for them.
+    op_sensitivity_source: tuple[int, ...]
     param_paths: tuple[str, ...]
     #: Per non-op parameter: "elementwise" (per-neuron) or "shared" (small, dense trace).
     param_kinds: tuple[str, ...]
@@ -205,6 +208,9 @@ def _analyse(cell, state, x) -> CellStructure:
     out_shapes = tuple(tuple(u.shape) for _, u in records)
 
     owner_hits = [np.zeros((num_neurons, math.prod(s)), bool) for s in out_shapes]
+    same_sensitivity = np.array([[a == b for b in out_shapes] for a in out_shapes], bool).reshape(
+        len(ops), len(ops)
+    )
     cut_offdiag = np.zeros((num_leaves, num_leaves), bool)
     param_offdiag = [False] * len(param_paths)
     param_feeds_op = [False] * len(param_paths)
@@ -219,6 +225,10 @@ def _analyse(cell, state, x) -> CellStructure:
         for i, jac in enumerate(jac_probe):
             hits = np.any(np.asarray(jac).reshape(num_leaves, num_neurons, -1) != 0, axis=0)
             owner_hits[i] |= hits
+        for i, jac_i in enumerate(jac_probe):
+            for j, jac_j in enumerate(jac_probe):
+                if same_sensitivity[i, j]:
+                    same_sensitivity[i, j] = np.array_equal(jac_i, jac_j)
         # The state Jacobian with op inputs cut must be element-wise within each leaf pair.
         for m, block in enumerate(jtu.tree_leaves(jac_state)):
             block = np.asarray(block).reshape(num_leaves, num_neurons, num_neurons)
@@ -285,6 +295,7 @@ def _analyse(cell, state, x) -> CellStructure:
         op_output_shapes=out_shapes,
         owners=tuple(owners),
         op_traced=tuple(bool(hits.any()) for hits in owner_hits),
+        op_sensitivity_source=tuple(int(np.argmax(row)) for row in same_sensitivity),
         param_paths=param_paths,
         param_kinds=tuple(kinds),
         param_shapes=param_shapes,

@@ -27,8 +27,9 @@ from ._diagonal import (
 
 class PPPropTrace(eqx.Module):
     """pp-prop's trace: per synaptic op an input trace `ε_x` (shaped like the op's input) and
-    an output trace `ε_f` per state leaf (`(K, *u_shape)`); per other parameter its
-    element-wise (or dense) trace; and the number of steps since `init_trace`."""
+    an output trace `ε_f` per state leaf (`(K, *u_shape)`; ops whose outputs are summed, such
+    as `W_in x + W_rec s`, have the same `ε_f`, kept once, with the first of them); per other
+    parameter its element-wise (or dense) trace; and the number of steps since `init_trace`."""
 
     inputs: tuple[Array | None, ...]  # `None` for ops that do not reach the state (read-outs)
     outputs: tuple[Array | None, ...]
@@ -110,9 +111,14 @@ class PPProp(AbstractAlgorithm):
                 )
             ),
             outputs=tuple(
-                jnp.zeros((k, *shape), dtype) if traced else None
-                for shape, dtype, traced in zip(
-                    structure.op_output_shapes, dtypes, structure.op_traced
+                jnp.zeros((k, *shape), dtype) if traced and source == i else None
+                for i, (shape, dtype, traced, source) in enumerate(
+                    zip(
+                        structure.op_output_shapes,
+                        dtypes,
+                        structure.op_traced,
+                        structure.op_sensitivity_source,
+                    )
                 )
             ),
             params=init_param_traces(structure, cell),
@@ -125,7 +131,8 @@ class PPProp(AbstractAlgorithm):
         structure = cell_structure("PPProp", cell, state, x, self.strict)
         lin = linearise(cell, structure, state, x)
         alpha = self.decay
-        # Ops that do not reach the state (read-outs) have `None` traces and are skipped.
+        # Ops that do not reach the state (read-outs) have `None` traces and are skipped, as
+        # are the output traces of ops that share an earlier op's.
         inputs = tuple(
             None if e is None else alpha * e + a for e, a in zip(trace.inputs, lin.op_inputs)
         )
@@ -156,15 +163,21 @@ class PPProp(AbstractAlgorithm):
         # rather than the tangent.
         accumulated = 1 - alpha ** trace.steps.astype(rows[0].dtype)
         scale = 1 / accumulated if self.bias_correction else jnp.ones_like(accumulated)
-        for i, ((_, op), eps_x, eps_f, delta) in enumerate(
-            zip(find_ops(cell), trace.inputs, trace.outputs, op_tangents)
+        # `du` per group of ops sharing an output trace, summed before it meets the trace.
+        changes: dict[int, jax.Array] = {}
+        for (_, op), eps_x, delta, source in zip(
+            find_ops(cell), trace.inputs, op_tangents, structure.op_sensitivity_source
         ):
-            if eps_x is None or eps_f is None:
+            if eps_x is None:  # A read-out op: exact gradient through `output`, no trace.
                 continue
             if bias_of(op) is not None:
                 bias_input_trace = scale * accumulated / (1 - alpha)
                 delta = eqx.tree_at(lambda d: d.bias, delta, delta.bias * bias_input_trace)
             _, du = eqx.filter_jvp(functools.partial(apply_op, a=eps_x * scale), (op,), (delta,))
+            changes[source] = du if source not in changes else changes[source] + du
+        for i, du in changes.items():
+            eps_f = trace.outputs[i]
+            assert eps_f is not None
             for k in range(len(rows)):
                 rows[k] = rows[k] + from_outputs(structure, eps_f[k] * du, i)
         return unflatten_like(state, rows)
