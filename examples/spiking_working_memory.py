@@ -26,7 +26,7 @@ Measured with the defaults (150 updates of batch 32, peak lr 1e-2 with cosine de
     method   test acc   best    rate wall time s/update            memory/sample
     ----------------------------------------------------------------------------
     D-RTRL      96.9%  99.6%  17.9Hz     57.9s     0.39     20,098 fl / 78.5 KiB
-    pp-prop     48.8%  50.4%   8.9Hz     16.2s     0.11         556 fl / 2.2 KiB
+    pp-prop     48.8%  50.4%   8.9Hz     16.2s     0.11         364 fl / 1.4 KiB
     BPTT        90.2%  90.2% 110.5Hz     12.8s     0.09  232,800 fl / 909.4 KiB*
 
 The D-RTRL learning curve is noisy (longer runs at this learning rate can dip before they
