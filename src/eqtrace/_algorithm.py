@@ -29,8 +29,11 @@ class AbstractAlgorithm(eqx.Module):
     - for `x`, the exact within-step VJP `(∂h_t/∂x)ᵀ ḡ`, so layers below get exact spatial credit;
     - for the old state and the trace, zero: no backpropagation through time.
 
+    `steps(model, state, trace, xs)` does the same for a block of steps at once.
+
     Subclasses implement the three methods that act on one recurrent system (a cell, or for
-    algorithms with `per_layer = False` a whole network's recurrent core).
+    algorithms with `per_layer = False` a whole network's recurrent core), and may override
+    `cell_steps` to compute a block of steps faster than one step at a time.
     """
 
     #: Whether a `Sequential` gets one trace per cell (diagonal rules) or one for the whole

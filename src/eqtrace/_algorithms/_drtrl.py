@@ -74,7 +74,9 @@ class DRTRL(AbstractAlgorithm):
     It is exact (equal to BPTT) for a single layer whose recurrence is element-wise, followed by
     a stateless read-out; with recurrent weights it drops the paths through other neurons.
     Memory per sample is `O(K·|θ|)`. Each cell of a `Sequential` has its own trace; the credit
-    between layers within a step is exact.
+    between layers within a step is exact. Stepping reads and writes the whole trace every
+    step; `steps` (and `eqtrace.make_online_block`) computes the same values and gradients for
+    a block of steps with one pass over the trace per block (see `cell_steps`).
 
     **Arguments:**
 
