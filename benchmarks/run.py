@@ -671,17 +671,22 @@ def _plot_sweep(results: list[dict], config: Config, path: str, log) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
     keys = (("peak_rss_mb", "peak RSS (MB)"), ("run_delta_mb", "run Δ RSS (MB)"))
     for ax, (key, label) in zip(axes, keys):
+        plotted = False
         for name in dict.fromkeys(r["algorithm"] for r in results):
+            # Log axes: a zero (e.g. a run Δ below the RSS resolution) cannot be drawn.
             points = [
                 (r["steps"], r[key])
                 for r in results
-                if r["algorithm"] == name and r.get(key) is not None
+                if r["algorithm"] == name and r.get(key) is not None and r[key] > 0
             ]
             if points:
                 ax.plot(*zip(*points), marker="o", label=name)
-        ax.set(xscale="log", yscale="log", xlabel="sequence length T", ylabel=label)
+                plotted = True
+        ax.set(xscale="log", xlabel="sequence length T", ylabel=label)
+        if plotted:
+            ax.set_yscale("log")
+            ax.legend()
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend()
     fig.suptitle(config.describe().rsplit(" steps=", 1)[0])
     fig.savefig(path, dpi=120)
     plt.close(fig)
