@@ -20,9 +20,9 @@ Expected with the defaults (GRU of 128 units, 1 500 updates of batch 100, seed 0
 
     method   test acc train acc wall time ms/update          memory/sample
     ----------------------------------------------------------------------
-    D-RTRL      90.5%    100.0%     54.5s      36.3  50,304 fl / 196.5 KiB
-    pp-prop     52.4%     59.6%     12.7s       8.4       898 fl / 3.5 KiB
-    BPTT        98.4%    100.0%     27.3s      18.2   5,120 fl / 20.0 KiB*
+    D-RTRL      90.5%    100.0%     53.9s      36.0  50,304 fl / 196.5 KiB
+    pp-prop     51.7%     59.9%     13.2s       8.8       898 fl / 3.5 KiB
+    BPTT        98.4%    100.0%     27.4s      18.3   5,120 fl / 20.0 KiB*
 
 Chance is 10 %. D-RTRL drops the credit paths through other neurons' recurrent weights, so it
 stays below BPTT; pp-prop further factorises each weight trace into an input and an output
