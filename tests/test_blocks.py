@@ -13,7 +13,7 @@ import pytest
 
 import eqtrace
 from eqtrace import nn
-from helpers import LeakyCurrent, LeakyTanh, relative_error, squared_loss
+from helpers import LeakyCurrent, LeakyTanh, every_cell, relative_error, squared_loss
 
 
 ALGORITHMS = {
@@ -110,6 +110,22 @@ def test_blocks_equal_steps(name, model_name, getkey):
     assert relative_error(block_trace, trace) <= 1e-10
     # Not vacuous: every parameter gets a gradient.
     assert all(bool(jnp.any(g != 0)) for g in jax.tree.leaves(grads))
+
+
+@pytest.mark.parametrize("name", list(every_cell()))
+def test_drtrl_blocks_every_cell(name, getkey):
+    """Every built-in cell (multi-leaf blocks, complex-valued LRU leaves, read-out ops,
+    per-neuron parameters) through D-RTRL's block computation, against stepping."""
+    cell = every_cell()[name](getkey())
+    xs = 3 * jr.normal(getkey(), (5, BATCH, 3))
+    y_shape = jax.eval_shape(cell.output, cell.init_state()).shape
+    targets = jr.normal(getkey(), (5, BATCH, *y_shape))
+    (_, grads, state, trace), (_, block_grads, block_state, block_trace) = _stepped_and_blocked(
+        eqtrace.DRTRL(), cell, xs, targets, block_size=2
+    )
+    assert relative_error(block_grads, grads) <= 1e-10
+    assert relative_error(block_state, state) <= 1e-12
+    assert relative_error(block_trace, trace) <= 1e-10
 
 
 @pytest.mark.parametrize("block_size", [1, 3, LENGTH, 2 * LENGTH])

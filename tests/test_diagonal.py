@@ -13,7 +13,14 @@ import pytest
 
 import eqtrace
 from eqtrace import nn
-from helpers import LeakyCurrent, LeakyTanh, online_and_bptt, relative_error, squared_loss
+from helpers import (
+    LeakyCurrent,
+    LeakyTanh,
+    every_cell,
+    online_and_bptt,
+    relative_error,
+    squared_loss,
+)
 
 
 class Rolling(eqtrace.AbstractCell):
@@ -386,25 +393,10 @@ def test_step_loss_on_state_and_output(getkey):
     assert relative_error(online, bptt) <= 1e-9
 
 
-def _every_cell():
-    """Every built-in cell, sized input 3 → 4 neurons, with inputs strong enough to spike."""
-    return {
-        "rnn": lambda k: nn.RNNCell(3, 4, key=k),
-        "gru": lambda k: nn.GRUCell(3, 4, key=k),
-        "lstm": lambda k: nn.LSTMCell(3, 4, key=k),
-        "mingru": lambda k: nn.MinGRUCell(3, 4, key=k),
-        "lru": lambda k: nn.LRUCell(3, 4, key=k),
-        "lif": lambda k: nn.LIF(3, 4, key=k, recurrent=True, synapse=True, learn_tau=True),
-        "lif-zero": lambda k: nn.LIF(3, 4, key=k, reset="zero", tau_mem=5.0),
-        "alif": lambda k: nn.ALIF(3, 4, key=k, recurrent=True, learn_tau=True, learn_beta=True),
-        "readout": lambda k: nn.LeakyReadout(3, 4, key=k),
-    }
-
-
 @pytest.mark.parametrize("algorithm", ALGORITHMS[:2], ids=["drtrl", "ppprop"])
-@pytest.mark.parametrize("name", list(_every_cell()))
+@pytest.mark.parametrize("name", list(every_cell()))
 def test_every_cell_first_step_equals_rtrl(algorithm, name, getkey):
-    cell = _every_cell()[name](getkey())
+    cell = every_cell()[name](getkey())
     assert eqtrace.check(cell).ok, str(eqtrace.check(cell))
     state = jtu.tree_map(lambda s: jr.uniform(getkey(), s.shape, s.dtype), cell.init_state())
     xs = 3 * jr.normal(getkey(), (1, 3))
