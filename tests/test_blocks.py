@@ -273,3 +273,50 @@ def test_train_with_blocks(getkey):
         params = optax.apply_updates(params, updates)
         losses.append(float(loss))
     assert losses[-1] < 0.5 * losses[0]
+
+
+@pytest.mark.parametrize("name", ["drtrl", "ppprop"])
+def test_train_online_with_blocks(name, getkey):
+    """One update per block with the mean of its steps' online gradients: against a loop of
+    stepped `online_gradient` calls, and against `optax.MultiSteps` on the stepped version
+    (which averages in lower precision, hence the looser tolerance there)."""
+    algorithm = ALGORITHMS[name]
+    model = _models(getkey())["lif"]
+    xs, targets = _data(getkey(), length=12)
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+    state, trace = eqtrace.init_state_and_trace(model, algorithm, BATCH)
+    step = jax.vmap(eqtrace.make_online_step(algorithm, static), in_axes=(None, 0, 0, 0))
+    block = jax.vmap(
+        eqtrace.make_online_block(algorithm, static), in_axes=(None, 0, 0, 1), out_axes=(0, 0, 1)
+    )
+    sgd = optax.sgd(0.5)
+    blocked = eqtrace.train_online(
+        block, _batch_loss, sgd, params, sgd.init(params), state, trace, xs, targets,
+        block_size=4,
+    )  # fmt: skip
+    block_params, _, block_state, block_trace, block_losses = blocked
+    assert block_losses.shape == (12,)
+
+    looped, looped_state, looped_trace = params, state, trace
+    for start in range(0, 12, 4):
+        _, grads, looped_state, looped_trace = eqtrace.online_gradient(
+            step, _batch_loss, looped, looped_state, looped_trace,
+            xs[start : start + 4], targets[start : start + 4],
+        )  # fmt: skip
+        looped = jax.tree.map(lambda p, g: p - 0.5 * g / 4, looped, grads)
+    assert relative_error(block_params, looped) <= 1e-10
+    assert relative_error(block_state, looped_state) <= 1e-10
+    assert relative_error(block_trace, looped_trace) <= 1e-10
+    assert relative_error(block_params, params) > 1e-4  # three updates happened
+
+    multi = optax.MultiSteps(sgd, every_k_schedule=4)
+    stepped = eqtrace.train_online(
+        step, _batch_loss, multi, params, multi.init(params), state, trace, xs, targets
+    )
+    assert relative_error(block_params, stepped[0]) <= 1e-6
+    assert relative_error(block_losses, stepped[4]) <= 1e-6
+    with pytest.raises(ValueError, match="block_size"):
+        eqtrace.train_online(
+            block, _batch_loss, sgd, params, sgd.init(params), state, trace, xs, targets,
+            block_size=5,
+        )  # fmt: skip

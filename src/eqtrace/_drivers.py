@@ -192,7 +192,7 @@ def _scan_blocks(body: Callable, carry: Any, sequences: Any, size: int) -> Any:
 
 @eqx.filter_jit
 def train_online(
-    online_step: OnlineStep,
+    online_step: OnlineStep | OnlineBlock,
     loss_fn: LossFn,
     # `optax.MultiSteps` is not a `GradientTransformation` instance, but has the same interface.
     optimizer: optax.GradientTransformation | optax.MultiSteps,
@@ -202,27 +202,56 @@ def train_online(
     trace: Trace,
     xs: Input,
     targets: Any,
+    *,
+    block_size: int | None = None,
 ) -> tuple[Params, optax.OptState, State, Trace, Any]:
     """Trains truly online: an optimiser update after every step, inside one `lax.scan`.
 
     For an update every `k` steps, pass `optax.MultiSteps(optimizer, every_k_schedule=k)` (and
     its `init`ialised state): it accumulates the online gradients and applies them every `k`.
+    Or pass an online block (`make_online_block`) with `block_size=k`: one update per block
+    with the mean of its steps' online gradients, the same as `MultiSteps` on the stepped
+    version, in fewer passes over the trace. The sequence length must then be a multiple of
+    `block_size`.
 
     **Returns:** `(params, opt_state, state, trace, losses)` with the per-step losses over time.
     """
 
+    def block_loss(params, state, trace, xs, targets):
+        state, trace, ys = online_step(params, state, trace, xs)
+        losses = jax.vmap(loss_fn)(ys, targets)
+        return jnp.mean(losses), (state, trace, losses)
+
     def body(carry, inputs):
         params, opt_state, state, trace = carry
-        (loss, (state, trace)), grads = _step_loss_and_grad(
-            online_step, loss_fn, params, state, trace, *inputs
-        )
+        if block_size is None:
+            (losses, (state, trace)), grads = _step_loss_and_grad(
+                online_step, loss_fn, params, state, trace, *inputs
+            )
+        else:
+            (_, (state, trace, losses)), grads = jax.value_and_grad(block_loss, has_aux=True)(
+                params, state, trace, *inputs
+            )
         updates, opt_state = optimizer.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
-        return (params, opt_state, state, trace), loss
+        return (params, opt_state, state, trace), losses
 
+    sequences = (xs, targets)
+    if block_size is not None:
+        length = jtu.tree_leaves(xs)[0].shape[0]
+        if block_size < 1 or length % block_size:
+            raise ValueError(
+                f"train_online: `block_size` must be a positive divisor of the sequence length "
+                f"{length} (one update per whole block), but got {block_size}."
+            )
+        sequences = jtu.tree_map(
+            lambda a: a.reshape(length // block_size, block_size, *a.shape[1:]), sequences
+        )
     (params, opt_state, state, trace), losses = jax.lax.scan(
-        body, (params, opt_state, state, trace), (xs, targets)
+        body, (params, opt_state, state, trace), sequences
     )
+    if block_size is not None:
+        losses = losses.reshape(-1, *losses.shape[2:])
     return params, opt_state, state, trace, losses
 
 
