@@ -124,3 +124,25 @@ def every_cell():
         "alif": lambda k: nn.ALIF(3, 4, key=k, recurrent=True, learn_tau=True, learn_beta=True),
         "readout": lambda k: nn.LeakyReadout(3, 4, key=k),
     }
+
+
+class TokenCell(eqtrace.AbstractCell):
+    """An embedding and a masked recurrent op: `h' = leak ⊙ h + tanh(E[token] + W_mask h)`."""
+
+    embed: eqx.nn.Embedding
+    recurrent: nn.Linear
+    leak: float = eqx.field(static=True)
+
+    def __init__(self, *, leak: float = 0.0, key):
+        k1, k2 = jr.split(key)
+        self.embed = eqx.nn.Embedding(5, 4, key=k1)
+        mask = jnp.array(np.random.default_rng(0).random((4, 4)) < 0.5)
+        self.recurrent = nn.Linear(4, 4, mask=mask, key=k2)
+        self.leak = leak
+
+    def init_state(self):
+        return jnp.zeros(4)
+
+    def __call__(self, state, token):
+        h = self.leak * state + jnp.tanh(self.embed(token) + self.recurrent(state))
+        return h, h

@@ -7,13 +7,12 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.random as jr
-import numpy as np
 import optax
 import pytest
 
 import eqtrace
 from eqtrace import nn
-from helpers import LeakyCurrent, LeakyTanh, every_cell, relative_error, squared_loss
+from helpers import LeakyCurrent, LeakyTanh, TokenCell, every_cell, relative_error, squared_loss
 
 
 ALGORITHMS = {
@@ -160,24 +159,7 @@ def test_drtrl_blocks_equal_bptt_for_elementwise_layer(cell_cls, getkey):
 
 
 def test_embedding_and_masked_ops_in_blocks(getkey):
-    class TokenCell(eqtrace.AbstractCell):
-        embed: eqx.nn.Embedding
-        recurrent: nn.Linear
-
-        def __init__(self, *, key):
-            k1, k2 = jr.split(key)
-            self.embed = eqx.nn.Embedding(5, 4, key=k1)
-            mask = jnp.array(np.random.default_rng(0).random((4, 4)) < 0.5)
-            self.recurrent = nn.Linear(4, 4, mask=mask, key=k2)
-
-        def init_state(self):
-            return jnp.zeros(4)
-
-        def __call__(self, state, token):
-            h = 0.5 * state + jnp.tanh(self.embed(token) + self.recurrent(state))
-            return h, h
-
-    cell = TokenCell(key=getkey())
+    cell = TokenCell(leak=0.5, key=getkey())
     params, static = eqx.partition(cell, eqx.is_inexact_array)
     algorithm = eqtrace.DRTRL()
     tokens = jr.randint(getkey(), (LENGTH,), 0, 5)

@@ -16,6 +16,7 @@ from eqtrace import nn
 from helpers import (
     LeakyCurrent,
     LeakyTanh,
+    TokenCell,
     every_cell,
     online_and_bptt,
     relative_error,
@@ -281,23 +282,6 @@ def test_drtrl_rejects_shared_weights_and_suggests_ppprop(getkey):
 
 @pytest.mark.parametrize("algorithm", ALGORITHMS[:2], ids=["drtrl", "ppprop"])
 def test_embedding_and_masked_ops(algorithm, getkey):
-    class TokenCell(eqtrace.AbstractCell):
-        embed: eqx.nn.Embedding
-        recurrent: nn.Linear
-
-        def __init__(self, *, key):
-            k1, k2 = jr.split(key)
-            self.embed = eqx.nn.Embedding(5, 4, key=k1)
-            mask = jnp.array(np.random.default_rng(0).random((4, 4)) < 0.5)
-            self.recurrent = nn.Linear(4, 4, mask=mask, key=k2)
-
-        def init_state(self):
-            return jnp.zeros(4)
-
-        def __call__(self, state, token):
-            h = jnp.tanh(self.embed(token) + self.recurrent(state))
-            return h, h
-
     cell = TokenCell(key=getkey())
     state = jr.normal(getkey(), (4,))
     tokens = jnp.array([3])

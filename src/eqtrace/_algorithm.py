@@ -250,16 +250,21 @@ def _link_jvp(primals, tangents, *, algorithm, static, state, trace):
             cell, state, x, trace, fill_tangent(params, params_tangent)
         )
     if has_tangent(x_tangent):
-        # Exact within-step credit to the input (and so to the layers below). Only computed
-        # when the input is differentiated, so a first layer pays nothing for it.
-        diff_x, static_x = eqx.partition(x, eqx.is_inexact_array)
-        _, from_x = jax.jvp(
-            lambda dx: cell(state, eqx.combine(dx, static_x))[0],
-            (diff_x,),
-            (fill_tangent(diff_x, x_tangent),),
-        )
-        tangent = jtu.tree_map(jnp.add, tangent, from_x)
+        # Only computed when the input is differentiated: a first layer pays nothing for it.
+        tangent = jtu.tree_map(jnp.add, tangent, input_tangent(cell, state, x, x_tangent))
     return zeros, tangent
+
+
+def input_tangent(cell: AbstractCell, state: State, x: Input, x_tangent: Any) -> State:
+    """The exact within-step `∂h_t/∂x_t · δx`: the credit to the input, and so to the layers
+    below, that every online rule passes on unchanged."""
+    diff_x, static_x = eqx.partition(x, eqx.is_inexact_array)
+    _, from_x = jax.jvp(
+        lambda dx: cell(state, eqx.combine(dx, static_x))[0],
+        (diff_x,),
+        (fill_tangent(diff_x, x_tangent),),
+    )
+    return from_x
 
 
 def has_tangent(tangent: Any) -> bool:

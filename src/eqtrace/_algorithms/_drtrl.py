@@ -5,7 +5,13 @@ import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 
-from .._algorithm import AbstractAlgorithm, error_if_not_finite, fill_tangent, has_tangent
+from .._algorithm import (
+    AbstractAlgorithm,
+    error_if_not_finite,
+    fill_tangent,
+    has_tangent,
+    input_tangent,
+)
 from .._cell import AbstractCell
 from .._custom_types import ExampleInput, Input, State
 from .._ops import (
@@ -300,13 +306,6 @@ def _block_link_jvp(primals, tangents, *, algorithm, static, state, trace, lins,
             [zs[:, k].reshape(leaf.shape).astype(leaf.dtype) for k, leaf in enumerate(leaves)],
         )
     if has_tangent(xs_tangent):
-        diff_xs, static_xs = eqx.partition(xs, eqx.is_inexact_array)
-        xs_tangent = fill_tangent(diff_xs, xs_tangent)
-
-        def from_x(h, dx, sx, t):
-            return jax.jvp(lambda d: cell(h, eqx.combine(d, sx))[0], (dx,), (t,))[1]
-
-        tangent = jtu.tree_map(
-            jnp.add, tangent, jax.vmap(from_x)(previous, diff_xs, static_xs, xs_tangent)
-        )
+        from_xs = jax.vmap(lambda h, x, t: input_tangent(cell, h, x, t))(previous, xs, xs_tangent)
+        tangent = jtu.tree_map(jnp.add, tangent, from_xs)
     return zeros, tangent
