@@ -121,13 +121,15 @@ def test_ppprop_recurrences_by_hand(bias_correction, getkey):
     trace = algorithm.init_trace(cell, state, x0)
     state, trace, _ = algorithm.step(cell, state, trace, x0)
     np.testing.assert_allclose(trace.inputs[0], x0)
-    np.testing.assert_allclose(trace.outputs[0], [[1 - alpha] * 2])
+    np.testing.assert_allclose(trace.outputs[0], [[1.0] * 2])
+    np.testing.assert_allclose(trace.normaliser, 1.0)
     state, trace, _ = algorithm.step(cell, state, trace, x1)
     eps_x = alpha * x0 + x1
+    # The paper's output trace carries a factor (1 − α) that eqtrace folds into the normaliser.
     eps_f = alpha * lam * (1 - alpha) + (1 - alpha)
     np.testing.assert_allclose(trace.inputs[0], eps_x)
-    np.testing.assert_allclose(trace.outputs[0], [[eps_f] * 2])
-    assert int(trace.steps) == 2
+    np.testing.assert_allclose(trace.outputs[0], [[eps_f / (1 - alpha)] * 2])
+    np.testing.assert_allclose(trace.normaliser, 1 + alpha)
 
     # The gradient of ⟨g, h_2⟩: (g ⊙ ε_f) ⊗ ε_x / (1 − α²), and for the bias g ⊙ ε_f / (1 − α).
     g = jnp.array([0.3, -1.1])

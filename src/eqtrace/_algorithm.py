@@ -8,6 +8,7 @@ import jax.tree_util as jtu
 
 from ._cell import AbstractCell
 from ._custom_types import ExampleInput, Input, State, Trace
+from ._structure import concrete
 from ._validation import (
     check_input,
     check_matches,
@@ -112,10 +113,10 @@ class AbstractAlgorithm(eqx.Module):
                     require_example_input(model, x)
                     if isinstance(layer, AbstractCell):
                         traces.append(self.init_cell_trace(layer, s, x))
-                        s, x = jax.eval_shape(layer, s, x)
+                        s, x = concrete(eqx.filter_eval_shape(layer, s, x))
                     else:
                         traces.append(None)
-                        x = jax.eval_shape(layer, x)
+                        x = concrete(eqx.filter_eval_shape(layer, x))
                 return tuple(traces)
             core = model.core
             return self.init_cell_trace(core, state[: len(core.layers)], x)
@@ -195,7 +196,7 @@ class AbstractAlgorithm(eqx.Module):
         check_input(model, x)
         check_matches(
             "trace",
-            jax.eval_shape(self.init_trace, model, state, x),
+            eqx.filter_eval_shape(self.init_trace, model, state, x),
             trace,
             f"Create it with `{type(self).__name__}(...).init_trace(model, state)` for this "
             "model; a trace made by another algorithm or for another model cannot be reused.",

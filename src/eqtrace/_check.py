@@ -2,14 +2,13 @@ import dataclasses
 import math
 
 import equinox as eqx
-import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 
 from ._algorithm import AbstractAlgorithm
 from ._cell import AbstractCell
 from ._custom_types import ExampleInput
-from ._structure import CellStructure, analyse
+from ._structure import CellStructure, analyse, concrete
 from ._validation import example_input, require_example_input
 from .nn._sequential import Sequential
 
@@ -20,16 +19,22 @@ class StructureReport:
 
     **Attributes:**
 
-    - `cells`: the structure of each recurrent cell (`None` for stateless layers).
-    - `violations`: every broken diagonal assumption, in plain words (empty if none).
-    - `trace_floats`, `trace_bytes`: the size of the algorithm's trace for one sample (`None`
-      if the algorithm cannot trace the model).
+    - `algorithm`: the name of the rule checked.
+    - `cells`: the diagonal structure of each recurrent cell (`None` for stateless layers, and
+      for every layer under a rule that does not need it, such as `RTRL`).
+    - `refusal`: the error the rule raises for this model, exactly as a step would raise it
+      (`None` if the rule accepts the model).
+    - `violations`: every broken diagonal assumption, in plain words (empty if none). A strict
+      rule refuses a model with violations; with `strict=False` it runs as an approximation.
+    - `trace_floats`, `trace_bytes`: the size of the rule's trace for one sample (`None` if
+      the rule cannot trace the model even with `strict=False`).
     """
 
     algorithm: str
     cells: tuple[CellStructure | None, ...]
     trace_floats: int | None
     trace_bytes: int | None
+    refusal: str | None = None
 
     @property
     def violations(self) -> tuple[str, ...]:
@@ -42,31 +47,36 @@ class StructureReport:
 
     @property
     def ok(self) -> bool:
-        return not self.violations
+        """Whether the rule accepts the model and every diagonal assumption holds."""
+        return self.refusal is None and not self.violations
 
     def __str__(self) -> str:
         lines = [f"eqtrace.check with {self.algorithm}:"]
         for i, cell in enumerate(self.cells):
             if cell is None:
-                lines.append(f"  layer {i}: stateless (exact gradient within the step)")
+                lines.append(f"  layer {i}: no diagonal structure needed")
                 continue
             lines.append(
                 f"  layer {i}: {cell.cell_name}, {cell.num_leaves} state leaf(s) "
                 f"{list(cell.state_paths)} of neuron shape {cell.neuron_shape}"
             )
-            for path, kind, a, u, traced in zip(
-                cell.op_paths,
-                cell.op_types,
-                cell.op_input_shapes,
-                cell.op_output_shapes,
-                cell.op_traced,
+            for site, (a, u, traced) in enumerate(
+                zip(cell.site_input_shapes, cell.site_output_shapes, cell.site_traced)
             ):
+                kind = cell.op_types[cell.site_ops[site]]
                 how = "traced" if traced else "read-out only, exact gradient through `output`"
-                lines.append(f"    synaptic op {path} ({kind}): input {a} -> output {u}, {how}")
+                lines.append(
+                    f"    synaptic op {cell.site_name(site)} ({kind}): input {a} -> output {u}, "
+                    f"{how}"
+                )
+            for path, called in zip(cell.op_paths, cell.op_called):
+                if not called:
+                    lines.append(f"    synaptic op {path}: never called; its arrays are parameters")
             for path, kind, shape in zip(cell.param_paths, cell.param_kinds, cell.param_shapes):
                 how = {
                     "elementwise": "per-neuron, exact element-wise trace",
                     "shared": "shared, dense (|h|, |p|) trace",
+                    "readout": "does not reach the state, exact gradient through `output`",
                 }.get(kind, "NOT traced")
                 lines.append(f"    parameter {path} {shape}: {how}")
             for v in cell.violations:
@@ -78,6 +88,8 @@ class StructureReport:
                 f"  trace memory per sample: {self.trace_floats:,} values "
                 f"({self.trace_bytes:,} bytes)"
             )
+        if self.refusal is not None:
+            lines.append(f"  REFUSED by {self.algorithm}: {self.refusal}")
         lines.append(
             "  structure: OK" if self.ok else f"  structure: {len(self.violations)} violation(s)"
         )
@@ -87,7 +99,7 @@ class StructureReport:
 def trace_size(algorithm: AbstractAlgorithm, model: AbstractCell, x: ExampleInput | None = None):
     """`(values, bytes)` of `algorithm`'s trace of `model` for one sample."""
     state = model.init_state()
-    trace = jax.eval_shape(algorithm.init_trace, model, state, x)
+    trace = eqx.filter_eval_shape(algorithm.init_trace, model, state, x)
     leaves = jtu.tree_leaves(trace)
     floats = sum(math.prod(leaf.shape) for leaf in leaves)
     nbytes = sum(math.prod(leaf.shape) * jnp.dtype(leaf.dtype).itemsize for leaf in leaves)
@@ -97,22 +109,23 @@ def trace_size(algorithm: AbstractAlgorithm, model: AbstractCell, x: ExampleInpu
 def check(
     model: AbstractCell, algorithm: AbstractAlgorithm | None = None, x: ExampleInput | None = None
 ) -> StructureReport:
-    """Checks the diagonal assumptions of `model` on a small random instance and reports what
-    is traced and the trace memory per sample.
+    """Checks `model` for `algorithm` on a small random instance and reports what is traced,
+    the trace memory per sample, and whether (and why) the algorithm refuses the model.
 
-    For every cell it verifies that the state Jacobian with every synaptic op's input cut is
-    element-wise, that each op output reaches one neuron, and that every parameter outside an
-    op is per-neuron or small; violations name the state leaf, op or parameter involved. The
-    diagonal rules run the same analysis when they first see a cell (at `init_trace`) and
-    raise on a violation unless created with `strict=False`.
+    For the diagonal rules it verifies, for every cell, that the state Jacobian with every
+    synaptic op's input cut is element-wise, that each op output reaches one neuron, that op
+    weights act only through calls of the op, and that every parameter outside an op is
+    per-neuron, small or does not reach the state; violations name the state leaf, op or
+    parameter involved. `report.refusal` is exactly the error a step would raise: the rules run
+    the same analysis when they first see a cell and, if strict, raise on a violation.
 
     **Arguments:**
 
     - `model`: a cell or `eqtrace.nn.Sequential`.
-    - `algorithm`: the rule whose trace memory to report (default `eqtrace.DRTRL()`).
+    - `algorithm`: the rule to check for (default `eqtrace.DRTRL(strict=False)`).
     - `x`: an example input of one step; needed when the model declares no `input_size`.
 
-    **Returns:** a `StructureReport`; `print` it, or test `report.ok`.
+    **Returns:** a `StructureReport`; `print` it, or test `report.ok` and `report.refusal`.
     """
     from ._algorithms._drtrl import DRTRL
 
@@ -125,17 +138,28 @@ def check(
     for layer in layers:
         if isinstance(layer, AbstractCell):
             state = layer.init_state()
-            cells.append(analyse(layer, state, layer_input))
-            _, layer_input = jax.eval_shape(layer, state, layer_input)
+            structure = None
+            if algorithm.per_layer:
+                try:
+                    structure = analyse(layer, state, layer_input)
+                except ValueError:  # A structure no diagonal rule takes; the refusal says why.
+                    pass
+            cells.append(structure)
+            _, layer_input = concrete(eqx.filter_eval_shape(layer, state, layer_input))
         else:
             cells.append(None)
-            layer_input = jax.eval_shape(layer, layer_input)
+            layer_input = concrete(eqx.filter_eval_shape(layer, layer_input))
+    try:
+        trace_size(algorithm, model, x)
+        refusal = None
+    except ValueError as error:
+        refusal = str(error)
+    lenient = algorithm
     if getattr(algorithm, "strict", False):
         # Report the memory even when the structure is violated.
-        algorithm = eqx.tree_at(lambda a: a.strict, algorithm, False)
-    assert algorithm is not None
+        lenient = eqx.tree_at(lambda a: a.strict, algorithm, False)
     try:
-        floats, nbytes = trace_size(algorithm, model, x)
-    except ValueError:  # The algorithm cannot trace this model; the violations say why.
+        floats, nbytes = trace_size(lenient, model, x)
+    except ValueError:  # The algorithm cannot trace this model; the refusal says why.
         floats = nbytes = None
-    return StructureReport(type(algorithm).__name__, tuple(cells), floats, nbytes)
+    return StructureReport(type(algorithm).__name__, tuple(cells), floats, nbytes, refusal)

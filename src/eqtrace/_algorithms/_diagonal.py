@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
 
-from .._structure import CellStructure, analyse, find_ops, other_params_spec, probed_call
+from .._structure import CellStructure, analyse, other_params_spec, probed_call
 from .._validation import require_example_input
 
 
@@ -63,37 +63,38 @@ def flat_leaves(tree) -> jax.Array:
     return jnp.stack([jnp.ravel(leaf) for leaf in jtu.tree_leaves(tree)])
 
 
-def _tiles(structure: CellStructure, op_index: int) -> int | None:
-    """How many times op `op_index`'s outputs tile the neurons (`u = [u_1, …, u_r]`, each
-    `u_j` one element per neuron, as for stacked gates), or `None` for another owner map."""
-    owner, n = structure.owners[op_index], structure.num_neurons
+def _tiles(structure: CellStructure, site: int) -> int | None:
+    """How many times the outputs of call site `site` tile the neurons (`u = [u_1, …, u_r]`,
+    each `u_j` one element per neuron, as for stacked gates), or `None` for another owner
+    map."""
+    owner, n = structure.owners[site], structure.num_neurons
     if owner.size % n == 0 and np.array_equal(owner, np.tile(np.arange(n), owner.size // n)):
         return owner.size // n
     return None
 
 
-def to_outputs(structure: CellStructure, flat: jax.Array, op_index: int) -> jax.Array:
-    """Moves a per-neuron array `(..., N)` onto op `op_index`'s output elements."""
-    shape = structure.op_output_shapes[op_index]
-    tiles = _tiles(structure, op_index)
+def to_outputs(structure: CellStructure, flat: jax.Array, site: int) -> jax.Array:
+    """Moves a per-neuron array `(..., N)` onto the output elements of call site `site`."""
+    shape = structure.site_output_shapes[site]
+    tiles = _tiles(structure, site)
     if tiles is not None:  # A tile fuses into the trace update where a gather would not.
         moved = jnp.tile(flat, (1,) * (flat.ndim - 1) + (tiles,))
     else:
-        moved = jnp.take(flat, structure.owners[op_index], axis=-1, mode="promise_in_bounds")
+        moved = jnp.take(flat, structure.owners[site], axis=-1, mode="promise_in_bounds")
     return moved.reshape(*flat.shape[:-1], *shape)
 
 
-def from_outputs(structure: CellStructure, per_output: jax.Array, op_index: int) -> jax.Array:
+def from_outputs(structure: CellStructure, per_output: jax.Array, site: int) -> jax.Array:
     """Sums `(..., *u_shape)` over the output elements each neuron owns, giving `(..., N)`:
     the transpose of `to_outputs`."""
-    lead = per_output.shape[: per_output.ndim - len(structure.op_output_shapes[op_index])]
+    lead = per_output.shape[: per_output.ndim - len(structure.site_output_shapes[site])]
     flat = per_output.reshape(*lead, -1)
     n = structure.num_neurons
-    tiles = _tiles(structure, op_index)
+    tiles = _tiles(structure, site)
     if tiles is not None:
         return jnp.sum(flat.reshape(*lead, tiles, n), axis=-2)
     zeros = jnp.zeros((*lead, n), per_output.dtype)
-    return zeros.at[..., structure.owners[op_index]].add(flat)
+    return zeros.at[..., structure.owners[site]].add(flat)
 
 
 def mix(jacobian: jax.Array, trace: jax.Array) -> jax.Array:
@@ -109,17 +110,23 @@ def linearise(cell, structure: CellStructure, state, x, op_outputs=None) -> Line
     """The step's linearisation; with `op_outputs` (each op's output at this step, recorded
     earlier), the ops are not recomputed."""
     num_leaves, num_neurons = structure.num_leaves, structure.num_neurons
-    params, rest = eqx.partition(cell, other_params_spec(cell))
+    params, rest = eqx.partition(cell, other_params_spec(cell, structure.op_called))
 
     def transition(state, probes, params):
         new_state, records = probed_call(
-            eqx.combine(params, rest), state, x, probes, cut=True, outputs=op_outputs
+            eqx.combine(params, rest),
+            state,
+            x,
+            probes,
+            cut=True,
+            outputs=op_outputs,
+            sites=structure.site_ops,
         )
         return new_state, tuple(a for a, _ in records)
 
     probes = [
-        jnp.zeros(shape, jnp.result_type(*jtu.tree_leaves(eqx.filter(op, eqx.is_inexact_array))))
-        for shape, (_, op) in zip(structure.op_output_shapes, find_ops(cell))
+        jnp.zeros(shape, op_dtype(op))
+        for shape, op in zip(structure.site_output_shapes, structure.site_modules(cell))
     ]
     new_state, pullback, op_inputs = jax.vjp(transition, state, probes, params, has_aux=True)
     leaves, treedef = jtu.tree_flatten(new_state)
@@ -145,6 +152,8 @@ def linearise(cell, structure: CellStructure, state, x, op_outputs=None) -> Line
     ):
         if kind == "shared":
             param_sensitivities.append(_shared_sensitivity(transition, state, probes, params, i))
+        elif kind == "readout":  # Does not reach the state: no trace.
+            param_sensitivities.append(None)
         else:
             param_sensitivities.append(d_leaf)
     return Linearisation(
@@ -163,10 +172,8 @@ def linearise_block(cell, structure: CellStructure, state, xs) -> tuple[Linearis
     computed for all steps at once, without recomputing the ops (a scan of them would cost
     many small kernels per step)."""
 
-    no_probes = [None] * len(structure.op_paths)
-
     def body(state, x):
-        new_state, records = probed_call(cell, state, x, no_probes, cut=False)
+        new_state, records = probed_call(cell, state, x, cut=False, sites=structure.site_ops)
         return new_state, (state, tuple(u for _, u in records))
 
     _, (previous, op_outputs) = jax.lax.scan(body, state, xs)
@@ -193,13 +200,16 @@ def _shared_sensitivity(transition, state, probes, params, index: int) -> jax.Ar
     return jnp.moveaxis(columns, 0, -1)
 
 
-def init_param_traces(structure: CellStructure, cell) -> tuple[jax.Array, ...]:
-    """Zero traces for the non-op parameters of `cell`."""
-    dtypes = [p.dtype for p in jtu.tree_leaves(eqx.filter(cell, other_params_spec(cell)))]
+def init_param_traces(structure: CellStructure, cell) -> tuple[jax.Array | None, ...]:
+    """Zero traces for the non-op parameters of `cell` (`None` for those that do not reach
+    the state)."""
+    dtypes = [p.dtype for p in structure.other_params(cell)]
     traces = []
     for kind, shape, dtype in zip(structure.param_kinds, structure.param_shapes, dtypes):
         k, n = structure.num_leaves, structure.num_neurons
-        if kind == "shared":
+        if kind == "readout":
+            traces.append(None)
+        elif kind == "shared":
             traces.append(jnp.zeros((k, n, math.prod(shape)), dtype))
         else:
             traces.append(jnp.zeros((k, *shape), dtype))
@@ -213,7 +223,9 @@ def update_param_traces(
     jacobian = lin.jacobian
     new = []
     for kind, trace, immediate in zip(structure.param_kinds, traces, lin.param_sensitivities):
-        if kind == "shared":
+        if kind == "readout":
+            new.append(None)
+        elif kind == "shared":
             new.append(mix(jacobian[..., None], trace) + immediate)
         else:
             d = jacobian.reshape(*jacobian.shape[:2], *structure.neuron_shape)
@@ -222,12 +234,14 @@ def update_param_traces(
 
 
 def param_tangents(
-    structure: CellStructure, traces: tuple[jax.Array, ...], tangents: list[jax.Array]
+    structure: CellStructure, traces: tuple[jax.Array | None, ...], tangents: list[jax.Array], dtype
 ) -> jax.Array:
-    """`Σ_p ε_p ⋅ δp` over the non-op parameters, as `(K, N)`."""
+    """`Σ_p ε_p ⋅ δp` over the non-op parameters, as `(K, N)` in `dtype` (the state's)."""
     k, n = structure.num_leaves, structure.num_neurons
-    total = jnp.zeros((k, n), jnp.result_type(*traces) if traces else jnp.result_type(float))
+    total = jnp.zeros((k, n), dtype)
     for kind, trace, delta in zip(structure.param_kinds, traces, tangents):
+        if kind == "readout":
+            continue
         if kind == "shared":
             total = total + trace @ jnp.ravel(delta)
         else:
@@ -244,9 +258,10 @@ def unflatten_like(state, rows) -> Any:
     )
 
 
-def split_tangent(params_tangent) -> tuple[list[Any], list[jax.Array]]:
-    """Splits a parameter tangent (a copy of the cell holding tangents in place of its arrays)
-    into its ops and the leaves of its non-op parameters, in the cell's traversal order."""
-    op_parts = [op for _, op in find_ops(params_tangent)]
-    others = jtu.tree_leaves(eqx.filter(params_tangent, other_params_spec(params_tangent)))
-    return op_parts, others
+def op_dtype(op) -> Any:
+    """The dtype an op computes in: that of its floating parameters."""
+    return jnp.result_type(*jtu.tree_leaves(eqx.filter(op, eqx.is_inexact_array)))
+
+
+def state_dtype(state) -> Any:
+    return jnp.result_type(*jtu.tree_leaves(state))

@@ -23,7 +23,6 @@ from .._ops import (
     spread,
     weights_reach_one_output,
 )
-from .._structure import find_ops
 from ._diagonal import (
     Linearisation,
     cell_structure,
@@ -34,7 +33,7 @@ from ._diagonal import (
     linearise_block,
     mix,
     param_tangents,
-    split_tangent,
+    state_dtype,
     to_outputs,
     unflatten_like,
     update_param_traces,
@@ -54,12 +53,16 @@ def _propagate(spread_jacobian, trace, immediate):
 
 
 class DRTRLTrace(eqx.Module):
-    """D-RTRL's trace: per synaptic op, its parameters' traces for all state leaves, shaped
-    `(*W.shape, K)` (`None` for ops that do not reach the state, i.e. read-outs); per other
-    parameter, its element-wise (or dense) trace."""
+    """D-RTRL's trace: per call of a synaptic op in a step, the op's parameters' traces for
+    all state leaves, shaped `(*W.shape, K)` (`None` for calls that do not reach the state,
+    i.e. read-outs); per other parameter, its element-wise (or dense) trace (`None` if it does
+    not reach the state).
+
+    An op called twice has a trace per call: the calls may reach different neurons, and the
+    rule's weight gradient is the sum over the calls."""
 
     ops: tuple[Any, ...]
-    params: tuple[jax.Array, ...]
+    params: tuple[jax.Array | None, ...]
 
 
 class DRTRL(AbstractAlgorithm):
@@ -102,10 +105,11 @@ class DRTRL(AbstractAlgorithm):
 
     def _structure(self, cell, state, x):
         structure = cell_structure("DRTRL", cell, state, x, self.strict)
-        for path, op in find_ops(cell):
+        for site, op in enumerate(structure.site_modules(cell)):
             if not weights_reach_one_output(op):
                 raise ValueError(
-                    f"DRTRL cannot trace the op `{path}` ({type(op).__name__}) of "
+                    f"DRTRL cannot trace the op `{structure.site_name(site)}` "
+                    f"({type(op).__name__}) of "
                     f"{structure.cell_name}: it shares each weight across many outputs, so a "
                     "weight-shaped trace per neuron is not defined. Use `eqtrace.PPProp(...)`, "
                     "whose input/output traces handle shared weights."
@@ -121,7 +125,7 @@ class DRTRL(AbstractAlgorithm):
             )
             if traced
             else None
-            for (_, op), traced in zip(find_ops(cell), structure.op_traced)
+            for op, traced in zip(structure.site_modules(cell), structure.site_traced)
         )
         return DRTRLTrace(ops=ops, params=init_param_traces(structure, cell))
 
@@ -131,8 +135,8 @@ class DRTRL(AbstractAlgorithm):
         structure = self._structure(cell, state, x)
         lin = linearise(cell, structure, state, x)
         new_ops = []
-        for i, ((_, op), a, df, eps) in enumerate(
-            zip(find_ops(cell), lin.op_inputs, lin.op_sensitivities, trace.ops)
+        for i, (op, a, df, eps) in enumerate(
+            zip(structure.site_modules(cell), lin.op_inputs, lin.op_sensitivities, trace.ops)
         ):
             if eps is None:  # A read-out op: exact gradient through `output`, no trace.
                 new_ops.append(None)
@@ -148,14 +152,16 @@ class DRTRL(AbstractAlgorithm):
         self, cell: AbstractCell, state: State, x: Input, trace: DRTRLTrace, params_tangent
     ) -> State:
         structure = self._structure(cell, state, x)
-        op_tangents, other_tangents = split_tangent(params_tangent)
-        from_params = param_tangents(structure, trace.params, other_tangents)
+        op_tangents, other_tangents = structure.split_tangent(params_tangent)
+        from_params = param_tangents(structure, trace.params, other_tangents, state_dtype(state))
         # One row per state leaf, kept apart: a leaf the loss does not reach gets a symbolic
         # zero cotangent, and JAX then skips reading that leaf's trace in the backward pass.
         rows = []
         for k in range(structure.num_leaves):
             row = from_params[k]
-            for i, ((_, op), eps, delta) in enumerate(zip(find_ops(cell), trace.ops, op_tangents)):
+            for i, (op, eps, delta) in enumerate(
+                zip(structure.site_modules(cell), trace.ops, op_tangents)
+            ):
                 if eps is not None:
                     eps_k = jtu.tree_map(lambda e, d: e[..., k].astype(d.dtype), eps, delta)
                     row = row + from_outputs(structure, contract(op, eps_k, delta), i)
@@ -186,7 +192,7 @@ class DRTRL(AbstractAlgorithm):
         lins, previous = linearise_block(frozen, structure, state, jax.lax.stop_gradient(xs))
         products, first = _transition_products(lins.jacobian)
         new_ops = []
-        for i, ((_, op), eps) in enumerate(zip(find_ops(frozen), trace.ops)):
+        for i, (op, eps) in enumerate(zip(structure.site_modules(frozen), trace.ops)):
             if eps is None:  # A read-out op: exact gradient through `output`, no trace.
                 new_ops.append(None)
                 continue
@@ -224,10 +230,10 @@ class DRTRL(AbstractAlgorithm):
         gradient `Σ_t (∂h/∂u ⊙ λ_t) ⊗ a_t` as one matrix product per op."""
         structure = self._structure(cell, state, x)
         carried = flat_leaves(self.parameter_tangent(cell, state, x, trace, params_tangent))
-        op_tangents, other_tangents = split_tangent(params_tangent)
+        op_tangents, other_tangents = structure.split_tangent(params_tangent)
         immediate = jnp.zeros((lins.jacobian.shape[0], *carried.shape), carried.dtype)
-        for i, ((_, op), traced, delta) in enumerate(
-            zip(find_ops(cell), structure.op_traced, op_tangents)
+        for i, (op, traced, delta) in enumerate(
+            zip(structure.site_modules(cell), structure.site_traced, op_tangents)
         ):
             if traced:
                 delta_op = eqx.combine(delta, eqx.filter(op, eqx.is_inexact_array, inverse=True))
@@ -237,7 +243,7 @@ class DRTRL(AbstractAlgorithm):
                 )
         if lins.param_sensitivities:
             immediate = immediate + jax.vmap(
-                lambda s: param_tangents(structure, s, other_tangents)
+                lambda s: param_tangents(structure, s, other_tangents, carried.dtype)
             )(lins.param_sensitivities)
 
         def body(z, inputs):
@@ -271,6 +277,9 @@ def _propagate_param_traces(structure, products, first, lins, traces) -> tuple[j
     """The non-op parameters' traces over the block, `Φ(C, 0) ε_0 + Σ_τ Φ(C, τ) ∂h_τ/∂p`."""
     new = []
     for kind, trace, immediate in zip(structure.param_kinds, traces, lins.param_sensitivities):
+        if kind == "readout":
+            new.append(None)
+            continue
         if kind == "shared":  # `(K, N, |p|)`
             per_step, carried = products[..., None], first[..., None]
         else:  # `(K, *neuron_shape)`

@@ -4,21 +4,22 @@ from typing import ClassVar
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Int
+import numpy as np
+from jaxtyping import Array, Float
 
 from .._algorithm import AbstractAlgorithm
 from .._cell import AbstractCell
 from .._custom_types import ExampleInput, Input, State
-from .._ops import apply_op, bias_of, op_params
-from .._structure import find_ops
+from .._ops import apply_op, bias_of
 from ._diagonal import (
     cell_structure,
     from_outputs,
     init_param_traces,
     linearise,
     mix,
+    op_dtype,
     param_tangents,
-    split_tangent,
+    state_dtype,
     to_outputs,
     unflatten_like,
     update_param_traces,
@@ -26,15 +27,16 @@ from ._diagonal import (
 
 
 class PPPropTrace(eqx.Module):
-    """pp-prop's trace: per synaptic op an input trace `ε_x` (shaped like the op's input) and
-    an output trace `ε_f` per state leaf (`(K, *u_shape)`; ops whose outputs are summed, such
-    as `W_in x + W_rec s`, have the same `ε_f`, kept once, with the first of them); per other
-    parameter its element-wise (or dense) trace; and the number of steps since `init_trace`."""
+    """pp-prop's trace: per call of a synaptic op in a step, an input trace `ε_x` (shaped
+    like the op's input) and an output trace `ε_f` per state leaf (`(K, *u_shape)`; calls whose
+    outputs are summed, such as `W_in x + W_rec s`, have the same `ε_f`, kept once, with the
+    first of them); per other parameter its element-wise (or dense) trace; and the bias
+    normaliser `n_t = 1 + α + … + α^{t-1}` (the weight of the sums in the traces)."""
 
-    inputs: tuple[Array | None, ...]  # `None` for ops that do not reach the state (read-outs)
+    inputs: tuple[Array | None, ...]  # `None` for calls that do not reach the state (read-outs)
     outputs: tuple[Array | None, ...]
-    params: tuple[Array, ...]
-    steps: Int[Array, ""]
+    params: tuple[Array | None, ...]
+    normaliser: Float[Array, ""]
 
 
 class PPProp(AbstractAlgorithm):
@@ -44,14 +46,19 @@ class PPProp(AbstractAlgorithm):
     $$
     \\begin{aligned}
     ε_x[o] &← α ε_x[o] + a_t, \\qquad
-    ε_f[k, o] ← α \\sum_m D_t[k, m] ⊙ ε_f[m, o] + (1 − α)\\, ∂h^k_t/∂u_o, \\\\
-    ∇W_o &= \\mathrm{VJP}_W[op_o(ε_x[o]; ·)]\\Big(\\sum_k ḡ^k ⊙ ε_f[k, o]\\Big) / (1 − α^{t+1}),
+    ε_f[k, o] ← α \\sum_m D_t[k, m] ⊙ ε_f[m, o] + ∂h^k_t/∂u_o, \\qquad
+    n ← α n + 1, \\\\
+    ∇W_o &= \\mathrm{VJP}_W[op_o(ε_x[o]; ·)]\\Big(\\sum_k ḡ^k ⊙ ε_f[k, o]\\Big) / n,
     \\end{aligned}
     $$
 
-    with `t` counting steps from `init_trace` (`t = 0` at the first step). The division by
-    `1 − α^{t+1}` (bias correction, as in Adam) makes the first step equal D-RTRL exactly; a
-    bias, whose input is the constant 1, has input trace `(1 − α^{t+1})/(1 − α)`. Memory per
+    with `n = 1 + α + … + α^t = (1 − α^{t+1})/(1 − α)` after `t + 1` steps from `init_trace`.
+    This is the paper's rule, whose output trace is `(1 − α) ε_f` and whose gradient is divided
+    by `1 − α^{t+1}` (bias correction, as in Adam), rearranged so that no quantity cancels: the
+    first step equals D-RTRL exactly for any α, the normaliser is bounded by `1/(1 − α)` (no
+    step counter to overflow on endless streams), and α close to 1 loses no precision. A bias,
+    whose input is the constant 1, has input trace `n`. An op called several times in a step
+    has traces per call, and its gradient sums over them. Memory per
     sample is `O(K·(I + O))` per op instead of `O(K·I·O)`, and it works for any op linear in its
     weights: dense, masked, convolution, embedding. Per-neuron parameters get the exact
     element-wise trace of D-RTRL.
@@ -60,7 +67,8 @@ class PPProp(AbstractAlgorithm):
 
     - `decay`: the smoothing factor `α ∈ [0, 1)`.
     - `rank`: the rank `r ≥ 1` of the approximation, `α = (r − 1)/(r + 1)`.
-    - `bias_correction`: divide by `1 − α^{t+1}` (default) or not.
+    - `bias_correction`: divide by `1 − α^{t+1}` (default) or not (then the gradient is
+      `(1 − α)` times the one above without the division by `n`).
     - `strict`: raise if the cell breaks the diagonal assumptions (see `eqtrace.check`).
     - `check_finite`: raise (through `eqx.error_if`) as soon as the state or trace holds a NaN
       or inf. Off by default: the check costs a pass over the trace every step.
@@ -98,86 +106,107 @@ class PPProp(AbstractAlgorithm):
         self.strict = strict
         self.check_finite = check_finite
 
-    def init_cell_trace(self, cell: AbstractCell, state: State, x: ExampleInput) -> PPPropTrace:
+    def _structure(self, cell, state, x):
         structure = cell_structure("PPProp", cell, state, x, self.strict)
-        ops = find_ops(cell)
-        dtypes = [jnp.result_type(*jax.tree_util.tree_leaves(op_params(op))) for _, op in ops]
+        dtype = state_dtype(state)
+        if np.asarray(self.decay, dtype) == 1:
+            raise ValueError(
+                f"PPProp: the decay α = {self.decay!r} rounds to 1.0 in {jnp.dtype(dtype).name}, "
+                f"the dtype of the state of {structure.cell_name}: the traces would never forget "
+                "and their sums would grow without bound. Use a smaller `rank` or `decay`, or "
+                "a wider dtype for the model."
+            )
+        return structure
+
+    def init_cell_trace(self, cell: AbstractCell, state: State, x: ExampleInput) -> PPPropTrace:
+        structure = self._structure(cell, state, x)
+        sites = structure.site_modules(cell)
         k = structure.num_leaves
         return PPPropTrace(
             inputs=tuple(
-                jnp.zeros(shape, dtype) if traced else None
-                for shape, dtype, traced in zip(
-                    structure.op_input_shapes, dtypes, structure.op_traced
+                jnp.zeros(shape, op_dtype(op)) if traced else None
+                for shape, op, traced in zip(
+                    structure.site_input_shapes, sites, structure.site_traced
                 )
             ),
             outputs=tuple(
-                jnp.zeros((k, *shape), dtype) if traced and source == i else None
-                for i, (shape, dtype, traced, source) in enumerate(
+                jnp.zeros((k, *shape), op_dtype(op)) if traced and source == i else None
+                for i, (shape, op, traced, source) in enumerate(
                     zip(
-                        structure.op_output_shapes,
-                        dtypes,
-                        structure.op_traced,
-                        structure.op_sensitivity_source,
+                        structure.site_output_shapes,
+                        sites,
+                        structure.site_traced,
+                        structure.site_sensitivity_source,
                     )
                 )
             ),
             params=init_param_traces(structure, cell),
-            steps=jnp.zeros((), jnp.int32),
+            normaliser=jnp.zeros((), _normaliser_dtype(state)),
         )
 
     def update(
         self, cell: AbstractCell, state: State, trace: PPPropTrace, x: Input
     ) -> tuple[State, PPPropTrace]:
-        structure = cell_structure("PPProp", cell, state, x, self.strict)
+        structure = self._structure(cell, state, x)
         lin = linearise(cell, structure, state, x)
         alpha = self.decay
-        # Ops that do not reach the state (read-outs) have `None` traces and are skipped, as
-        # are the output traces of ops that share an earlier op's.
+        # Calls that do not reach the state (read-outs) have `None` traces and are skipped, as
+        # are the output traces of calls that share an earlier call's.
         inputs = tuple(
-            None if e is None else alpha * e + a for e, a in zip(trace.inputs, lin.op_inputs)
+            None if e is None else alpha * e + a.astype(e.dtype)
+            for e, a in zip(trace.inputs, lin.op_inputs)
         )
         outputs = tuple(
             None
             if e is None
-            else alpha * mix(to_outputs(structure, lin.jacobian, i), e) + (1 - alpha) * df
+            else alpha * mix(to_outputs(structure, lin.jacobian, i), e).astype(e.dtype)
+            + df.astype(e.dtype)
             for i, (e, df) in enumerate(zip(trace.outputs, lin.op_sensitivities))
         )
         return lin.new_state, PPPropTrace(
             inputs=inputs,
             outputs=outputs,
             params=update_param_traces(structure, lin, trace.params),
-            steps=trace.steps + 1,
+            normaliser=alpha * trace.normaliser + 1,
         )
 
     def parameter_tangent(
         self, cell: AbstractCell, state: State, x: Input, trace: PPPropTrace, params_tangent
     ) -> State:
-        structure = cell_structure("PPProp", cell, state, x, self.strict)
-        op_tangents, param_tangents_ = split_tangent(params_tangent)
+        structure = self._structure(cell, state, x)
+        op_tangents, other_tangents = structure.split_tangent(params_tangent)
+        dtype = state_dtype(state)
         # One row per state leaf, kept apart (as in D-RTRL), so the transpose needs no
         # reduction over leaves.
-        rows = list(param_tangents(structure, trace.params, param_tangents_))
-        alpha = self.decay
-        # 1 − α^{t+1}, with t + 1 the number of steps taken; a bias's input trace is that
-        # divided by (1 − α). The correction scales the (small) input trace, a primal value,
-        # rather than the tangent.
-        accumulated = 1 - alpha ** trace.steps.astype(rows[0].dtype)
-        scale = 1 / accumulated if self.bias_correction else jnp.ones_like(accumulated)
-        # `du` per group of ops sharing an output trace, summed before it meets the trace.
+        rows = list(param_tangents(structure, trace.params, other_tangents, dtype))
+        # The scale of the input traces: 1/n with bias correction, else (1 − α). It scales the
+        # (small) input trace, a primal value, rather than the tangent.
+        n = trace.normaliser
+        scale = 1 / n if self.bias_correction else jnp.full_like(n, 1 - self.decay)
+        # `du` per group of calls sharing an output trace, summed before it meets the trace.
         changes: dict[int, jax.Array] = {}
-        for (_, op), eps_x, delta, source in zip(
-            find_ops(cell), trace.inputs, op_tangents, structure.op_sensitivity_source
+        for op, eps_x, delta, source in zip(
+            structure.site_modules(cell),
+            trace.inputs,
+            op_tangents,
+            structure.site_sensitivity_source,
         ):
-            if eps_x is None:  # A read-out op: exact gradient through `output`, no trace.
+            if eps_x is None:  # A read-out call: exact gradient through `output`, no trace.
                 continue
             if bias_of(op) is not None:
-                bias_input_trace = scale * accumulated / (1 - alpha)
+                bias_input_trace = (scale * n).astype(delta.bias.dtype)
                 delta = eqx.tree_at(lambda d: d.bias, delta, delta.bias * bias_input_trace)
-            _, du = eqx.filter_jvp(functools.partial(apply_op, a=eps_x * scale), (op,), (delta,))
+            a = eps_x * scale.astype(eps_x.dtype)
+            _, du = eqx.filter_jvp(functools.partial(apply_op, a=a), (op,), (delta,))
             changes[source] = du if source not in changes else changes[source] + du
         for i, du in changes.items():
             eps_f = trace.outputs[i]
             assert eps_f is not None
             for k in range(len(rows)):
-                rows[k] = rows[k] + from_outputs(structure, eps_f[k] * du, i)
+                rows[k] = rows[k] + from_outputs(structure, eps_f[k] * du, i).astype(dtype)
         return unflatten_like(state, rows)
+
+
+def _normaliser_dtype(state) -> jnp.dtype:
+    """At least float32: the normaliser approaches `1/(1 − α)`, too coarse in 16 bits."""
+    return jnp.promote_types(state_dtype(state), jnp.float32)

@@ -7,6 +7,7 @@ from jaxtyping import Array, Float
 from .._algorithm import AbstractAlgorithm
 from .._cell import AbstractCell
 from .._custom_types import ExampleInput, Input, State
+from .._structure import output_mismatch
 
 
 class RTRLTrace(eqx.Module):
@@ -53,7 +54,16 @@ class RTRL(AbstractAlgorithm):
     per_layer = False
 
     def init_cell_trace(self, cell: AbstractCell, state: State, x: ExampleInput) -> RTRLTrace:
-        del x
+        # Checked whenever the input is known: always at `step`, which checks its trace
+        # against `init_trace` with the step's input.
+        if x is not None and output_mismatch(cell, state, x):
+            raise ValueError(
+                f"RTRL cannot run {type(cell).__name__}: the `y` its `__call__` returns differs "
+                "from `output(new_state)`, but an online step returns `output(new_state)` and "
+                "takes the gradient there, so outputs and gradients would not be the model's. "
+                "Return `(new_state, self.output(new_state))` from `__call__`, and define "
+                "`output` as the cell's read-out of its state."
+            )
         params = eqx.filter(cell, eqx.is_inexact_array)
         h, _ = ravel_pytree(state)
         theta, _ = ravel_pytree(params)
