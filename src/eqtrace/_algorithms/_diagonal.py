@@ -80,7 +80,7 @@ def to_outputs(structure: CellStructure, flat: jax.Array, site: int) -> jax.Arra
     if tiles is not None:  # A tile fuses into the trace update where a gather would not.
         moved = jnp.tile(flat, (1,) * (flat.ndim - 1) + (tiles,))
     else:
-        moved = jnp.take(flat, structure.owners[site], axis=-1, mode="promise_in_bounds")
+        moved = flat[..., structure.owners[site]]
     return moved.reshape(*flat.shape[:-1], *shape)
 
 

@@ -1,0 +1,299 @@
+"""Regression tests for user cells and networks the library did not enumerate: one test per
+defect found by trying them as a new user would (each failed before its fix)."""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import jax.tree_util as jtu
+import numpy as np
+import pytest
+
+import eqtrace
+from eqtrace import nn
+from helpers import online_and_bptt, relative_error
+
+
+RULES = [eqtrace.DRTRL(), eqtrace.PPProp(rank=3)]
+RULE_IDS = ["drtrl", "ppprop"]
+
+
+def first_step_gradient(algorithm, model, state, x, target):
+    """The online gradient of one step from `state`, through the trace path."""
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+    trace = algorithm.init_trace(model, state, x)
+    step = eqtrace.make_online_step(algorithm, static)
+    return jax.grad(lambda p: jnp.sum((step(p, state, trace, x)[2] - target) ** 2))(params)
+
+
+def assert_first_step_equals_rtrl(model, key, input_size, *, rules=RULES, tol=1e-12):
+    skey, xkey, tkey = jr.split(key, 3)
+    state = jtu.tree_map(lambda s: jr.normal(skey, s.shape, s.dtype), model.init_state())
+    x = jr.normal(xkey, (input_size,))
+    target = jr.normal(tkey, jax.eval_shape(model, state, x)[1].shape)
+    exact = first_step_gradient(eqtrace.RTRL(), model, state, x, target)
+    for rule in rules:
+        assert relative_error(first_step_gradient(rule, model, state, x, target), exact) <= tol
+
+
+class CalledOutOfOrder(eqtrace.AbstractCell):
+    """Declares `a` before `b` but calls `b` first (the records were paired with the wrong op)."""
+
+    a: eqx.nn.Linear
+    b: eqx.nn.Linear
+    decay: jax.Array
+
+    def __init__(self, *, key):
+        akey, bkey = jr.split(key)
+        self.a = eqx.nn.Linear(3, 4, key=akey)
+        self.b = eqx.nn.Linear(3, 4, key=bkey)
+        self.decay = jnp.linspace(0.2, 0.8, 4)
+
+    def init_state(self):
+        return jnp.zeros(4, self.decay.dtype)
+
+    def __call__(self, state, x):
+        gate = jax.nn.sigmoid(self.b(jnp.sin(2 * x)))
+        h = self.decay * state + gate * jnp.tanh(self.a(x))
+        return h, h
+
+
+class SixLinearGRU(eqtrace.AbstractCell):
+    """A GRU written with six plain `eqx.nn.Linear`s, declared `ir, iz, in_, hr, hz, hn` and
+    called in the natural order (used to crash with a broadcasting error)."""
+
+    ir: eqx.nn.Linear
+    iz: eqx.nn.Linear
+    in_: eqx.nn.Linear
+    hr: eqx.nn.Linear
+    hz: eqx.nn.Linear
+    hn: eqx.nn.Linear
+
+    def __init__(self, *, key):
+        keys = jr.split(key, 6)
+        self.ir, self.iz, self.in_ = (eqx.nn.Linear(3, 4, key=k) for k in keys[:3])
+        self.hr, self.hz, self.hn = (eqx.nn.Linear(4, 4, key=k) for k in keys[3:])
+
+    def init_state(self):
+        return jnp.zeros(4)
+
+    def __call__(self, h, x):
+        r = jax.nn.sigmoid(self.ir(x) + self.hr(h))
+        z = jax.nn.sigmoid(self.iz(x) + self.hz(h))
+        n = jnp.tanh(self.in_(x) + r * self.hn(h))
+        h = (1 - z) * n + z * h
+        return h, h
+
+
+class ReusedOp(eqtrace.AbstractCell):
+    """One op called twice per step, the second call's outputs reaching other neurons."""
+
+    op: nn.Linear
+    decay: jax.Array
+
+    def __init__(self, *, key):
+        self.op = nn.Linear(3, 4, key=key)
+        self.decay = jnp.linspace(0.2, 0.8, 4)
+
+    def init_state(self):
+        return jnp.zeros(4)
+
+    def __call__(self, state, x):
+        h = self.decay * state + jnp.tanh(self.op(x)) + jnp.roll(self.op(x**2), 1)
+        return h, h
+
+
+class ActivationField(eqtrace.AbstractCell):
+    """Holds its activation function as an ordinary (non-static) field."""
+
+    op: eqx.nn.Linear
+    activation: object
+
+    def __init__(self, *, key):
+        self.op = eqx.nn.Linear(3, 4, key=key)
+        self.activation = jnp.tanh
+
+    def init_state(self):
+        return jnp.zeros(4)
+
+    def __call__(self, state, x):
+        h = 0.5 * state + self.activation(self.op(x))
+        return h, h
+
+
+@pytest.mark.parametrize("cell_cls", [CalledOutOfOrder, ReusedOp, ActivationField])
+def test_drtrl_equals_bptt_on_elementwise_user_cells(cell_cls, getkey):
+    model = nn.Sequential([cell_cls(key=getkey()), eqx.nn.Linear(4, 2, key=getkey())])
+    xs, targets = jr.normal(getkey(), (5, 3)), jr.normal(getkey(), (5, 2))
+    online, bptt = online_and_bptt(eqtrace.DRTRL(), model, xs, targets)
+    assert relative_error(online, bptt) <= 1e-10
+
+
+@pytest.mark.parametrize("cell_cls", [CalledOutOfOrder, SixLinearGRU, ReusedOp])
+def test_first_step_equals_rtrl_whatever_the_op_order(cell_cls, getkey):
+    assert_first_step_equals_rtrl(cell_cls(key=getkey()), getkey(), 3)
+
+
+def test_check_names_each_call_of_a_reused_op(getkey):
+    report = eqtrace.check(ReusedOp(key=getkey()), x=jnp.zeros(3))
+    assert report.ok
+    assert ".op (call 1 of 2)" in str(report) and ".op (call 2 of 2)" in str(report)
+
+
+def _stateless_layers(key):
+    k1, k2, k3 = jr.split(key, 3)
+    return [
+        eqx.nn.MLP(2, 3, width_size=5, depth=2, key=k1),
+        jnp.tanh,
+        eqx.nn.Lambda(jax.nn.relu),
+        eqx.nn.Sequential([eqx.nn.Linear(3, 3, key=k2), eqx.nn.Lambda(jnp.sin)]),
+        eqx.nn.Linear(3, 3, key=k3),
+    ]
+
+
+def test_stateless_layers_of_every_kind(getkey):
+    encoder = _stateless_layers(getkey())
+    model = nn.Sequential(
+        [*encoder, nn.GRUCell(3, 4, key=getkey()), jnp.tanh, ActivationField(key=getkey())]
+    )
+    model = eqx.tree_at(lambda m: m.layers[-1].op, model, eqx.nn.Linear(4, 4, key=getkey()))
+    xs, targets = jr.normal(getkey(), (4, 2)), jr.normal(getkey(), (4, 4))
+    online, bptt = online_and_bptt(eqtrace.RTRL(), model, xs, targets)
+    assert relative_error(online, bptt) <= 1e-10
+    assert_first_step_equals_rtrl(
+        nn.Sequential([*encoder, ActivationField(key=getkey()), eqx.nn.Lambda(jnp.sin)]),
+        getkey(),
+        2,
+    )
+    for rule in [eqtrace.RTRL(), *RULES]:
+        assert eqtrace.check(model, rule, x=xs[0]).refusal is None
+        state, trace = eqtrace.init_state_and_trace(model, rule, x=xs[0])
+        rule.step(model, state, trace, xs[0])
+
+
+class OutputNotOfState(eqtrace.AbstractCell):
+    """Returns a `y` that is not `output(new_state)`."""
+
+    op: eqx.nn.Linear
+
+    def __init__(self, *, key):
+        self.op = eqx.nn.Linear(3, 4, key=key)
+
+    def init_state(self):
+        return jnp.zeros(4)
+
+    def __call__(self, state, x):
+        h = jnp.tanh(self.op(x) + state)
+        return h, 2 * h
+
+
+@pytest.mark.parametrize("rule", [eqtrace.RTRL(), *RULES], ids=["rtrl", *RULE_IDS])
+def test_every_rule_refuses_an_output_that_is_not_of_the_state(rule, getkey):
+    cell, x = OutputNotOfState(key=getkey()), jnp.zeros(3)
+    with pytest.raises(ValueError, match="output\\(new_state\\)"):
+        rule.step(cell, cell.init_state(), rule.init_trace(cell, cell.init_state(), x), x)
+    report = eqtrace.check(cell, rule, x=x)
+    assert report.refusal is not None and "output(new_state)" in report.refusal
+
+
+class RawWeightUse(eqtrace.AbstractCell):
+    """Uses its op's weight matrix directly besides calling the op."""
+
+    op: eqx.nn.Linear
+
+    def __init__(self, *, key):
+        self.op = eqx.nn.Linear(4, 4, key=key)
+
+    def init_state(self):
+        return jnp.zeros(4)
+
+    def __call__(self, state, x):
+        h = jnp.tanh(self.op(x) + 0.1 * self.op.weight @ state)
+        return h, h
+
+
+@pytest.mark.parametrize("rule", RULES, ids=RULE_IDS)
+def test_weights_used_outside_calls_are_refused(rule, getkey):
+    cell, x = RawWeightUse(key=getkey()), jnp.zeros(4)
+    with pytest.raises(ValueError, match="`.op` change the state other than through calls"):
+        rule.init_trace(cell, cell.init_state(), x)
+    assert not eqtrace.check(cell, rule, x=x).ok
+
+
+def test_check_agrees_with_the_step(getkey):
+    x = jnp.zeros(3)
+    for cell in [CalledOutOfOrder(key=getkey()), OutputNotOfState(key=getkey())]:
+        for rule in [eqtrace.RTRL(), *RULES, eqtrace.DRTRL(strict=False)]:
+            refusal = eqtrace.check(cell, rule, x=x).refusal
+            try:
+                rule.step(cell, cell.init_state(), rule.init_trace(cell, cell.init_state(), x), x)
+            except ValueError as error:
+                assert refusal == str(error)
+            else:
+                assert refusal is None
+
+
+def _cast(model, dtype):
+    return jtu.tree_map(lambda a: a.astype(dtype) if eqx.is_inexact_array(a) else a, model)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("rule", [eqtrace.RTRL(), *RULES], ids=["rtrl", *RULE_IDS])
+def test_every_rule_runs_in_the_models_dtype(rule, dtype, getkey):
+    """With x64 on (as in every test here), a float32 model must stay float32, and 16-bit models
+    must run in 16 bits; the gradient is that of the float64 model up to the dtype's precision."""
+    model64 = nn.Sequential([nn.GRUCell(3, 4, key=getkey()), eqx.nn.Linear(4, 2, key=getkey())])
+    model = _cast(model64, dtype)
+    xs, targets = jr.normal(getkey(), (3, 3)), jr.normal(getkey(), (3, 2))
+    grads, _ = online_and_bptt(rule, model, xs.astype(dtype), targets.astype(dtype))
+    reference, _ = online_and_bptt(rule, model64, xs, targets)
+    assert {leaf.dtype for leaf in jtu.tree_leaves(grads)} == {jnp.dtype(dtype)}
+    tolerance = 1e-5 if dtype == jnp.float32 else 0.1
+    assert relative_error(_cast(grads, jnp.float64), reference) <= tolerance
+
+
+def test_ppprop_has_no_counter_to_overflow(getkey):
+    """The bias correction is carried as the normaliser `n = 1 + α + … + α^t`, bounded by
+    `1/(1 − α)`; after any number of steps (2^31 and more) the gradient is finite and equals
+    the stationary rule's."""
+    rule = eqtrace.PPProp(decay=0.5)
+    cell, x = CalledOutOfOrder(key=getkey()), jr.normal(getkey(), (3,))
+    trace = rule.init_trace(cell, cell.init_state(), x)
+    assert all(jnp.issubdtype(leaf.dtype, jnp.inexact) for leaf in jtu.tree_leaves(trace))
+    state = cell.init_state()
+    for _ in range(60):  # far enough for n to reach 1/(1 − α) = 2 in float64
+        state, trace, _ = rule.step(cell, state, trace, x)
+    assert float(trace.normaliser) == 2.0
+    params, static = eqx.partition(cell, eqx.is_inexact_array)
+    step = eqtrace.make_online_step(rule, static)
+    grads = jax.grad(lambda p: jnp.sum(step(p, state, trace, x)[2]))(params)
+    assert all(bool(jnp.all(jnp.isfinite(g))) for g in jtu.tree_leaves(grads))
+
+
+def test_ppprop_refuses_a_decay_that_rounds_to_one(getkey):
+    cell = _cast(CalledOutOfOrder(key=getkey()), jnp.float32)
+    with pytest.raises(ValueError, match="rounds to 1.0 in float32"):
+        eqtrace.PPProp(rank=1e9).init_trace(cell, cell.init_state(), jnp.zeros(3, jnp.float32))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+def test_ppprop_first_step_equals_drtrl_as_decay_approaches_one(dtype, getkey):
+    cell = _cast(CalledOutOfOrder(key=getkey()), dtype)
+    state = jr.normal(getkey(), (4,), dtype)
+    x, target = jr.normal(getkey(), (3,), dtype), jr.normal(getkey(), (4,), dtype)
+    reference = first_step_gradient(eqtrace.DRTRL(), cell, state, x, target)
+    rule = eqtrace.PPProp(decay=1 - 1e-6)
+    error = relative_error(first_step_gradient(rule, cell, state, x, target), reference)
+    assert error <= (1e-6 if dtype == jnp.float32 else 1e-14)
+
+
+def test_rnn_cell_in_every_dtype(getkey):
+    for dtype in [jnp.bfloat16, jnp.float16, jnp.float32, jnp.float64]:
+        cell = nn.RNNCell(3, 4, dtype=dtype, key=getkey())
+        _, y = cell(cell.init_state(), jnp.ones(3, dtype))
+        assert y.dtype == dtype
+        np.testing.assert_allclose(
+            np.asarray(cell.recurrent_op.weight @ cell.recurrent_op.weight.T, np.float64),
+            np.eye(4),
+            atol=0.05,
+        )
