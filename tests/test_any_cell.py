@@ -297,3 +297,30 @@ def test_rnn_cell_in_every_dtype(getkey):
             np.eye(4),
             atol=0.05,
         )
+
+
+class VmappedOp(eqtrace.AbstractCell):
+    """Applies its op at several positions with `jax.vmap` inside the step."""
+
+    op: eqx.nn.Linear
+
+    def __init__(self, *, key):
+        self.op = eqx.nn.Linear(3, 2, key=key)
+
+    def init_state(self):
+        return jnp.zeros((4, 2))
+
+    def __call__(self, state, x):
+        h = 0.5 * state + jnp.tanh(jax.vmap(self.op)(x))
+        return h, h
+
+
+@pytest.mark.parametrize("rule", RULES, ids=RULE_IDS)
+def test_an_op_called_inside_a_transformation_is_refused(rule, getkey):
+    """It used to crash with an `UnexpectedTracerError` from inside the analysis."""
+    cell, x = VmappedOp(key=getkey()), jnp.ones((4, 3))
+    with pytest.raises(ValueError, match="called inside a JAX transformation"):
+        rule.init_trace(cell, cell.init_state(), x)
+    assert "inside a JAX transformation" in eqtrace.check(cell, rule, x=x).refusal
+    online, bptt = online_and_bptt(eqtrace.RTRL(), cell, x[None], jnp.ones((1, 4, 2)))
+    assert relative_error(online, bptt) <= 1e-12

@@ -348,9 +348,19 @@ def _analyse(cell, state, x) -> CellStructure:
     param_paths = tuple(jtu.keystr(p) for p, _ in params_with_paths)
     param_shapes = tuple(tuple(jnp.shape(leaf)) for _, leaf in params_with_paths)
 
-    _, records = eqx.filter_eval_shape(
-        lambda c, s, x: probed_call(c, s, x, cut=True, sites=sites), cell, state, x
-    )
+    # One eager run on a random instance: the records of calls made inside a JAX transformation
+    # within the cell (`jax.vmap(self.op)`) come out as that transformation's tracers.
+    rng = np.random.default_rng(0)
+    draws = [random_like(tree, rng, 1.0) for tree in (cell, state, x)]
+    _, records = probed_call(*draws, cut=True, sites=sites)
+    if any(isinstance(leaf, jax.core.Tracer) for leaf in jtu.tree_leaves(records)):
+        raise ValueError(
+            f"{name}: a synaptic op is called inside a JAX transformation within the cell "
+            "(e.g. `jax.vmap(self.op)(xs)` or a `lax.scan`), so its calls cannot be traced one "
+            "by one. Call each op directly on its input (a convolution such as `eqx.nn.Conv1d` "
+            "with kernel size 1 applies one weight matrix at many positions), or use "
+            "`eqtrace.RTRL()` for this cell."
+        )
     in_shapes = tuple(tuple(a.shape) for a, _ in records)
     out_shapes = tuple(tuple(u.shape) for _, u in records)
     num_sites = len(sites)
@@ -364,7 +374,6 @@ def _analyse(cell, state, x) -> CellStructure:
     param_feeds_op = [False] * len(param_paths)
     param_reaches_state = [False] * len(param_paths)
     op_used_outside = np.zeros(len(ops), bool)
-    rng = np.random.default_rng(0)
     for draw, scale in enumerate((0.3, 1.0, 3.0)):
         c = random_like(cell, rng, scale)
         s = random_like(state, rng, scale)
