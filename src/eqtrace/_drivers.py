@@ -1,5 +1,6 @@
 """Pure, jit-friendly drivers on top of a step function: run, accumulate, train, and BPTT."""
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -12,6 +13,7 @@ import optax
 from ._algorithm import AbstractAlgorithm
 from ._cell import AbstractCell
 from ._custom_types import ExampleInput, Input, Params, Scalar, State, Trace
+from ._validation import check_count
 
 
 OnlineStep = Callable[[Params, State, Trace, Input], tuple[State, Trace, Any]]
@@ -32,12 +34,17 @@ def make_online_step(algorithm: AbstractAlgorithm, static: Any) -> OnlineStep:
 
     **Returns:** a function to `jax.vmap` over a batch (`in_axes=(None, 0, 0, 0)`: parameters
     shared) and `jax.lax.scan` over time. `jax.grad` of a loss on `y` with respect to `params` is
-    the online gradient estimate of that step.
+    the online gradient estimate of that step. It raises a `ValueError` if `params` is not
+    shaped like the model that `static` came from.
     """
 
-    def online_step(params, state, trace, x):
-        return algorithm.step(eqx.combine(params, static), state, trace, x)
+    static_def = _structure(static)
 
+    def online_step(params, state, trace, x):
+        model = _combine("online_step", params, static, static_def)
+        return algorithm.step(model, state, trace, x)
+
+    setattr(online_step, _KIND, "step")
     return online_step
 
 
@@ -57,9 +64,13 @@ def make_online_block(algorithm: AbstractAlgorithm, static: Any) -> OnlineBlock:
     `online_gradient(..., block_size=C)`.
     """
 
-    def online_block(params, state, trace, xs):
-        return algorithm.steps(eqx.combine(params, static), state, trace, xs)
+    static_def = _structure(static)
 
+    def online_block(params, state, trace, xs):
+        model = _combine("online_block", params, static, static_def)
+        return algorithm.steps(model, state, trace, xs)
+
+    setattr(online_block, _KIND, "block")
     return online_block
 
 
@@ -67,10 +78,120 @@ def make_forward_step(static: Any) -> ForwardStep:
     """The plain step `forward_step(params, state, x) -> (state, y)` of the model, without any
     trace: the baseline for `bptt_gradient` and for inference."""
 
+    static_def = _structure(static)
+
     def forward_step(params, state, x):
-        return eqx.combine(params, static)(state, x)
+        return _combine("forward_step", params, static, static_def)(state, x)
 
     return forward_step
+
+
+#: The attribute that marks the functions made by `make_online_step` ("step") and
+#: `make_online_block` ("block"), so that the drivers can tell which one they were given.
+_KIND = "_eqtrace_kind"
+
+
+def _is_none(x: Any) -> bool:
+    return x is None
+
+
+def _structure(tree: Any) -> Any:
+    """The structure `eqx.combine` matches: with the `None` placeholders of a partition."""
+    return jtu.tree_structure(tree, is_leaf=_is_none)
+
+
+def _combine(function: str, params: Any, static: Any, static_def: Any) -> Any:
+    """`eqx.combine(params, static)`, raising a clear error if they are not halves of one
+    model."""
+    if _structure(params) != static_def:
+        raise ValueError(
+            f"{function}: `params` does not fit `static`: both must come from partitioning one "
+            f"model, but {_difference(params, static) or 'their pytree structures differ'}. "
+            "Partition the model once, `params, static = eqx.partition(model, "
+            "eqx.is_inexact_array)`, build the step from that `static` and pass that `params` "
+            "(or parameters trained from it)."
+        )
+    return eqx.combine(params, static)
+
+
+def _difference(params: Any, static: Any, path: str = "") -> str | None:
+    """Where two pytrees that should have one structure first differ, in words (`None` if
+    nowhere that this finds: a `None` placeholder matches anything)."""
+    if params is None or static is None:
+        return None
+    if type(params) is not type(static):
+        where = f" at `{path}`" if path else ""
+        return (
+            f"`params`{where} is of type {type(params).__name__} and `static`{where} of type "
+            f"{type(static).__name__}"
+        )
+    children: list[tuple[str, Any, Any]] = []
+    if isinstance(params, eqx.Module):
+        # The fields set at construction (sizes, hyperparameters) first: the likeliest cause.
+        for field in dataclasses.fields(params):
+            a, b = getattr(params, field.name, None), getattr(static, field.name, None)
+            if not field.metadata.get("static", False):
+                children.append((f"{path}.{field.name}", a, b))
+                continue
+            try:
+                same = bool(a == b)
+            except Exception:  # e.g. arrays held in a static field
+                same = a is b
+            if not same:
+                return f"`{path}.{field.name}` is {a!r} in `params` and {b!r} in `static`"
+    elif isinstance(params, list | tuple):
+        if len(params) != len(static):
+            return f"`params{path}` has {len(params)} entries and `static{path}` {len(static)}"
+        children = [(f"{path}[{i}]", a, b) for i, (a, b) in enumerate(zip(params, static))]
+    elif isinstance(params, dict):
+        if set(params) != set(static):
+            return f"`params{path}` has the keys {list(params)} and `static{path}` {list(static)}"
+        children = [(f"{path}[{k!r}]", params[k], static[k]) for k in params]
+    for child_path, a, b in children:
+        found = _difference(a, b, child_path)
+        if found is not None:
+            return found
+    return None
+
+
+def _kind(function: Any) -> str | None:
+    """Which of `make_online_step` ("step") or `make_online_block` ("block") made `function`,
+    also through `jax.vmap`, `eqx.filter_vmap`, `jax.jit` and the like (they keep the original
+    in `__wrapped__`); `None` for other functions, which are then not checked."""
+    seen = set()
+    while function is not None and id(function) not in seen:
+        seen.add(id(function))
+        kind = getattr(function, _KIND, None)
+        if kind is not None:
+            return kind
+        function = getattr(function, "__wrapped__", None)
+    return None
+
+
+def _check_kind(function: str, online_step: Any, block_size: int | None) -> None:
+    kind = _kind(online_step)
+    if block_size is not None and kind == "step":
+        raise TypeError(
+            f"{function}: with `block_size={block_size}`, `online_step` must be an online block "
+            "(from `make_online_block`, taking `xs` with a leading time axis), but received an "
+            "online step (from `make_online_step`). Pass "
+            "`eqtrace.make_online_block(algorithm, static)` (for a batch, "
+            "`jax.vmap(block, in_axes=(None, 0, 0, 1), out_axes=(0, 0, 1))`), or drop "
+            "`block_size`."
+        )
+    if block_size is None and kind == "block":
+        run = function == "run_online"
+        when = "" if run else " when no `block_size` is given"
+        fix = (
+            "call the block on the whole sequence directly, `block(params, state, trace, xs)`"
+            if run
+            else "pass `block_size=...` to run it that many steps at a time"
+        )
+        raise TypeError(
+            f"{function}: `online_step` must be an online step (from `make_online_step`){when}, "
+            f"but received an online block (from `make_online_block`). Either {fix}, or pass "
+            "`eqtrace.make_online_step(algorithm, static)`."
+        )
 
 
 def init_state_and_trace(
@@ -99,6 +220,8 @@ def run_online(
 
     **Returns:** `(ys, state, trace)`: the outputs stacked over time and the final state and trace.
     """
+    _check_kind("run_online", online_step, None)
+    _check_sequences("run_online", xs)
 
     def body(carry, x):
         state, trace = carry
@@ -144,13 +267,17 @@ def online_gradient(
     - `xs`, `targets`: inputs and targets with a leading time axis.
     - `block_size`: if given, run `block_size` steps per call of the online block (a last,
       shorter block takes the remainder). The result is the same; the extra memory is that of
-      one block's per-step Jacobians.
+      one block's per-step Jacobians. A step from `make_online_step` with `block_size`, or a
+      block from `make_online_block` without it, raises a `TypeError`.
 
     **Returns:** `(loss, grads, state, trace)`: the summed loss, the summed online gradient, and
     the final state and trace.
     """
-    if block_size is not None and block_size < 1:
-        raise ValueError(f"online_gradient: `block_size` must be >= 1, but got {block_size}.")
+    if block_size is not None:
+        check_count("online_gradient", "block_size", block_size)
+    _check_kind("online_gradient", online_step, block_size)
+    _check_sequences("online_gradient", xs, targets)
+    loss_fn = _scalar_loss("online_gradient", loss_fn)
 
     def call_loss(ys, targets):
         """The loss of one call of `online_step`: of one step, or of a block's steps summed."""
@@ -190,6 +317,63 @@ def _scan_blocks(body: Callable, carry: Any, sequences: Any, size: int) -> Any:
     return carry
 
 
+def _check_sequences(function: str, xs: Any, targets: Any = None) -> int | None:
+    """Raises unless every leaf of `xs` and of `targets` has one leading (time) length.
+
+    **Returns:** that length (`None` if `xs` has no leaves).
+    """
+    shapes = [(jtu.keystr(p), jnp.shape(leaf)) for p, leaf in jtu.tree_leaves_with_path(xs)]
+    if not shapes:
+        return None
+    if any(shape == () for _, shape in shapes) or len({shape[0] for _, shape in shapes}) > 1:
+        received = ", ".join(f"`xs{path}` {shape}" for path, shape in shapes)
+        raise ValueError(
+            f"{function}: `xs` must hold the inputs of every step along a leading time axis, "
+            f"one length for all its leaves, but received the shapes {received}. Stack the "
+            "inputs over time first: `xs[t]` is the input of step `t`."
+        )
+    length = shapes[0][1][0]
+    for path, leaf in jtu.tree_leaves_with_path(targets):
+        shape = jnp.shape(leaf)
+        if shape[:1] != (length,):
+            raise ValueError(
+                f"{function}: `targets` must hold one target per step, with the leading (time) "
+                f"length {length} of `xs`, but received `targets{jtu.keystr(path)}` of shape "
+                f"{shape} (and `xs` of shape {shapes[0][1]}). To reuse one target at every step, "
+                f"pass `jnp.broadcast_to(targets, ({length}, *targets.shape))`; for a loss on "
+                "the last step only, pass `(jnp.broadcast_to(targets, ...), jnp.arange("
+                f"{length}) == {length - 1})` and multiply the loss by that flag in `loss_fn`."
+            )
+    return length
+
+
+def _scalar_loss(function: str, loss_fn: LossFn) -> LossFn:
+    """`loss_fn`, raising a clear error (at trace time) if it does not return a scalar."""
+
+    def checked_loss(y, target):
+        loss = loss_fn(y, target)
+        dtype = (
+            jnp.result_type(loss)
+            if hasattr(loss, "dtype") or isinstance(loss, float | int)
+            else None
+        )
+        if dtype is None or not jnp.issubdtype(dtype, jnp.floating) or jnp.shape(loss) != ():
+            received = (
+                f"shape {jnp.shape(loss)} and dtype {jnp.dtype(dtype).name}"
+                if dtype is not None
+                else f"a {type(loss).__name__}"
+            )
+            raise ValueError(
+                f"{function}: `loss_fn(y_t, target_t)` must return the loss of one step as a "
+                f"scalar float, but returned {received}. Reduce it inside `loss_fn`, e.g. "
+                "`jnp.mean((y - target) ** 2)` (with a vmapped step, `y` and `target` hold the "
+                "whole batch: average over it there too)."
+            )
+        return loss
+
+    return checked_loss
+
+
 @eqx.filter_jit
 def train_online(
     online_step: OnlineStep | OnlineBlock,
@@ -216,6 +400,11 @@ def train_online(
 
     **Returns:** `(params, opt_state, state, trace, losses)` with the per-step losses over time.
     """
+    if block_size is not None:
+        check_count("train_online", "block_size", block_size)
+    _check_kind("train_online", online_step, block_size)
+    length = _check_sequences("train_online", xs, targets)
+    loss_fn = _scalar_loss("train_online", loss_fn)
 
     def block_loss(params, state, trace, xs, targets):
         state, trace, ys = online_step(params, state, trace, xs)
@@ -237,12 +426,12 @@ def train_online(
         return (params, opt_state, state, trace), losses
 
     sequences = (xs, targets)
-    if block_size is not None:
-        length = jtu.tree_leaves(xs)[0].shape[0]
-        if block_size < 1 or length % block_size:
+    if block_size is not None and length is not None:
+        if length % block_size:
             raise ValueError(
                 f"train_online: `block_size` must be a positive divisor of the sequence length "
-                f"{length} (one update per whole block), but got {block_size}."
+                f"{length} (one update per whole block), but received {block_size}. Pick a "
+                "divisor, or trim `xs` and `targets` to a multiple of `block_size`."
             )
         sequences = jtu.tree_map(
             lambda a: a.reshape(length // block_size, block_size, *a.shape[1:]), sequences
@@ -281,6 +470,8 @@ def bptt_gradient(
 
     **Returns:** `(loss, grads, final_state)`.
     """
+    _check_sequences("bptt_gradient", xs, targets)
+    loss_fn = _scalar_loss("bptt_gradient", loss_fn)
     (loss, state), grads = jax.value_and_grad(_unrolled_loss, argnums=2, has_aux=True)(
         forward_step, loss_fn, params, state, xs, targets
     )
@@ -303,8 +494,9 @@ def truncated_bptt_gradient(
 
     **Returns:** `(loss, grads, final_state)`.
     """
-    if window < 1:
-        raise ValueError(f"truncated_bptt_gradient: `window` must be >= 1, but got {window}.")
+    check_count("truncated_bptt_gradient", "window", window)
+    _check_sequences("truncated_bptt_gradient", xs, targets)
+    loss_fn = _scalar_loss("truncated_bptt_gradient", loss_fn)
 
     def window_grad(state, xs, targets):
         state = jax.lax.stop_gradient(state)

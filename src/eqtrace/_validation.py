@@ -2,9 +2,11 @@
 
 from typing import Any
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
+import numpy as np
 
 
 def _describe(tree: Any) -> str:
@@ -45,6 +47,44 @@ def check_state(model: Any, state: Any) -> None:
     )
 
 
+def check_size(owner: str, **sizes: Any) -> None:
+    """Raises unless every size (of an input, a state, an output) is a positive `int`."""
+    for name, size in sizes.items():
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ValueError(
+                f"{owner}: `{name}` must be a positive int (a number of features), but received "
+                f"{size!r} ({type(size).__name__})."
+            )
+
+
+def check_count(function: str, name: str, value: Any) -> None:
+    """Raises unless `value` is a Python `int >= 1` (a number of steps: a block, a window)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(
+            f"{function}: `{name}` must be a Python int (a number of steps), but received "
+            f"{value!r} ({type(value).__name__}). Pass e.g. `{name}=16`."
+        )
+    if value < 1:
+        raise ValueError(
+            f"{function}: `{name}` must be >= 1 (a number of steps), but received {value}."
+        )
+
+
+def _dtype(leaf: Any) -> np.dtype | None:
+    """The dtype of an array-like leaf (arrays, tracers, NumPy and Python numbers), else `None`."""
+    if hasattr(leaf, "dtype"):
+        return leaf.dtype
+    if isinstance(leaf, bool | int | float | complex):
+        return jnp.result_type(leaf)
+    return None
+
+
+def _is_real_number(dtype: np.dtype | None) -> bool:
+    return dtype is not None and any(
+        jnp.issubdtype(dtype, kind) for kind in (jnp.floating, jnp.integer, jnp.bool_)
+    )
+
+
 def input_size(model: Any) -> int | None:
     """The length of the input vector `model` expects, where the model declares it."""
     from .nn._sequential import Sequential
@@ -59,6 +99,20 @@ def input_size(model: Any) -> int | None:
 
 
 def check_input(model: Any, x: Any) -> None:
+    for path, leaf in jtu.tree_leaves_with_path(x):
+        dtype = _dtype(leaf)
+        if not _is_real_number(dtype):
+            received = f"dtype {dtype.name}" if dtype is not None else type(leaf).__name__
+            fix = (
+                "split a complex signal into real features, e.g. "
+                "`jnp.concatenate([x.real, x.imag])` for a model with twice the input size"
+                if dtype is not None and jnp.issubdtype(dtype, jnp.complexfloating)
+                else "convert it to an array, e.g. `jnp.asarray(x, jnp.float32)`"
+            )
+            raise TypeError(
+                f"`x{jtu.keystr(path)}` must hold real numbers (floats, or ints and bools such as "
+                f"tokens or spikes) for {type(model).__name__}, but received {received}; {fix}."
+            )
     size = input_size(model)
     if size is not None and jnp.shape(x) != (size,):
         raise ValueError(
@@ -68,14 +122,23 @@ def check_input(model: Any, x: Any) -> None:
         )
 
 
+def floating_dtype(model: Any) -> np.dtype:
+    """The real floating dtype of `model`'s first inexact array (JAX's default float if none)."""
+    for leaf in jtu.tree_leaves(model):
+        if eqx.is_inexact_array(leaf):
+            return jnp.finfo(leaf.dtype).dtype  # the real dtype, also for a complex leaf
+    return jnp.result_type(float)
+
+
 def example_input(model: Any) -> jax.Array | None:
-    """A stand-in for one step's input, from the size the model declares (`None` if it does not).
+    """A stand-in for one step's input, from the size the model declares (`None` if it does
+    not), in the model's own floating dtype.
 
     Zeros rather than a `jax.ShapeDtypeStruct`, because it is passed to `init_cell_trace`,
     whose `x: Input` annotation (checked by jaxtyping/beartype) admits arrays only.
     """
     size = input_size(model)
-    return None if size is None else jnp.zeros((size,), jnp.result_type(float))
+    return None if size is None else jnp.zeros((size,), floating_dtype(model))
 
 
 def require_example_input(model: Any, x: Any) -> None:

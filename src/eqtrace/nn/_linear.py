@@ -5,6 +5,8 @@ import jax.numpy as jnp
 import jax.random as jr
 from jaxtyping import Array, Bool, Float, PRNGKeyArray
 
+from .._validation import check_size
+
 
 class Linear(eqx.Module):
     """A dense synaptic op `u = (W ⊙ mask) a + b`, linear in its weights.
@@ -38,6 +40,7 @@ class Linear(eqx.Module):
         dtype=None,
         key: PRNGKeyArray,
     ):
+        check_size("Linear", in_features=in_features, out_features=out_features)
         dtype = jnp.result_type(float) if dtype is None else dtype
         wkey, bkey = jr.split(key)
         lim = 1 / math.sqrt(in_features)
@@ -48,7 +51,7 @@ class Linear(eqx.Module):
             if mask.shape != (out_features, in_features):
                 raise ValueError(
                     f"Linear: `mask` must have shape (out_features, in_features) = "
-                    f"{(out_features, in_features)}, but got {mask.shape}."
+                    f"{(out_features, in_features)}, but received {mask.shape}."
                 )
             self.weight = jnp.where(mask, self.weight, 0)
         self.mask = mask

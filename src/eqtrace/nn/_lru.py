@@ -6,12 +6,15 @@ import jax.random as jr
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from .._cell import AbstractCell
+from .._validation import check_size
 from ._linear import Linear
 
 
 def _normal_linear(in_features: int, out_features: int, std: float, dtype, key) -> Linear:
     op = Linear(in_features, out_features, use_bias=False, dtype=dtype, key=key)
-    weight = std * jr.normal(key, (out_features, in_features), op.weight.dtype)
+    init_dtype = jnp.promote_types(op.weight.dtype, jnp.float32)
+    weight = std * jr.normal(key, (out_features, in_features), init_dtype)
+    weight = weight.astype(op.weight.dtype)
     return eqx.tree_at(lambda o: o.weight, op, weight)
 
 
@@ -80,21 +83,27 @@ class LRUCell(AbstractCell):
         if not 0 <= r_min <= r_max < 1:
             raise ValueError(
                 "LRUCell: the initial ring of |λ| needs 0 <= r_min <= r_max < 1 for a stable "
-                f"recurrence, but got r_min={r_min}, r_max={r_max}."
+                f"recurrence, but received r_min={r_min}, r_max={r_max}."
             )
         if not max_phase > 0:
-            raise ValueError(f"LRUCell: `max_phase` must be positive, but got {max_phase}.")
+            raise ValueError(f"LRUCell: `max_phase` must be positive, but received {max_phase}.")
         output_size = hidden_size if output_size is None else output_size
+        check_size(
+            "LRUCell", input_size=input_size, hidden_size=hidden_size, output_size=output_size
+        )
         dtype = jnp.result_type(float) if dtype is None else dtype
+        # Drawn and transformed in at least float32, then cast: in bfloat16 or float16, |λ|²
+        # near 1 is too coarse (steps of 2⁻⁸ in bfloat16) for log(1 − |λ|²).
+        init_dtype = jnp.promote_types(dtype, jnp.float32)
         ukey, pkey, bre, bim, cre, cim = jr.split(key, 6)
-        tiny = float(jnp.finfo(dtype).tiny)
-        u1 = jr.uniform(ukey, (hidden_size,), dtype)
-        u2 = jr.uniform(pkey, (hidden_size,), dtype, minval=tiny)
+        tiny = float(jnp.finfo(init_dtype).tiny)
+        u1 = jr.uniform(ukey, (hidden_size,), init_dtype)
+        u2 = jr.uniform(pkey, (hidden_size,), init_dtype, minval=tiny)
         # |λ|² uniform on [r_min², r_max²): |λ| has the density of a uniform draw on the ring.
         modulus_sq = jnp.maximum(u1 * (r_max**2 - r_min**2) + r_min**2, tiny)
-        self.nu_log = jnp.log(-0.5 * jnp.log(modulus_sq))
-        self.theta_log = jnp.log(max_phase * u2)
-        self.gamma_log = 0.5 * jnp.log(1 - modulus_sq)
+        self.nu_log = jnp.log(-0.5 * jnp.log(modulus_sq)).astype(dtype)
+        self.theta_log = jnp.log(max_phase * u2).astype(dtype)
+        self.gamma_log = (0.5 * jnp.log(1 - modulus_sq)).astype(dtype)
         b_std = 1 / math.sqrt(2 * input_size)
         c_std = 1 / math.sqrt(hidden_size)
         self.input_op_re = _normal_linear(input_size, hidden_size, b_std, dtype, bre)

@@ -5,6 +5,7 @@ import jax.random as jr
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from .._cell import AbstractCell
+from .._validation import check_size
 from ._linear import Linear
 from ._rnn import _orthogonal_like
 
@@ -43,6 +44,7 @@ class LSTMCell(AbstractCell):
     hidden_size: int = eqx.field(static=True)
 
     def __init__(self, input_size: int, hidden_size: int, *, dtype=None, key: PRNGKeyArray):
+        check_size("LSTMCell", input_size=input_size, hidden_size=hidden_size)
         ikey, rkey, okey = jr.split(key, 3)
         input_op = Linear(input_size, 4 * hidden_size, dtype=dtype, key=ikey)
         bias = jnp.zeros(4 * hidden_size, input_op.weight.dtype)

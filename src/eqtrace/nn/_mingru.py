@@ -4,6 +4,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from .._cell import AbstractCell
+from .._validation import check_size
 from ._linear import Linear
 
 
@@ -32,6 +33,7 @@ class MinGRUCell(AbstractCell):
     hidden_size: int = eqx.field(static=True)
 
     def __init__(self, input_size: int, hidden_size: int, *, dtype=None, key: PRNGKeyArray):
+        check_size("MinGRUCell", input_size=input_size, hidden_size=hidden_size)
         self.input_op = Linear(input_size, 2 * hidden_size, dtype=dtype, key=key)
         self.input_size = input_size
         self.hidden_size = hidden_size

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from .._cell import AbstractCell
+from .._validation import check_size
 from ._linear import Linear
 
 
@@ -49,9 +50,10 @@ class LeakyReadout(AbstractCell):
         dtype=None,
         key: PRNGKeyArray,
     ):
+        check_size("LeakyReadout", input_size=input_size, output_size=output_size)
         if not (tau > 0 and dt > 0):
             raise ValueError(
-                f"LeakyReadout: `tau` and `dt` must be positive, but got tau={tau}, dt={dt}."
+                f"LeakyReadout: `tau` and `dt` must be positive, but received tau={tau}, dt={dt}."
             )
         self.input_op = Linear(input_size, output_size, dtype=dtype, key=key)
         self.input_size = input_size

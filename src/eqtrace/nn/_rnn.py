@@ -5,6 +5,7 @@ import jax.random as jr
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from .._cell import AbstractCell
+from .._validation import check_size
 from ._linear import Linear
 
 
@@ -12,8 +13,12 @@ def _orthogonal_like(op: Linear, key: PRNGKeyArray) -> Linear:
     """Replaces a square recurrent weight by a random orthogonal one (stable long memory)."""
     n = op.out_features // op.in_features
     init = jax.nn.initializers.orthogonal()
-    blocks = [init(k, (op.in_features, op.in_features), op.weight.dtype) for k in jr.split(key, n)]
-    return eqx.tree_at(lambda o: o.weight, op, jnp.concatenate(blocks, axis=0))
+    # Drawn in at least float32: the QR decomposition has no bfloat16 or float16 kernel on CPU.
+    init_dtype = jnp.promote_types(op.weight.dtype, jnp.float32)
+    size = (op.in_features, op.in_features)
+    blocks = [init(k, size, init_dtype) for k in jr.split(key, n)]
+    weight = jnp.concatenate(blocks, axis=0).astype(op.weight.dtype)
+    return eqx.tree_at(lambda o: o.weight, op, weight)
 
 
 class RNNCell(AbstractCell):
@@ -32,6 +37,7 @@ class RNNCell(AbstractCell):
     hidden_size: int = eqx.field(static=True)
 
     def __init__(self, input_size: int, hidden_size: int, *, dtype=None, key: PRNGKeyArray):
+        check_size("RNNCell", input_size=input_size, hidden_size=hidden_size)
         ikey, rkey, okey = jr.split(key, 3)
         self.input_op = Linear(input_size, hidden_size, dtype=dtype, key=ikey)
         recurrent = Linear(hidden_size, hidden_size, use_bias=False, dtype=dtype, key=rkey)
@@ -77,6 +83,7 @@ class GRUCell(AbstractCell):
     hidden_size: int = eqx.field(static=True)
 
     def __init__(self, input_size: int, hidden_size: int, *, dtype=None, key: PRNGKeyArray):
+        check_size("GRUCell", input_size=input_size, hidden_size=hidden_size)
         ikey, rkey = jr.split(key)
         self.input_op = Linear(input_size, 3 * hidden_size, dtype=dtype, key=ikey)
         # uniform(±1/√hidden), as in PyTorch, since `Linear` scales by its input size.

@@ -7,6 +7,7 @@ import jax.random as jr
 from jaxtyping import Array, Bool, Float, PRNGKeyArray
 
 from .._cell import AbstractCell
+from .._validation import check_size
 from ._linear import Linear
 from ._surrogate import AbstractSurrogate, FastSigmoid
 
@@ -17,7 +18,7 @@ _SpikingState = tuple[Float[Array, " hidden"], ...]
 def _check_positive(cls: str, **values: float | int) -> None:
     for name, value in values.items():
         if not value > 0:
-            raise ValueError(f"{cls}: `{name}` must be a positive float, but got {value}.")
+            raise ValueError(f"{cls}: `{name}` must be a positive float, but received {value}.")
 
 
 def _make_ops(
@@ -28,6 +29,7 @@ def _make_ops(
             f"{cls}: `recurrent_mask` was given but `recurrent=False`; pass `recurrent=True` for "
             "recurrent connections, or drop the mask."
         )
+    check_size(cls, input_size=input_size, hidden_size=hidden_size)
     ikey, rkey = jr.split(key)
     input_op = Linear(
         input_size, hidden_size, use_bias=False, mask=input_mask, dtype=dtype, key=ikey
@@ -173,7 +175,9 @@ class LIF(AbstractCell):
 
     def __check_init__(self):
         if self.reset not in ("subtract", "zero"):
-            raise ValueError(f'LIF: `reset` must be "subtract" or "zero", but got {self.reset!r}.')
+            raise ValueError(
+                f'LIF: `reset` must be "subtract" or "zero", but received {self.reset!r}.'
+            )
 
     def init_state(self) -> _SpikingState:
         zeros = jnp.zeros(self.hidden_size, self.input_op.weight.dtype)
@@ -275,7 +279,7 @@ class ALIF(AbstractCell):
             dt=dt,
         )
         if not beta >= 0:
-            raise ValueError(f"ALIF: `beta` must be non-negative, but got {beta}.")
+            raise ValueError(f"ALIF: `beta` must be non-negative, but received {beta}.")
         self.input_op, self.recurrent_op = _make_ops(
             "ALIF", input_size, hidden_size, recurrent, input_mask, recurrent_mask, dtype, key
         )
@@ -299,7 +303,9 @@ class ALIF(AbstractCell):
 
     def __check_init__(self):
         if self.reset not in ("subtract", "zero"):
-            raise ValueError(f'ALIF: `reset` must be "subtract" or "zero", but got {self.reset!r}.')
+            raise ValueError(
+                f'ALIF: `reset` must be "subtract" or "zero", but received {self.reset!r}.'
+            )
 
     def init_state(self) -> _SpikingState:
         zeros = jnp.zeros(self.hidden_size, self.input_op.weight.dtype)

@@ -93,7 +93,7 @@ _arctan.defjvp(_arctan_jvp)
 def _positive(name: str, value: float | int) -> float:
     value = float(value)
     if not value > 0:
-        raise ValueError(f"surrogate: `{name}` must be a positive float, but got {value}.")
+        raise ValueError(f"surrogate: `{name}` must be a positive float, but received {value}.")
     return value
 
 

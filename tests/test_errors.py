@@ -1,0 +1,641 @@
+"""Misuse raises a clear error at trace time, naming the argument, what was expected, what was
+received and the fix.
+
+`docs/errors.md` lists every error in tables `| Misuse | Error | Fix |`. Each row's misuse
+starts with a bold title, the key of its triggers in `CASES` below; its error cell holds the
+exception type and the message's key phrases (`…` stands for the parts that vary). The tests
+trigger every case and check both against the message actually raised, so the page cannot
+drift from the code.
+"""
+
+import re
+import subprocess
+import sys
+import textwrap
+from collections.abc import Callable
+from pathlib import Path
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+import optax
+import pytest
+
+import eqtrace
+from eqtrace import nn
+from eqtrace._validation import example_input
+from helpers import squared_loss
+
+
+ERRORS_PAGE = Path(__file__).parent.parent / "docs" / "errors.md"
+LENGTH, BATCH, INPUT, HIDDEN = 6, 2, 3, 4
+
+
+def _key(i: int = 0):
+    return jr.key(i)
+
+
+def _gru(hidden: int = HIDDEN):
+    return nn.GRUCell(INPUT, hidden, key=_key())
+
+
+def _setup(algorithm=None, model=None):
+    """A GRU, its partition, an online step and block, and a single-sample state and trace."""
+    algorithm = eqtrace.RTRL() if algorithm is None else algorithm
+    model = _gru() if model is None else model
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+    state, trace = eqtrace.init_state_and_trace(model, algorithm)
+    step = eqtrace.make_online_step(algorithm, static)
+    block = eqtrace.make_online_block(algorithm, static)
+    return model, params, static, step, block, state, trace
+
+
+def _sequence(batch: tuple[int, ...] = ()):
+    xs = jr.normal(_key(1), (LENGTH, *batch, INPUT))
+    targets = jr.normal(_key(2), (LENGTH, *batch, HIDDEN))
+    return xs, targets
+
+
+def _batch_loss(y, target):
+    return jnp.mean((y - target) ** 2)
+
+
+def _elementwise_loss(y, target):
+    return (y - target) ** 2  # not reduced: one loss per output element
+
+
+def _per_sequence_targets() -> list[Callable[[], object]]:
+    """Every driver given `(B, n_out)` targets, one per sequence, as braintrace's tutorial does."""
+    _, params, static, step, _, state, trace = _setup()
+    batched = jax.vmap(step, in_axes=(None, 0, 0, 0))
+    forward = jax.vmap(eqtrace.make_forward_step(static), in_axes=(None, 0, 0))
+    state, trace = eqtrace.init_state_and_trace(_gru(), eqtrace.RTRL(), batch_size=BATCH)
+    xs, _ = _sequence((BATCH,))
+    targets = jnp.zeros((BATCH, HIDDEN))
+    sgd = optax.sgd(0.1)
+    return [
+        lambda: eqtrace.online_gradient(batched, _batch_loss, params, state, trace, xs, targets),
+        lambda: eqtrace.train_online(
+            batched, _batch_loss, sgd, params, sgd.init(params), state, trace, xs, targets
+        ),
+        lambda: eqtrace.bptt_gradient(forward, _batch_loss, params, state, xs, targets),
+        lambda: eqtrace.truncated_bptt_gradient(
+            forward, _batch_loss, params, state, xs, targets, 2
+        ),
+    ]
+
+
+def _inputs_of_different_lengths():
+    _, params, static, _, _, state, _ = _setup()
+    xs, targets = _sequence()
+    forward = eqtrace.make_forward_step(static)
+    # A pytree input (e.g. two input streams), one of its leaves a step short.
+    return [
+        lambda: eqtrace.bptt_gradient(forward, squared_loss, params, state, (xs, xs[1:]), targets)
+    ]
+
+
+def _loss_not_scalar():
+    _, params, static, step, block, state, trace = _setup()
+    xs, targets = _sequence()
+    forward = eqtrace.make_forward_step(static)
+    sgd = optax.sgd(0.1)
+    return [
+        lambda: eqtrace.online_gradient(step, _elementwise_loss, params, state, trace, xs, targets),
+        lambda: eqtrace.online_gradient(
+            block, _elementwise_loss, params, state, trace, xs, targets, block_size=2
+        ),
+        lambda: eqtrace.train_online(
+            block,
+            _elementwise_loss,
+            sgd,
+            params,
+            sgd.init(params),
+            state,
+            trace,
+            xs,
+            targets,
+            block_size=2,
+        ),  # fmt: skip
+        lambda: eqtrace.bptt_gradient(forward, _elementwise_loss, params, state, xs, targets),
+    ]
+
+
+def _params_of_another_model():
+    _, _, static, step, block, state, trace = _setup()
+    other = nn.LSTMCell(INPUT, HIDDEN, key=_key())
+    wider = _gru(HIDDEN + 1)
+    xs, _ = _sequence()
+    forward = eqtrace.make_forward_step(static)
+    return [
+        lambda: step(eqx.partition(other, eqx.is_inexact_array)[0], state, trace, xs[0]),
+        lambda: block(eqx.partition(wider, eqx.is_inexact_array)[0], state, trace, xs),
+        lambda: forward(eqx.partition(other, eqx.is_inexact_array)[0], state, xs[0]),
+    ]
+
+
+def _step_given_block_size():
+    _, params, _, step, _, state, trace = _setup()
+    xs, targets = _sequence()
+    sgd = optax.sgd(0.1)
+    return [
+        lambda: eqtrace.online_gradient(
+            step, squared_loss, params, state, trace, xs, targets, block_size=2
+        ),
+        lambda: eqtrace.train_online(
+            step,
+            squared_loss,
+            sgd,
+            params,
+            sgd.init(params),
+            state,
+            trace,
+            xs,
+            targets,
+            block_size=2,
+        ),  # fmt: skip
+    ]
+
+
+def _block_without_block_size():
+    _, params, _, _, block, state, trace = _setup()
+    xs, targets = _sequence((BATCH,))
+    state, trace = eqtrace.init_state_and_trace(_gru(), eqtrace.RTRL(), batch_size=BATCH)
+    # Still recognised once vmapped, by `jax.vmap` or `eqx.filter_vmap`.
+    batched = jax.vmap(block, in_axes=(None, 0, 0, 1), out_axes=(0, 0, 1))
+    filter_batched = eqx.filter_vmap(block, in_axes=(None, 0, 0, 1), out_axes=(0, 0, 1))
+    sgd = optax.sgd(0.1)
+    return [
+        lambda: eqtrace.online_gradient(batched, _batch_loss, params, state, trace, xs, targets),
+        lambda: eqtrace.train_online(
+            filter_batched, _batch_loss, sgd, params, sgd.init(params), state, trace, xs, targets
+        ),
+        lambda: eqtrace.run_online(batched, params, state, trace, xs),
+    ]
+
+
+def _count_of_wrong_type():
+    _, params, static, _, block, state, trace = _setup()
+    xs, targets = _sequence()
+    forward = eqtrace.make_forward_step(static)
+    return [
+        lambda: eqtrace.online_gradient(
+            block, squared_loss, params, state, trace, xs, targets, block_size=True
+        ),
+        lambda: eqtrace.truncated_bptt_gradient(
+            forward, squared_loss, params, state, xs, targets, True
+        ),
+    ]
+
+
+def _count_below_one():
+    _, params, static, _, block, state, trace = _setup()
+    xs, targets = _sequence()
+    forward = eqtrace.make_forward_step(static)
+    sgd = optax.sgd(0.1)
+    return [
+        lambda: eqtrace.online_gradient(
+            block, squared_loss, params, state, trace, xs, targets, block_size=0
+        ),
+        lambda: eqtrace.train_online(
+            block,
+            squared_loss,
+            sgd,
+            params,
+            sgd.init(params),
+            state,
+            trace,
+            xs,
+            targets,
+            block_size=-1,
+        ),  # fmt: skip
+        lambda: eqtrace.truncated_bptt_gradient(
+            forward, squared_loss, params, state, xs, targets, 0
+        ),
+    ]
+
+
+def _block_not_dividing():
+    _, params, _, _, block, state, trace = _setup()
+    xs, targets = _sequence()
+    sgd = optax.sgd(0.1)
+    return [
+        lambda: eqtrace.train_online(
+            block,
+            squared_loss,
+            sgd,
+            params,
+            sgd.init(params),
+            state,
+            trace,
+            xs,
+            targets,
+            block_size=4,
+        )  # fmt: skip
+    ]
+
+
+def _complex_input():
+    model, params, _, step, block, state, trace = _setup(eqtrace.DRTRL())
+    xs, targets = _sequence()
+    complex_xs = xs * (1 + 1j)
+    text = np.array(["a", "b", "c"])
+    return [
+        lambda: step(params, state, trace, complex_xs[0]),
+        lambda: block(params, state, trace, complex_xs),
+        lambda: eqtrace.online_gradient(
+            step, squared_loss, params, state, trace, complex_xs, targets
+        ),
+        lambda: eqtrace.RTRL().step(model, state, eqtrace.RTRL().init_trace(model, state), text),
+    ]
+
+
+def _input_of_wrong_shape():
+    model, _, _, _, _, state, trace = _setup()
+    return [lambda: eqtrace.RTRL().step(model, state, trace, jnp.ones((BATCH, INPUT)))]
+
+
+def _state_of_wrong_shape():
+    model, _, _, _, _, _, trace = _setup()
+    batched_state = jnp.zeros((BATCH, HIDDEN))
+    return [lambda: eqtrace.RTRL().step(model, batched_state, trace, jnp.ones(INPUT))]
+
+
+def _trace_of_another_algorithm():
+    model, _, _, _, _, state, _ = _setup()
+    drtrl_trace = eqtrace.DRTRL().init_trace(model, state)
+    return [lambda: eqtrace.RTRL().step(model, state, drtrl_trace, jnp.ones(INPUT))]
+
+
+class Rolling(eqtrace.AbstractCell):
+    """Mixes neurons outside any synaptic op (and declares no `input_size`)."""
+
+    op: eqx.nn.Linear
+
+    def __init__(self, *, key):
+        self.op = eqx.nn.Linear(INPUT, HIDDEN, key=key)
+
+    def init_state(self):
+        return jnp.zeros(HIDDEN)
+
+    def __call__(self, state, x):
+        h = jnp.tanh(0.5 * jnp.roll(state, 1) + self.op(x))
+        return h, h
+
+
+class RawWeight(eqtrace.AbstractCell):
+    """A recurrent weight held as a raw array (too large for a dense trace), outside any op."""
+
+    op: nn.Linear
+    weight: jax.Array
+
+    def __init__(self, *, key):
+        self.op = nn.Linear(INPUT, 9, key=key)
+        self.weight = jnp.eye(9) / 2
+
+    def init_state(self):
+        return jnp.zeros(9)
+
+    def __call__(self, state, x):
+        h = jnp.tanh(self.weight @ state + self.op(x))
+        return h, h
+
+
+class GlobalLeaf(eqtrace.AbstractCell):
+    """A state with a per-neuron leaf and a scalar (global) leaf."""
+
+    op: nn.Linear
+
+    def __init__(self, *, key):
+        self.op = nn.Linear(INPUT, HIDDEN, key=key)
+
+    def init_state(self):
+        return jnp.zeros(HIDDEN), jnp.zeros(())
+
+    def __call__(self, state, x):
+        h, g = state
+        h = jnp.tanh(self.op(x) + g)
+        return (h, 0.9 * g), h
+
+    def output(self, state):
+        return state[0]
+
+
+class ConvCell(eqtrace.AbstractCell):
+    conv: eqx.nn.Conv1d
+
+    def __init__(self, *, key):
+        self.conv = eqx.nn.Conv1d(2, 3, kernel_size=3, padding=1, key=key)
+
+    def init_state(self):
+        return jnp.zeros((3, 6))
+
+    def __call__(self, state, x):
+        h = 0.5 * state + jnp.tanh(self.conv(x))
+        return h, h
+
+
+def _init(algorithm, cell, x=jnp.zeros(INPUT)):
+    return lambda: algorithm.init_trace(cell, cell.init_state(), x)
+
+
+def _every_cell(**sizes):
+    """Every built-in cell (and `Linear`) with the given sizes, the others valid."""
+    input_size, hidden_size = sizes.get("input_size", INPUT), sizes.get("hidden_size", HIDDEN)
+    return [
+        lambda: nn.RNNCell(input_size, hidden_size, key=_key()),
+        lambda: nn.GRUCell(input_size, hidden_size, key=_key()),
+        lambda: nn.LSTMCell(input_size, hidden_size, key=_key()),
+        lambda: nn.MinGRUCell(input_size, hidden_size, key=_key()),
+        lambda: nn.LRUCell(input_size, hidden_size, key=_key()),
+        lambda: nn.LIF(input_size, hidden_size, key=_key()),
+        lambda: nn.ALIF(input_size, hidden_size, key=_key()),
+        lambda: nn.LeakyReadout(input_size, hidden_size, key=_key()),
+        lambda: nn.Linear(input_size, hidden_size, key=_key()),
+    ]
+
+
+#: Title of a row of `docs/errors.md` -> functions that each commit that misuse.
+CASES: dict[str, Callable[[], list[Callable[[], object]]]] = {
+    "Targets without a time axis": _per_sequence_targets,
+    "Inputs of different lengths": _inputs_of_different_lengths,
+    "A loss that is not a scalar": _loss_not_scalar,
+    "Parameters of another model": _params_of_another_model,
+    "An online step given a `block_size`": _step_given_block_size,
+    "An online block without a `block_size`": _block_without_block_size,
+    "A `block_size` or `window` that is not an int": _count_of_wrong_type,
+    "A `block_size` or `window` below one": _count_below_one,
+    "Blocks that do not tile the sequence": _block_not_dividing,
+    "Complex or non-numeric input": _complex_input,
+    "Input of the wrong shape": _input_of_wrong_shape,
+    "State of the wrong shape or structure": _state_of_wrong_shape,
+    "Trace of another algorithm or model": _trace_of_another_algorithm,
+    "No example input": lambda: [
+        _init(eqtrace.DRTRL(), Rolling(key=_key()), None),
+        lambda: eqtrace.check(Rolling(key=_key())),
+    ],
+    "A size that is not a positive int": lambda: [
+        *_every_cell(hidden_size=0),
+        *_every_cell(input_size=-1),
+        lambda: nn.LRUCell(INPUT, HIDDEN, output_size=0, key=_key()),
+    ],
+    "A mask of the wrong shape": lambda: [
+        lambda: nn.Linear(INPUT, HIDDEN, mask=jnp.ones((INPUT, HIDDEN), bool), key=_key())
+    ],
+    "A recurrent mask without recurrence": lambda: [
+        lambda: nn.LIF(INPUT, HIDDEN, recurrent_mask=jnp.ones((HIDDEN, HIDDEN), bool), key=_key())
+    ],
+    "A time constant, threshold or time step that is not positive": lambda: [
+        lambda: nn.LIF(INPUT, HIDDEN, tau_mem=0.0, key=_key()),
+        lambda: nn.ALIF(INPUT, HIDDEN, threshold=-1.0, key=_key()),
+    ],
+    "A read-out time constant that is not positive": lambda: [
+        lambda: nn.LeakyReadout(INPUT, HIDDEN, tau=0.0, key=_key())
+    ],
+    "A negative adaptation strength": lambda: [
+        lambda: nn.ALIF(INPUT, HIDDEN, beta=-0.1, key=_key())
+    ],
+    "An unstable LRU ring": lambda: [lambda: nn.LRUCell(INPUT, HIDDEN, r_max=1.0, key=_key())],
+    "A surrogate parameter that is not positive": lambda: [
+        lambda: nn.surrogate.FastSigmoid(0.0),
+        lambda: nn.surrogate.sigmoid(jnp.zeros(3), steepness=-1.0),
+    ],
+    "A network without a cell": lambda: [
+        lambda: nn.Sequential([eqx.nn.Linear(INPUT, HIDDEN, key=_key())])
+    ],
+    "pp-prop without exactly one of `decay` and `rank`": lambda: [
+        lambda: eqtrace.PPProp(),
+        lambda: eqtrace.PPProp(0.5, rank=3),
+    ],
+    "A pp-prop rank below one": lambda: [lambda: eqtrace.PPProp(rank=0.5)],
+    "A pp-prop decay outside [0, 1)": lambda: [lambda: eqtrace.PPProp(1.0)],
+    "A cell that mixes neurons outside its ops": lambda: [
+        _init(eqtrace.DRTRL(), Rolling(key=_key())),
+        _init(eqtrace.PPProp(0.5), Rolling(key=_key())),
+    ],
+    "A large parameter outside any op": lambda: [
+        _init(eqtrace.DRTRL(), RawWeight(key=_key())),
+        _init(eqtrace.PPProp(0.5, strict=False), RawWeight(key=_key())),
+    ],
+    "State leaves of different shapes": lambda: [_init(eqtrace.DRTRL(), GlobalLeaf(key=_key()))],
+    "A convolution under D-RTRL": lambda: [
+        _init(eqtrace.DRTRL(), ConvCell(key=_key()), jnp.zeros((2, 6)))
+    ],
+}
+
+
+def _documented_errors() -> dict[str, tuple[str, list[str]]]:
+    """The rows of the `| Misuse | Error | Fix |` tables of the errors page: title ->
+    (exception type, the message's key phrases in order)."""
+    rows: dict[str, tuple[str, list[str]]] = {}
+    in_table = False
+    for line in ERRORS_PAGE.read_text().splitlines():
+        if re.fullmatch(r"\|\s*Misuse\s*\|\s*Error\s*\|\s*Fix\s*\|", line.strip()):
+            in_table = True
+            continue
+        if not (in_table and line.startswith("|")):
+            in_table = False
+            continue
+        if set(line) <= set("|- :"):
+            continue  # the separator row
+        misuse, error, _fix = (cell.strip() for cell in line.strip().strip("|").split(" | "))
+        title = re.match(r"\*\*(.+?)\*\*", misuse)
+        exception = re.match(r"`(\w+)`: (.*)", error)
+        assert title and exception, f"malformed row of {ERRORS_PAGE.name}: {line}"
+        assert title.group(1) not in rows, f"duplicate row {title.group(1)!r}"
+        phrases = [p.strip() for p in exception.group(2).split("…") if p.strip()]
+        rows[title.group(1)] = (exception.group(1), phrases)
+    return rows
+
+
+DOCUMENTED = _documented_errors()
+
+
+def test_errors_page_lists_every_case():
+    assert set(DOCUMENTED) == set(CASES)
+
+
+@pytest.mark.parametrize("title", list(CASES))
+def test_documented_error(title):
+    exception_name, phrases = DOCUMENTED[title]
+    exception = {"ValueError": ValueError, "TypeError": TypeError}[exception_name]
+    for trigger in CASES[title]():
+        with pytest.raises(Exception) as info:
+            trigger()
+        assert type(info.value) is exception, f"{title}: {info.value!r}"
+        message = " ".join(str(info.value).split())
+        position = 0
+        for phrase in phrases:
+            found = message.find(phrase, position)
+            assert found >= 0, f"{title}: {phrase!r} not (in order) in {message!r}"
+            position = found + len(phrase)
+
+
+def test_errors_name_what_was_received():
+    """The variable parts of a few messages: the shapes, lengths and values received."""
+    with pytest.raises(ValueError, match=r"length 6 of `xs`.*of shape \(2, 4\)") as info:
+        _per_sequence_targets()[0]()
+    assert "`jnp.broadcast_to(targets, (6, *targets.shape))`" in str(info.value)
+    with pytest.raises(ValueError, match=r"`xs\[0\]` \(6, 3\), `xs\[1\]` \(5, 3\)"):
+        _inputs_of_different_lengths()[0]()
+    with pytest.raises(ValueError, match=r"returned shape \(4,\) and dtype float64"):
+        _loss_not_scalar()[0]()
+    with pytest.raises(ValueError, match=r"`params` is of type LSTMCell and `static` of type GRU"):
+        _params_of_another_model()[0]()
+    with pytest.raises(ValueError, match=r"`.hidden_size` is 5 in `params` and 4 in `static`"):
+        _params_of_another_model()[1]()
+    with pytest.raises(TypeError, match=r"`x` .* but received dtype complex128; split"):
+        _complex_input()[0]()
+    with pytest.raises(TypeError, match=r"`x` .* but received dtype str32; convert"):
+        _complex_input()[3]()
+    with pytest.raises(ValueError, match=r"LSTMCell: `hidden_size` .* received 0 \(int\)"):
+        _every_cell(hidden_size=0)[2]()
+
+
+def test_wrong_types_without_beartype():
+    """Floats where ints belong. Under this suite's jaxtyping/beartype hook the annotation
+    check answers first (a `TypeError` naming the argument); without it, eqtrace's own check
+    does, as checked in a fresh interpreter."""
+    cases = {  # call -> the key phrase of its error
+        "eqtrace.nn.RNNCell(3, 2.5, key=key)": (
+            "ValueError: RNNCell: `hidden_size` must be a positive int (a number of features), "
+            "but received 2.5 (float)"
+        ),
+        "eqtrace.nn.Linear(3.0, 4, key=key)": "ValueError: Linear: `in_features` must be",
+        "eqtrace.online_gradient(block, loss, params, state, trace, xs, targets, block_size=2.5)": (
+            "TypeError: online_gradient: `block_size` must be a Python int (a number of steps), "
+            "but received 2.5 (float)"
+        ),
+        "eqtrace.truncated_bptt_gradient(forward, loss, params, state, xs, targets, 2.0)": (
+            "TypeError: truncated_bptt_gradient: `window` must be a Python int"
+        ),
+    }
+    script = textwrap.dedent(
+        """
+        import equinox as eqx, jax, jax.numpy as jnp
+        import eqtrace
+        key = jax.random.key(0)
+        model = eqtrace.nn.GRUCell(3, 4, key=key)
+        params, static = eqx.partition(model, eqx.is_inexact_array)
+        state, trace = eqtrace.init_state_and_trace(model, eqtrace.DRTRL())
+        block = eqtrace.make_online_block(eqtrace.DRTRL(), static)
+        forward = eqtrace.make_forward_step(static)
+        xs, targets = jnp.zeros((6, 3)), jnp.zeros((6, 4))
+        loss = lambda y, t: jnp.sum((y - t) ** 2)
+        for call in CALLS:
+            try:
+                eval(call)
+            except Exception as e:
+                print(type(e).__name__ + ": " + " ".join(str(e).split()))
+            else:
+                print("no error")
+        """
+    ).replace("CALLS", repr(list(cases)))
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=300
+    )
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == len(cases), result.stdout + result.stderr
+    for line, (call, phrase) in zip(lines, cases.items()):
+        assert line.startswith(phrase), (call, line)
+    # Under the hook, the same calls are refused too, naming the argument.
+    with pytest.raises(TypeError, match="hidden_size"):
+        nn.RNNCell(3, 2.5, key=_key())  # pyright: ignore[reportArgumentType]
+
+
+def test_steps_and_blocks_are_recognised_through_wrappers():
+    from eqtrace._drivers import _kind
+
+    _, _, _, step, block, _, _ = _setup()
+    for wrap in [
+        lambda f: f,
+        lambda f: jax.vmap(f, in_axes=(None, 0, 0, 0)),
+        lambda f: eqx.filter_vmap(f, in_axes=(None, 0, 0, 0)),
+        lambda f: jax.vmap(jax.vmap(f, in_axes=(None, 0, 0, 0)), in_axes=(None, 0, 0, 0)),
+        jax.jit,
+        eqx.filter_jit,
+    ]:
+        assert _kind(wrap(step)) == "step"
+        assert _kind(wrap(block)) == "block"
+    # A step written by hand is not recognised, and so not checked: it runs as before.
+    assert _kind(lambda p, s, t, x: step(p, s, t, x)) is None
+
+
+def test_checked_steps_still_jit_vmap_and_differentiate():
+    _, params, _, step, block, _, _ = _setup(eqtrace.DRTRL())
+    state, trace = eqtrace.init_state_and_trace(_gru(), eqtrace.DRTRL(), batch_size=BATCH)
+    xs, targets = _sequence((BATCH,))
+    batched = jax.vmap(step, in_axes=(None, 0, 0, 0))
+    batched_block = eqx.filter_vmap(block, in_axes=(None, 0, 0, 1), out_axes=(0, 0, 1))
+
+    def stepped_loss(params):
+        _, _, y = batched(params, state, trace, xs[0])
+        return _batch_loss(y, targets[0])
+
+    def blocked_loss(params):
+        _, _, ys = batched_block(params, state, trace, xs[:1])
+        return _batch_loss(ys[0], targets[0])
+
+    def sample_loss(params):
+        _, _, y = jax.jit(step)(params, state[0], trace_0, xs[0, 0])
+        return squared_loss(y, targets[0, 0])
+
+    trace_0 = jax.tree.map(lambda a: a[0], trace)
+    grads = eqx.filter_jit(jax.grad(stepped_loss))(params)
+    for other in [jax.grad(blocked_loss)(params), jax.grad(stepped_loss)(params)]:
+        for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(other)):
+            assert jnp.allclose(a, b, rtol=1e-10, atol=1e-12)
+    jax.grad(sample_loss)(params)
+
+
+CELLS = {
+    "rnn": lambda dtype: nn.RNNCell(INPUT, HIDDEN, dtype=dtype, key=_key()),
+    "gru": lambda dtype: nn.GRUCell(INPUT, HIDDEN, dtype=dtype, key=_key()),
+    "lstm": lambda dtype: nn.LSTMCell(INPUT, HIDDEN, dtype=dtype, key=_key()),
+    "mingru": lambda dtype: nn.MinGRUCell(INPUT, HIDDEN, dtype=dtype, key=_key()),
+    "lru": lambda dtype: nn.LRUCell(INPUT, HIDDEN, dtype=dtype, key=_key()),
+    "lif": lambda dtype: nn.LIF(
+        INPUT, HIDDEN, recurrent=True, synapse=True, learn_tau=True, dtype=dtype, key=_key()
+    ),
+    "alif": lambda dtype: nn.ALIF(
+        INPUT, HIDDEN, recurrent=True, learn_tau=True, learn_beta=True, dtype=dtype, key=_key()
+    ),
+    "readout": lambda dtype: nn.LeakyReadout(INPUT, HIDDEN, dtype=dtype, key=_key()),
+}
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32, jnp.float64])
+@pytest.mark.parametrize("name", list(CELLS))
+def test_every_cell_builds_and_runs_in_every_float_dtype(name, dtype):
+    cell = CELLS[name](dtype)
+    arrays = [a for a in jax.tree.leaves(cell) if eqx.is_inexact_array(a)]
+    assert arrays and all(a.dtype == dtype for a in arrays)
+    assert all(bool(jnp.all(jnp.isfinite(a))) for a in arrays)
+    state, y = cell(cell.init_state(), jnp.ones(INPUT, dtype))
+    for leaf in jax.tree.leaves((state, y)):
+        assert leaf.dtype == dtype
+        assert bool(jnp.all(jnp.isfinite(leaf)))
+
+
+def test_example_input_has_the_models_dtype():
+    # x64 is on in this suite, so JAX's default float is float64.
+    assert example_input(nn.GRUCell(INPUT, HIDDEN, dtype=jnp.float32, key=_key())).dtype == (
+        jnp.float32
+    )
+    assert example_input(_gru()).dtype == jnp.float64
+    network = nn.Sequential(
+        [
+            nn.LIF(INPUT, HIDDEN, dtype=jnp.bfloat16, key=_key()),
+            eqx.nn.Linear(HIDDEN, 2, key=_key()),
+        ]
+    )
+    assert example_input(network).dtype == jnp.bfloat16
+    # A float32 model is analysed, and stepped, with float32 inputs.
+    model = nn.MinGRUCell(INPUT, HIDDEN, dtype=jnp.float32, key=_key())
+    for algorithm in [eqtrace.RTRL(), eqtrace.DRTRL(), eqtrace.PPProp(0.5)]:
+        state, trace = eqtrace.init_state_and_trace(model, algorithm)
+        _, new_trace, y = algorithm.step(model, state, trace, jnp.ones(INPUT, jnp.float32))
+        assert y.dtype == jnp.float32
+        assert jax.tree.structure(new_trace) == jax.tree.structure(trace)
