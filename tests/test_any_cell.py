@@ -324,3 +324,32 @@ def test_an_op_called_inside_a_transformation_is_refused(rule, getkey):
     assert "inside a JAX transformation" in eqtrace.check(cell, rule, x=x).refusal
     online, bptt = online_and_bptt(eqtrace.RTRL(), cell, x[None], jnp.ones((1, 4, 2)))
     assert relative_error(online, bptt) <= 1e-12
+
+
+@pytest.mark.parametrize("rule", [eqtrace.RTRL(), *RULES], ids=["rtrl", *RULE_IDS])
+def test_grad_of_jitted_vmapped_step_and_block(rule, getkey):
+    """`jax.grad(jax.jit(jax.vmap(step)))` used to fail inside JAX (a constant link value
+    under `vmap`); it must equal the gradient without `jit`."""
+    model = nn.Sequential([CalledOutOfOrder(key=getkey()), eqx.nn.Linear(4, 2, key=getkey())])
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+    state, trace = eqtrace.init_state_and_trace(model, rule, batch_size=2, x=jnp.zeros(3))
+    xs = jr.normal(getkey(), (2, 3, 3))  # (batch, time, input)
+    step = jax.vmap(eqtrace.make_online_step(rule, static), in_axes=(None, 0, 0, 0))
+    block = jax.vmap(
+        eqtrace.make_online_block(rule, static), in_axes=(None, 0, 0, 0), out_axes=(0, 0, 0)
+    )
+    for function, x in [(step, xs[:, 0]), (block, xs)]:
+
+        def loss(p, function=function, x=x):
+            return jnp.sum(jnp.sin(function(p, state, trace, x)[2]))
+
+        eager = jax.grad(loss)(params)
+        assert relative_error(jax.grad(jax.jit(loss))(params), eager) <= 1e-12
+        jitted = jax.jit(function)
+        assert (
+            relative_error(
+                jax.grad(lambda p, x=x: jnp.sum(jnp.sin(jitted(p, state, trace, x)[2])))(params),
+                eager,
+            )
+            <= 1e-12
+        )

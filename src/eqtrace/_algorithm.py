@@ -236,14 +236,14 @@ def _link(params, x, *, algorithm, static, state, trace):
     """Zero in value. Its JVP is the step's derivative as the online rule defines it: the trace
     applied to the parameters' tangent, plus the exact `∂h_t/∂x` applied to the input's."""
     del params, x, algorithm, static, trace
-    return jtu.tree_map(jnp.zeros_like, state)
+    return zeros_like_batched(state)
 
 
 @_link.def_jvp
 def _link_jvp(primals, tangents, *, algorithm, static, state, trace):
     params, x = primals
     params_tangent, x_tangent = tangents
-    zeros = jtu.tree_map(jnp.zeros_like, state)
+    zeros = zeros_like_batched(state)
     cell = eqx.combine(params, static)
     tangent = zeros
     if has_tangent(params_tangent):
@@ -254,6 +254,16 @@ def _link_jvp(primals, tangents, *, algorithm, static, state, trace):
         # Only computed when the input is differentiated: a first layer pays nothing for it.
         tangent = jtu.tree_map(jnp.add, tangent, input_tangent(cell, state, x, x_tangent))
     return zeros, tangent
+
+
+def zeros_like_batched(tree: Any) -> Any:
+    """Zeros shaped like `tree`, computed *from* it, for the value of a link.
+
+    `jnp.zeros_like` would be a constant: under `jax.vmap` the link's value is then unbatched
+    while its tangent is batched, and `jax.grad` of `jax.jit(jax.vmap(step))` fails inside JAX
+    (`broadcast_in_dim broadcast_dimensions must have length equal to operand ndim`, JAX
+    0.10). A `where` on the tree keeps the value batched like the tree; XLA folds it away."""
+    return jtu.tree_map(lambda a: jnp.where(True, jnp.zeros((), a.dtype), a), tree)
 
 
 def input_tangent(cell: AbstractCell, state: State, x: Input, x_tangent: Any) -> State:

@@ -11,6 +11,7 @@ from .._algorithm import (
     fill_tangent,
     has_tangent,
     input_tangent,
+    zeros_like_batched,
 )
 from .._cell import AbstractCell
 from .._custom_types import ExampleInput, Input, State
@@ -294,14 +295,14 @@ def _block_link(params, xs, *, algorithm, static, state, trace, lins, previous):
     """Zero in value, stacked like the block's states. Its JVP is each step's derivative as
     D-RTRL defines it: `ε_t · δθ` plus the exact `∂h_t/∂x_t` applied to `δx_t`."""
     del params, xs, algorithm, static, state, trace, previous
-    return jtu.tree_map(jnp.zeros_like, lins.new_state)
+    return zeros_like_batched(lins.new_state)
 
 
 @_block_link.def_jvp
 def _block_link_jvp(primals, tangents, *, algorithm, static, state, trace, lins, previous):
     params, xs = primals
     params_tangent, xs_tangent = tangents
-    zeros = jtu.tree_map(jnp.zeros_like, lins.new_state)
+    zeros = zeros_like_batched(lins.new_state)
     cell = eqx.combine(params, static)
     tangent = zeros
     if has_tangent(params_tangent):
