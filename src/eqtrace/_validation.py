@@ -89,11 +89,12 @@ def input_size(model: Any) -> int | None:
     """The length of the input vector `model` expects, where the model declares it."""
     from .nn._sequential import Sequential
 
-    if isinstance(model, Sequential):
+    if isinstance(model, Sequential | eqx.nn.Sequential):
         return input_size(model.layers[0])
-    for attr in ("input_size", "in_features"):
+    # `in_features`: `eqx.nn.Linear`; `in_size`: `eqx.nn.MLP` ("scalar" for a scalar input).
+    for attr in ("input_size", "in_features", "in_size"):
         size = getattr(model, attr, None)
-        if isinstance(size, int):
+        if isinstance(size, int) and not isinstance(size, bool):
             return size
     return None
 
