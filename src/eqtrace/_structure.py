@@ -177,10 +177,7 @@ class CellStructure:
 
     def site_name(self, site: int) -> str:
         """`path` of the op of call site `site`, with the call's rank when the op is reused."""
-        op = self.site_ops[site]
-        path = self.op_paths[op]
-        uses = [s for s, o in enumerate(self.site_ops) if o == op]
-        return path if len(uses) == 1 else f"{path} (call {uses.index(site) + 1} of {len(uses)})"
+        return _site_name(self.op_paths, self.site_ops, site)
 
     def site_modules(self, cell) -> list[Any]:
         """The op module of each call site of `cell` (or of a tangent shaped like it)."""
@@ -478,6 +475,7 @@ def _analyse(cell, state, x) -> CellStructure:
 
 
 def _site_name(op_paths, sites, site) -> str:
+    """See `CellStructure.site_name`."""
     uses = [s for s, o in enumerate(sites) if o == sites[site]]
     path = op_paths[sites[site]]
     return path if len(uses) == 1 else f"{path} (call {uses.index(site) + 1} of {len(uses)})"
