@@ -27,6 +27,7 @@ import eqtrace
 from eqtrace import nn
 from eqtrace._validation import example_input
 from helpers import squared_loss
+from test_any_cell import CalledOutOfOrder, OutputNotOfState, RawWeightUse, VmappedOp
 
 
 ERRORS_PAGE = Path(__file__).parent.parent / "docs" / "errors.md"
@@ -422,6 +423,27 @@ CASES: dict[str, Callable[[], list[Callable[[], object]]]] = {
     "State leaves of different shapes": lambda: [_init(eqtrace.DRTRL(), GlobalLeaf(key=_key()))],
     "A convolution under D-RTRL": lambda: [
         _init(eqtrace.DRTRL(), ConvCell(key=_key()), jnp.zeros((2, 6)))
+    ],
+    "An output that is not `output(new_state)`": lambda: [
+        _init(eqtrace.RTRL(), OutputNotOfState(key=_key()), jnp.zeros(3))
+    ],
+    "Op weights used outside a call": lambda: [
+        _init(eqtrace.DRTRL(), RawWeightUse(key=_key()), jnp.zeros(4)),
+        _init(eqtrace.PPProp(0.5), RawWeightUse(key=_key()), jnp.zeros(4)),
+    ],
+    "An op called inside a transformation": lambda: [
+        _init(eqtrace.DRTRL(), VmappedOp(key=_key()), jnp.zeros((4, 3))),
+        _init(eqtrace.PPProp(0.5, strict=False), VmappedOp(key=_key()), jnp.zeros((4, 3))),
+    ],
+    "A pp-prop decay that rounds to one": lambda: [
+        _init(
+            eqtrace.PPProp(rank=1e9),
+            jax.tree.map(
+                lambda a: a.astype(jnp.float32) if eqx.is_inexact_array(a) else a,
+                CalledOutOfOrder(key=_key()),
+            ),
+            jnp.zeros(3, jnp.float32),
+        )
     ],
 }
 
