@@ -371,3 +371,65 @@ def test_grad_of_jitted_vmapped_step_and_block(rule, blocks, getkey):
             )
             <= 1e-12
         )
+
+
+class Relay(eqtrace.AbstractCell):
+    """Leaf `a` is driven by `x`; the output leaf `h` reads the previous `a` through an op, a
+    path the diagonal rules cut, so `inp` would get an exactly zero gradient (found by the
+    generated tests)."""
+
+    inp: eqx.nn.Linear
+    rec: eqx.nn.Linear
+
+    def __init__(self, *, key):
+        ikey, rkey = jr.split(key)
+        self.inp = eqx.nn.Linear(3, 2, key=ikey)
+        self.rec = eqx.nn.Linear(2, 2, key=rkey)
+
+    def init_state(self):
+        return jnp.zeros(2), jnp.zeros(2)
+
+    def __call__(self, state, x):
+        a, _ = state
+        new_state = (jnp.tanh(self.inp(x)), jnp.tanh(self.rec(a)))
+        return new_state, self.output(new_state)
+
+    def output(self, state):
+        return state[1]
+
+
+@pytest.mark.parametrize("rule", RULES, ids=RULE_IDS)
+def test_a_silent_zero_gradient_is_refused(rule, getkey):
+    cell, x = Relay(key=getkey()), jnp.zeros(3)
+    with pytest.raises(ValueError, match="`.inp` acts only on the state leaves"):
+        rule.init_trace(cell, cell.init_state(), x)
+
+
+class ScaledOutput(eqtrace.AbstractCell):
+    """A parameter that reaches the output but not the state (found by the generated tests:
+    its missing trace failed the type check)."""
+
+    op: eqx.nn.Linear
+    gain: jax.Array
+
+    def __init__(self, *, key):
+        self.op = eqx.nn.Linear(3, 2, key=key)
+        self.gain = jnp.array(1.5)
+
+    def init_state(self):
+        return jnp.zeros(2)
+
+    def __call__(self, state, x):
+        h = 0.5 * state + jnp.tanh(self.op(x))
+        return h, self.output(h)
+
+    def output(self, state):
+        return self.gain * state
+
+
+def test_a_parameter_of_the_output_only_gets_its_exact_gradient(getkey):
+    model = ScaledOutput(key=getkey())
+    assert "does not reach the state" in str(eqtrace.check(model, x=jnp.zeros(3)))
+    xs, targets = jr.normal(getkey(), (4, 3)), jr.normal(getkey(), (4, 2))
+    online, bptt = online_and_bptt(eqtrace.DRTRL(), model, xs, targets)
+    assert relative_error(online, bptt) <= 1e-10

@@ -286,7 +286,14 @@ def _jacobians(cell, state, x, sites, called, key):
 
     direction = jtu.tree_map(lambda a: jax.random.normal(key, a.shape, a.dtype), op_arrays)
     _, outside_calls = jax.jvp(replayed, (op_arrays,), (direction,))
-    return jac_probe, jac_state, jac_cut, jac_full, outside_calls, new_state
+
+    # Which state leaves the output reads: the online gradient enters the traces there.
+    def output(s):
+        leaves = jtu.tree_leaves(eqx.filter(cell.output(s), eqx.is_inexact_array))
+        return jnp.concatenate([jnp.ravel(leaf) for leaf in leaves]) if leaves else jnp.zeros(0)
+
+    jac_output = jax.jacrev(output)(state)
+    return jac_probe, jac_state, jac_cut, jac_full, outside_calls, jac_output
 
 
 def output_mismatch(model, state, x) -> bool:
@@ -371,13 +378,25 @@ def _analyse(cell, state, x) -> CellStructure:
     param_feeds_op = [False] * len(param_paths)
     param_reaches_state = [False] * len(param_paths)
     op_used_outside = np.zeros(len(ops), bool)
+    leaf_read = np.zeros(num_leaves, bool)  # read by `output`
+    leaf_link = np.zeros((num_leaves, num_leaves), bool)  # `h^m_{t-1}` reaches `h^k_t` (cut)
+    site_leaves = np.zeros((num_sites, num_leaves), bool)  # leaves each call reaches
+    param_leaves = np.zeros((len(param_paths), num_leaves), bool)
     for draw, scale in enumerate((0.3, 1.0, 3.0)):
         c = random_like(cell, rng, scale)
         s = random_like(state, rng, scale)
         xr = random_like(x, rng, scale)
-        jac_probe, jac_state, jac_cut, jac_full, outside, _ = _jacobians(
+        jac_probe, jac_state, jac_cut, jac_full, outside, jac_output = _jacobians(
             c, s, xr, sites, called, jax.random.key(draw)
         )
+        for m, block in enumerate(jtu.tree_leaves(jac_output)):
+            leaf_read[m] |= bool(np.any(np.asarray(block) != 0))
+        for m, block in enumerate(jtu.tree_leaves(jac_state)):
+            leaf_link[:, m] |= np.any(np.asarray(block).reshape(num_leaves, -1) != 0, axis=1)
+        for i, jac in enumerate(jac_probe):
+            site_leaves[i] |= np.any(np.asarray(jac).reshape(num_leaves, -1) != 0, axis=1)
+        for i, jac in enumerate(jac_cut):
+            param_leaves[i] |= np.any(np.asarray(jac).reshape(num_leaves, -1) != 0, axis=1)
         # ∂h/∂u for every call: which neurons each output element reaches.
         for i, jac in enumerate(jac_probe):
             hits = np.any(np.asarray(jac).reshape(num_leaves, num_neurons, -1) != 0, axis=0)
@@ -428,6 +447,30 @@ def _analyse(cell, state, x) -> CellStructure:
             "of the op (e.g. `op.weight @ h`); the op traces only cover its calls. Call the op, "
             "or hold such weights as a separate parameter."
         )
+    # The online gradient reaches a trace through the leaves `output` reads, and through the
+    # leaves that reach those over time by the cut Jacobian. A call or parameter acting only on
+    # other leaves (which reach the output only through an op's input, a path the rules cut)
+    # would get an exactly zero gradient.
+    reached = leaf_read.copy()
+    for _ in range(num_leaves):
+        reached |= np.any(leaf_link & reached[:, None], axis=0)
+    unreached = [state_paths[k] for k in np.flatnonzero(~reached)]
+    why = (
+        "which reach the cell's output only through the input of a synaptic op (a path the "
+        "diagonal rules cut), so it would get a zero gradient. Make `output` read those "
+        "leaves, or use `eqtrace.RTRL()`."
+    )
+    for site in range(num_sites):
+        if site_leaves[site].any() and not (site_leaves[site] & reached).any():
+            violations.append(
+                f"the op `{_site_name(op_paths, sites, site)}` acts only on the state leaves "
+                f"{unreached}, {why}"
+            )
+    for i, path in enumerate(param_paths):
+        if param_leaves[i].any() and not (param_leaves[i] & reached).any():
+            violations.append(
+                f"the parameter `{path}` acts only on the state leaves {unreached}, {why}"
+            )
     kinds = []
     for i, path in enumerate(param_paths):
         size = math.prod(param_shapes[i])

@@ -32,7 +32,7 @@ class Linearisation(NamedTuple):
     #: Per op, `(K, *u_shape)`: `∂h^k/∂u` per output element.
     op_sensitivities: tuple[jax.Array, ...]
     #: Per non-op parameter, `(K, *neuron_shape)` (per-neuron) or `(K, N, |p|)` (shared).
-    param_sensitivities: tuple[jax.Array, ...]
+    param_sensitivities: tuple[jax.Array | None, ...]
 
 
 def cell_structure(algorithm_name: str, cell, state, x, strict: bool) -> CellStructure:
@@ -217,8 +217,8 @@ def init_param_traces(structure: CellStructure, cell) -> tuple[jax.Array | None,
 
 
 def update_param_traces(
-    structure: CellStructure, lin: Linearisation, traces: tuple[jax.Array, ...]
-) -> tuple[jax.Array, ...]:
+    structure: CellStructure, lin: Linearisation, traces: tuple[jax.Array | None, ...]
+) -> tuple[jax.Array | None, ...]:
     """Exact element-wise traces `ε_p[k] = Σ_m D[k, m] ⊙ ε_p[m] + ∂h^k/∂p` for non-op params."""
     jacobian = lin.jacobian
     new = []

@@ -274,7 +274,9 @@ def _transition_products(jacobians: jax.Array) -> tuple[jax.Array, jax.Array]:
     return products, first
 
 
-def _propagate_param_traces(structure, products, first, lins, traces) -> tuple[jax.Array, ...]:
+def _propagate_param_traces(
+    structure, products, first, lins, traces
+) -> tuple[jax.Array | None, ...]:
     """The non-op parameters' traces over the block, `Φ(C, 0) ε_0 + Σ_τ Φ(C, τ) ∂h_τ/∂p`."""
     new = []
     for kind, trace, immediate in zip(structure.param_kinds, traces, lins.param_sensitivities):
