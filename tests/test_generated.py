@@ -12,6 +12,7 @@ The default hypothesis profile is deterministic and takes about a minute; set
 import dataclasses
 import functools
 import itertools
+import math
 import os
 from typing import Any, NamedTuple
 
@@ -53,6 +54,7 @@ settings.register_profile(
     "eqtrace-generated-long",
     max_examples=400,
     deadline=None,
+    print_blob=True,
     phases=[Phase.explicit, Phase.reuse, Phase.generate, Phase.shrink],
     suppress_health_check=_HEALTH,
 )
@@ -308,7 +310,7 @@ _RELAY = _generated(
 )
 
 
-@examples(8)
+@examples(6)
 @given(case=cases, ppprop=ppprop_rules)
 @example(case=_MIXING, ppprop=eqtrace.PPProp(rank=3))
 @example(case=_OUT_OF_ORDER, ppprop=eqtrace.PPProp(0.5))
@@ -370,20 +372,60 @@ def step_value_and_grad(step, params, state, trace, x, target):
     return jax.value_and_grad(loss, has_aux=True)(params)
 
 
-@examples(5)
-@given(case=cases, data=st.data())
-@releasing_compiled_code
-def test_blocks_batches_and_jit(case, data):
-    """For a rule drawn per example (exact RTRL instead if a drawn diagonal rule refuses the
-    model):
+#: A token network for the transformations: an embedding used twice and a masked recurrent
+#: op on a two-leaf cell, then a built-in leaky read-out and a custom stateless layer.
+_TOKENS = Case(
+    NetworkSpec(
+        (
+            LayerSpec(
+                "generated",
+                4,
+                3,
+                cell=CellSpec(
+                    input_size=4,
+                    hidden=3,
+                    tokens=True,
+                    ops=(
+                        OpSpec("masked", 1, (Source("h1", "sin"),)),
+                        OpSpec("embedding", 2, (_FROM_X, _FROM_X)),
+                    ),
+                    declaration=(1, 0),
+                    leaves=(LeafSpec("gated", "gelu"), LeafSpec("leaky", "softplus")),
+                    chunk_slots=((1, "drive"), (0, "drive"), (0, "gate")),
+                    per_neuron=True,
+                    shared=2,
+                    output="mix",
+                    functions_as_fields=True,
+                    violation=None,
+                ),
+            ),
+            LayerSpec("readout", 3, 2),
+            LayerSpec("pointwise", 2, 2),
+        ),
+        bare=False,
+    ),
+    seed=1,
+    length=4,
+)
 
-    1. an online block (`make_online_block`, `block_size=C`) equals stepping: loss, gradient,
-       final state and trace;
+
+@examples(4)
+@given(
+    case=cases,
+    algorithm=st.one_of(st.just(eqtrace.RTRL()), diagonal_rules),
+    batch=st.integers(2, 3),
+    block=st.integers(1, 4),
+)
+@example(case=_TOKENS, algorithm=eqtrace.DRTRL(), batch=2, block=2)
+@releasing_compiled_code
+def test_blocks_batches_and_jit(case, algorithm, batch, block):
+    """For one rule per example (exact RTRL instead if a diagonal rule refuses the model):
+
+    1. an online block (`make_online_block`, `block_size=gcd(block, T)`) equals stepping: loss,
+       gradient, final state and trace;
     2. `jax.vmap` over a batch equals a Python loop over its samples;
     3. a jitted step (value and online gradient) equals the same step without jit.
     """
-    algorithm = data.draw(st.one_of(st.just(eqtrace.RTRL()), diagonal_rules))
-    batch = data.draw(st.integers(2, 3))
     p = materialise(case, batch)
     sample = [
         p._replace(
@@ -401,12 +443,11 @@ def test_blocks_batches_and_jit(case, data):
 
     step = eqtrace.make_online_step(algorithm, p.static)
     stepped = online(step, sample[0], trace, every)
-    block = eqtrace.make_online_block(algorithm, p.static)
-    # A divisor of the length: a shorter last block would compile once more (and remainders
+    online_block = eqtrace.make_online_block(algorithm, p.static)
+    # Blocks that tile the sequence: a shorter last block would compile once more (remainders
     # are covered in test_blocks.py).
-    divisors = [c for c in range(1, case.length + 1) if case.length % c == 0]
-    block_size = data.draw(st.sampled_from(divisors))
-    blocked = online(block, sample[0], trace, every, block_size=block_size)
+    block_size = math.gcd(block, case.length)
+    blocked = online(online_block, sample[0], trace, every, block_size=block_size)
     assert_close(blocked, stepped, 1e-10, f"{algorithm} online block of {block_size} vs steps")
 
     loop = [stepped] + [online(step, s, trace, every) for s in sample[1:]]
