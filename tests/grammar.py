@@ -11,7 +11,7 @@ small shared parameters. A few cells break a structure rule on purpose (`CellSpe
 so that refusals are exercised too.
 
 Networks are `eqtrace.nn.Sequential`s of one to three cells (built-in or generated) with
-stateless layers of every kind between and around them.
+stateless layers of every kind between and around them, or a single cell used bare.
 """
 
 import dataclasses
