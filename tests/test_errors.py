@@ -88,6 +88,59 @@ def _per_sequence_targets() -> list[Callable[[], object]]:
     ]
 
 
+def _step_weights_of_wrong_shape():
+    _, params, static, step, block, state, trace = _setup()
+    xs, targets = _sequence()
+    forward = eqtrace.make_forward_step(static)
+    sgd = optax.sgd(0.1)
+    per_sample = jnp.ones((BATCH,))
+    return [
+        lambda: eqtrace.online_gradient(
+            step, squared_loss, params, state, trace, xs, targets, step_weights=per_sample
+        ),
+        lambda: eqtrace.online_gradient(
+            block,
+            squared_loss,
+            params,
+            state,
+            trace,
+            xs,
+            targets,
+            block_size=2,
+            step_weights=jnp.ones((len(xs), BATCH)),
+        ),
+        lambda: eqtrace.train_online(
+            step,
+            squared_loss,
+            sgd,
+            params,
+            sgd.init(params),
+            state,
+            trace,
+            xs,
+            targets,
+            step_weights=per_sample,
+        ),
+        lambda: eqtrace.bptt_gradient(
+            forward, squared_loss, params, state, xs, targets, step_weights=per_sample
+        ),
+    ]
+
+
+def _unknown_reduction():
+    _, params, static, step, _, state, trace = _setup()
+    xs, targets = _sequence()
+    forward = eqtrace.make_forward_step(static)
+    return [
+        lambda: eqtrace.online_gradient(
+            step, squared_loss, params, state, trace, xs, targets, reduction="average"
+        ),
+        lambda: eqtrace.truncated_bptt_gradient(
+            forward, squared_loss, params, state, xs, targets, 2, reduction="Mean"
+        ),
+    ]
+
+
 def _inputs_of_different_lengths():
     _, params, static, _, _, state, _ = _setup()
     xs, targets = _sequence()
@@ -361,6 +414,8 @@ def _every_cell(**sizes):
 #: Title of a row of `docs/errors.md` -> functions that each commit that misuse.
 CASES: dict[str, Callable[[], list[Callable[[], object]]]] = {
     "Targets without a time axis": _per_sequence_targets,
+    "Step weights of the wrong shape": _step_weights_of_wrong_shape,
+    "An unknown `reduction`": _unknown_reduction,
     "Inputs of different lengths": _inputs_of_different_lengths,
     "A loss that is not a scalar": _loss_not_scalar,
     "Parameters of another model": _params_of_another_model,
@@ -499,7 +554,7 @@ def test_errors_name_what_was_received():
     """The variable parts of a few messages: the shapes, lengths and values received."""
     with pytest.raises(ValueError, match=r"length 6 of `xs`.*of shape \(2, 4\)") as info:
         _per_sequence_targets()[0]()
-    assert "`jnp.broadcast_to(targets, (6, *targets.shape))`" in str(info.value)
+    assert "`step_weights=jnp.arange(6) == 5`" in str(info.value)
     with pytest.raises(ValueError, match=r"`xs\[0\]` \(6, 3\), `xs\[1\]` \(5, 3\)"):
         _inputs_of_different_lengths()[0]()
     with pytest.raises(ValueError, match=r"returned shape \(4,\) and dtype float64"):

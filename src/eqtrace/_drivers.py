@@ -21,6 +21,13 @@ OnlineStep = Callable[[Params, State, Trace, Input], tuple[State, Trace, Any]]
 OnlineBlock = OnlineStep
 ForwardStep = Callable[[Params, State, Input], tuple[State, Any]]
 LossFn = Callable[[Any, Any], Scalar]
+#: How the accumulating drivers combine the losses of the steps: `"sum"`, their (weighted)
+#: sum, or `"mean"`, divided by the sum of the step weights (by `T` without them). A plain
+#: `str`, not a `Literal`, so that a wrong value meets eqtrace's own error message (which
+#: lists the choices) rather than a runtime type checker's.
+Reduction = str
+#: Per-step weights of the loss, shape `(T,)`: a boolean mask or floats.
+StepWeights = Any
 
 
 def make_online_step(algorithm: AbstractAlgorithm, static: Any) -> OnlineStep:
@@ -232,10 +239,11 @@ def run_online(
     return ys, state, trace
 
 
-def _step_loss_and_grad(online_step, loss_fn, params, state, trace, x, target):
+def _step_loss_and_grad(online_step, loss_fn, params, state, trace, *inputs):
     def step_loss(params):
+        x, *rest = inputs
         new_state, new_trace, y = online_step(params, state, trace, x)
-        return loss_fn(y, target), (new_state, new_trace)
+        return loss_fn(y, *rest), (new_state, new_trace)
 
     return jax.value_and_grad(step_loss, has_aux=True)(params)
 
@@ -251,8 +259,11 @@ def online_gradient(
     targets: Any,
     *,
     block_size: int | None = None,
+    reduction: Reduction = "sum",
+    step_weights: StepWeights | None = None,
+    sequence_targets: bool = False,
 ) -> tuple[Scalar, Params, State, Trace]:
-    """Accumulates the online gradient of `Σ_t loss_fn(y_t, target_t)` over a sequence.
+    """Accumulates the online gradient of `Σ_t w_t loss_fn(y_t, target_t)` over a sequence.
 
     Memory is constant in the sequence length: the gradient of each step is taken within the
     step (or within its block) and summed, never through the whole scan.
@@ -264,26 +275,37 @@ def online_gradient(
     - `loss_fn`: `loss_fn(y_t, target_t) -> scalar` for one step (average over the batch inside
       it when `online_step` is vmapped).
     - `params`, `state`, `trace`: as for `online_step`.
-    - `xs`, `targets`: inputs and targets with a leading time axis.
+    - `xs`: the inputs, with a leading time axis of length `T`.
+    - `targets`: the targets, with the same leading time axis; with `sequence_targets=True`,
+      without it (one target for the whole sequence, e.g. a class label).
     - `block_size`: if given, run `block_size` steps per call of the online block (a last,
       shorter block takes the remainder). The result is the same; the extra memory is that of
       one block's per-step Jacobians. A step from `make_online_step` with `block_size`, or a
       block from `make_online_block` without it, raises a `TypeError`.
+    - `reduction`: `"sum"` (the default) adds the steps' losses and gradients; `"mean"` divides
+      the sums by `Σ_t w_t` (by `T` without `step_weights`), so that the learning rate does not
+      depend on the sequence length.
+    - `step_weights`: optional weights `w_t` of the steps' losses, shape `(T,)`, booleans or
+      floats: `jnp.arange(T) == T - 1` puts the loss on the last step only. (Per-sample masks
+      belong in `loss_fn`, which sees the whole batch.)
+    - `sequence_targets`: `True` if `targets` has no time axis: the same target is used at
+      every step (combine with `step_weights` for a loss on chosen steps only).
 
-    **Returns:** `(loss, grads, state, trace)`: the summed loss, the summed online gradient, and
-    the final state and trace.
+    **Returns:** `(loss, grads, state, trace)`: the reduced loss, the reduced online gradient,
+    and the final state and trace.
     """
     if block_size is not None:
         check_count("online_gradient", "block_size", block_size)
     _check_kind("online_gradient", online_step, block_size)
-    _check_sequences("online_gradient", xs, targets)
-    loss_fn = _scalar_loss("online_gradient", loss_fn)
+    objective = _Objective.build(
+        "online_gradient", loss_fn, xs, targets, reduction, step_weights, sequence_targets
+    )
 
-    def call_loss(ys, targets):
+    def call_loss(ys, targets, weights):
         """The loss of one call of `online_step`: of one step, or of a block's steps summed."""
         if block_size is None:
-            return loss_fn(ys, targets)
-        return jnp.sum(jax.vmap(loss_fn)(ys, targets))
+            return objective.weighted_loss(ys, targets, weights)
+        return jnp.sum(jax.vmap(objective.weighted_loss)(ys, targets, weights))
 
     def body(carry, inputs):
         state, trace, loss, grads = carry
@@ -296,10 +318,96 @@ def online_gradient(
     zeros = jtu.tree_map(jnp.zeros_like, params)
     init = (state, trace, jnp.zeros((), jnp.result_type(float)), zeros)
     if block_size is None:
-        (state, trace, loss, grads), _ = jax.lax.scan(body, init, (xs, targets))
+        (state, trace, loss, grads), _ = jax.lax.scan(body, init, objective.sequences)
     else:
-        state, trace, loss, grads = _scan_blocks(body, init, (xs, targets), block_size)
+        state, trace, loss, grads = _scan_blocks(body, init, objective.sequences, block_size)
+    loss, grads = objective.reduce(loss, grads)
     return loss, grads, state, trace
+
+
+@dataclasses.dataclass(frozen=True)
+class _Objective:
+    """The loss over a sequence that a driver accumulates: which target and weight each step
+    pairs with its output, and how the steps' losses are reduced.
+
+    `sequences = (xs, per-step targets or None, weights or None)` is what the driver scans;
+    `weighted_loss(y_t, target_t, w_t)` is the loss of one step, `reduce` the final reduction.
+    """
+
+    loss_fn: LossFn
+    sequences: tuple[Any, Any, Any]
+    sequence_targets: Any  # the targets used at every step, or None
+    total_weight: Any  # the divisor of `reduction="mean"`, or None for a sum
+
+    @classmethod
+    def build(
+        cls, function, loss_fn, xs, targets, reduction, step_weights, sequence_targets
+    ) -> "_Objective":
+        if reduction not in ("sum", "mean"):
+            raise ValueError(
+                f'{function}: `reduction` must be "sum" or "mean" (over the steps), but '
+                f"received {reduction!r}."
+            )
+        if not isinstance(sequence_targets, bool):
+            raise TypeError(
+                f"{function}: `sequence_targets` must be True or False, but received "
+                f"{sequence_targets!r}."
+            )
+        length = _check_sequences(function, xs, None if sequence_targets else targets)
+        weights = _check_step_weights(function, step_weights, length)
+        if reduction == "sum":
+            total = None
+        elif weights is None:
+            total = length if length is not None else 1
+        else:
+            total = eqx.error_if(
+                jnp.sum(weights),
+                jnp.sum(weights) == 0,
+                f'{function}: with `reduction="mean"` the loss is divided by the sum of '
+                "`step_weights`, but it is zero (no step carries a loss). Give at least one "
+                'step a weight, or use `reduction="sum"`.',
+            )
+        return cls(
+            loss_fn=_scalar_loss(function, loss_fn),
+            sequences=(xs, None if sequence_targets else targets, weights),
+            sequence_targets=targets if sequence_targets else None,
+            total_weight=total,
+        )
+
+    def step_loss(self, y, target):
+        """`loss_fn` of one step, unweighted."""
+        return self.loss_fn(y, target if self.sequence_targets is None else self.sequence_targets)
+
+    def weighted_loss(self, y, target, weight):
+        loss = self.step_loss(y, target)
+        return loss if weight is None else weight * loss
+
+    def reduce(self, loss, grads):
+        if self.total_weight is None:
+            return loss, grads
+        return loss / self.total_weight, jtu.tree_map(lambda g: g / self.total_weight, grads)
+
+
+def _check_step_weights(function: str, step_weights: Any, length: int | None) -> Any:
+    """`step_weights` as a float array of shape `(T,)`, raising a clear error otherwise."""
+    if step_weights is None:
+        return None
+    shape, dtype = jnp.shape(step_weights), jnp.result_type(step_weights)
+    expected = f"({length},)" if length is not None else "(T,)"
+    if len(shape) != 1 or (length is not None and shape[0] != length):
+        raise ValueError(
+            f"{function}: `step_weights` must hold one weight per step, shape {expected} like "
+            f"the leading (time) axis of `xs`, but received shape {shape}. For a loss on the "
+            f"last step only, pass `jnp.arange(T) == T - 1`; per-sample masks belong in "
+            "`loss_fn`, which sees the whole batch."
+        )
+    if not any(jnp.issubdtype(dtype, kind) for kind in (jnp.floating, jnp.integer, jnp.bool_)):
+        raise TypeError(
+            f"{function}: `step_weights` must be booleans or real numbers, but received dtype "
+            f"{jnp.dtype(dtype).name}."
+        )
+    weights = jnp.asarray(step_weights, jnp.result_type(float))
+    return weights
 
 
 def _scan_blocks(body: Callable, carry: Any, sequences: Any, size: int) -> Any:
@@ -339,10 +447,9 @@ def _check_sequences(function: str, xs: Any, targets: Any = None) -> int | None:
             raise ValueError(
                 f"{function}: `targets` must hold one target per step, with the leading (time) "
                 f"length {length} of `xs`, but received `targets{jtu.keystr(path)}` of shape "
-                f"{shape} (and `xs` of shape {shapes[0][1]}). To reuse one target at every step, "
-                f"pass `jnp.broadcast_to(targets, ({length}, *targets.shape))`; for a loss on "
-                "the last step only, pass `(jnp.broadcast_to(targets, ...), jnp.arange("
-                f"{length}) == {length - 1})` and multiply the loss by that flag in `loss_fn`."
+                f"{shape} (and `xs` of shape {shapes[0][1]}). For one target per sequence, used "
+                "at every step, pass `sequence_targets=True`; for a loss on the last step only, "
+                f"add `step_weights=jnp.arange({length}) == {length - 1}`."
             )
     return length
 
@@ -388,6 +495,8 @@ def train_online(
     targets: Any,
     *,
     block_size: int | None = None,
+    step_weights: StepWeights | None = None,
+    sequence_targets: bool = False,
 ) -> tuple[Params, optax.OptState, State, Trace, Any]:
     """Trains truly online: an optimiser update after every step, inside one `lax.scan`.
 
@@ -395,27 +504,61 @@ def train_online(
     its `init`ialised state): it accumulates the online gradients and applies them every `k`.
     Or pass an online block (`make_online_block`) with `block_size=k`: one update per block
     with the mean of its steps' online gradients, the same as `MultiSteps` on the stepped
-    version, in fewer passes over the trace. The sequence length must then be a multiple of
-    `block_size`.
+    version, in fewer passes over the trace.
 
-    **Returns:** `(params, opt_state, state, trace, losses)` with the per-step losses over time.
+    **Arguments:**
+
+    - `online_step`: from `make_online_step` (vmapped for a batch); with `block_size`, an
+      online block from `make_online_block` (vmapped with time leading).
+    - `loss_fn`: `loss_fn(y_t, target_t) -> scalar` for one step (average over the batch inside
+      it when `online_step` is vmapped).
+    - `optimizer`: an Optax optimiser; `opt_state` its state, `optimizer.init(params)`.
+    - `params`, `state`, `trace`: as for `online_step`.
+    - `xs`, `targets`: inputs and targets with a leading time axis (`targets` without it if
+      `sequence_targets=True`: the same target at every step).
+    - `block_size`: if given, one update per block of `block_size` steps; it must divide the
+      sequence length.
+    - `step_weights`: optional weights of the steps' losses, shape `(T,)` (booleans or floats).
+      A step of weight zero contributes a zero gradient, but the optimiser still takes its
+      update (momentum moves the parameters); to update only every `k` steps use blocks or
+      `optax.MultiSteps`.
+    - `sequence_targets`: `True` if `targets` has no time axis.
+
+    **Returns:** `(params, opt_state, state, trace, losses)`: the trained parameters, the
+    optimiser state, the final state and trace, and the per-step values of `loss_fn` (before
+    weighting), stacked over time.
     """
     if block_size is not None:
         check_count("train_online", "block_size", block_size)
     _check_kind("train_online", online_step, block_size)
-    length = _check_sequences("train_online", xs, targets)
-    loss_fn = _scalar_loss("train_online", loss_fn)
+    objective = _Objective.build(
+        "train_online", loss_fn, xs, targets, "sum", step_weights, sequence_targets
+    )
 
-    def block_loss(params, state, trace, xs, targets):
+    def weighted(losses, weights):
+        return losses if weights is None else weights * losses
+
+    def step_loss(ys, targets, weights):
+        loss = objective.step_loss(ys, targets)
+        return weighted(loss, weights), loss
+
+    def block_loss(params, state, trace, xs, targets, weights):
         state, trace, ys = online_step(params, state, trace, xs)
-        losses = jax.vmap(loss_fn)(ys, targets)
-        return jnp.mean(losses), (state, trace, losses)
+        losses = jax.vmap(objective.step_loss)(ys, targets)
+        return jnp.mean(weighted(losses, weights)), (state, trace, losses)
 
     def body(carry, inputs):
         params, opt_state, state, trace = carry
         if block_size is None:
-            (losses, (state, trace)), grads = _step_loss_and_grad(
-                online_step, loss_fn, params, state, trace, *inputs
+            x, targets, weights = inputs
+
+            def differentiated(params):
+                new_state, new_trace, y = online_step(params, state, trace, x)
+                loss, unweighted = step_loss(y, targets, weights)
+                return loss, (new_state, new_trace, unweighted)
+
+            (_, (state, trace, losses)), grads = jax.value_and_grad(differentiated, has_aux=True)(
+                params
             )
         else:
             (_, (state, trace, losses)), grads = jax.value_and_grad(block_loss, has_aux=True)(
@@ -425,7 +568,8 @@ def train_online(
         params = optax.apply_updates(params, updates)
         return (params, opt_state, state, trace), losses
 
-    sequences = (xs, targets)
+    sequences = objective.sequences
+    length = _check_sequences("train_online", xs)
     if block_size is not None and length is not None:
         if length % block_size:
             raise ValueError(
@@ -444,15 +588,15 @@ def train_online(
     return params, opt_state, state, trace, losses
 
 
-def _unrolled_loss(forward_step, loss_fn, params, state, xs, targets):
+def _unrolled_loss(forward_step, objective, params, state, sequences):
     def body(carry, inputs):
         state, loss = carry
-        x, target = inputs
+        x, target, weight = inputs
         state, y = forward_step(params, state, x)
-        return (state, loss + loss_fn(y, target)), None
+        return (state, loss + objective.weighted_loss(y, target, weight)), None
 
     init = (state, jnp.zeros((), jnp.result_type(float)))
-    (state, loss), _ = jax.lax.scan(body, init, (xs, targets))
+    (state, loss), _ = jax.lax.scan(body, init, sequences)
     return loss, state
 
 
@@ -464,17 +608,34 @@ def bptt_gradient(
     state: State,
     xs: Input,
     targets: Any,
+    *,
+    reduction: Reduction = "sum",
+    step_weights: StepWeights | None = None,
+    sequence_targets: bool = False,
 ) -> tuple[Scalar, Params, State]:
-    """The reference gradient: `jax.grad` of `Σ_t loss_fn(y_t, target_t)` through `lax.scan`
-    (backpropagation through time; memory grows linearly with the sequence length).
+    """The reference gradient: `jax.grad` of `Σ_t w_t loss_fn(y_t, target_t)` through
+    `lax.scan` (backpropagation through time; memory grows linearly with the sequence length).
 
-    **Returns:** `(loss, grads, final_state)`.
+    **Arguments:**
+
+    - `forward_step`: from `make_forward_step` (vmapped for a batch:
+      `jax.vmap(forward_step, in_axes=(None, 0, 0))`).
+    - `loss_fn`: `loss_fn(y_t, target_t) -> scalar` for one step.
+    - `params`: the parameters; `state` the initial state (`model.init_state()`, batched for
+      a batch).
+    - `xs`, `targets`, `reduction`, `step_weights`, `sequence_targets`: as for
+      `online_gradient`.
+
+    **Returns:** `(loss, grads, final_state)`: the reduced loss, its gradient and the state
+    after the last step.
     """
-    _check_sequences("bptt_gradient", xs, targets)
-    loss_fn = _scalar_loss("bptt_gradient", loss_fn)
-    (loss, state), grads = jax.value_and_grad(_unrolled_loss, argnums=2, has_aux=True)(
-        forward_step, loss_fn, params, state, xs, targets
+    objective = _Objective.build(
+        "bptt_gradient", loss_fn, xs, targets, reduction, step_weights, sequence_targets
     )
+    (loss, state), grads = jax.value_and_grad(_unrolled_loss, argnums=2, has_aux=True)(
+        forward_step, objective, params, state, objective.sequences
+    )
+    loss, grads = objective.reduce(loss, grads)
     return loss, grads, state
 
 
@@ -487,30 +648,50 @@ def truncated_bptt_gradient(
     xs: Input,
     targets: Any,
     window: int,
+    *,
+    reduction: Reduction = "sum",
+    step_weights: StepWeights | None = None,
+    sequence_targets: bool = False,
 ) -> tuple[Scalar, Params, State]:
     """Truncated BPTT: backpropagation within consecutive windows of `window` steps, with the
-    state carried (but not differentiated) across window boundaries. A last, shorter window
-    takes the remainder. `window >= len(xs)` is plain BPTT.
+    state carried (but not differentiated) across window boundaries.
 
-    **Returns:** `(loss, grads, final_state)`.
+    **Arguments:**
+
+    - `forward_step`, `loss_fn`, `params`, `state`: as for `bptt_gradient`.
+    - `xs`, `targets`, `reduction`, `step_weights`, `sequence_targets`: as for
+      `online_gradient`.
+    - `window`: the number of steps per window (a last, shorter window takes the remainder);
+      `window >= T` is plain BPTT.
+
+    **Returns:** `(loss, grads, final_state)`: the reduced loss, the sum (or mean) of the
+    windows' gradients, and the state after the last step.
     """
     check_count("truncated_bptt_gradient", "window", window)
-    _check_sequences("truncated_bptt_gradient", xs, targets)
-    loss_fn = _scalar_loss("truncated_bptt_gradient", loss_fn)
+    objective = _Objective.build(
+        "truncated_bptt_gradient",
+        loss_fn,
+        xs,
+        targets,
+        reduction,
+        step_weights,
+        sequence_targets,
+    )
 
-    def window_grad(state, xs, targets):
+    def window_grad(state, sequences):
         state = jax.lax.stop_gradient(state)
         (loss, state), grads = jax.value_and_grad(_unrolled_loss, argnums=2, has_aux=True)(
-            forward_step, loss_fn, params, state, xs, targets
+            forward_step, objective, params, state, sequences
         )
         return loss, grads, state
 
-    def body(carry, inputs):
+    def body(carry, sequences):
         state, loss, grads = carry
-        step_loss, step_grads, state = window_grad(state, *inputs)
+        step_loss, step_grads, state = window_grad(state, sequences)
         return (state, loss + step_loss, jtu.tree_map(jnp.add, grads, step_grads)), None
 
     loss = jnp.zeros((), jnp.result_type(float))
     grads = jtu.tree_map(jnp.zeros_like, params)
-    state, loss, grads = _scan_blocks(body, (state, loss, grads), (xs, targets), window)
+    state, loss, grads = _scan_blocks(body, (state, loss, grads), objective.sequences, window)
+    loss, grads = objective.reduce(loss, grads)
     return loss, grads, state
