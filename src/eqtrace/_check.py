@@ -97,7 +97,18 @@ class StructureReport:
 
 
 def trace_size(algorithm: AbstractAlgorithm, model: AbstractCell, x: ExampleInput | None = None):
-    """`(values, bytes)` of `algorithm`'s trace of `model` for one sample."""
+    """The size of `algorithm`'s trace of `model` for one sample (computed from shapes only).
+
+    **Arguments:**
+
+    - `algorithm`: the online rule, e.g. `eqtrace.DRTRL()`.
+    - `model`: a cell or `eqtrace.nn.Sequential`.
+    - `x`: an example input of one step (only its shape and dtype are used), needed when the
+      model does not declare an `input_size`.
+
+    **Returns:** `(values, bytes)`: the number of values in the trace pytree and its size in
+    bytes. Multiply by the batch size for a batch.
+    """
     state = model.init_state()
     trace = eqx.filter_eval_shape(algorithm.init_trace, model, state, x)
     leaves = jtu.tree_leaves(trace)

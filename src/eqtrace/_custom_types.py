@@ -1,19 +1,25 @@
-"""Type aliases shared across eqtrace."""
+"""Type aliases shared across eqtrace.
 
-from typing import Any, TypeAlias
+Each alias is a named `TypeAliasType`, so that `help()` and signatures show `params: Params`
+instead of the expanded jaxtyping union; runtime type checkers (beartype through jaxtyping's
+hook) check the aliased type as before.
+"""
+
+from typing import Any
 
 import jax
 from jaxtyping import Array, ArrayLike, Float, PyTree
+from typing_extensions import TypeAliasType
 
 
 #: A single-sample hidden state: any pytree of floating arrays.
-State: TypeAlias = PyTree[Float[Array, "..."]]
+State = TypeAliasType("State", PyTree[Float[Array, "..."]])
 #: An algorithm's eligibility trace for one sample (an `eqx.Module` per algorithm).
-Trace: TypeAlias = Any
+Trace = TypeAliasType("Trace", Any)
 #: The input of one time step (usually `Float[Array, " n_in"]`; integers for an embedding).
-Input: TypeAlias = PyTree[ArrayLike]
+Input = TypeAliasType("Input", PyTree[ArrayLike])
 #: An example input: an input, or only its shape and dtype.
-ExampleInput: TypeAlias = PyTree[ArrayLike | jax.ShapeDtypeStruct]
+ExampleInput = TypeAliasType("ExampleInput", PyTree[ArrayLike | jax.ShapeDtypeStruct])
 #: The floating arrays of a model: `params` in `eqx.partition(model, eqx.is_inexact_array)`.
-Params: TypeAlias = PyTree[Float[Array, "..."] | None]
-Scalar: TypeAlias = Float[Array, ""]
+Params = TypeAliasType("Params", PyTree[Float[Array, "..."] | None])
+Scalar = TypeAliasType("Scalar", Float[Array, ""])

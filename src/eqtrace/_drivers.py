@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 import optax
+from typing_extensions import TypeAliasType
 
 from ._algorithm import AbstractAlgorithm
 from ._cell import AbstractCell
@@ -16,11 +17,18 @@ from ._custom_types import ExampleInput, Input, Params, Scalar, State, Trace
 from ._validation import check_count
 
 
-OnlineStep = Callable[[Params, State, Trace, Input], tuple[State, Trace, Any]]
-#: Same signature, but `T` steps at once: inputs and outputs carry a leading time axis.
-OnlineBlock = OnlineStep
-ForwardStep = Callable[[Params, State, Input], tuple[State, Any]]
-LossFn = Callable[[Any, Any], Scalar]
+#: `online_step(params, state, trace, x) -> (state, trace, y)`, from `make_online_step`.
+OnlineStep = TypeAliasType(
+    "OnlineStep", Callable[[Params, State, Trace, Input], tuple[State, Trace, Any]]
+)
+#: The same signature, but `T` steps at once: inputs and outputs carry a leading time axis.
+OnlineBlock = TypeAliasType(
+    "OnlineBlock", Callable[[Params, State, Trace, Input], tuple[State, Trace, Any]]
+)
+#: `forward_step(params, state, x) -> (state, y)`, from `make_forward_step`.
+ForwardStep = TypeAliasType("ForwardStep", Callable[[Params, State, Input], tuple[State, Any]])
+#: `loss_fn(y_t, target_t) -> scalar`, the loss of one step.
+LossFn = TypeAliasType("LossFn", Callable[[Any, Any], Scalar])
 #: How the accumulating drivers combine the losses of the steps: `"sum"`, their (weighted)
 #: sum, or `"mean"`, divided by the sum of the step weights (by `T` without them). A plain
 #: `str`, not a `Literal`, so that a wrong value meets eqtrace's own error message (which
@@ -83,7 +91,17 @@ def make_online_block(algorithm: AbstractAlgorithm, static: Any) -> OnlineBlock:
 
 def make_forward_step(static: Any) -> ForwardStep:
     """The plain step `forward_step(params, state, x) -> (state, y)` of the model, without any
-    trace: the baseline for `bptt_gradient` and for inference."""
+    trace: the baseline for `bptt_gradient` and for inference.
+
+    **Arguments:**
+
+    - `static`: the non-array part of the model, from
+      `params, static = eqx.partition(model, eqx.is_inexact_array)`.
+
+    **Returns:** a function to `jax.vmap` over a batch (`in_axes=(None, 0, 0)`) and
+    `jax.lax.scan` over time. It raises a `ValueError` if `params` is not shaped like the
+    model that `static` came from.
+    """
 
     static_def = _structure(static)
 
@@ -209,8 +227,16 @@ def init_state_and_trace(
 ) -> tuple[State, Trace]:
     """The initial state and trace of `model`, with a leading batch axis if `batch_size` is set.
 
-    `x` is an example input of one step of one sample (only its shape and dtype are used),
-    needed when the model does not declare an `input_size`.
+    **Arguments:**
+
+    - `model`: a cell or `eqtrace.nn.Sequential`.
+    - `algorithm`: the online rule whose trace to create.
+    - `batch_size`: if given, the state and trace gain a leading batch axis of that size
+      (every sample starts from the same initial values).
+    - `x`: an example input of one step of one sample (only its shape and dtype are used),
+      needed when the model does not declare an `input_size`.
+
+    **Returns:** `(state, trace)`, the pytrees to pass to the online step.
     """
     state = model.init_state()
     trace = algorithm.init_trace(model, state, x)
@@ -223,7 +249,14 @@ def init_state_and_trace(
 def run_online(
     online_step: OnlineStep, params: Params, state: State, trace: Trace, xs: Input
 ) -> tuple[Any, State, Trace]:
-    """Runs `online_step` over the leading (time) axis of `xs`.
+    """Runs `online_step` over the leading (time) axis of `xs` (inference, or a forward pass
+    that keeps the trace up to date without computing a gradient).
+
+    **Arguments:**
+
+    - `online_step`: from `make_online_step` (vmapped for a batch).
+    - `params`, `state`, `trace`: as for `online_step`.
+    - `xs`: the inputs, with a leading time axis.
 
     **Returns:** `(ys, state, trace)`: the outputs stacked over time and the final state and trace.
     """

@@ -183,7 +183,9 @@ class DRTRL(AbstractAlgorithm):
         a K-by-K block per neuron, so the weight-shaped trace is read and written once per
         block and the sum over `τ` is one matrix product per op, instead of `C` memory-bound
         passes. The derivative the rule gives `h_t`, `ε_t · δθ`, is computed without forming
-        `ε_t` (see `_block_link`). Values and gradients equal `C` single steps up to round-off.
+        `ε_t`: a custom JVP rule gives `z_t = ε_t · δθ` by the state-sized recursion
+        `z_t = D_t z_{t-1} + I_t · δθ`. Values and gradients equal `C` single steps up to
+        round-off.
         """
         x = jtu.tree_map(lambda a: a[0], xs)
         structure = self._structure(cell, state, x)

@@ -102,6 +102,12 @@ def heaviside(x: Float[Array, "*shape"]) -> Float[Array, "*shape"]:
 
     This is the forward pass shared by every surrogate spike function; use the surrogates
     below when a gradient must flow through the spike.
+
+    **Arguments:**
+
+    - `x`: the distance to threshold.
+
+    **Returns:** the spikes, `0.` or `1.`, in the dtype of `x`.
     """
     return _heaviside(x)
 
