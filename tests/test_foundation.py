@@ -1,5 +1,7 @@
 """The foundation: exact RTRL against BPTT, the drivers, jit/vmap behaviour and argument checks."""
 
+from typing import ClassVar
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -60,19 +62,20 @@ class OneStepRTRL(eqtrace.AbstractAlgorithm):
     """RTRL whose sensitivity forgets the past, `M_t = J^θ_t`: a user-defined algorithm whose
     online gradient is truncated BPTT with a window of one step."""
 
-    per_layer = False
+    per_layer: ClassVar[bool] = False
+    check_finite: bool = False
 
     def init_cell_trace(self, cell, state, x):
         return _OneStepTrace(eqtrace.RTRL().init_cell_trace(cell, state, x).jacobian)
 
-    def update(self, cell, state, trace, x):
+    def cell_step(self, cell, state, trace, x):
         fresh = eqtrace.RTRLTrace(jnp.zeros_like(trace.jacobian))
-        new_state, new_trace = eqtrace.RTRL().update(cell, state, fresh, x)
+        new_state, new_trace = eqtrace.RTRL().cell_step(cell, state, fresh, x)
         return new_state, _OneStepTrace(new_trace.jacobian)
 
-    def parameter_tangent(self, cell, state, x, trace, params_tangent):
+    def cell_tangent(self, cell, state, trace, x, params_tangent):
         full = eqtrace.RTRLTrace(trace.jacobian)
-        return eqtrace.RTRL().parameter_tangent(cell, state, x, full, params_tangent)
+        return eqtrace.RTRL().cell_tangent(cell, state, full, x, params_tangent)
 
 
 def make_model(name: str, key: PRNGKeyArray):

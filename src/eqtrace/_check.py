@@ -6,11 +6,14 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 
 from ._algorithm import AbstractAlgorithm
+from ._algorithms._diagonal import AbstractDiagonalAlgorithm
+from ._algorithms._drtrl import DRTRL
 from ._cell import AbstractCell
 from ._custom_types import ExampleInput
-from ._structure import CellStructure, analyse, concrete
+from ._probing import concrete
+from ._sequential import Sequential
+from ._structure import CellStructure, analyse
 from ._validation import example_input, require_example_input
-from .nn._sequential import Sequential
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,25 +63,25 @@ class StructureReport:
                 f"  layer {i}: {cell.cell_name}, {cell.num_leaves} state leaf(s) "
                 f"{list(cell.state_paths)} of neuron shape {cell.neuron_shape}"
             )
-            for site, (a, u, traced) in enumerate(
-                zip(cell.site_input_shapes, cell.site_output_shapes, cell.site_traced)
-            ):
-                kind = cell.op_types[cell.site_ops[site]]
-                how = "traced" if traced else "read-out only, exact gradient through `output`"
+            for site in cell.sites:
+                kind = cell.ops[site.op].type_name
+                how = "traced" if site.traced else "read-out only, exact gradient through `output`"
                 lines.append(
-                    f"    synaptic op {cell.site_name(site)} ({kind}): input {a} -> output {u}, "
-                    f"{how}"
+                    f"    synaptic op {site.name} ({kind}): input {site.input_shape} -> output "
+                    f"{site.output_shape}, {how}"
                 )
-            for path, called in zip(cell.op_paths, cell.op_called):
-                if not called:
-                    lines.append(f"    synaptic op {path}: never called; its arrays are parameters")
-            for path, kind, shape in zip(cell.param_paths, cell.param_kinds, cell.param_shapes):
+            for op in cell.ops:
+                if not op.called:
+                    lines.append(
+                        f"    synaptic op {op.path}: never called; its arrays are parameters"
+                    )
+            for param in cell.params:
                 how = {
                     "elementwise": "per-neuron, exact element-wise trace",
                     "shared": "shared, dense (|h|, |p|) trace",
                     "readout": "does not reach the state, exact gradient through `output`",
-                }.get(kind, "NOT traced")
-                lines.append(f"    parameter {path} {shape}: {how}")
+                }.get(param.kind, "NOT traced")
+                lines.append(f"    parameter {param.path} {param.shape}: {how}")
             for v in cell.violations:
                 lines.append(f"    VIOLATION: {v}")
         if self.trace_floats is None:
@@ -138,8 +141,6 @@ def check(
 
     **Returns:** a `StructureReport`; `print` it, or test `report.ok` and `report.refusal`.
     """
-    from ._algorithms._drtrl import DRTRL
-
     algorithm = DRTRL(strict=False) if algorithm is None else algorithm
     x = example_input(model) if x is None else x
     require_example_input(model, x)
@@ -166,7 +167,7 @@ def check(
     except ValueError as error:
         refusal = str(error)
     lenient = algorithm
-    if getattr(algorithm, "strict", False):
+    if isinstance(algorithm, AbstractDiagonalAlgorithm) and algorithm.strict:
         # Report the memory even when the structure is violated.
         lenient = eqx.tree_at(lambda a: a.strict, algorithm, False)
     try:

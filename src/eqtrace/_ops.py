@@ -1,52 +1,141 @@
 """Synaptic ops: the sub-modules of a cell whose output is linear in their weights.
 
-The diagonal rules recognise them structurally (by type, among a cell's fields), not by
-interpreting the cell's jaxpr. Each kind says how to turn the op's raw input into the vector `a`
-that the weights multiply, how to apply the op to such a vector (also to an input *trace*), and
-whether every weight reaches exactly one output element (needed to spread a per-output vector
-over the weights, as D-RTRL does).
+The diagonal rules recognise ops structurally, by type, among a cell's fields (not by
+interpreting the cell's jaxpr). What a rule computes with an op is its *algebra*, an `OpAlgebra`
+registered for the op's type with `register_op`: how to turn the op's raw input into the vector
+`a` its weights multiply, how to apply the op to such a vector (also to an input trace), which
+array is its bias, and, for D-RTRL, how to spread a per-output vector over the weights and back.
+The base class derives all of these by automatic differentiation, so a new op is one
+registration; the built-in ops override them with hand-written broadcasts that fuse into one
+pass over a trace.
 """
 
+import functools
+import math
 from typing import Any
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import jax.tree_util as jtu
 
 from .nn._linear import Linear
 
 
+class OpAlgebra:
+    """How the diagonal rules (`DRTRL`, `PPProp`) compute with one type of synaptic op.
+
+    An op `u = op(a; W)` must be linear in its weights `W` for a fixed input vector `a` (dense,
+    masked, sparse, convolution, embedding). Register an algebra for a type of your own with
+    `eqtrace.register_op(MyOp, OpAlgebra())`; the defaults below are derived by automatic
+    differentiation from `apply`, so only `input`, `apply` or `bias` may need overriding.
+    Overriding the D-RTRL methods (`spread`, `outer`, `contract`, `outer_sum`) with broadcasts
+    only makes them faster.
+
+    Arrays called `v` or `cotangent` are shaped like the op's output, `u.shape`, followed by
+    extra trailing axes (one per state leaf, or two); every method keeps those trailing axes.
+    Weight-shaped results may be any arrays that broadcast against the weights.
+    """
+
+    def input(self, op: Any, raw_input: Any) -> jax.Array:
+        """The vector `a` the weights multiply, from the op's call argument (identity by
+        default; an embedding turns its integer index into a one-hot vector)."""
+        del op
+        return raw_input
+
+    def apply(self, op: Any, a: jax.Array) -> jax.Array:
+        """The op on an input vector `a` from `input` (by default, `op(a)`)."""
+        return op(a)
+
+    def bias(self, op: Any) -> Any:
+        """The op's bias (an array added to the output, the weights of a constant input of 1),
+        or `None`. pp-prop gives it the input trace of that constant. (Also used as the `where`
+        of `eqx.tree_at`, so it must return the op's attribute itself.)"""
+        return getattr(op, "bias", None)
+
+    def spread(self, op: Any, a: jax.Array, v: jax.Array) -> Any:
+        """`B(v)`: a per-output vector spread over the weights, `v[i]` on every weight of
+        output `i` (for ops whose every weight reaches one output). `a` gives the input's
+        shape and dtype only."""
+        return self._vjp_over_extra(op, jnp.ones_like(a), v)
+
+    def outer(self, op: Any, a: jax.Array, cotangent: jax.Array) -> Any:
+        """`VJP_W[op(a; ·)](cotangent)`: for a dense op, the outer product `cotangent ⊗ a`."""
+        return self._vjp_over_extra(op, a, cotangent)
+
+    def contract(self, op: Any, a: jax.Array, trace: Any, delta: Any) -> jax.Array:
+        """`Bᵀ(ε ⊙ δW)`: a weight-shaped trace times a weight tangent, summed onto the op's
+        outputs (the transpose of `spread`). `a` gives the input's shape and dtype only."""
+        params, static = eqx.partition(op, eqx.is_inexact_array)
+        product = jtu.tree_map(lambda e, d: jnp.broadcast_to(e, d.shape) * d, trace, delta)
+        return jax.jvp(
+            lambda p: self.apply(eqx.combine(p, static), jnp.ones_like(a)), (params,), (product,)
+        )[1]
+
+    def outer_sum(self, op: Any, a: jax.Array, cotangent: jax.Array) -> Any:
+        """`Σ_t outer(op, a_t, cotangent_t)` over a leading time axis."""
+        per_step = jax.vmap(lambda a_t, c_t: self.outer(op, a_t, c_t))(a, cotangent)
+        return jtu.tree_map(lambda w: jnp.sum(w, axis=0), per_step)
+
+    def _vjp_over_extra(self, op: Any, a: jax.Array, cotangent: jax.Array) -> Any:
+        """`VJP_W[op(a; ·)]` applied to each slice of `cotangent` along its extra trailing axes,
+        which the weight-shaped result keeps, trailing."""
+        params, static = eqx.partition(op, eqx.is_inexact_array)
+        u, pullback = jax.vjp(lambda p: self.apply(eqx.combine(p, static), a), params)
+        extra = cotangent.shape[u.ndim :]
+        flat = cotangent.reshape(*u.shape, math.prod(extra)).astype(u.dtype)
+        pulled = jax.vmap(lambda c: pullback(c)[0], in_axes=-1, out_axes=-1)(flat)
+        return jtu.tree_map(lambda w: w.reshape(*w.shape[:-1], *extra), pulled)
+
+
+@functools.singledispatch
+def _algebra_of(op: Any) -> OpAlgebra | None:
+    """The algebra registered for the type of `op` (or a base class of it), `None` if none."""
+    del op
+    return None
+
+
+def register_op(op_type: type, algebra: OpAlgebra | None = None) -> None:
+    """Makes the diagonal rules treat every instance of `op_type` (and of its subclasses) held
+    by a cell as a synaptic op, traced per call as described by `algebra`.
+
+    **Arguments:**
+
+    - `op_type`: a callable `eqx.Module` class, `u = op(raw_input)`, linear in its floating
+      arrays for a fixed input.
+    - `algebra`: an `OpAlgebra` (or a subclass overriding some of its methods); the default
+      `OpAlgebra()` derives everything from calling the op.
+
+    **Returns:** nothing. Whether each weight of the op reaches a single output, which D-RTRL
+    needs for its weight-shaped traces, is checked on the cell, not declared: an op that mixes
+    (a low-rank `U @ V`, a convolution) is refused by D-RTRL with a clear error and traced by
+    pp-prop.
+    """
+    algebra = OpAlgebra() if algebra is None else algebra
+    if not isinstance(algebra, OpAlgebra):
+        raise TypeError(
+            "register_op: `algebra` must be an `eqtrace.OpAlgebra` (or a subclass), but "
+            f"received a {type(algebra).__name__}."
+        )
+    _algebra_of.register(op_type)(lambda op: algebra)
+
+
+def algebra(op: Any) -> OpAlgebra:
+    found = _algebra_of(op)
+    assert found is not None, f"{type(op).__name__} is not a registered synaptic op"
+    return found
+
+
 def is_op(node: Any) -> bool:
-    return isinstance(node, Linear | eqx.nn.Linear | eqx.nn.Conv | eqx.nn.Embedding)
-
-
-def op_input(op: Any, raw_input: Any) -> jax.Array:
-    """The vector the op's weights multiply (one-hot for an embedding's integer index)."""
-    if isinstance(op, eqx.nn.Embedding):
-        return jax.nn.one_hot(raw_input, op.num_embeddings, dtype=op.weight.dtype)
-    return raw_input
-
-
-def apply_op(op: Any, a: jax.Array) -> jax.Array:
-    """The op on an input vector `a` as returned by `op_input` (or on a trace of such vectors)."""
-    if isinstance(op, eqx.nn.Embedding):
-        return a @ op.weight
-    return op(a)
-
-
-def weights_reach_one_output(op: Any) -> bool:
-    """Whether each weight feeds a single output element (dense, embedding), so that a
-    per-output vector can be spread over the weights. Convolutions share weights across
-    positions and do not."""
-    return not isinstance(op, eqx.nn.Conv)
-
-
-def bias_of(op: Any) -> jax.Array | None:
-    return getattr(op, "bias", None) if not isinstance(op, eqx.nn.Embedding) else None
+    return _algebra_of(node) is not None
 
 
 def op_params(op: Any) -> Any:
     return eqx.filter(op, eqx.is_inexact_array)
+
+
+# The built-in ops. Their D-RTRL methods are broadcasts and element-wise products, not VJPs, so
+# that the whole trace update fuses into one pass over the trace.
 
 
 def _with_weight_and_bias(params: Any, weight: jax.Array, bias: jax.Array) -> Any:
@@ -56,58 +145,73 @@ def _with_weight_and_bias(params: Any, weight: jax.Array, bias: jax.Array) -> An
     return params
 
 
-# The next three are D-RTRL's per-op algebra for ops whose every weight reaches one output
-# (dense, masked dense, embedding). They are written as broadcasts and element-wise products,
-# not as VJPs/JVPs of the op, so that the whole trace update fuses into one pass over the trace.
-# Extra axes (one per state leaf) trail the parameter axes: a trace is `(*W.shape, K)`.
+def _masked(op: Any, weight: jax.Array) -> jax.Array:
+    mask = getattr(op, "mask", None)
+    if mask is None:
+        return weight
+    return jnp.where(mask.reshape(*mask.shape, *(1,) * (weight.ndim - 2)), weight, 0)
 
 
-def spread(op: Any, v: jax.Array) -> Any:
-    """`B_o(v)`: the per-output vector `v` (shape `(*u_shape, *extra)`) spread over the op's
-    parameters, `v[i]` on every weight of output `i`, as arrays that broadcast against them."""
-    params = op_params(op)
-    if isinstance(op, eqx.nn.Embedding):
-        return eqx.tree_at(lambda p: p.weight, params, v[None])
-    return _with_weight_and_bias(params, v[:, None], v)
+class _DenseAlgebra(OpAlgebra):
+    """`eqtrace.nn.Linear` (optionally masked) and `eqx.nn.Linear`: `u = W a + b`."""
+
+    def spread(self, op, a, v):
+        del a
+        return _with_weight_and_bias(op_params(op), v[:, None], v)
+
+    def outer(self, op, a, cotangent):
+        extra = (1,) * (cotangent.ndim - 1)
+        weight = _masked(op, cotangent[:, None] * a.reshape(1, -1, *extra))
+        return _with_weight_and_bias(op_params(op), weight, cotangent)
+
+    def contract(self, op, a, trace, delta):
+        # einsum, not sum(ε * δW): under `jax.vmap` its transpose (the gradient, summed over
+        # the batch) becomes one dot; a multiply-then-reduce over the major batch axis is an
+        # order of magnitude slower on CPU.
+        del a
+        out = jnp.einsum("oi,oi->o", trace.weight, delta.weight)
+        if getattr(op, "bias", None) is not None:
+            out = out + trace.bias * delta.bias
+        return out
+
+    def outer_sum(self, op, a, cotangent):
+        # One contraction over the time axis (a matrix product), not `t` rank-one updates.
+        weight = _masked(op, jnp.einsum("to...,ti->oi...", cotangent, a))
+        return _with_weight_and_bias(op_params(op), weight, jnp.sum(cotangent, axis=0))
 
 
-def outer(op: Any, a: jax.Array, cotangent: jax.Array) -> Any:
-    """`VJP_W[op(a; ·)](cotangent)` for a cotangent of shape `(*u_shape, *extra)`: the outer
-    product of the cotangent with the op's input vector `a`, masked like the op."""
-    params = op_params(op)
-    extra = (1,) * (cotangent.ndim - 1)
-    if isinstance(op, eqx.nn.Embedding):
-        weight = a.reshape(-1, 1, *extra) * cotangent[None]
-        return eqx.tree_at(lambda p: p.weight, params, weight)
-    weight = cotangent[:, None] * a.reshape(1, -1, *extra)
-    if getattr(op, "mask", None) is not None:
-        weight = jnp.where(op.mask.reshape(*op.mask.shape, *extra), weight, 0)
-    return _with_weight_and_bias(params, weight, cotangent)
+class _EmbeddingAlgebra(OpAlgebra):
+    """`eqx.nn.Embedding`: `u = W[index]`, the one-hot vector of the index times `W`."""
 
+    def input(self, op, raw_input):
+        return jax.nn.one_hot(raw_input, op.num_embeddings, dtype=op.weight.dtype)
 
-def contract(op: Any, trace: Any, delta: Any) -> jax.Array:
-    """`B_oᵀ(ε ⊙ δW)`: a weight-shaped trace times a parameter tangent, summed onto the op's
-    outputs."""
-    # einsum, not sum(ε * δW): under `jax.vmap` its transpose (the gradient, summed over the
-    # batch) becomes one dot; a multiply-then-reduce over the major batch axis is an order of
-    # magnitude slower on CPU.
-    if isinstance(op, eqx.nn.Embedding):
+    def apply(self, op, a):
+        return a @ op.weight
+
+    def bias(self, op):
+        return None
+
+    def spread(self, op, a, v):
+        del a
+        return eqx.tree_at(lambda p: p.weight, op_params(op), v[None])
+
+    def outer(self, op, a, cotangent):
+        weight = a.reshape(-1, 1, *(1,) * (cotangent.ndim - 1)) * cotangent[None]
+        return eqx.tree_at(lambda p: p.weight, op_params(op), weight)
+
+    def contract(self, op, a, trace, delta):
+        del op, a
         return jnp.einsum("vo,vo->o", trace.weight, delta.weight)
-    out = jnp.einsum("oi,oi->o", trace.weight, delta.weight)
-    if getattr(op, "bias", None) is not None:
-        out = out + trace.bias * delta.bias
-    return out
 
-
-def outer_sum(op: Any, a: jax.Array, cotangent: jax.Array) -> Any:
-    """`Σ_t outer(op, a_t, cotangent_t)` over a leading time axis, as one contraction over `t`
-    (a matrix product) rather than `t` rank-one updates."""
-    params = op_params(op)
-    if isinstance(op, eqx.nn.Embedding):
+    def outer_sum(self, op, a, cotangent):
         weight = jnp.einsum("tv,to...->vo...", a, cotangent)
-        return eqx.tree_at(lambda p: p.weight, params, weight)
-    weight = jnp.einsum("to...,ti->oi...", cotangent, a)
-    if getattr(op, "mask", None) is not None:
-        extra = (1,) * (cotangent.ndim - 2)
-        weight = jnp.where(op.mask.reshape(*op.mask.shape, *extra), weight, 0)
-    return _with_weight_and_bias(params, weight, jnp.sum(cotangent, axis=0))
+        return eqx.tree_at(lambda p: p.weight, op_params(op), weight)
+
+
+register_op(Linear, _DenseAlgebra())
+register_op(eqx.nn.Linear, _DenseAlgebra())
+register_op(eqx.nn.Embedding, _EmbeddingAlgebra())
+# A convolution shares each weight across positions: pp-prop traces it with the derived
+# algebra; D-RTRL refuses it (its weights reach many outputs).
+register_op(eqx.nn.Conv, OpAlgebra())

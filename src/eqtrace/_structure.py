@@ -9,9 +9,11 @@ neuron each output element reaches). For each other parameter: whether it is per
 checks the diagonal assumptions — the state Jacobian with every op's input cut is element-wise,
 every op output reaches at most one neuron, an op's weights act only through its calls — and
 collects plain-words violations. The analysis only depends on the cell's static structure and
-shapes, so it is cached on those; no values are cached.
+shapes, so it is cached on those (least recently used first out); no values are cached. The
+cell is run with its ops observed by `_probing.probed_call`.
 """
 
+import collections
 import dataclasses
 import math
 from typing import Any
@@ -22,145 +24,76 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
 
-from ._ops import apply_op, is_op, op_input, op_params
+from ._ops import algebra, op_params
+from ._probing import (
+    call_sites,
+    called_ops_spec,
+    concrete,
+    find_ops,
+    other_params_spec,
+    probed_call,
+    random_like,
+)
 
 
 #: Non-op parameters up to this size that are not per-neuron get a dense `(|h|, |p|)` trace.
 MAX_SHARED_PARAM_SIZE = 64
 
 
-class _CallLog:
-    """The op calls of one run of a cell under `probed_call`, in call order.
+@dataclasses.dataclass(frozen=True)
+class CallSite:
+    """One call of a synaptic op within a step (an op called twice has two)."""
 
-    Call site `s` (the `s`-th op call of the step) gets `probes[s]` added to its output and,
-    with recorded `outputs`, returns `outputs[s]` instead of applying its op. Each call is
-    recorded with the index of the op that made it, so sites are paired with ops by identity.
-    """
-
-    def __init__(self, probes, outputs, cut: bool):
-        self.probes, self.outputs, self.cut = probes, outputs, cut
-        self.op_indices: list[int] = []
-        self.records: list[tuple[jax.Array, jax.Array]] = []
-
-    def call(self, index: int, op: Any, raw_input: Any) -> jax.Array:
-        site = len(self.records)
-        a = op_input(op, raw_input)
-        if self.cut:
-            a = jax.lax.stop_gradient(a)
-        u = apply_op(op, a) if self.outputs is None else self.outputs[site]
-        self.op_indices.append(index)
-        self.records.append((a, u))
-        probe = None if self.probes is None else self.probes[site]
-        return u if probe is None else u + probe
+    #: The index of the op called, among the cell's ops in field order.
+    op: int
+    #: The op's path, with the call's rank when the op is called more than once.
+    name: str
+    input_shape: tuple[int, ...]
+    output_shape: tuple[int, ...]
+    #: The flat neuron index that each flat output element reaches.
+    owners: np.ndarray
+    #: Whether the call reaches the state at all; calls used only in `output` (read-outs)
+    #: get exact gradients through the output and need no trace.
+    traced: bool
+    #: The first call site with the same `∂h/∂u` (itself if none): calls whose outputs are
+    #: summed, as `W_in x + W_rec s`, share it, so pp-prop keeps one output trace for them.
+    sensitivity_source: int
+    #: Whether every weight of the op reaches a single output element (dense, embedding),
+    #: so that D-RTRL's weight-shaped trace is defined; not for a convolution or `U @ V`.
+    weights_reach_one_output: bool
 
 
-class _Probed(eqx.Module):
-    """Stands in for op number `index` of a cell during `probed_call`: calls go through the
-    log; attribute reads (`op.weight`) reach the op, so that the analysis can see and report
-    weights used outside a call."""
+@dataclasses.dataclass(frozen=True)
+class HeldOp:
+    """A synaptic op held by the cell (called or not)."""
 
-    op: Any
-    index: int = eqx.field(static=True)
-    log: _CallLog = eqx.field(static=True)
-
-    def __getattr__(self, name):
-        return getattr(self.op, name)
-
-    def __call__(self, raw_input, *, key=None):
-        del key
-        return self.log.call(self.index, self.op, raw_input)
+    path: str
+    type_name: str
+    called: bool
 
 
-def _wrap_ops(cell, log: _CallLog):
-    counter = iter(range(len(find_ops(cell))))
-    return jtu.tree_map(
-        lambda node: _Probed(node, next(counter), log) if is_op(node) else node,
-        cell,
-        is_leaf=is_op,
-    )
+@dataclasses.dataclass(frozen=True)
+class OtherParam:
+    """A floating array of the cell outside its called ops."""
 
-
-def probed_call(cell, state, x, probes=None, *, cut: bool, outputs=None, sites=None):
-    """Runs `cell(state, x)` with `probes[s]` added to the output of its `s`-th op call; with
-    `outputs` (recorded by an earlier call), the calls return those instead of recomputing
-    them, so only the cell's element-wise part runs. With `sites` (the op index of each call,
-    from the analysis), checks that the cell made exactly those calls.
-
-    **Returns:** `(new_state, ((a_1, u_1), …))`, each call's input vector and output.
-    """
-    log = _CallLog(probes, outputs, cut)
-    new_state, _ = _wrap_ops(cell, log)(state, x)
-    if sites is not None and tuple(log.op_indices) != tuple(sites):
-        raise ValueError(
-            f"{type(cell).__name__}: its synaptic ops were called in the order "
-            f"{log.op_indices} (by field position), but in {list(sites)} when it was analysed. "
-            "The sequence of op calls in a step must not depend on values."
-        )
-    return new_state, tuple(log.records)
-
-
-def call_sites(cell, state, x) -> tuple[int, ...]:
-    """The op index of each op call in one step of `cell`, in call order."""
-    log = _CallLog(None, None, True)
-    eqx.filter_eval_shape(lambda c, s, x: _wrap_ops(c, log)(s, x)[0], cell, state, x)
-    return tuple(log.op_indices)
-
-
-def find_ops(cell) -> list[tuple[str, Any]]:
-    """The synaptic ops held by `cell`, with their attribute paths, in traversal order."""
-    leaves = jtu.tree_leaves_with_path(cell, is_leaf=is_op)
-    return [(jtu.keystr(path), node) for path, node in leaves if is_op(node)]
-
-
-def other_params_spec(cell, called: tuple[bool, ...]):
-    """A filter spec selecting the floating arrays of `cell` that are not inside a called op
-    (the arrays of an op that is never called are ordinary parameters)."""
-    flags = iter(called)
-    return jtu.tree_map(
-        lambda n: (
-            (not next(flags)) and eqx.is_inexact_array(n) if is_op(n) else eqx.is_inexact_array(n)
-        ),
-        cell,
-        is_leaf=is_op,
-    )
-
-
-def _called_ops_spec(cell, called: tuple[bool, ...]):
-    """A filter spec selecting the floating arrays inside the called ops of `cell`."""
-    flags = iter(called)
-    return jtu.tree_map(
-        lambda n: jtu.tree_map(eqx.is_inexact_array, n) if is_op(n) and next(flags) else False,
-        cell,
-        is_leaf=is_op,
-    )
+    path: str
+    shape: tuple[int, ...]
+    #: "elementwise" (per-neuron), "shared" (small, dense trace), "readout" (does not reach
+    #: the state: exact gradient through `output`, no trace) or "unsupported".
+    kind: str
 
 
 @dataclasses.dataclass(frozen=True)
 class CellStructure:
+    """What the diagonal rules know about a cell: its state leaves, the ops it holds, each call
+    of an op in a step, each other parameter, and the broken assumptions in plain words."""
+
     cell_name: str
     state_paths: tuple[str, ...]
     neuron_shape: tuple[int, ...]
-    #: Every synaptic op the cell holds (called or not), in field order.
-    op_paths: tuple[str, ...]
-    op_types: tuple[str, ...]
-    #: Per call site (op call, in call order): the index of the op called.
-    site_ops: tuple[int, ...]
-    site_input_shapes: tuple[tuple[int, ...], ...]
-    site_output_shapes: tuple[tuple[int, ...], ...]
-    #: Per site, the flat neuron index that each flat output element reaches.
-    owners: tuple[np.ndarray, ...]
-    #: Per site, whether it reaches the state at all; calls used only in `output`
-    #: (read-outs) get exact gradients through the output and need no trace.
-    site_traced: tuple[bool, ...]
-    #: Per site, the first site with the same `∂h/∂u` (itself if none): calls whose outputs
-    #: are summed, as `W_in x + W_rec s`, share it, so pp-prop keeps one output trace for them.
-    site_sensitivity_source: tuple[int, ...]
-    param_paths: tuple[str, ...]
-    #: Per non-op parameter: "elementwise" (per-neuron), "shared" (small, dense trace),
-    #: "readout" (does not reach the state: exact gradient through `output`, no trace) or
-    #: "unsupported".
-    param_kinds: tuple[str, ...]
-    param_shapes: tuple[tuple[int, ...], ...]
+    ops: tuple[HeldOp, ...]
+    sites: tuple[CallSite, ...]
+    params: tuple[OtherParam, ...]
     violations: tuple[str, ...]
 
     @property
@@ -173,16 +106,17 @@ class CellStructure:
 
     @property
     def op_called(self) -> tuple[bool, ...]:
-        return tuple(i in self.site_ops for i in range(len(self.op_paths)))
+        return tuple(op.called for op in self.ops)
 
-    def site_name(self, site: int) -> str:
-        """`path` of the op of call site `site`, with the call's rank when the op is reused."""
-        return _site_name(self.op_paths, self.site_ops, site)
+    @property
+    def site_ops(self) -> tuple[int, ...]:
+        """The op index of each call site, in call order (what `probed_call` checks)."""
+        return tuple(site.op for site in self.sites)
 
     def site_modules(self, cell) -> list[Any]:
         """The op module of each call site of `cell` (or of a tangent shaped like it)."""
         ops = [op for _, op in find_ops(cell)]
-        return [ops[i] for i in self.site_ops]
+        return [ops[site.op] for site in self.sites]
 
     def split_tangent(self, params_tangent) -> tuple[list[Any], list[jax.Array]]:
         """Splits a parameter tangent (a copy of the cell holding tangents in place of its
@@ -195,7 +129,23 @@ class CellStructure:
         return jtu.tree_leaves(eqx.filter(cell, other_params_spec(cell, self.op_called)))
 
 
-_cache: dict[Any, CellStructure] = {}
+#: Analyses kept at most. The key holds static field values (e.g. every `tau_mem` used), so
+#: an unbounded cache would grow with every hyperparameter tried in one process.
+CACHE_SIZE = 256
+_cache: collections.OrderedDict[Any, Any] = collections.OrderedDict()
+
+
+def _cached(key, compute):
+    """`compute()`, remembered under `key` in a least-recently-used cache of `CACHE_SIZE`."""
+    if key in _cache:
+        _cache.move_to_end(key)
+        return _cache[key]
+    with jax.ensure_compile_time_eval():
+        value = compute()
+    _cache[key] = value
+    if len(_cache) > CACHE_SIZE:
+        _cache.popitem(last=False)
+    return value
 
 
 def structure_key(*trees) -> tuple:
@@ -208,49 +158,36 @@ def structure_key(*trees) -> tuple:
     return tuple(key)
 
 
+class _Identity:
+    """An unhashable leaf in a cache key: equal only to itself, and kept alive by the key, so
+    that its `id` cannot be reused by another object while the key exists."""
+
+    def __init__(self, leaf):
+        self.leaf = leaf
+
+    def __hash__(self):
+        return id(self.leaf)
+
+    def __eq__(self, other):
+        return isinstance(other, _Identity) and other.leaf is self.leaf
+
+
 def _leaf_key(leaf) -> Any:
     """Arrays by shape and dtype; any other leaf (a Python scalar, a function held as a field)
-    is part of the structure, by value (kept alive by the cache, so its id is not reused)."""
+    is part of the structure, by value (by identity if it cannot be hashed)."""
     if eqx.is_array(leaf):
         return (tuple(leaf.shape), jnp.dtype(leaf.dtype).name)
     try:
         hash(leaf)
     except TypeError:
-        return (type(leaf), id(leaf))
+        return _Identity(leaf)
     return leaf
 
 
 def analyse(cell, state, x) -> CellStructure:
     """The structure of `cell` (cached on its static structure and the shapes involved)."""
     x = concrete(x)
-    key = structure_key(cell, state, x)
-    if key not in _cache:
-        with jax.ensure_compile_time_eval():
-            _cache[key] = _analyse(cell, state, x)
-    return _cache[key]
-
-
-def concrete(tree):
-    """`tree` with every `jax.ShapeDtypeStruct` replaced by zeros of its shape and dtype."""
-    return jtu.tree_map(
-        lambda a: jnp.zeros(a.shape, a.dtype) if isinstance(a, jax.ShapeDtypeStruct) else a, tree
-    )
-
-
-def random_like(tree, rng: np.random.Generator, scale: float):
-    """`tree` with its floating arrays drawn at random (booleans true, integers zero)."""
-
-    def draw(leaf):
-        if not eqx.is_array(leaf):
-            return leaf  # Python scalars and other leaves are part of the structure.
-        shape, dtype = tuple(leaf.shape), leaf.dtype
-        if jnp.issubdtype(dtype, jnp.inexact):
-            return jnp.asarray(rng.normal(scale=scale, size=shape), dtype)
-        if jnp.issubdtype(dtype, jnp.bool_):
-            return jnp.ones(shape, dtype)
-        return jnp.zeros(shape, dtype)
-
-    return jtu.tree_map(draw, tree)
+    return _cached(structure_key(cell, state, x), lambda: _analyse(cell, state, x))
 
 
 def _flat(tree) -> jax.Array:
@@ -277,7 +214,7 @@ def _jacobians(cell, state, x, sites, called, key):
     # With every call's output replayed, an op's weights must not change the state: if they
     # do, they act outside a call (e.g. `op.weight @ h`), which no op trace covers. One JVP
     # along a random direction tests this.
-    op_arrays, others = eqx.partition(cell, _called_ops_spec(cell, called))
+    op_arrays, others = eqx.partition(cell, called_ops_spec(cell, called))
     outputs = [u for _, u in records]
 
     def replayed(op_arrays):
@@ -300,16 +237,16 @@ def output_mismatch(model, state, x) -> bool:
     """Whether the `y` that `model(state, x)` returns differs from `model.output(new_state)`
     on random instances (cached like `analyse`)."""
     x = concrete(x)
-    key = ("output", *structure_key(model, state, x))
-    if key not in _cache:
-        with jax.ensure_compile_time_eval():
-            rng = np.random.default_rng(1)
-            mismatch = False
-            for scale in (0.5, 2.0):
-                draws = [random_like(tree, rng, scale) for tree in (model, state, x)]
-                mismatch |= not _outputs_agree(*draws)
-            _cache[key] = mismatch
-    return _cache[key]
+
+    def compute():
+        rng = np.random.default_rng(1)
+        mismatch = False
+        for scale in (0.5, 2.0):
+            draws = [random_like(tree, rng, scale) for tree in (model, state, x)]
+            mismatch |= not _outputs_agree(*draws)
+        return mismatch
+
+    return _cached(("output", *structure_key(model, state, x)), compute)
 
 
 @eqx.filter_jit
@@ -498,27 +435,74 @@ def _analyse(cell, state, x) -> CellStructure:
             "the `y` returned by `__call__` differs from `output(new_state)`; online rules need "
             "the output to be a function of the new state, given by `output`."
         )
+    ops_reaching_one_output = [
+        _weights_reach_one_output(op, a, jax.random.key(site))
+        for site, (op, (a, _)) in enumerate(zip(_site_modules(draws[0], sites), records))
+    ]
     return CellStructure(
         cell_name=name,
         state_paths=state_paths,
         neuron_shape=neuron_shape,
-        op_paths=op_paths,
-        op_types=tuple(type(op).__name__ for _, op in ops),
-        site_ops=sites,
-        site_input_shapes=in_shapes,
-        site_output_shapes=out_shapes,
-        owners=tuple(owners),
-        site_traced=tuple(bool(hits.any()) for hits in owner_hits),
-        site_sensitivity_source=tuple(int(np.argmax(row)) for row in same_sensitivity),
-        param_paths=param_paths,
-        param_kinds=tuple(kinds),
-        param_shapes=param_shapes,
+        ops=tuple(
+            HeldOp(path=path, type_name=type(op).__name__, called=is_called)
+            for (path, op), is_called in zip(ops, called)
+        ),
+        sites=tuple(
+            CallSite(
+                op=sites[site],
+                name=_site_name(op_paths, sites, site),
+                input_shape=in_shapes[site],
+                output_shape=out_shapes[site],
+                owners=owners[site],
+                traced=bool(owner_hits[site].any()),
+                sensitivity_source=int(np.argmax(same_sensitivity[site])),
+                weights_reach_one_output=ops_reaching_one_output[site],
+            )
+            for site in range(num_sites)
+        ),
+        params=tuple(
+            OtherParam(path=path, shape=shape, kind=kind)
+            for path, shape, kind in zip(param_paths, param_shapes, kinds)
+        ),
         violations=tuple(violations),
     )
 
 
+def _site_modules(cell, sites) -> list[Any]:
+    ops = [op for _, op in find_ops(cell)]
+    return [ops[i] for i in sites]
+
+
+def _weights_reach_one_output(op, a, key) -> bool:
+    """Whether every weight of `op` reaches a single output element, tested on the identity
+    that then holds for any per-output `v` and weight tangent `δ`: spreading `v` over the
+    weights and applying the op's tangent map equals scaling its output tangent by `v`."""
+    spread, scaled = _spread_identity(op, a, key)
+    spread, scaled = np.asarray(spread), np.asarray(scaled)
+    return bool(
+        np.max(np.abs(spread - scaled), initial=0) <= 1e-4 * np.max(np.abs(scaled), initial=1e-30)
+    )
+
+
+@eqx.filter_jit
+def _spread_identity(op, a, key):
+    rules = algebra(op)
+    params, static = eqx.partition(op, eqx.is_inexact_array)
+
+    def tangent_map(tangent):
+        return jax.jvp(lambda p: rules.apply(eqx.combine(p, static), a), (params,), (tangent,))[1]
+
+    v_key, delta_key = jax.random.split(key)
+    u = rules.apply(op, a)
+    v = jax.random.normal(v_key, u.shape, u.dtype)
+    delta = jtu.tree_map(lambda p: jax.random.normal(delta_key, p.shape, p.dtype), params)
+    spread = rules.spread(op, a, v)
+    weighted = jtu.tree_map(lambda s, d: jnp.broadcast_to(s, d.shape) * d, spread, delta)
+    return tangent_map(weighted), v * tangent_map(delta)
+
+
 def _site_name(op_paths, sites, site) -> str:
-    """See `CellStructure.site_name`."""
+    """The op's path, with the call's rank when the op is called more than once."""
     uses = [s for s, o in enumerate(sites) if o == sites[site]]
     path = op_paths[sites[site]]
     return path if len(uses) == 1 else f"{path} (call {uses.index(site) + 1} of {len(uses)})"

@@ -8,6 +8,8 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
 
+from ._sequential import Sequential
+
 
 def _describe(tree: Any) -> str:
     def leaf(x):
@@ -87,8 +89,6 @@ def _is_real_number(dtype: np.dtype | None) -> bool:
 
 def input_size(model: Any) -> int | None:
     """The length of the input vector `model` expects, where the model declares it."""
-    from .nn._sequential import Sequential
-
     if isinstance(model, Sequential | eqx.nn.Sequential):
         return input_size(model.layers[0])
     # `in_features`: `eqx.nn.Linear`; `in_size`: `eqx.nn.MLP` ("scalar" for a scalar input).

@@ -1,4 +1,9 @@
-"""The machinery the diagonal rules share: one linearisation of a cell per step.
+"""The diagonal family (`DRTRL`, `PPProp`): what its rules share, so that a rule states only
+its traces and how they move.
+
+Every diagonal rule linearises a cell once per step. From a single VJP of the cell (with every
+op's input cut and a zero probe added to every op's output), pulled back along one cotangent per
+state leaf, come at once:
 
 From a single VJP of the cell (with every op's input cut and a zero probe added to every op's
 output), pulled back along one cotangent per state leaf, come at once:
@@ -8,19 +13,31 @@ output), pulled back along one cotangent per state leaf, come at once:
 - `∂h^k_t/∂p` for per-neuron parameters `p`;
 - and, as auxiliary output, each op's input `a_t`.
 Small shared parameters get their dense `∂h_t/∂p` from forward-mode JVPs.
+
+Traces then move by `ε_t = D_t ε_{t-1} + I_t`, a K-by-K block per neuron; over a block of `C`
+steps that unrolls to `ε_C = Φ(C, 0) ε_0 + Σ_τ Φ(C, τ) I_τ` with `Φ(C, τ) = D_C ⋯ D_{τ+1}`
+(`transition_products`). The parameters outside ops have exact element-wise (or small dense)
+traces, the same for every rule (`init_param_traces`, `step_param_traces`,
+`block_param_traces`, `param_tangents`).
 """
 
 import math
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple, TypeVar
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
+from equinox import AbstractVar
 
-from .._structure import CellStructure, analyse, other_params_spec, probed_call
+from .._algorithm import AbstractAlgorithm
+from .._probing import other_params_spec, probed_call
+from .._structure import CellStructure, analyse
 from .._validation import require_example_input
+
+
+_Trace = TypeVar("_Trace")
 
 
 class Linearisation(NamedTuple):
@@ -35,27 +52,41 @@ class Linearisation(NamedTuple):
     param_sensitivities: tuple[jax.Array | None, ...]
 
 
-def cell_structure(algorithm_name: str, cell, state, x, strict: bool) -> CellStructure:
-    require_example_input(cell, x)
-    structure = analyse(cell, state, x)
-    untraceable = [
-        p for p, k in zip(structure.param_paths, structure.param_kinds) if k == "unsupported"
-    ]
-    if untraceable:
-        raise ValueError(
-            f"{algorithm_name} cannot trace the parameter(s) {untraceable} of "
-            f"{structure.cell_name}: they are neither per-neuron, nor small and shared, nor "
-            "inside a recognised synaptic op, so they would get no gradient. Use "
-            "`eqtrace.RTRL()` for this cell, or hold them in an op such as `eqtrace.nn.Linear`."
-        )
-    if strict and structure.violations:
-        problems = "\n".join(f"  - {v}" for v in structure.violations)
-        raise ValueError(
-            f"{algorithm_name} cannot trace {structure.cell_name}: its structure breaks the "
-            f"diagonal assumptions:\n{problems}\nUse `eqtrace.RTRL()` for this cell, change the "
-            f"cell, or pass `strict=False` to {algorithm_name} to accept the approximation."
-        )
-    return structure
+class AbstractDiagonalAlgorithm(AbstractAlgorithm[_Trace]):
+    """A rule of the diagonal family: one trace per cell of a network, built from the cell's
+    structure (`eqtrace.check` shows it) and its per-step linearisation."""
+
+    per_layer: ClassVar[bool] = True
+    #: Raise if the cell breaks the diagonal assumptions; else run as an approximation.
+    strict: AbstractVar[bool]
+
+    def structure(self, cell, state, x) -> CellStructure:
+        """The cell's structure, raising the rule's refusal if it cannot trace the cell."""
+        name = type(self).__name__
+        require_example_input(cell, x)
+        structure = analyse(cell, state, x)
+        untraceable = [p.path for p in structure.params if p.kind == "unsupported"]
+        if untraceable:
+            raise ValueError(
+                f"{name} cannot trace the parameter(s) {untraceable} of "
+                f"{structure.cell_name}: they are neither per-neuron, nor small and shared, nor "
+                "inside a recognised synaptic op, so they would get no gradient. Use "
+                "`eqtrace.RTRL()` for this cell, or hold them in an op such as "
+                "`eqtrace.nn.Linear`."
+            )
+        if self.strict and structure.violations:
+            problems = "\n".join(f"  - {v}" for v in structure.violations)
+            raise ValueError(
+                f"{name} cannot trace {structure.cell_name}: its structure breaks the "
+                f"diagonal assumptions:\n{problems}\nUse `eqtrace.RTRL()` for this cell, change "
+                f"the cell, or pass `strict=False` to {name} to accept the approximation."
+            )
+        self.refuse(structure, state)
+        return structure
+
+    def refuse(self, structure: CellStructure, state) -> None:
+        """Raises if this rule, in particular, cannot trace a cell of this structure."""
+        del structure, state
 
 
 def flat_leaves(tree) -> jax.Array:
@@ -63,11 +94,32 @@ def flat_leaves(tree) -> jax.Array:
     return jnp.stack([jnp.ravel(leaf) for leaf in jtu.tree_leaves(tree)])
 
 
+def unflatten_like(state, rows) -> Any:
+    """Per-leaf rows `(N,)` (a `(K, N)` array or a sequence of K rows) back into the state's
+    leaves."""
+    leaves, treedef = jtu.tree_flatten(state)
+    return jtu.tree_unflatten(
+        treedef, [row.reshape(leaf.shape).astype(leaf.dtype) for row, leaf in zip(rows, leaves)]
+    )
+
+
+def op_dtype(op) -> Any:
+    """The dtype an op computes in: that of its floating parameters."""
+    return jnp.result_type(*jtu.tree_leaves(eqx.filter(op, eqx.is_inexact_array)))
+
+
+def state_dtype(state) -> Any:
+    return jnp.result_type(*jtu.tree_leaves(state))
+
+
+# Neurons and op outputs. Each output element of a call reaches one neuron (its owner).
+
+
 def _tiles(structure: CellStructure, site: int) -> int | None:
     """How many times the outputs of call site `site` tile the neurons (`u = [u_1, …, u_r]`,
     each `u_j` one element per neuron, as for stacked gates), or `None` for another owner
     map."""
-    owner, n = structure.owners[site], structure.num_neurons
+    owner, n = structure.sites[site].owners, structure.num_neurons
     if owner.size % n == 0 and np.array_equal(owner, np.tile(np.arange(n), owner.size // n)):
         return owner.size // n
     return None
@@ -75,35 +127,64 @@ def _tiles(structure: CellStructure, site: int) -> int | None:
 
 def to_outputs(structure: CellStructure, flat: jax.Array, site: int) -> jax.Array:
     """Moves a per-neuron array `(..., N)` onto the output elements of call site `site`."""
-    shape = structure.site_output_shapes[site]
+    shape = structure.sites[site].output_shape
     tiles = _tiles(structure, site)
     if tiles is not None:  # A tile fuses into the trace update where a gather would not.
         moved = jnp.tile(flat, (1,) * (flat.ndim - 1) + (tiles,))
     else:
-        moved = flat[..., structure.owners[site]]
+        moved = flat[..., structure.sites[site].owners]
     return moved.reshape(*flat.shape[:-1], *shape)
 
 
 def from_outputs(structure: CellStructure, per_output: jax.Array, site: int) -> jax.Array:
     """Sums `(..., *u_shape)` over the output elements each neuron owns, giving `(..., N)`:
     the transpose of `to_outputs`."""
-    lead = per_output.shape[: per_output.ndim - len(structure.site_output_shapes[site])]
+    output_shape = structure.sites[site].output_shape
+    lead = per_output.shape[: per_output.ndim - len(output_shape)]
     flat = per_output.reshape(*lead, -1)
     n = structure.num_neurons
     tiles = _tiles(structure, site)
     if tiles is not None:
         return jnp.sum(flat.reshape(*lead, tiles, n), axis=-2)
     zeros = jnp.zeros((*lead, n), per_output.dtype)
-    return zeros.at[..., structure.owners[site]].add(flat)
+    return zeros.at[..., structure.sites[site].owners].add(flat)
 
 
-def mix(jacobian: jax.Array, trace: jax.Array) -> jax.Array:
-    """`Σ_m D[:, m] ⊙ ε[m]` written as element-wise products, so XLA fuses it with the rest of
-    the trace update (a `dot_general` over the tiny K axis would not fuse)."""
-    mixed = jacobian[:, 0] * trace[0][None]
-    for m in range(1, trace.shape[0]):
-        mixed = mixed + jacobian[:, m] * trace[m][None]
+# The K-by-K mixing of state leaves, `Σ_m D[k, m] ⊙ ε[m]`.
+
+
+def mix(jacobian: jax.Array, trace: jax.Array, *, leaf_axis: int = 0) -> jax.Array:
+    """`Σ_m D[k, m] ⊙ ε[m]` for every leaf `k`, written as element-wise products so that XLA
+    fuses it with the rest of a trace update (a `dot_general` over the tiny K axis would not
+    fuse, and is many times slower on CPU when batched over neurons).
+
+    With `leaf_axis=0` the leaf axes lead: `jacobian` is `(K, K, ...)` and `trace` `(K, ...)`.
+    With `leaf_axis=-1` they trail (a weight-shaped trace `(*W.shape, K)`, the leaf axis last so
+    the mixing stays within each weight's few values): `jacobian` is `(..., K, K)`.
+    """
+    if leaf_axis == 0:
+        mixed = jacobian[:, 0] * trace[0][None]
+        for m in range(1, trace.shape[0]):
+            mixed = mixed + jacobian[:, m] * trace[m][None]
+        return mixed
+    mixed = jacobian[..., 0] * trace[..., 0:1]
+    for m in range(1, trace.shape[-1]):
+        mixed = mixed + jacobian[..., m] * trace[..., m : m + 1]
     return mixed
+
+
+def transition_products(jacobians: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """From a block's `D_1 … D_C` `(C, K, K, N)`: `Φ(C, τ) = D_C ⋯ D_{τ+1}` for `τ = 1 … C`
+    stacked (`Φ(C, C) = I`), and `Φ(C, 0)`. Then `ε_C = Φ(C, 0) ε_0 + Σ_τ Φ(C, τ) I_τ`."""
+    k, n = jacobians.shape[1], jacobians.shape[-1]
+    eye = jnp.broadcast_to(jnp.eye(k, dtype=jacobians.dtype)[..., None], (k, k, n))
+
+    def body(product, jacobian):
+        # `product @ jacobian` over the leaf axes, per neuron.
+        return mix(product[:, :, None], jacobian), product
+
+    first, products = jax.lax.scan(body, eye, jacobians, reverse=True)
+    return products, first
 
 
 def linearise(cell, structure: CellStructure, state, x, op_outputs=None) -> Linearisation:
@@ -125,8 +206,8 @@ def linearise(cell, structure: CellStructure, state, x, op_outputs=None) -> Line
         return new_state, tuple(a for a, _ in records)
 
     probes = [
-        jnp.zeros(shape, op_dtype(op))
-        for shape, op in zip(structure.site_output_shapes, structure.site_modules(cell))
+        jnp.zeros(site.output_shape, op_dtype(op))
+        for site, op in zip(structure.sites, structure.site_modules(cell))
     ]
     new_state, pullback, op_inputs = jax.vjp(transition, state, probes, params, has_aux=True)
     leaves, treedef = jtu.tree_flatten(new_state)
@@ -146,13 +227,10 @@ def linearise(cell, structure: CellStructure, state, x, op_outputs=None) -> Line
     )
 
     param_sensitivities = []
-    param_leaves, param_def = jtu.tree_flatten(params)
-    for i, (kind, leaf, d_leaf) in enumerate(
-        zip(structure.param_kinds, param_leaves, jtu.tree_leaves(d_params))
-    ):
-        if kind == "shared":
+    for i, (param, d_leaf) in enumerate(zip(structure.params, jtu.tree_leaves(d_params))):
+        if param.kind == "shared":
             param_sensitivities.append(_shared_sensitivity(transition, state, probes, params, i))
-        elif kind == "readout":  # Does not reach the state: no trace.
+        elif param.kind == "readout":  # Does not reach the state: no trace.
             param_sensitivities.append(None)
         else:
             param_sensitivities.append(d_leaf)
@@ -200,36 +278,60 @@ def _shared_sensitivity(transition, state, probes, params, index: int) -> jax.Ar
     return jnp.moveaxis(columns, 0, -1)
 
 
+# The parameters outside ops: exact element-wise traces `ε_p[k] = Σ_m D[k, m] ⊙ ε_p[m] +
+# ∂h^k/∂p` (`(K, *neuron_shape)`), or dense ones `(K, N, |p|)` for small shared parameters;
+# none for read-out parameters, whose gradient is exact through `output`.
+
+
 def init_param_traces(structure: CellStructure, cell) -> tuple[jax.Array | None, ...]:
-    """Zero traces for the non-op parameters of `cell` (`None` for those that do not reach
-    the state)."""
-    dtypes = [p.dtype for p in structure.other_params(cell)]
+    """Zero traces for the non-op parameters of `cell`."""
+    k, n = structure.num_leaves, structure.num_neurons
     traces = []
-    for kind, shape, dtype in zip(structure.param_kinds, structure.param_shapes, dtypes):
-        k, n = structure.num_leaves, structure.num_neurons
-        if kind == "readout":
+    for param, leaf in zip(structure.params, structure.other_params(cell)):
+        if param.kind == "readout":
             traces.append(None)
-        elif kind == "shared":
-            traces.append(jnp.zeros((k, n, math.prod(shape)), dtype))
+        elif param.kind == "shared":
+            traces.append(jnp.zeros((k, n, math.prod(param.shape)), leaf.dtype))
         else:
-            traces.append(jnp.zeros((k, *shape), dtype))
+            traces.append(jnp.zeros((k, *param.shape), leaf.dtype))
     return tuple(traces)
 
 
-def update_param_traces(
+def _param_view(structure: CellStructure, kind: str, jacobian: jax.Array) -> jax.Array:
+    """A `(..., K, K, N)` Jacobian laid out to mix a parameter trace of this kind."""
+    if kind == "shared":  # `(K, N, |p|)`
+        return jacobian[..., None]
+    return jacobian.reshape(*jacobian.shape[:-1], *structure.neuron_shape)
+
+
+def step_param_traces(
     structure: CellStructure, lin: Linearisation, traces: tuple[jax.Array | None, ...]
 ) -> tuple[jax.Array | None, ...]:
-    """Exact element-wise traces `ε_p[k] = Σ_m D[k, m] ⊙ ε_p[m] + ∂h^k/∂p` for non-op params."""
-    jacobian = lin.jacobian
+    """The non-op parameters' traces after one step."""
+    return tuple(
+        None
+        if trace is None
+        else mix(_param_view(structure, param.kind, lin.jacobian), trace) + immediate
+        for param, trace, immediate in zip(structure.params, traces, lin.param_sensitivities)
+    )
+
+
+def block_param_traces(
+    structure: CellStructure,
+    products: jax.Array,
+    first: jax.Array,
+    lins: Linearisation,
+    traces: tuple[jax.Array | None, ...],
+) -> tuple[jax.Array | None, ...]:
+    """The non-op parameters' traces after a block, `Φ(C, 0) ε_0 + Σ_τ Φ(C, τ) ∂h_τ/∂p`."""
     new = []
-    for kind, trace, immediate in zip(structure.param_kinds, traces, lin.param_sensitivities):
-        if kind == "readout":
+    for param, trace, immediate in zip(structure.params, traces, lins.param_sensitivities):
+        if trace is None:
             new.append(None)
-        elif kind == "shared":
-            new.append(mix(jacobian[..., None], trace) + immediate)
-        else:
-            d = jacobian.reshape(*jacobian.shape[:2], *structure.neuron_shape)
-            new.append(mix(d, trace) + immediate)
+            continue
+        per_step = _param_view(structure, param.kind, products)
+        carried = mix(_param_view(structure, param.kind, first), trace)
+        new.append(carried + jnp.sum(jax.vmap(mix)(per_step, immediate), axis=0))
     return tuple(new)
 
 
@@ -239,29 +341,11 @@ def param_tangents(
     """`Σ_p ε_p ⋅ δp` over the non-op parameters, as `(K, N)` in `dtype` (the state's)."""
     k, n = structure.num_leaves, structure.num_neurons
     total = jnp.zeros((k, n), dtype)
-    for kind, trace, delta in zip(structure.param_kinds, traces, tangents):
-        if kind == "readout":
+    for param, trace, delta in zip(structure.params, traces, tangents):
+        if trace is None:
             continue
-        if kind == "shared":
+        if param.kind == "shared":
             total = total + trace @ jnp.ravel(delta)
         else:
             total = total + (trace * delta[None]).reshape(k, n)
     return total
-
-
-def unflatten_like(state, rows) -> Any:
-    """Per-leaf rows `(N,)` (a `(K, N)` array or a sequence of K rows) back into the state's
-    leaves."""
-    leaves, treedef = jtu.tree_flatten(state)
-    return jtu.tree_unflatten(
-        treedef, [row.reshape(leaf.shape).astype(leaf.dtype) for row, leaf in zip(rows, leaves)]
-    )
-
-
-def op_dtype(op) -> Any:
-    """The dtype an op computes in: that of its floating parameters."""
-    return jnp.result_type(*jtu.tree_leaves(eqx.filter(op, eqx.is_inexact_array)))
-
-
-def state_dtype(state) -> Any:
-    return jnp.result_type(*jtu.tree_leaves(state))

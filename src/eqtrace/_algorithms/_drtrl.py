@@ -1,56 +1,42 @@
-from typing import Any, ClassVar
+"""D-RTRL: diagonal RTRL with weight-shaped traces, stepped or in blocks."""
+
+from typing import Any
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 
-from .._algorithm import (
-    AbstractAlgorithm,
-    error_if_not_finite,
-    fill_tangent,
-    has_tangent,
-    input_tangent,
-    zeros_like_batched,
-)
 from .._cell import AbstractCell
 from .._custom_types import ExampleInput, Input, State
-from .._ops import (
-    apply_op,
-    contract,
-    op_params,
-    outer,
-    outer_sum,
-    spread,
-    weights_reach_one_output,
-)
+from .._link import AbstractDerivative, freeze, input_tangent, link
+from .._ops import algebra, op_params
+from .._structure import CellStructure
 from ._diagonal import (
+    AbstractDiagonalAlgorithm,
     Linearisation,
-    cell_structure,
+    block_param_traces,
     flat_leaves,
     from_outputs,
     init_param_traces,
     linearise,
     linearise_block,
     mix,
+    op_dtype,
     param_tangents,
     state_dtype,
+    step_param_traces,
     to_outputs,
+    transition_products,
     unflatten_like,
-    update_param_traces,
 )
 
 
 def _propagate(spread_jacobian, trace, immediate):
-    """`ε[…, k] ← Σ_m B(D[k, m]) ⊙ ε[…, m] + VJP_W(∂h^k/∂u)` for one parameter array. The leaf
-    axis is the last, so the K-by-K mixing stays within each weight's few values and XLA fuses
-    the update into one pass over the trace."""
-    dtype = immediate.dtype
-    new = immediate + sum(
-        spread_jacobian[..., m] * trace[..., m : m + 1].astype(dtype)
-        for m in range(trace.shape[-1])
-    )
-    return new.astype(trace.dtype)
+    """`ε[…, k] ← Σ_m B(D[k, m]) ⊙ ε[…, m] + VJP_W(∂h^k/∂u)` for one parameter array, computed
+    in the immediate term's dtype and stored in the trace's."""
+    mixed = mix(spread_jacobian, trace.astype(immediate.dtype), leaf_axis=-1)
+    return (immediate + mixed).astype(trace.dtype)
 
 
 class DRTRLTrace(eqx.Module):
@@ -66,7 +52,7 @@ class DRTRLTrace(eqx.Module):
     params: tuple[jax.Array | None, ...]
 
 
-class DRTRL(AbstractAlgorithm):
+class DRTRL(AbstractDiagonalAlgorithm[DRTRLTrace]):
     """Diagonal RTRL with parameter-dimension traces (Wang et al., *Nature Communications*, 2026).
 
     For every state leaf `k` and synaptic op `o` with output `u_o = op_o(a_t; W_o)`:
@@ -102,38 +88,35 @@ class DRTRL(AbstractAlgorithm):
     strict: bool = True
     trace_dtype: Any = None
     check_finite: bool = False
-    per_layer: ClassVar[bool] = True
 
-    def _structure(self, cell, state, x):
-        structure = cell_structure("DRTRL", cell, state, x, self.strict)
-        for site, op in enumerate(structure.site_modules(cell)):
-            if not weights_reach_one_output(op):
+    def refuse(self, structure: CellStructure, state: State) -> None:
+        for site in structure.sites:
+            if site.traced and not site.weights_reach_one_output:
                 raise ValueError(
-                    f"DRTRL cannot trace the op `{structure.site_name(site)}` "
-                    f"({type(op).__name__}) of "
-                    f"{structure.cell_name}: it shares each weight across many outputs, so a "
-                    "weight-shaped trace per neuron is not defined. Use `eqtrace.PPProp(...)`, "
-                    "whose input/output traces handle shared weights."
+                    f"DRTRL cannot trace the op `{site.name}` "
+                    f"({structure.ops[site.op].type_name}) of {structure.cell_name}: it shares "
+                    "each weight across many outputs, so a weight-shaped trace per neuron is not "
+                    "defined. Use `eqtrace.PPProp(...)`, whose input/output traces handle shared "
+                    "weights."
                 )
-        return structure
 
     def init_cell_trace(self, cell: AbstractCell, state: State, x: ExampleInput) -> DRTRLTrace:
-        structure = self._structure(cell, state, x)
+        structure = self.structure(cell, state, x)
         k = structure.num_leaves
         ops = tuple(
             jtu.tree_map(
                 lambda w: jnp.zeros((*w.shape, k), self.trace_dtype or w.dtype), op_params(op)
             )
-            if traced
+            if site.traced
             else None
-            for op, traced in zip(structure.site_modules(cell), structure.site_traced)
+            for op, site in zip(structure.site_modules(cell), structure.sites)
         )
         return DRTRLTrace(ops=ops, params=init_param_traces(structure, cell))
 
-    def update(
+    def cell_step(
         self, cell: AbstractCell, state: State, trace: DRTRLTrace, x: Input
     ) -> tuple[State, DRTRLTrace]:
-        structure = self._structure(cell, state, x)
+        structure = self.structure(cell, state, x)
         lin = linearise(cell, structure, state, x)
         new_ops = []
         for i, (op, a, df, eps) in enumerate(
@@ -142,17 +125,18 @@ class DRTRL(AbstractAlgorithm):
             if eps is None:  # A read-out op: exact gradient through `output`, no trace.
                 new_ops.append(None)
                 continue
+            rules = algebra(op)
             d_out = jnp.moveaxis(to_outputs(structure, lin.jacobian, i), (0, 1), (-2, -1))
-            propagate = spread(op, d_out)  # leaves (…, K, K)
-            immediate = outer(op, a, jnp.moveaxis(df, 0, -1))  # leaves (…, K)
+            propagate = rules.spread(op, a, d_out)  # leaves (…, K, K)
+            immediate = rules.outer(op, a, jnp.moveaxis(df, 0, -1))  # leaves (…, K)
             new_ops.append(jtu.tree_map(_propagate, propagate, eps, immediate))
-        new_params = update_param_traces(structure, lin, trace.params)
+        new_params = step_param_traces(structure, lin, trace.params)
         return lin.new_state, DRTRLTrace(ops=tuple(new_ops), params=new_params)
 
-    def parameter_tangent(
-        self, cell: AbstractCell, state: State, x: Input, trace: DRTRLTrace, params_tangent
+    def cell_tangent(
+        self, cell: AbstractCell, state: State, trace: DRTRLTrace, x: Input, params_tangent: Any
     ) -> State:
-        structure = self._structure(cell, state, x)
+        structure = self.structure(cell, state, x)
         op_tangents, other_tangents = structure.split_tangent(params_tangent)
         from_params = param_tangents(structure, trace.params, other_tangents, state_dtype(state))
         # One row per state leaf, kept apart: a leaf the loss does not reach gets a symbolic
@@ -160,12 +144,14 @@ class DRTRL(AbstractAlgorithm):
         rows = []
         for k in range(structure.num_leaves):
             row = from_params[k]
-            for i, (op, eps, delta) in enumerate(
-                zip(structure.site_modules(cell), trace.ops, op_tangents)
+            for i, (op, site, eps, delta) in enumerate(
+                zip(structure.site_modules(cell), structure.sites, trace.ops, op_tangents)
             ):
                 if eps is not None:
+                    a = jnp.zeros(site.input_shape, op_dtype(op))  # Its shape only.
                     eps_k = jtu.tree_map(lambda e, d: e[..., k].astype(d.dtype), eps, delta)
-                    row = row + from_outputs(structure, contract(op, eps_k, delta), i)
+                    per_output = algebra(op).contract(op, a, eps_k, delta)
+                    row = row + from_outputs(structure, per_output, i)
             rows.append(row)
         return unflatten_like(state, rows)
 
@@ -188,17 +174,16 @@ class DRTRL(AbstractAlgorithm):
         round-off.
         """
         x = jtu.tree_map(lambda a: a[0], xs)
-        structure = self._structure(cell, state, x)
-        params, static = eqx.partition(cell, eqx.is_inexact_array)
-        frozen = eqx.combine(jax.lax.stop_gradient(params), static)
-        state, trace = jax.lax.stop_gradient((state, trace))
-        lins, previous = linearise_block(frozen, structure, state, jax.lax.stop_gradient(xs))
-        products, first = _transition_products(lins.jacobian)
+        structure = self.structure(cell, state, x)
+        params, static, frozen, (state, trace, stopped_xs) = freeze(cell, state, trace, xs)
+        lins, previous = linearise_block(frozen, structure, state, stopped_xs)
+        products, first = transition_products(lins.jacobian)
         new_ops = []
         for i, (op, eps) in enumerate(zip(structure.site_modules(frozen), trace.ops)):
             if eps is None:  # A read-out op: exact gradient through `output`, no trace.
                 new_ops.append(None)
                 continue
+            rules, inputs = algebra(op), lins.op_inputs[i]
             phi = to_outputs(structure, products, i)  # (C, K, K, *u)
             sensitivities = lins.op_sensitivities[i]  # (C, K, *u)
             immediate = sum(
@@ -206,41 +191,37 @@ class DRTRL(AbstractAlgorithm):
             )  # (C, K, *u): Φ(C, τ) ∂h_τ/∂u_τ
             immediate = jnp.moveaxis(immediate, 1, -1)
             carried = jnp.moveaxis(to_outputs(structure, first, i), (0, 1), (-2, -1))
-            summed = outer_sum(op, lins.op_inputs[i], immediate)
-            new_ops.append(jtu.tree_map(_propagate, spread(op, carried), eps, summed))
-        new_params = _propagate_param_traces(structure, products, first, lins, trace.params)
-        states, new_trace = lins.new_state, DRTRLTrace(ops=tuple(new_ops), params=new_params)
-        if self.check_finite:
-            states, new_trace = error_if_not_finite(self, (states, new_trace))
-        link = _block_link(
-            params,
-            xs,
-            algorithm=self,
-            static=static,
-            state=state,
-            trace=trace,
-            lins=lins,
-            previous=previous,
+            summed = rules.outer_sum(op, inputs, immediate)
+            spread = rules.spread(op, inputs[0], carried)
+            new_ops.append(jtu.tree_map(_propagate, spread, eps, summed))
+        new_params = block_param_traces(structure, products, first, lins, trace.params)
+        states, new_trace = self.checked(
+            lins.new_state, DRTRLTrace(ops=tuple(new_ops), params=new_params)
         )
-        return jtu.tree_map(jnp.add, states, link), new_trace
+        derivative = _BlockDerivative(
+            algorithm=self, state=state, trace=trace, lins=lins, previous=previous
+        )
+        return jtu.tree_map(
+            jnp.add, states, link(params, xs, static=static, derivative=derivative)
+        ), new_trace
 
-    def _block_parameter_tangent(
-        self, cell, state, x, trace: DRTRLTrace, lins: Linearisation, params_tangent
+    def block_tangent(
+        self, cell, state, trace: DRTRLTrace, x, lins: Linearisation, params_tangent
     ) -> jax.Array:
         """`z_t = ε_t · δθ` for the block's steps, `(C, K, N)`, from the state-sized recursion
         `z_t = D_t z_{t-1} + I_t δθ` with `z_0 = ε_0 · δθ`. Reverse mode transposes it into a
         backward pass over the block through the element-wise `D_t` only, with the weight
         gradient `Σ_t (∂h/∂u ⊙ λ_t) ⊗ a_t` as one matrix product per op."""
-        structure = self._structure(cell, state, x)
-        carried = flat_leaves(self.parameter_tangent(cell, state, x, trace, params_tangent))
+        structure = self.structure(cell, state, x)
+        carried = flat_leaves(self.cell_tangent(cell, state, trace, x, params_tangent))
         op_tangents, other_tangents = structure.split_tangent(params_tangent)
         immediate = jnp.zeros((lins.jacobian.shape[0], *carried.shape), carried.dtype)
-        for i, (op, traced, delta) in enumerate(
-            zip(structure.site_modules(cell), structure.site_traced, op_tangents)
+        for i, (op, site, delta) in enumerate(
+            zip(structure.site_modules(cell), structure.sites, op_tangents)
         ):
-            if traced:
+            if site.traced:
                 delta_op = eqx.combine(delta, eqx.filter(op, eqx.is_inexact_array, inverse=True))
-                u = jax.vmap(lambda a: apply_op(delta_op, a))(lins.op_inputs[i])
+                u = jax.vmap(lambda a: algebra(op).apply(delta_op, a))(lins.op_inputs[i])
                 immediate = immediate + from_outputs(
                     structure, lins.op_sensitivities[i] * u[:, None], i
                 )
@@ -258,68 +239,30 @@ class DRTRL(AbstractAlgorithm):
         return zs
 
 
-def _transition_products(jacobians: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """From `D_1 … D_C` `(C, K, K, N)`: `Φ(C, τ) = D_C ⋯ D_{τ+1}` for `τ = 1 … C` stacked
-    (`Φ(C, C) = I`), and `Φ(C, 0)`."""
-    k, n = jacobians.shape[1], jacobians.shape[-1]
-    eye = jnp.broadcast_to(jnp.eye(k, dtype=jacobians.dtype)[..., None], (k, k, n))
+class _BlockDerivative(AbstractDerivative):
+    """A block's derivative as D-RTRL defines it: `ε_t · δθ` for every step without forming
+    `ε_t` (`DRTRL.block_tangent`), plus the exact `∂h_t/∂x_t · δx_t`."""
 
-    def body(product, jacobian):
-        # Sums of element-wise products: a dot over the tiny K axis, batched over neurons,
-        # is many times slower on CPU.
-        new = product[:, 0, None] * jacobian[None, 0]
-        for m in range(1, k):
-            new = new + product[:, m, None] * jacobian[None, m]
-        return new, product
+    algorithm: DRTRL
+    state: State  # `h_0`, before the block
+    trace: DRTRLTrace  # `ε_0`
+    lins: Linearisation
+    previous: State  # `h_0 … h_{C-1}`, stacked
 
-    first, products = jax.lax.scan(body, eye, jacobians, reverse=True)
-    return products, first
+    @property
+    def like(self) -> State:
+        return self.lins.new_state
 
-
-def _propagate_param_traces(
-    structure, products, first, lins, traces
-) -> tuple[jax.Array | None, ...]:
-    """The non-op parameters' traces over the block, `Φ(C, 0) ε_0 + Σ_τ Φ(C, τ) ∂h_τ/∂p`."""
-    new = []
-    for kind, trace, immediate in zip(structure.param_kinds, traces, lins.param_sensitivities):
-        if kind == "readout":
-            new.append(None)
-            continue
-        if kind == "shared":  # `(K, N, |p|)`
-            per_step, carried = products[..., None], first[..., None]
-        else:  # `(K, *neuron_shape)`
-            per_step = products.reshape(*products.shape[:3], *structure.neuron_shape)
-            carried = first.reshape(*first.shape[:2], *structure.neuron_shape)
-        new.append(mix(carried, trace) + jnp.sum(jax.vmap(mix)(per_step, immediate), axis=0))
-    return tuple(new)
-
-
-@eqx.filter_custom_jvp
-def _block_link(params, xs, *, algorithm, static, state, trace, lins, previous):
-    """Zero in value, stacked like the block's states. Its JVP is each step's derivative as
-    D-RTRL defines it: `ε_t · δθ` plus the exact `∂h_t/∂x_t` applied to `δx_t`."""
-    del params, xs, algorithm, static, state, trace, previous
-    return zeros_like_batched(lins.new_state)
-
-
-@_block_link.def_jvp
-def _block_link_jvp(primals, tangents, *, algorithm, static, state, trace, lins, previous):
-    params, xs = primals
-    params_tangent, xs_tangent = tangents
-    zeros = zeros_like_batched(lins.new_state)
-    cell = eqx.combine(params, static)
-    tangent = zeros
-    if has_tangent(params_tangent):
-        x = jtu.tree_map(lambda a: a[0], xs)
-        zs = algorithm._block_parameter_tangent(
-            cell, state, x, trace, lins, fill_tangent(params, params_tangent)
+    def of_params(self, cell, xs, params_tangent):
+        x = jtu.tree_map(lambda a: a[0], xs)  # The cell's structure is analysed on it.
+        zs = self.algorithm.block_tangent(
+            cell, self.state, self.trace, x, self.lins, params_tangent
         )
-        leaves, treedef = jtu.tree_flatten(lins.new_state)
-        tangent = jtu.tree_unflatten(
+        leaves, treedef = jtu.tree_flatten(self.lins.new_state)
+        return jtu.tree_unflatten(
             treedef,
             [zs[:, k].reshape(leaf.shape).astype(leaf.dtype) for k, leaf in enumerate(leaves)],
         )
-    if has_tangent(xs_tangent):
-        from_xs = jax.vmap(lambda h, x, t: input_tangent(cell, h, x, t))(previous, xs, xs_tangent)
-        tangent = jtu.tree_map(jnp.add, tangent, from_xs)
-    return zeros, tangent
+
+    def of_input(self, cell, xs, xs_tangent):
+        return jax.vmap(lambda h, x, t: input_tangent(cell, h, x, t))(self.previous, xs, xs_tangent)

@@ -1,5 +1,7 @@
+"""pp-prop (ES-D-RTRL): D-RTRL with each weight trace factorised into input and output traces."""
+
 import functools
-from typing import ClassVar
+from typing import Any
 
 import equinox as eqx
 import jax
@@ -7,12 +9,12 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
 
-from .._algorithm import AbstractAlgorithm
 from .._cell import AbstractCell
 from .._custom_types import ExampleInput, Input, State
-from .._ops import apply_op, bias_of
+from .._ops import algebra
+from .._structure import CellStructure
 from ._diagonal import (
-    cell_structure,
+    AbstractDiagonalAlgorithm,
     from_outputs,
     init_param_traces,
     linearise,
@@ -20,9 +22,9 @@ from ._diagonal import (
     op_dtype,
     param_tangents,
     state_dtype,
+    step_param_traces,
     to_outputs,
     unflatten_like,
-    update_param_traces,
 )
 
 
@@ -39,7 +41,7 @@ class PPPropTrace(eqx.Module):
     normaliser: Float[Array, ""]
 
 
-class PPProp(AbstractAlgorithm):
+class PPProp(AbstractDiagonalAlgorithm[PPPropTrace]):
     """pp-prop, or ES-D-RTRL: D-RTRL with each weight trace factorised into an exponentially
     smoothed input trace and output trace (Wang et al., *Nature Communications*, 2026).
 
@@ -78,7 +80,6 @@ class PPProp(AbstractAlgorithm):
     bias_correction: bool = True
     strict: bool = True
     check_finite: bool = False
-    per_layer: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -106,8 +107,7 @@ class PPProp(AbstractAlgorithm):
         self.strict = strict
         self.check_finite = check_finite
 
-    def _structure(self, cell, state, x):
-        structure = cell_structure("PPProp", cell, state, x, self.strict)
+    def refuse(self, structure: CellStructure, state: State) -> None:
         dtype = state_dtype(state)
         if np.asarray(self.decay, dtype) == 1:
             raise ValueError(
@@ -116,38 +116,30 @@ class PPProp(AbstractAlgorithm):
                 "and their sums would grow without bound. Use a smaller `rank` or `decay`, or "
                 "a wider dtype for the model."
             )
-        return structure
 
     def init_cell_trace(self, cell: AbstractCell, state: State, x: ExampleInput) -> PPPropTrace:
-        structure = self._structure(cell, state, x)
+        structure = self.structure(cell, state, x)
         sites = structure.site_modules(cell)
         k = structure.num_leaves
         return PPPropTrace(
             inputs=tuple(
-                jnp.zeros(shape, op_dtype(op)) if traced else None
-                for shape, op, traced in zip(
-                    structure.site_input_shapes, sites, structure.site_traced
-                )
+                jnp.zeros(site.input_shape, op_dtype(op)) if site.traced else None
+                for site, op in zip(structure.sites, sites)
             ),
             outputs=tuple(
-                jnp.zeros((k, *shape), op_dtype(op)) if traced and source == i else None
-                for i, (shape, op, traced, source) in enumerate(
-                    zip(
-                        structure.site_output_shapes,
-                        sites,
-                        structure.site_traced,
-                        structure.site_sensitivity_source,
-                    )
-                )
+                jnp.zeros((k, *site.output_shape), op_dtype(op))
+                if site.traced and site.sensitivity_source == i
+                else None
+                for i, (site, op) in enumerate(zip(structure.sites, sites))
             ),
             params=init_param_traces(structure, cell),
             normaliser=jnp.zeros((), _normaliser_dtype(state)),
         )
 
-    def update(
+    def cell_step(
         self, cell: AbstractCell, state: State, trace: PPPropTrace, x: Input
     ) -> tuple[State, PPPropTrace]:
-        structure = self._structure(cell, state, x)
+        structure = self.structure(cell, state, x)
         lin = linearise(cell, structure, state, x)
         alpha = self.decay
         # Calls that do not reach the state (read-outs) have `None` traces and are skipped, as
@@ -166,14 +158,14 @@ class PPProp(AbstractAlgorithm):
         return lin.new_state, PPPropTrace(
             inputs=inputs,
             outputs=outputs,
-            params=update_param_traces(structure, lin, trace.params),
+            params=step_param_traces(structure, lin, trace.params),
             normaliser=alpha * trace.normaliser + 1,
         )
 
-    def parameter_tangent(
-        self, cell: AbstractCell, state: State, x: Input, trace: PPPropTrace, params_tangent
+    def cell_tangent(
+        self, cell: AbstractCell, state: State, trace: PPPropTrace, x: Input, params_tangent: Any
     ) -> State:
-        structure = self._structure(cell, state, x)
+        structure = self.structure(cell, state, x)
         op_tangents, other_tangents = structure.split_tangent(params_tangent)
         dtype = state_dtype(state)
         # One row per state leaf, kept apart (as in D-RTRL), so the transpose needs no
@@ -185,19 +177,19 @@ class PPProp(AbstractAlgorithm):
         scale = 1 / n if self.bias_correction else jnp.full_like(n, 1 - self.decay)
         # `du` per group of calls sharing an output trace, summed before it meets the trace.
         changes: dict[int, jax.Array] = {}
-        for op, eps_x, delta, source in zip(
-            structure.site_modules(cell),
-            trace.inputs,
-            op_tangents,
-            structure.site_sensitivity_source,
+        for op, site, eps_x, delta in zip(
+            structure.site_modules(cell), structure.sites, trace.inputs, op_tangents
         ):
             if eps_x is None:  # A read-out call: exact gradient through `output`, no trace.
                 continue
-            if bias_of(op) is not None:
-                bias_input_trace = (scale * n).astype(delta.bias.dtype)
-                delta = eqx.tree_at(lambda d: d.bias, delta, delta.bias * bias_input_trace)
+            rules = algebra(op)
+            bias = rules.bias(delta)
+            if bias is not None:
+                bias_input_trace = (scale * n).astype(bias.dtype)
+                delta = eqx.tree_at(rules.bias, delta, bias * bias_input_trace)
             a = eps_x * scale.astype(eps_x.dtype)
-            _, du = eqx.filter_jvp(functools.partial(apply_op, a=a), (op,), (delta,))
+            _, du = eqx.filter_jvp(functools.partial(rules.apply, a=a), (op,), (delta,))
+            source = site.sensitivity_source
             changes[source] = du if source not in changes else changes[source] + du
         for i, du in changes.items():
             eps_f = trace.outputs[i]

@@ -1,3 +1,7 @@
+"""Exact RTRL: the full sensitivity of the state to the parameters."""
+
+from typing import Any, ClassVar
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -29,7 +33,7 @@ def _flat_transition(cell: AbstractCell, state: State, x: Input):
     return transition, h, theta, unravel_state, unravel_params
 
 
-class RTRL(AbstractAlgorithm):
+class RTRL(AbstractAlgorithm[RTRLTrace]):
     """Exact real-time recurrent learning (Williams & Zipser, 1989).
 
     Carries the full sensitivity `M_t = dh_t/dθ` and updates it with
@@ -51,7 +55,7 @@ class RTRL(AbstractAlgorithm):
     """
 
     check_finite: bool = False
-    per_layer = False
+    per_layer: ClassVar[bool] = False
 
     def init_cell_trace(self, cell: AbstractCell, state: State, x: ExampleInput) -> RTRLTrace:
         # Checked whenever the input is known: always at `step`, which checks its trace
@@ -69,7 +73,7 @@ class RTRL(AbstractAlgorithm):
         theta, _ = ravel_pytree(params)
         return RTRLTrace(jnp.zeros((h.size, theta.size), jnp.result_type(h, theta)))
 
-    def update(
+    def cell_step(
         self, cell: AbstractCell, state: State, trace: RTRLTrace, x: Input
     ) -> tuple[State, RTRLTrace]:
         transition, h, theta, unravel_state, _ = _flat_transition(cell, state, x)
@@ -84,8 +88,8 @@ class RTRL(AbstractAlgorithm):
         immediate = jax.vmap(lambda e: transpose(e)[1])(jnp.eye(new_h.size, dtype=new_h.dtype))
         return unravel_state(new_h), RTRLTrace(propagated + immediate)
 
-    def parameter_tangent(
-        self, cell: AbstractCell, state: State, x: Input, trace: RTRLTrace, params_tangent
+    def cell_tangent(
+        self, cell: AbstractCell, state: State, trace: RTRLTrace, x: Input, params_tangent: Any
     ) -> State:
         del cell, x
         _, unravel_state = ravel_pytree(state)

@@ -1,5 +1,6 @@
 """Cells, synaptic ops, read-outs and surrogate spike functions."""
 
+from .._sequential import Sequential as Sequential
 from . import surrogate as surrogate
 from ._linear import Linear as Linear
 from ._lru import LRUCell as LRUCell
@@ -7,5 +8,4 @@ from ._lstm import LSTMCell as LSTMCell
 from ._mingru import MinGRUCell as MinGRUCell
 from ._readout import LeakyReadout as LeakyReadout
 from ._rnn import GRUCell as GRUCell, RNNCell as RNNCell
-from ._sequential import Sequential as Sequential
 from ._spiking import ALIF as ALIF, LIF as LIF

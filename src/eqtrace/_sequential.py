@@ -1,8 +1,8 @@
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from .._cell import AbstractCell
-from .._custom_types import Input
+from ._cell import AbstractCell
+from ._custom_types import Input
 
 
 class Sequential(AbstractCell):

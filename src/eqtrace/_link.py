@@ -1,0 +1,142 @@
+"""The link: how an online rule becomes the derivative of a step (or of a block of steps).
+
+A step returns `h_t + link(θ, x_t)`, where the link is zero in value and its JVP is the change
+of `h_t` the rule attributes to a parameter tangent `δθ` (the trace applied to it), plus the
+exact within-step `∂h_t/∂x_t · δx_t`. Reverse mode transposes that JVP, so `jax.grad` of a
+loss on the step's output contracts the trace with `ḡ = dL/dh_t`: the online gradient. The
+derivative with respect to the old state and trace is zero (no backpropagation through time).
+
+(DESIGN.md §2 suggests a `custom_vjp` on the whole step; a linear JVP instead lets `jax.vmap`
+turn the gradient of shared parameters into one batch-contracted product rather than
+per-sample gradients summed afterwards, costs nothing in the forward pass, and makes
+forward-mode differentiation of a step work too.)
+"""
+
+import abc
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+
+from ._custom_types import Input, State
+
+
+class AbstractDerivative(eqx.Module):
+    """What a link's JVP computes, for one step or for a block of steps. Holds (as arrays)
+    everything the rule needs besides the cell and the input, none of it differentiated (the
+    input, which may be, is the link's primal); `like` is the link's value shape (a state, or
+    states stacked over a block)."""
+
+    @property
+    @abc.abstractmethod
+    def like(self) -> State:
+        """A pytree shaped like the link's value."""
+
+    @abc.abstractmethod
+    def of_params(self, cell: Any, x: Input, params_tangent: Any) -> State:
+        """The rule's change of the state(s) for a parameter tangent (linear in it)."""
+
+    @abc.abstractmethod
+    def of_input(self, cell: Any, x: Input, x_tangent: Any) -> State:
+        """The exact change of the state(s) for an input tangent (symbolic zeros as `None`)."""
+
+
+class StepDerivative(AbstractDerivative):
+    """One step: `ε_t · δθ` from the algorithm's `cell_tangent`, and `∂h_t/∂x_t · δx_t`."""
+
+    algorithm: Any
+    state: State  # `h_{t-1}`
+    trace: Any  # `ε_t`
+
+    @property
+    def like(self) -> State:
+        return self.state
+
+    def of_params(self, cell, x, params_tangent):
+        return self.algorithm.cell_tangent(cell, self.state, self.trace, x, params_tangent)
+
+    def of_input(self, cell, x, x_tangent):
+        return input_tangent(cell, self.state, x, x_tangent)
+
+
+def link(params: Any, x: Input, *, static: Any, derivative: AbstractDerivative) -> State:
+    """Zero, shaped like `derivative.like`, with the derivative the rule defines with respect to
+    `params` (the cell's floating arrays, `static` the rest) and `x` (the step's input, or the
+    block's inputs)."""
+    return _link(params, x, static=static, derivative=derivative)
+
+
+@eqx.filter_custom_jvp
+def _link(params, x, *, static, derivative):
+    del params, x, static
+    return zeros_like_batched(derivative.like)
+
+
+@_link.def_jvp
+def _link_jvp(primals, tangents, *, static, derivative):
+    params, x = primals
+    params_tangent, x_tangent = tangents
+    zeros = zeros_like_batched(derivative.like)
+    cell = eqx.combine(params, static)
+    tangent = zeros
+    if has_tangent(params_tangent):
+        tangent = derivative.of_params(cell, x, fill_tangent(params, params_tangent))
+    if has_tangent(x_tangent):
+        # Only computed when the input is differentiated: a first layer pays nothing for it.
+        tangent = jtu.tree_map(jnp.add, tangent, derivative.of_input(cell, x, x_tangent))
+    return zeros, tangent
+
+
+def freeze(cell: Any, *trees: Any) -> tuple[Any, Any, Any, tuple[Any, ...]]:
+    """The preamble of a rule's step: the cell's parameters and the rest, a copy of the cell
+    whose parameters carry no derivative, and `trees` (state, trace, input) likewise stopped —
+    the link alone gives the step its derivative.
+
+    **Returns:** `(params, static, frozen_cell, stopped_trees)`.
+    """
+    params, static = eqx.partition(cell, eqx.is_inexact_array)
+    frozen = eqx.combine(jax.lax.stop_gradient(params), static)
+    return params, static, frozen, jax.lax.stop_gradient(trees)
+
+
+def last(stacked: Any) -> Any:
+    """The last entry along the leading axis of every leaf."""
+    return jtu.tree_map(lambda a: a[-1], stacked)
+
+
+def zeros_like_batched(tree: Any) -> Any:
+    """Zeros shaped like `tree`, computed *from* it, for the value of a link.
+
+    `jnp.zeros_like` would be a constant: under `jax.vmap` the link's value is then unbatched
+    while its tangent is batched, and `jax.grad` of `jax.jit(jax.vmap(step))` fails inside JAX
+    (`broadcast_in_dim broadcast_dimensions must have length equal to operand ndim`, JAX
+    0.10). A `where` on the tree keeps the value batched like the tree; XLA folds it away."""
+    return jtu.tree_map(lambda a: jnp.where(True, jnp.zeros((), a.dtype), a), tree)
+
+
+def input_tangent(cell: Any, state: State, x: Input, x_tangent: Any) -> State:
+    """The exact within-step `∂h_t/∂x_t · δx`: the credit to the input, and so to the layers
+    below, that every online rule passes on unchanged."""
+    diff_x, static_x = eqx.partition(x, eqx.is_inexact_array)
+    _, from_x = jax.jvp(
+        lambda dx: cell(state, eqx.combine(dx, static_x))[0],
+        (diff_x,),
+        (fill_tangent(diff_x, x_tangent),),
+    )
+    return from_x
+
+
+def has_tangent(tangent: Any) -> bool:
+    """Whether a custom-JVP tangent holds anything but symbolic zeros (`None`)."""
+    return any(t is not None for t in jtu.tree_leaves(tangent, is_leaf=_is_none))
+
+
+def fill_tangent(primal: Any, tangent: Any) -> Any:
+    """A custom-JVP tangent with its symbolic zeros (`None`) made explicit."""
+    return jtu.tree_map(lambda p, t: jnp.zeros_like(p) if t is None else t, primal, tangent)
+
+
+def _is_none(x) -> bool:
+    return x is None

@@ -1,0 +1,143 @@
+"""Running a cell with its synaptic ops observed: what the diagonal rules do every step.
+
+Each op held by a cell is wrapped so that its calls go through a log: the `s`-th call of the
+step (call site `s`) records its input vector and output, may have a probe added to its output
+(whose derivative is `∂h/∂u`), may have its input cut from the derivative, and may replay a
+recorded output instead of recomputing it. Calls are recorded with the index of the op that
+made them, so call sites are paired with ops by identity, never by order.
+"""
+
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+import numpy as np
+
+from ._ops import algebra, is_op
+
+
+class _CallLog:
+    """The op calls of one run of a cell under `probed_call`, in call order."""
+
+    def __init__(self, probes, outputs, cut: bool):
+        self.probes, self.outputs, self.cut = probes, outputs, cut
+        self.op_indices: list[int] = []
+        self.records: list[tuple[jax.Array, jax.Array]] = []
+
+    def call(self, index: int, op: Any, raw_input: Any) -> jax.Array:
+        site = len(self.records)
+        rules = algebra(op)
+        a = rules.input(op, raw_input)
+        if self.cut:
+            a = jax.lax.stop_gradient(a)
+        u = rules.apply(op, a) if self.outputs is None else self.outputs[site]
+        self.op_indices.append(index)
+        self.records.append((a, u))
+        probe = None if self.probes is None else self.probes[site]
+        return u if probe is None else u + probe
+
+
+class _Probed(eqx.Module):
+    """Stands in for op number `index` of a cell during `probed_call`: calls go through the
+    log; attribute reads (`op.weight`) reach the op, so that the analysis can see and report
+    weights used outside a call."""
+
+    op: Any
+    index: int = eqx.field(static=True)
+    log: _CallLog = eqx.field(static=True)
+
+    def __getattr__(self, name):
+        return getattr(self.op, name)
+
+    def __call__(self, raw_input, *, key=None):
+        del key
+        return self.log.call(self.index, self.op, raw_input)
+
+
+def _wrap_ops(cell, log: _CallLog):
+    counter = iter(range(len(find_ops(cell))))
+    return jtu.tree_map(
+        lambda node: _Probed(node, next(counter), log) if is_op(node) else node,
+        cell,
+        is_leaf=is_op,
+    )
+
+
+def probed_call(cell, state, x, probes=None, *, cut: bool, outputs=None, sites=None):
+    """Runs `cell(state, x)` with `probes[s]` added to the output of its `s`-th op call; with
+    `outputs` (recorded by an earlier call), the calls return those instead of recomputing
+    them, so only the cell's element-wise part runs. With `sites` (the op index of each call,
+    from the analysis), checks that the cell made exactly those calls.
+
+    **Returns:** `(new_state, ((a_1, u_1), …))`, each call's input vector and output.
+    """
+    log = _CallLog(probes, outputs, cut)
+    new_state, _ = _wrap_ops(cell, log)(state, x)
+    if sites is not None and tuple(log.op_indices) != tuple(sites):
+        raise ValueError(
+            f"{type(cell).__name__}: its synaptic ops were called in the order "
+            f"{log.op_indices} (by field position), but in {list(sites)} when it was analysed. "
+            "The sequence of op calls in a step must not depend on values."
+        )
+    return new_state, tuple(log.records)
+
+
+def call_sites(cell, state, x) -> tuple[int, ...]:
+    """The op index of each op call in one step of `cell`, in call order."""
+    log = _CallLog(None, None, True)
+    eqx.filter_eval_shape(lambda c, s, x: _wrap_ops(c, log)(s, x)[0], cell, state, x)
+    return tuple(log.op_indices)
+
+
+def find_ops(cell) -> list[tuple[str, Any]]:
+    """The synaptic ops held by `cell`, with their attribute paths, in traversal order."""
+    leaves = jtu.tree_leaves_with_path(cell, is_leaf=is_op)
+    return [(jtu.keystr(path), node) for path, node in leaves if is_op(node)]
+
+
+def other_params_spec(cell, called: tuple[bool, ...]):
+    """A filter spec selecting the floating arrays of `cell` that are not inside a called op
+    (the arrays of an op that is never called are ordinary parameters)."""
+    flags = iter(called)
+    return jtu.tree_map(
+        lambda n: (
+            (not next(flags)) and eqx.is_inexact_array(n) if is_op(n) else eqx.is_inexact_array(n)
+        ),
+        cell,
+        is_leaf=is_op,
+    )
+
+
+def called_ops_spec(cell, called: tuple[bool, ...]):
+    """A filter spec selecting the floating arrays inside the called ops of `cell`."""
+    flags = iter(called)
+    return jtu.tree_map(
+        lambda n: jtu.tree_map(eqx.is_inexact_array, n) if is_op(n) and next(flags) else False,
+        cell,
+        is_leaf=is_op,
+    )
+
+
+def concrete(tree):
+    """`tree` with every `jax.ShapeDtypeStruct` replaced by zeros of its shape and dtype."""
+    return jtu.tree_map(
+        lambda a: jnp.zeros(a.shape, a.dtype) if isinstance(a, jax.ShapeDtypeStruct) else a, tree
+    )
+
+
+def random_like(tree, rng: np.random.Generator, scale: float):
+    """`tree` with its floating arrays drawn at random (booleans true, integers zero)."""
+
+    def draw(leaf):
+        if not eqx.is_array(leaf):
+            return leaf  # Python scalars and other leaves are part of the structure.
+        shape, dtype = tuple(leaf.shape), leaf.dtype
+        if jnp.issubdtype(dtype, jnp.inexact):
+            return jnp.asarray(rng.normal(scale=scale, size=shape), dtype)
+        if jnp.issubdtype(dtype, jnp.bool_):
+            return jnp.ones(shape, dtype)
+        return jnp.zeros(shape, dtype)
+
+    return jtu.tree_map(draw, tree)
