@@ -26,24 +26,10 @@ LABELS = {"drtrl": "D-RTRL", "ppprop": "pp-prop", "bptt": "BPTT"}
 
 
 def load_mnist1d(seed: int = 42) -> dict[str, np.ndarray]:
-    """MNIST-1D, generated on the spot (no download): `x` of shape `(N, 40, 1)` standardised
-    with the training set's mean and standard deviation, integer labels `y`."""
-    from mnist1d.data import get_dataset_args, make_dataset
-
-    args = get_dataset_args()  # 5 000 sequences, 80 % for training, length 40
-    args.seed = seed
-    data = make_dataset(args)  # generated locally from templates; `args.url` is not used
-    mean, std = data["x"].mean(), data["x"].std()
-
-    def prepare(x):
-        return ((x - mean) / std).astype(np.float32)[..., None]
-
-    return {
-        "x_train": prepare(data["x"]),
-        "y_train": data["y"].astype(np.int32),
-        "x_test": prepare(data["x_test"]),
-        "y_test": data["y_test"].astype(np.int32),
-    }
+    """MNIST-1D, generated on the spot (no download) by `eqtrace.tasks.mnist1d`: `x` of shape
+    `(N, 40, 1)` standardised with the training set's mean and standard deviation, integer
+    labels `y`."""
+    return eqtrace.tasks.mnist1d(seed)
 
 
 def make_model(hidden: int, key) -> eqtrace.nn.Sequential:

@@ -2,7 +2,7 @@
 
 import importlib.metadata
 
-from . import nn as nn
+from . import nn as nn, tasks as tasks
 from ._algorithm import AbstractAlgorithm as AbstractAlgorithm
 from ._algorithms._drtrl import DRTRL as DRTRL, DRTRLTrace as DRTRLTrace
 from ._algorithms._ppprop import PPProp as PPProp, PPPropTrace as PPPropTrace
@@ -12,6 +12,10 @@ from ._check import (
     StructureReport as StructureReport,
     check as check,
     trace_size as trace_size,
+)
+from ._diagnostics import (
+    GradientComparison as GradientComparison,
+    compare_gradients as compare_gradients,
 )
 from ._drivers import (
     bptt_gradient as bptt_gradient,
