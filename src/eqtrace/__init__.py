@@ -28,6 +28,7 @@ from ._drivers import (
     train_online as train_online,
     truncated_bptt_gradient as truncated_bptt_gradient,
 )
+from ._ops import OpAlgebra as OpAlgebra, register_op as register_op
 
 
 __version__ = importlib.metadata.version("eqtrace")
