@@ -34,6 +34,7 @@ _INSTRUCTION = re.compile(
     r"\s+(?P<op>[\w\-]+)\((?P<args>.*)$"
 )
 _COMPUTATION = re.compile(r"^(?P<entry>ENTRY\s+)?%?(?P<name>[\w.\-]+)\s.*\{\s*$")
+_COMMENT = re.compile(r"/\*.*?\*/")
 _ARRAY = re.compile(r"(\w+)\[([\d,]*)\]")
 # Ops that do not materialise a new buffer.
 _VIEWS = {"parameter", "get-tuple-element", "tuple", "bitcast", "constant", "copy-start",
@@ -56,6 +57,8 @@ def parse_hlo(text: str) -> dict[str, list[dict]]:
     computations: dict[str, list[dict]] = {}
     current = None
     for line in text.splitlines():
+        # Tuple shapes of 6+ elements carry `/*index=5*/` comments, whose "=" breaks the match.
+        line = _COMMENT.sub("", line)
         if current is None:
             match = _COMPUTATION.match(line)
             if match and "=" not in line.split("{")[0].split("(")[0]:
