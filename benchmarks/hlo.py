@@ -21,7 +21,8 @@ import jax.numpy as jnp
 
 import eqtrace
 
-from .run import DEFAULTS, Config, build_problem, make_algorithm
+from . import algorithms
+from .problems import DEFAULTS, Config, build_problem
 
 
 _DTYPE_BYTES = {
@@ -147,7 +148,7 @@ def analyse(text: str, trace_bytes: int, top: int = 15) -> str:
 def online_step_functions(config: Config, name: str):
     """`(step, step_with_grad, args, trace_bytes)` for one batched online step."""
     problem = build_problem(config)
-    algorithm = make_algorithm(name, config)
+    algorithm = algorithms.get(name).make_rule(config)
     online_step = jax.vmap(
         eqtrace.make_online_step(algorithm, problem.static), in_axes=(None, 0, 0, 0)
     )
@@ -172,7 +173,8 @@ def online_step_functions(config: Config, name: str):
 def main(argv: Sequence[str] | None = None) -> str:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.hlo", description=__doc__)
     parser.add_argument("--model", choices=sorted(DEFAULTS), default="gru")
-    parser.add_argument("--algorithm", default="drtrl", choices=["rtrl", "drtrl", "ppprop"])
+    stepping = [a.name for a in algorithms.REGISTRY.values() if a.online and not a.block]
+    parser.add_argument("--algorithm", default="drtrl", choices=stepping)
     parser.add_argument("--input", type=int)
     parser.add_argument("--hidden", type=int)
     parser.add_argument("--batch", type=int)
