@@ -55,16 +55,16 @@ def paired_ratio(times: Sequence[float], base: Sequence[float]) -> str:
 
 
 def run_table(config: Config, sizes: tuple[int, int], repeats: int, results: Sequence[dict]) -> str:
-    """The table of `benchmarks.run`: one row per result.
+    """The table of `benchmarks.run`: one row per result (algorithms, then floors).
 
     A result holds `algorithm` (the row name), and either `skipped` or `error`, or the timing
     (`compile_s`, `times_s`, `median_s`, `min_s`, `max_s`, `xla_temp_mb`), optionally
-    `memory` and `trace_mb`.
+    `memory`, `trace_mb` and `floor` (the row name of its trace-bandwidth floor).
     """
     timed = {r["algorithm"]: r for r in results if "median_s" in r}
     header = [
         "algorithm", "compile s", "median ms", "min ms", "max ms", "× BPTT", "× forward",
-        "peak RSS MB", "run Δ MB", "XLA temp MB", "trace MB",
+        "× floor", "peak RSS MB", "run Δ MB", "XLA temp MB", "trace MB",
     ]  # fmt: skip
     rows = []
     for r in results:
@@ -88,6 +88,7 @@ def run_table(config: Config, sizes: tuple[int, int], repeats: int, results: Seq
                 _fmt(1e3 * r["max_s"], ".2f"),
                 ratio("bptt"),
                 ratio("forward"),
+                ratio(r["floor"]) if "floor" in r else "—",
                 _fmt(mem.get("peak_rss_mb"), ".0f") if "error" not in mem else mem["error"],
                 _fmt(mem.get("run_delta_mb"), ".1f"),
                 _fmt(mem.get("xla_temp_mb", r.get("xla_temp_mb")), ".1f"),
@@ -99,8 +100,9 @@ def run_table(config: Config, sizes: tuple[int, int], repeats: int, results: Seq
         "",
         f"## {config.describe()}  (|h| = {n_state}, |θ| = {n_params}, {repeats} runs)",
         environment_line(),
-        "times: one call = the whole batch over all steps; × BPTT, × forward: median over the "
-        "interleaved rounds of the per-round ratio [quartiles]",
+        "times: one call = the whole batch over all steps; × BPTT, × forward, × floor: median "
+        "over the interleaved rounds of the per-round ratio [quartiles]; a floor is one "
+        "read-and-write pass over the rule's trace per step",
         "",
         markdown_table(header, rows),
     ]

@@ -8,8 +8,9 @@
 Every algorithm computes the same thing: `Σ_t loss(y_t, target_t)` over a batch of sequences
 (and, except `forward`, its gradient). Step `t` reads its inputs and targets from a small pool
 of `POOL` steps (entry `t % POOL`), so no `(T, batch, input)` tensor exists and memory measures
-the algorithm, not the data. Times are measured in this process; peak memory in a fresh
-subprocess per (model, algorithm). See `benchmarks/README.md` for the columns.
+the algorithm, not the data. Each online rule also gets a floor row: one read-and-write pass
+over its trace per step. Times are measured in this process; peak memory in a fresh subprocess
+per (model, algorithm). See `benchmarks/README.md` for the columns.
 """
 
 import argparse
@@ -20,6 +21,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from . import algorithms, report
+from .floor import floor_name, floors, make_floor
 from .memory import ROOT, measure_memories, measure_memory_here
 from .problems import DEFAULTS, MODELS, Config, Problem, build_problem
 from .timing import Job, time_interleaved
@@ -46,11 +48,12 @@ def run_table(
     timeout: float = 1800.0,
     log: Callable[[str], None] = _stderr,
 ) -> list[dict]:
-    """Times every algorithm in this process, then measures its memory in subprocesses, and
-    prints the table. Returns one dict per algorithm."""
+    """Times every algorithm and the floor of every online rule in this process, then measures
+    the algorithms' memory in subprocesses, and prints the table. Returns one dict per row."""
     problem = build_problem(config)
     args = (problem.params, problem.stream)
     results: list[dict] = []
+    runnable: list[algorithms.Algorithm] = []
     jobs: dict[str, Job] = {}
     for algorithm in map(algorithms.get, names):
         reason = algorithm.skip_reason(problem)
@@ -60,12 +63,20 @@ def run_table(
             continue
         result: dict = {"algorithm": algorithm.name, "trace_mb": None}
         if algorithm.online:
-            result["trace_mb"] = _trace_megabytes(problem, algorithm)
+            result.update(
+                trace_mb=_trace_megabytes(problem, algorithm), floor=floor_name(algorithm)
+            )
         results.append(result)
+        runnable.append(algorithm)
         jobs[algorithm.name] = lambda a=algorithm: (a.runner(problem), args)
+    floor_results = []
+    for name, algorithm in floors(runnable).items():
+        trace_mb = _trace_megabytes(problem, algorithm)
+        floor_results.append({"algorithm": name, "trace_mb": trace_mb, "floor": name})
+        jobs[name] = lambda a=algorithm: make_floor(problem, a)
 
     timings = time_interleaved(jobs, repeats, warmup, log)
-    for result in results:
+    for result in results + floor_results:
         result.update(timings.get(result["algorithm"], {}))
         if result.get("times_s"):
             times = result["times_s"]
@@ -77,6 +88,7 @@ def run_table(
             todo, measure_memories([(config, r["algorithm"]) for r in todo], workers, timeout)
         ):
             result["memory"] = mem
+    results += floor_results
     print(report.run_table(config, problem.sizes(), repeats, results), flush=True)
     return results
 

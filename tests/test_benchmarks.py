@@ -1,6 +1,8 @@
 """Smoke tests of `benchmarks/`: the registry, and tiny configurations through the same code
 paths as the real tables. No timing assertions (DESIGN.md §6)."""
 
+import dataclasses
+import re
 import sys
 from pathlib import Path
 
@@ -12,6 +14,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks import algorithms, hlo, run  # noqa: E402
+from benchmarks.floor import floors, make_floor  # noqa: E402
 from benchmarks.problems import Config, build_problem  # noqa: E402
 
 
@@ -45,7 +48,7 @@ def test_registry():
             continue
         rule = algorithm.make_rule(problem.config)
         assert algorithm.per_layer == type(rule).per_layer, algorithm.name
-        # A block configuration carries the trace of a stepping one.
+        # A block configuration carries the trace of a stepping one (its floor).
         assert not algorithms.stepping(algorithm).block, algorithm.name
         if algorithm.trace_dtype is not None:  # the factory really stores it
             dtypes = {leaf.dtype for leaf in jax.tree.leaves(algorithm.batched_trace(problem))}
@@ -53,6 +56,13 @@ def test_registry():
     assert algorithms.stepping(algorithms.get("drtrl-block")) is algorithms.get("drtrl")
     with pytest.raises(ValueError, match="Unknown algorithm"):
         algorithms.get("drtrl-blocks")
+
+
+def test_one_floor_per_trace():
+    names = ["forward", "drtrl", "drtrl-block", "drtrl-bf16", "ppprop-block"]
+    by_floor = floors([algorithms.get(n) for n in names])
+    assert list(by_floor) == ["drtrl floor", "drtrl-bf16 floor", "ppprop floor"]
+    assert by_floor["ppprop floor"] is algorithms.get("ppprop")
 
 
 @pytest.mark.parametrize("model", ["gru", "lif"])
@@ -66,14 +76,39 @@ def test_every_algorithm_traces(model):
         assert loss.shape == (), algorithm.name
 
 
-def test_tiny_run(capsys):
+def test_floor_reads_and_writes_every_leaf():
+    # The loop body must write each trace leaf in full, every step: one fusion per leaf whose
+    # output has the leaf's shape and dtype.
+    problem = build_problem(dataclasses.replace(_tiny("lif"), steps=3))
+    floor, args = make_floor(problem, algorithms.get("drtrl"))
+    text = jax.jit(floor).lower(*args).compile().as_text()
+    computations = hlo.parse_hlo(text)
+    (loop,) = [ins for ins in computations["__entry__"] if ins["op"] == "while"]
+    body = computations[re.search(r"body=%?([\w.\-]+)", loop["args"])[1]]
+    written = [ins["shape"].split("{")[0] for ins in body if ins["op"] == "fusion"]
+    for leaf in jax.tree.leaves(args[0]):
+        dtype = jnp.dtype(leaf.dtype).name.replace("float", "f")
+        shape = f"{dtype}[{','.join(map(str, leaf.shape))}]"
+        assert shape in written, (shape, written)
+    # An odd number of bit flips changes every number.
+    changed = jax.tree.map(lambda a, b: bool(jnp.all(a != b)), jax.jit(floor)(*args), args[0])
+    assert jax.tree.all(changed)
+
+
+def test_tiny_run_with_floor(capsys):
     names = "forward,bptt,drtrl,drtrl-block"
     results = run.main(["--model", "gru", *TINY, "--no-memory", "--algorithms", names, "--block",
                         "2"])  # fmt: skip
-    rows = _rows(capsys.readouterr().out)
-    assert list(rows) == names.split(",")
+    out = capsys.readouterr().out
+    rows = _rows(out)
+    assert list(rows) == [*names.split(","), "drtrl floor"]
+    header = next(line for line in out.splitlines() if line.startswith("| algorithm"))
+    column = [c.strip() for c in header.strip("|").split("|")].index("× floor")
     for name, cells in rows.items():
         assert cells[1] not in ("error", "skipped"), (name, results)
+        assert (cells[column] == "—") == (name in ("forward", "bptt")), cells
+    assert rows["drtrl floor"][column].startswith("1.00")
+    assert [r["floor"] for r in results if "floor" in r] == ["drtrl floor"] * 3
 
 
 def test_rtrl_skipped_when_too_big(capsys):
@@ -81,6 +116,7 @@ def test_rtrl_skipped_when_too_big(capsys):
     out = capsys.readouterr().out
     assert _rows(out)["rtrl"][1] == "skipped"
     assert "note: rtrl skipped" in out
+    assert "rtrl floor" not in out
 
 
 def test_memory_subprocess_and_sweep(tmp_path, capsys):
