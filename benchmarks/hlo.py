@@ -21,7 +21,8 @@ import jax.numpy as jnp
 
 import eqtrace
 
-from .run import DEFAULTS, Config, build_problem, make_algorithm
+from . import algorithms
+from .problems import DEFAULTS, Config, build_problem
 
 
 _DTYPE_BYTES = {
@@ -34,6 +35,7 @@ _INSTRUCTION = re.compile(
     r"\s+(?P<op>[\w\-]+)\((?P<args>.*)$"
 )
 _COMPUTATION = re.compile(r"^(?P<entry>ENTRY\s+)?%?(?P<name>[\w.\-]+)\s.*\{\s*$")
+_COMMENT = re.compile(r"/\*.*?\*/")
 _ARRAY = re.compile(r"(\w+)\[([\d,]*)\]")
 # Ops that do not materialise a new buffer.
 _VIEWS = {"parameter", "get-tuple-element", "tuple", "bitcast", "constant", "copy-start",
@@ -56,6 +58,8 @@ def parse_hlo(text: str) -> dict[str, list[dict]]:
     computations: dict[str, list[dict]] = {}
     current = None
     for line in text.splitlines():
+        # Tuple shapes of 6+ elements carry `/*index=5*/` comments, whose "=" breaks the match.
+        line = _COMMENT.sub("", line)
         if current is None:
             match = _COMPUTATION.match(line)
             if match and "=" not in line.split("{")[0].split("(")[0]:
@@ -144,7 +148,7 @@ def analyse(text: str, trace_bytes: int, top: int = 15) -> str:
 def online_step_functions(config: Config, name: str):
     """`(step, step_with_grad, args, trace_bytes)` for one batched online step."""
     problem = build_problem(config)
-    algorithm = make_algorithm(name, config)
+    algorithm = algorithms.get(name).make_rule(config)
     online_step = jax.vmap(
         eqtrace.make_online_step(algorithm, problem.static), in_axes=(None, 0, 0, 0)
     )
@@ -169,7 +173,8 @@ def online_step_functions(config: Config, name: str):
 def main(argv: Sequence[str] | None = None) -> str:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.hlo", description=__doc__)
     parser.add_argument("--model", choices=sorted(DEFAULTS), default="gru")
-    parser.add_argument("--algorithm", default="drtrl", choices=["rtrl", "drtrl", "ppprop"])
+    stepping = [a.name for a in algorithms.REGISTRY.values() if a.online and not a.block]
+    parser.add_argument("--algorithm", default="drtrl", choices=stepping)
     parser.add_argument("--input", type=int)
     parser.add_argument("--hidden", type=int)
     parser.add_argument("--batch", type=int)

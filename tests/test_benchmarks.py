@@ -1,18 +1,32 @@
-"""Smoke tests of `benchmarks/`: tiny configurations through the same code paths as the real
-tables. No timing assertions (DESIGN.md §6)."""
+"""Smoke tests of `benchmarks/`: the registry, and tiny configurations through the same code
+paths as the real tables. No timing assertions (DESIGN.md §6)."""
 
+import dataclasses
+import re
 import sys
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import pytest
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks import hlo, run  # noqa: E402
+from benchmarks import algorithms, hlo, run  # noqa: E402
+from benchmarks.floor import floors, make_floor  # noqa: E402
+from benchmarks.problems import Config, build_problem  # noqa: E402
 
 
 TINY = ["--input", "3", "--hidden", "4", "--batch", "2", "--steps", "4", "--repeats", "1"]
+# The names users type on the command line.
+NAMES = (
+    "forward", "bptt", "rtrl", "drtrl", "drtrl-block", "drtrl-bf16", "ppprop", "ppprop-block",
+)  # fmt: skip
+
+
+def _tiny(model: str) -> Config:
+    return Config(model=model, input=3, hidden=4, batch=2, steps=4, block=2)
 
 
 def _rows(text: str) -> dict[str, list[str]]:
@@ -25,13 +39,76 @@ def _rows(text: str) -> dict[str, list[str]]:
     return rows
 
 
+def test_registry():
+    assert algorithms.ALGORITHMS == NAMES
+    problem = build_problem(_tiny("gru"))
+    for algorithm in algorithms.REGISTRY.values():
+        if not algorithm.online:
+            assert not algorithm.block and algorithm.trace_dtype is None
+            continue
+        rule = algorithm.make_rule(problem.config)
+        assert algorithm.per_layer == type(rule).per_layer, algorithm.name
+        # A block configuration carries the trace of a stepping one (its floor).
+        assert not algorithms.stepping(algorithm).block, algorithm.name
+        if algorithm.trace_dtype is not None:  # the factory really stores it
+            dtypes = {leaf.dtype for leaf in jax.tree.leaves(algorithm.batched_trace(problem))}
+            assert jnp.dtype(algorithm.trace_dtype) in dtypes, (algorithm.name, dtypes)
+    assert algorithms.stepping(algorithms.get("drtrl-block")) is algorithms.get("drtrl")
+    with pytest.raises(ValueError, match="Unknown algorithm"):
+        algorithms.get("drtrl-blocks")
+
+
+def test_one_floor_per_trace():
+    names = ["forward", "drtrl", "drtrl-block", "drtrl-bf16", "ppprop-block"]
+    by_floor = floors([algorithms.get(n) for n in names])
+    assert list(by_floor) == ["drtrl floor", "drtrl-bf16 floor", "ppprop floor"]
+    assert by_floor["ppprop floor"] is algorithms.get("ppprop")
+
+
 @pytest.mark.parametrize("model", ["gru", "lif"])
-def test_table_has_every_algorithm(model, capsys):
-    results = run.main(["--model", model, *TINY, "--no-memory"])
-    rows = _rows(capsys.readouterr().out)
-    assert list(rows) == list(run.ALGORITHMS)
+def test_every_algorithm_traces(model):
+    # Shapes only: every configuration builds its runner and traces (compiling all of them
+    # would take a minute).
+    problem = build_problem(_tiny(model))
+    for algorithm in algorithms.REGISTRY.values():
+        out = jax.eval_shape(algorithm.runner(problem), problem.params, problem.stream)
+        loss = out if algorithm.name == "forward" else out[0]
+        assert loss.shape == (), algorithm.name
+
+
+def test_floor_reads_and_writes_every_leaf():
+    # The loop body must write each trace leaf in full, every step: one fusion per leaf whose
+    # output has the leaf's shape and dtype.
+    problem = build_problem(dataclasses.replace(_tiny("lif"), steps=3))
+    floor, args = make_floor(problem, algorithms.get("drtrl"))
+    text = jax.jit(floor).lower(*args).compile().as_text()
+    computations = hlo.parse_hlo(text)
+    (loop,) = [ins for ins in computations["__entry__"] if ins["op"] == "while"]
+    body = computations[re.search(r"body=%?([\w.\-]+)", loop["args"])[1]]
+    written = [ins["shape"].split("{")[0] for ins in body if ins["op"] == "fusion"]
+    for leaf in jax.tree.leaves(args[0]):
+        dtype = jnp.dtype(leaf.dtype).name.replace("float", "f")
+        shape = f"{dtype}[{','.join(map(str, leaf.shape))}]"
+        assert shape in written, (shape, written)
+    # An odd number of bit flips changes every number.
+    changed = jax.tree.map(lambda a, b: bool(jnp.all(a != b)), jax.jit(floor)(*args), args[0])
+    assert jax.tree.all(changed)
+
+
+def test_tiny_run_with_floor(capsys):
+    names = "forward,bptt,drtrl,drtrl-block"
+    results = run.main(["--model", "gru", *TINY, "--no-memory", "--algorithms", names, "--block",
+                        "2"])  # fmt: skip
+    out = capsys.readouterr().out
+    rows = _rows(out)
+    assert list(rows) == [*names.split(","), "drtrl floor"]
+    header = next(line for line in out.splitlines() if line.startswith("| algorithm"))
+    column = [c.strip() for c in header.strip("|").split("|")].index("× floor")
     for name, cells in rows.items():
         assert cells[1] not in ("error", "skipped"), (name, results)
+        assert (cells[column] == "—") == (name in ("forward", "bptt")), cells
+    assert rows["drtrl floor"][column].startswith("1.00")
+    assert [r["floor"] for r in results if "floor" in r] == ["drtrl floor"] * 3
 
 
 def test_rtrl_skipped_when_too_big(capsys):
@@ -39,18 +116,19 @@ def test_rtrl_skipped_when_too_big(capsys):
     out = capsys.readouterr().out
     assert _rows(out)["rtrl"][1] == "skipped"
     assert "note: rtrl skipped" in out
+    assert "rtrl floor" not in out
 
 
 def test_memory_subprocess_and_sweep(tmp_path, capsys):
-    # Two fresh worker processes, side by side: the memory path of both commands. (`forward`,
-    # the quickest to compile; the workers build every algorithm through the same code.)
+    # A fresh worker process: the memory path of both commands. (`forward`, the quickest to
+    # compile; the workers build every algorithm through the same registry.)
     plot = tmp_path / "sweep.png"
     results = run.main(
-        ["--sweep-memory", "--model", "gru", *TINY, "--lengths", "2,4", "--algorithms",
+        ["--sweep-memory", "--model", "gru", *TINY, "--lengths", "4", "--algorithms",
          "forward", "--plot", str(plot)]
     )  # fmt: skip
     out = capsys.readouterr().out
-    assert [(r["algorithm"], r["steps"]) for r in results] == [("forward", 2), ("forward", 4)]
+    assert [(r["algorithm"], r["steps"]) for r in results] == [("forward", 4)]
     for r in results:
         assert "error" not in r, r
         assert r["peak_rss_mb"] > 0 and r["xla_temp_mb"] is not None
