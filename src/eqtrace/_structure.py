@@ -476,8 +476,15 @@ def _site_modules(cell, sites) -> list[Any]:
 def _weights_reach_one_output(op, a, key) -> bool:
     """Whether every weight of `op` reaches a single output element, tested on the identity
     that then holds for any per-output `v` and weight tangent `δ`: spreading `v` over the
-    weights and applying the op's tangent map equals scaling its output tangent by `v`."""
-    spread, scaled = _spread_identity(op, a, key)
+    weights and applying the op's tangent map equals scaling its output tangent by `v`.
+    Computed in at least float32, so that the tolerance means the same in every dtype."""
+
+    def widen(leaf):
+        if eqx.is_inexact_array(leaf):
+            return leaf.astype(jnp.promote_types(leaf.dtype, jnp.float32))
+        return leaf
+
+    spread, scaled = _spread_identity(jtu.tree_map(widen, op), widen(a), key)
     spread, scaled = np.asarray(spread), np.asarray(scaled)
     return bool(
         np.max(np.abs(spread - scaled), initial=0) <= 1e-4 * np.max(np.abs(scaled), initial=1e-30)
