@@ -271,26 +271,6 @@ def _count_below_one():
     ]
 
 
-def _block_not_dividing():
-    _, params, _, _, block, state, trace = _setup()
-    xs, targets = _sequence()
-    sgd = optax.sgd(0.1)
-    return [
-        lambda: eqtrace.train_online(
-            block,
-            squared_loss,
-            sgd,
-            params,
-            sgd.init(params),
-            state,
-            trace,
-            xs,
-            targets,
-            block_size=4,
-        )  # fmt: skip
-    ]
-
-
 def _complex_input():
     model, params, _, step, block, state, trace = _setup(eqtrace.DRTRL())
     xs, targets = _sequence()
@@ -423,7 +403,6 @@ CASES: dict[str, Callable[[], list[Callable[[], object]]]] = {
     "An online block without a `block_size`": _block_without_block_size,
     "A `block_size` or `window` that is not an int": _count_of_wrong_type,
     "A `block_size` or `window` below one": _count_below_one,
-    "Blocks that do not tile the sequence": _block_not_dividing,
     "Complex or non-numeric input": _complex_input,
     "Input of the wrong shape": _input_of_wrong_shape,
     "State of the wrong shape or structure": _state_of_wrong_shape,

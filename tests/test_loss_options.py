@@ -195,3 +195,27 @@ def test_mean_over_zero_weights_is_an_error():
             step, _batch_loss, params, state, trace, xs, label, reduction="mean",
             step_weights=jnp.zeros(LENGTH), sequence_targets=True,
         )  # fmt: skip
+
+
+def test_train_online_last_block_takes_the_remainder():
+    """`block_size` means the same as in `online_gradient`: 7 steps in blocks of 4 are one
+    update on the first 4 steps' mean online gradient, then one on the last 3 steps'."""
+    model = nn.GRUCell(INPUT, HIDDEN, key=jr.key(0))
+    algorithm = eqtrace.DRTRL()
+    params, block, _, state, trace = _setup(algorithm, model, block=True)
+    xs, label = _data()
+    sgd = optax.sgd(0.1)
+    trained, _, final_state, _, losses = eqtrace.train_online(
+        block, _batch_loss, sgd, params, sgd.init(params), state, trace, xs, label,
+        block_size=4, sequence_targets=True,
+    )  # fmt: skip
+    expected, expected_state, expected_trace = params, state, trace
+    for start, stop in [(0, 4), (4, LENGTH)]:
+        _, grads, expected_state, expected_trace = eqtrace.online_gradient(
+            block, _batch_loss, expected, expected_state, expected_trace, xs[start:stop],
+            label, block_size=4, sequence_targets=True, reduction="mean",
+        )  # fmt: skip
+        expected = jtu.tree_map(lambda p, g: p - 0.1 * g, expected, grads)
+    assert tree_allclose(trained, expected, rtol=1e-10)
+    assert tree_allclose(final_state, expected_state, rtol=1e-10)
+    assert losses.shape == (LENGTH,)

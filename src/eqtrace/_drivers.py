@@ -353,7 +353,7 @@ def online_gradient(
     if block_size is None:
         (state, trace, loss, grads), _ = jax.lax.scan(body, init, objective.sequences)
     else:
-        state, trace, loss, grads = _scan_blocks(body, init, objective.sequences, block_size)
+        (state, trace, loss, grads), _ = _scan_blocks(body, init, objective.sequences, block_size)
     loss, grads = objective.reduce(loss, grads)
     return loss, grads, state, trace
 
@@ -443,19 +443,26 @@ def _check_step_weights(function: str, step_weights: Any, length: int | None) ->
     return weights
 
 
-def _scan_blocks(body: Callable, carry: Any, sequences: Any, size: int) -> Any:
-    """Runs `body(carry, block) -> (carry, _)` over consecutive blocks of `size` steps of
-    `sequences` (leading time axis), a last, shorter block taking the remainder."""
+def _scan_blocks(body: Callable, carry: Any, sequences: Any, size: int) -> tuple[Any, Any]:
+    """Runs `body(carry, block) -> (carry, outputs)` over consecutive blocks of `size` steps of
+    `sequences` (leading time axis), a last, shorter block taking the remainder.
+
+    **Returns:** the final carry, and the blocks' outputs (each with a leading axis of the
+    block's steps) concatenated over time.
+    """
     length = jtu.tree_leaves(sequences)[0].shape[0]
     full, rest = divmod(length, size)
+    outputs = []
     if full:
         blocks = jtu.tree_map(
             lambda a: a[: full * size].reshape(full, size, *a.shape[1:]), sequences
         )
-        carry, _ = jax.lax.scan(body, carry, blocks)
+        carry, stacked = jax.lax.scan(body, carry, blocks)
+        outputs.append(jtu.tree_map(lambda a: a.reshape(-1, *a.shape[2:]), stacked))
     if rest:
-        carry, _ = body(carry, jtu.tree_map(lambda a: a[full * size :], sequences))
-    return carry
+        carry, last_outputs = body(carry, jtu.tree_map(lambda a: a[full * size :], sequences))
+        outputs.append(last_outputs)
+    return carry, jtu.tree_map(lambda *parts: jnp.concatenate(parts), *outputs)
 
 
 def _check_sequences(function: str, xs: Any, targets: Any = None) -> int | None:
@@ -537,7 +544,8 @@ def train_online(
     its `init`ialised state): it accumulates the online gradients and applies them every `k`.
     Or pass an online block (`make_online_block`) with `block_size=k`: one update per block
     with the mean of its steps' online gradients, the same as `MultiSteps` on the stepped
-    version, in fewer passes over the trace.
+    version, in fewer passes over the trace. A last, shorter block takes the remainder of the
+    sequence (one update with the mean of its steps).
 
     **Arguments:**
 
@@ -549,8 +557,8 @@ def train_online(
     - `params`, `state`, `trace`: as for `online_step`.
     - `xs`, `targets`: inputs and targets with a leading time axis (`targets` without it if
       `sequence_targets=True`: the same target at every step).
-    - `block_size`: if given, one update per block of `block_size` steps; it must divide the
-      sequence length.
+    - `block_size`: if given, one update per block of `block_size` steps (a last, shorter
+      block takes the remainder), as in `online_gradient`.
     - `step_weights`: optional weights of the steps' losses, shape `(T,)` (booleans or floats).
       A step of weight zero contributes a zero gradient, but the optimiser still takes its
       update (momentum moves the parameters); to update only every `k` steps use blocks or
@@ -601,23 +609,12 @@ def train_online(
         params = optax.apply_updates(params, updates)
         return (params, opt_state, state, trace), losses
 
-    sequences = objective.sequences
-    length = _check_sequences("train_online", xs)
-    if block_size is not None and length is not None:
-        if length % block_size:
-            raise ValueError(
-                f"train_online: `block_size` must be a positive divisor of the sequence length "
-                f"{length} (one update per whole block), but received {block_size}. Pick a "
-                "divisor, or trim `xs` and `targets` to a multiple of `block_size`."
-            )
-        sequences = jtu.tree_map(
-            lambda a: a.reshape(length // block_size, block_size, *a.shape[1:]), sequences
-        )
-    (params, opt_state, state, trace), losses = jax.lax.scan(
-        body, (params, opt_state, state, trace), sequences
-    )
-    if block_size is not None:
-        losses = losses.reshape(-1, *losses.shape[2:])
+    carry = (params, opt_state, state, trace)
+    if block_size is None:
+        carry, losses = jax.lax.scan(body, carry, objective.sequences)
+    else:
+        carry, losses = _scan_blocks(body, carry, objective.sequences, block_size)
+    params, opt_state, state, trace = carry
     return params, opt_state, state, trace, losses
 
 
@@ -725,6 +722,6 @@ def truncated_bptt_gradient(
 
     loss = jnp.zeros((), jnp.result_type(float))
     grads = jtu.tree_map(jnp.zeros_like, params)
-    state, loss, grads = _scan_blocks(body, (state, loss, grads), objective.sequences, window)
+    (state, loss, grads), _ = _scan_blocks(body, (state, loss, grads), objective.sequences, window)
     loss, grads = objective.reduce(loss, grads)
     return loss, grads, state
