@@ -23,6 +23,12 @@ import eqtrace
 
 METHODS = ("drtrl", "ppprop", "bptt")
 LABELS = {"drtrl": "D-RTRL", "ppprop": "pp-prop", "bptt": "BPTT"}
+#: What each method is for, printed with the results (docs/algorithms/choosing.md says more).
+PURPOSES = {
+    "drtrl": "online, memory constant in T",
+    "ppprop": "online, least memory; weak on this task (expected: docs, How to choose)",
+    "bptt": "offline reference, memory grows with T",
+}
 
 
 def load_mnist1d(seed: int = 42) -> dict[str, np.ndarray]:
@@ -103,7 +109,7 @@ def make_update(method: str, model, optimizer, batch_size: int, rank: float = 10
         def gradient(params, xs, labels):
             _, state, trace = eqtrace.run_online(step, params, state0, trace0, xs[:-1])
             loss, grads, _, _ = eqtrace.online_gradient(
-                step, cross_entropy, params, state, trace, xs[-1:], labels[None]
+                step, cross_entropy, params, state, trace, xs[-1:], labels, sequence_targets=True
             )
             return loss, grads
 
@@ -190,9 +196,10 @@ def train(
         if eval_every and (i % eval_every == 0 or i == steps):
             curve["eval_step"].append(i)
             curve["test_accuracy"].append(accuracy(params, data["x_test"], data["y_test"]))
-            bar.set_postfix(loss=f"{running:.3f}", test=f"{curve['test_accuracy'][-1]:.1%}")
+            bar.set_postfix(loss=f"{running:.3g}", test=f"{curve['test_accuracy'][-1]:.1%}")
         elif i % 10 == 0:
-            bar.set_postfix(loss=f"{running:.3f}")
+            # Three significant digits: BPTT's loss falls below 1e-3, where `.3f` shows 0.000.
+            bar.set_postfix(loss=f"{running:.3g}")
     seconds = time.perf_counter() - start
     bar.close()
     floats, nbytes = memory_per_sample(method, model, length)
@@ -221,7 +228,7 @@ def results_table(results: list[dict[str, Any]], length: int) -> str:
     """A plain-text table of the results, one row per method."""
     header = (
         f"{'method':<8} {'test acc':>8} {'train acc':>9} {'wall time':>9} {'ms/update':>9} "
-        f"{'memory/sample':>22}"
+        f"{'memory/sample':>22}  what it is for"
     )
     lines = [header, "-" * len(header)]
     for r in results:
@@ -230,7 +237,8 @@ def results_table(results: list[dict[str, Any]], length: int) -> str:
             memory += "*"
         lines.append(
             f"{LABELS[r['method']]:<8} {r['test_accuracy']:>8.1%} {r['train_accuracy']:>9.1%} "
-            f"{r['seconds']:>8.1f}s {1e3 * r['seconds_per_update']:>9.1f} {memory:>22}"
+            f"{r['seconds']:>8.1f}s {1e3 * r['seconds_per_update']:>9.1f} {memory:>22}  "
+            f"{PURPOSES[r['method']]}"
         )
     if any(r["method"] == "bptt" for r in results):
         lines.append(
