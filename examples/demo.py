@@ -12,17 +12,18 @@ sequence at the last step (cross-entropy). Each update takes a batch of 100 sequ
 The printed table gives the test accuracy, the wall time of training (compilation included) and
 the memory each method keeps per sample to compute its gradient (the trace pytree's size).
 
-    python examples/demo.py                      # all three, under 2 minutes on 2 CPU cores
+    python examples/demo.py                      # all three: 265 s on 2 busy CPU cores
     python examples/demo.py --algorithms drtrl,bptt --hidden 64 --steps 500
 
-Expected with the defaults (GRU of 128 units, 1 500 updates of batch 100, seed 0; measured on
-2 CPU cores, 100 s in all):
+Expected with the defaults (GRU of 128 units, 1 500 updates of batch 100, seed 0; measured
+2026-11-30 from a fresh clone on a 2-core machine that other jobs kept busy (load about 4):
+265 s in all, 43 s more for `pip install`; on an idle machine it is faster):
 
-    method   test acc train acc wall time ms/update          memory/sample
-    ----------------------------------------------------------------------
-    D-RTRL      90.5%    100.0%     53.9s      36.0  50,304 fl / 196.5 KiB
-    pp-prop     51.7%     59.9%     13.2s       8.8       898 fl / 3.5 KiB
-    BPTT        98.4%    100.0%     27.4s      18.3   5,120 fl / 20.0 KiB*
+    method   test acc train acc wall time ms/update          memory/sample  what it is for
+    --------------------------------------------------------------------------------------
+    D-RTRL      90.5%    100.0%    184.4s     123.0  50,304 fl / 196.5 KiB  online, memory constant in T
+    pp-prop     53.9%     59.4%     19.2s      12.8       898 fl / 3.5 KiB  online, least memory; weak on this task (expected: docs, How to choose)
+    BPTT        98.4%    100.0%     41.3s      27.5   5,120 fl / 20.0 KiB*  offline reference, memory grows with T
 
 Chance is 10 %. D-RTRL drops the credit paths through other neurons' recurrent weights, so it
 stays below BPTT; pp-prop further factorises each weight trace into an input and an output
