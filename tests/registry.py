@@ -86,19 +86,23 @@ ALGORITHMS: tuple[AlgorithmCase, ...] = (
 )
 
 
-def algorithm_cases(**flags) -> list:
-    """`pytest.param`s of the registered `AlgorithmCase`s whose attributes equal `flags`
-    (e.g. `exact=True`), with their names as ids."""
+def rules(**flags) -> list[AlgorithmCase]:
+    """The registered rules whose attributes equal `flags`, e.g. `rules(exact=False)`."""
     return [
-        pytest.param(case, id=case.name)
+        case
         for case in ALGORITHMS
         if all(getattr(case, flag) == value for flag, value in flags.items())
     ]
 
 
 def algorithms(**flags) -> list:
-    """As `algorithm_cases`, with the algorithm instances as values."""
-    return [pytest.param(p.values[0].algorithm, id=p.id) for p in algorithm_cases(**flags)]
+    """`pytest.param`s of the algorithms of `rules(**flags)`, with their names as ids."""
+    return [pytest.param(case.algorithm, id=case.name) for case in rules(**flags)]
+
+
+def algorithm_cases(**flags) -> list:
+    """As `algorithms`, with the `AlgorithmCase`s as values."""
+    return [pytest.param(case, id=case.name) for case in rules(**flags)]
 
 
 @dataclasses.dataclass(frozen=True)

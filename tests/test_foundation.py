@@ -136,6 +136,7 @@ def test_exact_rule_equals_bptt(name, algorithm, getkey, rng):
         assert np.all(np.asarray(leaf) != 0)
 
 
+# For the exact rules: test_diagonal.py holds the others to the batch = loop oracle.
 @pytest.mark.parametrize("algorithm", algorithms(exact=True))
 def test_exact_rule_batch_equals_loop_and_bptt(algorithm, getkey, rng):
     batch = 3
@@ -357,7 +358,8 @@ def test_train_online_multisteps_applies_mean_gradient_every_k(getkey, rng):
     assert not tree_allclose(new_params, params, rtol=1e-6)
 
 
-@pytest.mark.parametrize("algorithm", algorithms())
+# For the exact rules: test_diagonal.py holds the others to the same oracle.
+@pytest.mark.parametrize("algorithm", algorithms(exact=True))
 def test_jit_equals_no_jit(algorithm, getkey, rng):
     model = make_model("gru", getkey())
     state = random_state(rng, model)
