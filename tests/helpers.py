@@ -37,7 +37,7 @@ def squared_loss(y, target):
     return jnp.sum((y - target) ** 2)
 
 
-def mean_squared_loss(y, target):
+def mse(y, target):
     return jnp.mean((y - target) ** 2)
 
 
@@ -136,21 +136,6 @@ class LeakyCurrent(eqtrace.AbstractCell):
 
     def output(self, state):
         return state[1]
-
-
-def every_cell():
-    """Every built-in cell, sized input 3 → 4 neurons, with inputs strong enough to spike."""
-    return {
-        "rnn": lambda k: nn.RNNCell(3, 4, key=k),
-        "gru": lambda k: nn.GRUCell(3, 4, key=k),
-        "lstm": lambda k: nn.LSTMCell(3, 4, key=k),
-        "mingru": lambda k: nn.MinGRUCell(3, 4, key=k),
-        "lru": lambda k: nn.LRUCell(3, 4, key=k),
-        "lif": lambda k: nn.LIF(3, 4, key=k, recurrent=True, synapse=True, learn_tau=True),
-        "lif-zero": lambda k: nn.LIF(3, 4, key=k, reset="zero", tau_mem=5.0),
-        "alif": lambda k: nn.ALIF(3, 4, key=k, recurrent=True, learn_tau=True, learn_beta=True),
-        "readout": lambda k: nn.LeakyReadout(3, 4, key=k),
-    }
 
 
 class TokenCell(eqtrace.AbstractCell):
