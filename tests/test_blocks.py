@@ -13,13 +13,22 @@ import pytest
 import eqtrace
 from eqtrace import nn
 from helpers import LeakyCurrent, TokenCell, relative_error, squared_loss
-from registry import EVERY_CELL, algorithms, cells, make_cell
+from registry import EVERY_CELL, algorithms, cells, make_cell, rules
 
 
-#: Every rule with blocks.
-BLOCKS = algorithms(supports_blocks=True)
 #: The rules that compute a block their own way rather than by scanning their step.
 OWN_BLOCKS = algorithms(supports_blocks=True, own_blocks=True)
+#: The rules with one trace per layer. A rule with one dense trace for the whole network
+#: (RTRL) is costly to compile on these networks: its scanned blocks are held to stepping on
+#: the stacked network only.
+PER_LAYER_BLOCKS = algorithms(supports_blocks=True, per_layer=True)
+
+
+def _block_models(case) -> list[str]:
+    if case.own_blocks:
+        return ["lif", "stack", "alif"]
+    return ["lif", "stack"] if case.per_layer else ["stack"]
+
 
 INPUT, BATCH, LENGTH, BLOCK = 3, 2, 11, 4  # 11 = 2 blocks of 4 and a remainder of 3
 
@@ -88,9 +97,9 @@ def _stepped_and_blocked(algorithm, model, xs, targets, block_size=BLOCK):
     "algorithm, model_name",
     # Blocks computed their own way (D-RTRL's): every model. The others scan their step: fewer.
     [
-        pytest.param(p.values[0], model_name, id=f"{p.id}-{model_name}")
-        for p in BLOCKS
-        for model_name in (["lif", "stack", "alif"] if p in OWN_BLOCKS else ["lif", "stack"])
+        pytest.param(case.algorithm, model_name, id=f"{case.name}-{model_name}")
+        for case in rules(supports_blocks=True)
+        for model_name in _block_models(case)
     ],
 )
 def test_blocks_equal_steps(algorithm, model_name, getkey):
@@ -183,7 +192,7 @@ def test_embedding_and_masked_ops_in_blocks(algorithm, getkey):
     assert bool(jnp.all(grads.recurrent.weight[~cell.recurrent.mask] == 0))
 
 
-@pytest.mark.parametrize("algorithm", BLOCKS)
+@pytest.mark.parametrize("algorithm", PER_LAYER_BLOCKS)
 def test_steps_outputs_and_jit(algorithm, getkey):
     model = _models(getkey())["stack"]
     xs = jr.normal(getkey(), (4, INPUT))
@@ -263,7 +272,7 @@ def test_train_with_blocks(getkey):
     assert losses[-1] < 0.5 * losses[0]
 
 
-@pytest.mark.parametrize("algorithm", BLOCKS)
+@pytest.mark.parametrize("algorithm", PER_LAYER_BLOCKS)
 def test_train_online_with_blocks(algorithm, getkey):
     """One update per block with the mean of its steps' online gradients: against a loop of
     stepped `online_gradient` calls, and against `optax.MultiSteps` on the stepped version
