@@ -8,10 +8,16 @@ A new rule is one line in `ALGORITHMS`, for example
     AlgorithmCase("uoro", eqtrace.UORO, exact=False, exact_elementwise=False,
                   needs_structure=False, statistical=True),
 
-Selection, to keep the suite's time: an oracle that a stronger one implies skips the rules
-that the stronger one covers (`exact` rules equal BPTT on every cell, so they are not also
-compared with RTRL at the first step or on element-wise layers), and the products of every
-rule with every cell use `EVERY_CELL`, one configuration per cell class.
+Selection, to keep the suite's time:
+
+- an oracle that a stronger one implies skips the rules the stronger one covers: `exact` rules
+  equal BPTT on every cell, so they are not also compared with RTRL at the first step or
+  with BPTT on element-wise layers;
+- oracles that hold for every rule (batch = loop, jit = no jit) run for the exact rules in
+  test_foundation.py (with BPTT as well) and for the others in test_diagonal.py;
+- products of every rule with every cell use `EVERY_CELL`, one configuration per cell class;
+- in test_blocks.py, rules with one dense trace for the whole network (`per_layer=False`,
+  RTRL) are held to stepping on one network only.
 """
 
 import dataclasses
