@@ -1,5 +1,6 @@
 import jax
 import jax.random as jr
+import numpy as np
 import pytest
 
 
@@ -12,3 +13,9 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 def getkey():
     keys = iter(jr.split(jr.key(1234), 10_000))
     return lambda: next(keys)
+
+
+@pytest.fixture
+def rng():
+    # For data drawn with NumPy (`helpers.normal`): `jr.normal` would compile once per shape.
+    return np.random.default_rng(0)

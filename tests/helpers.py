@@ -37,11 +37,8 @@ def squared_loss(y, target):
     return jnp.sum((y - target) ** 2)
 
 
-def random_sequence(key, model, length: int, input_size: int, output_shape: tuple[int, ...]):
-    xkey, tkey = jr.split(key)
-    xs = jr.normal(xkey, (length, input_size))
-    targets = jr.normal(tkey, (length, *output_shape))
-    return xs, targets
+def mse(y, target):
+    return jnp.mean((y - target) ** 2)
 
 
 def online_and_bptt(algorithm, model, xs, targets, loss_fn=squared_loss, state=None):
@@ -64,6 +61,36 @@ def output_shape(model, x) -> tuple[int, ...]:
     state = model.init_state()
     _, y = jax.eval_shape(model, state, x)
     return y.shape
+
+
+# Random data from NumPy (a `np.random.Generator`, e.g. the `rng` fixture): `jr.normal` would
+# compile once per shape, a large share of a test's run time at these sizes.
+
+
+def normal(rng, shape, scale=1.0):
+    return jnp.asarray(scale * rng.standard_normal(shape))
+
+
+def unstack(a):
+    """The slices along the leading axis, without an `unstack` compilation per shape."""
+    return [jnp.asarray(row) for row in np.asarray(a)]
+
+
+def random_sequence(rng, model, length: int, input_size: int, batch: tuple[int, ...] = ()):
+    """Inputs `(length, *batch, input_size)` and targets shaped like the model's outputs."""
+    xs = normal(rng, (length, *batch, input_size))
+    targets = normal(rng, (length, *batch, *output_shape(model, jnp.zeros(input_size))))
+    return xs, targets
+
+
+def random_state(rng, model):
+    """A generic non-zero state, so that no test passes because the state is zero."""
+    return jtu.tree_map(lambda leaf: normal(rng, leaf.shape, 0.5), model.init_state())
+
+
+def cast(model, dtype):
+    """`model` with its floating-point arrays cast to `dtype`."""
+    return jtu.tree_map(lambda a: a.astype(dtype) if eqx.is_inexact_array(a) else a, model)
 
 
 class LeakyTanh(eqtrace.AbstractCell):
@@ -111,21 +138,6 @@ class LeakyCurrent(eqtrace.AbstractCell):
         return state[1]
 
 
-def every_cell():
-    """Every built-in cell, sized input 3 → 4 neurons, with inputs strong enough to spike."""
-    return {
-        "rnn": lambda k: nn.RNNCell(3, 4, key=k),
-        "gru": lambda k: nn.GRUCell(3, 4, key=k),
-        "lstm": lambda k: nn.LSTMCell(3, 4, key=k),
-        "mingru": lambda k: nn.MinGRUCell(3, 4, key=k),
-        "lru": lambda k: nn.LRUCell(3, 4, key=k),
-        "lif": lambda k: nn.LIF(3, 4, key=k, recurrent=True, synapse=True, learn_tau=True),
-        "lif-zero": lambda k: nn.LIF(3, 4, key=k, reset="zero", tau_mem=5.0),
-        "alif": lambda k: nn.ALIF(3, 4, key=k, recurrent=True, learn_tau=True, learn_beta=True),
-        "readout": lambda k: nn.LeakyReadout(3, 4, key=k),
-    }
-
-
 class TokenCell(eqtrace.AbstractCell):
     """An embedding and a masked recurrent op: `h' = leak ⊙ h + tanh(E[token] + W_mask h)`."""
 
@@ -133,16 +145,51 @@ class TokenCell(eqtrace.AbstractCell):
     recurrent: nn.Linear
     leak: float = eqx.field(static=True)
 
-    def __init__(self, *, leak: float = 0.0, key):
+    def __init__(self, vocabulary: int = 5, hidden_size: int = 4, *, leak: float = 0.0, key):
         k1, k2 = jr.split(key)
-        self.embed = eqx.nn.Embedding(5, 4, key=k1)
-        mask = jnp.array(np.random.default_rng(0).random((4, 4)) < 0.5)
-        self.recurrent = nn.Linear(4, 4, mask=mask, key=k2)
+        self.embed = eqx.nn.Embedding(vocabulary, hidden_size, key=k1)
+        mask = jnp.array(np.random.default_rng(0).random((hidden_size, hidden_size)) < 0.5)
+        self.recurrent = nn.Linear(hidden_size, hidden_size, mask=mask, key=k2)
         self.leak = leak
 
     def init_state(self):
-        return jnp.zeros(4)
+        return jnp.zeros(self.recurrent.out_features)
 
     def __call__(self, state, token):
         h = self.leak * state + jnp.tanh(self.embed(token) + self.recurrent(state))
+        return h, h
+
+
+class Rolling(eqtrace.AbstractCell):
+    """Mixes neurons outside any synaptic op, breaking the diagonal assumption (and declares
+    no `input_size`)."""
+
+    op: eqx.nn.Linear
+    hidden_size: int = eqx.field(static=True)
+
+    def __init__(self, input_size, hidden_size, *, key):
+        self.op = eqx.nn.Linear(input_size, hidden_size, key=key)
+        self.hidden_size = hidden_size
+
+    def init_state(self):
+        return jnp.zeros(self.hidden_size)
+
+    def __call__(self, state, x):
+        h = jnp.tanh(0.5 * jnp.roll(state, 1) + self.op(x))
+        return h, h
+
+
+class ConvCell(eqtrace.AbstractCell):
+    """A convolution (weights shared across positions) on a `(3, 6)` state of `(2, 6)` inputs."""
+
+    conv: eqx.nn.Conv1d
+
+    def __init__(self, *, key):
+        self.conv = eqx.nn.Conv1d(2, 3, kernel_size=3, padding=1, key=key)
+
+    def init_state(self):
+        return jnp.zeros((3, 6))
+
+    def __call__(self, state, x):
+        h = 0.5 * state + jnp.tanh(self.conv(x))
         return h, h

@@ -11,12 +11,16 @@ import pytest
 
 import eqtrace
 from eqtrace import nn
-from helpers import online_and_bptt, relative_error
+from helpers import cast, online_and_bptt, relative_error
+from registry import ALGORITHMS, algorithms, rules
 
 
-RULES = [eqtrace.DRTRL(), eqtrace.PPProp(rank=3)]
-RULE_IDS = ["drtrl", "ppprop"]
-RULE_IDS3 = ["rtrl", *RULE_IDS]
+#: The rules that analyse a cell's structure (and refuse what breaks their assumptions).
+STRUCTURAL = algorithms(needs_structure=True)
+#: Rules exact on an element-wise layer but not on any cell.
+EXACT_ELEMENTWISE = algorithms(exact_elementwise=True, exact=False)
+#: Rules that equal RTRL at T = 1 (exact rules are held to BPTT instead, a stronger oracle).
+FIRST_STEP_RULES = [case.algorithm for case in rules(equals_rtrl_at_first_step=True, exact=False)]
 
 
 def first_step_gradient(algorithm, model, state, x, target):
@@ -27,7 +31,7 @@ def first_step_gradient(algorithm, model, state, x, target):
     return jax.grad(lambda p: jnp.sum((step(p, state, trace, x)[2] - target) ** 2))(params)
 
 
-def assert_first_step_equals_rtrl(model, key, input_size, *, rules=RULES, tol=1e-12):
+def assert_first_step_equals_rtrl(model, key, input_size, *, rules=FIRST_STEP_RULES, tol=1e-12):
     skey, xkey, tkey = jr.split(key, 3)
     state = jtu.tree_map(lambda s: jr.normal(skey, s.shape, s.dtype), model.init_state())
     x = jr.normal(xkey, (input_size,))
@@ -122,11 +126,12 @@ class ActivationField(eqtrace.AbstractCell):
         return h, h
 
 
+@pytest.mark.parametrize("algorithm", EXACT_ELEMENTWISE)
 @pytest.mark.parametrize("cell_cls", [CalledOutOfOrder, ReusedOp, ActivationField])
-def test_drtrl_equals_bptt_on_elementwise_user_cells(cell_cls, getkey):
+def test_equals_bptt_on_elementwise_user_cells(cell_cls, algorithm, getkey):
     model = nn.Sequential([cell_cls(key=getkey()), eqx.nn.Linear(4, 2, key=getkey())])
     xs, targets = jr.normal(getkey(), (5, 3)), jr.normal(getkey(), (5, 2))
-    online, bptt = online_and_bptt(eqtrace.DRTRL(), model, xs, targets)
+    online, bptt = online_and_bptt(algorithm, model, xs, targets)
     assert relative_error(online, bptt) <= 1e-10
 
 
@@ -166,7 +171,7 @@ def test_stateless_layers_of_every_kind(getkey):
         getkey(),
         2,
     )
-    for rule in [eqtrace.RTRL(), *RULES]:
+    for rule in [case.algorithm for case in ALGORITHMS]:
         # The input size comes from the first layer (`eqx.nn.MLP.in_size`): no example needed.
         assert eqtrace.check(model, rule).refusal is None
         eqtrace.init_state_and_trace(model, rule)
@@ -188,7 +193,7 @@ class OutputNotOfState(eqtrace.AbstractCell):
         return h, 2 * h
 
 
-@pytest.mark.parametrize("rule", [eqtrace.RTRL(), *RULES], ids=RULE_IDS3)
+@pytest.mark.parametrize("rule", algorithms())
 def test_every_rule_refuses_an_output_that_is_not_of_the_state(rule, getkey):
     cell, x = OutputNotOfState(key=getkey()), jnp.zeros(3)
     with pytest.raises(ValueError, match="output\\(new_state\\)"):
@@ -213,7 +218,7 @@ class RawWeightUse(eqtrace.AbstractCell):
         return h, h
 
 
-@pytest.mark.parametrize("rule", RULES, ids=RULE_IDS)
+@pytest.mark.parametrize("rule", STRUCTURAL)
 def test_weights_used_outside_calls_are_refused(rule, getkey):
     cell, x = RawWeightUse(key=getkey()), jnp.zeros(4)
     with pytest.raises(ValueError, match="`.op` change the state other than through calls"):
@@ -224,7 +229,8 @@ def test_weights_used_outside_calls_are_refused(rule, getkey):
 def test_check_agrees_with_the_step(getkey):
     x = jnp.zeros(3)
     for cell in [CalledOutOfOrder(key=getkey()), OutputNotOfState(key=getkey())]:
-        for rule in [eqtrace.RTRL(), *RULES, eqtrace.DRTRL(strict=False)]:
+        lenient = [case.make(strict=False) for case in rules(needs_structure=True)]
+        for rule in [*(case.algorithm for case in ALGORITHMS), *lenient]:
             refusal = eqtrace.check(cell, rule, x=x).refusal
             try:
                 rule.step(cell, cell.init_state(), rule.init_trace(cell, cell.init_state(), x), x)
@@ -234,38 +240,33 @@ def test_check_agrees_with_the_step(getkey):
                 assert refusal is None
 
 
-def _cast(model, dtype):
-    return jtu.tree_map(lambda a: a.astype(dtype) if eqx.is_inexact_array(a) else a, model)
-
-
 @pytest.mark.parametrize(
     "rule, dtype",
     [
-        *[(rule, jnp.float32) for rule in [eqtrace.RTRL(), *RULES]],
-        *[(rule, jnp.bfloat16) for rule in [eqtrace.RTRL(), *RULES]],
-        (RULES[1], jnp.float16),
-    ],
-    ids=[
-        "rtrl-f32",
-        "drtrl-f32",
-        "ppprop-f32",
-        "rtrl-bf16",
-        "drtrl-bf16",
-        "ppprop-bf16",
-        "ppprop-f16",
+        *[
+            pytest.param(case.algorithm, dtype, id=f"{case.name}-{suffix}")
+            for suffix, dtype in [("f32", jnp.float32), ("bf16", jnp.bfloat16)]
+            for case in ALGORITHMS
+        ],
+        # And float16 for one rule.
+        *[
+            pytest.param(case.algorithm, jnp.float16, id=f"{case.name}-f16")
+            for case in ALGORITHMS
+            if case.name == "ppprop"
+        ],
     ],
 )
 def test_every_rule_runs_in_the_models_dtype(rule, dtype, getkey):
     """With x64 on (as in every test here), a float32 model must stay float32, and 16-bit models
     must run in 16 bits; the gradient is that of the float64 model up to the dtype's precision."""
     model64 = nn.Sequential([nn.GRUCell(3, 4, key=getkey()), eqx.nn.Linear(4, 2, key=getkey())])
-    model = _cast(model64, dtype)
+    model = cast(model64, dtype)
     xs, targets = jr.normal(getkey(), (3, 3)), jr.normal(getkey(), (3, 2))
     grads, _ = online_and_bptt(rule, model, xs.astype(dtype), targets.astype(dtype))
     reference, _ = online_and_bptt(rule, model64, xs, targets)
     assert {leaf.dtype for leaf in jtu.tree_leaves(grads)} == {jnp.dtype(dtype)}
     tolerance = 1e-5 if dtype == jnp.float32 else 0.1
-    assert relative_error(_cast(grads, jnp.float64), reference) <= tolerance
+    assert relative_error(cast(grads, jnp.float64), reference) <= tolerance
 
 
 def test_ppprop_has_no_counter_to_overflow(getkey):
@@ -287,14 +288,14 @@ def test_ppprop_has_no_counter_to_overflow(getkey):
 
 
 def test_ppprop_refuses_a_decay_that_rounds_to_one(getkey):
-    cell = _cast(CalledOutOfOrder(key=getkey()), jnp.float32)
+    cell = cast(CalledOutOfOrder(key=getkey()), jnp.float32)
     with pytest.raises(ValueError, match="rounds to 1.0 in float32"):
         eqtrace.PPProp(rank=1e9).init_trace(cell, cell.init_state(), jnp.zeros(3, jnp.float32))
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
 def test_ppprop_first_step_equals_drtrl_as_decay_approaches_one(dtype, getkey):
-    cell = _cast(CalledOutOfOrder(key=getkey()), dtype)
+    cell = cast(CalledOutOfOrder(key=getkey()), dtype)
     state = jr.normal(getkey(), (4,), dtype)
     x, target = jr.normal(getkey(), (3,), dtype), jr.normal(getkey(), (4,), dtype)
     reference = first_step_gradient(eqtrace.DRTRL(), cell, state, x, target)
@@ -331,7 +332,7 @@ class VmappedOp(eqtrace.AbstractCell):
         return h, h
 
 
-@pytest.mark.parametrize("rule", RULES, ids=RULE_IDS)
+@pytest.mark.parametrize("rule", STRUCTURAL)
 def test_an_op_called_inside_a_transformation_is_refused(rule, getkey):
     """It used to crash with an `UnexpectedTracerError` from inside the analysis."""
     cell, x = VmappedOp(key=getkey()), jnp.ones((4, 3))
@@ -342,8 +343,9 @@ def test_an_op_called_inside_a_transformation_is_refused(rule, getkey):
     assert relative_error(online, bptt) <= 1e-12
 
 
+# The block path for the rules that compute blocks their own way.
 @pytest.mark.parametrize(
-    "rule, blocks", [(eqtrace.RTRL(), False), (RULES[0], True), (RULES[1], False)], ids=RULE_IDS3
+    "rule, blocks", [pytest.param(c.algorithm, c.own_blocks, id=c.name) for c in ALGORITHMS]
 )
 def test_grad_of_jitted_vmapped_step_and_block(rule, blocks, getkey):
     """`jax.grad(jax.jit(jax.vmap(step)))` used to fail inside JAX (a constant link value
@@ -398,7 +400,7 @@ class Relay(eqtrace.AbstractCell):
         return state[1]
 
 
-@pytest.mark.parametrize("rule", RULES, ids=RULE_IDS)
+@pytest.mark.parametrize("rule", STRUCTURAL)
 def test_a_silent_zero_gradient_is_refused(rule, getkey):
     cell, x = Relay(key=getkey()), jnp.zeros(3)
     with pytest.raises(ValueError, match="`.inp` acts only on the state leaves"):
@@ -427,9 +429,10 @@ class ScaledOutput(eqtrace.AbstractCell):
         return self.gain * state
 
 
-def test_a_parameter_of_the_output_only_gets_its_exact_gradient(getkey):
+@pytest.mark.parametrize("algorithm", EXACT_ELEMENTWISE)
+def test_a_parameter_of_the_output_only_gets_its_exact_gradient(algorithm, getkey):
     model = ScaledOutput(key=getkey())
     assert "does not reach the state" in str(eqtrace.check(model, x=jnp.zeros(3)))
     xs, targets = jr.normal(getkey(), (4, 3)), jr.normal(getkey(), (4, 2))
-    online, bptt = online_and_bptt(eqtrace.DRTRL(), model, xs, targets)
+    online, bptt = online_and_bptt(algorithm, model, xs, targets)
     assert relative_error(online, bptt) <= 1e-10

@@ -12,14 +12,23 @@ import pytest
 
 import eqtrace
 from eqtrace import nn
-from helpers import LeakyCurrent, LeakyTanh, TokenCell, every_cell, relative_error, squared_loss
+from helpers import LeakyCurrent, TokenCell, relative_error, squared_loss
+from registry import EVERY_CELL, algorithms, cells, make_cell, rules
 
 
-ALGORITHMS = {
-    "drtrl": eqtrace.DRTRL(),
-    "ppprop": eqtrace.PPProp(rank=3),
-    "rtrl": eqtrace.RTRL(),
-}
+#: The rules that compute a block their own way rather than by scanning their step.
+OWN_BLOCKS = algorithms(supports_blocks=True, own_blocks=True)
+#: The rules with one trace per layer. A rule with one dense trace for the whole network
+#: (RTRL) is costly to compile on these networks: its scanned blocks are held to stepping on
+#: the stacked network only.
+PER_LAYER_BLOCKS = algorithms(supports_blocks=True, per_layer=True)
+
+
+def _block_models(case) -> list[str]:
+    if case.own_blocks:
+        return ["lif", "stack", "alif"]
+    return ["lif", "stack"] if case.per_layer else ["stack"]
+
 
 INPUT, BATCH, LENGTH, BLOCK = 3, 2, 11, 4  # 11 = 2 blocks of 4 and a remainder of 3
 
@@ -85,12 +94,15 @@ def _stepped_and_blocked(algorithm, model, xs, targets, block_size=BLOCK):
 
 
 @pytest.mark.parametrize(
-    "name, model_name",
-    # D-RTRL's blocks are its own computation: every model. The others scan their step: fewer.
-    [("drtrl", "lif"), ("drtrl", "stack"), ("drtrl", "alif"), ("ppprop", "lif")]
-    + [("ppprop", "stack"), ("rtrl", "stack")],
+    "algorithm, model_name",
+    # Blocks computed their own way (D-RTRL's): every model. The others scan their step: fewer.
+    [
+        pytest.param(case.algorithm, model_name, id=f"{case.name}-{model_name}")
+        for case in rules(supports_blocks=True)
+        for model_name in _block_models(case)
+    ],
 )
-def test_blocks_equal_steps(name, model_name, getkey):
+def test_blocks_equal_steps(algorithm, model_name, getkey):
     model = _models(getkey())[model_name]
     xs, targets = _data(getkey())
     if model_name == "lif":  # the test exercises the spiking regime
@@ -98,7 +110,7 @@ def test_blocks_equal_steps(name, model_name, getkey):
         init = jax.vmap(lambda _: lif.init_state())(xs[0])
         _, spikes = jax.lax.scan(lambda s, x: jax.vmap(lif)(s, x), init, xs)
         assert 0 < float(jnp.mean(spikes)) < 1
-    stepped, blocked = _stepped_and_blocked(ALGORITHMS[name], model, xs, targets)
+    stepped, blocked = _stepped_and_blocked(algorithm, model, xs, targets)
     (loss, grads, state, trace), (block_loss, block_grads, block_state, block_trace) = (
         stepped,
         blocked,
@@ -111,41 +123,45 @@ def test_blocks_equal_steps(name, model_name, getkey):
     assert all(bool(jnp.any(g != 0)) for g in jax.tree.leaves(grads))
 
 
-@pytest.mark.parametrize("name", list(every_cell()))
-def test_drtrl_blocks_every_cell(name, getkey):
+@pytest.mark.parametrize("algorithm", OWN_BLOCKS)
+@pytest.mark.parametrize("name", EVERY_CELL)
+def test_own_blocks_every_cell(name, algorithm, getkey):
     """Every built-in cell (multi-leaf blocks, complex-valued LRU leaves, read-out ops,
-    per-neuron parameters) through D-RTRL's block computation, against stepping."""
-    cell = every_cell()[name](getkey())
+    per-neuron parameters) through a rule's own block computation, against stepping."""
+    cell = make_cell(name, getkey())
     xs = 3 * jr.normal(getkey(), (5, BATCH, 3))
     y_shape = jax.eval_shape(cell.output, cell.init_state()).shape
     targets = jr.normal(getkey(), (5, BATCH, *y_shape))
     (_, grads, state, trace), (_, block_grads, block_state, block_trace) = _stepped_and_blocked(
-        eqtrace.DRTRL(), cell, xs, targets, block_size=2
+        algorithm, cell, xs, targets, block_size=2
     )
     assert relative_error(block_grads, grads) <= 1e-10
     assert relative_error(block_state, state) <= 1e-12
     assert relative_error(block_trace, trace) <= 1e-10
 
 
+@pytest.mark.parametrize("algorithm", OWN_BLOCKS)
 @pytest.mark.parametrize("block_size", [1, 3, LENGTH, 2 * LENGTH])
-def test_drtrl_blocks_any_size(block_size, getkey):
+def test_own_blocks_any_size(block_size, algorithm, getkey):
     model = _models(getkey())["lif"]
     xs, targets = _data(getkey())
     (_, grads, _, trace), (_, block_grads, _, block_trace) = _stepped_and_blocked(
-        eqtrace.DRTRL(), model, xs, targets, block_size
+        algorithm, model, xs, targets, block_size
     )
     assert relative_error(block_grads, grads) <= 1e-10
     assert relative_error(block_trace, trace) <= 1e-10
 
 
-@pytest.mark.parametrize("cell_cls", [LeakyTanh, LeakyCurrent])
-def test_drtrl_blocks_equal_bptt_for_elementwise_layer(cell_cls, getkey):
+@pytest.mark.parametrize(
+    "algorithm", algorithms(exact_elementwise=True, exact=False, supports_blocks=True)
+)
+@pytest.mark.parametrize("name", cells(["leaky-tanh", "leaky-current"], elementwise=True))
+def test_blocks_equal_bptt_for_elementwise_layer(name, algorithm, getkey):
     """DESIGN §5 oracle 2 through the block path: exact for an element-wise recurrence."""
-    model = nn.Sequential([cell_cls(INPUT, 4, key=getkey()), eqx.nn.Linear(4, 2, key=getkey())])
+    model = nn.Sequential([make_cell(name, getkey(), INPUT, 4), eqx.nn.Linear(4, 2, key=getkey())])
     xs, targets = _data(getkey())
     xs, targets = xs[:, 0], targets[:, 0]
     params, static = eqx.partition(model, eqx.is_inexact_array)
-    algorithm = eqtrace.DRTRL()
     state = model.init_state()
     trace = algorithm.init_trace(model, state, xs[0])
     block = eqtrace.make_online_block(algorithm, static)
@@ -158,10 +174,10 @@ def test_drtrl_blocks_equal_bptt_for_elementwise_layer(cell_cls, getkey):
     assert relative_error(online, bptt) <= 1e-10
 
 
-def test_embedding_and_masked_ops_in_blocks(getkey):
+@pytest.mark.parametrize("algorithm", OWN_BLOCKS)
+def test_embedding_and_masked_ops_in_blocks(algorithm, getkey):
     cell = TokenCell(leak=0.5, key=getkey())
     params, static = eqx.partition(cell, eqx.is_inexact_array)
-    algorithm = eqtrace.DRTRL()
     tokens = jr.randint(getkey(), (LENGTH,), 0, 5)
     targets = jr.normal(getkey(), (LENGTH, 4))
     state = cell.init_state()
@@ -176,9 +192,8 @@ def test_embedding_and_masked_ops_in_blocks(getkey):
     assert bool(jnp.all(grads.recurrent.weight[~cell.recurrent.mask] == 0))
 
 
-@pytest.mark.parametrize("name", ["drtrl", "ppprop"])
-def test_steps_outputs_and_jit(name, getkey):
-    algorithm = ALGORITHMS[name]
+@pytest.mark.parametrize("algorithm", PER_LAYER_BLOCKS)
+def test_steps_outputs_and_jit(algorithm, getkey):
     model = _models(getkey())["stack"]
     xs = jr.normal(getkey(), (4, INPUT))
     state = model.init_state()
@@ -257,12 +272,11 @@ def test_train_with_blocks(getkey):
     assert losses[-1] < 0.5 * losses[0]
 
 
-@pytest.mark.parametrize("name", ["drtrl", "ppprop"])
-def test_train_online_with_blocks(name, getkey):
+@pytest.mark.parametrize("algorithm", PER_LAYER_BLOCKS)
+def test_train_online_with_blocks(algorithm, getkey):
     """One update per block with the mean of its steps' online gradients: against a loop of
     stepped `online_gradient` calls, and against `optax.MultiSteps` on the stepped version
     (which averages in lower precision, hence the looser tolerance there)."""
-    algorithm = ALGORITHMS[name]
     model = _models(getkey())["lif"]
     xs, targets = _data(getkey(), length=12)
     params, static = eqx.partition(model, eqx.is_inexact_array)

@@ -11,77 +11,13 @@ import pytest
 
 import eqtrace
 from eqtrace import nn
-from eqtrace.nn import surrogate
 from helpers import online_and_bptt, relative_error
+from registry import BUILTIN_CELLS, SPIKING, algorithms, make_cell
 
 
 INPUT, HIDDEN, LENGTH = 3, 4, 8
 
 
-def _mask(key, shape):
-    mask = jr.bernoulli(key, 0.7, shape)
-    return mask.at[:, 0].set(True)  # every neuron keeps an input
-
-
-# Every cell and configuration, as `factory(input_size, hidden_size, dtype, key)`.
-CELLS = {
-    "rnn": lambda i, h, dtype, key: nn.RNNCell(i, h, dtype=dtype, key=key),
-    "gru": lambda i, h, dtype, key: nn.GRUCell(i, h, dtype=dtype, key=key),
-    "lstm": lambda i, h, dtype, key: nn.LSTMCell(i, h, dtype=dtype, key=key),
-    "mingru": lambda i, h, dtype, key: nn.MinGRUCell(i, h, dtype=dtype, key=key),
-    "lru": lambda i, h, dtype, key: nn.LRUCell(i, h, output_size=h + 1, dtype=dtype, key=key),
-    "lif": lambda i, h, dtype, key: nn.LIF(i, h, dtype=dtype, key=key),
-    "lif-recurrent-synapse": lambda i, h, dtype, key: nn.LIF(
-        i, h, recurrent=True, synapse=True, tau_syn=4, dtype=dtype, key=key
-    ),
-    "lif-zero-triangle": lambda i, h, dtype, key: nn.LIF(
-        i, h, recurrent=True, reset="zero", surrogate=surrogate.Triangle(), dtype=dtype, key=key
-    ),
-    "lif-learn-tau": lambda i, h, dtype, key: nn.LIF(
-        i,
-        h,
-        synapse=True,
-        learn_tau=True,
-        tau_mem=10.0,
-        dt=0.5,
-        surrogate=surrogate.Sigmoid(),
-        dtype=dtype,
-        key=key,
-    ),
-    "lif-masked": lambda i, h, dtype, key: nn.LIF(
-        i,
-        h,
-        recurrent=True,
-        input_mask=_mask(jr.fold_in(key, 1), (h, i)),
-        recurrent_mask=_mask(jr.fold_in(key, 2), (h, h)),
-        dtype=dtype,
-        key=key,
-    ),
-    "alif": lambda i, h, dtype, key: nn.ALIF(
-        i,
-        h,
-        recurrent=True,
-        beta=0.5,
-        tau_adapt=30,
-        surrogate=surrogate.Arctan(),
-        dtype=dtype,
-        key=key,
-    ),
-    "alif-learn": lambda i, h, dtype, key: nn.ALIF(
-        i,
-        h,
-        recurrent=True,
-        synapse=True,
-        reset="zero",
-        learn_tau=True,
-        learn_beta=True,
-        beta=0.5,
-        dtype=dtype,
-        key=key,
-    ),
-    "leaky-readout": lambda i, h, dtype, key: nn.LeakyReadout(i, h, tau=5.0, dtype=dtype, key=key),
-}
-SPIKING = {name for name in CELLS if name.startswith(("lif", "alif"))}
 # The cell that follows each cell in the two-layer network (a read-out follows spikes).
 # One configuration per cell class is enough here (each costs a compilation).
 SECOND = {
@@ -89,7 +25,7 @@ SECOND = {
     "gru": "gru",
     "lstm": "lstm",
     "mingru": "mingru",
-    "lru": "lru",
+    "lru-wide-output": "lru-wide-output",
     "lif-recurrent-synapse": "lif-zero-triangle",
     "alif-learn": "alif",
     "leaky-readout": "lif",  # a leaky read-out after spiking neurons
@@ -97,7 +33,7 @@ SECOND = {
 
 
 def _make(name, key, dtype=jnp.float64, input_size=INPUT):
-    return CELLS[name](input_size, HIDDEN, dtype, key)
+    return make_cell(name, key, input_size, HIDDEN, dtype)
 
 
 def _output_size(cell) -> int:
@@ -122,7 +58,7 @@ def _leaves(tree):
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
-@pytest.mark.parametrize("name", CELLS)
+@pytest.mark.parametrize("name", BUILTIN_CELLS)
 def test_shapes_and_dtypes(name, dtype, getkey):
     cell = _make(name, getkey(), dtype)
     assert all(leaf.dtype == dtype for leaf in _leaves(cell))
@@ -141,7 +77,7 @@ def test_shapes_and_dtypes(name, dtype, getkey):
     assert jnp.array_equal(cell.output(new_state), y)
 
 
-@pytest.mark.parametrize("name", CELLS)
+@pytest.mark.parametrize("name", BUILTIN_CELLS)
 def test_vmap_and_jit(name, getkey):
     cell = _make(name, getkey())
     batch = 3
@@ -161,19 +97,23 @@ def test_vmap_and_jit(name, getkey):
             assert jnp.allclose(leaf, expected, rtol=1e-12, atol=1e-14)
 
 
+EXACT = algorithms(exact=True)
+
+
 @functools.cache
-def _rtrl_and_bptt(name: str):
+def _online_and_bptt(name: str, algorithm):
     keys = jr.split(jr.key(7), 3)
     cell = _make(name, keys[0])
     xs = _inputs(keys[1])
     targets = jr.normal(keys[2], (LENGTH, _output_size(cell)))
-    online, bptt = online_and_bptt(eqtrace.RTRL(), cell, xs, targets)
+    online, bptt = online_and_bptt(algorithm, cell, xs, targets)
     return cell, xs, online, bptt
 
 
-@pytest.mark.parametrize("name", CELLS)
-def test_rtrl_equals_bptt(name):
-    cell, xs, online, bptt = _rtrl_and_bptt(name)
+@pytest.mark.parametrize("algorithm", EXACT)
+@pytest.mark.parametrize("name", BUILTIN_CELLS)
+def test_exact_rule_equals_bptt(name, algorithm):
+    cell, xs, online, bptt = _online_and_bptt(name, algorithm)
     if name in SPIKING:
         _, spikes = _run(cell, xs)
         assert 0 < jnp.sum(spikes) < spikes.size  # the test exercises the spiking regime
@@ -181,9 +121,10 @@ def test_rtrl_equals_bptt(name):
     assert relative_error(online, bptt) <= 1e-9
 
 
-@pytest.mark.parametrize("name", CELLS)
-def test_every_parameter_gets_a_gradient(name):
-    cell, _, online, _ = _rtrl_and_bptt(name)
+@pytest.mark.parametrize("algorithm", EXACT)
+@pytest.mark.parametrize("name", BUILTIN_CELLS)
+def test_every_parameter_gets_a_gradient(name, algorithm):
+    cell, _, online, _ = _online_and_bptt(name, algorithm)
     names = [
         jtu.keystr(path)
         for path, _ in jtu.tree_leaves_with_path(eqx.filter(cell, eqx.is_inexact_array))
@@ -194,8 +135,9 @@ def test_every_parameter_gets_a_gradient(name):
         assert jnp.any(leaf != 0), f"{name}: parameter {path} gets a zero online gradient"
 
 
+@pytest.mark.parametrize("algorithm", EXACT)
 @pytest.mark.parametrize("name", SECOND)
-def test_rtrl_equals_bptt_two_layers(name, getkey):
+def test_exact_rule_equals_bptt_two_layers(name, algorithm, getkey):
     first = _make(name, getkey())
     second = _make(SECOND[name], getkey(), input_size=_output_size(first))
     readout = eqx.nn.Linear(_output_size(second), 2, dtype=jnp.float64, key=getkey())
@@ -206,7 +148,7 @@ def test_rtrl_equals_bptt_two_layers(name, getkey):
         (first_states, _, _), _ = _run(model, xs)
         spikes = jax.vmap(first.output)(first_states)
         assert 0 < jnp.sum(spikes) < spikes.size
-    online, bptt = online_and_bptt(eqtrace.RTRL(), model, xs, targets)
+    online, bptt = online_and_bptt(algorithm, model, xs, targets)
     assert relative_error(online, bptt) <= 1e-9
     # The first layer's parameters get credit through the second layer.
     assert all(jnp.any(leaf != 0) for leaf in _leaves(online.layers[0]))
@@ -398,7 +340,7 @@ def test_leaky_readout_filters(getkey):
 
 
 def test_masked_weights_stay_zero_and_get_no_gradient():
-    cell, _, online, _ = _rtrl_and_bptt("lif-masked")
+    cell, _, online, _ = _online_and_bptt("lif-masked", eqtrace.RTRL())
     for op, grad in ((cell.input_op, online.input_op), (cell.recurrent_op, online.recurrent_op)):
         assert not jnp.all(op.mask)
         assert jnp.all(jnp.where(op.mask, 0, op.weight) == 0)

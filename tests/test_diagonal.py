@@ -1,5 +1,5 @@
-"""D-RTRL and pp-prop against their oracles: BPTT where exact, RTRL at T = 1, and the defining
-recurrences on a hand-computable case."""
+"""The inexact rules of the registry (D-RTRL, pp-prop) against their oracles: BPTT where exact,
+RTRL at T = 1, and the defining recurrences on a hand-computable case."""
 
 import math
 
@@ -14,35 +14,27 @@ import pytest
 import eqtrace
 from eqtrace import nn
 from helpers import (
+    ConvCell,
     LeakyCurrent,
     LeakyTanh,
+    Rolling,
     TokenCell,
-    every_cell,
+    cast,
     online_and_bptt,
     relative_error,
     squared_loss,
 )
+from registry import CELLS, EVERY_CELL, algorithm_cases, algorithms, cells, make_cell, rules
 
 
-class Rolling(eqtrace.AbstractCell):
-    """Mixes neurons outside any synaptic op: breaks the diagonal assumption."""
-
-    op: eqx.nn.Linear
-    hidden_size: int = eqx.field(static=True)
-
-    def __init__(self, input_size, hidden_size, *, key):
-        self.op = eqx.nn.Linear(input_size, hidden_size, key=key)
-        self.hidden_size = hidden_size
-
-    def init_state(self):
-        return jnp.zeros(self.hidden_size)
-
-    def __call__(self, state, x):
-        h = jnp.tanh(0.5 * jnp.roll(state, 1) + self.op(x))
-        return h, h
-
-
-ALGORITHMS = [eqtrace.DRTRL(), eqtrace.PPProp(0.6), eqtrace.PPProp(rank=3)]
+#: Rules that equal RTRL at T = 1 (exact rules are held to BPTT instead, a stronger oracle).
+FIRST_STEP = algorithms(equals_rtrl_at_first_step=True, exact=False)
+#: Rules exact on an element-wise layer but not on any cell.
+EXACT_ELEMENTWISE = algorithms(exact_elementwise=True, exact=False)
+#: Oracles that hold for every rule (batch = loop, jit = no jit, a gradient for every
+#: parameter) run here for the inexact rules; test_foundation.py and test_cells.py run them
+#: for the exact ones, together with BPTT.
+INEXACT = algorithms(exact=False)
 
 
 def _sequence(key, length, input_size, output_size):
@@ -50,23 +42,37 @@ def _sequence(key, length, input_size, output_size):
     return jr.normal(xkey, (length, input_size)), jr.normal(tkey, (length, output_size))
 
 
-@pytest.mark.parametrize("cell_cls", [LeakyTanh, LeakyCurrent])
-def test_drtrl_equals_bptt_for_elementwise_layer(cell_cls, getkey):
-    model = nn.Sequential([cell_cls(3, 4, key=getkey()), eqx.nn.Linear(4, 2, key=getkey())])
+# The test cells, and the element-wise built-in cells of `EVERY_CELL`.
+ELEMENTWISE_CELLS = cells(["leaky-tanh", "leaky-current", *EVERY_CELL], elementwise=True)
+
+
+@pytest.mark.parametrize("algorithm", EXACT_ELEMENTWISE)
+@pytest.mark.parametrize("name", ELEMENTWISE_CELLS)
+def test_equals_bptt_for_elementwise_layer(name, algorithm, getkey):
+    model = nn.Sequential([make_cell(name, getkey(), 3, 4), eqx.nn.Linear(4, 2, key=getkey())])
     xs, targets = _sequence(getkey(), 7, 3, 2)
-    online, bptt = online_and_bptt(eqtrace.DRTRL(), model, xs, targets)
+    if CELLS[name].spiking:
+        xs = 3 * xs  # strong enough to spike
+        cell = model.layers[0]
+        _, ys = jax.lax.scan(lambda s, x: cell(s, x), cell.init_state(), xs)
+        assert 0 < float(jnp.mean(ys)) < 1
+    online, bptt = online_and_bptt(algorithm, model, xs, targets)
     assert relative_error(online, bptt) <= 1e-9
 
 
-def test_drtrl_is_not_exact_with_recurrent_weights(getkey):
+@pytest.mark.parametrize("algorithm", EXACT_ELEMENTWISE)
+def test_not_exact_with_recurrent_weights(algorithm, getkey):
     # The oracle above is not vacuous: with recurrent weights D-RTRL drops paths.
     model = nn.RNNCell(3, 4, key=getkey())
     xs, targets = _sequence(getkey(), 7, 3, 4)
-    online, bptt = online_and_bptt(eqtrace.DRTRL(), model, xs, targets)
+    online, bptt = online_and_bptt(algorithm, model, xs, targets)
     assert relative_error(online, bptt) > 1e-3
 
 
-@pytest.mark.parametrize("algorithm", ALGORITHMS, ids=["drtrl", "ppprop", "ppprop-rank"])
+# And pp-prop built from a rank rather than a decay.
+@pytest.mark.parametrize(
+    "algorithm", [*FIRST_STEP, pytest.param(eqtrace.PPProp(rank=3), id="ppprop-rank")]
+)
 @pytest.mark.parametrize("cell_cls", [nn.RNNCell, nn.GRUCell, LeakyCurrent])
 def test_equals_rtrl_at_first_step(algorithm, cell_cls, getkey):
     model = cell_cls(3, 4, key=getkey())
@@ -77,7 +83,7 @@ def test_equals_rtrl_at_first_step(algorithm, cell_cls, getkey):
     assert relative_error(online, exact) <= 1e-12
 
 
-@pytest.mark.parametrize("algorithm", ALGORITHMS[:2], ids=["drtrl", "ppprop"])
+@pytest.mark.parametrize("algorithm", FIRST_STEP)
 def test_two_layer_network_first_step_equals_rtrl(algorithm, getkey):
     # At T = 1 from a zero state, layer-wise traces with exact spatial credit are exact.
     model = nn.Sequential(
@@ -164,7 +170,7 @@ def _nonzero_everywhere(grads) -> list[str]:
     return [jtu.keystr(p) for p, g in leaves if not bool(jnp.any(g != 0))]
 
 
-@pytest.mark.parametrize("algorithm", ALGORITHMS[:2], ids=["drtrl", "ppprop"])
+@pytest.mark.parametrize("algorithm", INEXACT)
 @pytest.mark.parametrize("which", ["gru", "two-layer"])
 def test_every_parameter_gets_a_gradient(algorithm, which, getkey):
     if which == "gru":
@@ -183,7 +189,7 @@ def test_every_parameter_gets_a_gradient(algorithm, which, getkey):
     assert _nonzero_everywhere(online) == []
 
 
-@pytest.mark.parametrize("algorithm", ALGORITHMS[:2], ids=["drtrl", "ppprop"])
+@pytest.mark.parametrize("algorithm", INEXACT)
 def test_batch_equals_per_sample_loop(algorithm, getkey):
     model = nn.Sequential([nn.GRUCell(3, 4, key=getkey()), eqx.nn.Linear(4, 2, key=getkey())])
     params, static = eqx.partition(model, eqx.is_inexact_array)
@@ -204,7 +210,7 @@ def test_batch_equals_per_sample_loop(algorithm, getkey):
     assert relative_error(batched, mean) <= 1e-12
 
 
-@pytest.mark.parametrize("algorithm", ALGORITHMS[:2], ids=["drtrl", "ppprop"])
+@pytest.mark.parametrize("algorithm", INEXACT)
 def test_jit_equals_no_jit(algorithm, getkey):
     model = nn.GRUCell(3, 4, key=getkey())
     state = jr.normal(getkey(), (4,))
@@ -251,25 +257,12 @@ class BigParameter(eqtrace.AbstractCell):
 
 def test_untraceable_parameter_is_named(getkey):
     cell = BigParameter(key=getkey())
-    for algorithm in [eqtrace.DRTRL(strict=False), eqtrace.PPProp(0.5, strict=False)]:
+    for algorithm in [case.make(strict=False) for case in rules(needs_structure=True)]:
         with pytest.raises(ValueError, match=r"\.mixing.*RTRL"):
             algorithm.init_trace(cell, cell.init_state(), jnp.zeros(3))
 
 
 def test_drtrl_rejects_shared_weights_and_suggests_ppprop(getkey):
-    class ConvCell(eqtrace.AbstractCell):
-        conv: eqx.nn.Conv1d
-
-        def __init__(self, *, key):
-            self.conv = eqx.nn.Conv1d(2, 3, kernel_size=3, padding=1, key=key)
-
-        def init_state(self):
-            return jnp.zeros((3, 6))
-
-        def __call__(self, state, x):
-            h = 0.5 * state + jnp.tanh(self.conv(x))
-            return h, h
-
     cell = ConvCell(key=getkey())
     x = jr.normal(getkey(), (2, 6))
     with pytest.raises(ValueError, match="PPProp"):
@@ -282,7 +275,7 @@ def test_drtrl_rejects_shared_weights_and_suggests_ppprop(getkey):
     assert relative_error(online, exact) <= 1e-12
 
 
-@pytest.mark.parametrize("algorithm", ALGORITHMS[:2], ids=["drtrl", "ppprop"])
+@pytest.mark.parametrize("algorithm", FIRST_STEP)
 def test_embedding_and_masked_ops(algorithm, getkey):
     cell = TokenCell(key=getkey())
     state = jr.normal(getkey(), (4,))
@@ -331,7 +324,7 @@ def test_ppprop_arguments():
 
 def test_drtrl_bfloat16_traces_track_float32(getkey):
     model = nn.GRUCell(3, 8, key=getkey())
-    model = jtu.tree_map(lambda a: a.astype(jnp.float32) if eqx.is_inexact_array(a) else a, model)
+    model = cast(model, jnp.float32)
     xs = jr.normal(getkey(), (6, 3), jnp.float32)
     targets = jr.normal(getkey(), (6, 8), jnp.float32)
     full, _ = online_and_bptt(eqtrace.DRTRL(), model, xs, targets)
@@ -340,13 +333,14 @@ def test_drtrl_bfloat16_traces_track_float32(getkey):
     assert math.isfinite(relative_error(low, full))
 
 
-def test_loss_on_a_state_leaf_outside_the_output(getkey):
+@pytest.mark.parametrize("algorithm", EXACT_ELEMENTWISE)
+def test_loss_on_a_state_leaf_outside_the_output(algorithm, getkey):
     # A loss on a state leaf that `y` does not show (the current of the two-leaf neuron) is
     # credited through the trace too: D-RTRL stays exact for this element-wise layer.
     model = LeakyCurrent(3, 4, key=getkey())
     params, static = eqx.partition(model, eqx.is_inexact_array)
     xs, targets = _sequence(getkey(), 5, 3, 4)
-    online_step = eqtrace.make_online_step(eqtrace.DRTRL(), static)
+    online_step = eqtrace.make_online_step(algorithm, static)
 
     def step_with_state(params, state, trace, x):
         state, trace, y = online_step(params, state, trace, x)
@@ -357,7 +351,7 @@ def test_loss_on_a_state_leaf_outside_the_output(getkey):
         return jnp.sum((y - target) ** 2) + 0.3 * jnp.sum(current**2)
 
     state = model.init_state()
-    trace = eqtrace.DRTRL().init_trace(model, state, xs[0])
+    trace = algorithm.init_trace(model, state, xs[0])
     _, online, _, _ = eqtrace.online_gradient(
         step_with_state, loss_fn, params, state, trace, xs, targets
     )
@@ -371,18 +365,19 @@ def test_loss_on_a_state_leaf_outside_the_output(getkey):
     assert bool(jnp.all(online.log_tau != 0))
 
 
-def test_step_loss_on_state_and_output(getkey):
+@pytest.mark.parametrize("algorithm", EXACT_ELEMENTWISE)
+def test_step_loss_on_state_and_output(algorithm, getkey):
     # A loss on the returned state (not only y) is credited too.
     model = LeakyTanh(3, 4, key=getkey())
     xs, targets = _sequence(getkey(), 4, 3, 4)
-    online, bptt = online_and_bptt(eqtrace.DRTRL(), model, xs, targets, loss_fn=squared_loss)
+    online, bptt = online_and_bptt(algorithm, model, xs, targets, loss_fn=squared_loss)
     assert relative_error(online, bptt) <= 1e-9
 
 
-@pytest.mark.parametrize("algorithm", ALGORITHMS[:2], ids=["drtrl", "ppprop"])
-@pytest.mark.parametrize("name", list(every_cell()))
+@pytest.mark.parametrize("algorithm", FIRST_STEP)
+@pytest.mark.parametrize("name", EVERY_CELL)
 def test_every_cell_first_step_equals_rtrl(algorithm, name, getkey):
-    cell = every_cell()[name](getkey())
+    cell = make_cell(name, getkey())
     assert eqtrace.check(cell).ok, str(eqtrace.check(cell))
     state = jtu.tree_map(lambda s: jr.uniform(getkey(), s.shape, s.dtype), cell.init_state())
     xs = 3 * jr.normal(getkey(), (1, 3))
@@ -393,16 +388,9 @@ def test_every_cell_first_step_equals_rtrl(algorithm, name, getkey):
     assert relative_error(online, exact) <= 1e-9
 
 
-@pytest.mark.parametrize(
-    "algorithm",
-    [
-        eqtrace.RTRL(check_finite=True),
-        eqtrace.DRTRL(check_finite=True),
-        eqtrace.PPProp(0.5, check_finite=True),
-    ],
-    ids=["rtrl", "drtrl", "ppprop"],
-)
-def test_check_finite_is_opt_in(algorithm, getkey):
+@pytest.mark.parametrize("case", algorithm_cases())
+def test_check_finite_is_opt_in(case, getkey):
+    algorithm = case.make(check_finite=True)
     model = nn.GRUCell(3, 4, key=getkey())
     state = model.init_state()
     trace = algorithm.init_trace(model, state)

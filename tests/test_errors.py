@@ -26,7 +26,8 @@ import pytest
 import eqtrace
 from eqtrace import nn
 from eqtrace._validation import example_input
-from helpers import squared_loss
+from helpers import ConvCell, Rolling, cast, mse, squared_loss
+from registry import ALGORITHMS, EVERY_CELL, make_cell
 from test_any_cell import CalledOutOfOrder, OutputNotOfState, RawWeightUse, VmappedOp
 
 
@@ -42,12 +43,13 @@ def _gru(hidden: int = HIDDEN):
     return nn.GRUCell(INPUT, hidden, key=_key())
 
 
-def _setup(algorithm=None, model=None):
-    """A GRU, its partition, an online step and block, and a single-sample state and trace."""
+def _setup(algorithm=None, model=None, batch_size=None):
+    """A GRU, its partition, an online step and block, and a state and trace (for one sample,
+    or a batch of `batch_size`)."""
     algorithm = eqtrace.RTRL() if algorithm is None else algorithm
     model = _gru() if model is None else model
     params, static = eqx.partition(model, eqx.is_inexact_array)
-    state, trace = eqtrace.init_state_and_trace(model, algorithm)
+    state, trace = eqtrace.init_state_and_trace(model, algorithm, batch_size=batch_size)
     step = eqtrace.make_online_step(algorithm, static)
     block = eqtrace.make_online_block(algorithm, static)
     return model, params, static, step, block, state, trace
@@ -59,32 +61,25 @@ def _sequence(batch: tuple[int, ...] = ()):
     return xs, targets
 
 
-def _batch_loss(y, target):
-    return jnp.mean((y - target) ** 2)
-
-
 def _elementwise_loss(y, target):
     return (y - target) ** 2  # not reduced: one loss per output element
 
 
 def _per_sequence_targets() -> list[Callable[[], object]]:
     """Every driver given `(B, n_out)` targets, one per sequence, as braintrace's tutorial does."""
-    _, params, static, step, _, state, trace = _setup()
+    _, params, static, step, _, state, trace = _setup(batch_size=BATCH)
     batched = jax.vmap(step, in_axes=(None, 0, 0, 0))
     forward = jax.vmap(eqtrace.make_forward_step(static), in_axes=(None, 0, 0))
-    state, trace = eqtrace.init_state_and_trace(_gru(), eqtrace.RTRL(), batch_size=BATCH)
     xs, _ = _sequence((BATCH,))
     targets = jnp.zeros((BATCH, HIDDEN))
     sgd = optax.sgd(0.1)
     return [
-        lambda: eqtrace.online_gradient(batched, _batch_loss, params, state, trace, xs, targets),
+        lambda: eqtrace.online_gradient(batched, mse, params, state, trace, xs, targets),
         lambda: eqtrace.train_online(
-            batched, _batch_loss, sgd, params, sgd.init(params), state, trace, xs, targets
+            batched, mse, sgd, params, sgd.init(params), state, trace, xs, targets
         ),
-        lambda: eqtrace.bptt_gradient(forward, _batch_loss, params, state, xs, targets),
-        lambda: eqtrace.truncated_bptt_gradient(
-            forward, _batch_loss, params, state, xs, targets, 2
-        ),
+        lambda: eqtrace.bptt_gradient(forward, mse, params, state, xs, targets),
+        lambda: eqtrace.truncated_bptt_gradient(forward, mse, params, state, xs, targets, 2),
     ]
 
 
@@ -214,17 +209,16 @@ def _step_given_block_size():
 
 
 def _block_without_block_size():
-    _, params, _, _, block, state, trace = _setup()
+    _, params, _, _, block, state, trace = _setup(batch_size=BATCH)
     xs, targets = _sequence((BATCH,))
-    state, trace = eqtrace.init_state_and_trace(_gru(), eqtrace.RTRL(), batch_size=BATCH)
     # Still recognised once vmapped, by `jax.vmap` or `eqx.filter_vmap`.
     batched = jax.vmap(block, in_axes=(None, 0, 0, 1), out_axes=(0, 0, 1))
     filter_batched = eqx.filter_vmap(block, in_axes=(None, 0, 0, 1), out_axes=(0, 0, 1))
     sgd = optax.sgd(0.1)
     return [
-        lambda: eqtrace.online_gradient(batched, _batch_loss, params, state, trace, xs, targets),
+        lambda: eqtrace.online_gradient(batched, mse, params, state, trace, xs, targets),
         lambda: eqtrace.train_online(
-            filter_batched, _batch_loss, sgd, params, sgd.init(params), state, trace, xs, targets
+            filter_batched, mse, sgd, params, sgd.init(params), state, trace, xs, targets
         ),
         lambda: eqtrace.run_online(batched, params, state, trace, xs),
     ]
@@ -303,22 +297,6 @@ def _trace_of_another_algorithm():
     return [lambda: eqtrace.RTRL().step(model, state, drtrl_trace, jnp.ones(INPUT))]
 
 
-class Rolling(eqtrace.AbstractCell):
-    """Mixes neurons outside any synaptic op (and declares no `input_size`)."""
-
-    op: eqx.nn.Linear
-
-    def __init__(self, *, key):
-        self.op = eqx.nn.Linear(INPUT, HIDDEN, key=key)
-
-    def init_state(self):
-        return jnp.zeros(HIDDEN)
-
-    def __call__(self, state, x):
-        h = jnp.tanh(0.5 * jnp.roll(state, 1) + self.op(x))
-        return h, h
-
-
 class RawWeight(eqtrace.AbstractCell):
     """A recurrent weight held as a raw array (too large for a dense trace), outside any op."""
 
@@ -355,20 +333,6 @@ class GlobalLeaf(eqtrace.AbstractCell):
 
     def output(self, state):
         return state[0]
-
-
-class ConvCell(eqtrace.AbstractCell):
-    conv: eqx.nn.Conv1d
-
-    def __init__(self, *, key):
-        self.conv = eqx.nn.Conv1d(2, 3, kernel_size=3, padding=1, key=key)
-
-    def init_state(self):
-        return jnp.zeros((3, 6))
-
-    def __call__(self, state, x):
-        h = 0.5 * state + jnp.tanh(self.conv(x))
-        return h, h
 
 
 def _init(algorithm, cell, x=jnp.zeros(INPUT)):
@@ -408,8 +372,8 @@ CASES: dict[str, Callable[[], list[Callable[[], object]]]] = {
     "State of the wrong shape or structure": _state_of_wrong_shape,
     "Trace of another algorithm or model": _trace_of_another_algorithm,
     "No example input": lambda: [
-        _init(eqtrace.DRTRL(), Rolling(key=_key()), None),
-        lambda: eqtrace.check(Rolling(key=_key())),
+        _init(eqtrace.DRTRL(), Rolling(INPUT, HIDDEN, key=_key()), None),
+        lambda: eqtrace.check(Rolling(INPUT, HIDDEN, key=_key())),
     ],
     "A size that is not a positive int": lambda: [
         *_every_cell(hidden_size=0),
@@ -447,8 +411,8 @@ CASES: dict[str, Callable[[], list[Callable[[], object]]]] = {
     "A pp-prop rank below one": lambda: [lambda: eqtrace.PPProp(rank=0.5)],
     "A pp-prop decay outside [0, 1)": lambda: [lambda: eqtrace.PPProp(1.0)],
     "A cell that mixes neurons outside its ops": lambda: [
-        _init(eqtrace.DRTRL(), Rolling(key=_key())),
-        _init(eqtrace.PPProp(0.5), Rolling(key=_key())),
+        _init(eqtrace.DRTRL(), Rolling(INPUT, HIDDEN, key=_key())),
+        _init(eqtrace.PPProp(0.5), Rolling(INPUT, HIDDEN, key=_key())),
     ],
     "A large parameter outside any op": lambda: [
         _init(eqtrace.DRTRL(), RawWeight(key=_key())),
@@ -472,10 +436,7 @@ CASES: dict[str, Callable[[], list[Callable[[], object]]]] = {
     "A pp-prop decay that rounds to one": lambda: [
         _init(
             eqtrace.PPProp(rank=1e9),
-            jax.tree.map(
-                lambda a: a.astype(jnp.float32) if eqx.is_inexact_array(a) else a,
-                CalledOutOfOrder(key=_key()),
-            ),
+            cast(CalledOutOfOrder(key=_key()), jnp.float32),
             jnp.zeros(3, jnp.float32),
         )
     ],
@@ -620,19 +581,18 @@ def test_steps_and_blocks_are_recognised_through_wrappers():
 
 
 def test_checked_steps_still_jit_vmap_and_differentiate():
-    _, params, _, step, block, _, _ = _setup(eqtrace.DRTRL())
-    state, trace = eqtrace.init_state_and_trace(_gru(), eqtrace.DRTRL(), batch_size=BATCH)
+    _, params, _, step, block, state, trace = _setup(eqtrace.DRTRL(), batch_size=BATCH)
     xs, targets = _sequence((BATCH,))
     batched = jax.vmap(step, in_axes=(None, 0, 0, 0))
     batched_block = eqx.filter_vmap(block, in_axes=(None, 0, 0, 1), out_axes=(0, 0, 1))
 
     def stepped_loss(params):
         _, _, y = batched(params, state, trace, xs[0])
-        return _batch_loss(y, targets[0])
+        return mse(y, targets[0])
 
     def blocked_loss(params):
         _, _, ys = batched_block(params, state, trace, xs[:1])
-        return _batch_loss(ys[0], targets[0])
+        return mse(ys[0], targets[0])
 
     def sample_loss(params):
         _, _, y = jax.jit(step)(params, state[0], trace_0, xs[0, 0])
@@ -646,26 +606,10 @@ def test_checked_steps_still_jit_vmap_and_differentiate():
     jax.grad(sample_loss)(params)
 
 
-CELLS = {
-    "rnn": lambda dtype: nn.RNNCell(INPUT, HIDDEN, dtype=dtype, key=_key()),
-    "gru": lambda dtype: nn.GRUCell(INPUT, HIDDEN, dtype=dtype, key=_key()),
-    "lstm": lambda dtype: nn.LSTMCell(INPUT, HIDDEN, dtype=dtype, key=_key()),
-    "mingru": lambda dtype: nn.MinGRUCell(INPUT, HIDDEN, dtype=dtype, key=_key()),
-    "lru": lambda dtype: nn.LRUCell(INPUT, HIDDEN, dtype=dtype, key=_key()),
-    "lif": lambda dtype: nn.LIF(
-        INPUT, HIDDEN, recurrent=True, synapse=True, learn_tau=True, dtype=dtype, key=_key()
-    ),
-    "alif": lambda dtype: nn.ALIF(
-        INPUT, HIDDEN, recurrent=True, learn_tau=True, learn_beta=True, dtype=dtype, key=_key()
-    ),
-    "readout": lambda dtype: nn.LeakyReadout(INPUT, HIDDEN, dtype=dtype, key=_key()),
-}
-
-
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32, jnp.float64])
-@pytest.mark.parametrize("name", list(CELLS))
+@pytest.mark.parametrize("name", EVERY_CELL)
 def test_every_cell_builds_and_runs_in_every_float_dtype(name, dtype):
-    cell = CELLS[name](dtype)
+    cell = make_cell(name, _key(), INPUT, HIDDEN, dtype)
     arrays = [a for a in jax.tree.leaves(cell) if eqx.is_inexact_array(a)]
     assert arrays and all(a.dtype == dtype for a in arrays)
     assert all(bool(jnp.all(jnp.isfinite(a))) for a in arrays)
@@ -690,7 +634,7 @@ def test_example_input_has_the_models_dtype():
     assert example_input(network).dtype == jnp.bfloat16
     # A float32 model is analysed, and stepped, with float32 inputs.
     model = nn.MinGRUCell(INPUT, HIDDEN, dtype=jnp.float32, key=_key())
-    for algorithm in [eqtrace.RTRL(), eqtrace.DRTRL(), eqtrace.PPProp(0.5)]:
+    for algorithm in [case.algorithm for case in ALGORITHMS]:
         state, trace = eqtrace.init_state_and_trace(model, algorithm)
         _, new_trace, y = algorithm.step(model, state, trace, jnp.ones(INPUT, jnp.float32))
         assert y.dtype == jnp.float32

@@ -14,7 +14,18 @@ from jax.flatten_util import ravel_pytree
 from jaxtyping import Array, Float, PRNGKeyArray
 
 import eqtrace
-from helpers import online_and_bptt, output_shape, relative_error, squared_loss, tree_allclose
+from helpers import (
+    normal,
+    online_and_bptt,
+    output_shape,
+    random_sequence,
+    random_state,
+    relative_error,
+    squared_loss,
+    tree_allclose,
+    unstack,
+)
+from registry import algorithms
 
 
 INPUT, HIDDEN, LENGTH = 3, 4, 6
@@ -100,33 +111,6 @@ def make_model(name: str, key: PRNGKeyArray):
 MODELS = ["rnn", "gru", "leaky", "two_layer"]
 
 
-@pytest.fixture
-def rng():
-    # Data come from NumPy: `jr.normal` would compile once per shape, a large share of the
-    # file's run time at these sizes.
-    return np.random.default_rng(0)
-
-
-def normal(rng, shape, scale=1.0):
-    return jnp.asarray(scale * rng.standard_normal(shape))
-
-
-def unstack(a):
-    """The slices along the leading axis, without an `unstack` compilation per shape."""
-    return [jnp.asarray(row) for row in np.asarray(a)]
-
-
-def sequence(rng, model, length=LENGTH, batch=()):
-    xs = normal(rng, (length, *batch, INPUT))
-    targets = normal(rng, (length, *batch, *output_shape(model, jnp.zeros(INPUT))))
-    return xs, targets
-
-
-def random_state(rng, model):
-    """A generic non-zero state, so that no test passes because the state is zero."""
-    return jtu.tree_map(lambda leaf: normal(rng, leaf.shape, 0.5), model.init_state())
-
-
 def batch_mean(loss_fn):
     return lambda ys, targets: jnp.mean(jax.vmap(loss_fn)(ys, targets))
 
@@ -140,28 +124,30 @@ def scan_outputs(model, state, xs):
     return jax.lax.scan(body, state, xs)
 
 
+@pytest.mark.parametrize("algorithm", algorithms(exact=True))
 @pytest.mark.parametrize("name", MODELS)
-def test_rtrl_equals_bptt(name, getkey, rng):
+def test_exact_rule_equals_bptt(name, algorithm, getkey, rng):
     model = make_model(name, getkey())
-    xs, targets = sequence(rng, model)
+    xs, targets = random_sequence(rng, model, LENGTH, INPUT)
     # From a generic state (the zero initial state is covered by the batch test below): with
     # h_0 = 0 some terms of the first step vanish and could hide a wrong recurrence.
     state = random_state(rng, model)
-    online, bptt = online_and_bptt(eqtrace.RTRL(), model, xs, targets, state=state)
+    online, bptt = online_and_bptt(algorithm, model, xs, targets, state=state)
     assert relative_error(online, bptt) <= 1e-9
     # Every parameter, the read-out's included, gets a non-zero gradient.
     for leaf in jtu.tree_leaves(online):
         assert np.all(np.asarray(leaf) != 0)
 
 
-def test_rtrl_batch_equals_loop_and_bptt(getkey, rng):
+# For the exact rules: test_diagonal.py holds the others to the batch = loop oracle.
+@pytest.mark.parametrize("algorithm", algorithms(exact=True))
+def test_exact_rule_batch_equals_loop_and_bptt(algorithm, getkey, rng):
     batch = 3
     model = make_model("two_layer", getkey())
-    algorithm = eqtrace.RTRL()
     params, static = eqx.partition(model, eqx.is_inexact_array)
     online_step = eqtrace.make_online_step(algorithm, static)
     batched_step = jax.vmap(online_step, in_axes=(None, 0, 0, 0))
-    xs, targets = sequence(rng, model, batch=(batch,))
+    xs, targets = random_sequence(rng, model, LENGTH, INPUT, (batch,))
     state, trace = eqtrace.init_state_and_trace(model, algorithm, batch_size=batch)
     mean_loss = batch_mean(squared_loss)
 
@@ -188,7 +174,7 @@ def test_rtrl_batch_equals_loop_and_bptt(getkey, rng):
 def test_bptt_matches_finite_differences(getkey, rng):
     model = eqtrace.nn.RNNCell(INPUT, HIDDEN, key=getkey())
     params, static = eqx.partition(model, eqx.is_inexact_array)
-    xs, targets = sequence(rng, model, length=4)
+    xs, targets = random_sequence(rng, model, 4, INPUT)
     state = random_state(rng, model)
     _, grads, _ = eqtrace.bptt_gradient(
         eqtrace.make_forward_step(static), squared_loss, params, state, xs, targets
@@ -219,7 +205,7 @@ def _truncated(model, xs, targets, window, state=None):
 def test_truncated_bptt_long_window_is_bptt(getkey, rng):
     model = make_model("gru", getkey())
     params, static = eqx.partition(model, eqx.is_inexact_array)
-    xs, targets = sequence(rng, model)
+    xs, targets = random_sequence(rng, model, LENGTH, INPUT)
     state = random_state(rng, model)
     bptt_loss, bptt, bptt_final = eqtrace.bptt_gradient(
         eqtrace.make_forward_step(static), squared_loss, params, state, xs, targets
@@ -235,7 +221,7 @@ def test_truncated_bptt_window_one_is_sum_of_one_step_gradients(getkey, rng):
     model = make_model("gru", getkey())
     params, static = eqx.partition(model, eqx.is_inexact_array)
     forward_step = eqtrace.make_forward_step(static)
-    xs, targets = sequence(rng, model)
+    xs, targets = random_sequence(rng, model, LENGTH, INPUT)
     loss, grads, final = _truncated(model, xs, targets, 1)
 
     @jax.jit
@@ -261,7 +247,7 @@ def test_truncated_bptt_uneven_windows(getkey, rng):
     model = make_model("gru", getkey())
     params, static = eqx.partition(model, eqx.is_inexact_array)
     forward_step = eqtrace.make_forward_step(static)
-    xs, targets = sequence(rng, model, length=length)
+    xs, targets = random_sequence(rng, model, length, INPUT)
     loss, grads, final = _truncated(model, xs, targets, window)
 
     state = model.init_state()
@@ -280,7 +266,7 @@ def test_truncated_bptt_uneven_windows(getkey, rng):
 
 def test_truncated_bptt_rejects_empty_window(getkey, rng):
     model = make_model("rnn", getkey())
-    xs, targets = sequence(rng, model)
+    xs, targets = random_sequence(rng, model, LENGTH, INPUT)
     with pytest.raises(ValueError, match="`window` must be >= 1"):
         _truncated(model, xs, targets, 0)
 
@@ -295,7 +281,7 @@ def test_run_online_outputs_equal_plain_scan(batch, getkey, rng):
     if batch:
         online_step = jax.vmap(online_step, in_axes=(None, 0, 0, 0))
         forward = jax.vmap(model)
-    xs, _ = sequence(rng, model, batch=batch)
+    xs, _ = random_sequence(rng, model, LENGTH, INPUT, batch)
     state, trace = eqtrace.init_state_and_trace(
         model, algorithm, batch_size=batch[0] if batch else None
     )
@@ -356,7 +342,7 @@ def test_train_online_multisteps_applies_mean_gradient_every_k(getkey, rng):
     algorithm = eqtrace.RTRL()
     params, static = eqx.partition(model, eqx.is_inexact_array)
     step = eqtrace.make_online_step(algorithm, static)
-    xs, targets = sequence(rng, model, length=k)
+    xs, targets = random_sequence(rng, model, k, INPUT)
     state, trace = eqtrace.init_state_and_trace(model, algorithm)
     optimizer = optax.MultiSteps(optax.adam(1e-2), every_k_schedule=k)
 
@@ -375,12 +361,13 @@ def test_train_online_multisteps_applies_mean_gradient_every_k(getkey, rng):
     assert not tree_allclose(new_params, params, rtol=1e-6)
 
 
-def test_jit_equals_no_jit(getkey, rng):
+# For the exact rules: test_diagonal.py holds the others to the same oracle.
+@pytest.mark.parametrize("algorithm", algorithms(exact=True))
+def test_jit_equals_no_jit(algorithm, getkey, rng):
     model = make_model("gru", getkey())
-    algorithm = eqtrace.RTRL()
     state = random_state(rng, model)
     trace = algorithm.init_trace(model, state)
-    xs, targets = sequence(rng, model, length=2)
+    xs, targets = random_sequence(rng, model, 2, INPUT)
 
     def loss_and_carry(model, state, trace, x, target):
         state, trace, y = algorithm.step(model, state, trace, x)
@@ -435,7 +422,7 @@ def test_drivers_do_not_retrace(getkey, rng):
         step = eqx.debug.assert_max_traces(step, max_traces=1)
         batched_step = jax.vmap(step, in_axes=in_axes)
         for _ in range(2):  # new values, same shapes
-            xs, targets = sequence(rng, model, batch=(batch,))
+            xs, targets = random_sequence(rng, model, LENGTH, INPUT, (batch,))
             driver(batched_step, xs, targets)
         assert eqx.debug.get_num_traces(step) == 1, name
 
@@ -443,7 +430,7 @@ def test_drivers_do_not_retrace(getkey, rng):
     step = eqx.debug.assert_max_traces(eqtrace.make_forward_step(static), max_traces=2)
     batched_step = jax.vmap(step, in_axes=(None, 0, 0))
     for _ in range(2):
-        xs, targets = sequence(rng, model, batch=(batch,))
+        xs, targets = random_sequence(rng, model, LENGTH, INPUT, (batch,))
         eqtrace.truncated_bptt_gradient(batched_step, mean_loss, params, state, xs, targets, 4)
     assert eqx.debug.get_num_traces(step) == 2
 
@@ -501,7 +488,7 @@ def test_gradient_into_x_through_an_encoder(getkey, rng):
     assert relative_error(online, exact) <= 1e-12
     assert relative_error(online_x, exact_x) <= 1e-12
     # And a whole sequence still matches BPTT.
-    xs, targets = sequence(rng, model)
+    xs, targets = random_sequence(rng, model, LENGTH, INPUT)
     online, bptt = online_and_bptt(algorithm, model, xs, targets)
     assert relative_error(online, bptt) <= 1e-9
 

@@ -15,14 +15,11 @@ import pytest
 
 import eqtrace
 from eqtrace import nn
-from helpers import LeakyTanh, tree_allclose
+from helpers import LeakyTanh, mse, tree_allclose
+from registry import rules
 
 
 LENGTH, BATCH, INPUT, HIDDEN = 7, 3, 2, 4
-
-
-def _batch_loss(y, target):
-    return jnp.mean((y - target) ** 2)
 
 
 def _setup(algorithm, model, block=False):
@@ -51,7 +48,7 @@ def _data(key=jr.key(1)):
 def _flagged_loss(y, target_and_weight):
     """The hand-written recipe: the weight travels with the target."""
     target, weight = target_and_weight
-    return weight * _batch_loss(y, target)
+    return weight * mse(y, target)
 
 
 WEIGHTS = jnp.array([0.0, 0.5, 0.0, 1.0, 2.0, 0.0, 1.0])
@@ -69,13 +66,13 @@ def test_online_options_equal_the_hand_written_recipe(block_size):
     )
     for targets, sequence_targets in [(broadcast, False), (label, True)]:
         loss, grads, _, _ = eqtrace.online_gradient(
-            step, _batch_loss, params, state, trace, xs, targets,
+            step, mse, params, state, trace, xs, targets,
             step_weights=WEIGHTS, sequence_targets=sequence_targets, **kwargs,
         )  # fmt: skip
         assert jnp.allclose(loss, expected_loss, rtol=1e-12)
         assert tree_allclose(grads, expected, rtol=1e-12)
         mean_loss, mean_grads, _, _ = eqtrace.online_gradient(
-            step, _batch_loss, params, state, trace, xs, targets, reduction="mean",
+            step, mse, params, state, trace, xs, targets, reduction="mean",
             step_weights=WEIGHTS, sequence_targets=sequence_targets, **kwargs,
         )  # fmt: skip
         total = jnp.sum(WEIGHTS)
@@ -88,16 +85,12 @@ def test_mean_without_weights_divides_by_the_length():
     params, step, forward, state, trace = _setup(eqtrace.RTRL(), model)
     xs, label = _data()
     targets = jnp.broadcast_to(label, (LENGTH, *label.shape))
-    summed = eqtrace.online_gradient(step, _batch_loss, params, state, trace, xs, targets)
-    mean = eqtrace.online_gradient(
-        step, _batch_loss, params, state, trace, xs, targets, reduction="mean"
-    )
+    summed = eqtrace.online_gradient(step, mse, params, state, trace, xs, targets)
+    mean = eqtrace.online_gradient(step, mse, params, state, trace, xs, targets, reduction="mean")
     assert jnp.allclose(mean[0], summed[0] / LENGTH, rtol=1e-12)
     assert tree_allclose(mean[1], jtu.tree_map(lambda g: g / LENGTH, summed[1]), rtol=1e-12)
-    bptt_sum = eqtrace.bptt_gradient(forward, _batch_loss, params, state, xs, targets)
-    bptt_mean = eqtrace.bptt_gradient(
-        forward, _batch_loss, params, state, xs, targets, reduction="mean"
-    )
+    bptt_sum = eqtrace.bptt_gradient(forward, mse, params, state, xs, targets)
+    bptt_mean = eqtrace.bptt_gradient(forward, mse, params, state, xs, targets, reduction="mean")
     assert tree_allclose(bptt_mean[1], jtu.tree_map(lambda g: g / LENGTH, bptt_sum[1]))
     # RTRL is exact: its mean equals BPTT's.
     assert tree_allclose(mean[1], bptt_mean[1], rtol=1e-8)
@@ -106,11 +99,22 @@ def test_mean_without_weights_divides_by_the_length():
 @pytest.mark.parametrize(
     "algorithm, model",
     [
-        (eqtrace.RTRL(), nn.GRUCell(INPUT, HIDDEN, key=jr.key(0))),
-        # D-RTRL is exact for an element-wise layer, also with the loss on chosen steps.
-        (eqtrace.DRTRL(), LeakyTanh(INPUT, HIDDEN, key=jr.key(0))),
+        *[
+            pytest.param(
+                case.algorithm, nn.GRUCell(INPUT, HIDDEN, key=jr.key(0)), id=f"{case.name}-gru"
+            )
+            for case in rules(exact=True)
+        ],
+        # Rules exact for an element-wise layer (D-RTRL), also with the loss on chosen steps.
+        *[
+            pytest.param(
+                case.algorithm,
+                LeakyTanh(INPUT, HIDDEN, key=jr.key(0)),
+                id=f"{case.name}-elementwise",
+            )
+            for case in rules(exact_elementwise=True, exact=False)
+        ],
     ],
-    ids=["rtrl-gru", "drtrl-elementwise"],
 )
 @pytest.mark.parametrize("reduction", ["sum", "mean"])
 def test_exact_rules_equal_bptt_with_a_loss_on_the_last_step(algorithm, model, reduction):
@@ -119,16 +123,14 @@ def test_exact_rules_equal_bptt_with_a_loss_on_the_last_step(algorithm, model, r
     last = jnp.arange(LENGTH) == LENGTH - 1
     options = dict(reduction=reduction, step_weights=last, sequence_targets=True)
     loss, online, _, _ = eqtrace.online_gradient(
-        step, _batch_loss, params, state, trace, xs, label, **options
+        step, mse, params, state, trace, xs, label, **options
     )
-    bptt_loss, bptt, _ = eqtrace.bptt_gradient(
-        forward, _batch_loss, params, state, xs, label, **options
-    )
+    bptt_loss, bptt, _ = eqtrace.bptt_gradient(forward, mse, params, state, xs, label, **options)
     assert jnp.allclose(loss, bptt_loss, rtol=1e-12)
     assert tree_allclose(online, bptt, rtol=1e-8, atol=1e-14)
     # Only the last step carries a loss: the same as a loss at the last output alone.
     ys, _, _ = eqtrace.run_online(step, params, state, trace, xs)
-    assert jnp.allclose(loss, _batch_loss(ys[-1], label), rtol=1e-12)
+    assert jnp.allclose(loss, mse(ys[-1], label), rtol=1e-12)
 
 
 def test_truncated_bptt_options():
@@ -140,7 +142,7 @@ def test_truncated_bptt_options():
         forward, _flagged_loss, params, state, xs, (broadcast, WEIGHTS), 3
     )
     loss, grads, _ = eqtrace.truncated_bptt_gradient(
-        forward, _batch_loss, params, state, xs, label, 3, reduction="mean",
+        forward, mse, params, state, xs, label, 3, reduction="mean",
         step_weights=WEIGHTS, sequence_targets=True,
     )  # fmt: skip
     total = jnp.sum(WEIGHTS)
@@ -148,11 +150,11 @@ def test_truncated_bptt_options():
     assert tree_allclose(grads, jtu.tree_map(lambda g: g / total, expected), rtol=1e-12)
     # A window as long as the sequence is BPTT, with the same options.
     _, bptt, _ = eqtrace.bptt_gradient(
-        forward, _batch_loss, params, state, xs, label, reduction="mean",
+        forward, mse, params, state, xs, label, reduction="mean",
         step_weights=WEIGHTS, sequence_targets=True,
     )  # fmt: skip
     _, whole, _ = eqtrace.truncated_bptt_gradient(
-        forward, _batch_loss, params, state, xs, label, LENGTH, reduction="mean",
+        forward, mse, params, state, xs, label, LENGTH, reduction="mean",
         step_weights=WEIGHTS, sequence_targets=True,
     )  # fmt: skip
     assert tree_allclose(whole, bptt, rtol=1e-12)
@@ -169,11 +171,11 @@ def test_train_online_with_a_loss_on_the_last_step(block_size):
     last = jnp.arange(LENGTH) == LENGTH - 1
     sgd = optax.sgd(0.1)
     new_params, _, _, _, losses = eqtrace.train_online(
-        step, _batch_loss, sgd, params, sgd.init(params), state, trace, xs, label,
+        step, mse, sgd, params, sgd.init(params), state, trace, xs, label,
         block_size=block_size, step_weights=last, sequence_targets=True,
     )  # fmt: skip
     _, grads, _, _ = eqtrace.online_gradient(
-        step, _batch_loss, params, state, trace, xs, label, block_size=block_size,
+        step, mse, params, state, trace, xs, label, block_size=block_size,
         step_weights=last, sequence_targets=True,
     )  # fmt: skip
     if block_size is not None:
@@ -183,7 +185,7 @@ def test_train_online_with_a_loss_on_the_last_step(block_size):
     # The losses are `loss_fn`'s values at every step, before weighting.
     ys, _, _ = eqtrace.run_online(_setup(algorithm, model)[1], params, state, trace, xs)
     assert losses.shape == (LENGTH,)
-    assert jnp.allclose(losses, jax.vmap(_batch_loss, in_axes=(0, None))(ys, label), rtol=1e-10)
+    assert jnp.allclose(losses, jax.vmap(mse, in_axes=(0, None))(ys, label), rtol=1e-10)
 
 
 def test_mean_over_zero_weights_is_an_error():
@@ -192,7 +194,7 @@ def test_mean_over_zero_weights_is_an_error():
     xs, label = _data()
     with pytest.raises(Exception, match="sum of `step_weights`, but it is zero"):
         eqtrace.online_gradient(
-            step, _batch_loss, params, state, trace, xs, label, reduction="mean",
+            step, mse, params, state, trace, xs, label, reduction="mean",
             step_weights=jnp.zeros(LENGTH), sequence_targets=True,
         )  # fmt: skip
 

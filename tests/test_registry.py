@@ -1,0 +1,83 @@
+"""The test registries (`registry.py`) are complete and their flags are true: every public
+algorithm and cell class is registered, and each cell has the properties the oracle tests
+select it by."""
+
+import inspect
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+import pytest
+
+import eqtrace
+from eqtrace import nn
+from registry import ALGORITHMS, CELLS, EVERY_CELL, make_cell
+
+
+def _public_classes(namespace, base):
+    return {
+        cls
+        for cls in vars(namespace).values()
+        if inspect.isclass(cls) and issubclass(cls, base) and not inspect.isabstract(cls)
+    }
+
+
+def test_every_algorithm_is_registered():
+    registered = {type(case.algorithm) for case in ALGORITHMS}
+    public = _public_classes(eqtrace, eqtrace.AbstractAlgorithm) - {eqtrace.AbstractAlgorithm}
+    assert public <= registered, f"not in registry.ALGORITHMS: {public - registered}"
+    assert len({case.name for case in ALGORITHMS}) == len(ALGORITHMS)
+
+
+def test_every_cell_class_is_registered():
+    public = _public_classes(nn, eqtrace.AbstractCell) - {nn.Sequential}
+    every_cell = {type(eqx.filter_eval_shape(make_cell, name, jr.key(0))) for name in EVERY_CELL}
+    assert public <= every_cell, f"not in registry.EVERY_CELL: {public - every_cell}"
+    assert set(EVERY_CELL) <= set(CELLS)
+
+
+@pytest.mark.parametrize("case", ALGORITHMS, ids=[case.name for case in ALGORITHMS])
+def test_algorithm_flags_are_consistent(case):
+    if case.exact:  # the stronger oracle implies the weaker ones
+        assert case.exact_elementwise and case.equals_rtrl_at_first_step
+        assert not case.statistical
+    # The options the tests pass.
+    assert case.make(check_finite=True).check_finite
+    if case.needs_structure:
+        assert not case.make(strict=False).strict
+
+
+@eqx.filter_jit
+def _output_and_jacobian(cell, state, x):
+    return cell(state, x)[1], jax.jacfwd(lambda s: cell(s, x)[0])(state)
+
+
+@pytest.mark.parametrize("name", list(CELLS))
+def test_cell_properties(name):
+    case = CELLS[name]
+    cell = make_cell(name, jr.key(0))
+    hidden = 4
+    state = cell.init_state()
+    leaves = jax.tree.leaves(state)
+    assert len(leaves) == case.state_leaves
+    assert all(leaf.shape == (hidden,) for leaf in leaves)
+    rng = np.random.default_rng(0)
+    state = jax.tree.map(lambda a: jnp.asarray(rng.uniform(0.0, 1.0, a.shape), a.dtype), state)
+    if case.inputs == "tokens":
+        x = jnp.asarray(2)
+    else:
+        x = jnp.asarray(3 * rng.standard_normal(3))
+    y, jacobian = _output_and_jacobian(cell, state, x)
+    if case.spiking:
+        assert set(np.unique(np.asarray(y))) <= {0.0, 1.0}
+    else:
+        assert not set(np.unique(np.asarray(y))) <= {0.0, 1.0}
+    # Element-wise recurrence: the Jacobian of the new state in the old one couples each
+    # neuron to itself only (across leaves, not across neurons).
+    off_diagonal = [
+        float(np.max(np.abs(np.asarray(block) * (1 - np.eye(hidden)))))
+        for block in jax.tree.leaves(jacobian)
+    ]
+    assert (max(off_diagonal) == 0) == case.elementwise, off_diagonal
