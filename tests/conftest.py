@@ -19,3 +19,12 @@ def getkey():
 def rng():
     # For data drawn with NumPy (`helpers.normal`): `jr.normal` would compile once per shape.
     return np.random.default_rng(0)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_code():
+    """Drops JAX's compiled executables after each test module. Each one holds memory
+    mappings; a whole suite in one process reached the kernel's limit (`vm.max_map_count`,
+    65 530 here) and LLVM then failed to allocate (a crash, not a failure)."""
+    yield
+    jax.clear_caches()

@@ -85,7 +85,8 @@ def test_equals_rtrl_at_first_step(algorithm, cell_cls, getkey):
 
 @pytest.mark.parametrize("algorithm", FIRST_STEP)
 def test_two_layer_network_first_step_equals_rtrl(algorithm, getkey):
-    # At T = 1 from a zero state, layer-wise traces with exact spatial credit are exact.
+    # At T = 1, layer-wise traces with exact spatial credit are exact. From a random state,
+    # so that the recurrent weights' gradients are not zero on both sides.
     model = nn.Sequential(
         [
             nn.GRUCell(3, 4, key=getkey()),
@@ -93,9 +94,10 @@ def test_two_layer_network_first_step_equals_rtrl(algorithm, getkey):
             eqx.nn.Linear(5, 2, key=getkey()),
         ]
     )
+    state = jtu.tree_map(lambda s: jr.normal(getkey(), s.shape), model.init_state())
     xs, targets = _sequence(getkey(), 1, 3, 2)
-    online, _ = online_and_bptt(algorithm, model, xs, targets)
-    exact, _ = online_and_bptt(eqtrace.RTRL(), model, xs, targets)
+    online, _ = online_and_bptt(algorithm, model, xs, targets, state=state)
+    exact, _ = online_and_bptt(eqtrace.RTRL(), model, xs, targets, state=state)
     assert relative_error(online, exact) <= 1e-12
 
 
@@ -294,7 +296,7 @@ def test_trace_sizes_match_formulas(getkey):
     gru = nn.GRUCell(input_size, hidden, key=getkey())
     ops_params = 3 * hidden * (input_size + hidden) + 2 * 3 * hidden
     assert eqtrace.trace_size(eqtrace.DRTRL(), gru)[0] == 1 * ops_params
-    # pp-prop: per op I + K·O, plus the step counter.
+    # pp-prop: per op I + K·O, plus the normaliser.
     assert (
         eqtrace.trace_size(eqtrace.PPProp(0.5), gru)[0]
         == (input_size + hidden) + 2 * 3 * hidden + 1
@@ -385,7 +387,7 @@ def test_every_cell_first_step_equals_rtrl(algorithm, name, getkey):
     targets = jr.normal(getkey(), (1, *y_shape))
     online, _ = online_and_bptt(algorithm, cell, xs, targets, state=state)
     exact, _ = online_and_bptt(eqtrace.RTRL(), cell, xs, targets, state=state)
-    assert relative_error(online, exact) <= 1e-9
+    assert relative_error(online, exact) <= 1e-12  # measured: 0 (D-RTRL), 2e-16 (pp-prop)
 
 
 @pytest.mark.parametrize("case", algorithm_cases())
