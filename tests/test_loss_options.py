@@ -208,13 +208,13 @@ def test_train_online_last_block_takes_the_remainder():
     xs, label = _data()
     sgd = optax.sgd(0.1)
     trained, _, final_state, _, losses = eqtrace.train_online(
-        block, _batch_loss, sgd, params, sgd.init(params), state, trace, xs, label,
+        block, mse, sgd, params, sgd.init(params), state, trace, xs, label,
         block_size=4, sequence_targets=True,
     )  # fmt: skip
     expected, expected_state, expected_trace = params, state, trace
     for start, stop in [(0, 4), (4, LENGTH)]:
         _, grads, expected_state, expected_trace = eqtrace.online_gradient(
-            block, _batch_loss, expected, expected_state, expected_trace, xs[start:stop],
+            block, mse, expected, expected_state, expected_trace, xs[start:stop],
             label, block_size=4, sequence_targets=True, reduction="mean",
         )  # fmt: skip
         expected = jtu.tree_map(lambda p, g: p - 0.1 * g, expected, grads)
