@@ -115,8 +115,7 @@ class CellStructure:
 
     def site_modules(self, cell) -> list[Any]:
         """The op module of each call site of `cell` (or of a tangent shaped like it)."""
-        ops = [op for _, op in find_ops(cell)]
-        return [ops[site.op] for site in self.sites]
+        return _site_modules(cell, self.site_ops)
 
     def split_tangent(self, params_tangent) -> tuple[list[Any], list[jax.Array]]:
         """Splits a parameter tangent (a copy of the cell holding tangents in place of its
@@ -469,6 +468,7 @@ def _analyse(cell, state, x) -> CellStructure:
 
 
 def _site_modules(cell, sites) -> list[Any]:
+    """The op module of each call site (`sites`: the op index of each call)."""
     ops = [op for _, op in find_ops(cell)]
     return [ops[i] for i in sites]
 
