@@ -62,8 +62,25 @@ import eqtrace
 
 
 ROOT = Path(__file__).resolve().parent.parent
-RULES = ("drtrl", "ppprop", "bptt")
-RULE_LABELS = {"drtrl": "D-RTRL", "ppprop": "pp-prop", "bptt": "BPTT"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """A rule the harness can run: its label, how to build it (from pp-prop's decay, `None`
+    for the others; `None` for BPTT, which has no online rule) and its plot style."""
+
+    label: str
+    make: Callable[[float | None], Any]
+    color: str
+    marker: str
+
+
+#: One line per rule. `ppprop` takes its decay from the task's `ppprop_decay` or `ppprop@0.999`.
+RULES: dict[str, Rule] = {
+    "drtrl": Rule("D-RTRL", lambda decay: eqtrace.DRTRL(), "tab:blue", "o"),
+    "ppprop": Rule("pp-prop", lambda decay: eqtrace.PPProp(decay=decay), "tab:orange", "s"),
+    "bptt": Rule("BPTT", lambda decay: None, "tab:green", "^"),
+}
 #: pp-prop twice: with the task's decay (the paper's for the spiking tasks) and close to 1.
 DEFAULT_RULES = ("drtrl", "ppprop", "ppprop@0.999", "bptt")
 
@@ -331,17 +348,14 @@ def parse_rule(spec: str, task_config: dict[str, Any]) -> tuple[str, float | Non
     if rule != "ppprop":
         if decay_text:
             raise ValueError(f"only ppprop takes a decay, not {spec!r}")
-        return rule, None, RULE_LABELS[rule]
+        return rule, None, RULES[rule].label
     decay = float(decay_text) if decay_text else float(task_config["ppprop_decay"])
     return rule, decay, f"pp-prop α={decay:g}"
 
 
 def make_algorithm(rule: str, decay: float | None):
-    if rule == "drtrl":
-        return eqtrace.DRTRL()
-    if rule == "ppprop":
-        return eqtrace.PPProp(decay=decay)
-    return None
+    """The online rule `rule` (with pp-prop's `decay`), or `None` for BPTT."""
+    return RULES[rule].make(decay)
 
 
 def _split(tree, start):
@@ -853,10 +867,6 @@ def _save_small(fig, path: Path) -> None:
     image.quantize(colors=64, method=Image.Quantize.MEDIANCUT).save(path, optimize=True)
 
 
-COLORS = {"drtrl": "tab:blue", "ppprop": "tab:orange", "bptt": "tab:green"}
-MARKERS = {"drtrl": "o", "ppprop": "s", "bptt": "^"}
-
-
 def plot(records: Sequence[dict], directory: Path, prefix: str) -> list[Path]:
     """`<prefix>_memory.png` (test accuracy against memory per sample, one panel per task) and
     `<prefix>_curves.png` (training loss and test accuracy over the updates, one row per task)."""
@@ -876,10 +886,10 @@ def plot(records: Sequence[dict], directory: Path, prefix: str) -> list[Path]:
             accs = [100 * r["test_accuracy"] for r in group]
             memory = group[0]["memory_bytes"]
             style = {
-                "color": COLORS[rule],
-                "marker": MARKERS[rule] if variant == 0 else "D",
+                "color": RULES[rule].color,
+                "marker": RULES[rule].marker if variant == 0 else "D",
                 # Hollow: BPTT (its memory is a lower bound) and a rule's later variants.
-                "facecolors": "none" if rule == "bptt" or variant else COLORS[rule],
+                "facecolors": "none" if rule == "bptt" or variant else RULES[rule].color,
             }
             ax.scatter(
                 [memory] * len(accs), accs, alpha=0.4 if len(accs) > 1 else 1.0, s=18, **style
@@ -909,7 +919,7 @@ def plot(records: Sequence[dict], directory: Path, prefix: str) -> list[Path]:
                 k = max(1, len(losses) // 50)  # a running mean, for readability
                 smooth = np.convolve(losses, np.ones(k) / k, mode="valid")
                 updates = np.arange(1, len(losses) + 1)[k - 1 :]
-                kwargs = {"color": COLORS[rule], "alpha": 0.85, "lw": 1.0}
+                kwargs = {"color": RULES[rule].color, "alpha": 0.85, "lw": 1.0}
                 if label.startswith("pp-prop") and any(
                     g[0]["rule"] == "ppprop" and g[0]["label"] != label for g in groups.values()
                 ):
@@ -954,7 +964,7 @@ def parse_args(argv: Sequence[str] | None = None):
     parser.add_argument(
         "--rules",
         default=None,
-        help="of drtrl, ppprop (the task's decay), ppprop@DECAY, bptt "
+        help=f"of {', '.join(RULES)}, ppprop@DECAY (ppprop alone: the task's decay) "
         f"(default {','.join(DEFAULT_RULES)}; with --fast, drtrl,ppprop,bptt)",
     )
     parser.add_argument(
