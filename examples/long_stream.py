@@ -178,13 +178,13 @@ def main(argv=None):
             rmse = float(np.sqrt(loss))
             bar.update(args.chunk)
             bar.set_postfix(rmse=f"{rmse:.3f}")
-            for milestone in MILESTONES:
-                if steps < milestone <= tree["steps"]:
-                    bar.write(f"peak RSS at step {milestone:>9,}: {peak_rss_mib():.0f} MiB")
             if tree["steps"] % args.every == 0 or tree["steps"] >= args.steps:
                 eqtrace.save_checkpoint(
                     directory, tree["steps"], tree, algorithm=algorithm, model=model, max_to_keep=2
                 )
+            for milestone in MILESTONES:  # after the checkpoint of that step, if there is one
+                if steps < milestone <= tree["steps"]:
+                    bar.write(f"peak RSS at step {milestone:>9,}: {peak_rss_mib():.0f} MiB")
     seconds = time.perf_counter() - start
     done = tree["steps"] - begin
     print(
