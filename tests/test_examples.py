@@ -24,6 +24,7 @@ CASES = {
     "mnist1d_gru": (["--algorithms", "drtrl"], ["D-RTRL", "ms per update"], "mnist1d_gru.png"),
     "spiking_working_memory": ([], ["D-RTRL", "pp-prop", "BPTT"], "spiking_working_memory.png"),
     "online_mackey_glass": ([], ["NRMSE", "persistence"], "online_mackey_glass.png"),
+    "long_stream": ([], ["peak RSS", "digest of the parameters at step 1200"], None),
     "custom_cell": ([], ["structure: OK", "relative error", "test accuracy"], "custom_cell.png"),
     "batching_and_sequences": ([], ["max difference", "update"], "batching_and_sequences.png"),
 }
