@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import equinox as eqx
+import hypothesis.strategies as st
 import jax
 import jax.numpy as jnp
 import jax.random as jr
@@ -21,6 +22,7 @@ import jax.tree_util as jtu
 import numpy as np
 import optax
 import pytest
+from hypothesis import given, settings
 
 import eqtrace
 from eqtrace import nn
@@ -299,6 +301,32 @@ def test_steps_kept_and_chosen(tmp_path):
         FileNotFoundError, match=r"no checkpoint of step 1 \(it holds steps \[3, 4\]\)"
     ):
         eqtrace.restore_checkpoint(tmp_path, like, algorithm=algorithm, model=model, step=1)
+
+
+_hyperparameters = st.tuples(
+    st.sampled_from([0.0, 0.5, 0.6, 7 / 9, 0.999999]),  # rank 4 is 0.6, rank 8 is 7/9
+    st.booleans(),  # bias_correction
+    st.booleans(),  # check_finite
+)
+
+
+@settings(derandomize=True, database=None, deadline=None, max_examples=60)
+@given(saved=_hyperparameters, current=_hyperparameters)
+def test_any_change_of_hyperparameters_is_named(saved, current):
+    """The recorded algorithm differs from another exactly when the two differ, and the
+    difference named is a field that differs (pure Python: no checkpoint written)."""
+    from eqtrace._checkpoint import _describe, _first_difference
+
+    make = lambda d, b, c: eqtrace.PPProp(d, bias_correction=b, check_finite=c)  # noqa: E731
+    found = _first_difference(
+        _describe(make(*saved), values=True), _describe(make(*current), values=True)
+    )
+    assert (found is None) == (saved == current)
+    if found is not None:
+        path, before, now = found
+        names = ("decay", "bias_correction", "check_finite")
+        index = names.index(path.lstrip("."))
+        assert (before, now) == (saved[index], current[index]) and before != now
 
 
 _KILLED_WRITER = """
