@@ -365,8 +365,8 @@ def _directory() -> str:
 
 
 def _checkpoint():
-    """A pp-prop (rank 8) GRU learner saved at step 3: its directory, tree and model."""
-    model, algorithm = _gru(), eqtrace.PPProp(rank=8)
+    """A pp-prop (rank 8) LIF learner saved at step 3: its directory, tree and model."""
+    model, algorithm = nn.LIF(INPUT, HIDDEN, key=_key()), eqtrace.PPProp(rank=8)
     params = eqx.filter(model, eqx.is_inexact_array)
     state, trace = eqtrace.init_state_and_trace(model, algorithm)
     tree = {"params": params, "state": state, "trace": trace}
@@ -481,8 +481,10 @@ CASES: dict[str, Callable[[], list[Callable[[], object]]]] = {
         _restore(algorithm=eqtrace.PPProp(rank=8, bias_correction=False)),
     ],
     "A checkpoint of another model": lambda: [
-        _restore(model=_gru(HIDDEN + 1)),
-        _restore(model=nn.GRUCell(INPUT, HIDDEN, dtype=jnp.float32, key=_key())),
+        _restore(model=nn.LIF(INPUT, HIDDEN + 1, key=_key())),
+        _restore(model=nn.LIF(INPUT, HIDDEN, dtype=jnp.float32, key=_key())),
+        _restore(model=nn.LIF(INPUT, HIDDEN, reset="zero", key=_key())),
+        _restore(model=_gru()),
     ],
     "A `like` that does not fit the checkpoint": lambda: [
         _restore(like=lambda tree: {**tree, "state": _batched(tree["state"])}),
@@ -496,7 +498,7 @@ CASES: dict[str, Callable[[], list[Callable[[], object]]]] = {
     "A step saved twice": lambda: [_saved_twice()],
     "A step that is not a non-negative int": lambda: [
         lambda: eqtrace.save_checkpoint(
-            _directory(), -1, {}, algorithm=eqtrace.DRTRL(), model=_gru()
+            _directory(), -1, {}, algorithm=eqtrace.DRTRL(), model=nn.LIF(INPUT, HIDDEN, key=_key())
         ),
         _restore(step=-3),
     ],
