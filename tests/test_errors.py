@@ -8,9 +8,12 @@ trigger every case and check both against the message actually raised, so the pa
 drift from the code.
 """
 
+import atexit
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 from collections.abc import Callable
 from pathlib import Path
@@ -355,6 +358,45 @@ def _every_cell(**sizes):
     ]
 
 
+def _directory() -> str:
+    directory = tempfile.mkdtemp(prefix="eqtrace-test-errors-")
+    atexit.register(shutil.rmtree, directory, ignore_errors=True)
+    return directory
+
+
+def _checkpoint():
+    """A pp-prop (rank 8) LIF learner saved at step 3: its directory, tree and model."""
+    model, algorithm = nn.LIF(INPUT, HIDDEN, key=_key()), eqtrace.PPProp(rank=8)
+    params = eqx.filter(model, eqx.is_inexact_array)
+    state, trace = eqtrace.init_state_and_trace(model, algorithm)
+    tree = {"params": params, "state": state, "trace": trace}
+    directory = _directory()
+    eqtrace.save_checkpoint(directory, 3, tree, algorithm=algorithm, model=model)
+    return directory, tree, model
+
+
+def _restore(algorithm=None, model=None, like=None, directory=None, step=None):
+    saved, tree, saved_model = _checkpoint()
+    return lambda: eqtrace.restore_checkpoint(
+        saved if directory is None else directory,
+        tree if like is None else like(tree),
+        algorithm=eqtrace.PPProp(rank=8) if algorithm is None else algorithm,
+        model=saved_model if model is None else model,
+        step=step,
+    )
+
+
+def _saved_twice():
+    directory, tree, model = _checkpoint()
+    return lambda: eqtrace.save_checkpoint(
+        directory, 3, tree, algorithm=eqtrace.PPProp(rank=8), model=model
+    )
+
+
+def _batched(tree):
+    return jax.tree.map(lambda a: jnp.stack([a, a]), tree)
+
+
 #: Title of a row of `docs/errors.md` -> functions that each commit that misuse.
 CASES: dict[str, Callable[[], list[Callable[[], object]]]] = {
     "Targets without a time axis": _per_sequence_targets,
@@ -433,6 +475,33 @@ CASES: dict[str, Callable[[], list[Callable[[], object]]]] = {
         _init(eqtrace.DRTRL(), VmappedOp(key=_key()), jnp.zeros((4, 3))),
         _init(eqtrace.PPProp(0.5, strict=False), VmappedOp(key=_key()), jnp.zeros((4, 3))),
     ],
+    "A checkpoint of another algorithm": lambda: [_restore(algorithm=eqtrace.DRTRL())],
+    "A checkpoint of other hyperparameters": lambda: [
+        _restore(algorithm=eqtrace.PPProp(rank=4)),
+        _restore(algorithm=eqtrace.PPProp(rank=8, bias_correction=False)),
+    ],
+    "A checkpoint of another model": lambda: [
+        _restore(model=nn.LIF(INPUT, HIDDEN + 1, key=_key())),
+        _restore(model=nn.LIF(INPUT, HIDDEN, dtype=jnp.float32, key=_key())),
+        _restore(model=nn.LIF(INPUT, HIDDEN, reset="zero", key=_key())),
+        _restore(model=_gru()),
+    ],
+    "A `like` that does not fit the checkpoint": lambda: [
+        _restore(like=lambda tree: {**tree, "state": _batched(tree["state"])}),
+        _restore(like=lambda tree: {**tree, "steps": 0}),
+    ],
+    "No checkpoint to restore": lambda: [
+        _restore(directory=_directory()),
+        _restore(directory=_directory() + "/absent"),
+        _restore(step=2),
+    ],
+    "A step saved twice": lambda: [_saved_twice()],
+    "A step that is not a non-negative int": lambda: [
+        lambda: eqtrace.save_checkpoint(
+            _directory(), -1, {}, algorithm=eqtrace.DRTRL(), model=nn.LIF(INPUT, HIDDEN, key=_key())
+        ),
+        _restore(step=-3),
+    ],
     "A pp-prop decay that rounds to one": lambda: [
         _init(
             eqtrace.PPProp(rank=1e9),
@@ -477,7 +546,11 @@ def test_errors_page_lists_every_case():
 @pytest.mark.parametrize("title", list(CASES))
 def test_documented_error(title):
     exception_name, phrases = DOCUMENTED[title]
-    exception = {"ValueError": ValueError, "TypeError": TypeError}[exception_name]
+    exception = {
+        "ValueError": ValueError,
+        "TypeError": TypeError,
+        "FileNotFoundError": FileNotFoundError,
+    }[exception_name]
     for trigger in CASES[title]():
         with pytest.raises(Exception) as info:
             trigger()

@@ -13,6 +13,11 @@ from ._check import (
     check as check,
     trace_size as trace_size,
 )
+from ._checkpoint import (
+    latest_checkpoint as latest_checkpoint,
+    restore_checkpoint as restore_checkpoint,
+    save_checkpoint as save_checkpoint,
+)
 from ._diagnostics import (
     GradientComparison as GradientComparison,
     compare_gradients as compare_gradients,
