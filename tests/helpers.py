@@ -41,12 +41,13 @@ def mse(y, target):
     return jnp.mean((y - target) ** 2)
 
 
-def online_and_bptt(algorithm, model, xs, targets, loss_fn=squared_loss, state=None):
+def online_and_bptt(algorithm, model, xs, targets, loss_fn=squared_loss, state=None, trace=None):
     """Summed per-step online gradients (through the trace path) and the BPTT gradient."""
     params, static = eqx.partition(model, eqx.is_inexact_array)
     if state is None:
         state = model.init_state()
-    trace = algorithm.init_trace(model, state, xs[0])
+    if trace is None:
+        trace = algorithm.init_trace(model, state, xs[0])
     online_step = eqtrace.make_online_step(algorithm, static)
     _, online, _, _ = eqtrace.online_gradient(
         online_step, loss_fn, params, state, trace, xs, targets
