@@ -104,9 +104,7 @@ class UORO(AbstractAlgorithm[UOROTrace]):
         rho1 = jnp.sqrt((_norm(signs_theta) + eps) / (_norm(signs) + eps))
         state_tilde = rho0 * propagated + rho1 * signs
         params_tilde = trace.params_tilde / rho0 + signs_theta / rho1
-        new_trace = UOROTrace(
-            state_tilde.astype(h.dtype), params_tilde.astype(theta.dtype), key
-        )
+        new_trace = UOROTrace(state_tilde.astype(h.dtype), params_tilde.astype(theta.dtype), key)
         return unravel_state(new_h), new_trace
 
     def cell_tangent(
