@@ -18,7 +18,7 @@ from ._rtrl import _flat_transition
 
 
 class UOROTrace(eqx.Module):
-    """UORO's trace: the factors of the rank-one estimate $dh/dθ ≈ \tilde h \tilde θ^\top$,
+    """UORO's trace: the factors of the rank-one estimate $dh/dθ ≈ \\tilde h \\tilde θ^\\top$,
     shaped like the flattened state and parameters, and the PRNG key of the next step's
     random signs."""
 
@@ -35,24 +35,25 @@ class UORO(AbstractAlgorithm[UOROTrace]):
     """Unbiased online recurrent optimisation (Tallec & Ollivier, ICLR 2018).
 
     Approximates RTRL's sensitivity $M_t = dh_t/dθ$ by a rank-one product
-    $\tilde h_t \tilde θ_t^\top$ of vectors shaped like the flattened state and parameters,
-    refreshed each step with fresh random signs $ν ∈ \{±1\}^{|h|}$:
+    $\\tilde h_t \\tilde θ_t^\\top$ of vectors shaped like the flattened state and parameters,
+    refreshed each step with fresh random signs $ν ∈ \\{±1\\}^{|h|}$:
 
     $$
-    \tilde h_t = ρ_0 J^h_t \tilde h_{t-1} + ρ_1 ν, \qquad
-    \tilde θ_t = \tilde θ_{t-1} / ρ_0 + ν^\top J^θ_t / ρ_1,
+    \\tilde h_t = ρ_0 J^h_t \\tilde h_{t-1} + ρ_1 ν, \\qquad
+    \\tilde θ_t = \\tilde θ_{t-1} / ρ_0 + ν^\\top J^θ_t / ρ_1,
     $$
 
-    with $ρ_0 = \sqrt{(\lVert\tilde θ_{t-1}\rVert + ε) / (\lVert J^h_t \tilde h_{t-1}\rVert + ε)}$
-    and $ρ_1 = \sqrt{(\lVert ν^\top J^θ_t\rVert + ε) / (\lVert ν\rVert + ε)}$, which
+    with
+    $ρ_0 = \\sqrt{(\\lVert\\tilde θ_{t-1}\\rVert + ε) / (\\lVert J^h_t \\tilde h_{t-1}\\rVert + ε)}$
+    and $ρ_1 = \\sqrt{(\\lVert ν^\\top J^θ_t\\rVert + ε) / (\\lVert ν\\rVert + ε)}$, which
     minimise the variance that the cross terms add; $ε$ is the machine epsilon of the state's
-    dtype (a guard against $0/0$ on the first step, where $\tilde h = \tilde θ = 0$, and for
-    cells without recurrence). Since $E[ν ν^\top] = I$, and flipping $ν$ flips every cross
-    term but leaves $ρ_0, ρ_1$ unchanged, $E[\tilde h_t \tilde θ_t^\top] = M_t$: the online
-    gradient $\tilde θ_t (\tilde h_t \cdot \bar g_t)$ is an **unbiased** estimate of RTRL's,
+    dtype (a guard against $0/0$ on the first step, where $\\tilde h = \\tilde θ = 0$, and for
+    cells without recurrence). Since $E[ν ν^\\top] = I$, and flipping $ν$ flips every cross
+    term but leaves $ρ_0, ρ_1$ unchanged, $E[\\tilde h_t \\tilde θ_t^\\top] = M_t$: the online
+    gradient $\\tilde θ_t (\\tilde h_t \\cdot \\bar g_t)$ is an **unbiased** estimate of RTRL's,
     whatever the cell. It is exact only when the state has a single element.
 
-    Each step costs one JVP ($J^h \tilde h$) and one VJP ($ν^\top J^θ$) of the cell, a few
+    Each step costs one JVP ($J^h \\tilde h$) and one VJP ($ν^\\top J^θ$) of the cell, a few
     forward passes; the trace holds $|h| + |θ|$ numbers and a key per sample. As for `RTRL`, a
     `Sequential`'s recurrent core (its layers up to the last cell) is one system, and stateless
     layers after it are read-outs with exact gradients.
