@@ -116,8 +116,9 @@ def test_recurrence_by_hand(getkey):
     a, b = np.asarray(cell.a), np.asarray(cell.b)
     h, h_tilde, theta_tilde, key = np.asarray(state), np.zeros(2), np.zeros(10), trace.key
     eps = np.finfo(np.float64).eps
+    step = eqx.filter_jit(algorithm.step)  # one compilation rather than op by op
     for x in jr.normal(getkey(), (3, 3)):
-        state, trace, _ = algorithm.step(cell, state, trace, x)
+        state, trace, _ = step(cell, state, trace, x)
         # The documented key schedule: split, draw the signs from the second key.
         key, signs_key = jr.split(key)
         nu = np.asarray(jr.rademacher(signs_key, (2,), jnp.int8), np.float64)
@@ -134,12 +135,14 @@ def test_recurrence_by_hand(getkey):
         assert jnp.array_equal(jr.key_data(trace.key), jr.key_data(key))
     # The online gradient of a step is θ̃ (h̃ · ḡ), with the step's new trace.
     params, static = eqx.partition(cell, eqx.is_inexact_array)
-    step = eqtrace.make_online_step(algorithm, static)
+    online_step = eqtrace.make_online_step(algorithm, static)
     g = jr.normal(getkey(), (2,))
-    grads, new_trace = jax.grad(
-        lambda p: (jnp.dot(step(p, state, trace, x)[2], g), step(p, state, trace, x)[1]),
-        has_aux=True,
-    )(params)
+
+    def loss(p):
+        _, new_trace, y = online_step(p, state, trace, x)
+        return jnp.dot(y, g), new_trace
+
+    grads, new_trace = jax.jit(jax.grad(loss, has_aux=True))(params)
     expected = new_trace.params_tilde * jnp.dot(new_trace.state_tilde, g)
     assert relative_error(ravel_pytree(grads)[0], expected) < 1e-12
 
@@ -152,9 +155,13 @@ def test_samples_of_a_batch_draw_independent_signs(getkey):
     batch = 256
     state, trace = eqtrace.init_state_and_trace(model, algorithm, batch)
     assert trace.key.shape == (batch,)
-    assert len({tuple(np.asarray(jr.key_data(k))) for k in trace.key}) == batch
-    step = jax.vmap(algorithm.step, in_axes=(None, 0, 0, None))
-    _, trace, _ = step(model, state, trace, jnp.ones(3))
+    assert len({tuple(k) for k in np.asarray(jr.key_data(trace.key))}) == batch
+
+    @eqx.filter_jit
+    def first_step(model, state, trace):
+        return jax.vmap(lambda s, t: algorithm.step(model, s, t, jnp.ones(3)))(state, trace)
+
+    _, trace, _ = first_step(model, state, trace)
     signs = np.sign(np.asarray(trace.state_tilde))  # (batch, 8)
     assert np.all(signs != 0)
     # Independent fair signs: every mean and every correlation between samples is
