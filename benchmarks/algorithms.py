@@ -92,7 +92,7 @@ class Algorithm:
 
 
 def trace_megabytes(trace: Any) -> float:
-    return sum(leaf.size * jnp.dtype(leaf.dtype).itemsize for leaf in jax.tree.leaves(trace)) / MB
+    return sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(trace)) / MB
 
 
 class _OnStream(eqx.Module):
@@ -191,6 +191,11 @@ def _ppprop(config: Config, trace_dtype: Any) -> eqtrace.AbstractAlgorithm:
     return eqtrace.PPProp(rank=config.rank)
 
 
+def _uoro(config: Config, trace_dtype: Any) -> eqtrace.AbstractAlgorithm:
+    # A fixed seed; `init_state_and_trace` splits it into one key per sample.
+    return eqtrace.UORO(key=jax.random.key(0))
+
+
 _RTRL = dict(rule=_rtrl, exact=True, jacobian_trace=True)
 _DRTRL = dict(rule=_drtrl, per_layer=True, supports_blocks=True)
 _PPPROP = dict(rule=_ppprop, per_layer=True, supports_blocks=True)
@@ -207,6 +212,8 @@ REGISTRY = {
         Algorithm("drtrl-bf16", trace_dtype=jnp.bfloat16, **_DRTRL),
         Algorithm("ppprop", **_PPPROP),
         Algorithm("ppprop-block", block=True, **_PPPROP),
+        # Unbiased, |h| + |θ| per sample; blocks would keep every step's trace: stepped only.
+        Algorithm("uoro", rule=_uoro),
     )
 }
 ALGORITHMS = tuple(REGISTRY)

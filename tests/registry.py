@@ -89,6 +89,15 @@ ALGORITHMS: tuple[AlgorithmCase, ...] = (
         exact_elementwise=False,
         needs_structure=True,
     ),
+    AlgorithmCase(
+        "uoro",
+        functools.partial(eqtrace.UORO, key=jr.key(0)),
+        exact=False,
+        exact_elementwise=False,
+        needs_structure=False,
+        equals_rtrl_at_first_step=False,  # unbiased at T = 1, but a rank-one draw
+        statistical=True,
+    ),
 )
 
 

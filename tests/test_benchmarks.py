@@ -22,6 +22,7 @@ TINY = ["--input", "3", "--hidden", "4", "--batch", "2", "--steps", "4", "--repe
 # The names users type on the command line.
 NAMES = (
     "forward", "bptt", "rtrl", "drtrl", "drtrl-block", "drtrl-bf16", "ppprop", "ppprop-block",
+    "uoro",
 )  # fmt: skip
 
 

@@ -502,6 +502,19 @@ CASES: dict[str, Callable[[], list[Callable[[], object]]]] = {
         ),
         _restore(step=-3),
     ],
+    "UORO without a key": lambda: [lambda: eqtrace.UORO()],
+    "A raw PRNG key": lambda: [
+        lambda: eqtrace.UORO(key=jr.PRNGKey(0)),
+        lambda: eqtrace.init_state_and_trace(
+            _gru(), eqtrace.UORO(key=_key()), BATCH, key=jr.PRNGKey(0)
+        ),
+    ],
+    "Several keys where one belongs": lambda: [
+        lambda: eqtrace.UORO(key=jr.split(_key(), BATCH)),
+        lambda: eqtrace.init_state_and_trace(
+            _gru(), eqtrace.UORO(key=_key()), BATCH, key=jr.split(_key(), BATCH)
+        ),
+    ],
     "A pp-prop decay that rounds to one": lambda: [
         _init(
             eqtrace.PPProp(rank=1e9),

@@ -2,7 +2,6 @@ import dataclasses
 import math
 
 import equinox as eqx
-import jax.numpy as jnp
 import jax.tree_util as jtu
 
 from ._algorithm import AbstractAlgorithm
@@ -13,7 +12,7 @@ from ._custom_types import ExampleInput
 from ._probing import concrete
 from ._sequential import Sequential
 from ._structure import CellStructure, analyse
-from ._validation import example_input, require_example_input
+from ._validation import example_input, is_key, require_example_input
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,13 +109,15 @@ def trace_size(algorithm: AbstractAlgorithm, model: AbstractCell, x: ExampleInpu
       model does not declare an `input_size`.
 
     **Returns:** `(values, bytes)`: the number of values in the trace pytree and its size in
-    bytes. Multiply by the batch size for a batch.
+    bytes, which includes the PRNG keys of rules that draw random numbers (`UORO`: 8 bytes
+    each, not counted as values). Multiply by the batch size for a batch.
     """
     state = model.init_state()
     trace = eqx.filter_eval_shape(algorithm.init_trace, model, state, x)
     leaves = jtu.tree_leaves(trace)
-    floats = sum(math.prod(leaf.shape) for leaf in leaves)
-    nbytes = sum(math.prod(leaf.shape) * jnp.dtype(leaf.dtype).itemsize for leaf in leaves)
+    floats = sum(math.prod(leaf.shape) for leaf in leaves if not is_key(leaf))
+    # `dtype.itemsize` rather than `jnp.dtype(...)`, which refuses a key's dtype.
+    nbytes = sum(math.prod(leaf.shape) * leaf.dtype.itemsize for leaf in leaves)
     return floats, nbytes
 
 
