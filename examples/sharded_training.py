@@ -180,8 +180,8 @@ def main(args):
         )
         say(
             f"{str((batch, width)):>20} {trace_bytes_per_device(trace) / 2**20:10.3f} MiB "
-            f"{memory.argument_size_in_bytes / 2**20:6.2f} MiB {memory.temp_size_in_bytes / 2**20:6.2f}"
-            f" MiB {difference:.1e}"
+            f"{memory.argument_size_in_bytes / 2**20:6.2f} MiB "
+            f"{memory.temp_size_in_bytes / 2**20:6.2f} MiB {difference:.1e}"
         )
 
     optimizer = optax.adam(1e-2)
@@ -206,11 +206,11 @@ def main(args):
         )
         losses.append(float(np.mean(fetch(loss))))
     say(
-        f"train_online on mesh {tuple(mesh.shape.values())}: loss {losses[0]:.3f} -> {losses[-1]:.3f}"
+        f"train_online on mesh {tuple(mesh.shape.values())}: loss {losses[0]:.3f} -> "
+        f"{losses[-1]:.3f}"
     )
-    say(
-        f"trace shardings kept: {sorted({str(leaf.sharding.spec) for leaf in jtu.tree_leaves(trace)})}"
-    )
+    specs = sorted({str(leaf.sharding.spec) for leaf in jtu.tree_leaves(trace)})
+    say(f"trace shardings kept: {specs}")
 
 
 if __name__ == "__main__":

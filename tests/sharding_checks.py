@@ -6,11 +6,14 @@ Each case runs a driver once on arrays laid out by `eqtrace.make_shardings` over
 devices and once on a single device, in float64, and prints one JSON object per case: the
 largest relative difference, the shard shape of every trace array against the layout asked for,
 and the size of the largest array that a collective other than the gradient's all-reduce moves.
+
+With `--processes 2 --process-id i --port P`, two such processes (two CPU devices each) form
+one four-device mesh through `jax.distributed` on localhost.
 """
 
+import argparse
 import json
 import re
-import sys
 
 import jax
 
@@ -23,12 +26,13 @@ import jax.random as jr  # noqa: E402
 import jax.tree_util as jtu  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
+from jax.experimental import multihost_utils  # noqa: E402
 from jax.sharding import AxisType  # noqa: E402
 
 import eqtrace  # noqa: E402
 
 
-B, T, I, H = 8, 5, 6, 8
+BATCH, LENGTH, INPUTS, HIDDEN = 8, 5, 6, 8
 GATHERS = re.compile(r"=\s*(\(?[^=]*?)\s+(all-gather|all-to-all|collective-permute)\(")
 SHAPE = re.compile(r"[a-z]+\d*\[([\d,]*)\]")
 
@@ -37,12 +41,25 @@ def mse(y, target):
     return jnp.mean((y - target) ** 2)
 
 
+def whole(a) -> np.ndarray:
+    """`a` on this host, with the shards other processes hold."""
+    if a.is_fully_addressable:
+        return np.asarray(a)
+    return np.asarray(multihost_utils.process_allgather(a, tiled=True))
+
+
 def relative_error(x, y) -> float:
     return max(
-        float(np.max(np.abs(np.asarray(a) - np.asarray(b))) / max(np.max(np.abs(b)), 1e-300))
+        float(np.max(np.abs(whole(a) - whole(b))) / max(np.max(np.abs(whole(b))), 1e-300))
         for a, b in zip(jtu.tree_leaves(x), jtu.tree_leaves(y))
         if np.size(b)
     )
+
+
+def global_array(value, sharding):
+    """A global array from a value that every process holds whole."""
+    value = np.asarray(value)
+    return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
 
 
 def largest_gather(compiled) -> int:
@@ -56,10 +73,10 @@ def largest_gather(compiled) -> int:
 
 def make(cell_name, key):
     if cell_name == "gru":
-        cell = eqtrace.nn.GRUCell(I, H, key=key)
+        cell = eqtrace.nn.GRUCell(INPUTS, HIDDEN, key=key)
     else:
-        cell = eqtrace.nn.LIF(I, H, recurrent=True, synapse=True, learn_tau=True, key=key)
-    return eqtrace.nn.Sequential([cell, eqx.nn.Linear(H, 2, key=jr.fold_in(key, 1))])
+        cell = eqtrace.nn.LIF(INPUTS, HIDDEN, recurrent=True, synapse=True, learn_tau=True, key=key)
+    return eqtrace.nn.Sequential([cell, eqx.nn.Linear(HIDDEN, 2, key=jr.fold_in(key, 1))])
 
 
 def run_case(name, mesh, model_axis, algorithm, cell_name, driver, explicit=False):
@@ -73,8 +90,8 @@ def run_case(name, mesh, model_axis, algorithm, cell_name, driver, explicit=Fals
         )
     else:
         call = jax.vmap(eqtrace.make_online_step(algorithm, static), in_axes=(None, 0, 0, 0))
-    xs = jr.normal(jr.key(1), (T, B, I))
-    targets = jr.normal(jr.key(2), (T, B, 2))
+    xs = jr.normal(jr.key(1), (LENGTH, BATCH, INPUTS))
+    targets = jr.normal(jr.key(2), (LENGTH, BATCH, 2))
     optimizer = optax.adam(1e-2)
     blocks = {"block_size": 2} if driver.startswith("block") else {}
 
@@ -101,18 +118,19 @@ def run_case(name, mesh, model_axis, algorithm, cell_name, driver, explicit=Fals
 
         trace_index = 3
 
-    state, trace = eqtrace.init_state_and_trace(model, algorithm, B)
+    state, trace = eqtrace.init_state_and_trace(model, algorithm, BATCH)
     expected = jax.jit(fn)(params, state, trace, xs, targets)
 
     shardings = eqtrace.make_shardings(model, algorithm, mesh, model_axis=model_axis)
     with jax.set_mesh(mesh) if explicit else _nothing():
-        state, trace = eqtrace.init_sharded(model, algorithm, B, shardings)
+        state, trace = eqtrace.init_sharded(model, algorithm, BATCH, shardings)
         initial = [leaf.addressable_shards[0].data.shape for leaf in jtu.tree_leaves(trace)]
         args = (
             jax.device_put(params, shardings.params),
             state,
             trace,
-            *jax.device_put((xs, targets), shardings.sequences),
+            global_array(xs, shardings.sequences),
+            global_array(targets, shardings.sequences),
         )
         compiled = jax.jit(fn).lower(*args).compile()
         out = compiled(*args)
@@ -124,6 +142,7 @@ def run_case(name, mesh, model_axis, algorithm, cell_name, driver, explicit=Fals
     return {
         "name": name,
         "error": relative_error(out, expected),
+        "full": [leaf.shape for leaf in jtu.tree_leaves(trace)],
         "laid_out": laid_out,
         "initial": initial,
         "returned": [leaf.addressable_shards[0].data.shape for leaf in returned],
@@ -145,26 +164,32 @@ class _nothing:
 
 
 def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("cases", nargs="*", help="the names of the cases to run (all)")
+    parser.add_argument("--processes", type=int, default=1)
+    parser.add_argument("--process-id", type=int, default=0)
+    parser.add_argument("--port", type=int, default=0)
+    args = parser.parse_args()
+    if args.processes > 1:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(
+            coordinator_address=f"localhost:{args.port}",
+            num_processes=args.processes,
+            process_id=args.process_id,
+        )
     auto = jax.make_mesh((4,), ("batch",), axis_types=(AxisType.Auto,))
     explicit = jax.make_mesh((4,), ("batch",), axis_types=(AxisType.Explicit,))
     grid = jax.make_mesh((2, 2), ("batch", "model"), axis_types=(AxisType.Auto,) * 2)
     drtrl, ppprop = eqtrace.DRTRL(), eqtrace.PPProp(0.6)
     cases = [
-        ("data/run_online", auto, None, drtrl, "gru", "run_online"),
-        ("data/online_gradient", auto, None, drtrl, "gru", "online_gradient"),
-        ("data/online_gradient/block", auto, None, drtrl, "gru", "block_gradient"),
-        ("data/train_online", auto, None, drtrl, "gru", "train_online"),
-        ("data/train_online/block", auto, None, ppprop, "lif", "block_train"),
-        ("data/explicit", explicit, None, ppprop, "gru", "online_gradient", True),
+        # `jax.make_mesh`'s default axes are explicit: the arrays' types carry their shardings.
+        ("data/online_gradient/explicit", explicit, None, drtrl, "gru", "online_gradient", True),
+        ("data/train_online/block", auto, None, drtrl, "lif", "block_train"),
         ("model/drtrl/gru", grid, "model", drtrl, "gru", "online_gradient"),
-        ("model/drtrl/gru/block", grid, "model", drtrl, "gru", "block_gradient"),
-        ("model/drtrl/lif/train", grid, "model", drtrl, "lif", "train_online"),
-        ("model/ppprop/lif", grid, "model", ppprop, "lif", "online_gradient"),
-        ("model/ppprop/gru", grid, "model", ppprop, "gru", "online_gradient"),
+        ("model/ppprop/lif/train_online/block", grid, "model", ppprop, "lif", "block_train"),
     ]
-    selected = set(sys.argv[1:])
     for case in cases:
-        if not selected or case[0] in selected:
+        if not args.cases or case[0] in args.cases:
             print(json.dumps(run_case(*case)), flush=True)
 
 

@@ -22,6 +22,7 @@ import jax.random as jr
 import numpy as np
 import optax
 import pytest
+from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec
 
 import eqtrace
 from eqtrace import nn
@@ -356,6 +357,22 @@ def _every_cell(**sizes):
 
 
 #: Title of a row of `docs/errors.md` -> functions that each commit that misuse.
+def _mesh(names: tuple[str, ...]) -> Mesh:
+    """A mesh of this process's one device (the tests run on one)."""
+    return Mesh(np.array(jax.devices()[:1]).reshape((1,) * len(names)), names)
+
+
+def _uneven_batch():
+    # Four devices on the batch axis, only described: nothing is created before the check.
+    shardings = eqtrace.Shardings(
+        params=None,
+        state=None,
+        trace=None,
+        sequences=NamedSharding(AbstractMesh((4,), ("batch",)), PartitionSpec(None, "batch")),
+    )
+    eqtrace.init_sharded(_gru(), eqtrace.DRTRL(), 6, shardings)
+
+
 CASES: dict[str, Callable[[], list[Callable[[], object]]]] = {
     "Targets without a time axis": _per_sequence_targets,
     "Step weights of the wrong shape": _step_weights_of_wrong_shape,
@@ -433,6 +450,23 @@ CASES: dict[str, Callable[[], list[Callable[[], object]]]] = {
         _init(eqtrace.DRTRL(), VmappedOp(key=_key()), jnp.zeros((4, 3))),
         _init(eqtrace.PPProp(0.5, strict=False), VmappedOp(key=_key()), jnp.zeros((4, 3))),
     ],
+    "A mesh without the named axis": lambda: [
+        lambda: eqtrace.make_shardings(_gru(), eqtrace.DRTRL(), _mesh(("data",)))
+    ],
+    "Model parallelism for a rule without neuron-split traces": lambda: [
+        lambda: eqtrace.make_shardings(
+            _gru(), eqtrace.RTRL(), _mesh(("batch", "model")), model_axis="model"
+        )
+    ],
+    "An explicit model axis": lambda: [
+        lambda: eqtrace.make_shardings(
+            _gru(),
+            eqtrace.DRTRL(),
+            jax.make_mesh((1, 1), ("batch", "model"), devices=jax.devices()[:1]),
+            model_axis="model",
+        )
+    ],
+    "A batch that does not split evenly": lambda: [_uneven_batch],
     "A pp-prop decay that rounds to one": lambda: [
         _init(
             eqtrace.PPProp(rank=1e9),

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from ._algorithm import AbstractAlgorithm
 from ._algorithms._diagonal import op_dtype
@@ -65,10 +65,10 @@ def make_shardings(
     given, `DRTRL` or `PPProp` only): in addition, each synaptic op's weights and their traces
     are split along the op's output (neuron) axis over `model_axis` — for a dense weight
     `(out, in)` and its D-RTRL trace `(batch, out, in, K)`, `out`; pp-prop's output traces
-    `(batch, K, out)` likewise. An array whose axis does not divide by the mesh axis size, and
-    everything else (biases of other shapes, per-neuron parameters, the state, pp-prop's input
-    traces), is replicated over `model_axis`; per-neuron parameters' traces are split along
-    their neuron axis.
+    `(batch, K, out)` likewise, and the traces of per-neuron parameters along their neurons.
+    The rest is replicated over `model_axis`: layers outside cells (read-outs), per-neuron
+    parameters, the state, pp-prop's input traces, and any array whose axis does not divide by
+    the size of `model_axis`. The model axis must be of type `AxisType.Auto`.
 
     **Arguments:**
 
@@ -88,6 +88,16 @@ def make_shardings(
                 f"{tuple(mesh.axis_names)}, but received {axis!r}. Build the mesh with that "
                 f"axis, e.g. `jax.make_mesh((n,), ({axis!r},))`, or pass one of its axes."
             )
+    kind = None if model_axis is None else mesh.axis_types[mesh.axis_names.index(model_axis)]
+    if kind not in (None, AxisType.Auto):
+        raise ValueError(
+            f"make_shardings: the model axis {model_axis!r} of `mesh` must be of type "
+            f"`AxisType.Auto`, but it is {kind}: "
+            "under explicit sharding every op would have to say how to split its result, and "
+            "a cell's neurons cross the op outputs' split. Build the mesh with "
+            "`jax.make_mesh(shape, names, axis_types=(jax.sharding.AxisType.Auto,) * "
+            "len(names))`."
+        )
     state, trace = eqx.filter_eval_shape(init_state_and_trace, model, algorithm, None, x)
     params = eqx.filter(model, eqx.is_inexact_array)
     if model_axis is None:
