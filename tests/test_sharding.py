@@ -28,7 +28,7 @@ from helpers import TokenCell
 
 
 SCRIPT = Path(__file__).resolve().parent / "sharding_checks.py"
-TIMEOUT = 600
+TIMEOUT = 300
 CASES = [
     "data/online_gradient/explicit",
     "data/train_online/block",
