@@ -108,7 +108,7 @@ def make_shardings(
     size = mesh.shape[model_axis] if model_axis is not None else 1
 
     def split(shape, axis, batch):
-        spec = [None] * len(shape)
+        spec: list[str | None] = [None] * len(shape)
         if axis is not None and shape[axis] % size == 0:
             spec[axis] = model_axis
         return NamedSharding(mesh, PartitionSpec(*batch, *spec))
