@@ -28,7 +28,7 @@ from helpers import TokenCell
 
 
 SCRIPT = Path(__file__).resolve().parent / "sharding_checks.py"
-TIMEOUT = 300
+TIMEOUT = 900  # seconds; about 30 s of CPU in all, but the machine may be shared
 CASES = [
     "data/online_gradient/explicit",
     "data/train_online/block",
