@@ -39,7 +39,7 @@ def parse_args(argv=None):
         "--coordinator", default="localhost:12355", help="address of process 0 (host:port)"
     )
     parser.add_argument("--hidden", type=int, default=256, help="GRU neurons (256)")
-    parser.add_argument("--inputs", type=int, default=256, help="input features (256)")
+    parser.add_argument("--inputs", type=int, default=32, help="input features (32)")
     parser.add_argument("--batch", type=int, default=8, help="sequences per update (8)")
     parser.add_argument("--length", type=int, default=20, help="sequence length (20)")
     parser.add_argument("--steps", type=int, default=20, help="training sequences (20)")
@@ -188,7 +188,7 @@ def main(args):
             f"{memory.temp_size_in_bytes / 2**20:6.2f} MiB {difference:.1e}"
         )
 
-    optimizer = optax.adam(3e-3)
+    optimizer = optax.adam(1e-3)
     params = jax.device_put(params, shardings.params)
     opt_state = jax.jit(optimizer.init)(params)  # Laid out like the parameters by XLA.
     state, trace = eqtrace.init_sharded(model, algorithm, args.batch, shardings)

@@ -60,39 +60,39 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+#: The two-process run is opt-in: it costs two more JAX processes (about 30 s of CPU each,
+#: most of it in `jax.distributed`'s start and in compilation) and a free local port.
+MULTIPROCESS = os.environ.get("EQTRACE_MULTIPROCESS") == "1"
+
+
 @pytest.fixture(scope="module")
 def runs():
-    """Starts the single-process run and the two-process run at once."""
-    single = subprocess.Popen(
-        [sys.executable, str(SCRIPT), *CASES],
-        env=_environment(4),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    port = _free_port()
-    processes = [
-        subprocess.Popen(
-            [sys.executable, str(SCRIPT), *MULTIPROCESS_CASES, "--processes", "2"]
-            + ["--process-id", str(i), "--port", str(port)],
-            env=_environment(2),
+    """Starts the single-process run (and the two-process run) at once."""
+    commands = {"single": ([*CASES], 4)}
+    if MULTIPROCESS:
+        port = str(_free_port())
+        for i in range(2):
+            options = ["--processes", "2", "--process-id", str(i), "--port", port]
+            commands[f"process {i}"] = ([*MULTIPROCESS_CASES, *options], 2)
+    processes = {
+        key: subprocess.Popen(
+            [sys.executable, str(SCRIPT), *arguments],
+            env=_environment(devices),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
         )
-        for i in range(2)
-    ]
+        for key, (arguments, devices) in commands.items()
+    }
     outputs = {}
     try:
-        for key, process in [("single", single), ("process 0", processes[0])] + [
-            ("process 1", processes[1])
-        ]:
+        for key, process in processes.items():
             stdout, stderr = process.communicate(timeout=TIMEOUT)
             if process.returncode:
                 pytest.fail(f"{SCRIPT.name} ({key}) failed:\n{stdout}\n{stderr}")
             outputs[key] = _results(stdout)
     finally:
-        for process in [single, *processes]:
+        for process in processes.values():
             if process.poll() is None:
                 process.kill()
                 process.communicate()
@@ -125,6 +125,7 @@ def test_sharded_equals_single_device(case, runs):
         assert any(s[1:] != full[1:] for s, full in zip(result["laid_out"], result["full"]))
 
 
+@pytest.mark.skipif(not MULTIPROCESS, reason="set EQTRACE_MULTIPROCESS=1 to run")
 @pytest.mark.parametrize("case", MULTIPROCESS_CASES)
 def test_two_processes(case, runs):
     for process in ("process 0", "process 1"):
