@@ -184,7 +184,7 @@ def main():
     cases = [
         # `jax.make_mesh`'s default axes are explicit: the arrays' types carry their shardings.
         ("data/online_gradient/explicit", explicit, None, drtrl, "gru", "online_gradient", True),
-        ("data/train_online/block", auto, None, drtrl, "lif", "block_train"),
+        ("data/train_online/block", auto, None, drtrl, "gru", "block_train"),
         ("model/drtrl/gru", grid, "model", drtrl, "gru", "online_gradient"),
         ("model/ppprop/lif/train_online/block", grid, "model", ppprop, "lif", "block_train"),
     ]
