@@ -3,9 +3,11 @@
 The sharded runs happen in subprocesses (`sharding_checks.py`), where the device count is set
 before JAX starts; each case there compares a driver on a mesh with the same driver on one
 device in float64 and reports the layout of the trace it returns. Here: the errors, that the
-trace comes back as split as it was laid out (never gathered), and that no collective of the
-compiled program other than the gradient's all-reduce moves an array as large as a shard of a
-D-RTRL weight trace. The layout helpers' own checks (errors, specs) run in this process.
+trace is created in its layout and comes back no larger per device (never gathered), and that
+no collective of the compiled program other than the gradient's all-reduce moves an array as
+large as a shard of a D-RTRL weight trace. With `EQTRACE_MULTIPROCESS=1`, two processes of two
+devices each also form one mesh through `jax.distributed` on localhost. The layout helpers'
+own checks (specs of an embedding) run in this process.
 """
 
 import json
