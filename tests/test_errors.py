@@ -25,6 +25,7 @@ import jax.random as jr
 import numpy as np
 import optax
 import pytest
+from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec
 
 import eqtrace
 from eqtrace import nn
@@ -397,6 +398,22 @@ def _batched(tree):
     return jax.tree.map(lambda a: jnp.stack([a, a]), tree)
 
 
+def _mesh(names: tuple[str, ...]) -> Mesh:
+    """A mesh of this process's one device (the tests run on one)."""
+    return Mesh(np.array(jax.devices()[:1]).reshape((1,) * len(names)), names)
+
+
+def _uneven_batch():
+    # Four devices on the batch axis, only described: nothing is created before the check.
+    shardings = eqtrace.Shardings(
+        params=None,
+        state=None,
+        trace=None,
+        sequences=NamedSharding(AbstractMesh((4,), ("batch",)), PartitionSpec(None, "batch")),
+    )
+    eqtrace.init_sharded(_gru(), eqtrace.DRTRL(), 6, shardings)
+
+
 #: Title of a row of `docs/errors.md` -> functions that each commit that misuse.
 CASES: dict[str, Callable[[], list[Callable[[], object]]]] = {
     "Targets without a time axis": _per_sequence_targets,
@@ -515,6 +532,23 @@ CASES: dict[str, Callable[[], list[Callable[[], object]]]] = {
             _gru(), eqtrace.UORO(key=_key()), BATCH, key=jr.split(_key(), BATCH)
         ),
     ],
+    "A mesh without the named axis": lambda: [
+        lambda: eqtrace.make_shardings(_gru(), eqtrace.DRTRL(), _mesh(("data",)))
+    ],
+    "Model parallelism for a rule without neuron-split traces": lambda: [
+        lambda: eqtrace.make_shardings(
+            _gru(), eqtrace.RTRL(), _mesh(("batch", "model")), model_axis="model"
+        )
+    ],
+    "An explicit model axis": lambda: [
+        lambda: eqtrace.make_shardings(
+            _gru(),
+            eqtrace.DRTRL(),
+            jax.make_mesh((1, 1), ("batch", "model"), devices=jax.devices()[:1]),
+            model_axis="model",
+        )
+    ],
+    "A batch that does not split evenly": lambda: [_uneven_batch],
     "A pp-prop decay that rounds to one": lambda: [
         _init(
             eqtrace.PPProp(rank=1e9),

@@ -27,6 +27,7 @@ CASES = {
     "online_mackey_glass": ([], ["NRMSE", "persistence"], "online_mackey_glass.png"),
     "custom_cell": ([], ["structure: OK", "relative error", "test accuracy"], "custom_cell.png"),
     "batching_and_sequences": ([], ["max difference", "update"], "batching_and_sequences.png"),
+    "sharded_training": (["--devices", "4"], ["trace/device", "train_online on mesh"], None),
 }
 HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
 

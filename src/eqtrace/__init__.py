@@ -35,6 +35,11 @@ from ._drivers import (
     truncated_bptt_gradient as truncated_bptt_gradient,
 )
 from ._ops import OpAlgebra as OpAlgebra, register_op as register_op
+from ._sharding import (
+    Shardings as Shardings,
+    init_sharded as init_sharded,
+    make_shardings as make_shardings,
+)
 
 
 __version__ = importlib.metadata.version("eqtrace")
