@@ -433,6 +433,9 @@ CASES: dict[str, Callable[[], list[Callable[[], object]]]] = {
         _init(eqtrace.DRTRL(), VmappedOp(key=_key()), jnp.zeros((4, 3))),
         _init(eqtrace.PPProp(0.5, strict=False), VmappedOp(key=_key()), jnp.zeros((4, 3))),
     ],
+    "Windows of windows": lambda: [
+        lambda: eqtrace.ExactWindows(eqtrace.ExactWindows(eqtrace.DRTRL()))
+    ],
     "A pp-prop decay that rounds to one": lambda: [
         _init(
             eqtrace.PPProp(rank=1e9),
@@ -527,6 +530,10 @@ def test_wrong_types_without_beartype():
         ),
         "eqtrace.truncated_bptt_gradient(forward, loss, params, state, xs, targets, 2.0)": (
             "TypeError: truncated_bptt_gradient: `window` must be a Python int"
+        ),
+        "eqtrace.ExactWindows(eqtrace.DRTRL)": (
+            "TypeError: ExactWindows: `rule` must be an online rule (an instance of "
+            "`eqtrace.AbstractAlgorithm`), but received DRTRL."
         ),
     }
     script = textwrap.dedent(
