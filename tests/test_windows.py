@@ -145,26 +145,26 @@ def test_window_of_one_is_the_rule_and_of_all_is_bptt(case, limits_problem):
 @pytest.mark.parametrize("name", ["lif", "mingru", "lru"])
 def test_drtrl_windows_are_bptt_on_elementwise_layers(name, getkey, rng):
     """D-RTRL's trace is exact on one element-wise-recurrent layer (LIF without recurrence,
-    MinGRU, LRU) under a stateless read-out, so every window is BPTT; `T = 5` is a multiple of
-    neither `k`, so a last window is shorter."""
-    model = nn.Sequential([make_cell(name, getkey()), eqx.nn.Linear(4, 2, key=getkey())])
+    MinGRU, LRU with its read-out op), so every window is BPTT. Blocks of 3 over `T = 5` are a
+    window of 3 and a window of 2, which starts from the trace the first one left."""
+    model = make_cell(name, getkey())
     params, static, xs, targets = _problem(model, rng, 5)
     xs = 2 * xs  # LIF spikes
     state = random_state(rng, model)
     rule = eqtrace.DRTRL()
-    trace = rule.init_trace(model, state)
+    _, grads, _, _ = _windows(
+        rule, static, params, state, rule.init_trace(model, state), xs, targets, 3
+    )
     _, bptt, _ = eqtrace.bptt_gradient(
         eqtrace.make_forward_step(static), squared_loss, params, state, xs, targets
     )
-    for k in (2, 3):
-        _, grads, _, _ = _windows(rule, static, params, state, trace, xs, targets, k)
-        assert relative_error(grads, bptt) <= 1e-9, k
+    assert relative_error(grads, bptt) <= 1e-9
 
 
 _LONG = os.environ.get("EQTRACE_HYPOTHESIS_PROFILE") == "long"
 
 
-@settings(max_examples=100 if _LONG else 3, deadline=None, derandomize=not _LONG, database=None)
+@settings(max_examples=100 if _LONG else 2, deadline=None, derandomize=not _LONG, database=None)
 @given(
     length=st.integers(2, 5),
     k=st.integers(1, 5),
@@ -219,7 +219,7 @@ def test_windows_batch_and_jit(getkey, rng):
     """A vmapped batch of windows equals a loop over its samples; a jitted window equals the
     same window without jit."""
     model, params, static, xs, targets = _gru_problem(getkey, rng, 3, (BATCH,))
-    rule = eqtrace.DRTRL()
+    rule = eqtrace.PPProp(0.6)
     state, trace = eqtrace.init_state_and_trace(model, rule, batch_size=BATCH)
     state = state + normal(rng, state.shape, 0.5)
     batched = _windows(rule, static, params, state, trace, xs, targets, 2, batched=True)
