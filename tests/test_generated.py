@@ -328,7 +328,8 @@ def test_online_rules_against_oracles(case, ppprop):
        with a `ValueError` naming the offending op, parameter or state leaf; `eqtrace.check`
        reports exactly that refusal (and no violation when the rule accepts);
     3. RTRL and every accepting rule give every parameter a finite gradient, non-zero where
-       BPTT's is not; and D-RTRL equals BPTT where it is exact by theory.
+       BPTT's is not; and D-RTRL equals BPTT where it is exact by theory;
+    4. pp-prop in one exact window of the whole sequence (`ExactWindows`) equals BPTT.
     """
     p = materialise(case)
     every, first = weights(case.length), weights(case.length, first_only=True)
@@ -364,6 +365,10 @@ def test_online_rules_against_oracles(case, ppprop):
         if isinstance(algorithm, eqtrace.DRTRL) and case.spec.drtrl_exact:
             event("D-RTRL exact by theory")
             assert_close(grads, bptt, 1e-8, "D-RTRL vs BPTT on an element-wise-recurrent layer")
+        if algorithm is ppprop:  # one rule per example: each window compiles afresh
+            windows = eqtrace.make_online_block(eqtrace.ExactWindows(algorithm), p.static)
+            _, whole, _, _ = online(windows, p, trace, every, block_size=case.length)
+            assert_close(whole, bptt, 1e-8, f"ExactWindows({algorithm}), one window, vs BPTT")
 
 
 def step_value_and_grad(step, params, state, trace, x, target):

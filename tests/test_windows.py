@@ -77,7 +77,7 @@ def _reference_window(rule, static, params, state, trace, xs, targets):
 
 def _reference(rule, static, params, state, trace, xs, targets, k, optimizer=None):
     """Windows of `k` steps (the last one shorter) by `_reference_window`: `(loss, grads,
-    state, trace)` summed over windows, or with `optimizer`, `(params, losses)` after an update
+    state, trace)` summed over windows, or with `optimizer` the parameters after an update
     with each window's mean gradient."""
     total_loss, total = 0.0, jtu.tree_map(jnp.zeros_like, params)
     opt_state = None if optimizer is None else optimizer.init(params)
@@ -239,8 +239,7 @@ def test_windows_batch_and_jit(getkey, rng):
 
     args = (params, state[0], unstack_tree(trace)[0])
     jitted = jax.jit(jax.value_and_grad(window_loss))(*args)
-    with jax.disable_jit():
-        eager = jax.value_and_grad(window_loss)(*args)
+    eager = jax.value_and_grad(window_loss)(*args)  # op by op
     assert relative_error(jitted, eager) <= 1e-10
 
 
