@@ -3,6 +3,7 @@ windows."""
 
 from typing import Any, TypeVar
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
@@ -58,6 +59,12 @@ class ExactWindows(AbstractAlgorithm[_Trace]):
     """
 
     rule: AbstractAlgorithm[_Trace]
+    check_finite: bool = eqx.field(repr=False)
+
+    def __init__(self, rule: AbstractAlgorithm[_Trace]):
+        self.rule = rule
+        # The rule's own option, copied: the window's states and traces are the rule's.
+        self.check_finite = bool(getattr(rule, "check_finite", False))
 
     def __check_init__(self):
         if not isinstance(self.rule, AbstractAlgorithm):
@@ -77,11 +84,6 @@ class ExactWindows(AbstractAlgorithm[_Trace]):
     def per_layer(self) -> bool:  # pyright: ignore[reportIncompatibleVariableOverride]
         """As for `rule`: one trace per cell of a `Sequential`, or one for its core."""
         return self.rule.per_layer
-
-    @property
-    def check_finite(self) -> bool:  # pyright: ignore[reportIncompatibleVariableOverride]
-        """As for `rule`."""
-        return self.rule.check_finite
 
     def init_cell_trace(self, cell: AbstractCell, state: State, x: ExampleInput) -> _Trace:
         return self.rule.init_cell_trace(cell, state, x)
@@ -130,7 +132,8 @@ def _trace_after(rule: AbstractAlgorithm, cell, state, trace, xs):
         return jax.lax.stop_gradient(rule.cell_steps(cell, state, trace, xs)[1])
 
     def body(carry, x):
-        return rule.checked(*rule.cell_step(cell, *carry, x)), None
+        state, trace = carry
+        return rule.checked(*rule.cell_step(cell, state, trace, x)), None
 
     (_, trace), _ = jax.lax.scan(body, (state, trace), xs)
     return trace
