@@ -46,12 +46,17 @@ class Algorithm:
     supports_blocks: bool = False
     # The trace is the full Jacobian dh/dθ, batch·|h|·|θ| numbers: skipped above --rtrl-limit.
     jacobian_trace: bool = False
+    # `eqtrace.ExactWindows(rule)` in blocks: BPTT within each window of `--block` steps, the
+    # rule's trace across them (a different gradient, the same trace).
+    windows: bool = False
 
     def __post_init__(self):
         if (self.baseline is None) == (self.rule is None):
             raise ValueError(f"{self.name}: give exactly one of `baseline` and `rule`.")
         if self.block and not self.supports_blocks:
             raise ValueError(f"{self.name}: runs in blocks but does not support them.")
+        if self.windows and not self.block:
+            raise ValueError(f"{self.name}: exact windows are run in blocks.")
 
     @property
     def online(self) -> bool:
@@ -59,7 +64,8 @@ class Algorithm:
 
     def make_rule(self, config: Config) -> eqtrace.AbstractAlgorithm:
         assert self.rule is not None, f"{self.name} is a baseline, not an online rule"
-        return self.rule(config, self.trace_dtype)
+        rule = self.rule(config, self.trace_dtype)
+        return eqtrace.ExactWindows(rule) if self.windows else rule
 
     def runner(self, problem: Problem) -> Runner:
         """The function that one timed call runs; see `Runner`."""
@@ -214,6 +220,8 @@ REGISTRY = {
         Algorithm("ppprop-block", block=True, **_PPPROP),
         # Unbiased, |h| + |θ| per sample; blocks would keep every step's trace: stepped only.
         Algorithm("uoro", rule=_uoro),
+        # BPTT within windows of `--block` steps, D-RTRL's trace across them.
+        Algorithm("drtrl-window", block=True, windows=True, **_DRTRL),
     )
 }
 ALGORITHMS = tuple(REGISTRY)
@@ -233,6 +241,7 @@ def stepping(algorithm: Algorithm) -> Algorithm:
         for other in REGISTRY.values():
             if (
                 not other.block
+                and not other.windows
                 and other.rule is algorithm.rule
                 and other.trace_dtype == algorithm.trace_dtype
             ):

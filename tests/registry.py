@@ -101,6 +101,12 @@ ALGORITHMS: tuple[AlgorithmCase, ...] = (
 )
 
 
+#: Rules that wrap a registered rule (`eqtrace.ExactWindows(rule)`): stepping them is the
+#: wrapped rule, so the oracles above do not run them again; test_windows.py runs them over
+#: every entry of `ALGORITHMS`.
+WRAPPERS: tuple[type[eqtrace.AbstractAlgorithm], ...] = (eqtrace.ExactWindows,)
+
+
 def rules(**flags) -> list[AlgorithmCase]:
     """The registered rules whose attributes equal `flags`, e.g. `rules(exact=False)`."""
     return [

@@ -549,6 +549,9 @@ CASES: dict[str, Callable[[], list[Callable[[], object]]]] = {
         )
     ],
     "A batch that does not split evenly": lambda: [_uneven_batch],
+    "Windows of windows": lambda: [
+        lambda: eqtrace.ExactWindows(eqtrace.ExactWindows(eqtrace.DRTRL()))
+    ],
     "A pp-prop decay that rounds to one": lambda: [
         _init(
             eqtrace.PPProp(rank=1e9),
@@ -647,6 +650,10 @@ def test_wrong_types_without_beartype():
         ),
         "eqtrace.truncated_bptt_gradient(forward, loss, params, state, xs, targets, 2.0)": (
             "TypeError: truncated_bptt_gradient: `window` must be a Python int"
+        ),
+        "eqtrace.ExactWindows(eqtrace.DRTRL)": (
+            "TypeError: ExactWindows: `rule` must be an online rule (an instance of "
+            "`eqtrace.AbstractAlgorithm`), but received DRTRL."
         ),
     }
     script = textwrap.dedent(

@@ -362,7 +362,8 @@ def test_online_rules_against_oracles(case, ppprop, uoro_seed):
     3. RTRL and every accepting rule give every parameter a finite gradient, non-zero where
        BPTT's is not; and D-RTRL equals BPTT where it is exact by theory;
     4. UORO's online gradient, averaged over many keys, equals RTRL's within its standard
-       error.
+       error;
+    5. pp-prop in one exact window of the whole sequence (`ExactWindows`) equals BPTT.
     """
     p = materialise(case)
     every, first = weights(case.length), weights(case.length, first_only=True)
@@ -399,6 +400,10 @@ def test_online_rules_against_oracles(case, ppprop, uoro_seed):
         if isinstance(algorithm, eqtrace.DRTRL) and case.spec.drtrl_exact:
             event("D-RTRL exact by theory")
             assert_close(grads, bptt, 1e-8, "D-RTRL vs BPTT on an element-wise-recurrent layer")
+        if algorithm is ppprop:  # one rule per example: each window compiles afresh
+            windows = eqtrace.make_online_block(eqtrace.ExactWindows(algorithm), p.static)
+            _, whole, _, _ = online(windows, p, trace, every, block_size=case.length)
+            assert_close(whole, bptt, 1e-8, f"ExactWindows({algorithm}), one window, vs BPTT")
 
 
 def step_value_and_grad(step, params, state, trace, x, target):
