@@ -79,6 +79,13 @@ class Rule:
 RULES: dict[str, Rule] = {
     "drtrl": Rule("D-RTRL", lambda decay: eqtrace.DRTRL(), "tab:blue", "o"),
     "ppprop": Rule("pp-prop", lambda decay: eqtrace.PPProp(decay=decay), "tab:orange", "s"),
+    "uoro": Rule("UORO", lambda decay: eqtrace.UORO(key=jr.key(0)), "tab:purple", "v"),
+    "drtrl-window": Rule(
+        "D-RTRL, exact windows",
+        lambda decay: eqtrace.ExactWindows(eqtrace.DRTRL()),
+        "tab:cyan",
+        "P",
+    ),
     "bptt": Rule("BPTT", lambda decay: None, "tab:green", "^"),
 }
 #: pp-prop twice: with the task's decay (the paper's for the spiking tasks) and close to 1.
@@ -348,6 +355,13 @@ def parse_rule(spec: str, task_config: dict[str, Any]) -> tuple[str, float | Non
     if rule != "ppprop":
         if decay_text:
             raise ValueError(f"only ppprop takes a decay, not {spec!r}")
+        if rule == "drtrl-window":
+            size = int(task_config.get("block", 0))
+            if size < 2:
+                raise ValueError(
+                    "drtrl-window needs windows of two steps or more: --set TASK.block=K"
+                )
+            return rule, None, f"D-RTRL, exact windows of {size}"
         return rule, None, RULES[rule].label
     decay = float(decay_text) if decay_text else float(task_config["ppprop_decay"])
     return rule, decay, f"pp-prop α={decay:g}"
@@ -396,7 +410,8 @@ def make_gradient(task: Task, rule: str, algorithm, model, batch: int) -> Callab
         if not task.spiking and task.config["loss"] == "last":
             step_weights = jnp.arange(length) == length - 1
 
-        def gradient(params, xs, targets):
+        def gradient(params, xs, targets, key=None):
+            del key  # BPTT draws no noise
             loss, grads, _ = eqtrace.bptt_gradient(
                 forward,
                 task.loss_fn,
@@ -423,8 +438,10 @@ def make_gradient(task: Task, rule: str, algorithm, model, batch: int) -> Callab
     else:
         step = jax.vmap(eqtrace.make_online_step(algorithm, static), in_axes=(None, 0, 0, 0))
 
-    def gradient(params, xs, targets):
+    def gradient(params, xs, targets, key=None):
         state, trace = state0, trace0
+        if key is not None:  # fresh noise for rules that draw it (UORO); the others ignore it
+            state, trace = eqtrace.init_state_and_trace(model, algorithm, batch, key=key)
         if sequence_targets:
             xs_before, xs_window = _split(xs, start)
             targets_window = targets
@@ -461,6 +478,12 @@ def memory_per_sample(task: Task, algorithm, model) -> tuple[int, int, str]:
         nbytes = task.length * sum(leaf.nbytes for leaf in leaves)
         return floats, nbytes, "stored states (T × |state|, lower bound)"
     floats, nbytes = eqtrace.trace_size(algorithm, model)
+    if isinstance(algorithm, eqtrace.ExactWindows):  # and the window's states, for its BPTT
+        size = int(task.config.get("block", 0))
+        leaves = jtu.tree_leaves(model.init_state())
+        floats += size * sum(leaf.size for leaf in leaves)
+        nbytes += size * sum(leaf.nbytes for leaf in leaves)
+        return int(floats), int(nbytes), "trace + the window's states (lower bound)"
     return int(floats), int(nbytes), "trace"
 
 
@@ -536,9 +559,12 @@ def train(task: Task, rule_spec: str, seed: int, log: Callable[[str], None]) -> 
     opt_state = optimizer.init(params)
     gradient = make_gradient(task, rule, algorithm, model, config["batch"])
 
+    noise_key = jr.key(seed + 2)
+
     @eqx.filter_jit
-    def update(params, opt_state, xs, targets):
-        loss, grads = gradient(params, xs, targets)
+    def update(params, opt_state, xs, targets, index):
+        key = None if algorithm is None else jr.fold_in(noise_key, index)
+        loss, grads = gradient(params, xs, targets, key)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
@@ -558,7 +584,7 @@ def train(task: Task, rule_spec: str, seed: int, log: Callable[[str], None]) -> 
         xs, targets = task.train_batch(data_key, i - 1)
         jax.block_until_ready((xs, targets))
         t0 = time.perf_counter()
-        params, opt_state, loss = update(params, opt_state, xs, targets)
+        params, opt_state, loss = update(params, opt_state, xs, targets, i)
         loss = float(loss)  # waits for the update
         elapsed = time.perf_counter() - t0
         if i == 1:
