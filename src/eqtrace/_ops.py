@@ -24,14 +24,14 @@ from .nn._linear import Linear
 
 
 class OpAlgebra:
-    """How the diagonal rules (`DRTRL`, `PPProp`) compute with one type of synaptic op.
+    """How the diagonal rules (`DRTRL`, `SnAp1`, `PPProp`) compute with one type of synaptic op.
 
     An op `u = op(a; W)` must be linear in its weights `W` for a fixed input vector `a` (dense,
     masked, sparse, convolution, embedding). Register an algebra for a type of your own with
     `eqtrace.register_op(MyOp, OpAlgebra())`; the defaults below are derived by automatic
     differentiation from `apply`, so only `input`, `apply` or `bias` may need overriding.
-    Overriding the D-RTRL methods (`spread`, `outer`, `contract`, `outer_sum`) with broadcasts
-    only makes them faster.
+    Overriding the D-RTRL methods (`spread`, `outer`, `contract`, `outer_sum`) with broadcasts,
+    or SnAp-1's `restricted` with a gather of the weights concerned, only makes them faster.
 
     Arrays called `v` or `cotangent` are shaped like the op's output, `u.shape`, followed by
     extra trailing axes (one per state leaf, or two); every method keeps those trailing axes.
