@@ -1,4 +1,4 @@
-"""The diagonal family (`DRTRL`, `PPProp`): what its rules share, so that a rule states only
+"""The diagonal family (`DRTRL`, `SnAp1`, `PPProp`): what its rules share, so that a rule states only
 its traces and how they move.
 
 Every diagonal rule linearises a cell once per step. From a single VJP of the cell (with every
@@ -42,7 +42,8 @@ _Trace = TypeVar("_Trace")
 
 class Linearisation(NamedTuple):
     new_state: Any
-    #: `(K, K, N)`: `D[k, m, n] = ∂h^k_n/∂h^m_n` at the previous state, op outputs held fixed.
+    #: `(K, K, N)`: `D[k, m, n] = ∂h^k_n/∂h^m_n` at the previous state, op outputs held fixed
+    #: (or, for SnAp-1, the ops restricted to each neuron's own inputs).
     jacobian: jax.Array
     #: Per op, its input vector `a_t`.
     op_inputs: tuple[jax.Array, ...]
