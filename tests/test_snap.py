@@ -154,7 +154,7 @@ _OUTPUT_OWNERS = st.lists(st.integers(0, 2), min_size=4, max_size=4)
 
 
 @settings(
-    max_examples=400 if os.environ.get("EQTRACE_HYPOTHESIS_PROFILE") == "long" else 8,
+    max_examples=400 if os.environ.get("EQTRACE_HYPOTHESIS_PROFILE") == "long" else 5,
     deadline=None,
     derandomize=True,
     database=None,
