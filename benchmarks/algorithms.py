@@ -193,6 +193,10 @@ def _drtrl(config: Config, trace_dtype: Any) -> eqtrace.AbstractAlgorithm:
     return eqtrace.DRTRL(trace_dtype=trace_dtype)
 
 
+def _snap1(config: Config, trace_dtype: Any) -> eqtrace.AbstractAlgorithm:
+    return eqtrace.SnAp1()
+
+
 def _ppprop(config: Config, trace_dtype: Any) -> eqtrace.AbstractAlgorithm:
     return eqtrace.PPProp(rank=config.rank)
 
@@ -204,6 +208,7 @@ def _uoro(config: Config, trace_dtype: Any) -> eqtrace.AbstractAlgorithm:
 
 _RTRL = dict(rule=_rtrl, exact=True, jacobian_trace=True)
 _DRTRL = dict(rule=_drtrl, per_layer=True, supports_blocks=True)
+_SNAP1 = dict(rule=_snap1, per_layer=True, supports_blocks=True)
 _PPPROP = dict(rule=_ppprop, per_layer=True, supports_blocks=True)
 
 REGISTRY = {
@@ -216,6 +221,8 @@ REGISTRY = {
         Algorithm("drtrl-block", block=True, **_DRTRL),
         # bfloat16 traces, float32 arithmetic: half the trace traffic.
         Algorithm("drtrl-bf16", trace_dtype=jnp.bfloat16, **_DRTRL),
+        Algorithm("snap1", **_SNAP1),
+        Algorithm("snap1-block", block=True, **_SNAP1),
         Algorithm("ppprop", **_PPPROP),
         Algorithm("ppprop-block", block=True, **_PPPROP),
         # Unbiased, |h| + |θ| per sample; blocks would keep every step's trace: stepped only.

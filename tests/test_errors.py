@@ -339,6 +339,22 @@ class GlobalLeaf(eqtrace.AbstractCell):
         return state[0]
 
 
+class NormalisedInput(eqtrace.AbstractCell):
+    """A recurrent op on the normalised state: each input element depends on every neuron."""
+
+    op: nn.Linear
+
+    def __init__(self, *, key):
+        self.op = nn.Linear(INPUT + HIDDEN, HIDDEN, key=key)
+
+    def init_state(self):
+        return jnp.zeros(HIDDEN)
+
+    def __call__(self, state, x):
+        h = jnp.tanh(self.op(jnp.concatenate([x, state / jnp.linalg.norm(state + 1)])))
+        return h, h
+
+
 def _init(algorithm, cell, x=jnp.zeros(INPUT)):
     return lambda: algorithm.init_trace(cell, cell.init_state(), x)
 
@@ -479,7 +495,11 @@ CASES: dict[str, Callable[[], list[Callable[[], object]]]] = {
     ],
     "State leaves of different shapes": lambda: [_init(eqtrace.DRTRL(), GlobalLeaf(key=_key()))],
     "A convolution under D-RTRL": lambda: [
-        _init(eqtrace.DRTRL(), ConvCell(key=_key()), jnp.zeros((2, 6)))
+        _init(eqtrace.DRTRL(), ConvCell(key=_key()), jnp.zeros((2, 6))),
+        _init(eqtrace.SnAp1(), ConvCell(key=_key()), jnp.zeros((2, 6))),
+    ],
+    "An op input of several neurons under SnAp-1": lambda: [
+        _init(eqtrace.SnAp1(), NormalisedInput(key=_key()), jnp.zeros(INPUT))
     ],
     "An output that is not `output(new_state)`": lambda: [
         _init(eqtrace.RTRL(), OutputNotOfState(key=_key()), jnp.zeros(3))

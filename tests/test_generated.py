@@ -106,7 +106,7 @@ ppprop_rules = st.one_of(
     st.builds(lambda r: eqtrace.PPProp(rank=r), st.integers(1, 8)),
     st.builds(eqtrace.PPProp, st.floats(0.0, 0.95)),
 )
-diagonal_rules = st.one_of(st.builds(eqtrace.DRTRL), ppprop_rules)
+diagonal_rules = st.one_of(st.builds(eqtrace.DRTRL), st.builds(eqtrace.SnAp1), ppprop_rules)
 uoro_rules = st.builds(lambda seed: eqtrace.UORO(key=jr.key(seed)), st.integers(0, 2**16))
 #: UORO's oracle: over this many keys, its mean online gradient is RTRL's within z·SE, z for a
 #: false failure once in a million runs (Bonferroni over the coordinates).
@@ -356,11 +356,11 @@ def test_online_rules_against_oracles(case, ppprop, uoro_seed):
     """On a random network from a random state:
 
     1. exact RTRL, summed over online steps, equals BPTT;
-    2. every diagonal rule (D-RTRL and a pp-prop) equals RTRL at the first step, or refuses
+    2. every diagonal rule (D-RTRL, SnAp-1 and a pp-prop) equals RTRL at the first step, or refuses
        with a `ValueError` naming the offending op, parameter or state leaf; `eqtrace.check`
        reports exactly that refusal (and no violation when the rule accepts);
     3. RTRL and every accepting rule give every parameter a finite gradient, non-zero where
-       BPTT's is not; and D-RTRL equals BPTT where it is exact by theory;
+       BPTT's is not; and D-RTRL and SnAp-1 equal BPTT where they are exact by theory;
     4. UORO's online gradient, averaged over many keys, equals RTRL's within its standard
        error;
     5. pp-prop in one exact window of the whole sequence (`ExactWindows`) equals BPTT.
@@ -384,7 +384,7 @@ def test_online_rules_against_oracles(case, ppprop, uoro_seed):
     _, exact_first, _, _ = online(step, p, trace, first)
     assert_unbiased(p, eqtrace.UORO(key=jr.key(0)), uoro_seed, every, exact)
 
-    for algorithm in (eqtrace.DRTRL(), ppprop):
+    for algorithm in (eqtrace.DRTRL(), eqtrace.SnAp1(), ppprop):
         trace, refusal = init_or_refusal(algorithm, p.model, p.state, p.xs[0])
         report = structure_report(p.model, algorithm, p.xs[0])
         event(f"{type(algorithm).__name__} {'refuses' if refusal else 'accepts'}")
@@ -397,9 +397,9 @@ def test_online_rules_against_oracles(case, ppprop, uoro_seed):
         assert_close(first_step, exact_first, 1e-9, f"{algorithm} vs RTRL at the first step")
         _, grads, _, _ = online(step, p, trace, every)
         assert_gradient_everywhere(grads, bptt, str(algorithm))
-        if isinstance(algorithm, eqtrace.DRTRL) and case.spec.drtrl_exact:
-            event("D-RTRL exact by theory")
-            assert_close(grads, bptt, 1e-8, "D-RTRL vs BPTT on an element-wise-recurrent layer")
+        if isinstance(algorithm, (eqtrace.DRTRL, eqtrace.SnAp1)) and case.spec.drtrl_exact:
+            event(f"{type(algorithm).__name__} exact by theory")
+            assert_close(grads, bptt, 1e-8, f"{algorithm} vs BPTT on an element-wise layer")
         if algorithm is ppprop:  # one rule per example: each window compiles afresh
             windows = eqtrace.make_online_block(eqtrace.ExactWindows(algorithm), p.static)
             _, whole, _, _ = online(windows, p, trace, every, block_size=case.length)

@@ -7,6 +7,7 @@ from ._algorithm import AbstractAlgorithm as AbstractAlgorithm
 from ._algorithms._drtrl import DRTRL as DRTRL, DRTRLTrace as DRTRLTrace
 from ._algorithms._ppprop import PPProp as PPProp, PPPropTrace as PPPropTrace
 from ._algorithms._rtrl import RTRL as RTRL, RTRLTrace as RTRLTrace
+from ._algorithms._snap import SnAp1 as SnAp1, SnAp1Trace as SnAp1Trace
 from ._algorithms._uoro import UORO as UORO, UOROTrace as UOROTrace
 from ._algorithms._windows import ExactWindows as ExactWindows
 from ._cell import AbstractCell as AbstractCell

@@ -7,6 +7,7 @@ import jax.tree_util as jtu
 from ._algorithm import AbstractAlgorithm
 from ._algorithms._diagonal import AbstractDiagonalAlgorithm
 from ._algorithms._drtrl import DRTRL
+from ._algorithms._snap import SnAp1
 from ._cell import AbstractCell
 from ._custom_types import ExampleInput
 from ._probing import concrete
@@ -30,6 +31,8 @@ class StructureReport:
       rule refuses a model with violations; with `strict=False` it runs as an approximation.
     - `trace_floats`, `trace_bytes`: the size of the rule's trace for one sample (`None` if
       the rule cannot trace the model even with `strict=False`).
+    - `notes`: what the rule, in particular, traces in each cell (for `SnAp1`, the op inputs
+      that carry each neuron's self-paths), in plain words.
     """
 
     algorithm: str
@@ -37,6 +40,7 @@ class StructureReport:
     trace_floats: int | None
     trace_bytes: int | None
     refusal: str | None = None
+    notes: tuple[str, ...] = ()
 
     @property
     def violations(self) -> tuple[str, ...]:
@@ -83,6 +87,7 @@ class StructureReport:
                 lines.append(f"    parameter {param.path} {param.shape}: {how}")
             for v in cell.violations:
                 lines.append(f"    VIOLATION: {v}")
+        lines.extend(f"  {note}" for note in self.notes)
         if self.trace_floats is None:
             lines.append(f"  trace memory per sample: {self.algorithm} cannot trace this model")
         else:
@@ -146,15 +151,22 @@ def check(
     x = example_input(model) if x is None else x
     require_example_input(model, x)
     layers = model.layers if isinstance(model, Sequential) else (model,)
-    cells = []
+    lenient = algorithm
+    if isinstance(algorithm, AbstractDiagonalAlgorithm) and algorithm.strict:
+        # Report the memory and notes even when the structure is violated.
+        lenient = eqx.tree_at(lambda a: a.strict, algorithm, False)
+    cells, notes = [], []
     layer_input = x
-    for layer in layers:
+    for i, layer in enumerate(layers):
         if isinstance(layer, AbstractCell):
             state = layer.init_state()
             structure = None
             if algorithm.per_layer:
                 try:
                     structure = analyse(layer, state, layer_input)
+                    if isinstance(lenient, SnAp1):
+                        paths = lenient.self_paths(layer, state, layer_input)
+                        notes.extend(f"layer {i}: {line}" for line in paths)
                 except ValueError:  # A structure no diagonal rule takes; the refusal says why.
                     pass
             cells.append(structure)
@@ -167,12 +179,10 @@ def check(
         refusal = None
     except ValueError as error:
         refusal = str(error)
-    lenient = algorithm
-    if isinstance(algorithm, AbstractDiagonalAlgorithm) and algorithm.strict:
-        # Report the memory even when the structure is violated.
-        lenient = eqx.tree_at(lambda a: a.strict, algorithm, False)
     try:
         floats, nbytes = trace_size(lenient, model, x)
     except ValueError:  # The algorithm cannot trace this model; the refusal says why.
         floats = nbytes = None
-    return StructureReport(type(algorithm).__name__, tuple(cells), floats, nbytes, refusal)
+    return StructureReport(
+        type(algorithm).__name__, tuple(cells), floats, nbytes, refusal, tuple(notes)
+    )

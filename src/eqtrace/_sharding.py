@@ -21,7 +21,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from ._algorithm import AbstractAlgorithm
 from ._algorithms._diagonal import op_dtype
-from ._algorithms._drtrl import DRTRL
+from ._algorithms._drtrl import AbstractWeightTraceAlgorithm
 from ._algorithms._ppprop import PPProp
 from ._cell import AbstractCell
 from ._custom_types import ExampleInput, State, Trace
@@ -62,8 +62,8 @@ def make_shardings(
 
     Data parallel (`model_axis=None`): the batch axis of state, trace and inputs is split over
     the mesh axis `batch_axis`; the parameters are replicated. Model parallel (`model_axis`
-    given, `DRTRL` or `PPProp` only): in addition, each synaptic op's weights and their traces
-    are split along the op's output (neuron) axis over `model_axis` — for a dense weight
+    given; `DRTRL`, `SnAp1` or `PPProp`): in addition, each synaptic op's weights and their
+    traces are split along the op's output (neuron) axis over `model_axis` — for a dense weight
     `(out, in)` and its D-RTRL trace `(batch, out, in, K)`, `out`; pp-prop's output traces
     `(batch, K, out)` likewise, and the traces of per-neuron parameters along their neurons.
     The rest is replicated over `model_axis`: layers outside cells (read-outs), per-neuron
@@ -156,10 +156,10 @@ def init_sharded(
 def _neuron_axes(model, algorithm, params, state, trace, x) -> tuple[Any, Any]:
     """For every parameter and every (per-sample) trace array, the axis that holds the
     neurons of an op's output, or `None`: pytrees shaped like `params` and `trace`."""
-    if not isinstance(algorithm, DRTRL | PPProp):
+    if not isinstance(algorithm, AbstractWeightTraceAlgorithm | PPProp):
         raise ValueError(
             "make_shardings: `model_axis` splits the traces of the diagonal rules "
-            "(`eqtrace.DRTRL`, `eqtrace.PPProp`) along neurons, but received "
+            "(`eqtrace.DRTRL`, `eqtrace.SnAp1`, `eqtrace.PPProp`) along neurons, but received "
             f"{type(algorithm).__name__}, whose trace has no such axis. Pass `model_axis=None` "
             "(data parallel) or use one of those rules."
         )
