@@ -102,6 +102,8 @@ def _assert_identical(resumed, straight):
     assert jtu.tree_structure(resumed) == jtu.tree_structure(straight)
     for (path, a), b in zip(jtu.tree_leaves_with_path(resumed), jtu.tree_leaves(straight)):
         assert type(a) is type(b), jtu.keystr(path)
+        if isinstance(a, jax.Array) and jnp.issubdtype(a.dtype, jax.dtypes.prng_key):
+            a, b = jax.random.key_data(a), jax.random.key_data(b)  # keys have no `==` in NumPy
         assert np.array_equal(a, b), f"{jtu.keystr(path)}: {a} != {b}"
         if isinstance(a, jax.Array):
             assert a.dtype == b.dtype, jtu.keystr(path)
