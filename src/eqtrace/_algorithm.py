@@ -95,6 +95,30 @@ class AbstractAlgorithm(eqx.Module, Generic[_Trace]):
         links = jax.vmap(step_link)(xs, previous, traces)
         return jtu.tree_map(jnp.add, states, links), last(traces)
 
+    def for_layer(self, layer: AbstractCell, consumer: Any) -> "AbstractAlgorithm":
+        """The rule that runs `layer`, a cell of a `Sequential` whose output feeds `consumer`
+        (the next layer, or `None` for the last). A rule whose derivative depends on what reads
+        a cell's output returns a copy configured for it (`EProp` folds a leaky read-out's
+        filter into the trace of the cell below); the default is the rule itself."""
+        del layer, consumer
+        return self
+
+    @property
+    def defines_output_tangent(self) -> bool:
+        """Whether `cell_output_tangent` gives the derivative of the cell's output. If not (the
+        default), the output `y_t = output(h_t)` is differentiated through `cell_tangent`."""
+        return False
+
+    def cell_output_tangent(
+        self, cell: AbstractCell, state: State, trace: _Trace, x: Input, params_tangent: Any
+    ) -> Any:
+        """The change of the output `y_t` that the rule attributes to a tangent of the cell's
+        parameters, used instead of pushing `cell_tangent` through `output` when
+        `defines_output_tangent`; arguments as for `cell_tangent`."""
+        raise NotImplementedError(
+            f"{type(self).__name__} does not define the tangent of a cell's output."
+        )
+
     def checked(self, state: State, trace: _Trace) -> tuple[State, _Trace]:
         """`(state, trace)`, raising at run time if `check_finite` and a value is not finite."""
         if not self.check_finite:

@@ -6,6 +6,7 @@ from jaxtyping import Array, Float, PRNGKeyArray
 
 from .._cell import AbstractCell
 from .._validation import check_size
+from ._feedback import RandomFeedback
 from ._linear import Linear
 
 
@@ -34,7 +35,7 @@ class LeakyReadout(AbstractCell):
     - `key`: PRNG key.
     """
 
-    input_op: Linear
+    input_op: Linear | RandomFeedback
     input_size: int = eqx.field(static=True)
     output_size: int = eqx.field(static=True)
     tau: float = eqx.field(static=True)
@@ -72,7 +73,8 @@ class LeakyReadout(AbstractCell):
         return math.exp(-self.dt / self.tau)
 
     def init_state(self) -> Float[Array, " output"]:
-        return jnp.zeros(self.output_size, self.input_op.weight.dtype)
+        op = self.input_op.op if isinstance(self.input_op, RandomFeedback) else self.input_op
+        return jnp.zeros(self.output_size, op.weight.dtype)
 
     def __call__(
         self, state: Float[Array, " output"], x: Float[Array, " input"]
