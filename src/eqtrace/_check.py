@@ -31,6 +31,9 @@ class StructureReport:
       rule refuses a model with violations; with `strict=False` it runs as an approximation.
     - `trace_floats`, `trace_bytes`: the size of the rule's trace for one sample (`None` if
       the rule cannot trace the model even with `strict=False`).
+    - `layer_rules`: per layer, how the rule runs it when it configures itself for that layer
+      from the layer after it (e.g. `EProp(readout_decay=0.95)` under a leaky read-out), else
+      `None`.
     """
 
     algorithm: str
@@ -38,6 +41,7 @@ class StructureReport:
     trace_floats: int | None
     trace_bytes: int | None
     refusal: str | None = None
+    layer_rules: tuple[str | None, ...] = ()
 
     @property
     def violations(self) -> tuple[str, ...]:
@@ -63,6 +67,8 @@ class StructureReport:
                 f"  layer {i}: {cell.cell_name}, {cell.num_leaves} state leaf(s) "
                 f"{list(cell.state_paths)} of neuron shape {cell.neuron_shape}"
             )
+            if i < len(self.layer_rules) and self.layer_rules[i] is not None:
+                lines.append(f"    run as {self.layer_rules[i]}")
             for site in cell.sites:
                 kind = cell.ops[site.op].type_name
                 how = "traced" if site.traced else "read-out only, exact gradient through `output`"
@@ -145,9 +151,10 @@ def check(
     x = example_input(model) if x is None else x
     require_example_input(model, x)
     layers = model.layers if isinstance(model, Sequential) else (model,)
-    cells = []
+    cells, layer_rules = [], []
     layer_input = x
-    for layer in layers:
+    for i, layer in enumerate(layers):
+        layer_rules.append(_layer_rule(algorithm, model, i))
         if isinstance(layer, AbstractCell):
             state = layer.init_state()
             structure = None
@@ -174,4 +181,22 @@ def check(
         floats, nbytes = trace_size(lenient, model, x)
     except ValueError:  # The algorithm cannot trace this model; the refusal says why.
         floats = nbytes = None
-    return StructureReport(type(algorithm).__name__, tuple(cells), floats, nbytes, refusal)
+    return StructureReport(
+        type(algorithm).__name__, tuple(cells), floats, nbytes, refusal, tuple(layer_rules)
+    )
+
+
+def _layer_rule(algorithm: AbstractAlgorithm, model: AbstractCell, index: int) -> str | None:
+    """How a per-layer rule runs cell `index` of a `Sequential`, if it configures itself for
+    it; `None` otherwise (or if it refuses: the refusal says why)."""
+    if not (isinstance(model, Sequential) and algorithm.per_layer):
+        return None
+    layer = model.layers[index]
+    if not isinstance(layer, AbstractCell):
+        return None
+    consumer = model.layers[index + 1] if index + 1 < len(model.layers) else None
+    try:
+        rule = algorithm.for_layer(layer, consumer)
+    except ValueError:
+        return None
+    return None if rule == algorithm else repr(rule)

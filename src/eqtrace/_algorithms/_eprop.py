@@ -259,8 +259,8 @@ class EProp(AbstractDiagonalAlgorithm[EPropTrace]):
 
 def _output_problem(cell: AbstractCell, structure: CellStructure, state: State) -> str | None:
     """Why `cell.output` is not one value per neuron from that neuron's state, or `None`.
-    Checked on random states (cached like the structure): the output's Jacobian, applied to a
-    random per-neuron direction, must equal its diagonal times that direction."""
+    Checked on random instances (cached like the structure): the output's Jacobian applied to
+    a random direction in one state leaf must equal its diagonal times that direction."""
 
     def compute():
         output = jax.eval_shape(cell.output, state)
@@ -270,19 +270,12 @@ def _output_problem(cell: AbstractCell, structure: CellStructure, state: State) 
                 f"{structure.neuron_shape}"
             )
         rng = np.random.default_rng(2)
-        leaves, treedef = jtu.tree_flatten(state)
         for scale in (0.5, 2.0):
-            c, s = random_like(cell, rng, scale), random_like(state, rng, scale)
-            for k in range(len(leaves)):
-                direction = rng.standard_normal(structure.neuron_shape)
-
-                def along(values, k=k):
-                    tangent = [jnp.zeros(leaf.shape, leaf.dtype) for leaf in leaves]
-                    tangent[k] = jnp.asarray(values, leaves[k].dtype)
-                    return jax.jvp(c.output, (s,), (jtu.tree_unflatten(treedef, tangent),))[1]
-
-                diagonal = np.asarray(along(np.ones(structure.neuron_shape)))
-                if not np.allclose(np.asarray(along(direction)), diagonal * direction):
+            cell_draw, state_draw = random_like(cell, rng, scale), random_like(state, rng, scale)
+            direction = rng.standard_normal(structure.neuron_shape)
+            along_ones, along_direction = _output_jvps(cell_draw, state_draw, direction)
+            for k in range(structure.num_leaves):
+                if not np.allclose(along_direction[k], along_ones[k] * direction):
                     return (
                         f"its output mixes neurons' `{structure.state_paths[k]}` (e.g. a sum "
                         "or a matmul in `output`)"
@@ -290,3 +283,20 @@ def _output_problem(cell: AbstractCell, structure: CellStructure, state: State) 
         return None
 
     return _cached(("eprop-output", *structure_key(cell, state)), compute)
+
+
+@eqx.filter_jit
+def _output_jvps(cell, state, direction):
+    """Per state leaf, the output's JVP along ones and along `direction` in that leaf."""
+    leaves, treedef = jtu.tree_flatten(state)
+
+    def along(k, values):
+        tangent = [jnp.zeros(leaf.shape, leaf.dtype) for leaf in leaves]
+        tangent[k] = jnp.broadcast_to(values, leaves[k].shape).astype(leaves[k].dtype)
+        return jax.jvp(cell.output, (state,), (jtu.tree_unflatten(treedef, tangent),))[1]
+
+    ones = jnp.ones_like(direction)
+    return (
+        [along(k, ones) for k in range(len(leaves))],
+        [along(k, direction) for k in range(len(leaves))],
+    )

@@ -1,0 +1,230 @@
+"""e-prop against its oracles: BPTT for a feed-forward layer under a leaky read-out (where
+D-RTRL is not exact), D-RTRL where there is no leaky read-out, RTRL at the first step,
+blocks against steps, and its filter by hand."""
+
+import math
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+import numpy as np
+import pytest
+
+import eqtrace
+from eqtrace import nn
+from helpers import (
+    LeakyCurrent,
+    online_and_bptt,
+    random_state,
+    relative_error,
+    squared_loss,
+)
+
+
+LENGTH, INPUT, HIDDEN, OUTPUT = 10, 3, 4, 2
+
+
+def _feed_forward(name, key):
+    """Element-wise-recurrent layers without recurrent weights: spiking (ALIF with per-neuron
+    parameters), and rate-based with two state leaves and a shared parameter."""
+    if name == "lif":
+        return nn.LIF(INPUT, HIDDEN, tau_mem=5.0, reset="zero", key=key)
+    if name == "alif-learn":
+        return nn.ALIF(
+            INPUT, HIDDEN, synapse=True, learn_tau=True, learn_beta=True, beta=0.5, key=key
+        )
+    return LeakyCurrent(INPUT, HIDDEN, key=key)
+
+
+def _data(rng, scale=2.0):
+    xs = jnp.asarray(scale * rng.standard_normal((LENGTH, INPUT)))
+    return xs, jnp.asarray(rng.standard_normal((LENGTH, OUTPUT)))
+
+
+@pytest.mark.parametrize("name", ["lif", "alif-learn", "leaky-current"])
+def test_equals_bptt_under_a_leaky_readout(name, getkey, rng):
+    cell = _feed_forward(name, getkey())
+    model = nn.Sequential([cell, nn.LeakyReadout(HIDDEN, OUTPUT, tau=4.0, key=getkey())])
+    xs, targets = _data(rng)
+    if name in ("lif", "alif-learn"):  # Spiking, not silent nor saturated.
+        _, spikes = jax.lax.scan(lambda s, x: cell(s, x), cell.init_state(), xs)
+        assert 0 < float(jnp.mean(spikes)) < 1
+    online, bptt = online_and_bptt(eqtrace.EProp(), model, xs, targets)
+    assert relative_error(online, bptt) <= 1e-9
+    if name == "lif":
+        # Not vacuous: per-layer D-RTRL drops the read-out's leak.
+        drtrl, _ = online_and_bptt(eqtrace.DRTRL(), model, xs, targets)
+        assert relative_error(drtrl, bptt) > 1e-2
+
+
+def test_single_cell_with_readout_decay_equals_bptt(getkey, rng):
+    # A lone cell whose leaky read-out is applied outside: `readout_decay` is its κ, and the
+    # loss is the learning signal `L_t = (1 − κ) Wᵀ ∂L_t/∂y_t` (here from a forward pass)
+    # contracted with the cell's output.
+    cell = _feed_forward("lif", getkey())
+    readout = nn.LeakyReadout(HIDDEN, OUTPUT, tau=4.0, key=getkey())
+    model = nn.Sequential([cell, readout])
+    xs, targets = _data(rng)
+    _, ys = jax.lax.scan(lambda s, x: model(s, x), model.init_state(), xs)
+    weight, kappa = readout.input_op.weight, readout.decay
+    signals = jax.vmap(lambda y, t: (1 - kappa) * weight.T @ (2 * (y - t)))(ys, targets)
+
+    algorithm = eqtrace.EProp(readout_decay=kappa)
+    params, static = eqx.partition(cell, eqx.is_inexact_array)
+    state = cell.init_state()
+    trace = algorithm.init_trace(cell, state)
+    step = eqtrace.make_online_step(algorithm, static)
+    _, online, _, _ = eqtrace.online_gradient(
+        step, lambda z, signal: jnp.sum(z * signal), params, state, trace, xs, signals
+    )
+    model_params, model_static = eqx.partition(model, eqx.is_inexact_array)
+    forward = eqtrace.make_forward_step(model_static)
+    _, bptt, _ = eqtrace.bptt_gradient(
+        forward, squared_loss, model_params, model.init_state(), xs, targets
+    )
+    assert relative_error(online, bptt.layers[0]) <= 1e-9
+
+
+def _online(algorithm, model, xs, targets):
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+    state = model.init_state()
+    trace = algorithm.init_trace(model, state, xs[0])
+    step = eqtrace.make_online_step(algorithm, static)
+    return eqtrace.online_gradient(step, squared_loss, params, state, trace, xs, targets)[1]
+
+
+def test_equals_drtrl_without_a_leaky_readout(getkey, rng):
+    # A leaky read-out's filter reaches only the cell just below it: not a cell under a
+    # stateless read-out, nor under another cell, nor the read-out itself.
+    model = nn.Sequential(
+        [
+            nn.LIF(INPUT, HIDDEN, recurrent=True, synapse=True, key=getkey()),
+            nn.MinGRUCell(HIDDEN, HIDDEN, key=getkey()),
+            eqx.nn.Linear(HIDDEN, OUTPUT, key=getkey()),
+        ]
+    )
+    xs, targets = _data(rng)
+    assert eqtrace.check(model, eqtrace.EProp()).layer_rules == (None, None, None)
+    eprop = _online(eqtrace.EProp(), model, xs, targets)
+    drtrl = _online(eqtrace.DRTRL(), model, xs, targets)
+    assert relative_error(eprop, drtrl) == 0.0
+
+
+def test_first_step_equals_rtrl(getkey, rng):
+    # At T = 1 from a random state (and a zero trace), filtered and unfiltered traces agree,
+    # and per-layer traces with exact spatial credit are exact.
+    model = nn.Sequential(
+        [
+            nn.ALIF(INPUT, HIDDEN, recurrent=True, beta=0.5, key=getkey()),
+            nn.LeakyReadout(HIDDEN, OUTPUT, tau=4.0, key=getkey()),
+        ]
+    )
+    state = random_state(rng, model)
+    xs, targets = jnp.asarray(rng.standard_normal((1, INPUT))), jnp.ones((1, OUTPUT))
+    eprop, _ = online_and_bptt(eqtrace.EProp(), model, xs, targets, state=state)
+    rtrl, _ = online_and_bptt(eqtrace.RTRL(), model, xs, targets, state=state)
+    assert relative_error(eprop, rtrl) <= 1e-12
+
+
+def test_blocks_equal_steps_and_batch_equals_loop(getkey, rng):
+    model = nn.Sequential(
+        [
+            nn.LIF(INPUT, HIDDEN, recurrent=True, learn_tau=True, key=getkey()),
+            nn.LeakyReadout(HIDDEN, OUTPUT, tau=4.0, key=getkey()),
+        ]
+    )
+    algorithm = eqtrace.EProp()
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+    xs = jnp.asarray(2 * rng.standard_normal((6, 2, INPUT)))
+    targets = jnp.asarray(rng.standard_normal((6, 2, OUTPUT)))
+    state, trace = eqtrace.init_state_and_trace(model, algorithm, batch_size=2)
+    step = jax.vmap(eqtrace.make_online_step(algorithm, static), in_axes=(None, 0, 0, 0))
+    block = jax.vmap(
+        eqtrace.make_online_block(algorithm, static), in_axes=(None, 0, 0, 1), out_axes=(0, 0, 1)
+    )
+    by_step = eqtrace.online_gradient(step, squared_loss, params, state, trace, xs, targets)
+    by_block = eqtrace.online_gradient(
+        block, squared_loss, params, state, trace, xs, targets, block_size=4
+    )
+    assert relative_error(by_block[1], by_step[1]) <= 1e-12
+    assert relative_error(by_block[0], by_step[0]) <= 1e-12
+    # The batch is the sum of its samples.
+    one = jtu.tree_map(lambda a: a[:1], (state, trace))
+    first = eqtrace.online_gradient(step, squared_loss, params, *one, xs[:, :1], targets[:, :1])
+    second = eqtrace.online_gradient(step, squared_loss, params, *one, xs[:, 1:], targets[:, 1:])
+    summed = jtu.tree_map(jnp.add, first[1], second[1])
+    assert relative_error(by_step[1], summed) <= 1e-12
+
+
+def test_filtered_trace_by_hand(getkey):
+    # A feed-forward LIF neuron with a zero reset (v_t = α v_{t-1} (1 - s_{t-1}) + w x_t):
+    # e_t = dv_t/dw, ē_t = κ ē_{t-1} + H'(v_t) e_t, computed here by hand.
+    cell = nn.LIF(1, 1, tau_mem=2.0, reset="zero", key=getkey())
+    readout = nn.LeakyReadout(1, 1, tau=3.0, key=getkey())
+    model = nn.Sequential([cell, readout])
+    algorithm = eqtrace.EProp()
+    state = model.init_state()
+    trace = algorithm.init_trace(model, state)
+    step = eqx.filter_jit(algorithm.step)
+    alpha, kappa, w = math.exp(-1 / 2), math.exp(-1 / 3), float(cell.input_op.weight[0, 0])
+    surrogate_slope = jax.grad(lambda v: cell.output((v,))[0])
+
+    v = e = filtered = 0.0
+    s = 0.0
+    for x in (1.5, -0.5, 2.0):
+        state, trace, _ = step(model, state, trace, jnp.array([x]))
+        # ∂v_t/∂v_{t-1} with the op output fixed: α (1 - s) - α v H'(v_{t-1}).
+        d = alpha * (1 - s) - alpha * v * float(surrogate_slope(jnp.array([v]))[0])
+        v, e = alpha * (1 - s) * v + w * x, d * e + x
+        s = float(cell.output((jnp.array([v]),))[0])
+        filtered = kappa * filtered + float(surrogate_slope(jnp.array([v]))[0]) * e
+        assert np.isclose(float(state[0][0][0]), v)
+        assert np.isclose(float(trace[0].eligibility.ops[0].weight[0, 0, 0]), e)
+        assert np.isclose(float(trace[0].ops[0].weight[0, 0]), filtered)
+    assert trace[1].ops is None  # The read-out's own trace is not filtered.
+
+
+def test_check_reports_the_filter_and_its_memory(getkey):
+    model = nn.Sequential(
+        [nn.LIF(INPUT, HIDDEN, key=getkey()), nn.LeakyReadout(HIDDEN, OUTPUT, key=getkey())]
+    )
+    report = eqtrace.check(model, eqtrace.EProp())
+    assert report.ok
+    assert "EProp(readout_decay=" in str(report)
+    # D-RTRL's traces plus one filtered copy of the LIF's input weights.
+    drtrl = eqtrace.check(model, eqtrace.DRTRL())
+    assert report.trace_floats == drtrl.trace_floats + HIDDEN * INPUT
+
+
+class RolledOutput(eqtrace.AbstractCell):
+    """A leaky layer whose output mixes neurons (`jnp.roll`): fine for D-RTRL, whose traces
+    live on the state, but not filterable per neuron."""
+
+    op: nn.Linear
+
+    def __init__(self, *, key):
+        self.op = nn.Linear(INPUT, HIDDEN, key=key)
+
+    def init_state(self):
+        return jnp.zeros(HIDDEN)
+
+    def __call__(self, state, x):
+        h = 0.5 * state + self.op(x)
+        return h, self.output(h)
+
+    def output(self, state):
+        return jnp.roll(jnp.tanh(state), 1)
+
+
+def test_refuses_an_output_it_cannot_filter(getkey):
+    readout = nn.LeakyReadout(HIDDEN, OUTPUT, key=getkey())
+    model = nn.Sequential([RolledOutput(key=getkey()), readout])
+    x = jnp.zeros(INPUT)
+    with pytest.raises(ValueError, match="output mixes neurons"):
+        eqtrace.EProp().init_trace(model, model.init_state(), x)
+    eqtrace.DRTRL().init_trace(model, model.init_state(), x)  # D-RTRL takes it.
+    unfiltered = nn.Sequential(
+        [RolledOutput(key=getkey()), eqx.nn.Linear(HIDDEN, OUTPUT, key=getkey())]
+    )
+    eqtrace.EProp().init_trace(unfiltered, unfiltered.init_state(), x)
