@@ -187,6 +187,10 @@ def _drtrl(config: Config, trace_dtype: Any) -> eqtrace.AbstractAlgorithm:
     return eqtrace.DRTRL(trace_dtype=trace_dtype)
 
 
+def _eprop(config: Config, trace_dtype: Any) -> eqtrace.AbstractAlgorithm:
+    return eqtrace.EProp()
+
+
 def _ppprop(config: Config, trace_dtype: Any) -> eqtrace.AbstractAlgorithm:
     return eqtrace.PPProp(rank=config.rank)
 
@@ -194,6 +198,9 @@ def _ppprop(config: Config, trace_dtype: Any) -> eqtrace.AbstractAlgorithm:
 _RTRL = dict(rule=_rtrl, exact=True, jacobian_trace=True)
 _DRTRL = dict(rule=_drtrl, per_layer=True, supports_blocks=True)
 _PPPROP = dict(rule=_ppprop, per_layer=True, supports_blocks=True)
+# Under a leaky read-out (the "lif" model), blocks scan the steps (each step's output needs its
+# filtered trace); elsewhere they are D-RTRL's.
+_EPROP = dict(rule=_eprop, per_layer=True, supports_blocks=True)
 
 REGISTRY = {
     a.name: a
@@ -205,6 +212,8 @@ REGISTRY = {
         Algorithm("drtrl-block", block=True, **_DRTRL),
         # bfloat16 traces, float32 arithmetic: half the trace traffic.
         Algorithm("drtrl-bf16", trace_dtype=jnp.bfloat16, **_DRTRL),
+        Algorithm("eprop", **_EPROP),
+        Algorithm("eprop-block", block=True, **_EPROP),
         Algorithm("ppprop", **_PPPROP),
         Algorithm("ppprop-block", block=True, **_PPPROP),
     )

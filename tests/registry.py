@@ -83,6 +83,9 @@ ALGORITHMS: tuple[AlgorithmCase, ...] = (
         "drtrl", eqtrace.DRTRL, exact=False, exact_elementwise=True, needs_structure=True
     ),
     AlgorithmCase(
+        "eprop", eqtrace.EProp, exact=False, exact_elementwise=True, needs_structure=True
+    ),
+    AlgorithmCase(
         "ppprop",
         functools.partial(eqtrace.PPProp, 0.6),
         exact=False,

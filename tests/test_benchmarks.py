@@ -21,7 +21,8 @@ from benchmarks.problems import Config, build_problem  # noqa: E402
 TINY = ["--input", "3", "--hidden", "4", "--batch", "2", "--steps", "4", "--repeats", "1"]
 # The names users type on the command line.
 NAMES = (
-    "forward", "bptt", "rtrl", "drtrl", "drtrl-block", "drtrl-bf16", "ppprop", "ppprop-block",
+    "forward", "bptt", "rtrl", "drtrl", "drtrl-block", "drtrl-bf16", "eprop", "eprop-block",
+    "ppprop", "ppprop-block",
 )  # fmt: skip
 
 

@@ -103,7 +103,7 @@ ppprop_rules = st.one_of(
     st.builds(lambda r: eqtrace.PPProp(rank=r), st.integers(1, 8)),
     st.builds(eqtrace.PPProp, st.floats(0.0, 0.95)),
 )
-diagonal_rules = st.one_of(st.builds(eqtrace.DRTRL), ppprop_rules)
+diagonal_rules = st.one_of(st.builds(eqtrace.DRTRL), st.builds(eqtrace.EProp), ppprop_rules)
 
 
 class Problem(NamedTuple):
@@ -313,12 +313,33 @@ _RELAY = _generated(
     )
 )
 
+#: A two-leaf element-wise cell under a leaky read-out: e-prop's filtered traces are exact
+#: where per-layer D-RTRL is not.
+_LEAKY_READOUT = _generated(
+    CellSpec(
+        input_size=3,
+        hidden=3,
+        tokens=False,
+        ops=(OpSpec("eqx", 1, (_FROM_X,)), OpSpec("linear", 1, (_FROM_X,))),
+        declaration=(1, 0),
+        leaves=(LeafSpec("plain", "tanh"), LeafSpec("leaky", "softplus")),
+        chunk_slots=((1, "drive"), (0, "drive")),
+        per_neuron=True,
+        shared=1,
+        output="mix",
+        functions_as_fields=False,
+        violation=None,
+    ),
+    after="readout",
+)
+
 
 @examples(5)
 @given(case=cases, ppprop=ppprop_rules)
 @example(case=_MIXING, ppprop=eqtrace.PPProp(rank=3))
 @example(case=_OUT_OF_ORDER, ppprop=eqtrace.PPProp(0.5))
 @example(case=_RELAY, ppprop=eqtrace.PPProp(rank=2))
+@example(case=_LEAKY_READOUT, ppprop=eqtrace.PPProp(0.3))
 @releasing_compiled_code
 def test_online_rules_against_oracles(case, ppprop):
     """On a random network from a random state:
@@ -348,7 +369,7 @@ def test_online_rules_against_oracles(case, ppprop):
     assert_gradient_everywhere(exact, bptt, "RTRL")
     _, exact_first, _, _ = online(step, p, trace, first)
 
-    for algorithm in (eqtrace.DRTRL(), ppprop):
+    for algorithm in (eqtrace.DRTRL(), eqtrace.EProp(), ppprop):
         trace, refusal = init_or_refusal(algorithm, p.model, p.state, p.xs[0])
         report = structure_report(p.model, algorithm, p.xs[0])
         event(f"{type(algorithm).__name__} {'refuses' if refusal else 'accepts'}")
@@ -364,6 +385,9 @@ def test_online_rules_against_oracles(case, ppprop):
         if isinstance(algorithm, eqtrace.DRTRL) and case.spec.drtrl_exact:
             event("D-RTRL exact by theory")
             assert_close(grads, bptt, 1e-8, "D-RTRL vs BPTT on an element-wise-recurrent layer")
+        if isinstance(algorithm, eqtrace.EProp) and case.spec.eprop_exact:
+            event("e-prop exact by theory")
+            assert_close(grads, bptt, 1e-8, "e-prop vs BPTT on an element-wise-recurrent layer")
 
 
 def step_value_and_grad(step, params, state, trace, x, target):
