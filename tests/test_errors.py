@@ -29,6 +29,7 @@ from eqtrace._validation import example_input
 from helpers import ConvCell, Rolling, cast, mse, squared_loss
 from registry import ALGORITHMS, EVERY_CELL, make_cell
 from test_any_cell import CalledOutOfOrder, OutputNotOfState, RawWeightUse, VmappedOp
+from test_eprop import RolledOutput
 
 
 ERRORS_PAGE = Path(__file__).parent.parent / "docs" / "errors.md"
@@ -401,6 +402,13 @@ CASES: dict[str, Callable[[], list[Callable[[], object]]]] = {
         lambda: nn.surrogate.FastSigmoid(0.0),
         lambda: nn.surrogate.sigmoid(jnp.zeros(3), steepness=-1.0),
     ],
+    "A feedback matrix of the wrong shape": lambda: [
+        lambda: nn.RandomFeedback(nn.Linear(4, 2, key=_key()), jnp.zeros((4, 2))),
+    ],
+    "Random feedback without exactly one of `feedback` and `key`": lambda: [
+        lambda: nn.RandomFeedback(nn.Linear(4, 2, key=_key())),
+        lambda: nn.RandomFeedback(nn.Linear(4, 2, key=_key()), jnp.zeros((2, 4)), key=_key()),
+    ],
     "A network without a cell": lambda: [
         lambda: nn.Sequential([eqx.nn.Linear(INPUT, HIDDEN, key=_key())])
     ],
@@ -421,6 +429,31 @@ CASES: dict[str, Callable[[], list[Callable[[], object]]]] = {
     "State leaves of different shapes": lambda: [_init(eqtrace.DRTRL(), GlobalLeaf(key=_key()))],
     "A convolution under D-RTRL": lambda: [
         _init(eqtrace.DRTRL(), ConvCell(key=_key()), jnp.zeros((2, 6)))
+    ],
+    "A convolution under e-prop": lambda: [
+        _init(eqtrace.EProp(), ConvCell(key=_key()), jnp.zeros((2, 6)))
+    ],
+    "An e-prop read-out decay outside [0, 1)": lambda: [
+        lambda: eqtrace.EProp(readout_decay=1.0),
+        lambda: eqtrace.EProp(readout_decay=-0.5),
+    ],
+    "An e-prop read-out decay for a network": lambda: [
+        _init(
+            eqtrace.EProp(readout_decay=0.9),
+            nn.Sequential([_gru(), nn.LeakyReadout(HIDDEN, 2, key=_key())]),
+        )
+    ],
+    "An output e-prop cannot filter": lambda: [
+        _init(
+            eqtrace.EProp(),
+            nn.Sequential(
+                [
+                    nn.LRUCell(INPUT, HIDDEN, output_size=3, key=_key()),
+                    nn.LeakyReadout(3, 2, key=_key()),
+                ]
+            ),
+        ),
+        _init(eqtrace.EProp(readout_decay=0.9), RolledOutput(key=_key())),
     ],
     "An output that is not `output(new_state)`": lambda: [
         _init(eqtrace.RTRL(), OutputNotOfState(key=_key()), jnp.zeros(3))

@@ -22,6 +22,11 @@ class LeakyReadout(AbstractCell):
     2020). Being a cell, its weights are learnt by the online rule through a trace, which is
     exact for the element-wise recurrence `y' = κ y + …`.
 
+    For random feedback (feedback alignment, random e-prop), wrap its op:
+    `eqx.tree_at(lambda r: r.input_op, readout, eqtrace.nn.RandomFeedback(readout.input_op,
+    key=key))`. Under `eqtrace.EProp`, the cell before it gets its `κ` as the filter of its
+    eligibility traces.
+
     If you want no filtering, do not use this cell: put a plain `eqx.nn.Linear` after the last
     cell of an `eqtrace.nn.Sequential`. That is a stateless read-out, and its gradient is exact
     (ordinary backpropagation within the step), with no trace at all.
