@@ -35,8 +35,11 @@ class AbstractAlgorithm(eqx.Module, Generic[_Trace]):
     and implements three methods on one recurrent system — a cell, or for rules with
     `per_layer = False` a whole network's recurrent core — all taking `(cell, state, trace,
     x)` in that order: `init_cell_trace`, `cell_step` and `cell_tangent`. It may override
-    `cell_steps` to compute a block of steps faster than one step at a time. Networks, argument
-    checks and the derivative link are handled here.
+    `cell_steps` to compute a block of steps faster than one step at a time. A rule whose
+    derivative depends on the layer that reads a cell's output may override `for_layer` (a copy
+    configured per cell of a `Sequential`) and `cell_output_tangent` (the derivative of the
+    cell's output, instead of that of its state through `output`), as `EProp` does. Networks,
+    argument checks and the derivative link are handled here.
     """
 
     #: Whether a `Sequential` gets one trace per cell (diagonal rules) or one for the whole

@@ -252,6 +252,8 @@ class EProp(AbstractDiagonalAlgorithm[EPropTrace]):
         """Without a filter, D-RTRL's blocks (one pass over the trace per block); with one,
         the steps one by one, as each step's output needs that step's filtered trace."""
         if self.readout_decay is not None:
+            # The generic block (a scan of `cell_step`, keeping each step's trace); networks
+            # do not call it but scan whole steps, whose outputs carry the filter.
             return AbstractAlgorithm.cell_steps(self, cell, state, trace, xs)
         states, eligibility = self._drtrl.cell_steps(cell, state, trace.eligibility, xs)
         return states, EPropTrace(eligibility=eligibility, ops=None, params=None)
