@@ -1,6 +1,6 @@
 """e-prop against its oracles: BPTT for a feed-forward layer under a leaky read-out (where
-D-RTRL is not exact), D-RTRL where there is no leaky read-out, RTRL at the first step,
-blocks against steps, and its filter by hand."""
+D-RTRL is not exact), D-RTRL where there is no leaky read-out, blocks against steps, and its
+filter by hand. (RTRL at the first step: test_generated.py, and the registry's oracles.)"""
 
 import math
 
@@ -13,9 +13,7 @@ import pytest
 import eqtrace
 from eqtrace import nn
 from helpers import (
-    LeakyCurrent,
     online_and_bptt,
-    random_state,
     relative_error,
     squared_loss,
 )
@@ -25,15 +23,10 @@ LENGTH, INPUT, HIDDEN, OUTPUT = 10, 3, 4, 2
 
 
 def _feed_forward(name, key):
-    """Element-wise-recurrent layers without recurrent weights: spiking (ALIF with per-neuron
-    parameters), and rate-based with two state leaves and a shared parameter."""
+    """Spiking layers without recurrent weights (ALIF with per-neuron parameters)."""
     if name == "lif":
         return nn.LIF(INPUT, HIDDEN, tau_mem=5.0, reset="zero", key=key)
-    if name == "alif-learn":
-        return nn.ALIF(
-            INPUT, HIDDEN, synapse=True, learn_tau=True, learn_beta=True, beta=0.5, key=key
-        )
-    return LeakyCurrent(INPUT, HIDDEN, key=key)
+    return nn.ALIF(INPUT, HIDDEN, synapse=True, learn_tau=True, learn_beta=True, beta=0.5, key=key)
 
 
 def _data(rng, scale=2.0):
@@ -50,7 +43,9 @@ def _online(algorithm, model, xs, targets, state=None):
     return eqtrace.online_gradient(step, squared_loss, params, state, trace, xs, targets)[1]
 
 
-@pytest.mark.parametrize("name", ["lif", "alif-learn", "leaky-current"])
+# (A rate cell with two state leaves, per-neuron and shared parameters under a leaky read-out
+# is test_generated.py's `_LEAKY_READOUT`, where e-prop is also held to RTRL at the first step.)
+@pytest.mark.parametrize("name", ["lif", "alif-learn"])
 def test_equals_bptt_under_a_leaky_readout(name, getkey, rng):
     cell = _feed_forward(name, getkey())
     model = nn.Sequential([cell, nn.LeakyReadout(HIDDEN, OUTPUT, tau=4.0, key=getkey())])
@@ -109,22 +104,6 @@ def test_equals_drtrl_without_a_leaky_readout(getkey, rng):
     eprop = _online(eqtrace.EProp(), model, xs, targets)
     drtrl = _online(eqtrace.DRTRL(), model, xs, targets)
     assert relative_error(eprop, drtrl) == 0.0
-
-
-def test_first_step_equals_rtrl(getkey, rng):
-    # At T = 1 from a random state (and a zero trace), filtered and unfiltered traces agree,
-    # and per-layer traces with exact spatial credit are exact.
-    model = nn.Sequential(
-        [
-            nn.ALIF(INPUT, HIDDEN, recurrent=True, beta=0.5, key=getkey()),
-            nn.LeakyReadout(HIDDEN, OUTPUT, tau=4.0, key=getkey()),
-        ]
-    )
-    state = random_state(rng, model)
-    xs, targets = jnp.asarray(rng.standard_normal((1, INPUT))), jnp.ones((1, OUTPUT))
-    eprop = _online(eqtrace.EProp(), model, xs, targets, state)
-    rtrl = _online(eqtrace.RTRL(), model, xs, targets, state)
-    assert relative_error(eprop, rtrl) <= 1e-12
 
 
 def test_blocks_equal_steps_batched(getkey, rng):
