@@ -46,12 +46,17 @@ class Algorithm:
     supports_blocks: bool = False
     # The trace is the full Jacobian dh/dθ, batch·|h|·|θ| numbers: skipped above --rtrl-limit.
     jacobian_trace: bool = False
+    # `eqtrace.ExactWindows(rule)` in blocks: BPTT within each window of `--block` steps, the
+    # rule's trace across them (a different gradient, the same trace).
+    windows: bool = False
 
     def __post_init__(self):
         if (self.baseline is None) == (self.rule is None):
             raise ValueError(f"{self.name}: give exactly one of `baseline` and `rule`.")
         if self.block and not self.supports_blocks:
             raise ValueError(f"{self.name}: runs in blocks but does not support them.")
+        if self.windows and not self.block:
+            raise ValueError(f"{self.name}: exact windows are run in blocks.")
 
     @property
     def online(self) -> bool:
@@ -59,7 +64,8 @@ class Algorithm:
 
     def make_rule(self, config: Config) -> eqtrace.AbstractAlgorithm:
         assert self.rule is not None, f"{self.name} is a baseline, not an online rule"
-        return self.rule(config, self.trace_dtype)
+        rule = self.rule(config, self.trace_dtype)
+        return eqtrace.ExactWindows(rule) if self.windows else rule
 
     def runner(self, problem: Problem) -> Runner:
         """The function that one timed call runs; see `Runner`."""
@@ -92,7 +98,7 @@ class Algorithm:
 
 
 def trace_megabytes(trace: Any) -> float:
-    return sum(leaf.size * jnp.dtype(leaf.dtype).itemsize for leaf in jax.tree.leaves(trace)) / MB
+    return sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(trace)) / MB
 
 
 class _OnStream(eqx.Module):
@@ -187,6 +193,10 @@ def _drtrl(config: Config, trace_dtype: Any) -> eqtrace.AbstractAlgorithm:
     return eqtrace.DRTRL(trace_dtype=trace_dtype)
 
 
+def _snap1(config: Config, trace_dtype: Any) -> eqtrace.AbstractAlgorithm:
+    return eqtrace.SnAp1()
+
+
 def _eprop(config: Config, trace_dtype: Any) -> eqtrace.AbstractAlgorithm:
     return eqtrace.EProp()
 
@@ -195,8 +205,14 @@ def _ppprop(config: Config, trace_dtype: Any) -> eqtrace.AbstractAlgorithm:
     return eqtrace.PPProp(rank=config.rank)
 
 
+def _uoro(config: Config, trace_dtype: Any) -> eqtrace.AbstractAlgorithm:
+    # A fixed seed; `init_state_and_trace` splits it into one key per sample.
+    return eqtrace.UORO(key=jax.random.key(0))
+
+
 _RTRL = dict(rule=_rtrl, exact=True, jacobian_trace=True)
 _DRTRL = dict(rule=_drtrl, per_layer=True, supports_blocks=True)
+_SNAP1 = dict(rule=_snap1, per_layer=True, supports_blocks=True)
 _PPPROP = dict(rule=_ppprop, per_layer=True, supports_blocks=True)
 # Under a leaky read-out (the "lif" model), blocks scan the steps (each step's output needs its
 # filtered trace); elsewhere they are D-RTRL's.
@@ -212,10 +228,16 @@ REGISTRY = {
         Algorithm("drtrl-block", block=True, **_DRTRL),
         # bfloat16 traces, float32 arithmetic: half the trace traffic.
         Algorithm("drtrl-bf16", trace_dtype=jnp.bfloat16, **_DRTRL),
+        Algorithm("snap1", **_SNAP1),
+        Algorithm("snap1-block", block=True, **_SNAP1),
         Algorithm("eprop", **_EPROP),
         Algorithm("eprop-block", block=True, **_EPROP),
         Algorithm("ppprop", **_PPPROP),
         Algorithm("ppprop-block", block=True, **_PPPROP),
+        # Unbiased, |h| + |θ| per sample; blocks would keep every step's trace: stepped only.
+        Algorithm("uoro", rule=_uoro),
+        # BPTT within windows of `--block` steps, D-RTRL's trace across them.
+        Algorithm("drtrl-window", block=True, windows=True, **_DRTRL),
     )
 }
 ALGORITHMS = tuple(REGISTRY)
@@ -235,6 +257,7 @@ def stepping(algorithm: Algorithm) -> Algorithm:
         for other in REGISTRY.values():
             if (
                 not other.block
+                and not other.windows
                 and other.rule is algorithm.rule
                 and other.trace_dtype == algorithm.trace_dtype
             ):

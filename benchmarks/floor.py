@@ -46,7 +46,13 @@ def make_floor(problem: Problem, algorithm: Algorithm) -> tuple[Callable, tuple]
     """`(floor, args)`: `floor(*args)` runs `config.steps` passes over a batched trace of
     `algorithm`, shaped and typed as the one the rule carries, and returns it."""
     shapes = algorithm.batched_trace(problem)
-    trace = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    # Without PRNG keys (UORO's: 8 bytes per sample), which have no bits to flip.
+    numbers = [
+        s
+        for s in jax.tree.leaves(shapes)
+        if not jax.dtypes.issubdtype(s.dtype, jax.dtypes.prng_key)
+    ]
+    trace = [jnp.zeros(s.shape, s.dtype) for s in numbers]
 
     def floor(trace: Any, mask: jax.Array) -> Any:
         def body(trace, _):

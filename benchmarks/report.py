@@ -64,7 +64,7 @@ def run_table(config: Config, sizes: tuple[int, int], repeats: int, results: Seq
     timed = {r["algorithm"]: r for r in results if "median_s" in r}
     header = [
         "algorithm", "compile s", "median ms", "min ms", "max ms", "× BPTT", "× forward",
-        "× floor", "peak RSS MB", "run Δ MB", "XLA temp MB", "trace MB",
+        "× floor", "cos BPTT", "peak RSS MB", "run Δ MB", "XLA temp MB", "trace MB",
     ]  # fmt: skip
     rows = []
     for r in results:
@@ -89,6 +89,7 @@ def run_table(config: Config, sizes: tuple[int, int], repeats: int, results: Seq
                 ratio("bptt"),
                 ratio("forward"),
                 ratio(r["floor"]) if "floor" in r else "—",
+                _fmt(r.get("cos_bptt"), ".4f"),
                 _fmt(mem.get("peak_rss_mb"), ".0f") if "error" not in mem else mem["error"],
                 _fmt(mem.get("run_delta_mb"), ".1f"),
                 _fmt(mem.get("xla_temp_mb", r.get("xla_temp_mb")), ".1f"),

@@ -20,6 +20,8 @@ import statistics
 import sys
 from collections.abc import Callable, Sequence
 
+import eqtrace
+
 from . import algorithms, report
 from .floor import floor_name, floors, make_floor
 from .memory import ROOT, measure_memories, measure_memory_here
@@ -36,6 +38,18 @@ def _trace_megabytes(problem: Problem, algorithm: algorithms.Algorithm) -> float
         return algorithms.trace_megabytes(algorithm.batched_trace(problem))
     except Exception:  # the timing reports the error
         return None
+
+
+def _add_cosines(results: list[dict], timings: dict[str, dict]) -> None:
+    """Each online rule's gradient cosine to BPTT's on the same batch (`cos_bptt`), when BPTT
+    ran; pops the calls' outputs, which the JSON record does not keep."""
+    outputs = {name: timing.pop("output", None) for name, timing in timings.items()}
+    reference = outputs.get("bptt")
+    for result in results:
+        output = outputs.get(result["algorithm"])
+        if reference is not None and result.get("floor") is not None and output is not None:
+            comparison = eqtrace.compare_gradients(output[1], reference[1])
+            result["cos_bptt"] = float(comparison.overall_cosine)
 
 
 def run_table(
@@ -76,6 +90,7 @@ def run_table(
         jobs[name] = lambda a=algorithm: make_floor(problem, a)
 
     timings = time_interleaved(jobs, repeats, warmup, log)
+    _add_cosines(results, timings)
     for result in results + floor_results:
         result.update(timings.get(result["algorithm"], {}))
         if result.get("times_s"):

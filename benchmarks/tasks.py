@@ -62,8 +62,34 @@ import eqtrace
 
 
 ROOT = Path(__file__).resolve().parent.parent
-RULES = ("drtrl", "ppprop", "bptt")
-RULE_LABELS = {"drtrl": "D-RTRL", "ppprop": "pp-prop", "bptt": "BPTT"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """A rule the harness can run: its label, how to build it (from pp-prop's decay, `None`
+    for the others; `None` for BPTT, which has no online rule) and its plot style."""
+
+    label: str
+    make: Callable[[float | None], Any]
+    color: str
+    marker: str
+
+
+#: One line per rule. `ppprop` takes its decay from the task's `ppprop_decay` or `ppprop@0.999`.
+RULES: dict[str, Rule] = {
+    "drtrl": Rule("D-RTRL", lambda decay: eqtrace.DRTRL(), "tab:blue", "o"),
+    "ppprop": Rule("pp-prop", lambda decay: eqtrace.PPProp(decay=decay), "tab:orange", "s"),
+    "snap1": Rule("SnAp-1", lambda decay: eqtrace.SnAp1(), "tab:red", "X"),
+    "eprop": Rule("e-prop", lambda decay: eqtrace.EProp(), "tab:brown", "D"),
+    "uoro": Rule("UORO", lambda decay: eqtrace.UORO(key=jr.key(0)), "tab:purple", "v"),
+    "drtrl-window": Rule(
+        "D-RTRL, exact windows",
+        lambda decay: eqtrace.ExactWindows(eqtrace.DRTRL()),
+        "tab:cyan",
+        "P",
+    ),
+    "bptt": Rule("BPTT", lambda decay: None, "tab:green", "^"),
+}
 #: pp-prop twice: with the task's decay (the paper's for the spiking tasks) and close to 1.
 DEFAULT_RULES = ("drtrl", "ppprop", "ppprop@0.999", "bptt")
 
@@ -331,17 +357,21 @@ def parse_rule(spec: str, task_config: dict[str, Any]) -> tuple[str, float | Non
     if rule != "ppprop":
         if decay_text:
             raise ValueError(f"only ppprop takes a decay, not {spec!r}")
-        return rule, None, RULE_LABELS[rule]
+        if rule == "drtrl-window":
+            size = int(task_config.get("block", 0))
+            if size < 2:
+                raise ValueError(
+                    "drtrl-window needs windows of two steps or more: --set TASK.block=K"
+                )
+            return rule, None, f"D-RTRL, exact windows of {size}"
+        return rule, None, RULES[rule].label
     decay = float(decay_text) if decay_text else float(task_config["ppprop_decay"])
     return rule, decay, f"pp-prop α={decay:g}"
 
 
 def make_algorithm(rule: str, decay: float | None):
-    if rule == "drtrl":
-        return eqtrace.DRTRL()
-    if rule == "ppprop":
-        return eqtrace.PPProp(decay=decay)
-    return None
+    """The online rule `rule` (with pp-prop's `decay`), or `None` for BPTT."""
+    return RULES[rule].make(decay)
 
 
 def _split(tree, start):
@@ -382,7 +412,8 @@ def make_gradient(task: Task, rule: str, algorithm, model, batch: int) -> Callab
         if not task.spiking and task.config["loss"] == "last":
             step_weights = jnp.arange(length) == length - 1
 
-        def gradient(params, xs, targets):
+        def gradient(params, xs, targets, key=None):
+            del key  # BPTT draws no noise
             loss, grads, _ = eqtrace.bptt_gradient(
                 forward,
                 task.loss_fn,
@@ -409,8 +440,10 @@ def make_gradient(task: Task, rule: str, algorithm, model, batch: int) -> Callab
     else:
         step = jax.vmap(eqtrace.make_online_step(algorithm, static), in_axes=(None, 0, 0, 0))
 
-    def gradient(params, xs, targets):
+    def gradient(params, xs, targets, key=None):
         state, trace = state0, trace0
+        if key is not None:  # fresh noise for rules that draw it (UORO); the others ignore it
+            state, trace = eqtrace.init_state_and_trace(model, algorithm, batch, key=key)
         if sequence_targets:
             xs_before, xs_window = _split(xs, start)
             targets_window = targets
@@ -447,6 +480,12 @@ def memory_per_sample(task: Task, algorithm, model) -> tuple[int, int, str]:
         nbytes = task.length * sum(leaf.nbytes for leaf in leaves)
         return floats, nbytes, "stored states (T × |state|, lower bound)"
     floats, nbytes = eqtrace.trace_size(algorithm, model)
+    if isinstance(algorithm, eqtrace.ExactWindows):  # and the window's states, for its BPTT
+        size = int(task.config.get("block", 0))
+        leaves = jtu.tree_leaves(model.init_state())
+        floats += size * sum(leaf.size for leaf in leaves)
+        nbytes += size * sum(leaf.nbytes for leaf in leaves)
+        return int(floats), int(nbytes), "trace + the window's states (lower bound)"
     return int(floats), int(nbytes), "trace"
 
 
@@ -522,9 +561,12 @@ def train(task: Task, rule_spec: str, seed: int, log: Callable[[str], None]) -> 
     opt_state = optimizer.init(params)
     gradient = make_gradient(task, rule, algorithm, model, config["batch"])
 
+    noise_key = jr.key(seed + 2)
+
     @eqx.filter_jit
-    def update(params, opt_state, xs, targets):
-        loss, grads = gradient(params, xs, targets)
+    def update(params, opt_state, xs, targets, index):
+        key = None if algorithm is None else jr.fold_in(noise_key, index)
+        loss, grads = gradient(params, xs, targets, key)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
@@ -544,7 +586,7 @@ def train(task: Task, rule_spec: str, seed: int, log: Callable[[str], None]) -> 
         xs, targets = task.train_batch(data_key, i - 1)
         jax.block_until_ready((xs, targets))
         t0 = time.perf_counter()
-        params, opt_state, loss = update(params, opt_state, xs, targets)
+        params, opt_state, loss = update(params, opt_state, xs, targets, i)
         loss = float(loss)  # waits for the update
         elapsed = time.perf_counter() - t0
         if i == 1:
@@ -853,10 +895,6 @@ def _save_small(fig, path: Path) -> None:
     image.quantize(colors=64, method=Image.Quantize.MEDIANCUT).save(path, optimize=True)
 
 
-COLORS = {"drtrl": "tab:blue", "ppprop": "tab:orange", "bptt": "tab:green"}
-MARKERS = {"drtrl": "o", "ppprop": "s", "bptt": "^"}
-
-
 def plot(records: Sequence[dict], directory: Path, prefix: str) -> list[Path]:
     """`<prefix>_memory.png` (test accuracy against memory per sample, one panel per task) and
     `<prefix>_curves.png` (training loss and test accuracy over the updates, one row per task)."""
@@ -876,10 +914,10 @@ def plot(records: Sequence[dict], directory: Path, prefix: str) -> list[Path]:
             accs = [100 * r["test_accuracy"] for r in group]
             memory = group[0]["memory_bytes"]
             style = {
-                "color": COLORS[rule],
-                "marker": MARKERS[rule] if variant == 0 else "D",
+                "color": RULES[rule].color,
+                "marker": RULES[rule].marker if variant == 0 else "D",
                 # Hollow: BPTT (its memory is a lower bound) and a rule's later variants.
-                "facecolors": "none" if rule == "bptt" or variant else COLORS[rule],
+                "facecolors": "none" if rule == "bptt" or variant else RULES[rule].color,
             }
             ax.scatter(
                 [memory] * len(accs), accs, alpha=0.4 if len(accs) > 1 else 1.0, s=18, **style
@@ -909,7 +947,7 @@ def plot(records: Sequence[dict], directory: Path, prefix: str) -> list[Path]:
                 k = max(1, len(losses) // 50)  # a running mean, for readability
                 smooth = np.convolve(losses, np.ones(k) / k, mode="valid")
                 updates = np.arange(1, len(losses) + 1)[k - 1 :]
-                kwargs = {"color": COLORS[rule], "alpha": 0.85, "lw": 1.0}
+                kwargs = {"color": RULES[rule].color, "alpha": 0.85, "lw": 1.0}
                 if label.startswith("pp-prop") and any(
                     g[0]["rule"] == "ppprop" and g[0]["label"] != label for g in groups.values()
                 ):
@@ -954,7 +992,7 @@ def parse_args(argv: Sequence[str] | None = None):
     parser.add_argument(
         "--rules",
         default=None,
-        help="of drtrl, ppprop (the task's decay), ppprop@DECAY, bptt "
+        help=f"of {', '.join(RULES)}, ppprop@DECAY (ppprop alone: the task's decay) "
         f"(default {','.join(DEFAULT_RULES)}; with --fast, drtrl,ppprop,bptt)",
     )
     parser.add_argument(

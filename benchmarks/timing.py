@@ -36,7 +36,8 @@ def time_interleaved(
     comparable even when absolute times drift.
 
     **Returns:** per job `compile_s`, `times_s` (one per round, seconds per call),
-    `xla_temp_mb`, or `error` if it failed to trace, compile or run.
+    `xla_temp_mb` and `output` (what the last warm-up call returned), or `error` if it failed
+    to trace, compile or run.
     """
     out: dict[str, dict] = {}
     compiled = {}
@@ -45,8 +46,9 @@ def time_interleaved(
         try:
             function, args = job()
             executable, compile_s = compile_call(function, *args)
-            for _ in range(warmup):
-                jax.block_until_ready(executable(*args))
+            output = None
+            for _ in range(max(warmup, 1)):
+                output = jax.block_until_ready(executable(*args))
         except Exception as error:  # report it in the table and go on with the others
             message = str(error).strip().splitlines()[0] if str(error).strip() else ""
             out[name] = {"error": f"{type(error).__name__}: {message}"}
@@ -57,6 +59,7 @@ def time_interleaved(
             "compile_s": compile_s,
             "times_s": [],
             "xla_temp_mb": xla_temp_megabytes(executable),
+            "output": output,
         }
     log(f"timing {', '.join(compiled)}: {repeats} interleaved rounds ...")
     for _ in range(repeats):

@@ -11,10 +11,22 @@ import eqtrace
 from eqtrace import nn
 
 
+def key_data(tree: Any) -> Any:
+    """`tree` with its PRNG keys (which NumPy cannot convert) replaced by their raw data."""
+
+    def data(leaf):
+        if hasattr(leaf, "dtype") and jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+            return jr.key_data(leaf).astype(np.float64)
+        return leaf
+
+    return jtu.tree_map(data, tree)
+
+
 def tree_allclose(x: Any, y: Any, *, rtol: float = 1e-9, atol: float = 0.0) -> bool:
     """Whether two pytrees have the same structure and all leaves are close."""
     if jtu.tree_structure(x) != jtu.tree_structure(y):
         return False
+    x, y = key_data(x), key_data(y)
     # NumPy rather than jax.numpy: eager JAX ops compile once per shape, which adds up.
     return all(
         a.shape == b.shape and bool(np.allclose(np.asarray(a), np.asarray(b), rtol=rtol, atol=atol))
@@ -23,7 +35,9 @@ def tree_allclose(x: Any, y: Any, *, rtol: float = 1e-9, atol: float = 0.0) -> b
 
 
 def relative_error(x: Any, y: Any) -> float:
-    """Largest leaf-wise `max|x - y| / max|y|` (zero leaves of `y` compare absolutely)."""
+    """Largest leaf-wise `max|x - y| / max|y|` (zero leaves of `y` compare absolutely; PRNG
+    keys by their data)."""
+    x, y = key_data(x), key_data(y)
     errors = [
         float(np.max(np.abs(np.asarray(a) - b)) / np.maximum(np.max(np.abs(b)), 1e-300))
         if b.size
@@ -41,12 +55,13 @@ def mse(y, target):
     return jnp.mean((y - target) ** 2)
 
 
-def online_and_bptt(algorithm, model, xs, targets, loss_fn=squared_loss, state=None):
+def online_and_bptt(algorithm, model, xs, targets, loss_fn=squared_loss, state=None, trace=None):
     """Summed per-step online gradients (through the trace path) and the BPTT gradient."""
     params, static = eqx.partition(model, eqx.is_inexact_array)
     if state is None:
         state = model.init_state()
-    trace = algorithm.init_trace(model, state, xs[0])
+    if trace is None:
+        trace = algorithm.init_trace(model, state, xs[0])
     online_step = eqtrace.make_online_step(algorithm, static)
     _, online, _, _ = eqtrace.online_gradient(
         online_step, loss_fn, params, state, trace, xs, targets

@@ -83,6 +83,9 @@ ALGORITHMS: tuple[AlgorithmCase, ...] = (
         "drtrl", eqtrace.DRTRL, exact=False, exact_elementwise=True, needs_structure=True
     ),
     AlgorithmCase(
+        "snap1", eqtrace.SnAp1, exact=False, exact_elementwise=True, needs_structure=True
+    ),
+    AlgorithmCase(
         "eprop", eqtrace.EProp, exact=False, exact_elementwise=True, needs_structure=True
     ),
     AlgorithmCase(
@@ -92,7 +95,22 @@ ALGORITHMS: tuple[AlgorithmCase, ...] = (
         exact_elementwise=False,
         needs_structure=True,
     ),
+    AlgorithmCase(
+        "uoro",
+        functools.partial(eqtrace.UORO, key=jr.key(0)),
+        exact=False,
+        exact_elementwise=False,
+        needs_structure=False,
+        equals_rtrl_at_first_step=False,  # unbiased at T = 1, but a rank-one draw
+        statistical=True,
+    ),
 )
+
+
+#: Rules that wrap a registered rule (`eqtrace.ExactWindows(rule)`): stepping them is the
+#: wrapped rule, so the oracles above do not run them again; test_windows.py runs them over
+#: every entry of `ALGORITHMS`.
+WRAPPERS: tuple[type[eqtrace.AbstractAlgorithm], ...] = (eqtrace.ExactWindows,)
 
 
 def rules(**flags) -> list[AlgorithmCase]:

@@ -21,8 +21,8 @@ from benchmarks.problems import Config, build_problem  # noqa: E402
 TINY = ["--input", "3", "--hidden", "4", "--batch", "2", "--steps", "4", "--repeats", "1"]
 # The names users type on the command line.
 NAMES = (
-    "forward", "bptt", "rtrl", "drtrl", "drtrl-block", "drtrl-bf16", "eprop", "eprop-block",
-    "ppprop", "ppprop-block",
+    "forward", "bptt", "rtrl", "drtrl", "drtrl-block", "drtrl-bf16", "snap1", "snap1-block",
+    "eprop", "eprop-block", "ppprop", "ppprop-block", "uoro", "drtrl-window",
 )  # fmt: skip
 
 
@@ -48,13 +48,14 @@ def test_registry():
             assert not algorithm.block and algorithm.trace_dtype is None
             continue
         rule = algorithm.make_rule(problem.config)
-        assert algorithm.per_layer == type(rule).per_layer, algorithm.name
+        assert algorithm.per_layer == rule.per_layer, algorithm.name
         # A block configuration carries the trace of a stepping one (its floor).
         assert not algorithms.stepping(algorithm).block, algorithm.name
         if algorithm.trace_dtype is not None:  # the factory really stores it
             dtypes = {leaf.dtype for leaf in jax.tree.leaves(algorithm.batched_trace(problem))}
             assert jnp.dtype(algorithm.trace_dtype) in dtypes, (algorithm.name, dtypes)
     assert algorithms.stepping(algorithms.get("drtrl-block")) is algorithms.get("drtrl")
+    assert algorithms.stepping(algorithms.get("drtrl-window")) is algorithms.get("drtrl")
     with pytest.raises(ValueError, match="Unknown algorithm"):
         algorithms.get("drtrl-blocks")
 

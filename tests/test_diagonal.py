@@ -205,8 +205,12 @@ def test_batch_equals_per_sample_loop(algorithm, getkey):
         return jnp.sum((y - t) ** 2) / batch
 
     _, batched, _, _ = eqtrace.online_gradient(step, batch_loss, params, state, trace, xs, targets)
+    # Each sample with its own slice of the batched trace (its own key, for UORO).
     per_sample = [
-        online_and_bptt(algorithm, model, xs[:, b], targets[:, b])[0] for b in range(batch)
+        online_and_bptt(
+            algorithm, model, xs[:, b], targets[:, b], trace=jtu.tree_map(lambda a: a[b], trace)
+        )[0]
+        for b in range(batch)
     ]
     mean = jtu.tree_map(lambda *g: sum(g) / batch, *per_sample)
     assert relative_error(batched, mean) <= 1e-12

@@ -8,9 +8,12 @@ trigger every case and check both against the message actually raised, so the pa
 drift from the code.
 """
 
+import atexit
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 from collections.abc import Callable
 from pathlib import Path
@@ -22,6 +25,7 @@ import jax.random as jr
 import numpy as np
 import optax
 import pytest
+from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec
 
 import eqtrace
 from eqtrace import nn
@@ -336,6 +340,22 @@ class GlobalLeaf(eqtrace.AbstractCell):
         return state[0]
 
 
+class NormalisedInput(eqtrace.AbstractCell):
+    """A recurrent op on the normalised state: each input element depends on every neuron."""
+
+    op: nn.Linear
+
+    def __init__(self, *, key):
+        self.op = nn.Linear(INPUT + HIDDEN, HIDDEN, key=key)
+
+    def init_state(self):
+        return jnp.zeros(HIDDEN)
+
+    def __call__(self, state, x):
+        h = jnp.tanh(self.op(jnp.concatenate([x, state / jnp.linalg.norm(state + 1)])))
+        return h, h
+
+
 def _init(algorithm, cell, x=jnp.zeros(INPUT)):
     return lambda: algorithm.init_trace(cell, cell.init_state(), x)
 
@@ -354,6 +374,61 @@ def _every_cell(**sizes):
         lambda: nn.LeakyReadout(input_size, hidden_size, key=_key()),
         lambda: nn.Linear(input_size, hidden_size, key=_key()),
     ]
+
+
+def _directory() -> str:
+    directory = tempfile.mkdtemp(prefix="eqtrace-test-errors-")
+    atexit.register(shutil.rmtree, directory, ignore_errors=True)
+    return directory
+
+
+def _checkpoint():
+    """A pp-prop (rank 8) LIF learner saved at step 3: its directory, tree and model."""
+    model, algorithm = nn.LIF(INPUT, HIDDEN, key=_key()), eqtrace.PPProp(rank=8)
+    params = eqx.filter(model, eqx.is_inexact_array)
+    state, trace = eqtrace.init_state_and_trace(model, algorithm)
+    tree = {"params": params, "state": state, "trace": trace}
+    directory = _directory()
+    eqtrace.save_checkpoint(directory, 3, tree, algorithm=algorithm, model=model)
+    return directory, tree, model
+
+
+def _restore(algorithm=None, model=None, like=None, directory=None, step=None):
+    saved, tree, saved_model = _checkpoint()
+    return lambda: eqtrace.restore_checkpoint(
+        saved if directory is None else directory,
+        tree if like is None else like(tree),
+        algorithm=eqtrace.PPProp(rank=8) if algorithm is None else algorithm,
+        model=saved_model if model is None else model,
+        step=step,
+    )
+
+
+def _saved_twice():
+    directory, tree, model = _checkpoint()
+    return lambda: eqtrace.save_checkpoint(
+        directory, 3, tree, algorithm=eqtrace.PPProp(rank=8), model=model
+    )
+
+
+def _batched(tree):
+    return jax.tree.map(lambda a: jnp.stack([a, a]), tree)
+
+
+def _mesh(names: tuple[str, ...]) -> Mesh:
+    """A mesh of this process's one device (the tests run on one)."""
+    return Mesh(np.array(jax.devices()[:1]).reshape((1,) * len(names)), names)
+
+
+def _uneven_batch():
+    # Four devices on the batch axis, only described: nothing is created before the check.
+    shardings = eqtrace.Shardings(
+        params=None,
+        state=None,
+        trace=None,
+        sequences=NamedSharding(AbstractMesh((4,), ("batch",)), PartitionSpec(None, "batch")),
+    )
+    eqtrace.init_sharded(_gru(), eqtrace.DRTRL(), 6, shardings)
 
 
 #: Title of a row of `docs/errors.md` -> functions that each commit that misuse.
@@ -428,7 +503,11 @@ CASES: dict[str, Callable[[], list[Callable[[], object]]]] = {
     ],
     "State leaves of different shapes": lambda: [_init(eqtrace.DRTRL(), GlobalLeaf(key=_key()))],
     "A convolution under D-RTRL": lambda: [
-        _init(eqtrace.DRTRL(), ConvCell(key=_key()), jnp.zeros((2, 6)))
+        _init(eqtrace.DRTRL(), ConvCell(key=_key()), jnp.zeros((2, 6))),
+        _init(eqtrace.SnAp1(), ConvCell(key=_key()), jnp.zeros((2, 6))),
+    ],
+    "An op input of several neurons under SnAp-1": lambda: [
+        _init(eqtrace.SnAp1(), NormalisedInput(key=_key()), jnp.zeros(INPUT))
     ],
     "A convolution under e-prop": lambda: [
         _init(eqtrace.EProp(), ConvCell(key=_key()), jnp.zeros((2, 6)))
@@ -465,6 +544,75 @@ CASES: dict[str, Callable[[], list[Callable[[], object]]]] = {
     "An op called inside a transformation": lambda: [
         _init(eqtrace.DRTRL(), VmappedOp(key=_key()), jnp.zeros((4, 3))),
         _init(eqtrace.PPProp(0.5, strict=False), VmappedOp(key=_key()), jnp.zeros((4, 3))),
+    ],
+    "A checkpoint of another algorithm": lambda: [_restore(algorithm=eqtrace.DRTRL())],
+    "A checkpoint of other hyperparameters": lambda: [
+        _restore(algorithm=eqtrace.PPProp(rank=4)),
+        _restore(algorithm=eqtrace.PPProp(rank=8, bias_correction=False)),
+    ],
+    "A checkpoint of another model": lambda: [
+        _restore(model=nn.LIF(INPUT, HIDDEN + 1, key=_key())),
+        _restore(model=nn.LIF(INPUT, HIDDEN, dtype=jnp.float32, key=_key())),
+        _restore(model=nn.LIF(INPUT, HIDDEN, reset="zero", key=_key())),
+        _restore(model=_gru()),
+    ],
+    "A `like` that does not fit the checkpoint": lambda: [
+        _restore(like=lambda tree: {**tree, "state": _batched(tree["state"])}),
+        _restore(like=lambda tree: {**tree, "steps": 0}),
+    ],
+    "No checkpoint to restore": lambda: [
+        _restore(directory=_directory()),
+        _restore(directory=_directory() + "/absent"),
+        _restore(step=2),
+    ],
+    "A step saved twice": lambda: [_saved_twice()],
+    "A step that is not a non-negative int": lambda: [
+        lambda: eqtrace.save_checkpoint(
+            _directory(), -1, {}, algorithm=eqtrace.DRTRL(), model=nn.LIF(INPUT, HIDDEN, key=_key())
+        ),
+        _restore(step=-3),
+    ],
+    "UORO without a key": lambda: [lambda: eqtrace.UORO()],
+    "A raw PRNG key": lambda: [
+        lambda: eqtrace.UORO(key=jr.PRNGKey(0)),
+        lambda: eqtrace.init_state_and_trace(
+            _gru(), eqtrace.UORO(key=_key()), BATCH, key=jr.PRNGKey(0)
+        ),
+    ],
+    "Several keys where one belongs": lambda: [
+        lambda: eqtrace.UORO(key=jr.split(_key(), BATCH)),
+        lambda: eqtrace.init_state_and_trace(
+            _gru(), eqtrace.UORO(key=_key()), BATCH, key=jr.split(_key(), BATCH)
+        ),
+    ],
+    "A mesh without the named axis": lambda: [
+        lambda: eqtrace.make_shardings(_gru(), eqtrace.DRTRL(), _mesh(("data",)))
+    ],
+    "Model parallelism for a rule without neuron-split traces": lambda: [
+        lambda: eqtrace.make_shardings(
+            _gru(), eqtrace.RTRL(), _mesh(("batch", "model")), model_axis="model"
+        )
+    ],
+    "An explicit model axis": lambda: [
+        lambda: eqtrace.make_shardings(
+            _gru(),
+            eqtrace.DRTRL(),
+            jax.make_mesh((1, 1), ("batch", "model"), devices=jax.devices()[:1]),
+            model_axis="model",
+        )
+    ],
+    "A batch that does not split evenly": lambda: [_uneven_batch],
+    "Exact windows of e-prop under a leaky read-out": lambda: [
+        lambda: eqtrace.ExactWindows(eqtrace.EProp(readout_decay=0.9)),
+        lambda: eqtrace.init_state_and_trace(
+            nn.Sequential(
+                [nn.LIF(INPUT, HIDDEN, key=_key()), nn.LeakyReadout(HIDDEN, 2, key=_key())]
+            ),
+            eqtrace.ExactWindows(eqtrace.EProp()),
+        ),
+    ],
+    "Windows of windows": lambda: [
+        lambda: eqtrace.ExactWindows(eqtrace.ExactWindows(eqtrace.DRTRL()))
     ],
     "A pp-prop decay that rounds to one": lambda: [
         _init(
@@ -510,7 +658,11 @@ def test_errors_page_lists_every_case():
 @pytest.mark.parametrize("title", list(CASES))
 def test_documented_error(title):
     exception_name, phrases = DOCUMENTED[title]
-    exception = {"ValueError": ValueError, "TypeError": TypeError}[exception_name]
+    exception = {
+        "ValueError": ValueError,
+        "TypeError": TypeError,
+        "FileNotFoundError": FileNotFoundError,
+    }[exception_name]
     for trigger in CASES[title]():
         with pytest.raises(Exception) as info:
             trigger()
@@ -560,6 +712,10 @@ def test_wrong_types_without_beartype():
         ),
         "eqtrace.truncated_bptt_gradient(forward, loss, params, state, xs, targets, 2.0)": (
             "TypeError: truncated_bptt_gradient: `window` must be a Python int"
+        ),
+        "eqtrace.ExactWindows(eqtrace.DRTRL)": (
+            "TypeError: ExactWindows: `rule` must be an online rule (an instance of "
+            "`eqtrace.AbstractAlgorithm`), but received DRTRL."
         ),
     }
     script = textwrap.dedent(

@@ -3,6 +3,7 @@
 Each example runs as a subprocess (`python examples/X.py --fast`), as a user would run it, in
 its own JAX process (float32, not this suite's float64). The selected examples are all started
 at once and run concurrently, so the file takes about as long as the two slowest examples.
+`long_stream.py` has a test of its own: run straight on, and stopped and resumed.
 """
 
 import importlib.util
@@ -26,6 +27,7 @@ CASES = {
     "online_mackey_glass": ([], ["NRMSE", "persistence"], "online_mackey_glass.png"),
     "custom_cell": ([], ["structure: OK", "relative error", "test accuracy"], "custom_cell.png"),
     "batching_and_sequences": ([], ["max difference", "update"], "batching_and_sequences.png"),
+    "sharded_training": (["--devices", "4"], ["trace/device", "train_online on mesh"], None),
 }
 HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
 
@@ -87,3 +89,40 @@ def test_example_runs(name, runs):
             assert (out / plot).is_file(), f"{name}.py did not save {plot}:\n{stdout}"
         else:
             assert "matplotlib is not installed" in stdout
+
+
+def test_long_stream_resumes_from_the_command_line(tmp_path):
+    """examples/long_stream.py stopped after 600 steps and resumed with `--resume` to 1 200
+    ends as the run straight to 1 200 does, bit for bit (it prints a digest of its final
+    parameters)."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", TQDM_DISABLE="1")
+    env.pop("JAX_ENABLE_X64", None)
+
+    def run(directory, steps, *extra):
+        command = [
+            sys.executable,
+            str(EXAMPLES / "long_stream.py"),
+            "--fast",
+            "--steps",
+            str(steps),
+            "--checkpoints",
+            str(tmp_path / directory),
+            *extra,
+        ]
+        return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, text=True)
+
+    straight, first = run("straight", 1200), run("interrupted", 600)
+    outputs = {}
+    for name, process in [("straight", straight), ("first", first)]:
+        outputs[name] = process.communicate(timeout=TIMEOUT)[0]
+        assert process.returncode == 0, outputs[name]
+    resumed = run("interrupted", 1200, "--resume")
+    outputs["resumed"] = resumed.communicate(timeout=TIMEOUT)[0]
+    assert resumed.returncode == 0, outputs["resumed"]
+    assert "resumed from step 600" in outputs["resumed"]
+    assert "peak RSS" in outputs["straight"]
+
+    def digest(output):
+        return [line for line in output.splitlines() if line.startswith("digest")]
+
+    assert digest(outputs["resumed"]) == digest(outputs["straight"]) != []

@@ -26,6 +26,8 @@ import jax.tree_util as jtu
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, Phase, event, example, given, note, settings
+from jax.flatten_util import ravel_pytree
+from scipy.stats import norm
 
 import eqtrace
 from grammar import (
@@ -38,6 +40,7 @@ from grammar import (
     build_network,
     network_specs,
 )
+from helpers import key_data
 
 
 _HEALTH = [HealthCheck.too_slow, HealthCheck.data_too_large]
@@ -103,7 +106,13 @@ ppprop_rules = st.one_of(
     st.builds(lambda r: eqtrace.PPProp(rank=r), st.integers(1, 8)),
     st.builds(eqtrace.PPProp, st.floats(0.0, 0.95)),
 )
-diagonal_rules = st.one_of(st.builds(eqtrace.DRTRL), st.builds(eqtrace.EProp), ppprop_rules)
+diagonal_rules = st.one_of(
+    st.builds(eqtrace.DRTRL), st.builds(eqtrace.SnAp1), st.builds(eqtrace.EProp), ppprop_rules
+)
+uoro_rules = st.builds(lambda seed: eqtrace.UORO(key=jr.key(seed)), st.integers(0, 2**16))
+#: UORO's oracle: over this many keys, its mean online gradient is RTRL's within z·SE, z for a
+#: false failure once in a million runs (Bonferroni over the coordinates).
+UORO_KEYS, UORO_FALSE_FAILURE = 1000, 1e-6
 
 
 class Problem(NamedTuple):
@@ -191,8 +200,10 @@ def init_or_refusal(algorithm, model, state, x):
 
 def assert_close(actual, expected, rtol: float, what: str) -> None:
     """Leaf-wise `max|a − e| <= rtol · max|e|`, with `max|e|` floored at 1e-6 of the largest
-    leaf of `expected` (round-off on a leaf that is exactly zero is not an error)."""
+    leaf of `expected` (round-off on a leaf that is exactly zero is not an error). PRNG keys
+    compare by their data."""
     assert jtu.tree_structure(actual) == jtu.tree_structure(expected), what
+    actual, expected = key_data(actual), key_data(expected)
     paths_and_expected = jtu.tree_leaves_with_path(expected)
     scale = max((float(np.max(np.abs(e), initial=0)) for _, e in paths_and_expected), default=0)
     errors = []
@@ -216,6 +227,29 @@ def assert_gradient_everywhere(grads, bptt, what: str) -> None:
         or (np.max(np.abs(b), initial=0) > 1e-9 * scale and not np.any(np.asarray(g) != 0))
     ]
     assert not missing, f"{what}: no finite, non-zero gradient for {missing}"
+
+
+def assert_unbiased(p: Problem, algorithm, seed: int, w, exact) -> None:
+    """The mean of `algorithm`'s online gradient over `UORO_KEYS` keys (one compilation, keys
+    vmapped) equals RTRL's `exact` within `z·SE` on every coordinate."""
+
+    def estimate(key):
+        # (The state is the problem's random one; the trace depends only on its shape.)
+        _, trace = eqtrace.init_state_and_trace(p.model, algorithm, x=p.xs[0], key=key)
+        step = eqtrace.make_online_step(algorithm, p.static)
+        return ravel_pytree(online(step, p, trace, w)[1])[0]
+
+    estimates = np.asarray(jax.vmap(estimate)(jr.split(jr.key(seed), UORO_KEYS)))
+    exact = np.asarray(ravel_pytree(exact)[0])
+    assert np.all(np.isfinite(estimates)), f"{algorithm}: non-finite estimates"
+    standard_error = estimates.std(axis=0, ddof=1) / np.sqrt(UORO_KEYS)
+    z = float(norm.isf(UORO_FALSE_FAILURE / (2 * exact.size)))
+    round_off = 1e-9 * max(float(np.max(np.abs(exact), initial=0)), 1e-300)
+    excess = np.abs(estimates.mean(axis=0) - exact) - (z * standard_error + round_off)
+    assert np.all(excess <= 0), (
+        f"{algorithm}: the mean over {UORO_KEYS} keys differs from RTRL by more than "
+        f"z·SE (z = {z:.2f}) on {int(np.sum(excess > 0))} of {exact.size} coordinates"
+    )
 
 
 def offender_names(model) -> set[str]:
@@ -335,21 +369,24 @@ _LEAKY_READOUT = _generated(
 
 
 @examples(5)
-@given(case=cases, ppprop=ppprop_rules)
-@example(case=_MIXING, ppprop=eqtrace.PPProp(rank=3))
-@example(case=_OUT_OF_ORDER, ppprop=eqtrace.PPProp(0.5))
-@example(case=_RELAY, ppprop=eqtrace.PPProp(rank=2))
-@example(case=_LEAKY_READOUT, ppprop=eqtrace.PPProp(0.3))
+@given(case=cases, ppprop=ppprop_rules, uoro_seed=st.integers(0, 2**16))
+@example(case=_MIXING, ppprop=eqtrace.PPProp(rank=3), uoro_seed=0)
+@example(case=_OUT_OF_ORDER, ppprop=eqtrace.PPProp(0.5), uoro_seed=1)
+@example(case=_RELAY, ppprop=eqtrace.PPProp(rank=2), uoro_seed=2)
+@example(case=_LEAKY_READOUT, ppprop=eqtrace.PPProp(0.3), uoro_seed=3)
 @releasing_compiled_code
-def test_online_rules_against_oracles(case, ppprop):
+def test_online_rules_against_oracles(case, ppprop, uoro_seed):
     """On a random network from a random state:
 
     1. exact RTRL, summed over online steps, equals BPTT;
-    2. every diagonal rule (D-RTRL and a pp-prop) equals RTRL at the first step, or refuses
+    2. every diagonal rule (D-RTRL, SnAp-1 and a pp-prop) equals RTRL at the first step, or refuses
        with a `ValueError` naming the offending op, parameter or state leaf; `eqtrace.check`
        reports exactly that refusal (and no violation when the rule accepts);
     3. RTRL and every accepting rule give every parameter a finite gradient, non-zero where
-       BPTT's is not; and D-RTRL equals BPTT where it is exact by theory.
+       BPTT's is not; and D-RTRL and SnAp-1 equal BPTT where they are exact by theory;
+    4. UORO's online gradient, averaged over many keys, equals RTRL's within its standard
+       error;
+    5. pp-prop in one exact window of the whole sequence (`ExactWindows`) equals BPTT.
     """
     p = materialise(case)
     every, first = weights(case.length), weights(case.length, first_only=True)
@@ -368,8 +405,9 @@ def test_online_rules_against_oracles(case, ppprop):
     assert_close(exact, bptt, 1e-8, "RTRL vs BPTT")
     assert_gradient_everywhere(exact, bptt, "RTRL")
     _, exact_first, _, _ = online(step, p, trace, first)
+    assert_unbiased(p, eqtrace.UORO(key=jr.key(0)), uoro_seed, every, exact)
 
-    for algorithm in (eqtrace.DRTRL(), eqtrace.EProp(), ppprop):
+    for algorithm in (eqtrace.DRTRL(), eqtrace.SnAp1(), eqtrace.EProp(), ppprop):
         trace, refusal = init_or_refusal(algorithm, p.model, p.state, p.xs[0])
         report = structure_report(p.model, algorithm, p.xs[0])
         event(f"{type(algorithm).__name__} {'refuses' if refusal else 'accepts'}")
@@ -382,12 +420,16 @@ def test_online_rules_against_oracles(case, ppprop):
         assert_close(first_step, exact_first, 1e-9, f"{algorithm} vs RTRL at the first step")
         _, grads, _, _ = online(step, p, trace, every)
         assert_gradient_everywhere(grads, bptt, str(algorithm))
-        if isinstance(algorithm, eqtrace.DRTRL) and case.spec.drtrl_exact:
-            event("D-RTRL exact by theory")
-            assert_close(grads, bptt, 1e-8, "D-RTRL vs BPTT on an element-wise-recurrent layer")
+        if isinstance(algorithm, (eqtrace.DRTRL, eqtrace.SnAp1)) and case.spec.drtrl_exact:
+            event(f"{type(algorithm).__name__} exact by theory")
+            assert_close(grads, bptt, 1e-8, f"{algorithm} vs BPTT on an element-wise layer")
         if isinstance(algorithm, eqtrace.EProp) and case.spec.eprop_exact:
             event("e-prop exact by theory")
             assert_close(grads, bptt, 1e-8, "e-prop vs BPTT on an element-wise-recurrent layer")
+        if algorithm is ppprop:  # one rule per example: each window compiles afresh
+            windows = eqtrace.make_online_block(eqtrace.ExactWindows(algorithm), p.static)
+            _, whole, _, _ = online(windows, p, trace, every, block_size=case.length)
+            assert_close(whole, bptt, 1e-8, f"ExactWindows({algorithm}), one window, vs BPTT")
 
 
 def step_value_and_grad(step, params, state, trace, x, target):
@@ -440,7 +482,7 @@ _TOKENS = Case(
 @examples(3)
 @given(
     case=cases,
-    algorithm=st.one_of(st.just(eqtrace.RTRL()), diagonal_rules),
+    algorithm=st.one_of(st.just(eqtrace.RTRL()), diagonal_rules, uoro_rules),
     batch=st.integers(2, 3),
     block=st.integers(1, 4),
 )
@@ -469,17 +511,19 @@ def test_blocks_batches_and_jit(case, algorithm, batch, block):
     event(type(algorithm).__name__)
     every = weights(case.length)
 
+    _, traces = eqtrace.init_state_and_trace(p.model, algorithm, batch_size=batch, x=x)
+    # Each sample with its slice of the batched trace (its own key, for UORO).
+    sample_traces = [jtu.tree_map(lambda a, b=b: a[b], traces) for b in range(batch)]
     step = eqtrace.make_online_step(algorithm, p.static)
-    stepped = online(step, sample[0], trace, every)
+    stepped = online(step, sample[0], sample_traces[0], every)
     online_block = eqtrace.make_online_block(algorithm, p.static)
     # Blocks that tile the sequence: a shorter last block would compile once more (remainders
     # are covered in test_blocks.py).
     block_size = math.gcd(block, case.length)
-    blocked = online(online_block, sample[0], trace, every, block_size=block_size)
+    blocked = online(online_block, sample[0], sample_traces[0], every, block_size=block_size)
     assert_close(blocked, stepped, 1e-10, f"{algorithm} online block of {block_size} vs steps")
 
-    loop = [stepped] + [online(step, s, trace, every) for s in sample[1:]]
-    _, traces = eqtrace.init_state_and_trace(p.model, algorithm, batch_size=batch, x=x)
+    loop = [stepped] + [online(step, s, t, every) for s, t in zip(sample[1:], sample_traces[1:])]
     batched = eqtrace.online_gradient(
         jax.vmap(step, in_axes=(None, 0, 0, 0)),
         batch_loss,

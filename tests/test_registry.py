@@ -13,7 +13,7 @@ import pytest
 
 import eqtrace
 from eqtrace import nn
-from registry import ALGORITHMS, CELLS, EVERY_CELL, make_cell
+from registry import ALGORITHMS, CELLS, EVERY_CELL, WRAPPERS, make_cell
 
 
 def _public_classes(namespace, base):
@@ -25,7 +25,7 @@ def _public_classes(namespace, base):
 
 
 def test_every_algorithm_is_registered():
-    registered = {type(case.algorithm) for case in ALGORITHMS}
+    registered = {type(case.algorithm) for case in ALGORITHMS} | set(WRAPPERS)
     public = _public_classes(eqtrace, eqtrace.AbstractAlgorithm) - {eqtrace.AbstractAlgorithm}
     assert public <= registered, f"not in registry.ALGORITHMS: {public - registered}"
     assert len({case.name for case in ALGORITHMS}) == len(ALGORITHMS)

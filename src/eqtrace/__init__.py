@@ -8,11 +8,19 @@ from ._algorithms._drtrl import DRTRL as DRTRL, DRTRLTrace as DRTRLTrace
 from ._algorithms._eprop import EProp as EProp, EPropTrace as EPropTrace
 from ._algorithms._ppprop import PPProp as PPProp, PPPropTrace as PPPropTrace
 from ._algorithms._rtrl import RTRL as RTRL, RTRLTrace as RTRLTrace
+from ._algorithms._snap import SnAp1 as SnAp1, SnAp1Trace as SnAp1Trace
+from ._algorithms._uoro import UORO as UORO, UOROTrace as UOROTrace
+from ._algorithms._windows import ExactWindows as ExactWindows
 from ._cell import AbstractCell as AbstractCell
 from ._check import (
     StructureReport as StructureReport,
     check as check,
     trace_size as trace_size,
+)
+from ._checkpoint import (
+    latest_checkpoint as latest_checkpoint,
+    restore_checkpoint as restore_checkpoint,
+    save_checkpoint as save_checkpoint,
 )
 from ._diagnostics import (
     GradientComparison as GradientComparison,
@@ -30,6 +38,11 @@ from ._drivers import (
     truncated_bptt_gradient as truncated_bptt_gradient,
 )
 from ._ops import OpAlgebra as OpAlgebra, register_op as register_op
+from ._sharding import (
+    Shardings as Shardings,
+    init_sharded as init_sharded,
+    make_shardings as make_shardings,
+)
 
 
 __version__ = importlib.metadata.version("eqtrace")

@@ -126,14 +126,17 @@ class AbstractAlgorithm(eqx.Module, Generic[_Trace]):
         """`(state, trace)`, raising at run time if `check_finite` and a value is not finite."""
         if not self.check_finite:
             return state, trace
-        leaves = jtu.tree_leaves(eqx.filter((state, trace), eqx.is_inexact_array))
+        # Only the floating arrays pass through `error_if`, which refuses PRNG keys.
+        arrays, rest = eqx.partition((state, trace), eqx.is_inexact_array)
+        leaves = jtu.tree_leaves(arrays)
         finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in leaves]))
-        return eqx.error_if(
-            (state, trace),
+        arrays = eqx.error_if(
+            arrays,
             jnp.logical_not(finite),
             f"{type(self).__name__}: the state or trace became non-finite (NaN or inf). Check "
             "the input and the learning rate, or lower the trace decay.",
         )
+        return eqx.combine(arrays, rest)
 
     def init_trace(self, model: AbstractCell, state: State, x: ExampleInput | None = None) -> Any:
         """The initial trace of `model` (a cell or a `Sequential`) for one sample.

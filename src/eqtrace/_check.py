@@ -2,18 +2,18 @@ import dataclasses
 import math
 
 import equinox as eqx
-import jax.numpy as jnp
 import jax.tree_util as jtu
 
 from ._algorithm import AbstractAlgorithm
 from ._algorithms._diagonal import AbstractDiagonalAlgorithm
 from ._algorithms._drtrl import DRTRL
+from ._algorithms._snap import SnAp1
 from ._cell import AbstractCell
 from ._custom_types import ExampleInput
 from ._probing import concrete
 from ._sequential import Sequential
 from ._structure import CellStructure, analyse
-from ._validation import example_input, require_example_input
+from ._validation import example_input, is_key, require_example_input
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,6 +31,8 @@ class StructureReport:
       rule refuses a model with violations; with `strict=False` it runs as an approximation.
     - `trace_floats`, `trace_bytes`: the size of the rule's trace for one sample (`None` if
       the rule cannot trace the model even with `strict=False`).
+    - `notes`: what the rule, in particular, traces in each cell (for `SnAp1`, the op inputs
+      that carry each neuron's self-paths), in plain words.
     - `layer_rules`: per layer, how the rule runs it when it configures itself for that layer
       from the layer after it (e.g. `EProp(readout_decay=0.95)` under a leaky read-out), else
       `None`.
@@ -41,6 +43,7 @@ class StructureReport:
     trace_floats: int | None
     trace_bytes: int | None
     refusal: str | None = None
+    notes: tuple[str, ...] = ()
     layer_rules: tuple[str | None, ...] = ()
 
     @property
@@ -90,6 +93,7 @@ class StructureReport:
                 lines.append(f"    parameter {param.path} {param.shape}: {how}")
             for v in cell.violations:
                 lines.append(f"    VIOLATION: {v}")
+        lines.extend(f"  {note}" for note in self.notes)
         if self.trace_floats is None:
             lines.append(f"  trace memory per sample: {self.algorithm} cannot trace this model")
         else:
@@ -116,13 +120,15 @@ def trace_size(algorithm: AbstractAlgorithm, model: AbstractCell, x: ExampleInpu
       model does not declare an `input_size`.
 
     **Returns:** `(values, bytes)`: the number of values in the trace pytree and its size in
-    bytes. Multiply by the batch size for a batch.
+    bytes, which includes the PRNG keys of rules that draw random numbers (`UORO`: 8 bytes
+    each, not counted as values). Multiply by the batch size for a batch.
     """
     state = model.init_state()
     trace = eqx.filter_eval_shape(algorithm.init_trace, model, state, x)
     leaves = jtu.tree_leaves(trace)
-    floats = sum(math.prod(leaf.shape) for leaf in leaves)
-    nbytes = sum(math.prod(leaf.shape) * jnp.dtype(leaf.dtype).itemsize for leaf in leaves)
+    floats = sum(math.prod(leaf.shape) for leaf in leaves if not is_key(leaf))
+    # `dtype.itemsize` rather than `jnp.dtype(...)`, which refuses a key's dtype.
+    nbytes = sum(math.prod(leaf.shape) * leaf.dtype.itemsize for leaf in leaves)
     return floats, nbytes
 
 
@@ -151,7 +157,11 @@ def check(
     x = example_input(model) if x is None else x
     require_example_input(model, x)
     layers = model.layers if isinstance(model, Sequential) else (model,)
-    cells, layer_rules = [], []
+    lenient = algorithm
+    if isinstance(algorithm, AbstractDiagonalAlgorithm) and algorithm.strict:
+        # Report the memory and notes even when the structure is violated.
+        lenient = eqx.tree_at(lambda a: a.strict, algorithm, False)
+    cells, notes, layer_rules = [], [], []
     layer_input = x
     for i, layer in enumerate(layers):
         layer_rules.append(_layer_rule(algorithm, model, i))
@@ -161,6 +171,9 @@ def check(
             if algorithm.per_layer:
                 try:
                     structure = analyse(layer, state, layer_input)
+                    if isinstance(lenient, SnAp1):
+                        paths = lenient.self_paths(layer, state, layer_input)
+                        notes.extend(f"layer {i}: {line}" for line in paths)
                 except ValueError:  # A structure no diagonal rule takes; the refusal says why.
                     pass
             cells.append(structure)
@@ -173,16 +186,18 @@ def check(
         refusal = None
     except ValueError as error:
         refusal = str(error)
-    lenient = algorithm
-    if isinstance(algorithm, AbstractDiagonalAlgorithm) and algorithm.strict:
-        # Report the memory even when the structure is violated.
-        lenient = eqx.tree_at(lambda a: a.strict, algorithm, False)
     try:
         floats, nbytes = trace_size(lenient, model, x)
     except ValueError:  # The algorithm cannot trace this model; the refusal says why.
         floats = nbytes = None
     return StructureReport(
-        type(algorithm).__name__, tuple(cells), floats, nbytes, refusal, tuple(layer_rules)
+        type(algorithm).__name__,
+        tuple(cells),
+        floats,
+        nbytes,
+        refusal,
+        notes=tuple(notes),
+        layer_rules=tuple(layer_rules),
     )
 
 

@@ -8,7 +8,7 @@ hook) check the aliased type as before.
 from typing import Any
 
 import jax
-from jaxtyping import Array, ArrayLike, Float, PyTree
+from jaxtyping import Array, ArrayLike, Float, Key, PyTree, UInt32
 from typing_extensions import TypeAliasType
 
 
@@ -23,3 +23,6 @@ ExampleInput = TypeAliasType("ExampleInput", PyTree[ArrayLike | jax.ShapeDtypeSt
 #: The floating arrays of a model: `params` in `eqx.partition(model, eqx.is_inexact_array)`.
 Params = TypeAliasType("Params", PyTree[Float[Array, "..."] | None])
 Scalar = TypeAliasType("Scalar", Float[Array, ""])
+#: A PRNG key given by a user. One typed key (`jax.random.key`) is expected; raw `uint32` keys
+#: and batches of keys are admitted by the annotation so that eqtrace's check explains the fix.
+KeyLike = TypeAliasType("KeyLike", Key[Array, "..."] | UInt32[Array, "..."])

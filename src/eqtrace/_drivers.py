@@ -13,8 +13,8 @@ from typing_extensions import TypeAliasType
 
 from ._algorithm import AbstractAlgorithm
 from ._cell import AbstractCell
-from ._custom_types import ExampleInput, Input, Params, Scalar, State, Trace
-from ._validation import check_count
+from ._custom_types import ExampleInput, Input, KeyLike, Params, Scalar, State, Trace
+from ._validation import check_count, check_key, is_key
 
 
 #: `online_step(params, state, trace, x) -> (state, trace, y)`, from `make_online_step`.
@@ -224,6 +224,8 @@ def init_state_and_trace(
     algorithm: AbstractAlgorithm,
     batch_size: int | None = None,
     x: ExampleInput | None = None,
+    *,
+    key: KeyLike | None = None,
 ) -> tuple[State, Trace]:
     """The initial state and trace of `model`, with a leading batch axis if `batch_size` is set.
 
@@ -231,18 +233,42 @@ def init_state_and_trace(
 
     - `model`: a cell or `eqtrace.nn.Sequential`.
     - `algorithm`: the online rule whose trace to create.
-    - `batch_size`: if given, the state and trace gain a leading batch axis of that size
-      (every sample starts from the same initial values).
+    - `batch_size`: if given, the state and trace gain a leading batch axis of that size.
+      Every sample starts from the same initial values, except the PRNG keys of rules that
+      draw random numbers (`eqtrace.UORO`): sample `i` gets `jax.random.split(k, batch_size)[i]`
+      of the trace's key `k`, so that the samples draw independent noise.
     - `x`: an example input of one step of one sample (only its shape and dtype are used),
       needed when the model does not declare an `input_size`.
+    - `key`: a PRNG key (`jax.random.key(seed)`) that replaces the key the algorithm was built
+      with, for rules that draw random numbers: pass a fresh one for each batch of sequences
+      so that they do not all draw the same noise. Ignored by the other rules.
 
     **Returns:** `(state, trace)`, the pytrees to pass to the online step.
     """
     state = model.init_state()
     trace = algorithm.init_trace(model, state, x)
+    if key is not None:
+        check_key("init_state_and_trace", "key", key, "`key=jax.random.key(0)`")
+        trace = _reseed(trace, key)
     if batch_size is None:
         return state, trace
-    return jtu.tree_map(lambda a: jnp.broadcast_to(a, (batch_size, *a.shape)), (state, trace))
+
+    def batch(a):
+        if is_key(a):  # independent noise per sample
+            return jax.random.split(a, batch_size)
+        return jnp.broadcast_to(a, (batch_size, *a.shape))
+
+    return jtu.tree_map(batch, (state, trace))
+
+
+def _reseed(trace: Trace, key: KeyLike) -> Trace:
+    """`trace` with its PRNG keys replaced: by `key` itself if it holds one, else by keys
+    folded from it (one per key leaf, all different)."""
+    leaves, treedef = jtu.tree_flatten(trace)
+    keys = [i for i, leaf in enumerate(leaves) if is_key(leaf)]
+    for n, i in enumerate(keys):
+        leaves[i] = key if len(keys) == 1 else jax.random.fold_in(key, n)
+    return jtu.tree_unflatten(treedef, leaves)
 
 
 @eqx.filter_jit

@@ -18,20 +18,21 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
+import numpy as np
 
 from .nn._feedback import RandomFeedback
 from .nn._linear import Linear
 
 
 class OpAlgebra:
-    """How the diagonal rules (`DRTRL`, `PPProp`) compute with one type of synaptic op.
+    """How the diagonal rules (`DRTRL`, `SnAp1`, `PPProp`) compute with one type of synaptic op.
 
     An op `u = op(a; W)` must be linear in its weights `W` for a fixed input vector `a` (dense,
     masked, sparse, convolution, embedding). Register an algebra for a type of your own with
     `eqtrace.register_op(MyOp, OpAlgebra())`; the defaults below are derived by automatic
     differentiation from `apply`, so only `input`, `apply` or `bias` may need overriding.
-    Overriding the D-RTRL methods (`spread`, `outer`, `contract`, `outer_sum`) with broadcasts
-    only makes them faster.
+    Overriding the D-RTRL methods (`spread`, `outer`, `contract`, `outer_sum`) with broadcasts,
+    or SnAp-1's `restricted` with a gather of the weights concerned, only makes them faster.
 
     Arrays called `v` or `cotangent` are shaped like the op's output, `u.shape`, followed by
     extra trailing axes (one per state leaf, or two); every method keeps those trailing axes.
@@ -77,6 +78,30 @@ class OpAlgebra:
         """`Σ_t outer(op, a_t, cotangent_t)` over a leading time axis."""
         per_step = jax.vmap(lambda a_t, c_t: self.outer(op, a_t, c_t))(a, cotangent)
         return jtu.tree_map(lambda w: jnp.sum(w, axis=0), per_step)
+
+    def restricted(
+        self,
+        op: Any,
+        a: jax.Array,
+        tangent: jax.Array,
+        input_owners: np.ndarray,
+        output_owners: np.ndarray,
+    ) -> jax.Array:
+        """SnAp-1's self-paths through the op: its derivative along an input `tangent`, with
+        each output element seeing only the input elements of its own neuron,
+        `δu_j = Σ_{i: owner(i) = owner(j)} ∂u_j/∂a_i δa_i`. The owners are flat neuron indices
+        over `a` and over the output (`-1`: no neuron). By default one JVP of the op per
+        neuron (vectorised); the built-in ops gather the few weights concerned instead.
+        """
+        in_owners = jnp.asarray(input_owners.reshape(a.shape))
+        neurons = np.unique(input_owners[input_owners >= 0])
+
+        def own_paths(n):
+            masked = jnp.where(in_owners == n, tangent, 0)
+            du = jax.jvp(lambda a: self.apply(op, a), (a,), (masked,))[1]
+            return jnp.where(jnp.asarray(output_owners.reshape(du.shape)) == n, du, 0)
+
+        return jnp.sum(jax.vmap(own_paths)(jnp.asarray(neurons)), axis=0)
 
     def _vjp_over_extra(self, op: Any, a: jax.Array, cotangent: jax.Array) -> Any:
         """`VJP_W[op(a; ·)]` applied to each slice of `cotangent` along its extra trailing axes,
@@ -153,6 +178,25 @@ def _masked(op: Any, weight: jax.Array) -> jax.Array:
     return jnp.where(mask.reshape(*mask.shape, *(1,) * (weight.ndim - 2)), weight, 0)
 
 
+def same_owner_index(
+    input_owners: np.ndarray, output_owners: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """For each output element `j`, the input elements of its own neuron, `(O, P)` indices
+    padded to the most any neuron has, and which of them are real."""
+    per_neuron: dict[int, list[int]] = {}
+    for i, n in enumerate(input_owners.tolist()):
+        if n >= 0:
+            per_neuron.setdefault(n, []).append(i)
+    width = max((len(v) for v in per_neuron.values()), default=0)
+    index = np.zeros((output_owners.size, width), np.int32)
+    valid = np.zeros((output_owners.size, width), bool)
+    for j, n in enumerate(output_owners.tolist()):
+        inputs = per_neuron.get(n, [])
+        index[j, : len(inputs)] = inputs
+        valid[j, : len(inputs)] = True
+    return index, valid
+
+
 class _DenseAlgebra(OpAlgebra):
     """`eqtrace.nn.Linear` (optionally masked) and `eqx.nn.Linear`: `u = W a + b`."""
 
@@ -174,6 +218,17 @@ class _DenseAlgebra(OpAlgebra):
         if getattr(op, "bias", None) is not None:
             out = out + trace.bias * delta.bias
         return out
+
+    def restricted(self, op, a, tangent, input_owners, output_owners):
+        # Only the weights `W[j, i]` with `i` and `j` of one neuron act: gathered, `(O, P)`
+        # for at most `P` inputs per neuron, instead of a masked copy of `W`.
+        index, valid = same_owner_index(input_owners, output_owners)
+        rows = np.arange(index.shape[0])[:, None]
+        weight = op.weight[rows, index]
+        mask = getattr(op, "mask", None)
+        if mask is not None:
+            valid = valid & mask[rows, index]
+        return jnp.sum(jnp.where(valid, weight, 0) * tangent[index], axis=-1)
 
     def outer_sum(self, op, a, cotangent):
         # One contraction over the time axis (a matrix product), not `t` rank-one updates.

@@ -21,8 +21,9 @@ from ._ops import algebra, is_op
 class _CallLog:
     """The op calls of one run of a cell under `probed_call`, in call order."""
 
-    def __init__(self, probes, outputs, cut: bool):
+    def __init__(self, probes, outputs, cut: bool, restricted=None):
         self.probes, self.outputs, self.cut = probes, outputs, cut
+        self.restricted = restricted
         self.op_indices: list[int] = []
         self.records: list[tuple[jax.Array, jax.Array]] = []
 
@@ -30,9 +31,16 @@ class _CallLog:
         site = len(self.records)
         rules = algebra(op)
         a = rules.input(op, raw_input)
+        path = None
         if self.cut:
+            if self.restricted is not None and self.restricted[site] is not None:
+                # Zero-valued, with the cut input's derivative through the restricted op.
+                stopped = jax.lax.stop_gradient(a)
+                path = self.restricted[site](op, stopped, a - stopped)
             a = jax.lax.stop_gradient(a)
         u = rules.apply(op, a) if self.outputs is None else self.outputs[site]
+        if path is not None:
+            u = u + path
         self.op_indices.append(index)
         self.records.append((a, u))
         probe = None if self.probes is None else self.probes[site]
@@ -65,15 +73,19 @@ def _wrap_ops(cell, log: _CallLog):
     )
 
 
-def probed_call(cell, state, x, probes=None, *, cut: bool, outputs=None, sites=None):
+def probed_call(
+    cell, state, x, probes=None, *, cut: bool, outputs=None, sites=None, restricted=None
+):
     """Runs `cell(state, x)` with `probes[s]` added to the output of its `s`-th op call; with
     `outputs` (recorded by an earlier call), the calls return those instead of recomputing
     them, so only the cell's element-wise part runs. With `sites` (the op index of each call,
-    from the analysis), checks that the cell made exactly those calls.
+    from the analysis), checks that the cell made exactly those calls. With `cut` and
+    `restricted` (per call, `None` or a linear map `(op, a, δa) -> δu`), a cut input still
+    reaches the output, through that map only (SnAp-1's self-paths).
 
     **Returns:** `(new_state, ((a_1, u_1), …))`, each call's input vector and output.
     """
-    log = _CallLog(probes, outputs, cut)
+    log = _CallLog(probes, outputs, cut, restricted)
     new_state, _ = _wrap_ops(cell, log)(state, x)
     if sites is not None and tuple(log.op_indices) != tuple(sites):
         raise ValueError(

@@ -534,3 +534,64 @@ def _outside_jvp(cell, state, x, sites, index):
 
 def _used_outside_calls(cell, state, x, sites, index) -> bool:
     return bool(np.any(np.asarray(_outside_jvp(cell, state, x, sites, index)) != 0))
+
+
+@dataclasses.dataclass(frozen=True)
+class InputOwners:
+    """Which neuron's state each input element of each call site depends on (what SnAp-1's
+    self-paths go through), found on random instances like the output owners."""
+
+    #: Per call site, the flat neuron index of each flat input element: `-1` if it depends on
+    #: no neuron's state (an input `x`) or on several.
+    owners: tuple[np.ndarray, ...]
+    #: Per call site, how many input elements depend on several neurons' states.
+    shared: tuple[int, ...]
+
+
+def input_owners(cell, state, x, structure: CellStructure) -> InputOwners:
+    """The input owners of `cell`'s call sites (cached like `analyse`). An input element
+    depends on a neuron through the previous state directly, or through the output of an
+    earlier call (owned by that neuron), not through the op inputs before those calls."""
+    x = concrete(x)
+    return _cached(
+        ("input_owners", *structure_key(cell, state, x)),
+        lambda: _input_owners(cell, state, x, structure),
+    )
+
+
+@eqx.filter_jit
+def _input_jacobians(cell, state, x, sites):
+    """Per call site, `∂a/∂h_{t-1}` and `∂a/∂u` for every call's output `u` (replayed, so
+    that an output does not depend on its op's input)."""
+    _, records = probed_call(cell, state, x, cut=False, sites=sites)
+    outputs = [u for _, u in records]
+
+    def inputs(s, probes):
+        _, records = probed_call(cell, s, x, probes, cut=False, outputs=outputs, sites=sites)
+        return [a for a, _ in records]
+
+    return jax.jacrev(inputs, argnums=(0, 1))(state, [jnp.zeros_like(u) for u in outputs])
+
+
+def _input_owners(cell, state, x, structure: CellStructure) -> InputOwners:
+    n = structure.num_neurons
+    hits = [np.zeros((math.prod(site.input_shape), n), bool) for site in structure.sites]
+    rng = np.random.default_rng(2)
+    for scale in (0.3, 1.0, 3.0):
+        draws = [random_like(tree, rng, scale) for tree in (cell, state, x)]
+        for i, (d_state, d_probes) in enumerate(_input_jacobians(*draws, structure.site_ops)):
+            size = hits[i].shape[0]
+            for block in jtu.tree_leaves(d_state):
+                hits[i] |= np.asarray(block).reshape(size, n) != 0
+            for site, block in zip(structure.sites, d_probes):
+                if site.traced:
+                    rows, cols = np.nonzero(np.asarray(block).reshape(size, -1))
+                    hits[i][rows, site.owners[cols]] = True
+    counts = [h.sum(axis=1) for h in hits]
+    return InputOwners(
+        owners=tuple(
+            np.where(c == 1, np.argmax(h, axis=1), -1).astype(np.int32)
+            for h, c in zip(hits, counts)
+        ),
+        shared=tuple(int(np.sum(c > 1)) for c in counts),
+    )

@@ -11,9 +11,14 @@ import numpy as np
 from ._sequential import Sequential
 
 
+def _dtype_name(dtype: Any) -> str:
+    """The name of a dtype, also of a PRNG key's (`key<fry>`), which `jnp.dtype` refuses."""
+    return dtype.name if is_key_dtype(dtype) else jnp.dtype(dtype).name
+
+
 def _describe(tree: Any) -> str:
     def leaf(x):
-        return f"{jnp.dtype(x.dtype).name}{list(x.shape)}" if hasattr(x, "shape") else repr(x)
+        return f"{_dtype_name(x.dtype)}{list(x.shape)}" if hasattr(x, "shape") else repr(x)
 
     return str(jtu.tree_map(leaf, tree, is_leaf=lambda x: x is None))
 
@@ -35,6 +40,43 @@ def check_matches(name: str, expected: Any, received: Any, fix: str) -> None:
         raise ValueError(
             f"`{name}` does not fit the model: expected a pytree laid out as "
             f"{_describe(expected)}, but received {_describe(received)}. {fix}"
+        )
+
+
+def is_key_dtype(dtype: Any) -> bool:
+    """Whether `dtype` is that of a typed PRNG key (`jax.random.key`)."""
+    return jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
+
+
+def is_key(leaf: Any) -> bool:
+    """Whether `leaf` is a typed PRNG key array (or its shape and dtype)."""
+    return hasattr(leaf, "dtype") and is_key_dtype(leaf.dtype)
+
+
+def check_key(owner: str, name: str, key: Any, example: str) -> None:
+    """Raises unless `key` is one typed PRNG key (shape `()`, from `jax.random.key`)."""
+    if key is None:
+        raise ValueError(
+            f"{owner} draws random numbers and needs a PRNG key, but `{name}` was not given. "
+            f"Pass one, e.g. {example}."
+        )
+    if not is_key(key):
+        received = (
+            f"an array of dtype {_dtype_name(key.dtype)} and shape {list(key.shape)}"
+            if hasattr(key, "dtype") and hasattr(key, "shape")
+            else f"{key!r} ({type(key).__name__})"
+        )
+        raise TypeError(
+            f"{owner}: `{name}` must be a typed PRNG key from `jax.random.key(seed)`, but "
+            f"received {received}. Pass e.g. {example}; wrap a raw key from "
+            "`jax.random.PRNGKey` with `jax.random.wrap_key_data(raw_key)`."
+        )
+    if key.shape != ():
+        raise ValueError(
+            f"{owner}: `{name}` must be a single PRNG key (shape ()), but received keys of "
+            f"shape {list(key.shape)}. Pass one key, e.g. {example}: "
+            "`eqtrace.init_state_and_trace(..., batch_size=B)` splits it into one key per "
+            "sample."
         )
 
 

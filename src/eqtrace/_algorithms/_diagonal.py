@@ -1,5 +1,5 @@
-"""The diagonal family (`DRTRL`, `PPProp`): what its rules share, so that a rule states only
-its traces and how they move.
+"""The diagonal family (`DRTRL`, `SnAp1`, `PPProp`): what its rules share, so that a rule
+states only its traces and how they move.
 
 Every diagonal rule linearises a cell once per step. From a single VJP of the cell (with every
 op's input cut and a zero probe added to every op's output), pulled back along one cotangent per
@@ -42,7 +42,8 @@ _Trace = TypeVar("_Trace")
 
 class Linearisation(NamedTuple):
     new_state: Any
-    #: `(K, K, N)`: `D[k, m, n] = ∂h^k_n/∂h^m_n` at the previous state, op outputs held fixed.
+    #: `(K, K, N)`: `D[k, m, n] = ∂h^k_n/∂h^m_n` at the previous state, op outputs held fixed
+    #: (or, for SnAp-1, the ops restricted to each neuron's own inputs).
     jacobian: jax.Array
     #: Per op, its input vector `a_t`.
     op_inputs: tuple[jax.Array, ...]
@@ -187,9 +188,13 @@ def transition_products(jacobians: jax.Array) -> tuple[jax.Array, jax.Array]:
     return products, first
 
 
-def linearise(cell, structure: CellStructure, state, x, op_outputs=None) -> Linearisation:
+def linearise(
+    cell, structure: CellStructure, state, x, op_outputs=None, restricted=None
+) -> Linearisation:
     """The step's linearisation; with `op_outputs` (each op's output at this step, recorded
-    earlier), the ops are not recomputed."""
+    earlier), the ops are not recomputed. With `restricted` (per call site, `None` or a map
+    of an input tangent to the op's restricted output tangent), the op inputs are cut except
+    for those maps' paths, which `D` then includes (SnAp-1)."""
     num_leaves, num_neurons = structure.num_leaves, structure.num_neurons
     params, rest = eqx.partition(cell, other_params_spec(cell, structure.op_called))
 
@@ -202,6 +207,7 @@ def linearise(cell, structure: CellStructure, state, x, op_outputs=None) -> Line
             cut=True,
             outputs=op_outputs,
             sites=structure.site_ops,
+            restricted=restricted,
         )
         return new_state, tuple(a for a, _ in records)
 
@@ -243,7 +249,9 @@ def linearise(cell, structure: CellStructure, state, x, op_outputs=None) -> Line
     )
 
 
-def linearise_block(cell, structure: CellStructure, state, xs) -> tuple[Linearisation, Any]:
+def linearise_block(
+    cell, structure: CellStructure, state, xs, restricted=None
+) -> tuple[Linearisation, Any]:
     """The block's per-step linearisations stacked on a leading axis, and the states
     `h_0 … h_{C-1}` they start from. Only the plain cell runs step by step, recording its ops'
     outputs; the linearisations, which need just `(h_{t-1}, x_t)` and those outputs, are
@@ -255,7 +263,9 @@ def linearise_block(cell, structure: CellStructure, state, xs) -> tuple[Linearis
         return new_state, (state, tuple(u for _, u in records))
 
     _, (previous, op_outputs) = jax.lax.scan(body, state, xs)
-    lins = jax.vmap(lambda h, x, u: linearise(cell, structure, h, x, u))(previous, xs, op_outputs)
+    lins = jax.vmap(lambda h, x, u: linearise(cell, structure, h, x, u, restricted))(
+        previous, xs, op_outputs
+    )
     return lins, previous
 
 

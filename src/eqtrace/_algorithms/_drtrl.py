@@ -1,11 +1,14 @@
-"""D-RTRL: diagonal RTRL with weight-shaped traces, stepped or in blocks."""
+"""D-RTRL: diagonal RTRL with weight-shaped traces, stepped or in blocks; and what it shares
+with SnAp-1, whose traces move by another per-neuron Jacobian."""
 
-from typing import Any
+import abc
+from typing import Any, ClassVar, TypeVar
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
+from equinox import AbstractClassVar, AbstractVar
 
 from .._cell import AbstractCell
 from .._custom_types import ExampleInput, Input, State
@@ -32,6 +35,9 @@ from ._diagonal import (
 )
 
 
+_Trace = TypeVar("_Trace")
+
+
 def _propagate(spread_jacobian, trace, immediate):
     """`ε[…, k] ← Σ_m B(D[k, m]) ⊙ ε[…, m] + VJP_W(∂h^k/∂u)` for one parameter array, computed
     in the immediate term's dtype and stored in the trace's."""
@@ -52,7 +58,177 @@ class DRTRLTrace(eqx.Module):
     params: tuple[jax.Array | None, ...]
 
 
-class DRTRL(AbstractDiagonalAlgorithm[DRTRLTrace]):
+class AbstractWeightTraceAlgorithm(AbstractDiagonalAlgorithm[_Trace]):
+    """A diagonal rule with D-RTRL's weight-shaped traces (`DRTRL`, `SnAp1`). The rules differ
+    only in the per-neuron Jacobian `D_t` that carries the traces from step to step, which
+    `restriction` chooses; the immediate term, the gradient and the blocks are the same."""
+
+    trace_dtype: AbstractVar[Any]
+    #: The trace's class, built from its `ops` and `params`.
+    trace_type: AbstractClassVar[type]
+
+    @abc.abstractmethod
+    def restriction(
+        self, cell: AbstractCell, structure: CellStructure, state: State, x: Input
+    ) -> tuple[Any, ...] | None:
+        """Per call site, `None` or the map `(op, a, δa) -> δu` through which the op's input
+        still reaches its output in `D_t`; `None` for every op's input cut (D-RTRL)."""
+
+    def refuse(self, structure: CellStructure, state: State) -> None:
+        for site in structure.sites:
+            if site.traced and not site.weights_reach_one_output:
+                raise ValueError(
+                    f"{type(self).__name__} cannot trace the op `{site.name}` "
+                    f"({structure.ops[site.op].type_name}) of {structure.cell_name}: it shares "
+                    "each weight across many outputs, so a weight-shaped trace per neuron is not "
+                    "defined. Use `eqtrace.PPProp(...)`, whose input/output traces handle shared "
+                    "weights."
+                )
+
+    def init_cell_trace(self, cell: AbstractCell, state: State, x: ExampleInput) -> _Trace:
+        structure = self.structure(cell, state, x)
+        self.restriction(cell, structure, state, x)  # Its refusal, if any, at the start.
+        k = structure.num_leaves
+        ops = tuple(
+            jtu.tree_map(
+                lambda w: jnp.zeros((*w.shape, k), self.trace_dtype or w.dtype), op_params(op)
+            )
+            if site.traced
+            else None
+            for op, site in zip(structure.site_modules(cell), structure.sites)
+        )
+        return self.trace_type(ops=ops, params=init_param_traces(structure, cell))
+
+    def cell_step(
+        self, cell: AbstractCell, state: State, trace: _Trace, x: Input
+    ) -> tuple[State, _Trace]:
+        structure = self.structure(cell, state, x)
+        lin = linearise(
+            cell, structure, state, x, restricted=self.restriction(cell, structure, state, x)
+        )
+        new_ops = []
+        for i, (op, a, df, eps) in enumerate(
+            zip(structure.site_modules(cell), lin.op_inputs, lin.op_sensitivities, trace.ops)
+        ):
+            if eps is None:  # A read-out op: exact gradient through `output`, no trace.
+                new_ops.append(None)
+                continue
+            rules = algebra(op)
+            d_out = jnp.moveaxis(to_outputs(structure, lin.jacobian, i), (0, 1), (-2, -1))
+            propagate = rules.spread(op, a, d_out)  # leaves (…, K, K)
+            immediate = rules.outer(op, a, jnp.moveaxis(df, 0, -1))  # leaves (…, K)
+            new_ops.append(jtu.tree_map(_propagate, propagate, eps, immediate))
+        new_params = step_param_traces(structure, lin, trace.params)
+        return lin.new_state, self.trace_type(ops=tuple(new_ops), params=new_params)
+
+    def cell_tangent(
+        self, cell: AbstractCell, state: State, trace: _Trace, x: Input, params_tangent: Any
+    ) -> State:
+        structure = self.structure(cell, state, x)
+        op_tangents, other_tangents = structure.split_tangent(params_tangent)
+        from_params = param_tangents(structure, trace.params, other_tangents, state_dtype(state))
+        # One row per state leaf, kept apart: a leaf the loss does not reach gets a symbolic
+        # zero cotangent, and JAX then skips reading that leaf's trace in the backward pass.
+        rows = []
+        for k in range(structure.num_leaves):
+            row = from_params[k]
+            for i, (op, site, eps, delta) in enumerate(
+                zip(structure.site_modules(cell), structure.sites, trace.ops, op_tangents)
+            ):
+                if eps is not None:
+                    a = jnp.zeros(site.input_shape, op_dtype(op))  # Its shape only.
+                    eps_k = jtu.tree_map(lambda e, d: e[..., k].astype(d.dtype), eps, delta)
+                    per_output = algebra(op).contract(op, a, eps_k, delta)
+                    row = row + from_outputs(structure, per_output, i)
+            rows.append(row)
+        return unflatten_like(state, rows)
+
+    def cell_steps(
+        self, cell: AbstractCell, state: State, trace: _Trace, xs: Input
+    ) -> tuple[State, _Trace]:
+        """`C` steps in one pass over the trace. The recursion `ε_t = D_t ε_{t-1} + I_t`
+        (`I_t` the immediate term) unrolls over the block to
+
+        $$
+        ε_C = Φ(C, 0)\\,ε_0 + \\sum_{τ=1}^{C} Φ(C, τ)\\,I_τ,\\qquad
+        Φ(C, τ) = D_C ⋯ D_{τ+1},
+        $$
+
+        a K-by-K block per neuron, so the weight-shaped trace is read and written once per
+        block and the sum over `τ` is one matrix product per op, instead of `C` memory-bound
+        passes. The derivative the rule gives `h_t`, `ε_t · δθ`, is computed without forming
+        `ε_t`: a custom JVP rule gives `z_t = ε_t · δθ` by the state-sized recursion
+        `z_t = D_t z_{t-1} + I_t · δθ`. Values and gradients equal `C` single steps up to
+        round-off.
+        """
+        x = jtu.tree_map(lambda a: a[0], xs)
+        structure = self.structure(cell, state, x)
+        params, static, frozen, (state, trace, stopped_xs) = freeze(cell, state, trace, xs)
+        restricted = self.restriction(frozen, structure, state, x)
+        lins, previous = linearise_block(frozen, structure, state, stopped_xs, restricted)
+        products, first = transition_products(lins.jacobian)
+        new_ops = []
+        for i, (op, eps) in enumerate(zip(structure.site_modules(frozen), trace.ops)):
+            if eps is None:  # A read-out op: exact gradient through `output`, no trace.
+                new_ops.append(None)
+                continue
+            rules, inputs = algebra(op), lins.op_inputs[i]
+            phi = to_outputs(structure, products, i)  # (C, K, K, *u)
+            sensitivities = lins.op_sensitivities[i]  # (C, K, *u)
+            immediate = sum(
+                phi[:, :, m] * sensitivities[:, m, None] for m in range(sensitivities.shape[1])
+            )  # (C, K, *u): Φ(C, τ) ∂h_τ/∂u_τ
+            immediate = jnp.moveaxis(immediate, 1, -1)
+            carried = jnp.moveaxis(to_outputs(structure, first, i), (0, 1), (-2, -1))
+            summed = rules.outer_sum(op, inputs, immediate)
+            spread = rules.spread(op, inputs[0], carried)
+            new_ops.append(jtu.tree_map(_propagate, spread, eps, summed))
+        new_params = block_param_traces(structure, products, first, lins, trace.params)
+        states, new_trace = self.checked(
+            lins.new_state, self.trace_type(ops=tuple(new_ops), params=new_params)
+        )
+        derivative = _BlockDerivative(
+            algorithm=self, state=state, trace=trace, lins=lins, previous=previous
+        )
+        return jtu.tree_map(
+            jnp.add, states, link(params, xs, static=static, derivative=derivative)
+        ), new_trace
+
+    def block_tangent(
+        self, cell, state, trace: _Trace, x, lins: Linearisation, params_tangent
+    ) -> jax.Array:
+        """`z_t = ε_t · δθ` for the block's steps, `(C, K, N)`, from the state-sized recursion
+        `z_t = D_t z_{t-1} + I_t δθ` with `z_0 = ε_0 · δθ`. Reverse mode transposes it into a
+        backward pass over the block through the element-wise `D_t` only, with the weight
+        gradient `Σ_t (∂h/∂u ⊙ λ_t) ⊗ a_t` as one matrix product per op."""
+        structure = self.structure(cell, state, x)
+        carried = flat_leaves(self.cell_tangent(cell, state, trace, x, params_tangent))
+        op_tangents, other_tangents = structure.split_tangent(params_tangent)
+        immediate = jnp.zeros((lins.jacobian.shape[0], *carried.shape), carried.dtype)
+        for i, (op, site, delta) in enumerate(
+            zip(structure.site_modules(cell), structure.sites, op_tangents)
+        ):
+            if site.traced:
+                delta_op = eqx.combine(delta, eqx.filter(op, eqx.is_inexact_array, inverse=True))
+                u = jax.vmap(lambda a: algebra(op).apply(delta_op, a))(lins.op_inputs[i])
+                immediate = immediate + from_outputs(
+                    structure, lins.op_sensitivities[i] * u[:, None], i
+                )
+        if lins.param_sensitivities:
+            immediate = immediate + jax.vmap(
+                lambda s: param_tangents(structure, s, other_tangents, carried.dtype)
+            )(lins.param_sensitivities)
+
+        def body(z, inputs):
+            jacobian, step_immediate = inputs
+            z = mix(jacobian, z) + step_immediate
+            return z, z
+
+        _, zs = jax.lax.scan(body, carried, (lins.jacobian, immediate))
+        return zs
+
+
+class DRTRL(AbstractWeightTraceAlgorithm[DRTRLTrace]):
     """Diagonal RTRL with parameter-dimension traces (Wang et al., *Nature Communications*, 2026).
 
     For every state leaf `k` and synaptic op `o` with output `u_o = op_o(a_t; W_o)`:
@@ -88,164 +264,22 @@ class DRTRL(AbstractDiagonalAlgorithm[DRTRLTrace]):
     strict: bool = True
     trace_dtype: Any = None
     check_finite: bool = False
+    trace_type: ClassVar[type] = DRTRLTrace
 
-    def refuse(self, structure: CellStructure, state: State) -> None:
-        for site in structure.sites:
-            if site.traced and not site.weights_reach_one_output:
-                raise ValueError(
-                    f"DRTRL cannot trace the op `{site.name}` "
-                    f"({structure.ops[site.op].type_name}) of {structure.cell_name}: it shares "
-                    "each weight across many outputs, so a weight-shaped trace per neuron is not "
-                    "defined. Use `eqtrace.PPProp(...)`, whose input/output traces handle shared "
-                    "weights."
-                )
-
-    def init_cell_trace(self, cell: AbstractCell, state: State, x: ExampleInput) -> DRTRLTrace:
-        structure = self.structure(cell, state, x)
-        k = structure.num_leaves
-        ops = tuple(
-            jtu.tree_map(
-                lambda w: jnp.zeros((*w.shape, k), self.trace_dtype or w.dtype), op_params(op)
-            )
-            if site.traced
-            else None
-            for op, site in zip(structure.site_modules(cell), structure.sites)
-        )
-        return DRTRLTrace(ops=ops, params=init_param_traces(structure, cell))
-
-    def cell_step(
-        self, cell: AbstractCell, state: State, trace: DRTRLTrace, x: Input
-    ) -> tuple[State, DRTRLTrace]:
-        structure = self.structure(cell, state, x)
-        lin = linearise(cell, structure, state, x)
-        new_ops = []
-        for i, (op, a, df, eps) in enumerate(
-            zip(structure.site_modules(cell), lin.op_inputs, lin.op_sensitivities, trace.ops)
-        ):
-            if eps is None:  # A read-out op: exact gradient through `output`, no trace.
-                new_ops.append(None)
-                continue
-            rules = algebra(op)
-            d_out = jnp.moveaxis(to_outputs(structure, lin.jacobian, i), (0, 1), (-2, -1))
-            propagate = rules.spread(op, a, d_out)  # leaves (…, K, K)
-            immediate = rules.outer(op, a, jnp.moveaxis(df, 0, -1))  # leaves (…, K)
-            new_ops.append(jtu.tree_map(_propagate, propagate, eps, immediate))
-        new_params = step_param_traces(structure, lin, trace.params)
-        return lin.new_state, DRTRLTrace(ops=tuple(new_ops), params=new_params)
-
-    def cell_tangent(
-        self, cell: AbstractCell, state: State, trace: DRTRLTrace, x: Input, params_tangent: Any
-    ) -> State:
-        structure = self.structure(cell, state, x)
-        op_tangents, other_tangents = structure.split_tangent(params_tangent)
-        from_params = param_tangents(structure, trace.params, other_tangents, state_dtype(state))
-        # One row per state leaf, kept apart: a leaf the loss does not reach gets a symbolic
-        # zero cotangent, and JAX then skips reading that leaf's trace in the backward pass.
-        rows = []
-        for k in range(structure.num_leaves):
-            row = from_params[k]
-            for i, (op, site, eps, delta) in enumerate(
-                zip(structure.site_modules(cell), structure.sites, trace.ops, op_tangents)
-            ):
-                if eps is not None:
-                    a = jnp.zeros(site.input_shape, op_dtype(op))  # Its shape only.
-                    eps_k = jtu.tree_map(lambda e, d: e[..., k].astype(d.dtype), eps, delta)
-                    per_output = algebra(op).contract(op, a, eps_k, delta)
-                    row = row + from_outputs(structure, per_output, i)
-            rows.append(row)
-        return unflatten_like(state, rows)
-
-    def cell_steps(
-        self, cell: AbstractCell, state: State, trace: DRTRLTrace, xs: Input
-    ) -> tuple[State, DRTRLTrace]:
-        """`C` steps in one pass over the trace. The recursion `ε_t = D_t ε_{t-1} + I_t`
-        (`I_t` the immediate term) unrolls over the block to
-
-        $$
-        ε_C = Φ(C, 0)\\,ε_0 + \\sum_{τ=1}^{C} Φ(C, τ)\\,I_τ,\\qquad
-        Φ(C, τ) = D_C ⋯ D_{τ+1},
-        $$
-
-        a K-by-K block per neuron, so the weight-shaped trace is read and written once per
-        block and the sum over `τ` is one matrix product per op, instead of `C` memory-bound
-        passes. The derivative the rule gives `h_t`, `ε_t · δθ`, is computed without forming
-        `ε_t`: a custom JVP rule gives `z_t = ε_t · δθ` by the state-sized recursion
-        `z_t = D_t z_{t-1} + I_t · δθ`. Values and gradients equal `C` single steps up to
-        round-off.
-        """
-        x = jtu.tree_map(lambda a: a[0], xs)
-        structure = self.structure(cell, state, x)
-        params, static, frozen, (state, trace, stopped_xs) = freeze(cell, state, trace, xs)
-        lins, previous = linearise_block(frozen, structure, state, stopped_xs)
-        products, first = transition_products(lins.jacobian)
-        new_ops = []
-        for i, (op, eps) in enumerate(zip(structure.site_modules(frozen), trace.ops)):
-            if eps is None:  # A read-out op: exact gradient through `output`, no trace.
-                new_ops.append(None)
-                continue
-            rules, inputs = algebra(op), lins.op_inputs[i]
-            phi = to_outputs(structure, products, i)  # (C, K, K, *u)
-            sensitivities = lins.op_sensitivities[i]  # (C, K, *u)
-            immediate = sum(
-                phi[:, :, m] * sensitivities[:, m, None] for m in range(sensitivities.shape[1])
-            )  # (C, K, *u): Φ(C, τ) ∂h_τ/∂u_τ
-            immediate = jnp.moveaxis(immediate, 1, -1)
-            carried = jnp.moveaxis(to_outputs(structure, first, i), (0, 1), (-2, -1))
-            summed = rules.outer_sum(op, inputs, immediate)
-            spread = rules.spread(op, inputs[0], carried)
-            new_ops.append(jtu.tree_map(_propagate, spread, eps, summed))
-        new_params = block_param_traces(structure, products, first, lins, trace.params)
-        states, new_trace = self.checked(
-            lins.new_state, DRTRLTrace(ops=tuple(new_ops), params=new_params)
-        )
-        derivative = _BlockDerivative(
-            algorithm=self, state=state, trace=trace, lins=lins, previous=previous
-        )
-        return jtu.tree_map(
-            jnp.add, states, link(params, xs, static=static, derivative=derivative)
-        ), new_trace
-
-    def block_tangent(
-        self, cell, state, trace: DRTRLTrace, x, lins: Linearisation, params_tangent
-    ) -> jax.Array:
-        """`z_t = ε_t · δθ` for the block's steps, `(C, K, N)`, from the state-sized recursion
-        `z_t = D_t z_{t-1} + I_t δθ` with `z_0 = ε_0 · δθ`. Reverse mode transposes it into a
-        backward pass over the block through the element-wise `D_t` only, with the weight
-        gradient `Σ_t (∂h/∂u ⊙ λ_t) ⊗ a_t` as one matrix product per op."""
-        structure = self.structure(cell, state, x)
-        carried = flat_leaves(self.cell_tangent(cell, state, trace, x, params_tangent))
-        op_tangents, other_tangents = structure.split_tangent(params_tangent)
-        immediate = jnp.zeros((lins.jacobian.shape[0], *carried.shape), carried.dtype)
-        for i, (op, site, delta) in enumerate(
-            zip(structure.site_modules(cell), structure.sites, op_tangents)
-        ):
-            if site.traced:
-                delta_op = eqx.combine(delta, eqx.filter(op, eqx.is_inexact_array, inverse=True))
-                u = jax.vmap(lambda a: algebra(op).apply(delta_op, a))(lins.op_inputs[i])
-                immediate = immediate + from_outputs(
-                    structure, lins.op_sensitivities[i] * u[:, None], i
-                )
-        if lins.param_sensitivities:
-            immediate = immediate + jax.vmap(
-                lambda s: param_tangents(structure, s, other_tangents, carried.dtype)
-            )(lins.param_sensitivities)
-
-        def body(z, inputs):
-            jacobian, step_immediate = inputs
-            z = mix(jacobian, z) + step_immediate
-            return z, z
-
-        _, zs = jax.lax.scan(body, carried, (lins.jacobian, immediate))
-        return zs
+    def restriction(
+        self, cell: AbstractCell, structure: CellStructure, state: State, x: Input
+    ) -> None:
+        del cell, structure, state, x
+        return None
 
 
 class _BlockDerivative(AbstractDerivative):
-    """A block's derivative as D-RTRL defines it: `ε_t · δθ` for every step without forming
-    `ε_t` (`DRTRL.block_tangent`), plus the exact `∂h_t/∂x_t · δx_t`."""
+    """A block's derivative as D-RTRL (or SnAp-1) defines it: `ε_t · δθ` for every step
+    without forming `ε_t` (`block_tangent`), plus the exact `∂h_t/∂x_t · δx_t`."""
 
-    algorithm: DRTRL
+    algorithm: AbstractWeightTraceAlgorithm
     state: State  # `h_0`, before the block
-    trace: DRTRLTrace  # `ε_0`
+    trace: Any  # `ε_0`
     lins: Linearisation
     previous: State  # `h_0 … h_{C-1}`, stacked
 

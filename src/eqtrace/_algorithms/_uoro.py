@@ -1,0 +1,119 @@
+"""UORO: an unbiased rank-one estimate of RTRL's sensitivity, refreshed with random signs."""
+
+from typing import Any, ClassVar
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+from jax.flatten_util import ravel_pytree
+from jaxtyping import Array, Inexact, Key
+
+from .._algorithm import AbstractAlgorithm
+from .._cell import AbstractCell
+from .._custom_types import ExampleInput, Input, KeyLike, State
+from .._structure import output_mismatch
+from .._validation import check_key
+from ._rtrl import _flat_transition
+
+
+class UOROTrace(eqx.Module):
+    """UORO's trace: the factors of the rank-one estimate $dh/dθ ≈ \\tilde h \\tilde θ^\\top$,
+    shaped like the flattened state and parameters, and the PRNG key of the next step's
+    random signs."""
+
+    state_tilde: Inexact[Array, " state"]
+    params_tilde: Inexact[Array, " params"]
+    key: Key[Array, ""]
+
+
+def _norm(v: Array) -> Array:
+    return jnp.sqrt(jnp.sum(jnp.abs(v) ** 2))
+
+
+class UORO(AbstractAlgorithm[UOROTrace]):
+    """Unbiased online recurrent optimisation (Tallec & Ollivier, ICLR 2018).
+
+    Approximates RTRL's sensitivity $M_t = dh_t/dθ$ by a rank-one product
+    $\\tilde h_t \\tilde θ_t^\\top$ of vectors shaped like the flattened state and parameters,
+    refreshed each step with fresh random signs $ν ∈ \\{±1\\}^{|h|}$:
+
+    $$
+    \\tilde h_t = ρ_0 J^h_t \\tilde h_{t-1} + ρ_1 ν, \\qquad
+    \\tilde θ_t = \\tilde θ_{t-1} / ρ_0 + ν^\\top J^θ_t / ρ_1,
+    $$
+
+    with
+    $ρ_0 = \\sqrt{(\\lVert\\tilde θ_{t-1}\\rVert + ε) / (\\lVert J^h_t \\tilde h_{t-1}\\rVert + ε)}$
+    and $ρ_1 = \\sqrt{(\\lVert ν^\\top J^θ_t\\rVert + ε) / (\\lVert ν\\rVert + ε)}$, which
+    minimise the variance that the cross terms add; $ε$ is the machine epsilon of the state's
+    dtype (a guard against $0/0$ on the first step, where $\\tilde h = \\tilde θ = 0$, and for
+    cells without recurrence). Since $E[ν ν^\\top] = I$, and flipping $ν$ flips every cross
+    term but leaves $ρ_0, ρ_1$ unchanged, $E[\\tilde h_t \\tilde θ_t^\\top] = M_t$: the online
+    gradient $\\tilde θ_t (\\tilde h_t \\cdot \\bar g_t)$ is an **unbiased** estimate of RTRL's,
+    whatever the cell. It is exact only when the state has a single element.
+
+    Each step costs one JVP ($J^h \\tilde h$) and one VJP ($ν^\\top J^θ$) of the cell, a few
+    forward passes; the trace holds $|h| + |θ|$ numbers and a key per sample. As for `RTRL`, a
+    `Sequential`'s recurrent core (its layers up to the last cell) is one system, and stateless
+    layers after it are read-outs with exact gradients.
+
+    The trace holds the PRNG key, split every step; `init_trace` starts it from `key`.
+    `eqtrace.init_state_and_trace(..., batch_size=B)` gives sample `i` the key
+    `jax.random.split(key, B)[i]`, so that the samples of a batch draw independent signs; pass
+    `key=` there for fresh signs for each batch of sequences.
+
+    **Arguments:**
+
+    - `key`: a typed PRNG key, `jax.random.key(seed)`: the seed of the random signs.
+    - `check_finite`: raise (through `eqx.error_if`) as soon as the state or trace holds a NaN
+      or inf. Off by default.
+    """
+
+    key: KeyLike | None = None
+    check_finite: bool = False
+    per_layer: ClassVar[bool] = False
+
+    def __check_init__(self):
+        check_key("UORO", "key", self.key, "`eqtrace.UORO(key=jax.random.key(0))`")
+
+    def init_cell_trace(self, cell: AbstractCell, state: State, x: ExampleInput) -> UOROTrace:
+        # As for RTRL: checked whenever the input is known, always at `step`.
+        if x is not None and output_mismatch(cell, state, x):
+            raise ValueError(
+                f"UORO cannot run {type(cell).__name__}: the `y` its `__call__` returns differs "
+                "from `output(new_state)`, but an online step returns `output(new_state)` and "
+                "takes the gradient there, so outputs and gradients would not be the model's. "
+                "Return `(new_state, self.output(new_state))` from `__call__`, and define "
+                "`output` as the cell's read-out of its state."
+            )
+        h, _ = ravel_pytree(state)
+        theta, _ = ravel_pytree(eqx.filter(cell, eqx.is_inexact_array))
+        assert self.key is not None  # `__check_init__`
+        return UOROTrace(jnp.zeros_like(h), jnp.zeros_like(theta), self.key)
+
+    def cell_step(
+        self, cell: AbstractCell, state: State, trace: UOROTrace, x: Input
+    ) -> tuple[State, UOROTrace]:
+        transition, h, theta, unravel_state, _ = _flat_transition(cell, state, x)
+        new_h, linear = jax.linearize(transition, h, theta)
+        key, signs_key = jr.split(trace.key)
+        signs = jr.rademacher(signs_key, h.shape, jnp.int8).astype(h.dtype)
+        # J^h h̃ (one JVP) and νᵀ J^θ (one VJP); no |θ|-sized Jacobian.
+        propagated = linear(trace.state_tilde, jnp.zeros_like(theta))
+        signs_theta = jax.linear_transpose(linear, h, theta)(signs)[1]
+        eps = jnp.finfo(h.dtype).eps
+        rho0 = jnp.sqrt((_norm(trace.params_tilde) + eps) / (_norm(propagated) + eps))
+        rho1 = jnp.sqrt((_norm(signs_theta) + eps) / (_norm(signs) + eps))
+        state_tilde = rho0 * propagated + rho1 * signs
+        params_tilde = trace.params_tilde / rho0 + signs_theta / rho1
+        new_trace = UOROTrace(state_tilde.astype(h.dtype), params_tilde.astype(theta.dtype), key)
+        return unravel_state(new_h), new_trace
+
+    def cell_tangent(
+        self, cell: AbstractCell, state: State, trace: UOROTrace, x: Input, params_tangent: Any
+    ) -> State:
+        del cell, x
+        _, unravel_state = ravel_pytree(state)
+        delta, _ = ravel_pytree(params_tangent)
+        return unravel_state(trace.state_tilde * jnp.dot(trace.params_tilde, delta))

@@ -1,0 +1,380 @@
+"""Checkpoints: a run interrupted, saved, restored in a fresh JAX state and resumed is bit for
+bit the run that was never interrupted, for every registered rule, stepped and in blocks,
+sharded or not; a writer killed mid-save never damages the last good checkpoint.
+
+The refusals (another algorithm, hyperparameters, model or tree) are triggered in
+test_errors.py against the rows of docs/errors.md.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import equinox as eqx
+import hypothesis.strategies as st
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import jax.tree_util as jtu
+import numpy as np
+import optax
+import pytest
+from hypothesis import given, settings
+
+import eqtrace
+from eqtrace import nn
+from helpers import mse
+from registry import ALGORITHMS
+
+
+TESTS = Path(__file__).resolve().parent
+LENGTH, SPLIT, BATCH, BLOCK = 6, 3, 2, 2
+
+
+def _model():
+    # A LIF layer: of the cells every rule takes, one of the quickest to compile.
+    return nn.Sequential([nn.LIF(3, 4, key=jr.key(0)), eqx.nn.Linear(4, 2, key=jr.key(1))])
+
+
+def _learner(make_algorithm, blocks: bool, batch: int = BATCH):
+    """A learner (a spiking layer and a read-out trained online with Adam): the function that
+    trains it on a stretch of the stream, and one that builds it afresh as a new process
+    would, giving `(model, algorithm, tree)` with `tree` everything to checkpoint."""
+    optimizer = optax.adam(0.05)
+
+    def fresh():
+        model, algorithm = _model(), make_algorithm()
+        params = eqx.filter(model, eqx.is_inexact_array)
+        state, trace = eqtrace.init_state_and_trace(model, algorithm, batch_size=batch)
+        tree = {
+            "params": params,
+            "opt_state": optimizer.init(params),
+            "state": state,
+            "trace": trace,
+            "steps": 0,  # a Python int: saved exactly, whatever its size
+        }
+        return model, algorithm, tree
+
+    model, algorithm, _ = fresh()
+    static = eqx.filter(model, eqx.is_inexact_array, inverse=True)
+    if blocks:
+        block = eqtrace.make_online_block(algorithm, static)
+        online = jax.vmap(block, in_axes=(None, 0, 0, 1), out_axes=(0, 0, 1))
+    else:
+        online = jax.vmap(eqtrace.make_online_step(algorithm, static), in_axes=(None, 0, 0, 0))
+
+    def train(tree, xs, targets):
+        params, opt_state, state, trace, _ = eqtrace.train_online(
+            online,
+            mse,
+            optimizer,
+            tree["params"],
+            tree["opt_state"],
+            tree["state"],
+            tree["trace"],
+            xs,
+            targets,
+            block_size=BLOCK if blocks else None,
+        )
+        return {
+            "params": params,
+            "opt_state": opt_state,
+            "state": state,
+            "trace": trace,
+            "steps": tree["steps"] + len(xs),
+        }
+
+    return train, fresh
+
+
+def _stream(batch: int = BATCH):
+    rng = np.random.default_rng(0)
+    return (
+        jnp.asarray(rng.standard_normal((LENGTH, batch, 3))),
+        jnp.asarray(rng.standard_normal((LENGTH, batch, 2))),
+    )
+
+
+def _assert_identical(resumed, straight):
+    assert jtu.tree_structure(resumed) == jtu.tree_structure(straight)
+    for (path, a), b in zip(jtu.tree_leaves_with_path(resumed), jtu.tree_leaves(straight)):
+        assert type(a) is type(b), jtu.keystr(path)
+        assert np.array_equal(a, b), f"{jtu.keystr(path)}: {a} != {b}"
+        if isinstance(a, jax.Array):
+            assert a.dtype == b.dtype, jtu.keystr(path)
+
+
+#: Every registered rule, stepped, and in blocks where it supports them.
+MODES = {
+    f"{case.name}-{'blocks' if blocks else 'steps'}": (case, blocks)
+    for case in ALGORITHMS
+    for blocks in ([False, True] if case.supports_blocks else [False])
+}
+
+#: The second half of the runs below, in a new process (JAX starts afresh: nothing compiled
+#: or cached survives), with 4 host devices: for each mode, the learner saved after the first
+#: stretch is restored into one built afresh, trained on the second stretch and saved again.
+#: Then the same with the batch sharded over the devices, checked there.
+_NEW_PROCESS = """
+import sys
+sys.path.insert(0, TESTS)
+import jax
+jax.config.update("jax_enable_x64", True)
+import jax.numpy as jnp
+import jax.tree_util as jtu
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+import eqtrace
+import test_checkpoint as tc
+
+xs, targets = tc._stream()
+first, second = slice(None, tc.SPLIT), slice(tc.SPLIT, None)
+for name, (case, blocks) in tc.MODES.items():
+    train, fresh = tc._learner(case.make, blocks)
+    model, algorithm, like = fresh()
+    directory = DIRECTORY + "/" + name
+    restored, step = eqtrace.restore_checkpoint(directory, like, algorithm=algorithm, model=model)
+    assert step == tc.SPLIT == restored["steps"]
+    resumed = train(restored, xs[second], targets[second])
+    eqtrace.save_checkpoint(directory, tc.LENGTH, resumed, algorithm=algorithm, model=model)
+
+assert jax.device_count() == 4
+mesh = Mesh(jax.devices(), ("batch",))
+batched, replicated = NamedSharding(mesh, P("batch")), NamedSharding(mesh, P())
+
+
+def shard(tree):
+    # The batch axis of state and trace over the devices; the rest replicated.
+    def place(leaf, sharding):
+        return jax.device_put(leaf, sharding) if isinstance(leaf, jax.Array) else leaf
+
+    def layout(name):
+        return batched if name in ("state", "trace") else replicated
+
+    return {
+        name: jtu.tree_map(lambda a: place(a, layout(name)), part)
+        for name, part in tree.items()
+    }
+
+
+xs, targets = (jax.device_put(a, NamedSharding(mesh, P(None, "batch"))) for a in tc._stream(4))
+for case in tc.ALGORITHMS:
+    train, fresh = tc._learner(case.make, False, batch=4)
+    _, _, tree = fresh()
+    straight = train(train(shard(tree), xs[first], targets[first]), xs[second], targets[second])
+    model, algorithm, tree = fresh()
+    interrupted = train(shard(tree), xs[first], targets[first])
+    directory = DIRECTORY + "/sharded-" + case.name
+    eqtrace.save_checkpoint(directory, tc.SPLIT, interrupted, algorithm=algorithm, model=model)
+    model, algorithm, unsharded = fresh()
+    like = shard(unsharded)
+    restored, _ = eqtrace.restore_checkpoint(directory, like, algorithm=algorithm, model=model)
+    for a, b in zip(jtu.tree_leaves(restored), jtu.tree_leaves(like)):
+        if isinstance(b, jax.Array):
+            assert a.sharding == b.sharding, (a.sharding, b.sharding)
+    resumed = train(restored, xs[second], targets[second])
+    tc._assert_identical(resumed, straight)
+    # The same checkpoint restores into one device (another layout), with the same values.
+    single, _ = eqtrace.restore_checkpoint(directory, unsharded, algorithm=algorithm, model=model)
+    for a, b in zip(jtu.tree_leaves(single), jtu.tree_leaves(restored)):
+        assert np.array_equal(a, b)
+        if isinstance(a, jax.Array):
+            assert len(a.sharding.device_set) == 1
+    print("sharded", case.name, "ok", flush=True)
+"""
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """For each mode: the run straight on over both stretches of the stream, and the same run
+    saved after the first stretch and resumed in a new process (`_NEW_PROCESS`).
+
+    **Returns:** `(straight, resumed, sharded)`: dicts of mode -> learner tree, and the
+    new process's report of the sharded runs."""
+    directory = tmp_path_factory.mktemp("resume")
+    xs, targets = _stream()
+    first, second = slice(None, SPLIT), slice(SPLIT, None)
+    straight, likes = {}, {}
+    for name, (case, blocks) in MODES.items():
+        train, fresh = _learner(case.make, blocks)
+        model, algorithm, tree = fresh()
+        interrupted = train(tree, xs[first], targets[first])
+        eqtrace.save_checkpoint(
+            directory / name, SPLIT, interrupted, algorithm=algorithm, model=model
+        )
+        straight[name] = train(interrupted, xs[second], targets[second])
+        likes[name] = (model, algorithm, tree)
+    script = _NEW_PROCESS.replace("TESTS", repr(str(TESTS)))
+    script = script.replace("DIRECTORY", repr(str(directory)))
+    env = dict(
+        os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4"
+    )
+    result = subprocess.run(
+        [sys.executable, "-W", "error", "-c", script],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    resumed = {}
+    for name, (model, algorithm, like) in likes.items():
+        resumed[name], step = eqtrace.restore_checkpoint(
+            directory / name, like, algorithm=algorithm, model=model
+        )
+        assert step == LENGTH
+    return straight, resumed, result.stdout
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_resume_is_bit_identical(mode, runs):
+    """Every leaf (parameters, optimiser state, state, trace, step count) of the run resumed in
+    a new process equals the uninterrupted run's, bit for bit."""
+    straight, resumed, _ = runs
+    _assert_identical(resumed[mode], straight[mode])
+
+
+def test_sharded_resume_is_bit_identical(runs):
+    """The batch sharded over 4 host devices, every registered rule, stepped: restored with
+    the sharding of `like`, and resumed bit for bit (checked in the new process)."""
+    *_, report = runs
+    assert report.split() == [w for case in ALGORITHMS for w in ("sharded", case.name, "ok")]
+
+
+def test_leaves_of_every_kind_round_trip(tmp_path):
+    """PRNG keys, NumPy arrays, Python scalars beyond int64, and leaves that are not data."""
+    tree = {
+        "key": jr.fold_in(jr.key(3), 7),
+        "raw_key": jr.PRNGKey(5),
+        "numpy": np.arange(6, dtype=np.float32).reshape(2, 3),
+        "int8": jnp.arange(3, dtype=jnp.int8),
+        "count": 2**70 + 1,
+        "rate": 0.1 + 0.2,
+        "flag": True,
+        "function": jnp.tanh,
+    }
+    like = {
+        "key": jr.key(0),
+        "raw_key": jr.PRNGKey(0),
+        "numpy": np.zeros((2, 3), np.float32),
+        "int8": jnp.zeros(3, jnp.int8),
+        "count": 0,
+        "rate": 0.0,
+        "flag": False,
+        "function": jnp.tanh,
+    }
+    algorithm, model = eqtrace.DRTRL(), nn.LIF(2, 3, key=jr.key(0))
+    eqtrace.save_checkpoint(tmp_path, 2**40, tree, algorithm=algorithm, model=model)
+    restored, step = eqtrace.restore_checkpoint(tmp_path, like, algorithm=algorithm, model=model)
+    assert step == 2**40
+    assert jnp.array_equal(jr.key_data(restored["key"]), jr.key_data(tree["key"]))
+    assert restored["key"].dtype == tree["key"].dtype
+    assert isinstance(restored["numpy"], np.ndarray)
+    for name in ("raw_key", "numpy", "int8"):
+        assert (
+            np.array_equal(restored[name], tree[name]) and restored[name].dtype == tree[name].dtype
+        )
+    assert restored["count"] == 2**70 + 1 and restored["rate"] == 0.1 + 0.2
+    assert restored["flag"] is True and restored["function"] is jnp.tanh
+
+
+def test_steps_kept_and_chosen(tmp_path):
+    algorithm, model = eqtrace.DRTRL(), nn.LIF(2, 3, key=jr.key(0))
+    assert eqtrace.latest_checkpoint(tmp_path / "absent") is None
+    for step in range(5):
+        tree = {"x": jnp.full(2, float(step))}
+        eqtrace.save_checkpoint(
+            tmp_path, step, tree, algorithm=algorithm, model=model, max_to_keep=2
+        )
+    assert eqtrace.latest_checkpoint(tmp_path) == 4
+    like = {"x": jnp.zeros(2)}
+    restored, step = eqtrace.restore_checkpoint(tmp_path, like, algorithm=algorithm, model=model)
+    assert step == 4 and restored["x"][0] == 4
+    restored, step = eqtrace.restore_checkpoint(
+        tmp_path, like, algorithm=algorithm, model=model, step=3
+    )
+    assert step == 3 and restored["x"][0] == 3
+    with pytest.raises(
+        FileNotFoundError, match=r"no checkpoint of step 1 \(it holds steps \[3, 4\]\)"
+    ):
+        eqtrace.restore_checkpoint(tmp_path, like, algorithm=algorithm, model=model, step=1)
+
+
+_hyperparameters = st.tuples(
+    st.sampled_from([0.0, 0.5, 0.6, 7 / 9, 0.999999]),  # rank 4 is 0.6, rank 8 is 7/9
+    st.booleans(),  # bias_correction
+    st.booleans(),  # check_finite
+)
+
+
+@settings(derandomize=True, database=None, deadline=None, max_examples=60)
+@given(saved=_hyperparameters, current=_hyperparameters)
+def test_any_change_of_hyperparameters_is_named(saved, current):
+    """The recorded algorithm differs from another exactly when the two differ, and the
+    difference named is a field that differs (pure Python: no checkpoint written)."""
+    from eqtrace._checkpoint import _describe, _first_difference
+
+    make = lambda d, b, c: eqtrace.PPProp(d, bias_correction=b, check_finite=c)  # noqa: E731
+    found = _first_difference(
+        _describe(make(*saved), values=True), _describe(make(*current), values=True)
+    )
+    assert (found is None) == (saved == current)
+    if found is not None:
+        path, before, now = found
+        names = ("decay", "bias_correction", "check_finite")
+        index = names.index(path.lstrip("."))
+        assert (before, now) == (saved[index], current[index]) and before != now
+
+
+_KILLED_WRITER = """
+import sys
+import jax, jax.numpy as jnp
+import eqtrace
+directory = sys.argv[1]
+algorithm, model = eqtrace.DRTRL(), eqtrace.nn.LIF(2, 3, dtype=jnp.float32, key=jax.random.key(0))
+tree = lambda step: {"x": jnp.full((2_000_000,), float(step))}  # 16 MB: slow enough to catch
+eqtrace.save_checkpoint(directory, 1, tree(1), algorithm=algorithm, model=model)
+print("saved", flush=True)
+for step in range(2, 1000):
+    eqtrace.save_checkpoint(directory, step, tree(step), algorithm=algorithm, model=model)
+"""
+
+
+def test_a_killed_writer_leaves_the_last_good_checkpoint(tmp_path):
+    """A process killed (SIGKILL: no clean-up of its own) while writing a checkpoint."""
+    process = subprocess.Popen(
+        [sys.executable, "-c", _KILLED_WRITER, str(tmp_path)],
+        stdout=subprocess.PIPE,
+        env=dict(os.environ, JAX_PLATFORMS="cpu"),
+        text=True,
+    )
+    try:
+        assert process.stdout is not None and process.stdout.readline() == "saved\n"
+        deadline = time.monotonic() + 120
+        while not any("tmp" in p.name for p in tmp_path.iterdir()):
+            assert time.monotonic() < deadline and process.poll() is None
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        if process.stdout is not None:
+            process.stdout.close()
+    partial = [p.name for p in tmp_path.iterdir() if "tmp" in p.name]
+    completed = sorted(int(p.name) for p in tmp_path.iterdir() if p.name.isdigit())
+    assert partial and completed and completed[0] >= 1
+    # The partial checkpoint is not listed; the last complete one restores intact.
+    algorithm, model = eqtrace.DRTRL(), nn.LIF(2, 3, dtype=jnp.float32, key=jr.key(0))
+    like = {"x": jnp.zeros(2_000_000, jnp.float32)}
+    latest = eqtrace.latest_checkpoint(tmp_path)
+    assert latest == completed[-1]
+    restored, step = eqtrace.restore_checkpoint(tmp_path, like, algorithm=algorithm, model=model)
+    assert step == latest and bool(jnp.all(restored["x"] == step))
+    # ...and it was deleted once the directory was opened again.
+    assert not [p.name for p in tmp_path.iterdir() if "tmp" in p.name]
+    eqtrace.save_checkpoint(tmp_path, latest + 1, restored, algorithm=algorithm, model=model)
+    assert eqtrace.latest_checkpoint(tmp_path) == latest + 1
