@@ -197,6 +197,10 @@ def _snap1(config: Config, trace_dtype: Any) -> eqtrace.AbstractAlgorithm:
     return eqtrace.SnAp1()
 
 
+def _eprop(config: Config, trace_dtype: Any) -> eqtrace.AbstractAlgorithm:
+    return eqtrace.EProp()
+
+
 def _ppprop(config: Config, trace_dtype: Any) -> eqtrace.AbstractAlgorithm:
     return eqtrace.PPProp(rank=config.rank)
 
@@ -210,6 +214,9 @@ _RTRL = dict(rule=_rtrl, exact=True, jacobian_trace=True)
 _DRTRL = dict(rule=_drtrl, per_layer=True, supports_blocks=True)
 _SNAP1 = dict(rule=_snap1, per_layer=True, supports_blocks=True)
 _PPPROP = dict(rule=_ppprop, per_layer=True, supports_blocks=True)
+# Under a leaky read-out (the "lif" model), blocks scan the steps (each step's output needs its
+# filtered trace); elsewhere they are D-RTRL's.
+_EPROP = dict(rule=_eprop, per_layer=True, supports_blocks=True)
 
 REGISTRY = {
     a.name: a
@@ -223,6 +230,8 @@ REGISTRY = {
         Algorithm("drtrl-bf16", trace_dtype=jnp.bfloat16, **_DRTRL),
         Algorithm("snap1", **_SNAP1),
         Algorithm("snap1-block", block=True, **_SNAP1),
+        Algorithm("eprop", **_EPROP),
+        Algorithm("eprop-block", block=True, **_EPROP),
         Algorithm("ppprop", **_PPPROP),
         Algorithm("ppprop-block", block=True, **_PPPROP),
         # Unbiased, |h| + |θ| per sample; blocks would keep every step's trace: stepped only.

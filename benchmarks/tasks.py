@@ -80,6 +80,7 @@ RULES: dict[str, Rule] = {
     "drtrl": Rule("D-RTRL", lambda decay: eqtrace.DRTRL(), "tab:blue", "o"),
     "ppprop": Rule("pp-prop", lambda decay: eqtrace.PPProp(decay=decay), "tab:orange", "s"),
     "snap1": Rule("SnAp-1", lambda decay: eqtrace.SnAp1(), "tab:red", "X"),
+    "eprop": Rule("e-prop", lambda decay: eqtrace.EProp(), "tab:brown", "D"),
     "uoro": Rule("UORO", lambda decay: eqtrace.UORO(key=jr.key(0)), "tab:purple", "v"),
     "drtrl-window": Rule(
         "D-RTRL, exact windows",

@@ -343,6 +343,21 @@ class NetworkSpec:
             layer.kind in PARAMETER_FREE for layer in before
         )
 
+    @property
+    def eprop_exact(self) -> bool:
+        """Whether e-prop equals BPTT by theory: where D-RTRL does, or for one
+        element-wise-recurrent cell (nothing with parameters before it) followed directly by a
+        leaky read-out, then stateless layers."""
+        if self.drtrl_exact:
+            return True
+        cells = [i for i, layer in enumerate(self.layers) if layer.is_cell]
+        if len(cells) != 2 or cells[1] != cells[0] + 1 or self.layers[cells[1]].kind != "readout":
+            return False
+        before = self.layers[: cells[0]]
+        return self.layers[cells[0]].elementwise_recurrence and all(
+            layer.kind in PARAMETER_FREE for layer in before
+        )
+
 
 def build_layer(spec: LayerSpec, key) -> Any:
     if spec.kind == "generated":

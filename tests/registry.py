@@ -86,6 +86,9 @@ ALGORITHMS: tuple[AlgorithmCase, ...] = (
         "snap1", eqtrace.SnAp1, exact=False, exact_elementwise=True, needs_structure=True
     ),
     AlgorithmCase(
+        "eprop", eqtrace.EProp, exact=False, exact_elementwise=True, needs_structure=True
+    ),
+    AlgorithmCase(
         "ppprop",
         functools.partial(eqtrace.PPProp, 0.6),
         exact=False,

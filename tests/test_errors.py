@@ -33,6 +33,7 @@ from eqtrace._validation import example_input
 from helpers import ConvCell, Rolling, cast, mse, squared_loss
 from registry import ALGORITHMS, EVERY_CELL, make_cell
 from test_any_cell import CalledOutOfOrder, OutputNotOfState, RawWeightUse, VmappedOp
+from test_eprop import RolledOutput
 
 
 ERRORS_PAGE = Path(__file__).parent.parent / "docs" / "errors.md"
@@ -476,6 +477,13 @@ CASES: dict[str, Callable[[], list[Callable[[], object]]]] = {
         lambda: nn.surrogate.FastSigmoid(0.0),
         lambda: nn.surrogate.sigmoid(jnp.zeros(3), steepness=-1.0),
     ],
+    "A feedback matrix of the wrong shape": lambda: [
+        lambda: nn.RandomFeedback(nn.Linear(4, 2, key=_key()), jnp.zeros((4, 2))),
+    ],
+    "Random feedback without exactly one of `feedback` and `key`": lambda: [
+        lambda: nn.RandomFeedback(nn.Linear(4, 2, key=_key())),
+        lambda: nn.RandomFeedback(nn.Linear(4, 2, key=_key()), jnp.zeros((2, 4)), key=_key()),
+    ],
     "A network without a cell": lambda: [
         lambda: nn.Sequential([eqx.nn.Linear(INPUT, HIDDEN, key=_key())])
     ],
@@ -500,6 +508,31 @@ CASES: dict[str, Callable[[], list[Callable[[], object]]]] = {
     ],
     "An op input of several neurons under SnAp-1": lambda: [
         _init(eqtrace.SnAp1(), NormalisedInput(key=_key()), jnp.zeros(INPUT))
+    ],
+    "A convolution under e-prop": lambda: [
+        _init(eqtrace.EProp(), ConvCell(key=_key()), jnp.zeros((2, 6)))
+    ],
+    "An e-prop read-out decay outside [0, 1)": lambda: [
+        lambda: eqtrace.EProp(readout_decay=1.0),
+        lambda: eqtrace.EProp(readout_decay=-0.5),
+    ],
+    "An e-prop read-out decay for a network": lambda: [
+        _init(
+            eqtrace.EProp(readout_decay=0.9),
+            nn.Sequential([_gru(), nn.LeakyReadout(HIDDEN, 2, key=_key())]),
+        )
+    ],
+    "An output e-prop cannot filter": lambda: [
+        _init(
+            eqtrace.EProp(),
+            nn.Sequential(
+                [
+                    nn.LRUCell(INPUT, HIDDEN, output_size=3, key=_key()),
+                    nn.LeakyReadout(3, 2, key=_key()),
+                ]
+            ),
+        ),
+        _init(eqtrace.EProp(readout_decay=0.9), RolledOutput(key=_key())),
     ],
     "An output that is not `output(new_state)`": lambda: [
         _init(eqtrace.RTRL(), OutputNotOfState(key=_key()), jnp.zeros(3))
@@ -569,6 +602,15 @@ CASES: dict[str, Callable[[], list[Callable[[], object]]]] = {
         )
     ],
     "A batch that does not split evenly": lambda: [_uneven_batch],
+    "Exact windows of e-prop under a leaky read-out": lambda: [
+        lambda: eqtrace.ExactWindows(eqtrace.EProp(readout_decay=0.9)),
+        lambda: eqtrace.init_state_and_trace(
+            nn.Sequential(
+                [nn.LIF(INPUT, HIDDEN, key=_key()), nn.LeakyReadout(HIDDEN, 2, key=_key())]
+            ),
+            eqtrace.ExactWindows(eqtrace.EProp()),
+        ),
+    ],
     "Windows of windows": lambda: [
         lambda: eqtrace.ExactWindows(eqtrace.ExactWindows(eqtrace.DRTRL()))
     ],

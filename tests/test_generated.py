@@ -106,7 +106,9 @@ ppprop_rules = st.one_of(
     st.builds(lambda r: eqtrace.PPProp(rank=r), st.integers(1, 8)),
     st.builds(eqtrace.PPProp, st.floats(0.0, 0.95)),
 )
-diagonal_rules = st.one_of(st.builds(eqtrace.DRTRL), st.builds(eqtrace.SnAp1), ppprop_rules)
+diagonal_rules = st.one_of(
+    st.builds(eqtrace.DRTRL), st.builds(eqtrace.SnAp1), st.builds(eqtrace.EProp), ppprop_rules
+)
 uoro_rules = st.builds(lambda seed: eqtrace.UORO(key=jr.key(seed)), st.integers(0, 2**16))
 #: UORO's oracle: over this many keys, its mean online gradient is RTRL's within z·SE, z for a
 #: false failure once in a million runs (Bonferroni over the coordinates).
@@ -345,12 +347,33 @@ _RELAY = _generated(
     )
 )
 
+#: A two-leaf element-wise cell under a leaky read-out: e-prop's filtered traces are exact
+#: where per-layer D-RTRL is not.
+_LEAKY_READOUT = _generated(
+    CellSpec(
+        input_size=3,
+        hidden=3,
+        tokens=False,
+        ops=(OpSpec("eqx", 1, (_FROM_X,)), OpSpec("linear", 1, (_FROM_X,))),
+        declaration=(1, 0),
+        leaves=(LeafSpec("plain", "tanh"), LeafSpec("leaky", "softplus")),
+        chunk_slots=((1, "drive"), (0, "drive")),
+        per_neuron=True,
+        shared=1,
+        output="mix",
+        functions_as_fields=False,
+        violation=None,
+    ),
+    after="readout",
+)
+
 
 @examples(5)
 @given(case=cases, ppprop=ppprop_rules, uoro_seed=st.integers(0, 2**16))
 @example(case=_MIXING, ppprop=eqtrace.PPProp(rank=3), uoro_seed=0)
 @example(case=_OUT_OF_ORDER, ppprop=eqtrace.PPProp(0.5), uoro_seed=1)
 @example(case=_RELAY, ppprop=eqtrace.PPProp(rank=2), uoro_seed=2)
+@example(case=_LEAKY_READOUT, ppprop=eqtrace.PPProp(0.3), uoro_seed=3)
 @releasing_compiled_code
 def test_online_rules_against_oracles(case, ppprop, uoro_seed):
     """On a random network from a random state:
@@ -384,7 +407,7 @@ def test_online_rules_against_oracles(case, ppprop, uoro_seed):
     _, exact_first, _, _ = online(step, p, trace, first)
     assert_unbiased(p, eqtrace.UORO(key=jr.key(0)), uoro_seed, every, exact)
 
-    for algorithm in (eqtrace.DRTRL(), eqtrace.SnAp1(), ppprop):
+    for algorithm in (eqtrace.DRTRL(), eqtrace.SnAp1(), eqtrace.EProp(), ppprop):
         trace, refusal = init_or_refusal(algorithm, p.model, p.state, p.xs[0])
         report = structure_report(p.model, algorithm, p.xs[0])
         event(f"{type(algorithm).__name__} {'refuses' if refusal else 'accepts'}")
@@ -400,6 +423,9 @@ def test_online_rules_against_oracles(case, ppprop, uoro_seed):
         if isinstance(algorithm, (eqtrace.DRTRL, eqtrace.SnAp1)) and case.spec.drtrl_exact:
             event(f"{type(algorithm).__name__} exact by theory")
             assert_close(grads, bptt, 1e-8, f"{algorithm} vs BPTT on an element-wise layer")
+        if isinstance(algorithm, eqtrace.EProp) and case.spec.eprop_exact:
+            event("e-prop exact by theory")
+            assert_close(grads, bptt, 1e-8, "e-prop vs BPTT on an element-wise-recurrent layer")
         if algorithm is ppprop:  # one rule per example: each window compiles afresh
             windows = eqtrace.make_online_block(eqtrace.ExactWindows(algorithm), p.static)
             _, whole, _, _ = online(windows, p, trace, every, block_size=case.length)

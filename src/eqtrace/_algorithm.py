@@ -35,8 +35,11 @@ class AbstractAlgorithm(eqx.Module, Generic[_Trace]):
     and implements three methods on one recurrent system — a cell, or for rules with
     `per_layer = False` a whole network's recurrent core — all taking `(cell, state, trace,
     x)` in that order: `init_cell_trace`, `cell_step` and `cell_tangent`. It may override
-    `cell_steps` to compute a block of steps faster than one step at a time. Networks, argument
-    checks and the derivative link are handled here.
+    `cell_steps` to compute a block of steps faster than one step at a time. A rule whose
+    derivative depends on the layer that reads a cell's output may override `for_layer` (a copy
+    configured per cell of a `Sequential`) and `cell_output_tangent` (the derivative of the
+    cell's output, instead of that of its state through `output`), as `EProp` does. Networks,
+    argument checks and the derivative link are handled here.
     """
 
     #: Whether a `Sequential` gets one trace per cell (diagonal rules) or one for the whole
@@ -94,6 +97,30 @@ class AbstractAlgorithm(eqx.Module, Generic[_Trace]):
         # cotangents of all steps in one product.
         links = jax.vmap(step_link)(xs, previous, traces)
         return jtu.tree_map(jnp.add, states, links), last(traces)
+
+    def for_layer(self, layer: AbstractCell, consumer: Any) -> "AbstractAlgorithm":
+        """The rule that runs `layer`, a cell of a `Sequential` whose output feeds `consumer`
+        (the next layer, or `None` for the last). A rule whose derivative depends on what reads
+        a cell's output returns a copy configured for it (`EProp` folds a leaky read-out's
+        filter into the trace of the cell below); the default is the rule itself."""
+        del layer, consumer
+        return self
+
+    @property
+    def defines_output_tangent(self) -> bool:
+        """Whether `cell_output_tangent` gives the derivative of the cell's output. If not (the
+        default), the output `y_t = output(h_t)` is differentiated through `cell_tangent`."""
+        return False
+
+    def cell_output_tangent(
+        self, cell: AbstractCell, state: State, trace: _Trace, x: Input, params_tangent: Any
+    ) -> Any:
+        """The change of the output `y_t` that the rule attributes to a tangent of the cell's
+        parameters, used instead of pushing `cell_tangent` through `output` when
+        `defines_output_tangent`; arguments as for `cell_tangent`."""
+        raise NotImplementedError(
+            f"{type(self).__name__} does not define the tangent of a cell's output."
+        )
 
     def checked(self, state: State, trace: _Trace) -> tuple[State, _Trace]:
         """`(state, trace)`, raising at run time if `check_finite` and a value is not finite."""

@@ -33,6 +33,9 @@ class StructureReport:
       the rule cannot trace the model even with `strict=False`).
     - `notes`: what the rule, in particular, traces in each cell (for `SnAp1`, the op inputs
       that carry each neuron's self-paths), in plain words.
+    - `layer_rules`: per layer, how the rule runs it when it configures itself for that layer
+      from the layer after it (e.g. `EProp(readout_decay=0.95)` under a leaky read-out), else
+      `None`.
     """
 
     algorithm: str
@@ -41,6 +44,7 @@ class StructureReport:
     trace_bytes: int | None
     refusal: str | None = None
     notes: tuple[str, ...] = ()
+    layer_rules: tuple[str | None, ...] = ()
 
     @property
     def violations(self) -> tuple[str, ...]:
@@ -66,6 +70,8 @@ class StructureReport:
                 f"  layer {i}: {cell.cell_name}, {cell.num_leaves} state leaf(s) "
                 f"{list(cell.state_paths)} of neuron shape {cell.neuron_shape}"
             )
+            if i < len(self.layer_rules) and self.layer_rules[i] is not None:
+                lines.append(f"    run as {self.layer_rules[i]}")
             for site in cell.sites:
                 kind = cell.ops[site.op].type_name
                 how = "traced" if site.traced else "read-out only, exact gradient through `output`"
@@ -155,9 +161,10 @@ def check(
     if isinstance(algorithm, AbstractDiagonalAlgorithm) and algorithm.strict:
         # Report the memory and notes even when the structure is violated.
         lenient = eqx.tree_at(lambda a: a.strict, algorithm, False)
-    cells, notes = [], []
+    cells, notes, layer_rules = [], [], []
     layer_input = x
     for i, layer in enumerate(layers):
+        layer_rules.append(_layer_rule(algorithm, model, i))
         if isinstance(layer, AbstractCell):
             state = layer.init_state()
             structure = None
@@ -184,5 +191,27 @@ def check(
     except ValueError:  # The algorithm cannot trace this model; the refusal says why.
         floats = nbytes = None
     return StructureReport(
-        type(algorithm).__name__, tuple(cells), floats, nbytes, refusal, tuple(notes)
+        type(algorithm).__name__,
+        tuple(cells),
+        floats,
+        nbytes,
+        refusal,
+        notes=tuple(notes),
+        layer_rules=tuple(layer_rules),
     )
+
+
+def _layer_rule(algorithm: AbstractAlgorithm, model: AbstractCell, index: int) -> str | None:
+    """How a per-layer rule runs cell `index` of a `Sequential`, if it configures itself for
+    it; `None` otherwise (or if it refuses: the refusal says why)."""
+    if not (isinstance(model, Sequential) and algorithm.per_layer):
+        return None
+    layer = model.layers[index]
+    if not isinstance(layer, AbstractCell):
+        return None
+    consumer = model.layers[index + 1] if index + 1 < len(model.layers) else None
+    try:
+        rule = algorithm.for_layer(layer, consumer)
+    except ValueError:
+        return None
+    return None if rule == algorithm else repr(rule)

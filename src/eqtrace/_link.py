@@ -61,6 +61,32 @@ class StepDerivative(AbstractDerivative):
         return input_tangent(cell, self.state, x, x_tangent)
 
 
+class OutputDerivative(AbstractDerivative):
+    """One step's output, for a rule that defines its tangent (`cell_output_tangent`): the
+    rule's change of `y_t` for `δθ`, and the exact `∂y_t/∂x_t · δx_t`."""
+
+    algorithm: Any
+    state: State  # `h_{t-1}`
+    trace: Any  # `ε_t`
+    output: Any  # `y_t`, for its shape
+
+    @property
+    def like(self) -> Any:
+        return self.output
+
+    def of_params(self, cell, x, params_tangent):
+        return self.algorithm.cell_output_tangent(cell, self.state, self.trace, x, params_tangent)
+
+    def of_input(self, cell, x, x_tangent):
+        diff_x, static_x = eqx.partition(x, eqx.is_inexact_array)
+        _, from_x = jax.jvp(
+            lambda dx: cell.output(cell(self.state, eqx.combine(dx, static_x))[0]),
+            (diff_x,),
+            (fill_tangent(diff_x, x_tangent),),
+        )
+        return from_x
+
+
 def link(params: Any, x: Input, *, static: Any, derivative: AbstractDerivative) -> State:
     """Zero, shaped like `derivative.like`, with the derivative the rule defines with respect to
     `params` (the cell's floating arrays, `static` the rest) and `x` (the step's input, or the

@@ -4,7 +4,9 @@ the initial trace, a step and a block of steps.
 Rules with `per_layer = True` (the diagonal rules) give each cell of a `Sequential` its own
 trace and run stateless layers exactly; rules with `per_layer = False` (exact RTRL) treat the
 network's recurrent core (its layers up to the last cell) as one system and the layers after
-it as an exact read-out. The rule itself only ever sees one system.
+it as an exact read-out. The rule itself only ever sees one system; a per-layer rule may
+configure itself for each cell from the layer that reads its output (`for_layer`), and may
+define the derivative of a cell's output itself (`cell_output_tangent`).
 """
 
 from collections.abc import Callable
@@ -16,7 +18,7 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 
 from ._cell import AbstractCell
-from ._link import StepDerivative, freeze, last, link
+from ._link import OutputDerivative, StepDerivative, freeze, last, link
 from ._probing import concrete
 from ._sequential import Sequential
 from ._validation import (
@@ -33,26 +35,43 @@ def _identity(x: Any) -> Any:
 
 
 def _transition(algorithm, cell, state, trace, x):
-    """One online step of one system, `(h_t, ε_t)`, differentiable as the rule says: exactly
-    with respect to `x` (within-step credit to earlier layers), through the rule's trace with
-    respect to the cell's parameters, and not at all with respect to the old state and trace
-    (no backpropagation through time)."""
+    """One online step of one system, `(h_t, ε_t, y_t)`, differentiable as the rule says:
+    exactly with respect to `x` (within-step credit to earlier layers), through the rule's
+    trace with respect to the cell's parameters, and not at all with respect to the old state
+    and trace (no backpropagation through time)."""
     params, static, frozen, (state, trace, stopped_x) = freeze(cell, state, trace, x)
     new_state, new_trace = algorithm.cell_step(frozen, state, trace, stopped_x)
     new_state, new_trace = algorithm.checked(new_state, new_trace)
     derivative = StepDerivative(algorithm=algorithm, state=state, trace=new_trace)
     link_value = link(params, x, static=static, derivative=derivative)
-    return jtu.tree_map(jnp.add, new_state, link_value), new_trace
+    linked = jtu.tree_map(jnp.add, new_state, link_value)
+    if not algorithm.defines_output_tangent:
+        return linked, new_trace, cell.output(linked)
+    # The rule differentiates the output itself (e.g. e-prop's filtered traces): its own link,
+    # on the output's value.
+    y = frozen.output(new_state)
+    derivative = OutputDerivative(algorithm=algorithm, state=state, trace=new_trace, output=y)
+    y_link = link(params, x, static=static, derivative=derivative)
+    return linked, new_trace, jtu.tree_map(jnp.add, y, y_link)
 
 
 def _block(algorithm, cell, state, trace, xs):
-    return algorithm.cell_steps(cell, state, trace, xs)
+    if algorithm.defines_output_tangent:
+        # Each step's output link needs that step's trace: scan the steps.
+        def body(carry, x):
+            new_state, new_trace, y = _transition(algorithm, cell, *carry, x)
+            return (new_state, new_trace), (new_state, y)
+
+        (_, trace), (states, ys) = jax.lax.scan(body, (state, trace), xs)
+        return states, trace, ys
+    states, trace = algorithm.cell_steps(cell, state, trace, xs)
+    return states, trace, jax.vmap(cell.output)(states)
 
 
 class Mode(NamedTuple):
     """How one call advances a system: by one step, or by a block of steps (time leading)."""
 
-    #: `(algorithm, cell, state, trace, x) -> (new state(s), trace)`.
+    #: `(algorithm, cell, state, trace, x) -> (new state(s), trace, output(s))`.
     advance: Callable
     #: The last state from what `advance` returned.
     final: Callable
@@ -76,19 +95,20 @@ def advance_network(algorithm, model: AbstractCell, state, trace, x, mode: Mode)
     over the block's steps for `BLOCK`)."""
     _check_arguments(algorithm, model, state, trace, mode.first(x))
     if not isinstance(model, Sequential):
-        states, trace = mode.advance(algorithm, model, state, trace, x)
-        return mode.final(states), trace, mode.each(model.output)(states)
+        states, trace, ys = mode.advance(algorithm, model, state, trace, x)
+        return mode.final(states), trace, ys
     if not algorithm.per_layer:
         num_core = len(model.core.layers)
         rest = state[num_core:]
-        states, trace = mode.advance(algorithm, model.core, state[:num_core], trace, x)
+        states, trace, _ = mode.advance(algorithm, model.core, state[:num_core], trace, x)
         ys = mode.each(lambda s: model.output(s + rest))(states)
         return mode.final(states) + rest, trace, ys
     new_state, new_trace = [], []
-    for layer, s, tr in zip(model.layers, state, trace):
+    for i, (layer, s, tr) in enumerate(zip(model.layers, state, trace)):
         if isinstance(layer, AbstractCell):
-            states, tr = mode.advance(algorithm, layer, s, tr, x)
-            s, x = mode.final(states), mode.each(layer.output)(states)
+            rule = algorithm.for_layer(layer, _consumer(model, i))
+            states, tr, x = mode.advance(rule, layer, s, tr, x)
+            s = mode.final(states)
         else:
             x = mode.each(layer)(x)
         new_state.append(s)
@@ -106,15 +126,21 @@ def init_network_trace(algorithm, model: AbstractCell, state, x=None):
         core = model.core
         return algorithm.init_cell_trace(core, state[: len(core.layers)], x)
     traces = []
-    for layer, s in zip(model.layers, state):
+    for i, (layer, s) in enumerate(zip(model.layers, state)):
         require_example_input(model, x)
         if isinstance(layer, AbstractCell):
-            traces.append(algorithm.init_cell_trace(layer, s, x))
+            rule = algorithm.for_layer(layer, _consumer(model, i))
+            traces.append(rule.init_cell_trace(layer, s, x))
             s, x = concrete(eqx.filter_eval_shape(layer, s, x))
         else:
             traces.append(None)
             x = concrete(eqx.filter_eval_shape(layer, x))
     return tuple(traces)
+
+
+def _consumer(model: Sequential, index: int) -> Any:
+    """The layer that reads the output of layer `index`, or `None` for the last."""
+    return model.layers[index + 1] if index + 1 < len(model.layers) else None
 
 
 def _check_arguments(algorithm, model, state, trace, x) -> None:

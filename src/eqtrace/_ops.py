@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
 
+from .nn._feedback import RandomFeedback
 from .nn._linear import Linear
 
 
@@ -264,9 +265,37 @@ class _EmbeddingAlgebra(OpAlgebra):
         return eqx.tree_at(lambda p: p.weight, op_params(op), weight)
 
 
+class _FeedbackAlgebra(OpAlgebra):
+    """`eqtrace.nn.RandomFeedback`: the wrapped op's algebra, on its `op` field. (Its fixed
+    feedback matrix only changes the derivative with respect to the input, which the rules
+    take from the cell itself.)"""
+
+    def __init__(self, inner: OpAlgebra):
+        self.inner = inner
+
+    def _wrap(self, op, inner_params):
+        return eqx.tree_at(lambda p: p.op, op_params(op), inner_params)
+
+    def bias(self, op):
+        return self.inner.bias(op.op)
+
+    def spread(self, op, a, v):
+        return self._wrap(op, self.inner.spread(op.op, a, v))
+
+    def outer(self, op, a, cotangent):
+        return self._wrap(op, self.inner.outer(op.op, a, cotangent))
+
+    def contract(self, op, a, trace, delta):
+        return self.inner.contract(op.op, a, trace.op, delta.op)
+
+    def outer_sum(self, op, a, cotangent):
+        return self._wrap(op, self.inner.outer_sum(op.op, a, cotangent))
+
+
 register_op(Linear, _DenseAlgebra())
 register_op(eqx.nn.Linear, _DenseAlgebra())
 register_op(eqx.nn.Embedding, _EmbeddingAlgebra())
+register_op(RandomFeedback, _FeedbackAlgebra(_DenseAlgebra()))
 # A convolution shares each weight across positions: pp-prop traces it with the derived
 # algebra; D-RTRL refuses it (its weights reach many outputs).
 register_op(eqx.nn.Conv, OpAlgebra())

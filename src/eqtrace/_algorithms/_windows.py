@@ -79,6 +79,19 @@ class ExactWindows(AbstractAlgorithm[_Trace]):
                 "ExactWindows: `rule` is already `ExactWindows(...)`; windows of windows are "
                 "the same windows. Wrap the rule once: `eqtrace.ExactWindows(rule)`."
             )
+        if self.rule.defines_output_tangent:
+            raise ValueError(
+                f"ExactWindows cannot wrap {self.rule}: it differentiates the cell's output "
+                "itself (e-prop's read-out filter), while a window's exact credit runs through "
+                "the states. Use `eqtrace.ExactWindows(eqtrace.DRTRL())`: within each window "
+                "the leaky read-out's effect is credited exactly."
+            )
+
+    def for_layer(self, layer: AbstractCell, consumer: Any) -> "ExactWindows":
+        """Windows of the rule as it configures itself for `layer` (see
+        `AbstractAlgorithm.for_layer`)."""
+        rule = self.rule.for_layer(layer, consumer)
+        return self if rule is self.rule else ExactWindows(rule)
 
     @property
     def per_layer(self) -> bool:  # pyright: ignore[reportIncompatibleVariableOverride]

@@ -6,6 +6,7 @@ from jaxtyping import Array, Float, PRNGKeyArray
 
 from .._cell import AbstractCell
 from .._validation import check_size
+from ._feedback import RandomFeedback
 from ._linear import Linear
 
 
@@ -21,6 +22,11 @@ class LeakyReadout(AbstractCell):
     2020). Being a cell, its weights are learnt by the online rule through a trace, which is
     exact for the element-wise recurrence `y' = κ y + …`.
 
+    For random feedback (feedback alignment, random e-prop), wrap its op:
+    `eqx.tree_at(lambda r: r.input_op, readout, eqtrace.nn.RandomFeedback(readout.input_op,
+    key=key))`. Under `eqtrace.EProp`, the cell before it gets its `κ` as the filter of its
+    eligibility traces.
+
     If you want no filtering, do not use this cell: put a plain `eqx.nn.Linear` after the last
     cell of an `eqtrace.nn.Sequential`. That is a stateless read-out, and its gradient is exact
     (ordinary backpropagation within the step), with no trace at all.
@@ -34,7 +40,7 @@ class LeakyReadout(AbstractCell):
     - `key`: PRNG key.
     """
 
-    input_op: Linear
+    input_op: Linear | RandomFeedback
     input_size: int = eqx.field(static=True)
     output_size: int = eqx.field(static=True)
     tau: float = eqx.field(static=True)
@@ -72,7 +78,8 @@ class LeakyReadout(AbstractCell):
         return math.exp(-self.dt / self.tau)
 
     def init_state(self) -> Float[Array, " output"]:
-        return jnp.zeros(self.output_size, self.input_op.weight.dtype)
+        op = self.input_op.op if isinstance(self.input_op, RandomFeedback) else self.input_op
+        return jnp.zeros(self.output_size, op.weight.dtype)
 
     def __call__(
         self, state: Float[Array, " output"], x: Float[Array, " input"]

@@ -1,0 +1,304 @@
+"""e-prop: D-RTRL's eligibility traces, filtered by the leaky read-out that reads the layer."""
+
+import dataclasses
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+import numpy as np
+
+from .._algorithm import AbstractAlgorithm
+from .._cell import AbstractCell
+from .._custom_types import ExampleInput, Input, State
+from .._ops import algebra
+from .._probing import random_like
+from .._structure import CellStructure, _cached, structure_key
+from ..nn._readout import LeakyReadout
+from ._diagonal import (
+    AbstractDiagonalAlgorithm,
+    flat_leaves,
+    from_outputs,
+    op_dtype,
+    state_dtype,
+    to_outputs,
+)
+from ._drtrl import DRTRL, DRTRLTrace
+
+
+class EPropTrace(eqx.Module):
+    """e-prop's trace: D-RTRL's eligibility traces (`eligibility`, a `DRTRLTrace`), and their
+    κ-filtered copies in the space of the cell's output, one value per weight and neuron:
+    per call of a synaptic op, shaped like the op's parameters (`None` for read-out calls);
+    per other parameter, shaped like it (per-neuron) or `(N, |p|)` (small shared). Both
+    `ops` and `params` are `None` when the cell has no leaky read-out (no filter)."""
+
+    eligibility: DRTRLTrace
+    ops: tuple[Any, ...] | None
+    params: tuple[jax.Array | None, ...] | None
+
+
+class EProp(AbstractDiagonalAlgorithm[EPropTrace]):
+    """e-prop (Bellec et al., "A solution to the learning dilemma for recurrent networks of
+    spiking neurons", *Nature Communications* 11, 3625, 2020).
+
+    The eligibility traces are D-RTRL's per-neuron ones, `e_t = dz_t/dθ` along the paths
+    within each neuron (for LIF and ALIF neurons they are the paper's eligibility traces). What
+    e-prop adds is the read-out's leak. A leaky read-out
+    `y_t = κ y_{t-1} + (1 − κ)(W_{out} z_t + b)` (`eqtrace.nn.LeakyReadout`) carries a spike's
+    effect into all later outputs, `dy_t/dθ = Σ_{s≤t} κ^{t−s}(1 − κ) W_{out}\\, dz_s/dθ`, so
+    e-prop folds that filter into the trace:
+
+    $$
+    ∇θ = \\sum_t L_t \\cdot \\bar e_t,\\qquad \\bar e_t = κ\\,\\bar e_{t-1} + e_t,\\qquad
+    L_t = (1 − κ)\\,W_{out}^⊤\\, \\frac{∂L_t}{∂y_t},
+    $$
+
+    with `L_t` the learning signal, which `jax.grad` computes: the read-out's own online step
+    sends `(1 − κ) W_{out}^⊤ ∂L_t/∂y_t` to its input (or `Bᵀ` with
+    `eqtrace.nn.RandomFeedback`: random e-prop). Per-layer D-RTRL contracts `L_t` with the
+    unfiltered `e_t` and so drops the leak.
+
+    In an `eqtrace.nn.Sequential`, each cell whose output feeds an `eqtrace.nn.LeakyReadout`
+    gets the filter, with that read-out's `κ`; every other cell (the read-out itself, a cell
+    under a stateless read-out or under another cell) runs exactly as `eqtrace.DRTRL`. The
+    filter acts on the cell's output `z_t = output(h_t)`, `\\bar e_t = κ \\bar e_{t-1} +
+    (∂z_t/∂h_t)\\, ε_t` with `ε_t` D-RTRL's state trace; this needs `output` to give one value
+    per neuron from that neuron's state (spikes from the membrane, `s_t = H(v_t)`, or a state
+    leaf), which is checked, and no parameter acting on the output alone.
+
+    It is exact (equal to BPTT) for a feed-forward layer with element-wise recurrence (LIF or
+    ALIF without recurrent weights, a rate cell such as `MinGRUCell`) under a leaky read-out;
+    with recurrent weights it drops, as D-RTRL does, the paths through other neurons. Memory
+    per sample: D-RTRL's `K·|θ|` plus `|θ|` for the filtered copy (`K` state leaves). Blocks
+    (`steps`) scan the steps when the filter is on, and use D-RTRL's blocks otherwise.
+
+    **Arguments:**
+
+    - `readout_decay`: `κ` of a leaky read-out of this cell's output, for a single cell whose
+      read-out you apply yourself. Leave it `None` for an `eqtrace.nn.Sequential`: there each
+      cell's `κ` comes from the layer after it.
+    - `strict`, `trace_dtype`, `check_finite`: as for `eqtrace.DRTRL`.
+    """
+
+    readout_decay: float | None = None
+    strict: bool = True
+    trace_dtype: Any = None
+    check_finite: bool = False
+
+    def __check_init__(self):
+        if self.readout_decay is not None and not 0 <= self.readout_decay < 1:
+            raise ValueError(
+                "EProp: `readout_decay` must be the read-out's κ = exp(−dt/τ), in [0, 1), but "
+                f"received {self.readout_decay}."
+            )
+
+    @property
+    def _drtrl(self) -> DRTRL:
+        return DRTRL(
+            strict=self.strict, trace_dtype=self.trace_dtype, check_finite=self.check_finite
+        )
+
+    @property
+    def defines_output_tangent(self) -> bool:
+        return self.readout_decay is not None
+
+    def for_layer(self, layer: AbstractCell, consumer: Any) -> "EProp":
+        if self.readout_decay is not None:
+            raise ValueError(
+                f"EProp: `readout_decay` (here {self.readout_decay}) is for a single cell; in "
+                "an `eqtrace.nn.Sequential` each cell's filter comes from the "
+                "`eqtrace.nn.LeakyReadout` after it. Use `EProp()` for the network."
+            )
+        if isinstance(consumer, LeakyReadout):
+            return dataclasses.replace(self, readout_decay=consumer.decay)
+        return self
+
+    def refuse(self, structure: CellStructure, state: State) -> None:
+        for site in structure.sites:
+            if site.traced and not site.weights_reach_one_output:
+                raise ValueError(
+                    f"EProp cannot trace the op `{site.name}` "
+                    f"({structure.ops[site.op].type_name}) of {structure.cell_name}: it shares "
+                    "each weight across many outputs, so its per-neuron eligibility trace is not "
+                    "defined. Use `eqtrace.PPProp(...)`, whose input/output traces handle shared "
+                    "weights."
+                )
+        if self.readout_decay is None:
+            return
+        acting_on_output = [s.name for s in structure.sites if not s.traced]
+        acting_on_output += [p.path for p in structure.params if p.kind == "readout"]
+        if acting_on_output:
+            raise ValueError(
+                f"EProp cannot filter the output of {structure.cell_name} for its leaky "
+                f"read-out: {acting_on_output} act on the output but not on the state, so "
+                "their effect on later outputs is not in the eligibility traces. Move them "
+                "into the read-out, or use `eqtrace.DRTRL()` (unfiltered)."
+            )
+
+    def _structure(self, cell: AbstractCell, state: State, x: Input) -> CellStructure:
+        """The cell's structure, raising if this rule cannot trace the cell (nor, when it
+        filters, its output)."""
+        structure = self.structure(cell, state, x)
+        if self.readout_decay is not None:
+            problem = _output_problem(cell, structure, state)
+            if problem is not None:
+                raise ValueError(
+                    f"EProp cannot filter the output of {structure.cell_name} for its leaky "
+                    f"read-out: {problem}. e-prop filters the output's traces per neuron; use "
+                    "`eqtrace.DRTRL()` (unfiltered), or make `output` one value per neuron."
+                )
+        return structure
+
+    def init_cell_trace(self, cell: AbstractCell, state: State, x: ExampleInput) -> EPropTrace:
+        structure = self._structure(cell, state, x)
+        eligibility = self._drtrl.init_cell_trace(cell, state, x)
+        if self.readout_decay is None:
+            return EPropTrace(eligibility=eligibility, ops=None, params=None)
+        n = structure.num_neurons
+        ops = tuple(
+            None if eps is None else jtu.tree_map(lambda w: jnp.zeros(w.shape[:-1], w.dtype), eps)
+            for eps in eligibility.ops
+        )
+        params = tuple(
+            None
+            if eps is None
+            else jnp.zeros((n, eps.shape[-1]) if p.kind == "shared" else p.shape, eps.dtype)
+            for p, eps in zip(structure.params, eligibility.params)
+        )
+        return EPropTrace(eligibility=eligibility, ops=ops, params=params)
+
+    def cell_step(
+        self, cell: AbstractCell, state: State, trace: EPropTrace, x: Input
+    ) -> tuple[State, EPropTrace]:
+        new_state, eligibility = self._drtrl.cell_step(cell, state, trace.eligibility, x)
+        if self.readout_decay is None:
+            return new_state, EPropTrace(eligibility=eligibility, ops=None, params=None)
+        kappa = self.readout_decay
+        structure = self._structure(cell, state, x)
+        # `∂z_n/∂h^k_n`, `(K, N)`: one VJP, as `output` acts per neuron (checked).
+        z, pullback = jax.vjp(cell.output, new_state)
+        (d_output,) = pullback(jnp.ones_like(z))
+        d_output = flat_leaves(d_output)
+        ops = []
+        for i, (op, site, eps, filtered) in enumerate(
+            zip(structure.site_modules(cell), structure.sites, eligibility.ops, trace.ops)
+        ):
+            if eps is None:
+                ops.append(None)
+                continue
+            a = jnp.zeros(site.input_shape, op_dtype(op))  # Its shape only.
+            # `Σ_k B(∂z/∂h^k) ⊙ ε[..., k]`: the output's eligibility trace, weight-shaped.
+            spread = algebra(op).spread(
+                op, a, jnp.moveaxis(to_outputs(structure, d_output, i), 0, -1)
+            )
+            ops.append(
+                jtu.tree_map(
+                    lambda s, e, f: (kappa * f + jnp.sum(s * e.astype(s.dtype), axis=-1)).astype(
+                        f.dtype
+                    ),
+                    spread,
+                    eps,
+                    filtered,
+                )
+            )
+        params = []
+        for p, eps, filtered in zip(structure.params, eligibility.params, trace.params):
+            if eps is None:
+                params.append(None)
+            elif p.kind == "shared":  # `(K, N, |p|)`
+                params.append(kappa * filtered + jnp.sum(d_output[..., None] * eps, axis=0))
+            else:  # `(K, *neuron_shape)`
+                d = d_output.reshape(eps.shape)
+                params.append(kappa * filtered + jnp.sum(d * eps, axis=0))
+        return new_state, EPropTrace(eligibility=eligibility, ops=tuple(ops), params=tuple(params))
+
+    def cell_tangent(
+        self, cell: AbstractCell, state: State, trace: EPropTrace, x: Input, params_tangent: Any
+    ) -> State:
+        # The state's derivative is D-RTRL's; the filter only enters the output's.
+        return self._drtrl.cell_tangent(cell, state, trace.eligibility, x, params_tangent)
+
+    def cell_output_tangent(
+        self, cell: AbstractCell, state: State, trace: EPropTrace, x: Input, params_tangent: Any
+    ) -> jax.Array:
+        """`\\bar e_t · δθ`: the filtered traces applied to a parameter tangent, shaped like the
+        cell's output."""
+        structure = self._structure(cell, state, x)
+        op_tangents, other_tangents = structure.split_tangent(params_tangent)
+        dtype = state_dtype(state)
+        total = jnp.zeros(structure.num_neurons, dtype)
+        for i, (op, site, filtered, delta) in enumerate(
+            zip(structure.site_modules(cell), structure.sites, trace.ops, op_tangents)
+        ):
+            if filtered is not None:
+                a = jnp.zeros(site.input_shape, op_dtype(op))  # Its shape only.
+                filtered = jtu.tree_map(lambda f, d: f.astype(d.dtype), filtered, delta)
+                per_output = algebra(op).contract(op, a, filtered, delta)
+                total = total + from_outputs(structure, per_output, i).astype(dtype)
+        for p, filtered, delta in zip(structure.params, trace.params, other_tangents):
+            if filtered is None:
+                continue
+            if p.kind == "shared":
+                total = total + filtered @ jnp.ravel(delta)
+            else:
+                total = total + jnp.ravel(filtered * delta)
+        return total.reshape(structure.neuron_shape)
+
+    def cell_steps(
+        self, cell: AbstractCell, state: State, trace: EPropTrace, xs: Input
+    ) -> tuple[State, EPropTrace]:
+        """Without a filter, D-RTRL's blocks (one pass over the trace per block); with one,
+        the steps one by one, as each step's output needs that step's filtered trace."""
+        if self.readout_decay is not None:
+            # The generic block (a scan of `cell_step`, keeping each step's trace); networks
+            # do not call it but scan whole steps, whose outputs carry the filter.
+            return AbstractAlgorithm.cell_steps(self, cell, state, trace, xs)
+        states, eligibility = self._drtrl.cell_steps(cell, state, trace.eligibility, xs)
+        return states, EPropTrace(eligibility=eligibility, ops=None, params=None)
+
+
+def _output_problem(cell: AbstractCell, structure: CellStructure, state: State) -> str | None:
+    """Why `cell.output` is not one value per neuron from that neuron's state, or `None`.
+    Checked on random instances (cached like the structure): the output's Jacobian applied to
+    a random direction in one state leaf must equal its diagonal times that direction."""
+
+    def compute():
+        output = jax.eval_shape(cell.output, state)
+        if not isinstance(output, jax.ShapeDtypeStruct) or output.shape != structure.neuron_shape:
+            return (
+                f"its output is {output}, not one array of the neuron shape "
+                f"{structure.neuron_shape}"
+            )
+        rng = np.random.default_rng(2)
+        for scale in (0.5, 2.0):
+            cell_draw, state_draw = random_like(cell, rng, scale), random_like(state, rng, scale)
+            direction = rng.standard_normal(structure.neuron_shape)
+            along_ones, along_direction = _output_jvps(cell_draw, state_draw, direction)
+            for k in range(structure.num_leaves):
+                if not np.allclose(along_direction[k], along_ones[k] * direction):
+                    return (
+                        f"its output mixes neurons' `{structure.state_paths[k]}` (e.g. a sum "
+                        "or a matmul in `output`)"
+                    )
+        return None
+
+    return _cached(("eprop-output", *structure_key(cell, state)), compute)
+
+
+@eqx.filter_jit
+def _output_jvps(cell, state, direction):
+    """Per state leaf, the output's JVP along ones and along `direction` in that leaf."""
+    leaves, treedef = jtu.tree_flatten(state)
+
+    def along(k, values):
+        tangent = [jnp.zeros(leaf.shape, leaf.dtype) for leaf in leaves]
+        tangent[k] = jnp.broadcast_to(values, leaves[k].shape).astype(leaves[k].dtype)
+        return jax.jvp(cell.output, (state,), (jtu.tree_unflatten(treedef, tangent),))[1]
+
+    ones = jnp.ones_like(direction)
+    return (
+        [along(k, ones) for k in range(len(leaves))],
+        [along(k, direction) for k in range(len(leaves))],
+    )
