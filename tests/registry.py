@@ -50,6 +50,10 @@ class AlgorithmCase:
     - `statistical`: equals RTRL only in the mean over keys (oracle 4).
     - `supports_blocks`: `steps` and `make_online_block` give the values and derivatives
       of stepping.
+    - `same_as`: the registered rule this one computes exactly on any model without the
+      structure that sets it apart (e-prop is D-RTRL unless a cell feeds a leaky read-out).
+      The products of every rule with every cell skip it (`rules` leaves it out unless asked
+      for by `same_as=...`); its own tests hold it to that rule and to its own oracles.
     """
 
     name: str
@@ -60,6 +64,7 @@ class AlgorithmCase:
     equals_rtrl_at_first_step: bool = True
     statistical: bool = False
     supports_blocks: bool = True
+    same_as: str | None = None
 
     @functools.cached_property
     def algorithm(self) -> eqtrace.AbstractAlgorithm:
@@ -86,7 +91,12 @@ ALGORITHMS: tuple[AlgorithmCase, ...] = (
         "snap1", eqtrace.SnAp1, exact=False, exact_elementwise=True, needs_structure=True
     ),
     AlgorithmCase(
-        "eprop", eqtrace.EProp, exact=False, exact_elementwise=True, needs_structure=True
+        "eprop",
+        eqtrace.EProp,
+        exact=False,
+        exact_elementwise=True,
+        needs_structure=True,
+        same_as="drtrl",
     ),
     AlgorithmCase(
         "ppprop",
@@ -114,7 +124,9 @@ WRAPPERS: tuple[type[eqtrace.AbstractAlgorithm], ...] = (eqtrace.ExactWindows,)
 
 
 def rules(**flags) -> list[AlgorithmCase]:
-    """The registered rules whose attributes equal `flags`, e.g. `rules(exact=False)`."""
+    """The registered rules whose attributes equal `flags`, e.g. `rules(exact=False)`; by
+    default without the rules that are `same_as` another."""
+    flags.setdefault("same_as", None)
     return [
         case
         for case in ALGORITHMS
