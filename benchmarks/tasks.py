@@ -565,7 +565,9 @@ def train(task: Task, rule_spec: str, seed: int, log: Callable[[str], None]) -> 
 
     @eqx.filter_jit
     def update(params, opt_state, xs, targets, index):
-        key = None if algorithm is None else jr.fold_in(noise_key, index)
+        key = (
+            None if algorithm is None else jr.fold_in(noise_key, index)
+        )  # index: an array, so one compile
         loss, grads = gradient(params, xs, targets, key)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
@@ -586,7 +588,7 @@ def train(task: Task, rule_spec: str, seed: int, log: Callable[[str], None]) -> 
         xs, targets = task.train_batch(data_key, i - 1)
         jax.block_until_ready((xs, targets))
         t0 = time.perf_counter()
-        params, opt_state, loss = update(params, opt_state, xs, targets, i)
+        params, opt_state, loss = update(params, opt_state, xs, targets, jnp.asarray(i))
         loss = float(loss)  # waits for the update
         elapsed = time.perf_counter() - t0
         if i == 1:
