@@ -232,6 +232,19 @@ def _jacobians(cell, state, x, sites, called, key):
     return jac_probe, jac_state, jac_cut, jac_full, outside_calls, jac_output
 
 
+def require_output_readout(rule: str, cell, state, x) -> None:
+    """Raises the refusal of rules that treat a cell as one system (RTRL, UORO) when the `y`
+    its `__call__` returns is not `output(new_state)`."""
+    if output_mismatch(cell, state, x):
+        raise ValueError(
+            f"{rule} cannot run {type(cell).__name__}: the `y` its `__call__` returns differs "
+            "from `output(new_state)`, but an online step returns `output(new_state)` and "
+            "takes the gradient there, so outputs and gradients would not be the model's. "
+            "Return `(new_state, self.output(new_state))` from `__call__`, and define "
+            "`output` as the cell's read-out of its state."
+        )
+
+
 def output_mismatch(model, state, x) -> bool:
     """Whether the `y` that `model(state, x)` returns differs from `model.output(new_state)`
     on random instances (cached like `analyse`)."""

@@ -11,7 +11,7 @@ from jaxtyping import Array, Float
 from .._algorithm import AbstractAlgorithm
 from .._cell import AbstractCell
 from .._custom_types import ExampleInput, Input, State
-from .._structure import output_mismatch
+from .._structure import require_output_readout
 
 
 class RTRLTrace(eqx.Module):
@@ -60,14 +60,8 @@ class RTRL(AbstractAlgorithm[RTRLTrace]):
     def init_cell_trace(self, cell: AbstractCell, state: State, x: ExampleInput) -> RTRLTrace:
         # Checked whenever the input is known: always at `step`, which checks its trace
         # against `init_trace` with the step's input.
-        if x is not None and output_mismatch(cell, state, x):
-            raise ValueError(
-                f"RTRL cannot run {type(cell).__name__}: the `y` its `__call__` returns differs "
-                "from `output(new_state)`, but an online step returns `output(new_state)` and "
-                "takes the gradient there, so outputs and gradients would not be the model's. "
-                "Return `(new_state, self.output(new_state))` from `__call__`, and define "
-                "`output` as the cell's read-out of its state."
-            )
+        if x is not None:
+            require_output_readout("RTRL", cell, state, x)
         params = eqx.filter(cell, eqx.is_inexact_array)
         h, _ = ravel_pytree(state)
         theta, _ = ravel_pytree(params)

@@ -12,7 +12,7 @@ from jaxtyping import Array, Inexact, Key
 from .._algorithm import AbstractAlgorithm
 from .._cell import AbstractCell
 from .._custom_types import ExampleInput, Input, KeyLike, State
-from .._structure import output_mismatch
+from .._structure import require_output_readout
 from .._validation import check_key
 from ._rtrl import _flat_transition
 
@@ -79,14 +79,8 @@ class UORO(AbstractAlgorithm[UOROTrace]):
 
     def init_cell_trace(self, cell: AbstractCell, state: State, x: ExampleInput) -> UOROTrace:
         # As for RTRL: checked whenever the input is known, always at `step`.
-        if x is not None and output_mismatch(cell, state, x):
-            raise ValueError(
-                f"UORO cannot run {type(cell).__name__}: the `y` its `__call__` returns differs "
-                "from `output(new_state)`, but an online step returns `output(new_state)` and "
-                "takes the gradient there, so outputs and gradients would not be the model's. "
-                "Return `(new_state, self.output(new_state))` from `__call__`, and define "
-                "`output` as the cell's read-out of its state."
-            )
+        if x is not None:
+            require_output_readout("UORO", cell, state, x)
         h, _ = ravel_pytree(state)
         theta, _ = ravel_pytree(eqx.filter(cell, eqx.is_inexact_array))
         assert self.key is not None  # `__check_init__`
