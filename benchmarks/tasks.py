@@ -431,6 +431,12 @@ def make_gradient(task: Task, rule: str, algorithm, model, batch: int) -> Callab
 
     state0, trace0 = eqtrace.init_state_and_trace(model, algorithm, batch_size=batch)
     size = int(task.config.get("block", 0))
+    if isinstance(algorithm, eqtrace.ExactWindows) and window < size:
+        # An exact window differentiates its steps exactly: the last one must end at the loss
+        # and span `size` steps, or a loss on the last step alone would see a one-step window
+        # (the wrapped rule). The steps added before the loss window carry a zero weight.
+        start = max(length - size, 0)
+        step_weights = jnp.arange(length - start) >= length - start - window
     if size:
         step = jax.vmap(
             eqtrace.make_online_block(algorithm, static),
@@ -464,6 +470,7 @@ def make_gradient(task: Task, rule: str, algorithm, model, batch: int) -> Callab
             targets_window,
             block_size=size or None,
             reduction=reduction,
+            step_weights=step_weights,
             sequence_targets=sequence_targets,
         )
         return loss, grads
