@@ -282,6 +282,25 @@ RESIZING = ("linear", "mlp", "sequential")
 #: Stateless layers without parameters.
 PARAMETER_FREE = ("function", "lambda")
 
+
+class Delay(eqtrace.AbstractCell):
+    """A user's cell without parameters: the last `length` inputs, a causal window (a delay
+    line). Not element-wise (its state shifts), but it has nothing to learn."""
+
+    input_size: int = eqx.field(static=True)
+    length: int = eqx.field(static=True)
+
+    def init_state(self):
+        return jnp.zeros((self.length, self.input_size))
+
+    def __call__(self, state, x):
+        new_state = jnp.concatenate([state[1:], x[None]])
+        return new_state, self.output(new_state)
+
+    def output(self, state):
+        return state.reshape(-1)
+
+
 #: Built-in cells, `(in_size, hidden, key, **options) -> cell`.
 BUILTIN_CELLS: dict[str, Callable] = {
     "rnn": nn.RNNCell,
@@ -308,7 +327,11 @@ class LayerSpec:
 
     @property
     def is_cell(self) -> bool:
-        return self.kind == "generated" or self.kind in BUILTIN_CELLS
+        return self.kind in ("generated", "delay") or self.kind in BUILTIN_CELLS
+
+    @property
+    def parameter_free(self) -> bool:
+        return self.kind in PARAMETER_FREE or self.kind == "delay"
 
     @property
     def elementwise_recurrence(self) -> bool:
@@ -333,29 +356,34 @@ class NetworkSpec:
 
     @property
     def drtrl_exact(self) -> bool:
-        """Whether D-RTRL equals BPTT by theory: one element-wise-recurrent cell, nothing with
-        parameters before it (whose temporal credit would be dropped), read-outs after it."""
-        cells = [i for i, layer in enumerate(self.layers) if layer.is_cell]
-        if len(cells) != 1:
-            return False
-        before = self.layers[: cells[0]]
-        return self.layers[cells[0]].elementwise_recurrence and all(
-            layer.kind in PARAMETER_FREE for layer in before
-        )
+        """Whether D-RTRL equals BPTT by theory: one element-wise-recurrent cell with
+        parameters, nothing with parameters before it (whose temporal credit would be dropped)
+        and nothing with a state after it (stateless read-outs)."""
+        return self._exact_after(1)
 
     @property
     def eprop_exact(self) -> bool:
         """Whether e-prop equals BPTT by theory: where D-RTRL does, or for one
         element-wise-recurrent cell (nothing with parameters before it) followed directly by a
         leaky read-out, then stateless layers."""
-        if self.drtrl_exact:
-            return True
-        cells = [i for i, layer in enumerate(self.layers) if layer.is_cell]
-        if len(cells) != 2 or cells[1] != cells[0] + 1 or self.layers[cells[1]].kind != "readout":
+        return self.drtrl_exact or (
+            self._exact_after(2) and self.layers[self._learnt_cells()[1]].kind == "readout"
+        )
+
+    def _learnt_cells(self) -> list[int]:
+        return [i for i, layer in enumerate(self.layers) if layer.is_cell and layer.kind != "delay"]
+
+    def _exact_after(self, count: int) -> bool:
+        """`count` adjacent learnt cells, the first element-wise, parameter-free layers before
+        them and stateless layers after them."""
+        learnt = self._learnt_cells()
+        if len(learnt) != count or learnt[-1] != learnt[0] + count - 1:
             return False
-        before = self.layers[: cells[0]]
-        return self.layers[cells[0]].elementwise_recurrence and all(
-            layer.kind in PARAMETER_FREE for layer in before
+        first, last = learnt[0], learnt[-1]
+        return (
+            self.layers[first].elementwise_recurrence
+            and all(layer.parameter_free for layer in self.layers[:first])
+            and not any(layer.is_cell for layer in self.layers[last + 1 :])
         )
 
 
@@ -363,6 +391,8 @@ def build_layer(spec: LayerSpec, key) -> Any:
     if spec.kind == "generated":
         assert spec.cell is not None
         return build_cell(spec.cell, key)
+    if spec.kind == "delay":
+        return Delay(spec.in_size, spec.out_size // spec.in_size)
     if spec.kind in BUILTIN_CELLS:
         hidden = dict(spec.options).get("hidden", spec.out_size)
         options = {k: v for k, v in spec.options if k != "hidden"}
@@ -482,6 +512,10 @@ def network_specs(draw) -> NetworkSpec:
         if not (tokens and c == 0) and draw(st.booleans()):
             layers.append(draw(stateless_specs(size)))
             size = layers[-1].out_size
+        if not (tokens and c == 0) and draw(st.integers(0, 5)) == 5:
+            # A cell without parameters (a delay line of 2 steps).
+            layers.append(LayerSpec("delay", size, 2 * size))
+            size = 2 * size
         if (tokens and c == 0) or draw(st.booleans()):
             cell = draw(cell_specs(size, tokens=tokens and c == 0))
             layers.append(LayerSpec("generated", size, cell.hidden, cell=cell))

@@ -367,6 +367,25 @@ _LEAKY_READOUT = _generated(
     after="readout",
 )
 
+#: A cell without parameters (a delay line of two steps) before an element-wise cell: every
+#: per-layer rule runs it without a trace, and D-RTRL stays exact.
+_ELEMENTWISE_FROM_X = dataclasses.replace(
+    _one_leaf_cell((OpSpec("linear", 1, (_FROM_X,)),), (0,)), input_size=6
+)
+_DELAYED = Case(
+    NetworkSpec(
+        (
+            LayerSpec("function", 3, 3),
+            LayerSpec("delay", 3, 6),
+            LayerSpec("generated", 6, 3, cell=_ELEMENTWISE_FROM_X),
+            LayerSpec("mlp", 3, 2),
+        ),
+        bare=False,
+    ),
+    seed=0,
+    length=4,
+)
+
 
 @examples(4)
 @given(case=cases, ppprop=ppprop_rules, uoro_seed=st.integers(0, 2**16))
@@ -374,6 +393,7 @@ _LEAKY_READOUT = _generated(
 @example(case=_OUT_OF_ORDER, ppprop=eqtrace.PPProp(0.5), uoro_seed=1)
 @example(case=_RELAY, ppprop=eqtrace.PPProp(rank=2), uoro_seed=2)
 @example(case=_LEAKY_READOUT, ppprop=eqtrace.PPProp(0.3), uoro_seed=3)
+@example(case=_DELAYED, ppprop=eqtrace.PPProp(rank=2), uoro_seed=4)
 @releasing_compiled_code
 def test_online_rules_against_oracles(case, ppprop, uoro_seed):
     """On a random network from a random state:
@@ -490,6 +510,26 @@ _TOKENS = Case(
     block=st.integers(1, 4),
 )
 @example(case=_TOKENS, algorithm=eqtrace.DRTRL(), batch=2, block=2)
+@example(
+    # Delay lines with parameters before them and cells after them, in blocks.
+    case=Case(
+        NetworkSpec(
+            (
+                LayerSpec("linear", 3, 3),
+                LayerSpec("delay", 3, 6),
+                LayerSpec("rnn", 6, 3),
+                LayerSpec("delay", 3, 6),
+                LayerSpec("generated", 6, 3, cell=_ELEMENTWISE_FROM_X),
+            ),
+            bare=False,
+        ),
+        seed=1,
+        length=4,
+    ),
+    algorithm=eqtrace.SnAp1(),
+    batch=2,
+    block=2,
+)
 @releasing_compiled_code
 def test_blocks_batches_and_jit(case, algorithm, batch, block):
     """For one rule per example (exact RTRL instead if a diagonal rule refuses the model):

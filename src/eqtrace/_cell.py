@@ -2,6 +2,7 @@ import abc
 from typing import Any
 
 import equinox as eqx
+import jax.tree_util as jtu
 
 from ._custom_types import Input, State
 
@@ -33,3 +34,12 @@ class AbstractCell(eqx.Module):
     def output(self, state: State) -> Any:
         """The cell's output as a function of its (new) state. Defaults to the state itself."""
         return state
+
+
+def has_parameters(layer: Any) -> bool:
+    """Whether `layer` is a cell with something to learn. A cell without parameters (a delay
+    line, a fixed filter, an input encoder) needs no trace: per-layer rules run it exactly
+    within each step, like a stateless layer, and keep no trace for it."""
+    return isinstance(layer, AbstractCell) and bool(
+        jtu.tree_leaves(eqx.filter(layer, eqx.is_inexact_array))
+    )

@@ -8,7 +8,7 @@ from ._algorithm import AbstractAlgorithm
 from ._algorithms._diagonal import AbstractDiagonalAlgorithm
 from ._algorithms._drtrl import DRTRL
 from ._algorithms._snap import SnAp1
-from ._cell import AbstractCell
+from ._cell import AbstractCell, has_parameters
 from ._custom_types import ExampleInput
 from ._probing import concrete
 from ._sequential import Sequential
@@ -168,7 +168,9 @@ def check(
         if isinstance(layer, AbstractCell):
             state = layer.init_state()
             structure = None
-            if algorithm.per_layer:
+            if algorithm.per_layer and not has_parameters(layer):
+                notes.append(f"layer {i}: {type(layer).__name__} has no parameters: no trace")
+            elif algorithm.per_layer:
                 try:
                     structure = analyse(layer, state, layer_input)
                     if isinstance(lenient, SnAp1):

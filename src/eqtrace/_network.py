@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 
-from ._cell import AbstractCell
+from ._cell import AbstractCell, has_parameters
 from ._link import OutputDerivative, StepDerivative, freeze, last, link
 from ._probing import concrete
 from ._sequential import Sequential
@@ -55,6 +55,25 @@ def _transition(algorithm, cell, state, trace, x):
     return linked, new_trace, jtu.tree_map(jnp.add, y, y_link)
 
 
+def _fixed_step(cell, state, x):
+    """One step of a cell without parameters, `(h_t, y_t)`: differentiable exactly with
+    respect to `x` (credit to earlier layers within the step) and, as every cell under a
+    per-layer rule, not with respect to the old state."""
+    new_state, _ = cell(jax.lax.stop_gradient(state), x)
+    return new_state, cell.output(new_state)
+
+
+def _fixed_block(cell, state, xs):
+    """`_fixed_step` over a block of steps: `(states, ys)`, time leading."""
+
+    def body(s, x):
+        new_state, y = _fixed_step(cell, s, x)
+        return new_state, (new_state, y)
+
+    _, (states, ys) = jax.lax.scan(body, state, xs)
+    return states, ys
+
+
 def _block(algorithm, cell, state, trace, xs):
     if algorithm.defines_output_tangent:
         # Each step's output link needs that step's trace: scan the steps.
@@ -79,14 +98,19 @@ class Mode(NamedTuple):
     each: Callable
     #: The input of the first step, for the argument checks.
     first: Callable
+    #: `(cell, state, x) -> (new state(s), output(s))` of a cell without parameters.
+    fixed: Callable
 
 
-STEP = Mode(advance=_transition, final=_identity, each=_identity, first=_identity)
+STEP = Mode(
+    advance=_transition, final=_identity, each=_identity, first=_identity, fixed=_fixed_step
+)
 BLOCK = Mode(
     advance=_block,
     final=last,
     each=jax.vmap,
     first=lambda xs: jtu.tree_map(lambda a: a[0], xs),
+    fixed=_fixed_block,
 )
 
 
@@ -95,6 +119,9 @@ def advance_network(algorithm, model: AbstractCell, state, trace, x, mode: Mode)
     over the block's steps for `BLOCK`)."""
     _check_arguments(algorithm, model, state, trace, mode.first(x))
     if not isinstance(model, Sequential):
+        if not has_parameters(model):
+            states, ys = mode.fixed(model, state, x)
+            return mode.final(states), trace, ys
         states, trace, ys = mode.advance(algorithm, model, state, trace, x)
         return mode.final(states), trace, ys
     if not algorithm.per_layer:
@@ -105,7 +132,10 @@ def advance_network(algorithm, model: AbstractCell, state, trace, x, mode: Mode)
         return mode.final(states) + rest, trace, ys
     new_state, new_trace = [], []
     for i, (layer, s, tr) in enumerate(zip(model.layers, state, trace)):
-        if isinstance(layer, AbstractCell):
+        if isinstance(layer, AbstractCell) and not has_parameters(layer):
+            states, x = mode.fixed(layer, s, x)
+            s = mode.final(states)
+        elif isinstance(layer, AbstractCell):
             rule = algorithm.for_layer(layer, _consumer(model, i))
             states, tr, x = mode.advance(rule, layer, s, tr, x)
             s = mode.final(states)
@@ -121,16 +151,19 @@ def init_network_trace(algorithm, model: AbstractCell, state, x=None):
     check_state(model, state)
     x = example_input(model) if x is None else x
     if not isinstance(model, Sequential):
-        return algorithm.init_cell_trace(model, state, x)
+        return algorithm.init_cell_trace(model, state, x) if has_parameters(model) else None
     if not algorithm.per_layer:
         core = model.core
         return algorithm.init_cell_trace(core, state[: len(core.layers)], x)
     traces = []
     for i, (layer, s) in enumerate(zip(model.layers, state)):
         require_example_input(model, x)
-        if isinstance(layer, AbstractCell):
+        if has_parameters(layer):
             rule = algorithm.for_layer(layer, _consumer(model, i))
             traces.append(rule.init_cell_trace(layer, s, x))
+            s, x = concrete(eqx.filter_eval_shape(layer, s, x))
+        elif isinstance(layer, AbstractCell):  # Nothing to learn: no trace.
+            traces.append(None)
             s, x = concrete(eqx.filter_eval_shape(layer, s, x))
         else:
             traces.append(None)

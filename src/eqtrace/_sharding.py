@@ -23,7 +23,7 @@ from ._algorithm import AbstractAlgorithm
 from ._algorithms._diagonal import op_dtype
 from ._algorithms._drtrl import AbstractWeightTraceAlgorithm
 from ._algorithms._ppprop import PPProp
-from ._cell import AbstractCell
+from ._cell import AbstractCell, has_parameters
 from ._custom_types import ExampleInput, State, Trace
 from ._drivers import init_state_and_trace
 from ._ops import algebra, op_params
@@ -167,7 +167,7 @@ def _neuron_axes(model, algorithm, params, state, trace, x) -> tuple[Any, Any]:
     if isinstance(model, Sequential):
         cells, traces = [], []
         for layer, s, tr in zip(model.layers, concrete(state), trace):
-            if isinstance(layer, AbstractCell):
+            if has_parameters(layer):
                 cells.append((layer, s, x))
                 traces.append(tr)
                 x = concrete(eqx.filter_eval_shape(layer, s, x))[1]
@@ -190,9 +190,7 @@ def _neuron_axes(model, algorithm, params, state, trace, x) -> tuple[Any, Any]:
     param_axes = jtu.tree_map(lambda w: by_weight.get(id(w)), params)
     if isinstance(model, Sequential):
         it = iter(trace_axes)
-        trace_axes = tuple(
-            next(it) if isinstance(layer, AbstractCell) else None for layer in model.layers
-        )
+        trace_axes = tuple(next(it) if has_parameters(layer) else None for layer in model.layers)
     else:
         trace_axes = trace_axes[0]
     return param_axes, trace_axes
