@@ -93,11 +93,22 @@ RULES: dict[str, Rule] = {
 #: pp-prop twice: with the task's decay (the paper's for the spiking tasks) and close to 1.
 DEFAULT_RULES = ("drtrl", "ppprop", "ppprop@0.999", "bptt")
 
+#: The recurrent cells the MNIST-1D model may use (`--set mnist1d.cell=mingru`).
+MNIST1D_CELLS: dict[str, Callable] = {
+    "gru": eqtrace.nn.GRUCell,
+    "mingru": eqtrace.nn.MinGRUCell,
+    "lstm": eqtrace.nn.LSTMCell,
+    "rnn": eqtrace.nn.RNNCell,
+}
+
 # The configuration of each task: the data, the model, the training. `--set task.key=value`
 # overrides any entry; `--fast` replaces them with `FAST`.
 DEFAULTS: dict[str, dict[str, Any]] = {
     "mnist1d": {
         "hidden": 128,
+        "cell": "gru",  # a key of MNIST1D_CELLS
+        "delay": 0,  # a DelayLine of this many steps before the cell (0: none)
+        "readout": 0,  # the hidden width of an MLP read-out (0: a Linear read-out)
         "loss": "last",  # "last": cross-entropy on the last step; "all": mean over all steps
         "steps": 1500,
         "batch": 100,
@@ -247,14 +258,24 @@ def _mnist1d_task(config, seed) -> Task:
         b = min(batch, len(data["y_test"]))
         return jnp.asarray(np.swapaxes(data["x_test"][:b], 0, 1)), jnp.asarray(data["y_test"][:b])
 
+    cell, delay, width, hidden = (config[k] for k in ("cell", "delay", "readout", "hidden"))
+    if cell not in MNIST1D_CELLS:
+        raise ValueError(f"mnist1d.cell must be one of {sorted(MNIST1D_CELLS)}, not {cell!r}")
+
     def make_model(key):
-        gkey, rkey = jr.split(key)
-        return eqtrace.nn.Sequential(
-            [
-                eqtrace.nn.GRUCell(1, config["hidden"], key=gkey),
-                eqx.nn.Linear(config["hidden"], 10, key=rkey),
-            ]
-        )
+        ckey, rkey = jr.split(key)
+        layers = [eqtrace.nn.DelayLine(1, delay)] if delay else []
+        layers.append(MNIST1D_CELLS[cell](max(delay, 1), hidden, key=ckey))
+        if width:
+            layers.append(eqx.nn.MLP(hidden, 10, width, 1, activation=jax.nn.gelu, key=rkey))
+        else:
+            layers.append(eqx.nn.Linear(hidden, 10, key=rkey))
+        return eqtrace.nn.Sequential(layers)
+
+    model_name = f"{MNIST1D_CELLS[cell].__name__.removesuffix('Cell')}({hidden}) + "
+    model_name += f"MLP({width})" if width else "Linear"
+    if delay:
+        model_name = f"DelayLine({delay}) + {model_name}"
 
     return Task(
         name="mnist1d",
@@ -262,7 +283,7 @@ def _mnist1d_task(config, seed) -> Task:
         length=length,
         window=1 if config["loss"] == "last" else length,
         classes=10,
-        model_name=f"GRU({config['hidden']}) + Linear",
+        model_name=model_name,
         make_model=make_model,
         train_batch=train_batch,
         test_data=test_data,
