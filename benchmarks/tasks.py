@@ -109,6 +109,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "cell": "gru",  # a key of MNIST1D_CELLS
         "delay": 0,  # a DelayLine of this many steps before the cell (0: none)
         "readout": 0,  # the hidden width of an MLP read-out (0: a Linear read-out)
+        "leaky_tau": 0.0,  # a LeakyReadout of this time constant after the cell (0: none)
         "loss": "last",  # "last": cross-entropy on the last step; "all": mean over all steps
         "steps": 1500,
         "batch": 100,
@@ -258,7 +259,9 @@ def _mnist1d_task(config, seed) -> Task:
         b = min(batch, len(data["y_test"]))
         return jnp.asarray(np.swapaxes(data["x_test"][:b], 0, 1)), jnp.asarray(data["y_test"][:b])
 
-    cell, delay, width, hidden = (config[k] for k in ("cell", "delay", "readout", "hidden"))
+    cell, delay, width, hidden, tau = (
+        config[k] for k in ("cell", "delay", "readout", "hidden", "leaky_tau")
+    )
     if cell not in MNIST1D_CELLS:
         raise ValueError(f"mnist1d.cell must be one of {sorted(MNIST1D_CELLS)}, not {cell!r}")
 
@@ -266,14 +269,21 @@ def _mnist1d_task(config, seed) -> Task:
         ckey, rkey = jr.split(key)
         layers = [eqtrace.nn.DelayLine(1, delay)] if delay else []
         layers.append(MNIST1D_CELLS[cell](max(delay, 1), hidden, key=ckey))
+        lkey, rkey = jr.split(rkey)
+        if tau:  # a leaky read-out (to `width` features if an MLP follows)
+            layers.append(eqtrace.nn.LeakyReadout(hidden, width or 10, tau=tau, key=lkey))
         if width:
-            layers.append(eqx.nn.MLP(hidden, 10, width, 1, activation=jax.nn.gelu, key=rkey))
-        else:
+            size = width if tau else hidden
+            layers.append(eqx.nn.MLP(size, 10, width, 1, activation=jax.nn.gelu, key=rkey))
+        elif not tau:
             layers.append(eqx.nn.Linear(hidden, 10, key=rkey))
         return eqtrace.nn.Sequential(layers)
 
-    model_name = f"{MNIST1D_CELLS[cell].__name__.removesuffix('Cell')}({hidden}) + "
-    model_name += f"MLP({width})" if width else "Linear"
+    model_name = f"{MNIST1D_CELLS[cell].__name__.removesuffix('Cell')}({hidden})"
+    if tau:
+        model_name += f" + LeakyReadout(τ={tau:g})"
+    if width or not tau:
+        model_name += f" + MLP({width})" if width else " + Linear"
     if delay:
         model_name = f"DelayLine({delay}) + {model_name}"
 

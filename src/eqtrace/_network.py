@@ -2,7 +2,8 @@
 the initial trace, a step and a block of steps.
 
 Rules with `per_layer = True` (the diagonal rules) give each cell of a `Sequential` its own
-trace and run stateless layers exactly; rules with `per_layer = False` (exact RTRL) treat the
+trace and run stateless layers (and cells without parameters, which need no trace) exactly
+within each step; rules with `per_layer = False` (exact RTRL) treat the
 network's recurrent core (its layers up to the last cell) as one system and the layers after
 it as an exact read-out. The rule itself only ever sees one system; a per-layer rule may
 configure itself for each cell from the layer that reads its output (`for_layer`), and may
