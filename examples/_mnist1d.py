@@ -38,11 +38,17 @@ def load_mnist1d(seed: int = 42) -> dict[str, np.ndarray]:
     return eqtrace.tasks.mnist1d(seed)
 
 
-def make_model(hidden: int, key) -> eqtrace.nn.Sequential:
-    """A GRU of `hidden` units reading one scalar per step, and a linear read-out to 10 classes."""
+def make_model(hidden: int, key, delay: int = 0) -> eqtrace.nn.Sequential:
+    """A GRU of `hidden` units reading one scalar per step (or, with `delay`, a window of the
+    last `delay` scalars from an `eqtrace.nn.DelayLine`), and a linear read-out to 10 classes."""
     gkey, rkey = jr.split(key)
+    front = [eqtrace.nn.DelayLine(1, delay)] if delay else []
     return eqtrace.nn.Sequential(
-        [eqtrace.nn.GRUCell(1, hidden, key=gkey), eqx.nn.Linear(hidden, 10, key=rkey)]
+        [
+            *front,
+            eqtrace.nn.GRUCell(max(delay, 1), hidden, key=gkey),
+            eqx.nn.Linear(hidden, 10, key=rkey),
+        ]
     )
 
 
@@ -168,12 +174,13 @@ def train(
     rank: float = 100.0,
     eval_every: int = 0,
     progress: bool = True,
+    delay: int = 0,
 ) -> dict[str, Any]:
     """Trains the GRU classifier with `method` and returns its test accuracy, the wall time of
     training (compilation included), and the learning curve."""
     from tqdm.auto import tqdm
 
-    model = make_model(hidden, jr.key(seed))
+    model = make_model(hidden, jr.key(seed), delay)
     schedule = optax.cosine_decay_schedule(learning_rate, steps, alpha=0.05)
     optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(schedule))
     params, static, update = make_update(method, model, optimizer, batch_size, rank)

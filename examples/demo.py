@@ -21,9 +21,13 @@ Expected with the defaults (GRU of 128 units, 1 500 updates of batch 100, seed 0
 
     method   test acc train acc wall time ms/update          memory/sample  what it is for
     --------------------------------------------------------------------------------------
-    D-RTRL      90.5%    100.0%    184.4s     123.0  50,304 fl / 196.5 KiB  online, memory constant in T
-    pp-prop     53.9%     59.4%     19.2s      12.8       898 fl / 3.5 KiB  online, least memory; weak on this task (expected: docs, How to choose)
-    BPTT        98.4%    100.0%     41.3s      27.5   5,120 fl / 20.0 KiB*  offline reference, memory grows with T
+    D-RTRL      90.5%    100.0%    184.4s     123.0  50,304 fl / 196.5 KiB  online, memory …
+    pp-prop     53.9%     59.4%     19.2s      12.8       898 fl / 3.5 KiB  online, least …
+    BPTT        98.4%    100.0%     41.3s      27.5   5,120 fl / 20.0 KiB*  offline …
+
+(the last column, cut here, says what each method is for: online with memory constant in `T`;
+online with the least memory, weak on this task, see the docs' "How to choose"; the offline
+reference, whose memory grows with `T`).
 
 Chance is 10 %. D-RTRL drops the credit paths through other neurons' recurrent weights, so it
 stays below BPTT; pp-prop further factorises each weight trace into an input and an output

@@ -40,6 +40,12 @@ def parse_args(argv=None):
         "--algorithms", default=",".join(METHODS), help="subset of " + ",".join(METHODS)
     )
     parser.add_argument("--hidden", type=int, default=128, help="GRU units (default: 128)")
+    parser.add_argument(
+        "--delay",
+        type=int,
+        default=0,
+        help="feed the GRU a window of the last K inputs (an eqtrace.nn.DelayLine; default: 0)",
+    )
     parser.add_argument("--steps", type=int, default=4000, help="updates (default: 4000)")
     parser.add_argument("--batch", type=int, default=100, help="sequences per update (100)")
     parser.add_argument("--lr", type=float, default=1e-2, help="peak Adam learning rate (1e-2)")
@@ -92,8 +98,9 @@ def main(argv=None):
     start = time.perf_counter()
     data = load_mnist1d()
     length = data["x_train"].shape[1]
+    front = f"DelayLine({args.delay}) + " if args.delay else ""
     print(
-        f"GRU({args.hidden}) on MNIST-1D, {args.steps} updates of batch {args.batch}, "
+        f"{front}GRU({args.hidden}) on MNIST-1D, {args.steps} updates of batch {args.batch}, "
         f"peak lr {args.lr:g}, seed {args.seed}."
     )
     results = []
@@ -108,6 +115,7 @@ def main(argv=None):
             seed=args.seed,
             rank=args.rank,
             eval_every=args.eval_every,
+            delay=args.delay,
         )
         curve = r["curve"]
         reached = [s for s, a in zip(curve["eval_step"], curve["test_accuracy"]) if a >= TARGET]
