@@ -79,3 +79,33 @@ def test_blocks_equal_steps_with_a_delay_line(rng):
 def test_bad_sizes(size):
     with pytest.raises(ValueError, match="DelayLine: `length` must be a positive int"):
         nn.DelayLine(1, size)
+
+
+def test_exact_windows_differentiate_a_delay_line_through_its_state(rng):
+    """Within an exact window the delay line is differentiated through its state too, so the
+    layer with parameters before it gets its delayed credit: one window of the whole sequence
+    is BPTT."""
+    model = nn.Sequential(
+        [
+            eqx.nn.Linear(2, 2, key=jr.key(1)),
+            nn.DelayLine(2, 3),
+            nn.GRUCell(6, 3, key=jr.key(2)),
+        ]
+    )
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+    xs, targets = random_sequence(rng, model, 5, 2)
+    state = random_state(rng, model)
+    algorithm = eqtrace.ExactWindows(eqtrace.DRTRL())
+
+    def loss_fn(y, target):
+        return jnp.sum((y - target) ** 2)
+
+    block = eqtrace.make_online_block(algorithm, static)
+    trace = algorithm.init_trace(model, state, xs[0])
+    _, windowed, _, _ = eqtrace.online_gradient(
+        block, loss_fn, params, state, trace, xs, targets, block_size=5
+    )
+    _, bptt, _ = eqtrace.bptt_gradient(
+        eqtrace.make_forward_step(static), loss_fn, params, state, xs, targets
+    )
+    assert tree_allclose(windowed, bptt, rtol=1e-9, atol=1e-12)

@@ -107,6 +107,13 @@ class AbstractAlgorithm(eqx.Module, Generic[_Trace]):
         return self
 
     @property
+    def exact_within_blocks(self) -> bool:
+        """Whether a block of steps (`cell_steps`) is differentiated exactly through the states
+        within it (`ExactWindows`); if not (the default), only through each step's input. Cells
+        without parameters, which no rule traces, are run the same way."""
+        return False
+
+    @property
     def defines_output_tangent(self) -> bool:
         """Whether `cell_output_tangent` gives the derivative of the cell's output. If not (the
         default), the output `y_t = output(h_t)` is differentiated through `cell_tangent`."""

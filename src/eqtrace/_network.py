@@ -56,22 +56,26 @@ def _transition(algorithm, cell, state, trace, x):
     return linked, new_trace, jtu.tree_map(jnp.add, y, y_link)
 
 
-def _fixed_step(cell, state, x):
+def _fixed_step(algorithm, cell, state, x):
     """One step of a cell without parameters, `(h_t, y_t)`: differentiable exactly with
     respect to `x` (credit to earlier layers within the step) and, as every cell under a
     per-layer rule, not with respect to the old state."""
+    del algorithm
     new_state, _ = cell(jax.lax.stop_gradient(state), x)
     return new_state, cell.output(new_state)
 
 
-def _fixed_block(cell, state, xs):
-    """`_fixed_step` over a block of steps: `(states, ys)`, time leading."""
+def _fixed_block(algorithm, cell, state, xs):
+    """A cell without parameters over a block of steps, `(states, ys)` with time leading:
+    `_fixed_step` at each step, or, if the rule differentiates its blocks exactly (exact
+    windows), through the states within the block."""
+    through_states = algorithm.exact_within_blocks
 
     def body(s, x):
-        new_state, y = _fixed_step(cell, s, x)
-        return new_state, (new_state, y)
+        new_state, _ = cell(s if through_states else jax.lax.stop_gradient(s), x)
+        return new_state, (new_state, cell.output(new_state))
 
-    _, (states, ys) = jax.lax.scan(body, state, xs)
+    _, (states, ys) = jax.lax.scan(body, jax.lax.stop_gradient(state), xs)
     return states, ys
 
 
@@ -99,7 +103,8 @@ class Mode(NamedTuple):
     each: Callable
     #: The input of the first step, for the argument checks.
     first: Callable
-    #: `(cell, state, x) -> (new state(s), output(s))` of a cell without parameters.
+    #: `(algorithm, cell, state, x) -> (new state(s), output(s))` of a cell without
+    #: parameters.
     fixed: Callable
 
 
@@ -121,7 +126,7 @@ def advance_network(algorithm, model: AbstractCell, state, trace, x, mode: Mode)
     _check_arguments(algorithm, model, state, trace, mode.first(x))
     if not isinstance(model, Sequential):
         if not has_parameters(model):
-            states, ys = mode.fixed(model, state, x)
+            states, ys = mode.fixed(algorithm, model, state, x)
             return mode.final(states), trace, ys
         states, trace, ys = mode.advance(algorithm, model, state, trace, x)
         return mode.final(states), trace, ys
@@ -134,7 +139,7 @@ def advance_network(algorithm, model: AbstractCell, state, trace, x, mode: Mode)
     new_state, new_trace = [], []
     for i, (layer, s, tr) in enumerate(zip(model.layers, state, trace)):
         if isinstance(layer, AbstractCell) and not has_parameters(layer):
-            states, x = mode.fixed(layer, s, x)
+            states, x = mode.fixed(algorithm, layer, s, x)
             s = mode.final(states)
         elif isinstance(layer, AbstractCell):
             rule = algorithm.for_layer(layer, _consumer(model, i))

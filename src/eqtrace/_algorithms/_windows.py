@@ -98,6 +98,10 @@ class ExactWindows(AbstractAlgorithm[_Trace]):
         """As for `rule`: one trace per cell of a `Sequential`, or one for its core."""
         return self.rule.per_layer
 
+    @property
+    def exact_within_blocks(self) -> bool:
+        return True
+
     def init_cell_trace(self, cell: AbstractCell, state: State, x: ExampleInput) -> _Trace:
         return self.rule.init_cell_trace(cell, state, x)
 
