@@ -1,7 +1,8 @@
 """Online blocks (`AbstractAlgorithm.steps`, `make_online_block`, `online_gradient(block_size=)`):
 the same states, traces and gradients as stepping, for every algorithm. D-RTRL's blocks use a
 different computation (one pass over the trace per block), so they are held to the step-by-step
-path, and through it to BPTT where D-RTRL is exact."""
+path, and through it to BPTT where D-RTRL is exact. Rules are paired with models, cells and
+block sizes (`helpers.pairs`); `EQTRACE_HYPOTHESIS_PROFILE=long` runs every pair."""
 
 import equinox as eqx
 import jax

@@ -1,5 +1,6 @@
 """The inexact rules of the registry (D-RTRL, pp-prop) against their oracles: BPTT where exact,
-RTRL at T = 1, and the defining recurrences on a hand-computable case."""
+RTRL at T = 1, and the defining recurrences on a hand-computable case. Rules are paired with
+cells (`helpers.pairs`); `EQTRACE_HYPOTHESIS_PROFILE=long` runs every pair."""
 
 import math
 
