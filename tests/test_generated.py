@@ -6,7 +6,7 @@ Compilation dominates: each example is a new model, so every function compiles a
 5-10 s per example on 2 CPU cores, a third of it the eager step of the jit oracle). Each test
 therefore checks several oracles on the models it draws, reusing the compiled functions, and
 the default profile runs few examples besides the explicit ones (3 and 2): deterministic,
-without shrinking, about 1.5 minutes for the file. `EQTRACE_HYPOTHESIS_PROFILE=long` selects
+without shrinking, about 1.3 minutes for the file. `EQTRACE_HYPOTHESIS_PROFILE=long` selects
 a randomised, shrinking profile with 400 examples per test (hours).
 """
 
