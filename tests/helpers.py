@@ -1,3 +1,6 @@
+import itertools
+import os
+from collections.abc import Sequence
 from typing import Any
 
 import equinox as eqx
@@ -6,9 +9,42 @@ import jax.numpy as jnp
 import jax.random as jr
 import jax.tree_util as jtu
 import numpy as np
+import pytest
 
 import eqtrace
 from eqtrace import nn
+
+
+#: The one opt-in switch for long runs, `EQTRACE_HYPOTHESIS_PROFILE=long`: hypothesis's long
+#: profiles, and the full products of `pairs`.
+LONG = os.environ.get("EQTRACE_HYPOTHESIS_PROFILE") == "long"
+
+
+_PARAM = type(pytest.param(None))
+
+
+def pairs(first: Sequence, second: Sequence) -> list:
+    """`pytest.param`s pairing `first` with `second` (values or `pytest.param`s): by default
+    each entry of either list at least once, rotating through both (`max(len)` pairs); every
+    pair under `LONG`. Rotation keeps every kind of oracle on every rule and every cell at a
+    fraction of the full product's compilations."""
+
+    def split(entry):
+        if isinstance(entry, _PARAM):
+            (value,) = entry.values
+            return value, entry.id
+        return entry, getattr(entry, "__name__", str(entry))
+
+    if LONG:
+        chosen = list(itertools.product(first, second))
+    else:
+        length = max(len(first), len(second))
+        chosen = [(first[i % len(first)], second[i % len(second)]) for i in range(length)]
+    params = []
+    for a, b in chosen:
+        (a, a_id), (b, b_id) = split(a), split(b)
+        params.append(pytest.param(a, b, id=f"{a_id}-{b_id}"))
+    return params
 
 
 def key_data(tree: Any) -> Any:

@@ -16,6 +16,8 @@ Selection, to keep the suite's time:
 - oracles that hold for every rule (batch = loop, jit = no jit) run for the exact rules in
   test_foundation.py (with BPTT as well) and for the others in test_diagonal.py;
 - products of every rule with every cell use `EVERY_CELL`, one configuration per cell class;
+- by default such products are pairings (`helpers.pairs`): each rule with one cell and each
+  cell with one rule, rotating; `EQTRACE_HYPOTHESIS_PROFILE=long` runs every pair;
 - in test_blocks.py, rules with one dense trace for the whole network (`per_layer=False`,
   RTRL) are held to stepping on one network only.
 """

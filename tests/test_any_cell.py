@@ -11,7 +11,7 @@ import pytest
 
 import eqtrace
 from eqtrace import nn
-from helpers import cast, online_and_bptt, relative_error
+from helpers import cast, online_and_bptt, pairs, relative_error
 from registry import ALGORITHMS, algorithms, rules
 
 
@@ -243,11 +243,11 @@ def test_check_agrees_with_the_step(getkey):
 @pytest.mark.parametrize(
     "rule, dtype",
     [
-        *[
-            pytest.param(case.algorithm, dtype, id=f"{case.name}-{suffix}")
-            for suffix, dtype in [("f32", jnp.float32), ("bf16", jnp.bfloat16)]
-            for case in ALGORITHMS
-        ],
+        # Each rule in float32 or bfloat16, rotating (both under `LONG`).
+        *pairs(
+            [pytest.param(case.algorithm, id=case.name) for case in ALGORITHMS],
+            [pytest.param(jnp.float32, id="f32"), pytest.param(jnp.bfloat16, id="bf16")],
+        ),
         # And float16 for one rule.
         *[
             pytest.param(case.algorithm, jnp.float16, id=f"{case.name}-f16")

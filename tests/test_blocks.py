@@ -1,7 +1,8 @@
 """Online blocks (`AbstractAlgorithm.steps`, `make_online_block`, `online_gradient(block_size=)`):
 the same states, traces and gradients as stepping, for every algorithm. D-RTRL's blocks use a
 different computation (one pass over the trace per block), so they are held to the step-by-step
-path, and through it to BPTT where D-RTRL is exact."""
+path, and through it to BPTT where D-RTRL is exact. Rules are paired with models, cells and
+block sizes (`helpers.pairs`); `EQTRACE_HYPOTHESIS_PROFILE=long` runs every pair."""
 
 import equinox as eqx
 import jax
@@ -12,7 +13,7 @@ import pytest
 
 import eqtrace
 from eqtrace import nn
-from helpers import LeakyCurrent, TokenCell, relative_error, squared_loss
+from helpers import LONG, LeakyCurrent, TokenCell, pairs, relative_error, squared_loss
 from registry import EVERY_CELL, algorithms, cells, make_cell, rules
 
 
@@ -28,6 +29,19 @@ def _block_models(case) -> list[str]:
     if case.own_blocks:
         return ["lif", "stack", "alif"]
     return ["lif", "stack"] if case.per_layer else ["stack"]
+
+
+def _block_cases() -> list:
+    """Each rule on the models of `_block_models`: all of them under `LONG`, else one, rotating
+    with the rule's place in the registry (the stacked network for most rules, ALIF for
+    SnAp-1). The LIF network is held to stepping by `test_own_blocks_any_size` (the rules with
+    their own blocks) and `test_train_online_with_blocks` (every per-layer rule)."""
+    params = []
+    for i, case in enumerate(rules(supports_blocks=True)):
+        models = _block_models(case)
+        for model_name in models if LONG else [models[i % len(models)]]:
+            params.append(pytest.param(case.algorithm, model_name, id=f"{case.name}-{model_name}"))
+    return params
 
 
 INPUT, BATCH, LENGTH, BLOCK = 3, 2, 11, 4  # 11 = 2 blocks of 4 and a remainder of 3
@@ -93,15 +107,7 @@ def _stepped_and_blocked(algorithm, model, xs, targets, block_size=BLOCK):
     return stepped, blocked
 
 
-@pytest.mark.parametrize(
-    "algorithm, model_name",
-    # Blocks computed their own way (D-RTRL's): every model. The others scan their step: fewer.
-    [
-        pytest.param(case.algorithm, model_name, id=f"{case.name}-{model_name}")
-        for case in rules(supports_blocks=True)
-        for model_name in _block_models(case)
-    ],
-)
+@pytest.mark.parametrize("algorithm, model_name", _block_cases())
 def test_blocks_equal_steps(algorithm, model_name, getkey):
     model = _models(getkey())[model_name]
     xs, targets = _data(getkey())
@@ -123,8 +129,7 @@ def test_blocks_equal_steps(algorithm, model_name, getkey):
     assert all(bool(jnp.any(g != 0)) for g in jax.tree.leaves(grads))
 
 
-@pytest.mark.parametrize("algorithm", OWN_BLOCKS)
-@pytest.mark.parametrize("name", EVERY_CELL)
+@pytest.mark.parametrize("name, algorithm", pairs(EVERY_CELL, OWN_BLOCKS))
 def test_own_blocks_every_cell(name, algorithm, getkey):
     """Every built-in cell (multi-leaf blocks, complex-valued LRU leaves, read-out ops,
     per-neuron parameters) through a rule's own block computation, against stepping."""
@@ -140,8 +145,7 @@ def test_own_blocks_every_cell(name, algorithm, getkey):
     assert relative_error(block_trace, trace) <= 1e-10
 
 
-@pytest.mark.parametrize("algorithm", OWN_BLOCKS)
-@pytest.mark.parametrize("block_size", [1, 3, LENGTH, 2 * LENGTH])
+@pytest.mark.parametrize("block_size, algorithm", pairs([1, 3, LENGTH, 2 * LENGTH], OWN_BLOCKS))
 def test_own_blocks_any_size(block_size, algorithm, getkey):
     model = _models(getkey())["lif"]
     xs, targets = _data(getkey())
@@ -153,9 +157,12 @@ def test_own_blocks_any_size(block_size, algorithm, getkey):
 
 
 @pytest.mark.parametrize(
-    "algorithm", algorithms(exact_elementwise=True, exact=False, supports_blocks=True)
+    "name, algorithm",
+    pairs(
+        cells(["leaky-tanh", "leaky-current"], elementwise=True),
+        algorithms(exact_elementwise=True, exact=False, supports_blocks=True),
+    ),
 )
-@pytest.mark.parametrize("name", cells(["leaky-tanh", "leaky-current"], elementwise=True))
 def test_blocks_equal_bptt_for_elementwise_layer(name, algorithm, getkey):
     """DESIGN §5 oracle 2 through the block path: exact for an element-wise recurrence."""
     model = nn.Sequential([make_cell(name, getkey(), INPUT, 4), eqx.nn.Linear(4, 2, key=getkey())])
@@ -200,8 +207,11 @@ def test_steps_outputs_and_jit(algorithm, getkey):
     trace = algorithm.init_trace(model, state)
     stepped_ys = []
     stepped_state, stepped_trace = state, trace
+    # A jitted step (itself held to the eager one in test_diagonal.py and test_foundation.py):
+    # an eager loop would compile each primitive of the rule one by one.
+    step = eqx.filter_jit(algorithm.step)
     for x in xs:
-        stepped_state, stepped_trace, y = algorithm.step(model, stepped_state, stepped_trace, x)
+        stepped_state, stepped_trace, y = step(model, stepped_state, stepped_trace, x)
         stepped_ys.append(y)
     eager = algorithm.steps(model, state, trace, xs)
     jitted = eqx.filter_jit(algorithm.steps)(model, state, trace, xs)

@@ -1,5 +1,6 @@
 """The inexact rules of the registry (D-RTRL, pp-prop) against their oracles: BPTT where exact,
-RTRL at T = 1, and the defining recurrences on a hand-computable case."""
+RTRL at T = 1, and the defining recurrences on a hand-computable case. Rules are paired with
+cells (`helpers.pairs`); `EQTRACE_HYPOTHESIS_PROFILE=long` runs every pair."""
 
 import math
 
@@ -21,6 +22,7 @@ from helpers import (
     TokenCell,
     cast,
     online_and_bptt,
+    pairs,
     relative_error,
     squared_loss,
 )
@@ -46,8 +48,7 @@ def _sequence(key, length, input_size, output_size):
 ELEMENTWISE_CELLS = cells(["leaky-tanh", "leaky-current", *EVERY_CELL], elementwise=True)
 
 
-@pytest.mark.parametrize("algorithm", EXACT_ELEMENTWISE)
-@pytest.mark.parametrize("name", ELEMENTWISE_CELLS)
+@pytest.mark.parametrize("name, algorithm", pairs(ELEMENTWISE_CELLS, EXACT_ELEMENTWISE))
 def test_equals_bptt_for_elementwise_layer(name, algorithm, getkey):
     model = nn.Sequential([make_cell(name, getkey(), 3, 4), eqx.nn.Linear(4, 2, key=getkey())])
     xs, targets = _sequence(getkey(), 7, 3, 2)
@@ -71,10 +72,13 @@ def test_not_exact_with_recurrent_weights(algorithm, getkey):
 
 # And pp-prop built from a rank rather than a decay.
 @pytest.mark.parametrize(
-    "algorithm", [*FIRST_STEP, pytest.param(eqtrace.PPProp(rank=3), id="ppprop-rank")]
+    "cell_cls, algorithm",
+    pairs(
+        [nn.RNNCell, nn.GRUCell, LeakyCurrent],
+        [*FIRST_STEP, pytest.param(eqtrace.PPProp(rank=3), id="ppprop-rank")],
+    ),
 )
-@pytest.mark.parametrize("cell_cls", [nn.RNNCell, nn.GRUCell, LeakyCurrent])
-def test_equals_rtrl_at_first_step(algorithm, cell_cls, getkey):
+def test_equals_rtrl_at_first_step(cell_cls, algorithm, getkey):
     model = cell_cls(3, 4, key=getkey())
     state = jtu.tree_map(lambda s: jr.normal(getkey(), s.shape), model.init_state())
     xs, targets = _sequence(getkey(), 1, 3, 4)
@@ -172,9 +176,8 @@ def _nonzero_everywhere(grads) -> list[str]:
     return [jtu.keystr(p) for p, g in leaves if not bool(jnp.any(g != 0))]
 
 
-@pytest.mark.parametrize("algorithm", INEXACT)
-@pytest.mark.parametrize("which", ["gru", "two-layer"])
-def test_every_parameter_gets_a_gradient(algorithm, which, getkey):
+@pytest.mark.parametrize("which, algorithm", pairs(["gru", "two-layer"], INEXACT))
+def test_every_parameter_gets_a_gradient(which, algorithm, getkey):
     if which == "gru":
         model = nn.Sequential([nn.GRUCell(3, 4, key=getkey()), eqx.nn.Linear(4, 2, key=getkey())])
     else:
@@ -380,9 +383,8 @@ def test_step_loss_on_state_and_output(algorithm, getkey):
     assert relative_error(online, bptt) <= 1e-9
 
 
-@pytest.mark.parametrize("algorithm", FIRST_STEP)
-@pytest.mark.parametrize("name", EVERY_CELL)
-def test_every_cell_first_step_equals_rtrl(algorithm, name, getkey):
+@pytest.mark.parametrize("name, algorithm", pairs(EVERY_CELL, FIRST_STEP))
+def test_every_cell_first_step_equals_rtrl(name, algorithm, getkey):
     cell = make_cell(name, getkey())
     assert eqtrace.check(cell).ok, str(eqtrace.check(cell))
     state = jtu.tree_map(lambda s: jr.uniform(getkey(), s.shape, s.dtype), cell.init_state())

@@ -30,7 +30,7 @@ from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec
 import eqtrace
 from eqtrace import nn
 from eqtrace._validation import example_input
-from helpers import ConvCell, Rolling, cast, mse, squared_loss
+from helpers import LONG, ConvCell, Rolling, cast, mse, pairs, squared_loss
 from registry import ALGORITHMS, EVERY_CELL, make_cell
 from test_any_cell import CalledOutOfOrder, OutputNotOfState, RawWeightUse, VmappedOp
 from test_eprop import RolledOutput
@@ -795,8 +795,16 @@ def test_checked_steps_still_jit_vmap_and_differentiate():
     jax.grad(sample_loss)(params)
 
 
-@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32, jnp.float64])
-@pytest.mark.parametrize("name", EVERY_CELL)
+# Building a cell compiles its initialisers afresh in each dtype. By default each cell in one
+# 16-bit dtype (test_cells.py builds and runs every cell in float32 and float64); every pair,
+# and every dtype, under `LONG`.
+@pytest.mark.parametrize(
+    "name, dtype",
+    pairs(
+        EVERY_CELL,
+        [jnp.bfloat16, jnp.float16, *([jnp.float32, jnp.float64] if LONG else [])],
+    ),
+)
 def test_every_cell_builds_and_runs_in_every_float_dtype(name, dtype):
     cell = make_cell(name, _key(), INPUT, HIDDEN, dtype)
     arrays = [a for a in jax.tree.leaves(cell) if eqx.is_inexact_array(a)]

@@ -13,6 +13,7 @@ import pytest
 
 import eqtrace
 from eqtrace import nn
+from helpers import LONG, pairs
 from registry import ALGORITHMS, CELLS, EVERY_CELL, WRAPPERS, make_cell
 
 
@@ -81,3 +82,15 @@ def test_cell_properties(name):
         for block in jax.tree.leaves(jacobian)
     ]
     assert (max(off_diagonal) == 0) == case.elementwise, off_diagonal
+
+
+def test_pairs_cover_every_entry():
+    """The default pairing of a product keeps each entry of both lists (the oracles stay on
+    every rule and every cell); `LONG` restores every pair."""
+    rules = [pytest.param("r0", id="first"), "r1", "r2"]
+    params = pairs(rules, [1, 2, 3, 4, 5])
+    assert {p.values[0] for p in params} == {"r0", "r1", "r2"}
+    assert {p.values[1] for p in params} == {1, 2, 3, 4, 5}
+    assert len(params) == (15 if LONG else 5)
+    assert len({p.values for p in params}) == len(params)
+    assert params[0].id == "first-1"
