@@ -10,14 +10,19 @@ the cosine of the online gradient to BPTT's, written to a JSON file and plotted 
 Tasks (`eqtrace.tasks`) and models:
 
 - `mnist1d`: MNIST-1D (40 steps, 10 classes), `Sequential([GRUCell(1, H), eqx.nn.Linear(H, 10)])`,
-  cross-entropy on the last step (or on every step with `--set mnist1d.loss=all`).
+  cross-entropy on the last step (or on every step with `--set mnist1d.loss=all`). Other
+  models: `mnist1d.cell` (a key of `MNIST1D_CELLS`), `mnist1d.delay=K` (an
+  `eqtrace.nn.DelayLine(1, K)` in front), `mnist1d.readout=W` (an MLP read-out of width `W`),
+  `mnist1d.leaky_tau=τ` (a `LeakyReadout` after the cell).
 - `dms`: delayed match-to-sample, `Sequential([ALIF(n_in, H, recurrent=True), LeakyReadout(H, 2)])`,
   cross-entropy in the test window.
 - `evidence`: evidence accumulation, the same spiking network, cross-entropy in the recall
   window.
 
-Rules: `drtrl` (`eqtrace.DRTRL()`), `ppprop` (`eqtrace.PPProp(decay=...)`, the task's
-`ppprop_decay`, or `ppprop@0.999` for another decay) and `bptt` (`eqtrace.bptt_gradient`). Each
+Rules (`RULES`): `drtrl` (`eqtrace.DRTRL()`), `ppprop` (`eqtrace.PPProp(decay=...)`, the task's
+`ppprop_decay`, or `ppprop@0.999` for another decay), `snap1`, `eprop`, `uoro`, `drtrl-window`
+(D-RTRL in exact windows of `block` steps, the last one ending at the loss) and `bptt`
+(`eqtrace.bptt_gradient`). Each
 update draws a batch, computes the gradient of the task's loss with the rule through the
 drivers (`eqtrace.online_gradient` / `run_online` / `bptt_gradient`) and applies Adam (global-norm
 clipping at 1, cosine decay of the learning rate). For the spiking tasks the per-sample mask of
