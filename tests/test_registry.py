@@ -14,7 +14,7 @@ import pytest
 import eqtrace
 from eqtrace import nn
 from helpers import LONG, pairs
-from registry import ALGORITHMS, CELLS, EVERY_CELL, WRAPPERS, make_cell
+from registry import ALGORITHMS, CELLS, EVERY_CELL, PARAMETER_FREE_CELLS, WRAPPERS, make_cell
 
 
 def _public_classes(namespace, base):
@@ -35,8 +35,12 @@ def test_every_algorithm_is_registered():
 def test_every_cell_class_is_registered():
     public = _public_classes(nn, eqtrace.AbstractCell) - {nn.Sequential}
     every_cell = {type(eqx.filter_eval_shape(make_cell, name, jr.key(0))) for name in EVERY_CELL}
-    assert public <= every_cell, f"not in registry.EVERY_CELL: {public - every_cell}"
+    registered = every_cell | set(PARAMETER_FREE_CELLS)
+    assert public <= registered, f"not in registry.EVERY_CELL: {public - registered}"
     assert set(EVERY_CELL) <= set(CELLS)
+    # The exemption holds only for cells that really have nothing to learn.
+    for cls in PARAMETER_FREE_CELLS:
+        assert not jax.tree.leaves(eqx.filter(cls(2, 3), eqx.is_inexact_array))
 
 
 @pytest.mark.parametrize("case", ALGORITHMS, ids=[case.name for case in ALGORITHMS])
