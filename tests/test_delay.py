@@ -3,10 +3,12 @@ D-RTRL exact on a delay line before an element-wise-recurrent layer (in steps an
 The general case (delay lines anywhere in random networks) is in `test_generated.py`."""
 
 import equinox as eqx
+import jax
 import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
 import pytest
+from jax.sharding import Mesh, PartitionSpec as P
 
 import eqtrace
 from eqtrace import nn
@@ -109,3 +111,13 @@ def test_exact_windows_differentiate_a_delay_line_through_its_state(rng):
         eqtrace.make_forward_step(static), loss_fn, params, state, xs, targets
     )
     assert tree_allclose(windowed, bptt, rtol=1e-9, atol=1e-12)
+
+
+def test_model_parallel_shardings_skip_a_delay_line():
+    """`make_shardings` passes a delay line's output shape on to the next cell and gives the
+    delay line no trace layout."""
+    mesh = Mesh(np.array(jax.devices()[:1]).reshape(1, 1), ("batch", "model"))
+    shardings = eqtrace.make_shardings(_delayed_mingru(), eqtrace.DRTRL(), mesh, model_axis="model")
+    assert shardings.trace[0] is None
+    assert shardings.params.layers[1].input_op.weight.spec == P("model", None)
+    assert shardings.trace[1].ops[0].weight.spec == P("batch", "model", None, None)

@@ -170,6 +170,7 @@ def _neuron_axes(model, algorithm, params, state, trace, x) -> tuple[Any, Any]:
             if has_parameters(layer):
                 cells.append((layer, s, x))
                 traces.append(tr)
+            if isinstance(layer, AbstractCell):
                 x = concrete(eqx.filter_eval_shape(layer, s, x))[1]
             else:
                 x = concrete(eqx.filter_eval_shape(layer, x))
