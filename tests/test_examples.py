@@ -1,8 +1,7 @@
 """Every script in `examples/` runs end to end in its fast configuration.
 
 Each example runs as a subprocess (`python examples/X.py --fast`), as a user would run it, in
-its own JAX process (float32, not this suite's float64). The selected examples are all started
-at once and run concurrently, so the file takes about as long as the two slowest examples.
+its own JAX process (float32, not this suite's float64).
 `long_stream.py` has a test of its own: run straight on, and stopped and resumed.
 """
 
@@ -45,53 +44,33 @@ def _command(name: str, out: Path) -> list[str]:
     return command
 
 
-@pytest.fixture(scope="module")
-def runs(request, tmp_path_factory):
-    """Starts every selected example at once; each test then waits for its own."""
-    selected = {
-        item.callspec.params["name"]
-        for item in request.session.items
-        if item.module is request.module and hasattr(item, "callspec")
-    }
+def _run(name: str, out: Path) -> subprocess.CompletedProcess:
     env = dict(os.environ, MPLBACKEND="Agg", TQDM_DISABLE="1", JAX_PLATFORMS="cpu")
     env.pop("JAX_ENABLE_X64", None)
-    processes = {}
-    for name in sorted(selected):
-        out = tmp_path_factory.mktemp(name)
-        processes[name] = (
-            subprocess.Popen(
-                _command(name, out),
-                cwd=out,
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-            ),
-            out,
+    try:
+        result = subprocess.run(
+            _command(name, out), cwd=out, env=env, capture_output=True, text=True, timeout=TIMEOUT
         )
-    yield processes
-    for process, _ in processes.values():
-        if process.poll() is None:
-            process.kill()
-            process.communicate()
+    except subprocess.TimeoutExpired as error:
+        pytest.fail(f"examples/{name}.py --fast did not finish in {TIMEOUT} s:\n{error.stdout}")
+    return result
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_example_runs(name, runs):
-    process, out = runs[name]
-    try:
-        stdout, stderr = process.communicate(timeout=TIMEOUT)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        stdout, stderr = process.communicate()
-        pytest.fail(f"examples/{name}.py --fast did not finish in {TIMEOUT} s:\n{stdout}\n{stderr}")
-    assert process.returncode == 0, f"examples/{name}.py --fast failed:\n{stdout}\n{stderr}"
+def test_example_runs(name, tmp_path):
+    # One example per test, run to its end here: pytest-xdist spreads the tests over the
+    # workers, so the examples still run side by side with the rest of the suite. (Starting
+    # every example from a module fixture ran each one once per worker, and left the pipes of
+    # the ones a worker never waited for open.)
+    result = _run(name, tmp_path)
+    stdout, stderr = result.stdout, result.stderr
+    assert result.returncode == 0, f"examples/{name}.py --fast failed:\n{stdout}\n{stderr}"
     _, expected, plot = CASES[name]
     for text in expected:
         assert text in stdout, f"{text!r} missing from the output of {name}.py:\n{stdout}"
     if plot is not None:
         if HAS_MATPLOTLIB:
-            assert (out / plot).is_file(), f"{name}.py did not save {plot}:\n{stdout}"
+            assert (tmp_path / plot).is_file(), f"{name}.py did not save {plot}:\n{stdout}"
         else:
             assert "matplotlib is not installed" in stdout
 
