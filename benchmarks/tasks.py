@@ -12,8 +12,10 @@ Tasks (`eqtrace.tasks`) and models:
 - `mnist1d`: MNIST-1D (40 steps, 10 classes), `Sequential([GRUCell(1, H), eqx.nn.Linear(H, 10)])`,
   cross-entropy on the last step (or on every step with `--set mnist1d.loss=all`). Other
   models: `mnist1d.cell` (a key of `MNIST1D_CELLS`), `mnist1d.delay=K` (an
-  `eqtrace.nn.DelayLine(1, K)` in front), `mnist1d.readout=W` (an MLP read-out of width `W`),
-  `mnist1d.leaky_tau=τ` (a `LeakyReadout` after the cell).
+  `eqtrace.nn.DelayLine(1, K)` in front), `mnist1d.legendre=d` (an
+  `eqtrace.nn.LegendreMemory(1, d, θ)` in front, θ = `mnist1d.legendre_window`), `mnist1d.readout=W` (an MLP read-out of width `W`),
+  `mnist1d.leaky_tau=τ` (a `LeakyReadout` after the cell); `mnist1d.noise=σ` adds Gaussian
+  noise to the training inputs (a regulariser; the same noise for every rule).
 - `dms`: delayed match-to-sample, `Sequential([ALIF(n_in, H, recurrent=True), LeakyReadout(H, 2)])`,
   cross-entropy in the test window.
 - `evidence`: evidence accumulation, the same spiking network, cross-entropy in the recall
@@ -113,6 +115,8 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "hidden": 128,
         "cell": "gru",  # a key of MNIST1D_CELLS
         "delay": 0,  # a DelayLine of this many steps before the cell (0: none)
+        "legendre": 0,  # a LegendreMemory of this order before the cell (0: none)
+        "legendre_window": 20.0,  # its window θ, in steps
         "readout": 0,  # the hidden width of an MLP read-out (0: a Linear read-out)
         "leaky_tau": 0.0,  # a LeakyReadout of this time constant after the cell (0: none)
         "loss": "last",  # "last": cross-entropy on the last step; "all": mean over all steps
@@ -120,6 +124,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "batch": 100,
         "lr": 1e-2,
         "weight_decay": 0.0,
+        "noise": 0.0,  # the standard deviation of Gaussian noise added to training inputs
         "ppprop_decay": 0.98,  # rank 100, as examples/demo.py
         "block": 0,  # steps per online block (0: stepping, as the demo)
         "eval_every": 100,
@@ -253,9 +258,10 @@ def _mnist1d_task(config, seed) -> Task:
         while len(orders) <= epoch:
             orders.append(rng.permutation(n))
         idx = orders[epoch][i * batch : (i + 1) * batch]
-        return jnp.asarray(np.swapaxes(data["x_train"][idx], 0, 1)), jnp.asarray(
-            data["y_train"][idx]
-        )
+        x = data["x_train"][idx]
+        if config["noise"]:  # the same noise for every rule: seeded by the seed and update
+            x = x + config["noise"] * np.random.default_rng([seed, update]).normal(size=x.shape)
+        return jnp.asarray(np.swapaxes(x, 0, 1), jnp.float32), jnp.asarray(data["y_train"][idx])
 
     def test_data():
         return jnp.asarray(np.swapaxes(data["x_test"], 0, 1)), jnp.asarray(data["y_test"])
@@ -264,16 +270,21 @@ def _mnist1d_task(config, seed) -> Task:
         b = min(batch, len(data["y_test"]))
         return jnp.asarray(np.swapaxes(data["x_test"][:b], 0, 1)), jnp.asarray(data["y_test"][:b])
 
-    cell, delay, width, hidden, tau = (
-        config[k] for k in ("cell", "delay", "readout", "hidden", "leaky_tau")
+    cell, delay, order, window, width, hidden, tau = (
+        config[k]
+        for k in ("cell", "delay", "legendre", "legendre_window", "readout", "hidden", "leaky_tau")
     )
     if cell not in MNIST1D_CELLS:
         raise ValueError(f"mnist1d.cell must be one of {sorted(MNIST1D_CELLS)}, not {cell!r}")
+    if delay and order:
+        raise ValueError("mnist1d.delay and mnist1d.legendre are alternatives: set one of them.")
 
     def make_model(key):
         ckey, rkey = jr.split(key)
         layers = [eqtrace.nn.DelayLine(1, delay)] if delay else []
-        layers.append(MNIST1D_CELLS[cell](max(delay, 1), hidden, key=ckey))
+        if order:
+            layers.append(eqtrace.nn.LegendreMemory(1, order, window))
+        layers.append(MNIST1D_CELLS[cell](max(delay, order, 1), hidden, key=ckey))
         lkey, rkey = jr.split(rkey)
         if tau:  # a leaky read-out (to `width` features if an MLP follows)
             layers.append(eqtrace.nn.LeakyReadout(hidden, width or 10, tau=tau, key=lkey))
@@ -291,6 +302,8 @@ def _mnist1d_task(config, seed) -> Task:
         model_name += f" + MLP({width})" if width else " + Linear"
     if delay:
         model_name = f"DelayLine({delay}) + {model_name}"
+    if order:
+        model_name = f"LegendreMemory({order}, θ={window:g}) + {model_name}"
 
     return Task(
         name="mnist1d",

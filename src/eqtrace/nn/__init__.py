@@ -4,6 +4,7 @@ from .._sequential import Sequential as Sequential
 from . import surrogate as surrogate
 from ._delay import DelayLine as DelayLine
 from ._feedback import RandomFeedback as RandomFeedback
+from ._legendre import LegendreMemory as LegendreMemory
 from ._linear import Linear as Linear
 from ._lru import LRUCell as LRUCell
 from ._lstm import LSTMCell as LSTMCell
