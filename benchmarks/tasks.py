@@ -13,7 +13,8 @@ Tasks (`eqtrace.tasks`) and models:
   cross-entropy on the last step (or on every step with `--set mnist1d.loss=all`). Other
   models: `mnist1d.cell` (a key of `MNIST1D_CELLS`), `mnist1d.delay=K` (an
   `eqtrace.nn.DelayLine(1, K)` in front), `mnist1d.legendre=d` (an
-  `eqtrace.nn.LegendreMemory(1, d, θ)` in front, θ = `mnist1d.legendre_window`), `mnist1d.readout=W` (an MLP read-out of width `W`),
+  `eqtrace.nn.LegendreMemory(1, d, θ)` in front, θ = `mnist1d.legendre_window`),
+  `mnist1d.readout=W` (an MLP read-out of width `W`),
   `mnist1d.leaky_tau=τ` (a `LeakyReadout` after the cell); `mnist1d.noise=σ` adds Gaussian
   noise to the training inputs (a regulariser; the same noise for every rule).
 - `dms`: delayed match-to-sample, `Sequential([ALIF(n_in, H, recurrent=True), LeakyReadout(H, 2)])`,

@@ -288,7 +288,8 @@ EVERY_CELL = (
 )
 
 #: Built-in cells without parameters: nothing to learn, so no gradient oracle applies to them
-#: alone; test_parameter_free.py and the generated networks (grammar.py) run them between learnt layers.
+#: alone; test_parameter_free.py and the generated networks (grammar.py) run them between
+#: learnt layers.
 PARAMETER_FREE_CELLS: tuple[type[eqtrace.AbstractCell], ...] = (nn.DelayLine, nn.LegendreMemory)
 
 BUILTIN_CELLS = tuple(name for name, case in CELLS.items() if case.builtin)

@@ -11,8 +11,8 @@ import jax.random as jr
 import numpy as np
 import pytest
 import scipy.integrate
-from numpy.polynomial import legendre
 from jax.sharding import Mesh, PartitionSpec as P
+from numpy.polynomial import legendre
 
 import eqtrace
 from eqtrace import nn
