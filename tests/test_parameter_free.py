@@ -16,7 +16,7 @@ from numpy.polynomial import legendre
 
 import eqtrace
 from eqtrace import nn
-from helpers import online_and_bptt, random_sequence, random_state, tree_allclose
+from helpers import online_and_bptt, pairs, random_sequence, random_state, tree_allclose
 
 
 def test_window_by_hand():
@@ -48,12 +48,13 @@ def _delayed_mingru(front_end):
 
 
 @pytest.mark.parametrize(
-    "algorithm", [eqtrace.RTRL(), eqtrace.DRTRL(), eqtrace.SnAp1(), eqtrace.EProp()]
+    "algorithm, front",
+    pairs([eqtrace.RTRL(), eqtrace.DRTRL(), eqtrace.SnAp1(), eqtrace.EProp()], sorted(FRONT_ENDS)),
 )
-def test_exact_rules_stay_exact_behind_a_front_end(rng, algorithm, front_end):
+def test_exact_rules_stay_exact_behind_a_front_end(rng, algorithm, front):
     """A cell without parameters has nothing to learn: D-RTRL (and SnAp-1, e-prop) on one
     element-wise layer behind it is BPTT, from a random state; the front-end keeps no trace."""
-    model = _delayed_mingru(front_end)
+    model = _delayed_mingru(FRONT_ENDS[front]())
     xs, targets = random_sequence(rng, model, 6, 2)
     state = random_state(rng, model)
     online, bptt = online_and_bptt(algorithm, model, xs, targets, state=state)
