@@ -290,7 +290,10 @@ EVERY_CELL = (
 #: Built-in cells without parameters: nothing to learn, so no gradient oracle applies to them
 #: alone; test_parameter_free.py and the generated networks (grammar.py) run them between
 #: learnt layers.
-PARAMETER_FREE_CELLS: tuple[type[eqtrace.AbstractCell], ...] = (nn.DelayLine, nn.LegendreMemory)
+PARAMETER_FREE_CELLS: dict[type[eqtrace.AbstractCell], Callable[[], eqtrace.AbstractCell]] = {
+    nn.DelayLine: lambda: nn.DelayLine(2, 3),
+    nn.LegendreMemory: lambda: nn.LegendreMemory(2, 3, 5.0),
+}
 
 BUILTIN_CELLS = tuple(name for name, case in CELLS.items() if case.builtin)
 SPIKING = frozenset(name for name, case in CELLS.items() if case.spiking)

@@ -39,7 +39,7 @@ class LegendreMemory(AbstractCell):
     with `(Ā, B̄)` the delay system `θ ṁ = A m + B u` discretised exactly for unit steps (the
     input held constant over each step), one memory of `order` values per input feature. It
     recalls the input `k` steps back as `x_{t−k} ≈ Σ_i P̃_i((k + ½)/θ) m_{t,i}` for
-    `0 ≤ k < θ` (`P̃_i(r) = P_i(2r − 1)`, the shifted Legendre polynomials), more accurately
+    `0 ≤ k < θ`, with the shifted Legendre polynomials P̃_i(r) = P_i(2r − 1), more accurately
     the smoother the input is at the scale of `θ / order`. Where `DelayLine` holds the last
     `length` inputs exactly, this holds a smooth summary of a longer window in fewer values.
 
