@@ -11,7 +11,7 @@ import pytest
 
 import eqtrace
 from eqtrace import nn
-from helpers import cast, online_and_bptt, pairs, relative_error
+from helpers import cast, online_and_bptt, pairs, relative_error, squared_loss
 from registry import ALGORITHMS, algorithms, rules
 
 
@@ -436,3 +436,67 @@ def test_a_parameter_of_the_output_only_gets_its_exact_gradient(algorithm, getke
     xs, targets = jr.normal(getkey(), (4, 3)), jr.normal(getkey(), (4, 2))
     online, bptt = online_and_bptt(algorithm, model, xs, targets)
     assert relative_error(online, bptt) <= 1e-10
+
+
+class CountingCell(eqtrace.AbstractCell):
+    """A step counter (integer) and a per-neuron flag (boolean) beside a float leaf: they carry
+    no derivative (the link used to give them integer tangents, which JAX rejects)."""
+
+    op: eqx.nn.Linear
+    decay: jax.Array
+
+    def __init__(self, *, key):
+        self.op = eqx.nn.Linear(3, 4, key=key)
+        self.decay = jnp.linspace(0.3, 0.8, 4)
+
+    def init_state(self):
+        return jnp.zeros(4), jnp.zeros((), jnp.int32), jnp.zeros(4, bool)
+
+    def __call__(self, state, x):
+        h, count, flag = state
+        h = jnp.where(flag, 0.2, self.decay) * h + jnp.tanh(self.op(x)) / (1.0 + count)
+        new_state = (h, count + 1, h > 0)
+        return new_state, self.output(new_state)
+
+    def output(self, state):
+        return state[0]
+
+
+@pytest.mark.parametrize("rule", algorithms(needs_structure=False))
+def test_integer_and_boolean_state_leaves(rule, getkey):
+    """The rules that treat a cell as one system take them (exact RTRL equals BPTT, through a
+    stateless layer and in blocks); the diagonal rules refuse them clearly."""
+    model = nn.Sequential([CountingCell(key=getkey()), eqx.nn.Linear(4, 2, key=getkey())])
+    state = (
+        (jr.normal(getkey(), (4,)), jnp.array(1, jnp.int32), jnp.array([True, False] * 2)),
+        None,
+    )
+    xs, targets = jr.normal(getkey(), (3, 3)), jr.normal(getkey(), (3, 2))
+    online, bptt = online_and_bptt(rule, model, xs, targets, state=state)
+    if isinstance(rule, eqtrace.RTRL):
+        assert relative_error(online, bptt) <= 1e-10
+    assert all(bool(jnp.all(jnp.isfinite(g))) for g in jtu.tree_leaves(online))
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+    trace = rule.init_trace(model, state, xs[0])
+    stepped = eqtrace.online_gradient(
+        eqtrace.make_online_step(rule, static), squared_loss, params, state, trace, xs, targets
+    )
+    blocked = eqtrace.online_gradient(
+        eqtrace.make_online_block(rule, static),
+        squared_loss,
+        params,
+        state,
+        trace,
+        xs,
+        targets,
+        block_size=2,
+    )
+    # Loss, gradient and trace (the final states hold booleans).
+    assert relative_error(blocked[:2] + blocked[3:], stepped[:2] + stepped[3:]) <= 1e-10
+
+
+@pytest.mark.parametrize("rule", STRUCTURAL)
+def test_integer_state_leaves_are_refused_by_the_diagonal_rules(rule, getkey):
+    cell, x = CountingCell(key=getkey()), jnp.zeros(3)
+    with pytest.raises(ValueError, match="`state\\[1\\]` is int32, `state\\[2\\]` is bool"):
+        rule.init_trace(cell, cell.init_state(), x)

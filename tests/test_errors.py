@@ -356,6 +356,27 @@ class NormalisedInput(eqtrace.AbstractCell):
         return h, h
 
 
+class RefractoryCount(eqtrace.AbstractCell):
+    """A per-neuron integer refractory count beside the membrane."""
+
+    op: nn.Linear
+
+    def __init__(self, *, key):
+        self.op = nn.Linear(INPUT, HIDDEN, key=key)
+
+    def init_state(self):
+        return jnp.zeros(HIDDEN), jnp.zeros(HIDDEN, jnp.int32)
+
+    def __call__(self, state, x):
+        v, count = state
+        v = jnp.where(count == 0, 0.9 * v + self.op(x), 0.9 * v)
+        new_state = (v, jnp.where(v > 1, 2, jnp.maximum(count - 1, 0)))
+        return new_state, v
+
+    def output(self, state):
+        return state[0]
+
+
 def _init(algorithm, cell, x=jnp.zeros(INPUT)):
     return lambda: algorithm.init_trace(cell, cell.init_state(), x)
 
@@ -502,6 +523,10 @@ CASES: dict[str, Callable[[], list[Callable[[], object]]]] = {
         _init(eqtrace.PPProp(0.5, strict=False), RawWeight(key=_key())),
     ],
     "State leaves of different shapes": lambda: [_init(eqtrace.DRTRL(), GlobalLeaf(key=_key()))],
+    "Integer or boolean state leaves under a diagonal rule": lambda: [
+        _init(eqtrace.DRTRL(), RefractoryCount(key=_key())),
+        _init(eqtrace.PPProp(0.5), RefractoryCount(key=_key())),
+    ],
     "A convolution under D-RTRL": lambda: [
         _init(eqtrace.DRTRL(), ConvCell(key=_key()), jnp.zeros((2, 6))),
         _init(eqtrace.SnAp1(), ConvCell(key=_key()), jnp.zeros((2, 6))),

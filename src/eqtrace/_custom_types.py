@@ -8,12 +8,14 @@ hook) check the aliased type as before.
 from typing import Any
 
 import jax
-from jaxtyping import Array, ArrayLike, Float, Key, PyTree, UInt32
+from jaxtyping import Array, ArrayLike, Float, Key, PyTree, Shaped, UInt32
 from typing_extensions import TypeAliasType
 
 
-#: A single-sample hidden state: any pytree of floating arrays.
-State = TypeAliasType("State", PyTree[Float[Array, "..."]])
+#: A single-sample hidden state: any pytree of arrays, floating (complex included) where it is
+#: differentiated; integer and boolean leaves (a step counter, a refractory count) carry no
+#: derivative.
+State = TypeAliasType("State", PyTree[Shaped[Array, "..."]])
 #: An algorithm's eligibility trace for one sample (an `eqx.Module` per algorithm).
 Trace = TypeAliasType("Trace", Any)
 #: The input of one time step (usually `Float[Array, " n_in"]`; integers for an embedding).

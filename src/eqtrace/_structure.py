@@ -282,6 +282,19 @@ def _analyse(cell, state, x) -> CellStructure:
     violations: list[str] = []
     state_leaves_with_paths = jtu.tree_leaves_with_path(state)
     state_paths = tuple(f"state{jtu.keystr(p)}" for p, _ in state_leaves_with_paths)
+    discrete = [
+        (path, jnp.result_type(leaf).name)
+        for path, (_, leaf) in zip(state_paths, state_leaves_with_paths)
+        if not jnp.issubdtype(jnp.result_type(leaf), jnp.inexact)
+    ]
+    if discrete:
+        raise ValueError(
+            f"{name}: the diagonal rules differentiate every state leaf, but "
+            + ", ".join(f"`{path}` is {dtype}" for path, dtype in discrete)
+            + ". Hold the leaf as a floating array of the neuron shape (a count or a flag "
+            "compared with `>`, `==` or `jnp.where` gets a zero derivative, as it should), or "
+            "use `eqtrace.RTRL()` or `eqtrace.UORO()` for this cell."
+        )
     shapes = {tuple(jnp.shape(leaf)) for _, leaf in state_leaves_with_paths}
     if len(shapes) != 1:
         raise ValueError(
