@@ -500,3 +500,44 @@ def test_integer_state_leaves_are_refused_by_the_diagonal_rules(rule, getkey):
     cell, x = CountingCell(key=getkey()), jnp.zeros(3)
     with pytest.raises(ValueError, match="`state\\[1\\]` is int32, `state\\[2\\]` is bool"):
         rule.init_trace(cell, cell.init_state(), x)
+
+
+class ComplexCell(eqtrace.AbstractCell):
+    """An LRU written with a complex state, a complex per-neuron eigenvalue and a real input
+    op: the state is not complex-linear in the op's weights (RTRL's complex Jacobian held only
+    its real part and gave a wrong gradient)."""
+
+    op: eqx.nn.Linear
+    eigenvalue: jax.Array
+
+    def __init__(self, *, key):
+        self.op = eqx.nn.Linear(3, 4, key=key)
+        self.eigenvalue = jnp.linspace(0.5, 0.9, 4) * jnp.exp(1j * jnp.linspace(0.1, 1.0, 4))
+
+    def init_state(self):
+        return jnp.zeros(4, jnp.complex128)
+
+    def __call__(self, state, x):
+        h = self.eigenvalue * state + self.op(x) * (1 + 0.5j)
+        return h, self.output(h)
+
+    def output(self, state):
+        return jnp.real(state) + jnp.abs(state) ** 2
+
+
+@pytest.mark.parametrize("rule", algorithms(needs_structure=False))
+def test_complex_state_and_parameters(rule, getkey):
+    model = ComplexCell(key=getkey())
+    state = (jr.normal(getkey(), (4,)) + 1j * jr.normal(getkey(), (4,))) / 2
+    xs, targets = jr.normal(getkey(), (3, 3)), jr.normal(getkey(), (3, 4))
+    online, bptt = online_and_bptt(rule, model, xs, targets, state=state)
+    if isinstance(rule, eqtrace.RTRL):
+        assert relative_error(online, bptt) <= 1e-10
+    assert all(bool(jnp.all(jnp.isfinite(g))) for g in jtu.tree_leaves(online))
+
+
+@pytest.mark.parametrize("rule", STRUCTURAL)
+def test_complex_state_leaves_are_refused_by_the_diagonal_rules(rule, getkey):
+    cell, x = ComplexCell(key=getkey()), jnp.zeros(3)
+    with pytest.raises(ValueError, match="need real state leaves, but these are complex: `state`"):
+        rule.init_trace(cell, cell.init_state(), x)

@@ -377,6 +377,22 @@ class RefractoryCount(eqtrace.AbstractCell):
         return state[0]
 
 
+class ComplexState(eqtrace.AbstractCell):
+    """A complex state, as an LRU written naively."""
+
+    op: nn.Linear
+
+    def __init__(self, *, key):
+        self.op = nn.Linear(INPUT, HIDDEN, key=key)
+
+    def init_state(self):
+        return jnp.zeros(HIDDEN, jnp.complex128)
+
+    def __call__(self, state, x):
+        h = (0.5 + 0.5j) * state + self.op(x)
+        return h, h
+
+
 def _init(algorithm, cell, x=jnp.zeros(INPUT)):
     return lambda: algorithm.init_trace(cell, cell.init_state(), x)
 
@@ -523,6 +539,9 @@ CASES: dict[str, Callable[[], list[Callable[[], object]]]] = {
         _init(eqtrace.PPProp(0.5, strict=False), RawWeight(key=_key())),
     ],
     "State leaves of different shapes": lambda: [_init(eqtrace.DRTRL(), GlobalLeaf(key=_key()))],
+    "Complex state leaves under a diagonal rule": lambda: [
+        _init(eqtrace.SnAp1(), ComplexState(key=_key()))
+    ],
     "Integer or boolean state leaves under a diagonal rule": lambda: [
         _init(eqtrace.DRTRL(), RefractoryCount(key=_key())),
         _init(eqtrace.PPProp(0.5), RefractoryCount(key=_key())),

@@ -8,7 +8,7 @@ hook) check the aliased type as before.
 from typing import Any
 
 import jax
-from jaxtyping import Array, ArrayLike, Float, Key, PyTree, Shaped, UInt32
+from jaxtyping import Array, ArrayLike, Float, Inexact, Key, PyTree, Shaped, UInt32
 from typing_extensions import TypeAliasType
 
 
@@ -22,8 +22,9 @@ Trace = TypeAliasType("Trace", Any)
 Input = TypeAliasType("Input", PyTree[ArrayLike])
 #: An example input: an input, or only its shape and dtype.
 ExampleInput = TypeAliasType("ExampleInput", PyTree[ArrayLike | jax.ShapeDtypeStruct])
-#: The floating arrays of a model: `params` in `eqx.partition(model, eqx.is_inexact_array)`.
-Params = TypeAliasType("Params", PyTree[Float[Array, "..."] | None])
+#: The floating (real or complex) arrays of a model: `params` in
+#: `eqx.partition(model, eqx.is_inexact_array)`.
+Params = TypeAliasType("Params", PyTree[Inexact[Array, "..."] | None])
 Scalar = TypeAliasType("Scalar", Float[Array, ""])
 #: A PRNG key given by a user. One typed key (`jax.random.key`) is expected; raw `uint32` keys
 #: and batches of keys are admitted by the annotation so that eqtrace's check explains the fix.

@@ -1,10 +1,12 @@
 """Exact RTRL: the full sensitivity of the state to the parameters."""
 
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import jax.tree_util as jtu
 from jax.flatten_util import ravel_pytree
 from jaxtyping import Array, Float
 
@@ -20,15 +22,37 @@ class RTRLTrace(eqx.Module):
     jacobian: Float[Array, "state params"]
 
 
+def real_ravel(tree: Any) -> tuple[Array, Callable[[Array], Any]]:
+    """`tree` as one real vector, each complex leaf as its real and imaginary parts, and the
+    inverse map. Complex states and parameters (an LRU's) then have real Jacobians: a complex
+    matrix could hold only the complex-linear part of a derivative, and the state of a complex
+    cell with real parameters (or `conj`, `abs` of its state) is not complex-linear in them."""
+
+    def split(a):
+        return jnp.stack([jnp.real(a), jnp.imag(a)], -1) if jnp.iscomplexobj(a) else a
+
+    flat, unravel_parts = ravel_pytree(jtu.tree_map(split, tree))
+
+    def unravel(vector):
+        def join(parts, like):
+            if jnp.iscomplexobj(like):
+                return jax.lax.complex(parts[..., 0], parts[..., 1]).astype(like.dtype)
+            return parts
+
+        return jtu.tree_map(join, unravel_parts(vector), tree)
+
+    return flat, unravel
+
+
 def _flat_transition(cell: AbstractCell, state: State, x: Input):
-    """The cell's state transition as a function of flat vectors `(h, θ) -> h'`."""
+    """The cell's state transition as a function of flat real vectors `(h, θ) -> h'`."""
     params, static = eqx.partition(cell, eqx.is_inexact_array)
-    h, unravel_state = ravel_pytree(state)
-    theta, unravel_params = ravel_pytree(params)
+    h, unravel_state = real_ravel(state)
+    theta, unravel_params = real_ravel(params)
 
     def transition(h, theta):
         new_state, _ = eqx.combine(unravel_params(theta), static)(unravel_state(h), x)
-        return ravel_pytree(new_state)[0]
+        return real_ravel(new_state)[0]
 
     return transition, h, theta, unravel_state, unravel_params
 
@@ -63,8 +87,8 @@ class RTRL(AbstractAlgorithm[RTRLTrace]):
         if x is not None:
             require_output_readout("RTRL", cell, state, x)
         params = eqx.filter(cell, eqx.is_inexact_array)
-        h, _ = ravel_pytree(state)
-        theta, _ = ravel_pytree(params)
+        h, _ = real_ravel(state)
+        theta, _ = real_ravel(params)
         return RTRLTrace(jnp.zeros((h.size, theta.size), jnp.result_type(h, theta)))
 
     def cell_step(
@@ -86,6 +110,6 @@ class RTRL(AbstractAlgorithm[RTRLTrace]):
         self, cell: AbstractCell, state: State, trace: RTRLTrace, x: Input, params_tangent: Any
     ) -> State:
         del cell, x
-        _, unravel_state = ravel_pytree(state)
-        delta, _ = ravel_pytree(params_tangent)
+        _, unravel_state = real_ravel(state)
+        delta, _ = real_ravel(params_tangent)
         return unravel_state(trace.jacobian @ delta)

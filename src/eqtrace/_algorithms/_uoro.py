@@ -6,7 +6,6 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.random as jr
-from jax.flatten_util import ravel_pytree
 from jaxtyping import Array, Inexact, Key
 
 from .._algorithm import AbstractAlgorithm
@@ -14,7 +13,7 @@ from .._cell import AbstractCell
 from .._custom_types import ExampleInput, Input, KeyLike, State
 from .._structure import require_output_readout
 from .._validation import check_key
-from ._rtrl import _flat_transition
+from ._rtrl import _flat_transition, real_ravel
 
 
 class UOROTrace(eqx.Module):
@@ -81,8 +80,8 @@ class UORO(AbstractAlgorithm[UOROTrace]):
         # As for RTRL: checked whenever the input is known, always at `step`.
         if x is not None:
             require_output_readout("UORO", cell, state, x)
-        h, _ = ravel_pytree(state)
-        theta, _ = ravel_pytree(eqx.filter(cell, eqx.is_inexact_array))
+        h, _ = real_ravel(state)
+        theta, _ = real_ravel(eqx.filter(cell, eqx.is_inexact_array))
         assert self.key is not None  # `__check_init__`
         return UOROTrace(jnp.zeros_like(h), jnp.zeros_like(theta), self.key)
 
@@ -108,6 +107,6 @@ class UORO(AbstractAlgorithm[UOROTrace]):
         self, cell: AbstractCell, state: State, trace: UOROTrace, x: Input, params_tangent: Any
     ) -> State:
         del cell, x
-        _, unravel_state = ravel_pytree(state)
-        delta, _ = ravel_pytree(params_tangent)
+        _, unravel_state = real_ravel(state)
+        delta, _ = real_ravel(params_tangent)
         return unravel_state(trace.state_tilde * jnp.dot(trace.params_tilde, delta))
