@@ -541,3 +541,31 @@ def test_complex_state_leaves_are_refused_by_the_diagonal_rules(rule, getkey):
     cell, x = ComplexCell(key=getkey()), jnp.zeros(3)
     with pytest.raises(ValueError, match="need real state leaves, but these are complex: `state`"):
         rule.init_trace(cell, cell.init_state(), x)
+
+
+class NoOps(eqtrace.AbstractCell):
+    """No synaptic op: a small raw input weight (`jnp.einsum`, a shared parameter with a dense
+    trace) and a per-neuron decay (SnAp-1 crashed inside `jax.jacrev` on a cell without op
+    calls)."""
+
+    weight: jax.Array
+    decay: jax.Array
+
+    def __init__(self, *, key):
+        self.weight = jr.normal(key, (4, 3)) / 2
+        self.decay = jnp.linspace(0.2, 0.8, 4)
+
+    def init_state(self):
+        return jnp.zeros(4)
+
+    def __call__(self, state, x):
+        h = self.decay * state + jnp.tanh(jnp.einsum("hi,i->h", self.weight, x))
+        return h, h
+
+
+@pytest.mark.parametrize("algorithm", EXACT_ELEMENTWISE)
+def test_a_cell_without_ops(algorithm, getkey):
+    model = NoOps(key=getkey())
+    xs, targets = jr.normal(getkey(), (3, 3)), jr.normal(getkey(), (3, 4))
+    online, bptt = online_and_bptt(algorithm, model, xs, targets)
+    assert relative_error(online, bptt) <= 1e-10

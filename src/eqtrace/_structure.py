@@ -620,6 +620,8 @@ def _input_jacobians(cell, state, x, sites):
 
 
 def _input_owners(cell, state, x, structure: CellStructure) -> InputOwners:
+    if not structure.sites:  # No op calls (parameters outside ops only): nothing to own.
+        return InputOwners(owners=(), shared=())
     n = structure.num_neurons
     hits = [np.zeros((math.prod(site.input_shape), n), bool) for site in structure.sites]
     rng = np.random.default_rng(2)
