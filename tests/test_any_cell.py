@@ -569,3 +569,56 @@ def test_a_cell_without_ops(algorithm, getkey):
     xs, targets = jr.normal(getkey(), (3, 3)), jr.normal(getkey(), (3, 4))
     online, bptt = online_and_bptt(algorithm, model, xs, targets)
     assert relative_error(online, bptt) <= 1e-10
+
+
+@jax.custom_vjp
+def _vjp_spike(v):
+    return (v > 0).astype(v.dtype)
+
+
+def _vjp_spike_fwd(v):
+    return _vjp_spike(v), v
+
+
+def _vjp_spike_bwd(v, cotangent):
+    return (cotangent / (1 + 10 * jnp.abs(v)) ** 2,)
+
+
+_vjp_spike.defvjp(_vjp_spike_fwd, _vjp_spike_bwd)
+
+
+class VJPSpiking(eqtrace.AbstractCell):
+    """Spikes through a `jax.custom_vjp` surrogate (docs ask for `custom_jvp`), fed back as a
+    state leaf: exact RTRL pushed tangents forward through it and crashed inside JAX."""
+
+    op: eqx.nn.Linear
+
+    def __init__(self, *, key):
+        self.op = eqx.nn.Linear(3, 4, key=key)
+
+    def init_state(self):
+        return jnp.zeros(4), jnp.zeros(4)
+
+    def __call__(self, state, x):
+        v, z = state
+        v = 0.9 * v + self.op(x) - 0.5 * z
+        new_state = (v, _vjp_spike(v - 0.3))
+        return new_state, self.output(new_state)
+
+    def output(self, state):
+        return state[1]
+
+
+@pytest.mark.parametrize("rule", [eqtrace.RTRL(), eqtrace.DRTRL()], ids=["rtrl", "drtrl"])
+def test_a_custom_vjp_surrogate(rule, getkey):
+    """Every rule runs a `custom_vjp` function in reverse mode only, except UORO, whose forward
+    product `J^h h̃` it refuses clearly."""
+    model = VJPSpiking(key=getkey())
+    state = (jr.normal(getkey(), (4,)), jnp.zeros(4))
+    xs, targets = jr.normal(getkey(), (3, 3)), jr.normal(getkey(), (3, 4))
+    online, bptt = online_and_bptt(rule, model, xs, targets, state=state)
+    assert relative_error(online, bptt) <= 1e-10
+    assert any(bool(jnp.any(g != 0)) for g in jtu.tree_leaves(bptt))
+    uoro = eqtrace.UORO(key=jr.key(0))
+    with pytest.raises(ValueError, match="UORO cannot run VJPSpiking: its state goes through"):
+        uoro.init_trace(model, state, xs[0])

@@ -393,6 +393,30 @@ class ComplexState(eqtrace.AbstractCell):
         return h, h
 
 
+@jax.custom_vjp
+def _vjp_step(v):
+    return (v > 0).astype(v.dtype)
+
+
+_vjp_step.defvjp(lambda v: (_vjp_step(v), v), lambda v, g: (g / (1 + jnp.abs(v)),))
+
+
+class VJPSurrogate(eqtrace.AbstractCell):
+    """Spikes through a `jax.custom_vjp` function, fed back into the membrane."""
+
+    op: nn.Linear
+
+    def __init__(self, *, key):
+        self.op = nn.Linear(INPUT, HIDDEN, key=key)
+
+    def init_state(self):
+        return jnp.zeros(HIDDEN)
+
+    def __call__(self, state, x):
+        v = 0.9 * state + self.op(x) - _vjp_step(state - 0.5)
+        return v, v
+
+
 def _init(algorithm, cell, x=jnp.zeros(INPUT)):
     return lambda: algorithm.init_trace(cell, cell.init_state(), x)
 
@@ -617,6 +641,9 @@ CASES: dict[str, Callable[[], list[Callable[[], object]]]] = {
         _restore(step=-3),
     ],
     "UORO without a key": lambda: [lambda: eqtrace.UORO()],
+    "A `custom_vjp` function under UORO": lambda: [
+        _init(eqtrace.UORO(key=_key()), VJPSurrogate(key=_key()))
+    ],
     "A raw PRNG key": lambda: [
         lambda: eqtrace.UORO(key=jr.PRNGKey(0)),
         lambda: eqtrace.init_state_and_trace(

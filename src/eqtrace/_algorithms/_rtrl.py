@@ -96,14 +96,12 @@ class RTRL(AbstractAlgorithm[RTRLTrace]):
     ) -> tuple[State, RTRLTrace]:
         transition, h, theta, unravel_state, _ = _flat_transition(cell, state, x)
         new_h, linear = jax.linearize(transition, h, theta)
-        zero_theta = jnp.zeros_like(theta)
-        # J^h M: one JVP per column of M.
-        propagated = jax.vmap(lambda m: linear(m, zero_theta), in_axes=1, out_axes=1)(
-            trace.jacobian
-        )
-        # J^θ: one VJP per state element (|h| ≪ |θ|).
+        # The rows of J^h and J^θ: one VJP per state element (|h| ≪ |θ|), then J^h M as a
+        # product. Reverse mode only, so that a cell with a `jax.custom_vjp` function (which
+        # JAX cannot push tangents forward through) runs, as it does under the other rules.
         transpose = jax.linear_transpose(linear, h, theta)
-        immediate = jax.vmap(lambda e: transpose(e)[1])(jnp.eye(new_h.size, dtype=new_h.dtype))
+        jac_state, immediate = jax.vmap(transpose)(jnp.eye(new_h.size, dtype=new_h.dtype))
+        propagated = jac_state @ trace.jacobian
         return unravel_state(new_h), RTRLTrace(propagated + immediate)
 
     def cell_tangent(
