@@ -436,6 +436,20 @@ def test_a_parameter_of_the_output_only_gets_its_exact_gradient(algorithm, getke
     xs, targets = jr.normal(getkey(), (4, 3)), jr.normal(getkey(), (4, 2))
     online, bptt = online_and_bptt(algorithm, model, xs, targets)
     assert relative_error(online, bptt) <= 1e-10
+    # And in blocks (D-RTRL's own block computation crashed inside `jax.vmap`).
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+    state = model.init_state()
+    _, blocked, _, _ = eqtrace.online_gradient(
+        eqtrace.make_online_block(algorithm, static),
+        squared_loss,
+        params,
+        state,
+        algorithm.init_trace(model, state, xs[0]),
+        xs,
+        targets,
+        block_size=2,
+    )
+    assert relative_error(blocked, bptt) <= 1e-10
 
 
 class CountingCell(eqtrace.AbstractCell):
