@@ -6,9 +6,9 @@ written the way a user writes one (docs/custom_cells.md): plain Equinox parts, s
 held as fields, element-wise arithmetic everywhere else, sizes as static fields. Within that
 style the grammar varies what the library must not depend on: the order in which op fields
 are declared (independent of the order the ops are called in), activations held as ordinary
-fields, fused ops split into gates, an op used twice, one or two state leaves, per-neuron and
-small shared parameters. A few cells break a structure rule on purpose (`CellSpec.violation`),
-so that refusals are exercised too.
+fields, fused ops split into gates, an op used twice, one or two state leaves (in a tuple, a
+list, a dict or a named tuple), per-neuron and small shared parameters. A few cells break a
+structure rule on purpose (`CellSpec.violation`), so that refusals are exercised too.
 
 Networks are `eqtrace.nn.Sequential`s of one to three cells (built-in or generated) with
 stateless layers of every kind between and around them, or a single cell used bare.
@@ -17,7 +17,7 @@ stateless layers of every kind between and around them, or a single cell used ba
 import dataclasses
 import functools
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import equinox as eqx
 import hypothesis.strategies as st
@@ -93,6 +93,8 @@ class CellSpec:
     - `functions_as_fields`: whether activations are held as ordinary (non-static) fields.
     - `violation`: None, "roll" (neighbours mix outside any op) or "scaled-input" (the shared
       parameter scales the input of the first dense op).
+    - `container`: how two or more leaves are held: a "tuple", a "list", a "dict" (keys `h0`,
+      `h1`) or a "namedtuple".
     """
 
     input_size: int
@@ -107,6 +109,7 @@ class CellSpec:
     output: str
     functions_as_fields: bool
     violation: str | None
+    container: str = "tuple"
 
     @property
     def elementwise_recurrence(self) -> bool:
@@ -116,6 +119,13 @@ class CellSpec:
 
     def source_size(self, what: str) -> int:
         return {"x": self.input_size, "xh0": self.input_size + self.hidden}.get(what, self.hidden)
+
+
+class TwoLeaves(NamedTuple):
+    """A state of two leaves as a user's named tuple."""
+
+    h0: jax.Array
+    h1: jax.Array
 
 
 class GeneratedCell(eqtrace.AbstractCell):
@@ -130,12 +140,29 @@ class GeneratedCell(eqtrace.AbstractCell):
     input_size: int | None = eqx.field(static=True)
 
     def init_state(self):
-        zeros = jnp.zeros(self.hidden_size)
-        return zeros if len(self.spec.leaves) == 1 else (zeros,) * len(self.spec.leaves)
+        return self._pack([jnp.zeros(self.hidden_size)] * len(self.spec.leaves))
+
+    def _pack(self, leaves: list) -> Any:
+        """The state holding `leaves`, in the spec's container."""
+        if len(leaves) == 1:
+            return leaves[0]
+        container = self.spec.container
+        if container == "dict":
+            return {f"h{k}": leaf for k, leaf in enumerate(leaves)}
+        if container == "namedtuple":
+            return TwoLeaves(*leaves)
+        return list(leaves) if container == "list" else tuple(leaves)
+
+    def _unpack(self, state) -> tuple:
+        if len(self.spec.leaves) == 1:
+            return (state,)
+        if self.spec.container == "dict":
+            return tuple(state[f"h{k}"] for k in range(len(self.spec.leaves)))
+        return tuple(state)
 
     def __call__(self, state, x):
         spec = self.spec
-        leaves = (state,) if len(spec.leaves) == 1 else state
+        leaves = self._unpack(state)
         chunks = []
         for i, op_spec in enumerate(spec.ops):
             inputs = [self._source(source, leaves, x) for source in op_spec.sources]
@@ -163,15 +190,16 @@ class GeneratedCell(eqtrace.AbstractCell):
                 new.append(g * previous + (1 - g) * f(drive))
             else:
                 new.append(f(drive + 0.5 * previous))
-        new_state = new[0] if len(new) == 1 else tuple(new)
+        new_state = self._pack(new)
         return new_state, self.output(new_state)
 
     def output(self, state):
         if self.spec.output == "state":
             return state
+        leaves = self._unpack(state)
         if self.spec.output == "mix":
-            return state[0] * jnp.tanh(state[1])
-        return state[int(self.spec.output[1:])]
+            return leaves[0] * jnp.tanh(leaves[1])
+        return leaves[int(self.spec.output[1:])]
 
     def _function(self, name: str) -> Callable:
         return ACTIVATIONS[name] if self.functions is None else self.functions[name]
@@ -468,6 +496,9 @@ def cell_specs(draw, input_size: int, *, tokens: bool = False) -> CellSpec:
         output=output,
         functions_as_fields=draw(st.booleans()),
         violation=violation,
+        container=draw(st.sampled_from(["tuple", "list", "dict", "namedtuple"]))
+        if len(leaves) == 2
+        else "tuple",
     )
 
 

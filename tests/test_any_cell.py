@@ -11,7 +11,7 @@ import pytest
 
 import eqtrace
 from eqtrace import nn
-from helpers import cast, online_and_bptt, pairs, relative_error
+from helpers import cast, online_and_bptt, pairs, relative_error, squared_loss
 from registry import ALGORITHMS, algorithms, rules
 
 
@@ -436,3 +436,203 @@ def test_a_parameter_of_the_output_only_gets_its_exact_gradient(algorithm, getke
     xs, targets = jr.normal(getkey(), (4, 3)), jr.normal(getkey(), (4, 2))
     online, bptt = online_and_bptt(algorithm, model, xs, targets)
     assert relative_error(online, bptt) <= 1e-10
+    # And in blocks (D-RTRL's own block computation crashed inside `jax.vmap`).
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+    state = model.init_state()
+    _, blocked, _, _ = eqtrace.online_gradient(
+        eqtrace.make_online_block(algorithm, static),
+        squared_loss,
+        params,
+        state,
+        algorithm.init_trace(model, state, xs[0]),
+        xs,
+        targets,
+        block_size=2,
+    )
+    assert relative_error(blocked, bptt) <= 1e-10
+
+
+class CountingCell(eqtrace.AbstractCell):
+    """A step counter (integer) and a per-neuron flag (boolean) beside a float leaf: they carry
+    no derivative (the link used to give them integer tangents, which JAX rejects)."""
+
+    op: eqx.nn.Linear
+    decay: jax.Array
+
+    def __init__(self, *, key):
+        self.op = eqx.nn.Linear(3, 4, key=key)
+        self.decay = jnp.linspace(0.3, 0.8, 4)
+
+    def init_state(self):
+        return jnp.zeros(4), jnp.zeros((), jnp.int32), jnp.zeros(4, bool)
+
+    def __call__(self, state, x):
+        h, count, flag = state
+        h = jnp.where(flag, 0.2, self.decay) * h + jnp.tanh(self.op(x)) / (1.0 + count)
+        new_state = (h, count + 1, h > 0)
+        return new_state, self.output(new_state)
+
+    def output(self, state):
+        return state[0]
+
+
+@pytest.mark.parametrize("rule", algorithms(needs_structure=False))
+def test_integer_and_boolean_state_leaves(rule, getkey):
+    """The rules that treat a cell as one system take them (exact RTRL equals BPTT, through a
+    stateless layer and in blocks); the diagonal rules refuse them clearly."""
+    model = nn.Sequential([CountingCell(key=getkey()), eqx.nn.Linear(4, 2, key=getkey())])
+    state = (
+        (jr.normal(getkey(), (4,)), jnp.array(1, jnp.int32), jnp.array([True, False] * 2)),
+        None,
+    )
+    xs, targets = jr.normal(getkey(), (3, 3)), jr.normal(getkey(), (3, 2))
+    online, bptt = online_and_bptt(rule, model, xs, targets, state=state)
+    if isinstance(rule, eqtrace.RTRL):
+        assert relative_error(online, bptt) <= 1e-10
+    assert all(bool(jnp.all(jnp.isfinite(g))) for g in jtu.tree_leaves(online))
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+    trace = rule.init_trace(model, state, xs[0])
+    stepped = eqtrace.online_gradient(
+        eqtrace.make_online_step(rule, static), squared_loss, params, state, trace, xs, targets
+    )
+    blocked = eqtrace.online_gradient(
+        eqtrace.make_online_block(rule, static),
+        squared_loss,
+        params,
+        state,
+        trace,
+        xs,
+        targets,
+        block_size=2,
+    )
+    # Loss, gradient and trace (the final states hold booleans).
+    assert relative_error(blocked[:2] + blocked[3:], stepped[:2] + stepped[3:]) <= 1e-10
+
+
+@pytest.mark.parametrize("rule", STRUCTURAL)
+def test_integer_state_leaves_are_refused_by_the_diagonal_rules(rule, getkey):
+    cell, x = CountingCell(key=getkey()), jnp.zeros(3)
+    with pytest.raises(ValueError, match="`state\\[1\\]` is int32, `state\\[2\\]` is bool"):
+        rule.init_trace(cell, cell.init_state(), x)
+
+
+class ComplexCell(eqtrace.AbstractCell):
+    """An LRU written with a complex state, a complex per-neuron eigenvalue and a real input
+    op: the state is not complex-linear in the op's weights (RTRL's complex Jacobian held only
+    its real part and gave a wrong gradient)."""
+
+    op: eqx.nn.Linear
+    eigenvalue: jax.Array
+
+    def __init__(self, *, key):
+        self.op = eqx.nn.Linear(3, 4, key=key)
+        self.eigenvalue = jnp.linspace(0.5, 0.9, 4) * jnp.exp(1j * jnp.linspace(0.1, 1.0, 4))
+
+    def init_state(self):
+        return jnp.zeros(4, jnp.complex128)
+
+    def __call__(self, state, x):
+        h = self.eigenvalue * state + self.op(x) * (1 + 0.5j)
+        return h, self.output(h)
+
+    def output(self, state):
+        return jnp.real(state) + jnp.abs(state) ** 2
+
+
+@pytest.mark.parametrize("rule", algorithms(needs_structure=False))
+def test_complex_state_and_parameters(rule, getkey):
+    model = ComplexCell(key=getkey())
+    state = (jr.normal(getkey(), (4,)) + 1j * jr.normal(getkey(), (4,))) / 2
+    xs, targets = jr.normal(getkey(), (3, 3)), jr.normal(getkey(), (3, 4))
+    online, bptt = online_and_bptt(rule, model, xs, targets, state=state)
+    if isinstance(rule, eqtrace.RTRL):
+        assert relative_error(online, bptt) <= 1e-10
+    assert all(bool(jnp.all(jnp.isfinite(g))) for g in jtu.tree_leaves(online))
+
+
+@pytest.mark.parametrize("rule", STRUCTURAL)
+def test_complex_state_leaves_are_refused_by_the_diagonal_rules(rule, getkey):
+    cell, x = ComplexCell(key=getkey()), jnp.zeros(3)
+    with pytest.raises(ValueError, match="need real state leaves, but these are complex: `state`"):
+        rule.init_trace(cell, cell.init_state(), x)
+
+
+class NoOps(eqtrace.AbstractCell):
+    """No synaptic op: a small raw input weight (`jnp.einsum`, a shared parameter with a dense
+    trace) and a per-neuron decay (SnAp-1 crashed inside `jax.jacrev` on a cell without op
+    calls)."""
+
+    weight: jax.Array
+    decay: jax.Array
+
+    def __init__(self, *, key):
+        self.weight = jr.normal(key, (4, 3)) / 2
+        self.decay = jnp.linspace(0.2, 0.8, 4)
+
+    def init_state(self):
+        return jnp.zeros(4)
+
+    def __call__(self, state, x):
+        h = self.decay * state + jnp.tanh(jnp.einsum("hi,i->h", self.weight, x))
+        return h, h
+
+
+@pytest.mark.parametrize("algorithm", EXACT_ELEMENTWISE)
+def test_a_cell_without_ops(algorithm, getkey):
+    model = NoOps(key=getkey())
+    xs, targets = jr.normal(getkey(), (3, 3)), jr.normal(getkey(), (3, 4))
+    online, bptt = online_and_bptt(algorithm, model, xs, targets)
+    assert relative_error(online, bptt) <= 1e-10
+
+
+@jax.custom_vjp
+def _vjp_spike(v):
+    return (v > 0).astype(v.dtype)
+
+
+def _vjp_spike_fwd(v):
+    return _vjp_spike(v), v
+
+
+def _vjp_spike_bwd(v, cotangent):
+    return (cotangent / (1 + 10 * jnp.abs(v)) ** 2,)
+
+
+_vjp_spike.defvjp(_vjp_spike_fwd, _vjp_spike_bwd)
+
+
+class VJPSpiking(eqtrace.AbstractCell):
+    """Spikes through a `jax.custom_vjp` surrogate (docs ask for `custom_jvp`), fed back as a
+    state leaf: exact RTRL pushed tangents forward through it and crashed inside JAX."""
+
+    op: eqx.nn.Linear
+
+    def __init__(self, *, key):
+        self.op = eqx.nn.Linear(3, 4, key=key)
+
+    def init_state(self):
+        return jnp.zeros(4), jnp.zeros(4)
+
+    def __call__(self, state, x):
+        v, z = state
+        v = 0.9 * v + self.op(x) - 0.5 * z
+        new_state = (v, _vjp_spike(v - 0.3))
+        return new_state, self.output(new_state)
+
+    def output(self, state):
+        return state[1]
+
+
+@pytest.mark.parametrize("rule", [eqtrace.RTRL(), eqtrace.DRTRL()], ids=["rtrl", "drtrl"])
+def test_a_custom_vjp_surrogate(rule, getkey):
+    """Every rule runs a `custom_vjp` function in reverse mode only, except UORO, whose forward
+    product `J^h h̃` it refuses clearly."""
+    model = VJPSpiking(key=getkey())
+    state = (jr.normal(getkey(), (4,)), jnp.zeros(4))
+    xs, targets = jr.normal(getkey(), (3, 3)), jr.normal(getkey(), (3, 4))
+    online, bptt = online_and_bptt(rule, model, xs, targets, state=state)
+    assert relative_error(online, bptt) <= 1e-10
+    assert any(bool(jnp.any(g != 0)) for g in jtu.tree_leaves(bptt))
+    uoro = eqtrace.UORO(key=jr.key(0))
+    with pytest.raises(ValueError, match="UORO cannot run VJPSpiking: its state goes through"):
+        uoro.init_trace(model, state, xs[0])

@@ -356,6 +356,67 @@ class NormalisedInput(eqtrace.AbstractCell):
         return h, h
 
 
+class RefractoryCount(eqtrace.AbstractCell):
+    """A per-neuron integer refractory count beside the membrane."""
+
+    op: nn.Linear
+
+    def __init__(self, *, key):
+        self.op = nn.Linear(INPUT, HIDDEN, key=key)
+
+    def init_state(self):
+        return jnp.zeros(HIDDEN), jnp.zeros(HIDDEN, jnp.int32)
+
+    def __call__(self, state, x):
+        v, count = state
+        v = jnp.where(count == 0, 0.9 * v + self.op(x), 0.9 * v)
+        new_state = (v, jnp.where(v > 1, 2, jnp.maximum(count - 1, 0)))
+        return new_state, v
+
+    def output(self, state):
+        return state[0]
+
+
+class ComplexState(eqtrace.AbstractCell):
+    """A complex state, as an LRU written naively."""
+
+    op: nn.Linear
+
+    def __init__(self, *, key):
+        self.op = nn.Linear(INPUT, HIDDEN, key=key)
+
+    def init_state(self):
+        return jnp.zeros(HIDDEN, jnp.complex128)
+
+    def __call__(self, state, x):
+        h = (0.5 + 0.5j) * state + self.op(x)
+        return h, h
+
+
+@jax.custom_vjp
+def _vjp_step(v):
+    return (v > 0).astype(v.dtype)
+
+
+_vjp_step.defvjp(lambda v: (_vjp_step(v), v), lambda v, g: (g / (1 + jnp.abs(v)),))
+
+
+class VJPSurrogate(eqtrace.AbstractCell):
+    """Spikes through a `jax.custom_vjp` function, fed back into the membrane."""
+
+    op: nn.Linear
+
+    def __init__(self, *, key):
+        self.op = nn.Linear(INPUT, HIDDEN, key=key)
+
+    def init_state(self):
+        return jnp.zeros(HIDDEN)
+
+    def __call__(self, state, x):
+        v = 0.9 * state + self.op(x) - _vjp_step(state - 0.5)
+        return v, v
+
+
 def _init(algorithm, cell, x=jnp.zeros(INPUT)):
     return lambda: algorithm.init_trace(cell, cell.init_state(), x)
 
@@ -502,6 +563,13 @@ CASES: dict[str, Callable[[], list[Callable[[], object]]]] = {
         _init(eqtrace.PPProp(0.5, strict=False), RawWeight(key=_key())),
     ],
     "State leaves of different shapes": lambda: [_init(eqtrace.DRTRL(), GlobalLeaf(key=_key()))],
+    "Complex state leaves under a diagonal rule": lambda: [
+        _init(eqtrace.SnAp1(), ComplexState(key=_key()))
+    ],
+    "Integer or boolean state leaves under a diagonal rule": lambda: [
+        _init(eqtrace.DRTRL(), RefractoryCount(key=_key())),
+        _init(eqtrace.PPProp(0.5), RefractoryCount(key=_key())),
+    ],
     "A convolution under D-RTRL": lambda: [
         _init(eqtrace.DRTRL(), ConvCell(key=_key()), jnp.zeros((2, 6))),
         _init(eqtrace.SnAp1(), ConvCell(key=_key()), jnp.zeros((2, 6))),
@@ -573,6 +641,9 @@ CASES: dict[str, Callable[[], list[Callable[[], object]]]] = {
         _restore(step=-3),
     ],
     "UORO without a key": lambda: [lambda: eqtrace.UORO()],
+    "A `custom_vjp` function under UORO": lambda: [
+        _init(eqtrace.UORO(key=_key()), VJPSurrogate(key=_key()))
+    ],
     "A raw PRNG key": lambda: [
         lambda: eqtrace.UORO(key=jr.PRNGKey(0)),
         lambda: eqtrace.init_state_and_trace(

@@ -19,6 +19,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
+import numpy as np
 
 from ._custom_types import Input, State
 
@@ -106,13 +107,32 @@ def _link_jvp(primals, tangents, *, static, derivative):
     params_tangent, x_tangent = tangents
     zeros = zeros_like_batched(derivative.like)
     cell = eqx.combine(params, static)
-    tangent = zeros
+    tangent = _differentiable(zeros, zeros)
     if has_tangent(params_tangent):
-        tangent = derivative.of_params(cell, x, fill_tangent(params, params_tangent))
+        of_params = derivative.of_params(cell, x, fill_tangent(params, params_tangent))
+        tangent = _differentiable(zeros, of_params)
     if has_tangent(x_tangent):
         # Only computed when the input is differentiated: a first layer pays nothing for it.
-        tangent = jtu.tree_map(jnp.add, tangent, derivative.of_input(cell, x, x_tangent))
+        of_input = _differentiable(zeros, derivative.of_input(cell, x, x_tangent))
+        tangent = jtu.tree_map(_add_tangents, tangent, of_input)
     return zeros, tangent
+
+
+def _differentiable(primal: Any, tangent: Any) -> Any:
+    """`tangent` with the leaves of `primal`'s integer and boolean leaves (a step counter, a
+    refractory count) replaced by the only tangent JAX accepts for them, a `float0` zero:
+    such leaves carry no derivative, whatever a rule computed for them."""
+
+    def leaf(p, t):
+        if jnp.issubdtype(p.dtype, jnp.inexact):
+            return t
+        return np.zeros(np.shape(p), jax.dtypes.float0)
+
+    return jtu.tree_map(leaf, primal, tangent)
+
+
+def _add_tangents(a: Any, b: Any) -> Any:
+    return a if a.dtype == jax.dtypes.float0 else a + b
 
 
 def freeze(cell: Any, *trees: Any) -> tuple[Any, Any, Any, tuple[Any, ...]]:

@@ -277,11 +277,44 @@ def _outputs_agree(model, state, x) -> bool:
     )
 
 
+def _require_real_leaves(name: str, paths, leaves) -> None:
+    """Refuses integer, boolean and complex state leaves, which the analysis's real Jacobians
+    cannot differentiate."""
+    dtypes = [jnp.result_type(leaf) for leaf in leaves]
+    discrete = [
+        f"`{path}` is {dtype.name}"
+        for path, dtype in zip(paths, dtypes)
+        if not jnp.issubdtype(dtype, jnp.inexact)
+    ]
+    if discrete:
+        raise ValueError(
+            f"{name}: the diagonal rules differentiate every state leaf, but "
+            + ", ".join(discrete)
+            + ". Hold the leaf as a floating array of the neuron shape (a count or a flag "
+            "compared with `>`, `==` or `jnp.where` gets a zero derivative, as it should), or "
+            "use `eqtrace.RTRL()` or `eqtrace.UORO()` for this cell."
+        )
+    complex_ = [
+        f"`{path}`"
+        for path, dtype in zip(paths, dtypes)
+        if jnp.issubdtype(dtype, jnp.complexfloating)
+    ]
+    if complex_:
+        raise ValueError(
+            f"{name}: the diagonal rules need real state leaves, but these are complex: "
+            + ", ".join(complex_)
+            + ". Hold each complex leaf as two real leaves, its real and imaginary "
+            "parts (as `eqtrace.nn.LRUCell` does), or use `eqtrace.RTRL()` or `eqtrace.UORO()` "
+            "for this cell."
+        )
+
+
 def _analyse(cell, state, x) -> CellStructure:
     name = type(cell).__name__
     violations: list[str] = []
     state_leaves_with_paths = jtu.tree_leaves_with_path(state)
     state_paths = tuple(f"state{jtu.keystr(p)}" for p, _ in state_leaves_with_paths)
+    _require_real_leaves(name, state_paths, [leaf for _, leaf in state_leaves_with_paths])
     shapes = {tuple(jnp.shape(leaf)) for _, leaf in state_leaves_with_paths}
     if len(shapes) != 1:
         raise ValueError(
@@ -587,6 +620,8 @@ def _input_jacobians(cell, state, x, sites):
 
 
 def _input_owners(cell, state, x, structure: CellStructure) -> InputOwners:
+    if not structure.sites:  # No op calls (parameters outside ops only): nothing to own.
+        return InputOwners(owners=(), shared=())
     n = structure.num_neurons
     hits = [np.zeros((math.prod(site.input_shape), n), bool) for site in structure.sites]
     rng = np.random.default_rng(2)

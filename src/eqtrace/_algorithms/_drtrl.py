@@ -214,7 +214,8 @@ class AbstractWeightTraceAlgorithm(AbstractDiagonalAlgorithm[_Trace]):
                 immediate = immediate + from_outputs(
                     structure, lins.op_sensitivities[i] * u[:, None], i
                 )
-        if lins.param_sensitivities:
+        # Parameters that reach only the output (`None`) have no immediate term.
+        if any(s is not None for s in lins.param_sensitivities):
             immediate = immediate + jax.vmap(
                 lambda s: param_tangents(structure, s, other_tangents, carried.dtype)
             )(lins.param_sensitivities)

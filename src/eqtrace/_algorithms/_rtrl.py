@@ -1,10 +1,12 @@
 """Exact RTRL: the full sensitivity of the state to the parameters."""
 
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import jax.tree_util as jtu
 from jax.flatten_util import ravel_pytree
 from jaxtyping import Array, Float
 
@@ -20,15 +22,37 @@ class RTRLTrace(eqx.Module):
     jacobian: Float[Array, "state params"]
 
 
+def real_ravel(tree: Any) -> tuple[Array, Callable[[Array], Any]]:
+    """`tree` as one real vector, each complex leaf as its real and imaginary parts, and the
+    inverse map. Complex states and parameters (an LRU's) then have real Jacobians: a complex
+    matrix could hold only the complex-linear part of a derivative, and the state of a complex
+    cell with real parameters (or `conj`, `abs` of its state) is not complex-linear in them."""
+
+    def split(a):
+        return jnp.stack([jnp.real(a), jnp.imag(a)], -1) if jnp.iscomplexobj(a) else a
+
+    flat, unravel_parts = ravel_pytree(jtu.tree_map(split, tree))
+
+    def unravel(vector):
+        def join(parts, like):
+            if jnp.iscomplexobj(like):
+                return jax.lax.complex(parts[..., 0], parts[..., 1]).astype(like.dtype)
+            return parts
+
+        return jtu.tree_map(join, unravel_parts(vector), tree)
+
+    return flat, unravel
+
+
 def _flat_transition(cell: AbstractCell, state: State, x: Input):
-    """The cell's state transition as a function of flat vectors `(h, θ) -> h'`."""
+    """The cell's state transition as a function of flat real vectors `(h, θ) -> h'`."""
     params, static = eqx.partition(cell, eqx.is_inexact_array)
-    h, unravel_state = ravel_pytree(state)
-    theta, unravel_params = ravel_pytree(params)
+    h, unravel_state = real_ravel(state)
+    theta, unravel_params = real_ravel(params)
 
     def transition(h, theta):
         new_state, _ = eqx.combine(unravel_params(theta), static)(unravel_state(h), x)
-        return ravel_pytree(new_state)[0]
+        return real_ravel(new_state)[0]
 
     return transition, h, theta, unravel_state, unravel_params
 
@@ -63,8 +87,8 @@ class RTRL(AbstractAlgorithm[RTRLTrace]):
         if x is not None:
             require_output_readout("RTRL", cell, state, x)
         params = eqx.filter(cell, eqx.is_inexact_array)
-        h, _ = ravel_pytree(state)
-        theta, _ = ravel_pytree(params)
+        h, _ = real_ravel(state)
+        theta, _ = real_ravel(params)
         return RTRLTrace(jnp.zeros((h.size, theta.size), jnp.result_type(h, theta)))
 
     def cell_step(
@@ -72,20 +96,18 @@ class RTRL(AbstractAlgorithm[RTRLTrace]):
     ) -> tuple[State, RTRLTrace]:
         transition, h, theta, unravel_state, _ = _flat_transition(cell, state, x)
         new_h, linear = jax.linearize(transition, h, theta)
-        zero_theta = jnp.zeros_like(theta)
-        # J^h M: one JVP per column of M.
-        propagated = jax.vmap(lambda m: linear(m, zero_theta), in_axes=1, out_axes=1)(
-            trace.jacobian
-        )
-        # J^θ: one VJP per state element (|h| ≪ |θ|).
+        # The rows of J^h and J^θ: one VJP per state element (|h| ≪ |θ|), then J^h M as a
+        # product. Reverse mode only, so that a cell with a `jax.custom_vjp` function (which
+        # JAX cannot push tangents forward through) runs, as it does under the other rules.
         transpose = jax.linear_transpose(linear, h, theta)
-        immediate = jax.vmap(lambda e: transpose(e)[1])(jnp.eye(new_h.size, dtype=new_h.dtype))
+        jac_state, immediate = jax.vmap(transpose)(jnp.eye(new_h.size, dtype=new_h.dtype))
+        propagated = jac_state @ trace.jacobian
         return unravel_state(new_h), RTRLTrace(propagated + immediate)
 
     def cell_tangent(
         self, cell: AbstractCell, state: State, trace: RTRLTrace, x: Input, params_tangent: Any
     ) -> State:
         del cell, x
-        _, unravel_state = ravel_pytree(state)
-        delta, _ = ravel_pytree(params_tangent)
+        _, unravel_state = real_ravel(state)
+        delta, _ = real_ravel(params_tangent)
         return unravel_state(trace.jacobian @ delta)

@@ -6,15 +6,14 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.random as jr
-from jax.flatten_util import ravel_pytree
 from jaxtyping import Array, Inexact, Key
 
 from .._algorithm import AbstractAlgorithm
 from .._cell import AbstractCell
 from .._custom_types import ExampleInput, Input, KeyLike, State
-from .._structure import require_output_readout
+from .._structure import _cached, require_output_readout, structure_key
 from .._validation import check_key
-from ._rtrl import _flat_transition
+from ._rtrl import _flat_transition, real_ravel
 
 
 class UOROTrace(eqx.Module):
@@ -81,8 +80,9 @@ class UORO(AbstractAlgorithm[UOROTrace]):
         # As for RTRL: checked whenever the input is known, always at `step`.
         if x is not None:
             require_output_readout("UORO", cell, state, x)
-        h, _ = ravel_pytree(state)
-        theta, _ = ravel_pytree(eqx.filter(cell, eqx.is_inexact_array))
+            _require_forward_mode(cell, state, x)
+        h, _ = real_ravel(state)
+        theta, _ = real_ravel(eqx.filter(cell, eqx.is_inexact_array))
         assert self.key is not None  # `__check_init__`
         return UOROTrace(jnp.zeros_like(h), jnp.zeros_like(theta), self.key)
 
@@ -108,6 +108,37 @@ class UORO(AbstractAlgorithm[UOROTrace]):
         self, cell: AbstractCell, state: State, trace: UOROTrace, x: Input, params_tangent: Any
     ) -> State:
         del cell, x
-        _, unravel_state = ravel_pytree(state)
-        delta, _ = ravel_pytree(params_tangent)
+        _, unravel_state = real_ravel(state)
+        delta, _ = real_ravel(params_tangent)
         return unravel_state(trace.state_tilde * jnp.dot(trace.params_tilde, delta))
+
+
+def _require_forward_mode(cell: AbstractCell, state: State, x: Any) -> None:
+    """Refuses a cell that JAX cannot push a tangent forward through (a `jax.custom_vjp`
+    function on the state's path): UORO's `J^h h̃` is one forward-mode product. Found by
+    lowering that product once for the cell's shapes (cached), which computes nothing."""
+
+    def lowers() -> bool:
+        arrays, static = eqx.partition((cell, state, x), eqx.is_array)
+
+        def forward(arrays):
+            cell, state, x = eqx.combine(arrays, static)
+            transition, h, theta, _, _ = _flat_transition(cell, state, x)
+            return jax.jvp(lambda h: transition(h, theta), (h,), (h,))[1]
+
+        shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), arrays)
+        try:
+            jax.jit(forward).lower(shapes)
+        except TypeError as error:
+            if "custom_vjp" not in str(error):
+                raise
+            return False
+        return True
+
+    if not _cached(("uoro-forward", *structure_key(cell, state, x)), lowers):
+        raise ValueError(
+            f"UORO cannot run {type(cell).__name__}: its state goes through a `jax.custom_vjp` "
+            "function, which JAX cannot differentiate in forward mode, and UORO propagates its "
+            "trace forward (`J^h h̃`). Define the function with `jax.custom_jvp` instead (as "
+            "`eqtrace.nn.surrogate` does for spikes), or use `eqtrace.RTRL()` or a diagonal rule."
+        )
