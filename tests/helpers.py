@@ -108,6 +108,24 @@ def online_and_bptt(algorithm, model, xs, targets, loss_fn=squared_loss, state=N
     return online, bptt
 
 
+def online_in_blocks(algorithm, model, xs, targets, block_size, state=None):
+    """`online_gradient`'s `(loss, grads, state, trace)` through the rule's block path, from
+    `state` (default: the model's initial state) and a fresh trace, squared loss."""
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+    if state is None:
+        state = model.init_state()
+    return eqtrace.online_gradient(
+        eqtrace.make_online_block(algorithm, static),
+        squared_loss,
+        params,
+        state,
+        algorithm.init_trace(model, state, xs[0]),
+        xs,
+        targets,
+        block_size=block_size,
+    )
+
+
 def output_shape(model, x) -> tuple[int, ...]:
     state = model.init_state()
     _, y = jax.eval_shape(model, state, x)

@@ -11,7 +11,7 @@ import pytest
 
 import eqtrace
 from eqtrace import nn
-from helpers import cast, online_and_bptt, pairs, relative_error, squared_loss
+from helpers import cast, online_and_bptt, online_in_blocks, pairs, relative_error, squared_loss
 from registry import ALGORITHMS, algorithms, rules
 
 
@@ -437,18 +437,7 @@ def test_a_parameter_of_the_output_only_gets_its_exact_gradient(algorithm, getke
     online, bptt = online_and_bptt(algorithm, model, xs, targets)
     assert relative_error(online, bptt) <= 1e-10
     # And in blocks (D-RTRL's own block computation crashed inside `jax.vmap`).
-    params, static = eqx.partition(model, eqx.is_inexact_array)
-    state = model.init_state()
-    _, blocked, _, _ = eqtrace.online_gradient(
-        eqtrace.make_online_block(algorithm, static),
-        squared_loss,
-        params,
-        state,
-        algorithm.init_trace(model, state, xs[0]),
-        xs,
-        targets,
-        block_size=2,
-    )
+    _, blocked, _, _ = online_in_blocks(algorithm, model, xs, targets, block_size=2)
     assert relative_error(blocked, bptt) <= 1e-10
 
 
@@ -495,16 +484,7 @@ def test_integer_and_boolean_state_leaves(rule, getkey):
     stepped = eqtrace.online_gradient(
         eqtrace.make_online_step(rule, static), squared_loss, params, state, trace, xs, targets
     )
-    blocked = eqtrace.online_gradient(
-        eqtrace.make_online_block(rule, static),
-        squared_loss,
-        params,
-        state,
-        trace,
-        xs,
-        targets,
-        block_size=2,
-    )
+    blocked = online_in_blocks(rule, model, xs, targets, block_size=2, state=state)
     # Loss, gradient and trace (the final states hold booleans).
     assert relative_error(blocked[:2] + blocked[3:], stepped[:2] + stepped[3:]) <= 1e-10
 

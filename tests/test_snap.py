@@ -20,7 +20,7 @@ from jax.flatten_util import ravel_pytree
 import eqtrace
 from eqtrace import nn
 from eqtrace._ops import algebra
-from helpers import relative_error, squared_loss
+from helpers import online_in_blocks, relative_error, squared_loss
 from registry import make_cell
 
 
@@ -84,15 +84,9 @@ def test_equals_rtrl_and_bptt_on_a_diagonal_recurrence(name, getkey):
 def test_blocks_equal_bptt_on_a_diagonal_recurrence(getkey):
     model = DIAGONAL["gru"](getkey())
     xs, targets = _sequence(getkey())
-    algorithm = eqtrace.SnAp1()
-    params, static = eqx.partition(model, eqx.is_inexact_array)
-    state = model.init_state()
-    _, blocks, _, _ = eqtrace.online_gradient(
-        eqtrace.make_online_block(algorithm, static),
-        squared_loss,
-        params,
-        state,
-        algorithm.init_trace(model, state, xs[0]),
+    _, blocks, _, _ = online_in_blocks(
+        eqtrace.SnAp1(),
+        model,
         xs,
         targets,
         block_size=4,  # and a remainder of 2
