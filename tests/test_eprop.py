@@ -7,12 +7,14 @@ import math
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import jax.random as jr
 import numpy as np
 import pytest
 
 import eqtrace
 from eqtrace import nn
 from helpers import (
+    LeakyCurrent,
     online_and_bptt,
     relative_error,
     squared_loss,
@@ -128,6 +130,91 @@ def test_blocks_equal_steps_batched(getkey, rng):
     )
     assert relative_error(by_block[1], by_step[1]) <= 1e-12
     assert relative_error(by_block[2:], by_step[2:]) <= 1e-12  # final state and trace
+
+
+def _leaky_readout_network(name, key):
+    """A front (linear or a delay line), a cell and a leaky read-out."""
+    k1, k2, k3 = jr.split(key, 3)
+    readout = nn.LeakyReadout(HIDDEN, OUTPUT, tau=3.0, key=k3)
+    if name == "gru":  # fused gates, behind a parameter-free front
+        return nn.Sequential(
+            [nn.DelayLine(INPUT, 2), nn.GRUCell(2 * INPUT, HIDDEN, key=k1), readout]
+        )
+    if name == "alif":  # three leaves, learnt adaptation
+        cell = nn.ALIF(INPUT, HIDDEN, recurrent=True, learn_tau=True, learn_beta=True, key=k1)
+        return nn.Sequential([cell, readout])
+    # A user cell: two leaves, a per-neuron and a shared parameter.
+    return nn.Sequential(
+        [eqx.nn.Linear(INPUT, INPUT, key=k2), LeakyCurrent(INPUT, HIDDEN, key=k1), readout]
+    )
+
+
+def _steps_and_blocks(algorithm, model, xs, targets, loss_fn, block_size, outputs=False):
+    """Stepping and blocks of `block_size` (the last one shorter if it does not divide the
+    length): `online_gradient`'s loss, gradient, final state and trace; with `outputs`, also
+    the outputs of `run_online` and of one block over the whole sequence."""
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+    state = model.init_state()
+    trace = algorithm.init_trace(model, state, xs[0])
+    step = eqtrace.make_online_step(algorithm, static)
+    block = eqtrace.make_online_block(algorithm, static)
+
+    @jax.jit
+    def run(params):
+        stepped = eqtrace.online_gradient(step, loss_fn, params, state, trace, xs, targets)
+        blocked = eqtrace.online_gradient(
+            block, loss_fn, params, state, trace, xs, targets, block_size=block_size
+        )
+        if not outputs:
+            return stepped, blocked
+        stepped_ys, *_ = eqtrace.run_online(step, params, state, trace, xs)
+        *_, blocked_ys = block(params, state, trace, xs)
+        return (*stepped, stepped_ys), (*blocked, blocked_ys)
+
+    return run(params)
+
+
+def _assert_blocks_equal_steps(stepped, blocked):
+    (loss, grads, state, trace, *ys) = stepped
+    (block_loss, block_grads, block_state, block_trace, *block_ys) = blocked
+    if ys:
+        assert relative_error(block_ys, ys) <= 1e-12
+    assert relative_error(block_loss, loss) <= 1e-12
+    assert relative_error(block_state, state) <= 1e-12
+    assert relative_error(block_trace, trace) <= 1e-10
+    assert relative_error(block_grads, grads) <= 1e-10
+    # Not vacuous: every parameter gets a gradient.
+    assert all(bool(jnp.any(g != 0)) for g in jax.tree.leaves(grads))
+
+
+@pytest.mark.parametrize("name", ["gru", "alif", "user"])
+def test_blocks_equal_steps_under_a_leaky_readout(name, getkey, rng):
+    """The filter's block form (one pass over the traces per block) against stepping: loss,
+    online gradient (also into the layer below), final state and traces. (LIF:
+    `test_blocks_equal_steps_batched`; a single step and a shorter last block:
+    `test_single_cell_blocks_equal_steps`.)"""
+    model = _leaky_readout_network(name, getkey())
+    xs = jnp.asarray(2 * rng.standard_normal((6, INPUT)))
+    targets = jnp.asarray(rng.standard_normal((6, OUTPUT)))
+    stepped, blocked = _steps_and_blocks(eqtrace.EProp(), model, xs, targets, squared_loss, 3)
+    _assert_blocks_equal_steps(stepped, blocked)
+    # The filter is on, and its traces are compared.
+    filtered = stepped[3][0 if name == "alif" else 1].ops
+    assert all(bool(jnp.any(f != 0)) for f in jax.tree.leaves(filtered))
+
+
+def test_single_cell_blocks_equal_steps(getkey, rng):
+    """A lone cell with `readout_decay`, its outputs contracted with a learning signal, in
+    blocks of 2 over 5 steps (the last block a single step); and the outputs themselves,
+    stepped and in one block."""
+    cell = nn.MinGRUCell(INPUT, HIDDEN, key=getkey())
+    xs = jnp.asarray(rng.standard_normal((5, INPUT)))
+    signals = jnp.asarray(rng.standard_normal((5, HIDDEN)))
+    algorithm = eqtrace.EProp(readout_decay=0.7)
+    stepped, blocked = _steps_and_blocks(
+        algorithm, cell, xs, signals, lambda z, signal: jnp.sum(z * signal), 2, outputs=True
+    )
+    _assert_blocks_equal_steps(stepped, blocked)
 
 
 def test_filtered_trace_by_hand(getkey, rng):

@@ -12,7 +12,7 @@ from equinox import AbstractClassVar, AbstractVar
 from ._cell import AbstractCell
 from ._custom_types import ExampleInput, Input, State
 from ._link import StepDerivative, freeze, last, link
-from ._network import BLOCK, STEP, advance_network, init_network_trace
+from ._network import BLOCK, STEP, advance_network, init_network_trace, scan_transitions
 
 
 _Trace = TypeVar("_Trace")
@@ -38,7 +38,8 @@ class AbstractAlgorithm(eqx.Module, Generic[_Trace]):
     `cell_steps` to compute a block of steps faster than one step at a time. A rule whose
     derivative depends on the layer that reads a cell's output may override `for_layer` (a copy
     configured per cell of a `Sequential`) and `cell_output_tangent` (the derivative of the
-    cell's output, instead of that of its state through `output`), as `EProp` does. Networks,
+    cell's output, instead of that of its state through `output`), and then
+    `cell_output_steps` for its blocks, as `EProp` does. Networks,
     argument checks and the derivative link are handled here.
     """
 
@@ -128,6 +129,20 @@ class AbstractAlgorithm(eqx.Module, Generic[_Trace]):
         raise NotImplementedError(
             f"{type(self).__name__} does not define the tangent of a cell's output."
         )
+
+    def cell_output_steps(
+        self, cell: AbstractCell, state: State, trace: _Trace, xs: Input
+    ) -> tuple[State, _Trace, Any]:
+        """Steps of one recurrent system over the leading (time) axis of `xs`, with its outputs
+        differentiated as `cell_output_tangent` says; used instead of `cell_steps` when
+        `defines_output_tangent`.
+
+        **Returns:** the new states `h_1 … h_T` and outputs `y_1 … y_T`, each stacked along a
+        leading axis, and the last trace; with the same values and derivatives as `T` single
+        steps. This default scans the steps (each step's output needs that step's trace); a
+        rule may override it to pass over its trace once per block, as `EProp` does.
+        """
+        return scan_transitions(self, cell, state, trace, xs)
 
     def checked(self, state: State, trace: _Trace) -> tuple[State, _Trace]:
         """`(state, trace)`, raising at run time if `check_finite` and a value is not finite."""

@@ -79,15 +79,23 @@ def _fixed_block(algorithm, cell, state, xs):
     return states, ys
 
 
+def scan_transitions(algorithm, cell, state, trace, xs):
+    """`(states, trace, ys)` of a block of steps, each an online step with its own output link
+    (`_transition`), scanned: the states and outputs stacked, the last trace."""
+
+    def body(carry, x):
+        new_state, new_trace, y = _transition(algorithm, cell, *carry, x)
+        return (new_state, new_trace), (new_state, y)
+
+    (_, trace), (states, ys) = jax.lax.scan(body, (state, trace), xs)
+    return states, trace, ys
+
+
 def _block(algorithm, cell, state, trace, xs):
     if algorithm.defines_output_tangent:
-        # Each step's output link needs that step's trace: scan the steps.
-        def body(carry, x):
-            new_state, new_trace, y = _transition(algorithm, cell, *carry, x)
-            return (new_state, new_trace), (new_state, y)
-
-        (_, trace), (states, ys) = jax.lax.scan(body, (state, trace), xs)
-        return states, trace, ys
+        # The rule differentiates the outputs itself: its block of outputs (by default a scan
+        # of the steps, as each step's output link needs that step's trace).
+        return algorithm.cell_output_steps(cell, state, trace, xs)
     states, trace = algorithm.cell_steps(cell, state, trace, xs)
     return states, trace, jax.vmap(cell.output)(states)
 

@@ -45,6 +45,46 @@ def _propagate(spread_jacobian, trace, immediate):
     return (immediate + mixed).astype(trace.dtype)
 
 
+def block_weight_traces(
+    structure: CellStructure,
+    cell: AbstractCell,
+    lins: Linearisation,
+    per_step: jax.Array,
+    carried: jax.Array,
+    traces: tuple[Any, ...],
+) -> tuple[Any, ...]:
+    """Per call site, the weight-shaped sums over a block of `C` steps
+
+    $$
+    \\sum_m c[r, m] ⊙ ε_0[m] + \\sum_{τ=1}^{C} \\sum_m p_τ[r, m] ⊙ I_τ[m]
+    $$
+
+    for `R` rows `r` of per-neuron coefficients, `per_step` `p` `(C, R, K, N)` and `carried`
+    `c` `(R, K, N)`, with `I_τ[m] = VJP_W(∂h^m_τ/∂u)` the immediate terms and `ε_0` the
+    traces before the block (`None` for read-out calls, kept). D-RTRL's new traces are the
+    `R = K` rows of the transition products, `p_τ = Φ(C, τ)` and `c = Φ(C, 0)`; a linear
+    functional of the block's traces (e-prop's filter) is one row. Each leaf is `(*W, R)`, in
+    the dtype of `ε_0`; the sum over `τ` is one matrix product per op, and `ε_0` is read once.
+    """
+    new = []
+    for i, (op, eps) in enumerate(zip(structure.site_modules(cell), traces)):
+        if eps is None:  # A read-out op: exact gradient through `output`, no trace.
+            new.append(None)
+            continue
+        rules, inputs = algebra(op), lins.op_inputs[i]
+        coefficients = to_outputs(structure, per_step, i)  # (C, R, K, *u)
+        sensitivities = lins.op_sensitivities[i]  # (C, K, *u)
+        immediate = sum(
+            coefficients[:, :, m] * sensitivities[:, m, None] for m in range(sensitivities.shape[1])
+        )  # (C, R, *u): Σ_m p_τ[r, m] ∂h^m_τ/∂u_τ
+        immediate = jnp.moveaxis(immediate, 1, -1)
+        first = jnp.moveaxis(to_outputs(structure, carried, i), (0, 1), (-2, -1))
+        summed = rules.outer_sum(op, inputs, immediate)
+        spread = rules.spread(op, inputs[0], first)
+        new.append(jtu.tree_map(_propagate, spread, eps, summed))
+    return tuple(new)
+
+
 class DRTRLTrace(eqx.Module):
     """D-RTRL's trace: per call of a synaptic op in a step, the op's parameters' traces for
     all state leaves, shaped `(*W.shape, K)` (`None` for calls that do not reach the state,
@@ -167,25 +207,10 @@ class AbstractWeightTraceAlgorithm(AbstractDiagonalAlgorithm[_Trace]):
         restricted = self.restriction(frozen, structure, state, x)
         lins, previous = linearise_block(frozen, structure, state, stopped_xs, restricted)
         products, first = transition_products(lins.jacobian)
-        new_ops = []
-        for i, (op, eps) in enumerate(zip(structure.site_modules(frozen), trace.ops)):
-            if eps is None:  # A read-out op: exact gradient through `output`, no trace.
-                new_ops.append(None)
-                continue
-            rules, inputs = algebra(op), lins.op_inputs[i]
-            phi = to_outputs(structure, products, i)  # (C, K, K, *u)
-            sensitivities = lins.op_sensitivities[i]  # (C, K, *u)
-            immediate = sum(
-                phi[:, :, m] * sensitivities[:, m, None] for m in range(sensitivities.shape[1])
-            )  # (C, K, *u): Φ(C, τ) ∂h_τ/∂u_τ
-            immediate = jnp.moveaxis(immediate, 1, -1)
-            carried = jnp.moveaxis(to_outputs(structure, first, i), (0, 1), (-2, -1))
-            summed = rules.outer_sum(op, inputs, immediate)
-            spread = rules.spread(op, inputs[0], carried)
-            new_ops.append(jtu.tree_map(_propagate, spread, eps, summed))
+        new_ops = block_weight_traces(structure, frozen, lins, products, first, trace.ops)
         new_params = block_param_traces(structure, products, first, lins, trace.params)
         states, new_trace = self.checked(
-            lins.new_state, self.trace_type(ops=tuple(new_ops), params=new_params)
+            lins.new_state, self.trace_type(ops=new_ops, params=new_params)
         )
         derivative = _BlockDerivative(
             algorithm=self, state=state, trace=trace, lins=lins, previous=previous

@@ -12,19 +12,25 @@ import numpy as np
 from .._algorithm import AbstractAlgorithm
 from .._cell import AbstractCell
 from .._custom_types import ExampleInput, Input, State
+from .._link import AbstractDerivative, freeze, input_tangent, link
 from .._ops import algebra
 from .._probing import random_like
 from .._structure import CellStructure, _cached, structure_key
 from ..nn._readout import LeakyReadout
 from ._diagonal import (
     AbstractDiagonalAlgorithm,
+    Linearisation,
+    block_param_traces,
     flat_leaves,
     from_outputs,
+    linearise_block,
+    mix,
     op_dtype,
     state_dtype,
     to_outputs,
+    transition_products,
 )
-from ._drtrl import DRTRL, DRTRLTrace
+from ._drtrl import DRTRL, DRTRLTrace, block_weight_traces
 
 
 class EPropTrace(eqx.Module):
@@ -177,10 +183,7 @@ class EProp(AbstractDiagonalAlgorithm[EPropTrace]):
             return new_state, EPropTrace(eligibility=eligibility, ops=None, params=None)
         kappa = self.readout_decay
         structure = self._structure(cell, state, x)
-        # `∂z_n/∂h^k_n`, `(K, N)`: one VJP, as `output` acts per neuron (checked).
-        z, pullback = jax.vjp(cell.output, new_state)
-        (d_output,) = pullback(jnp.ones_like(z))
-        d_output = flat_leaves(d_output)
+        _, d_output = _output_sensitivity(cell, new_state)
         ops = []
         for i, (op, site, eps, filtered) in enumerate(
             zip(structure.site_modules(cell), structure.sites, eligibility.ops, trace.ops)
@@ -249,14 +252,166 @@ class EProp(AbstractDiagonalAlgorithm[EPropTrace]):
     def cell_steps(
         self, cell: AbstractCell, state: State, trace: EPropTrace, xs: Input
     ) -> tuple[State, EPropTrace]:
-        """Without a filter, D-RTRL's blocks (one pass over the trace per block); with one,
-        the steps one by one, as each step's output needs that step's filtered trace."""
+        """D-RTRL's blocks (one pass over the traces per block), with the filter's block form
+        when it is on (see `cell_output_steps`)."""
         if self.readout_decay is not None:
-            # The generic block (a scan of `cell_step`, keeping each step's trace); networks
-            # do not call it but scan whole steps, whose outputs carry the filter.
-            return AbstractAlgorithm.cell_steps(self, cell, state, trace, xs)
+            states, trace, _ = self.cell_output_steps(cell, state, trace, xs)
+            return states, trace
         states, eligibility = self._drtrl.cell_steps(cell, state, trace.eligibility, xs)
         return states, EPropTrace(eligibility=eligibility, ops=None, params=None)
+
+    def cell_output_steps(
+        self, cell: AbstractCell, state: State, trace: EPropTrace, xs: Input
+    ) -> tuple[State, EPropTrace, Any]:
+        """`C` steps with the filter, reading and writing the weight-shaped traces once per
+        block. With D-RTRL's unrolled traces `ε_t = Φ(t, 0) ε_0 + Σ_{τ≤t} Φ(t, τ) I_τ`, the
+        filtered trace after the block is
+
+        $$
+        \\bar e_C = κ^C \\bar e_0 + \\sum_{t=1}^{C} w_t\\, ε_t
+        = κ^C \\bar e_0 + g_0\\, ε_0 + \\sum_{τ=1}^{C} g_τ I_τ,\\qquad
+        w_t = κ^{C−t}\\, \\frac{∂z_t}{∂h_t},
+        $$
+
+        with the per-neuron rows `g_τ = Σ_{t≥τ} w_t Φ(t, τ)` from the reverse recursion
+        `g_τ = w_τ + g_{τ+1} D_{τ+1}`, `g_0 = g_1 D_1`: D-RTRL's block sum with other
+        coefficients, one matrix product per op. The outputs' derivative,
+        `\\bar e_t · δθ = κ^t\\, \\bar e_0 · δθ + Σ_{s≤t} κ^{t−s} (∂z_s/∂h_s)(ε_s · δθ)`,
+        is state-sized, from D-RTRL's block tangents `ε_s · δθ`.
+
+        **Returns:** the states and the outputs of the block's steps, stacked, and the last
+        trace; the values and derivatives of `C` single steps up to round-off.
+        """
+        if self.readout_decay is None:
+            return AbstractAlgorithm.cell_output_steps(self, cell, state, trace, xs)
+        kappa = self.readout_decay
+        x = jtu.tree_map(lambda a: a[0], xs)
+        structure = self._structure(cell, state, x)
+        params, static, frozen, (state, trace, stopped_xs) = freeze(cell, state, trace, xs)
+        lins, previous = linearise_block(frozen, structure, state, stopped_xs)
+        products, first = transition_products(lins.jacobian)
+        eligibility = trace.eligibility
+        new_eligibility = DRTRLTrace(
+            ops=block_weight_traces(structure, frozen, lins, products, first, eligibility.ops),
+            params=block_param_traces(structure, products, first, lins, eligibility.params),
+        )
+        ys, d_output = jax.vmap(lambda h: _output_sensitivity(frozen, h))(lins.new_state)
+        length = d_output.shape[0]
+        weights = _powers(kappa, length - 1 - np.arange(length), d_output.dtype)
+        rows, row_0 = _filter_rows(weights[:, None, None] * d_output, lins.jacobian)
+        rows, row_0 = rows[:, None], row_0[None]  # one row of coefficients
+        decayed = _powers(kappa, length, d_output.dtype)
+        ops = tuple(
+            None
+            if new is None
+            else jtu.tree_map(lambda n, f: (decayed * f + n[..., 0]).astype(f.dtype), new, old)
+            for new, old in zip(
+                block_weight_traces(structure, frozen, lins, rows, row_0, eligibility.ops),
+                trace.ops,
+            )
+        )
+        other = block_param_traces(structure, rows, row_0, lins, eligibility.params)
+        params_filtered = tuple(
+            None if new is None else (decayed * old + new[0]).astype(old.dtype)
+            for new, old in zip(other, trace.params)
+        )
+        states, new_trace = self.checked(
+            lins.new_state,
+            EPropTrace(eligibility=new_eligibility, ops=ops, params=params_filtered),
+        )
+        derivative = _FilteredBlockDerivative(
+            algorithm=self,
+            state=state,
+            trace=trace,
+            lins=lins,
+            previous=previous,
+            d_output=d_output,
+            outputs=ys,
+        )
+        states_link, ys_link = link(params, xs, static=static, derivative=derivative)
+        return (
+            jtu.tree_map(jnp.add, states, states_link),
+            new_trace,
+            jtu.tree_map(jnp.add, ys, ys_link),
+        )
+
+
+class _FilteredBlockDerivative(AbstractDerivative):
+    """A block's states and outputs as e-prop differentiates them under a leaky read-out: the
+    states by D-RTRL's `ε_t · δθ` (`block_tangent`, without forming `ε_t`), the outputs by
+    the filtered traces, `\\bar e_t · δθ = κ^t \\bar e_0 · δθ + Σ_{s≤t} κ^{t−s} (∂z_s/∂h_s)
+    (ε_s · δθ)`; and both exactly with respect to each step's input."""
+
+    algorithm: EProp
+    state: State  # `h_0`, before the block
+    trace: EPropTrace  # `ε_0` and `\\bar e_0`
+    lins: Linearisation
+    previous: State  # `h_0 … h_{C-1}`, stacked
+    d_output: jax.Array  # `(C, K, N)`: `∂z_t/∂h_t`
+    outputs: jax.Array  # `z_1 … z_C`, for their shape
+
+    @property
+    def like(self) -> tuple[State, jax.Array]:
+        return self.lins.new_state, self.outputs
+
+    def of_params(self, cell, xs, params_tangent):
+        x = jtu.tree_map(lambda a: a[0], xs)  # The cell's structure is analysed on it.
+        algorithm, kappa = self.algorithm, self.algorithm.readout_decay
+        assert kappa is not None
+        zs = algorithm._drtrl.block_tangent(
+            cell, self.state, self.trace.eligibility, x, self.lins, params_tangent
+        )  # (C, K, N)
+        start = algorithm.cell_output_tangent(cell, self.state, self.trace, x, params_tangent)
+        length = zs.shape[0]
+        steps = np.arange(length)
+        # `κ^{t−s}` for `s ≤ t`: a small lower-triangular matrix over the block's steps.
+        lags = steps[:, None] - steps[None, :]
+        decay = np.where(lags >= 0, kappa ** np.maximum(lags, 0), 0.0).astype(zs.dtype)
+        per_step = jnp.sum(self.d_output.astype(zs.dtype) * zs, axis=1)  # (C, N)
+        ys = (
+            decay @ per_step + _powers(kappa, steps + 1, zs.dtype)[:, None] * jnp.ravel(start)[None]
+        )
+        leaves, treedef = jtu.tree_flatten(self.lins.new_state)
+        states = jtu.tree_unflatten(
+            treedef,
+            [zs[:, k].reshape(leaf.shape).astype(leaf.dtype) for k, leaf in enumerate(leaves)],
+        )
+        return states, ys.reshape(self.outputs.shape).astype(self.outputs.dtype)
+
+    def of_input(self, cell, xs, xs_tangent):
+        states = jax.vmap(lambda h, x, t: input_tangent(cell, h, x, t))(
+            self.previous, xs, xs_tangent
+        )
+        ys = jax.vmap(lambda h, t: jax.jvp(cell.output, (h,), (t,))[1])(self.lins.new_state, states)
+        return states, ys
+
+
+def _output_sensitivity(cell: AbstractCell, new_state: State) -> tuple[jax.Array, jax.Array]:
+    """The output `z` at `new_state` and `∂z_n/∂h^k_n`, `(K, N)`: one VJP, as `output` acts
+    per neuron (checked)."""
+    z, pullback = jax.vjp(cell.output, new_state)
+    (d_output,) = pullback(jnp.ones_like(z))
+    return z, flat_leaves(d_output)
+
+
+def _powers(kappa: float, exponents, dtype) -> np.ndarray:
+    """`κ^e` for the (non-negative) `exponents`, as a constant."""
+    return np.asarray(kappa ** np.asarray(exponents), dtype)
+
+
+def _filter_rows(weights: jax.Array, jacobians: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """From `w_1 … w_C` and `D_1 … D_C` (`(C, K, N)`, `(C, K, K, N)`): the rows
+    `g_τ = Σ_{t≥τ} w_t Φ(t, τ)` stacked, by `g_τ = w_τ + g_{τ+1} D_{τ+1}`, and
+    `g_0 = g_1 D_1`."""
+
+    def body(carried, inputs):  # `carried` is `g_{τ+1} D_{τ+1}`
+        weight, jacobian = inputs
+        row = weight + carried
+        # `(g D)[m] = Σ_k g[k] D[k, m]`, per neuron.
+        return mix(jnp.swapaxes(jacobian, 0, 1), row), row
+
+    row_0, rows = jax.lax.scan(body, jnp.zeros_like(weights[0]), (weights, jacobians), reverse=True)
+    return rows, row_0
 
 
 def _output_problem(cell: AbstractCell, structure: CellStructure, state: State) -> str | None:
