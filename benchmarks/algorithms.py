@@ -214,8 +214,8 @@ _RTRL = dict(rule=_rtrl, exact=True, jacobian_trace=True)
 _DRTRL = dict(rule=_drtrl, per_layer=True, supports_blocks=True)
 _SNAP1 = dict(rule=_snap1, per_layer=True, supports_blocks=True)
 _PPPROP = dict(rule=_ppprop, per_layer=True, supports_blocks=True)
-# Under a leaky read-out (the "lif" model), blocks scan the steps (each step's output needs its
-# filtered trace); elsewhere they are D-RTRL's.
+# Blocks pass once over the traces per block, as D-RTRL's; under a leaky read-out (the "lif"
+# model) they also fold the read-out's filter into the block (`EProp.cell_output_steps`).
 _EPROP = dict(rule=_eprop, per_layer=True, supports_blocks=True)
 
 REGISTRY = {

@@ -78,7 +78,8 @@ class EProp(AbstractDiagonalAlgorithm[EPropTrace]):
     ALIF without recurrent weights, a rate cell such as `MinGRUCell`) under a leaky read-out;
     with recurrent weights it drops, as D-RTRL does, the paths through other neurons. Memory
     per sample: D-RTRL's `K·|θ|` plus `|θ|` for the filtered copy (`K` state leaves). Blocks
-    (`steps`) scan the steps when the filter is on, and use D-RTRL's blocks otherwise.
+    (`steps`, `eqtrace.make_online_block`) read and write the traces once per block, as
+    D-RTRL's do, with the filter or without it (see `cell_output_steps`).
 
     **Arguments:**
 
