@@ -298,23 +298,23 @@ class EProp(AbstractDiagonalAlgorithm[EPropTrace]):
         )
         ys, d_output = jax.vmap(lambda h: _output_sensitivity(frozen, h))(lins.new_state)
         length = d_output.shape[0]
-        weights = _powers(kappa, length - 1 - np.arange(length), d_output.dtype)
+        weights = jnp.asarray(_powers(kappa, length - 1 - np.arange(length), d_output.dtype))
         rows, row_0 = _filter_rows(weights[:, None, None] * d_output, lins.jacobian)
         rows, row_0 = rows[:, None], row_0[None]  # one row of coefficients
-        decayed = _powers(kappa, length, d_output.dtype)
+        decayed = jnp.asarray(_powers(kappa, length, d_output.dtype))  # `κ^C`
+        old_ops, old_params = trace.ops, trace.params
+        assert old_ops is not None and old_params is not None  # The filter is on.
+        new_ops = block_weight_traces(structure, frozen, lins, rows, row_0, eligibility.ops)
         ops = tuple(
             None
             if new is None
             else jtu.tree_map(lambda n, f: (decayed * f + n[..., 0]).astype(f.dtype), new, old)
-            for new, old in zip(
-                block_weight_traces(structure, frozen, lins, rows, row_0, eligibility.ops),
-                trace.ops,
-            )
+            for new, old in zip(new_ops, old_ops)
         )
-        other = block_param_traces(structure, rows, row_0, lins, eligibility.params)
+        new_params = block_param_traces(structure, rows, row_0, lins, eligibility.params)
         params_filtered = tuple(
-            None if new is None else (decayed * old + new[0]).astype(old.dtype)
-            for new, old in zip(other, trace.params)
+            None if new is None or old is None else (decayed * old + new[0]).astype(old.dtype)
+            for new, old in zip(new_params, old_params)
         )
         states, new_trace = self.checked(
             lins.new_state,
@@ -340,12 +340,12 @@ class EProp(AbstractDiagonalAlgorithm[EPropTrace]):
 class _FilteredBlockDerivative(AbstractDerivative):
     """A block's states and outputs as e-prop differentiates them under a leaky read-out: the
     states by D-RTRL's `ε_t · δθ` (`block_tangent`, without forming `ε_t`), the outputs by
-    the filtered traces, `\\bar e_t · δθ = κ^t \\bar e_0 · δθ + Σ_{s≤t} κ^{t−s} (∂z_s/∂h_s)
+    the filtered traces, `ē_t · δθ = κ^t ē_0 · δθ + Σ_{s≤t} κ^{t−s} (∂z_s/∂h_s)
     (ε_s · δθ)`; and both exactly with respect to each step's input."""
 
     algorithm: EProp
     state: State  # `h_0`, before the block
-    trace: EPropTrace  # `ε_0` and `\\bar e_0`
+    trace: EPropTrace  # `ε_0` and `ē_0`
     lins: Linearisation
     previous: State  # `h_0 … h_{C-1}`, stacked
     d_output: jax.Array  # `(C, K, N)`: `∂z_t/∂h_t`
