@@ -205,14 +205,14 @@ def test_blocks_equal_steps_under_a_leaky_readout(name, getkey, rng):
 
 def test_single_cell_blocks_equal_steps(getkey, rng):
     """A lone cell with `readout_decay`, its outputs contracted with a learning signal, in
-    blocks of 2 over 5 steps (the last block a single step); and the outputs themselves,
-    stepped and in one block."""
+    blocks of 3 over 7 steps (the last block a single step, which is stepped); and the outputs
+    themselves, stepped and in one block."""
     cell = nn.MinGRUCell(INPUT, HIDDEN, key=getkey())
-    xs = jnp.asarray(rng.standard_normal((5, INPUT)))
-    signals = jnp.asarray(rng.standard_normal((5, HIDDEN)))
+    xs = jnp.asarray(rng.standard_normal((7, INPUT)))
+    signals = jnp.asarray(rng.standard_normal((7, HIDDEN)))
     algorithm = eqtrace.EProp(readout_decay=0.7)
     stepped, blocked = _steps_and_blocks(
-        algorithm, cell, xs, signals, lambda z, signal: jnp.sum(z * signal), 2, outputs=True
+        algorithm, cell, xs, signals, lambda z, signal: jnp.sum(z * signal), 3, outputs=True
     )
     _assert_blocks_equal_steps(stepped, blocked)
 

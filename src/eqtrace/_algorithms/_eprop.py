@@ -283,7 +283,10 @@ class EProp(AbstractDiagonalAlgorithm[EPropTrace]):
         **Returns:** the states and the outputs of the block's steps, stacked, and the last
         trace; the values and derivatives of `C` single steps up to round-off.
         """
-        if self.readout_decay is None:
+        length = jtu.tree_leaves(xs)[0].shape[0]
+        if self.readout_decay is None or length == 1:
+            # A single step is cheaper stepped: its output's derivative reads `ē_1` only,
+            # where the block form reads `ε_0` and `ē_0`.
             return AbstractAlgorithm.cell_output_steps(self, cell, state, trace, xs)
         kappa = self.readout_decay
         x = jtu.tree_map(lambda a: a[0], xs)
@@ -297,7 +300,6 @@ class EProp(AbstractDiagonalAlgorithm[EPropTrace]):
             params=block_param_traces(structure, products, first, lins, eligibility.params),
         )
         ys, d_output = jax.vmap(lambda h: _output_sensitivity(frozen, h))(lins.new_state)
-        length = d_output.shape[0]
         weights = jnp.asarray(_powers(kappa, length - 1 - np.arange(length), d_output.dtype))
         rows, row_0 = _filter_rows(weights[:, None, None] * d_output, lins.jacobian)
         rows, row_0 = rows[:, None], row_0[None]  # one row of coefficients
