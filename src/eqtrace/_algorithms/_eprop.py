@@ -372,7 +372,8 @@ class _FilteredBlockDerivative(AbstractDerivative):
         decay = np.where(lags >= 0, kappa ** np.maximum(lags, 0), 0.0).astype(zs.dtype)
         per_step = jnp.sum(self.d_output.astype(zs.dtype) * zs, axis=1)  # (C, N)
         ys = (
-            decay @ per_step + _powers(kappa, steps + 1, zs.dtype)[:, None] * jnp.ravel(start)[None]
+            jnp.asarray(decay) @ per_step
+            + _powers(kappa, steps + 1, zs.dtype)[:, None] * jnp.ravel(start)[None]
         )
         leaves, treedef = jtu.tree_flatten(self.lins.new_state)
         states = jtu.tree_unflatten(
