@@ -71,7 +71,7 @@ class AbstractDiagonalAlgorithm(AbstractAlgorithm[_Trace]):
             raise ValueError(
                 f"{name} cannot trace the parameter(s) {untraceable} of "
                 f"{structure.cell_name}: they are neither per-neuron, nor small and shared, nor "
-                "inside a recognised synaptic op, so they would get no gradient.\n"
+                "inside a recognised synaptic op, so they would get no gradient. "
                 f"{_equinox_layers_hint(cell)}Use `eqtrace.RTRL()` for this cell, or hold "
                 "them in an op such as `eqtrace.nn.Linear`."
             )
@@ -109,7 +109,7 @@ def _equinox_layers_hint(cell) -> str:
         for path, layer in jtu.tree_leaves_with_path(cell, is_leaf=lambda x: isinstance(x, kinds))
         if isinstance(layer, kinds)
     ]
-    return "".join(f"{line}.\n" for line in found)
+    return "".join(f"{line}. " for line in found)
 
 
 def flat_leaves(tree) -> jax.Array:
