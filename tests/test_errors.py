@@ -296,6 +296,106 @@ def _state_of_wrong_shape():
     return [lambda: eqtrace.RTRL().step(model, batched_state, trace, jnp.ones(INPUT))]
 
 
+class Float32State(eqtrace.AbstractCell):
+    """A cell whose `init_state` fixes float32 while its weight is float64 (under this suite's
+    x64): its step promotes the state to float64."""
+
+    op: nn.Linear
+
+    def __init__(self, *, key):
+        self.op = nn.Linear(INPUT, HIDDEN, key=key)
+
+    def init_state(self):
+        return jnp.zeros(HIDDEN, jnp.float32)
+
+    def __call__(self, state, x):
+        state = 0.5 * state + self.op(x)
+        return state, state
+
+    def output(self, state):
+        return state
+
+
+class WrappedEquinoxCell(eqtrace.AbstractCell):
+    """A cell that holds an Equinox recurrent cell, whose matmuls are raw array products."""
+
+    layer: eqx.Module
+    input_size: int = eqx.field(static=True)
+
+    def __init__(self, kind, hidden, *, key):
+        self.input_size = INPUT
+        self.layer = getattr(eqx.nn, kind)(INPUT, hidden, key=key)
+
+    def init_state(self):
+        return jnp.zeros(self.layer.hidden_size)
+
+    def __call__(self, state, x):
+        if isinstance(self.layer, eqx.nn.LSTMCell):
+            state = self.layer(x, (state, state))[0]
+        else:
+            state = self.layer(x, state)
+        return state, state
+
+    def output(self, state):
+        return state
+
+
+class LearnedInitialState(eqtrace.AbstractCell):
+    """A cell whose `h0` is read only in `init_state`: no driver can learn it."""
+
+    op: nn.Linear
+    h0: jax.Array
+    input_size: int = eqx.field(static=True)
+
+    def __init__(self, *, key):
+        self.op = nn.Linear(INPUT, HIDDEN, key=key)
+        self.h0 = jnp.ones(HIDDEN)
+        self.input_size = INPUT
+
+    def init_state(self):
+        return self.h0
+
+    def __call__(self, state, x):
+        state = 0.5 * state + self.op(x)
+        return state, state
+
+    def output(self, state):
+        return state
+
+
+def _parameter_outside_the_step():
+    model = LearnedInitialState(key=_key())
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+    state, x = model.init_state(), jnp.ones(INPUT)
+    cases = [lambda: eqtrace.make_forward_step(static)(params, state, x)]
+    for algorithm in (eqtrace.RTRL(), eqtrace.DRTRL(), eqtrace.UORO(key=_key())):
+        trace = algorithm.init_trace(model, state)
+        step = eqtrace.make_online_step(algorithm, static)
+        cases.append(lambda f=step, t=trace: jax.jit(f)(params, state, t, x))
+    return cases
+
+
+def _step_changes_state_dtype():
+    model = Float32State(key=_key())
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+    state = model.init_state()
+    xs, targets = jnp.ones((LENGTH, INPUT)), jnp.zeros((LENGTH, HIDDEN))
+    cases = [
+        lambda: eqtrace.bptt_gradient(
+            eqtrace.make_forward_step(static), mse, params, state, xs, targets
+        )
+    ]
+    for algorithm in (eqtrace.RTRL(), eqtrace.DRTRL()):
+        trace = algorithm.init_trace(model, state, xs[0])
+        cases.append(lambda a=algorithm, t=trace: a.step(model, state, t, xs[0]))
+        cases.append(
+            lambda a=algorithm, t=trace: eqtrace.online_gradient(
+                eqtrace.make_online_step(a, static), mse, params, state, t, xs, targets
+            )
+        )
+    return cases
+
+
 def _trace_of_another_algorithm():
     model, _, _, _, _, state, _ = _setup()
     drtrl_trace = eqtrace.DRTRL().init_trace(model, state)
@@ -508,6 +608,8 @@ CASES: dict[str, Callable[[], list[Callable[[], object]]]] = {
     "Input of the wrong shape": _input_of_wrong_shape,
     "State of the wrong shape or structure": _state_of_wrong_shape,
     "Trace of another algorithm or model": _trace_of_another_algorithm,
+    "A step that changes the state's dtype": _step_changes_state_dtype,
+    "A parameter outside the step": _parameter_outside_the_step,
     "No example input": lambda: [
         _init(eqtrace.DRTRL(), Rolling(INPUT, HIDDEN, key=_key()), None),
         lambda: eqtrace.check(Rolling(INPUT, HIDDEN, key=_key())),
@@ -765,6 +867,22 @@ def test_errors_name_what_was_received():
         _complex_input()[3]()
     with pytest.raises(ValueError, match=r"LSTMCell: `hidden_size` .* received 0 \(int\)"):
         _every_cell(hidden_size=0)[2]()
+
+
+@pytest.mark.parametrize(
+    ("kind", "hidden", "replacement"),
+    [
+        ("GRUCell", 4, "`eqtrace.nn.GRUCell`"),  # Small: refused as mixing neurons.
+        ("GRUCell", 64, "`eqtrace.nn.GRUCell`"),  # Large: refused as untraceable parameters.
+        ("LSTMCell", 4, "`eqtrace.nn.LSTMCell`"),
+    ],
+)
+def test_refusals_name_the_equinox_layer_and_its_replacement(kind, hidden, replacement):
+    model = WrappedEquinoxCell(kind, hidden, key=_key())
+    with pytest.raises(ValueError, match="DRTRL cannot trace") as error:
+        eqtrace.init_state_and_trace(model, eqtrace.DRTRL())
+    assert f"`.layer` is an `eqx.nn.{type(model.layer).__name__}`" in str(error.value)
+    assert f"hold {replacement} instead" in str(error.value)
 
 
 def test_wrong_types_without_beartype():

@@ -14,7 +14,13 @@ from typing_extensions import TypeAliasType
 from ._algorithm import AbstractAlgorithm
 from ._cell import AbstractCell
 from ._custom_types import ExampleInput, Input, KeyLike, Params, Scalar, State, Trace
-from ._validation import check_count, check_key, is_key
+from ._validation import (
+    check_count,
+    check_key,
+    check_parameters_enter_step,
+    check_step_keeps_state,
+    is_key,
+)
 
 
 #: `online_step(params, state, trace, x) -> (state, trace, y)`, from `make_online_step`.
@@ -106,7 +112,10 @@ def make_forward_step(static: Any) -> ForwardStep:
     static_def = _structure(static)
 
     def forward_step(params, state, x):
-        return _combine("forward_step", params, static, static_def)(state, x)
+        model = _combine("forward_step", params, static, static_def)
+        check_step_keeps_state(model, state, x)
+        check_parameters_enter_step(model, state, x)
+        return model(state, x)
 
     return forward_step
 

@@ -25,7 +25,9 @@ from ._sequential import Sequential
 from ._validation import (
     check_input,
     check_matches,
+    check_parameters_enter_step,
     check_state,
+    check_step_keeps_state,
     example_input,
     require_example_input,
 )
@@ -193,6 +195,8 @@ def _consumer(model: Sequential, index: int) -> Any:
 def _check_arguments(algorithm, model, state, trace, x) -> None:
     check_state(model, state)
     check_input(model, x)
+    check_step_keeps_state(model, state, x)
+    check_parameters_enter_step(model, state, x)
     check_matches(
         "trace",
         eqx.filter_eval_shape(init_network_trace, algorithm, model, state, x),

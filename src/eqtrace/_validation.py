@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
+from jax.extend.core import Literal
 
 from ._sequential import Sequential
 
@@ -89,6 +90,53 @@ def check_state(model: Any, state: Any) -> None:
         "Create it with `model.init_state()` (for a batch, `jax.vmap` the step so that each "
         "sample sees a state without the batch axis).",
     )
+
+
+def check_step_keeps_state(model: Any, state: Any, x: Any) -> None:
+    """Raises if one step of `model` returns a state laid out otherwise than `state`: a step
+    scanned over time must keep its state's shapes and dtypes (JAX would only say that the scan's
+    carry changed type, or that a custom JVP's tangent has the wrong dtype)."""
+    new_state, _ = eqx.filter_eval_shape(model, state, x)
+    if jtu.tree_structure(new_state) != jtu.tree_structure(state):
+        raise ValueError(
+            f"{type(model).__name__}'s step returns a state laid out as {_describe(new_state)}, "
+            f"but received the state {_describe(state)}: a step scanned over time must return "
+            "its state with the same structure. Make `__call__` return the state in the layout "
+            "`init_state` creates."
+        )
+    for (path, old), new in zip(jtu.tree_leaves_with_path(state), jtu.tree_leaves(new_state)):
+        if jnp.shape(old) != new.shape or jnp.result_type(old) != new.dtype:
+            raise ValueError(
+                f"{type(model).__name__}'s step turns the state leaf `state{jtu.keystr(path)}` "
+                f"from {_describe(old)} into {_describe(new)}: a step scanned over time must "
+                "keep its state's shapes and dtypes. This usually means `init_state` creates "
+                "the state in another dtype than the parameters' (e.g. float32 state, float64 "
+                "weights): create it in the parameters' dtype, e.g. "
+                "`jnp.zeros(n, self.weight.dtype)`, or cast the new state in `__call__`."
+            )
+
+
+def check_parameters_enter_step(model: Any, state: Any, x: Any) -> None:
+    """Raises if a parameter of `model` does not enter its step (neither `__call__` nor
+    `output` reads it): every driver takes the state as given, so a parameter read only in
+    `init_state` (a learned initial state), or nowhere, would get a zero gradient from every
+    rule and from BPTT alike. Checked on the step's jaxpr, once per trace."""
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+    paths = [jtu.keystr(path) for path, _ in jtu.tree_leaves_with_path(params)]
+    if not paths:
+        return
+    jaxpr = jax.make_jaxpr(lambda p, s, u: eqx.combine(p, static)(s, u))(params, state, x).jaxpr
+    read = {v for eqn in jaxpr.eqns for v in eqn.invars if not isinstance(v, Literal)}
+    read |= {v for v in jaxpr.outvars if not isinstance(v, Literal)}
+    unread = [path for path, v in zip(paths, jaxpr.invars) if v not in read]
+    if unread:
+        raise ValueError(
+            f"The parameter(s) {unread} of {type(model).__name__} do not enter its step (neither "
+            "`__call__` nor `output` reads them), so they would get a zero gradient: the drivers "
+            "take the state as given, so a parameter read only in `init_state` (a learned "
+            "initial state) is not learned, by any rule or by BPTT. Hold such a value as a "
+            "constant (a static field, or a Python float), or remove it."
+        )
 
 
 def check_size(owner: str, **sizes: Any) -> None:

@@ -71,16 +71,17 @@ class AbstractDiagonalAlgorithm(AbstractAlgorithm[_Trace]):
             raise ValueError(
                 f"{name} cannot trace the parameter(s) {untraceable} of "
                 f"{structure.cell_name}: they are neither per-neuron, nor small and shared, nor "
-                "inside a recognised synaptic op, so they would get no gradient. Use "
-                "`eqtrace.RTRL()` for this cell, or hold them in an op such as "
-                "`eqtrace.nn.Linear`."
+                "inside a recognised synaptic op, so they would get no gradient. "
+                f"{_equinox_layers_hint(cell)}Use `eqtrace.RTRL()` for this cell, or hold "
+                "them in an op such as `eqtrace.nn.Linear`."
             )
         if self.strict and structure.violations:
             problems = "\n".join(f"  - {v}" for v in structure.violations)
             raise ValueError(
                 f"{name} cannot trace {structure.cell_name}: its structure breaks the "
-                f"diagonal assumptions:\n{problems}\nUse `eqtrace.RTRL()` for this cell, change "
-                f"the cell, or pass `strict=False` to {name} to accept the approximation."
+                f"diagonal assumptions:\n{problems}\n{_equinox_layers_hint(cell)}Use "
+                "`eqtrace.RTRL()` for this cell, change the cell, or pass `strict=False` to "
+                f"{name} to accept the approximation."
             )
         self.refuse(structure, state)
         return structure
@@ -88,6 +89,27 @@ class AbstractDiagonalAlgorithm(AbstractAlgorithm[_Trace]):
     def refuse(self, structure: CellStructure, state) -> None:
         """Raises if this rule, in particular, cannot trace a cell of this structure."""
         del structure, state
+
+
+#: Equinox recurrent cells, whose matmuls are raw array products rather than synaptic ops, and
+#: the eqtrace cells to hold instead.
+_EQUINOX_REPLACEMENTS = {
+    eqx.nn.GRUCell: "`eqtrace.nn.GRUCell`",
+    eqx.nn.LSTMCell: "`eqtrace.nn.LSTMCell`",
+}
+
+
+def _equinox_layers_hint(cell) -> str:
+    """A sentence per Equinox recurrent cell that `cell` holds (the structure analysis sees its
+    matmuls as mixing or as untraceable parameters), naming its eqtrace replacement; or `""`."""
+    kinds = tuple(_EQUINOX_REPLACEMENTS)
+    found = [
+        f"`{jtu.keystr(path) or '(the cell)'}` is an `eqx.nn.{type(layer).__name__}`, whose "
+        f"matmuls are not synaptic ops: hold {_EQUINOX_REPLACEMENTS[type(layer)]} instead"
+        for path, layer in jtu.tree_leaves_with_path(cell, is_leaf=lambda x: isinstance(x, kinds))
+        if isinstance(layer, kinds)
+    ]
+    return "".join(f"{line}. " for line in found)
 
 
 def flat_leaves(tree) -> jax.Array:
