@@ -616,3 +616,46 @@ def test_a_custom_vjp_surrogate(rule, getkey):
     uoro = eqtrace.UORO(key=jr.key(0))
     with pytest.raises(ValueError, match="UORO cannot run VJPSpiking: its state goes through"):
         uoro.init_trace(model, state, xs[0])
+
+
+class ScalarOps(eqtrace.AbstractCell):
+    """`eqx.nn.Linear("scalar", ...)` ops, which take or give a 0-d array: a 0-d input and 0-d
+    state leaves, one driving itself through an op (each crashed in the dense algebra's
+    indexing)."""
+
+    inp: eqx.nn.Linear
+    self_op: eqx.nn.Linear
+    decay: jax.Array
+
+    def __init__(self, *, key):
+        ikey, skey = jr.split(key)
+        self.inp = eqx.nn.Linear("scalar", "scalar", key=ikey)
+        self.self_op = eqx.nn.Linear("scalar", "scalar", use_bias=False, key=skey)
+        self.decay = jnp.asarray(0.6)
+
+    def init_state(self):
+        return jnp.zeros(()), jnp.zeros(())
+
+    def __call__(self, state, x):
+        h, c = state
+        h = self.decay * h + jnp.tanh(self.inp(x))
+        c = jnp.tanh(0.5 * self.self_op(c) + x)
+        return (h, c), self.output((h, c))
+
+    def output(self, state):
+        h, c = state
+        return h * c
+
+
+@pytest.mark.parametrize("algorithm", FIRST_STEP_RULES, ids=lambda a: type(a).__name__)
+def test_scalar_ops(algorithm, getkey):
+    model = ScalarOps(key=getkey())
+    state = jtu.tree_map(lambda s: s + 0.3, model.init_state())
+    xs = jr.normal(getkey(), (3,))
+    targets = jr.normal(getkey(), (3,))
+    exact = first_step_gradient(eqtrace.RTRL(), model, state, xs[0], targets[0])
+    first = first_step_gradient(algorithm, model, state, xs[0], targets[0])
+    assert relative_error(first, exact) <= 1e-12
+    stepped = online_and_bptt(algorithm, model, xs, targets, state=state)[0]
+    _, blocks, _, _ = online_in_blocks(algorithm, model, xs, targets, 2, state=state)
+    assert relative_error(blocks, stepped) <= 1e-12
