@@ -332,14 +332,36 @@ class VmappedOp(eqtrace.AbstractCell):
         return h, h
 
 
+class OpInCond(eqtrace.AbstractCell):
+    """Calls its op in one branch of a `lax.cond` on the input: the input is ignored on steps
+    whose last entry is negative."""
+
+    op: eqx.nn.Linear
+
+    def __init__(self, *, key):
+        self.op = eqx.nn.Linear(3, 2, key=key)
+
+    def init_state(self):
+        return jnp.zeros(2)
+
+    def __call__(self, state, x):
+        drive = jax.lax.cond(x[-1] > 0, lambda: jnp.tanh(self.op(x)), lambda: jnp.zeros(2))
+        h = 0.5 * state + drive
+        return h, h
+
+
 @pytest.mark.parametrize("rule", STRUCTURAL)
-def test_an_op_called_inside_a_transformation_is_refused(rule, getkey):
-    """It used to crash with an `UnexpectedTracerError` from inside the analysis."""
-    cell, x = VmappedOp(key=getkey()), jnp.ones((4, 3))
+@pytest.mark.parametrize("cell_cls, x", [(VmappedOp, jnp.ones((4, 3))), (OpInCond, jnp.ones(3))])
+def test_an_op_called_inside_a_transformation_is_refused(cell_cls, x, rule, getkey):
+    """It used to crash with an `UnexpectedTracerError` from inside the analysis (within a
+    `lax.cond` branch, also when the analysis ran under `jit`)."""
+    cell = cell_cls(key=getkey())
     with pytest.raises(ValueError, match="called inside a JAX transformation"):
         rule.init_trace(cell, cell.init_state(), x)
     assert "inside a JAX transformation" in eqtrace.check(cell, rule, x=x).refusal
-    online, bptt = online_and_bptt(eqtrace.RTRL(), cell, x[None], jnp.ones((1, 4, 2)))
+    xs = jnp.stack([x, -x])  # the op's branch, then the other one
+    targets = jnp.ones((2, *cell.init_state().shape))
+    online, bptt = online_and_bptt(eqtrace.RTRL(), cell, xs, targets)
     assert relative_error(online, bptt) <= 1e-12
 
 

@@ -328,25 +328,24 @@ def _analyse(cell, state, x) -> CellStructure:
 
     ops = find_ops(cell)
     op_paths = tuple(path for path, _ in ops)
-    sites = call_sites(cell, state, x)
+    sites, nested = call_sites(cell, state, x)
+    if nested:
+        raise ValueError(
+            f"{name}: a synaptic op is called inside a JAX transformation within the cell "
+            "(e.g. `jax.vmap(self.op)(xs)`, a `lax.cond` branch or a `lax.scan`), so its "
+            "calls cannot be traced one by one. Call each op directly on its input (select "
+            "between results with `jnp.where`; a convolution such as `eqx.nn.Conv1d` with "
+            "kernel size 1 applies one weight matrix at many positions), or use "
+            "`eqtrace.RTRL()` for this cell."
+        )
     called = tuple(i in sites for i in range(len(ops)))
     params_with_paths = jtu.tree_leaves_with_path(eqx.filter(cell, other_params_spec(cell, called)))
     param_paths = tuple(jtu.keystr(p) for p, _ in params_with_paths)
     param_shapes = tuple(tuple(jnp.shape(leaf)) for _, leaf in params_with_paths)
 
-    # One eager run on a random instance: the records of calls made inside a JAX transformation
-    # within the cell (`jax.vmap(self.op)`) come out as that transformation's tracers.
     rng = np.random.default_rng(0)
     draws = [random_like(tree, rng, 1.0) for tree in (cell, state, x)]
     _, records = probed_call(*draws, cut=True, sites=sites)
-    if any(isinstance(leaf, jax.core.Tracer) for leaf in jtu.tree_leaves(records)):
-        raise ValueError(
-            f"{name}: a synaptic op is called inside a JAX transformation within the cell "
-            "(e.g. `jax.vmap(self.op)(xs)` or a `lax.scan`), so its calls cannot be traced one "
-            "by one. Call each op directly on its input (a convolution such as `eqx.nn.Conv1d` "
-            "with kernel size 1 applies one weight matrix at many positions), or use "
-            "`eqtrace.RTRL()` for this cell."
-        )
     in_shapes = tuple(tuple(a.shape) for a, _ in records)
     out_shapes = tuple(tuple(u.shape) for _, u in records)
     num_sites = len(sites)
