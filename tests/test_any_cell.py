@@ -681,3 +681,27 @@ def test_scalar_ops(algorithm, getkey):
     stepped = online_and_bptt(algorithm, model, xs, targets, state=state)[0]
     _, blocks, _, _ = online_in_blocks(algorithm, model, xs, targets, 2, state=state)
     assert relative_error(blocks, stepped) <= 1e-12
+
+
+class KeepsStateDtype(eqtrace.AbstractCell):
+    """Casts its new state to the state's dtype, so it takes a wider input than its weights."""
+
+    op: eqx.nn.Linear
+    decay: jax.Array
+
+    def __init__(self, *, key):
+        self.op = eqx.nn.Linear(3, 4, dtype=jnp.float32, key=key)
+        self.decay = jnp.linspace(0.2, 0.8, 4, dtype=jnp.float32)
+
+    def init_state(self):
+        return jnp.zeros(4, jnp.float32)
+
+    def __call__(self, state, x):
+        h = (self.decay * state + jnp.tanh(self.op(x))).astype(state.dtype)
+        return h, h
+
+
+def test_a_float64_layer_feeding_a_float32_cell(getkey):
+    """The analysis crashed on the float64 tangents of the float32 weights (jvp dtypes)."""
+    model = nn.Sequential([eqx.nn.Linear(3, 3, key=getkey()), KeepsStateDtype(key=getkey())])
+    assert_first_step_equals_rtrl(model, getkey(), 3, tol=1e-5)

@@ -522,12 +522,14 @@ def _weights_reach_one_output(op, a, key) -> bool:
     """Whether every weight of `op` reaches a single output element, tested on the identity
     that then holds for any per-output `v` and weight tangent `δ`: spreading `v` over the
     weights and applying the op's tangent map equals scaling its output tangent by `v`.
-    Computed in at least float32, so that the tolerance means the same in every dtype."""
+    Computed in one dtype, at least float32, so that the tolerance means the same in every
+    dtype and an input wider than the weights (a float64 layer feeding a float32 cell) gives
+    tangents of the weights' dtype."""
+    floats = [leaf.dtype for leaf in jtu.tree_leaves((op, a)) if eqx.is_inexact_array(leaf)]
+    dtype = jnp.result_type(jnp.float32, *floats)
 
     def widen(leaf):
-        if eqx.is_inexact_array(leaf):
-            return leaf.astype(jnp.promote_types(leaf.dtype, jnp.float32))
-        return leaf
+        return leaf.astype(dtype) if eqx.is_inexact_array(leaf) else leaf
 
     spread, scaled = _spread_identity(jtu.tree_map(widen, op), widen(a), key)
     spread, scaled = np.asarray(spread), np.asarray(scaled)
