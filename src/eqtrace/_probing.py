@@ -31,10 +31,11 @@ class _CallLog:
         # transformation within the cell (`jax.vmap(self.op)`, a `lax.cond` branch), whose
         # records cannot leave it.
         self.trace_state: Any = None
-        self.nested = False
+        self.nested: list[int] = []  # the ops called in another trace
 
     def call(self, index: int, op: Any, raw_input: Any) -> jax.Array:
-        self.nested |= get_opaque_trace_state(convention="eqtrace") != self.trace_state
+        if get_opaque_trace_state(convention="eqtrace") != self.trace_state:
+            self.nested.append(index)
         site = len(self.records)
         rules = algebra(op)
         a = rules.input(op, raw_input)
@@ -105,13 +106,13 @@ def probed_call(
     return new_state, tuple(log.records)
 
 
-def call_sites(cell, state, x) -> tuple[tuple[int, ...], bool]:
-    """The op index of each op call in one step of `cell`, in call order, and whether any op
-    is called inside a JAX transformation within the cell (`jax.vmap(self.op)`, a
-    `lax.cond` branch or a `lax.scan` body)."""
+def call_sites(cell, state, x) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The op index of each op call in one step of `cell`, in call order, and of the ops
+    called inside a JAX transformation within the cell (`jax.vmap(self.op)`, a `lax.cond`
+    branch or a `lax.scan` body)."""
     log = _CallLog(None, None, True)
     eqx.filter_eval_shape(lambda c, s, x: _wrap_ops(c, log)(s, x)[0], cell, state, x)
-    return tuple(log.op_indices), log.nested
+    return tuple(log.op_indices), tuple(sorted(set(log.nested)))
 
 
 def find_ops(cell) -> list[tuple[str, Any]]:

@@ -331,8 +331,9 @@ def _analyse(cell, state, x) -> CellStructure:
     sites, nested = call_sites(cell, state, x)
     if nested:
         raise ValueError(
-            f"{name}: a synaptic op is called inside a JAX transformation within the cell "
-            "(e.g. `jax.vmap(self.op)(xs)`, a `lax.cond` branch or a `lax.scan`), so its "
+            f"{name}: a synaptic op is called inside a JAX transformation within the cell ("
+            + ", ".join(f"`{op_paths[i]}`" for i in nested)
+            + ", e.g. in `jax.vmap(self.op)(xs)`, a `lax.cond` branch or a `lax.scan`), so its "
             "calls cannot be traced one by one. Call each op directly on its input (select "
             "between results with `jnp.where`; a convolution such as `eqx.nn.Conv1d` with "
             "kernel size 1 applies one weight matrix at many positions), or use "
