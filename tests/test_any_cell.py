@@ -702,6 +702,11 @@ class KeepsStateDtype(eqtrace.AbstractCell):
 
 
 def test_a_float64_layer_feeding_a_float32_cell(getkey):
-    """The analysis crashed on the float64 tangents of the float32 weights (jvp dtypes)."""
+    """The analysis crashed on the float64 tangents of the float32 weights (jvp dtypes), and
+    D-RTRL's block on the float64 op terms (scan carry dtypes)."""
     model = nn.Sequential([eqx.nn.Linear(3, 3, key=getkey()), KeepsStateDtype(key=getkey())])
     assert_first_step_equals_rtrl(model, getkey(), 3, tol=1e-5)
+    xs, targets = jr.normal(getkey(), (3, 3)), jr.normal(getkey(), (3, 4))
+    stepped, _ = online_and_bptt(eqtrace.DRTRL(), model, xs, targets)
+    _, blocks, _, _ = online_in_blocks(eqtrace.DRTRL(), model, xs, targets, 2)
+    assert relative_error(blocks, stepped) <= 1e-5
