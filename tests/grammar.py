@@ -91,8 +91,9 @@ class CellSpec:
       (gain and offset).
     - `output`: "state" (one leaf), or "h0", "h1" or "mix" (`h0 ⊙ tanh(h1)`) for two.
     - `functions_as_fields`: whether activations are held as ordinary (non-static) fields.
-    - `violation`: None, "roll" (neighbours mix outside any op) or "scaled-input" (the shared
-      parameter scales the input of the first dense op).
+    - `violation`: None, "roll" (neighbours mix outside any op), "scaled-input" (the shared
+      parameter scales the input of the first dense op) or "cond" (the first op is called in
+      a `lax.cond` branch).
     - `container`: how two or more leaves are held: a "tuple", a "list", a "dict" (keys `h0`,
       `h1`) or a "namedtuple".
     """
@@ -168,7 +169,16 @@ class GeneratedCell(eqtrace.AbstractCell):
             inputs = [self._source(source, leaves, x) for source in op_spec.sources]
             if spec.violation == "scaled-input" and i == _first_dense(spec):
                 inputs[0] = self._gain() * inputs[0]
-            u = sum(getattr(self, f"op{i}")(a) for a in inputs)
+            op = getattr(self, f"op{i}")
+            if spec.violation == "cond" and i == 0:
+                # Called in a branch of a `lax.cond` (on the state): its calls are not the step's.
+                u = jax.lax.cond(
+                    jnp.all(jnp.isfinite(leaves[0])),
+                    lambda: sum(op(a) for a in inputs),
+                    lambda: jnp.zeros(op_spec.width * self.hidden_size),
+                )
+            else:
+                u = sum(op(a) for a in inputs)
             chunks.extend(jnp.split(u, op_spec.width))
         new = []
         for k, (leaf, previous) in enumerate(zip(spec.leaves, leaves)):
@@ -476,7 +486,7 @@ def cell_specs(draw, input_size: int, *, tokens: bool = False) -> CellSpec:
     slots += [(k, "gate") for k, leaf in enumerate(leaves) if leaf.rule == "gated"]
     chunk_slots = tuple(draw(st.sampled_from(slots)) for op in ops for _ in range(op.width))
     shared = draw(st.integers(0, 2))
-    violation = draw(st.sampled_from([None] * 8 + ["roll", "scaled-input"]))
+    violation = draw(st.sampled_from([None] * 8 + ["roll", "scaled-input", "cond"]))
     if violation == "scaled-input":
         if all(op.kind == "embedding" for op in ops):
             violation = None

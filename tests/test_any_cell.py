@@ -332,14 +332,36 @@ class VmappedOp(eqtrace.AbstractCell):
         return h, h
 
 
+class OpInCond(eqtrace.AbstractCell):
+    """Calls its op in one branch of a `lax.cond` on the input: the input is ignored on steps
+    whose last entry is negative."""
+
+    op: eqx.nn.Linear
+
+    def __init__(self, *, key):
+        self.op = eqx.nn.Linear(3, 2, key=key)
+
+    def init_state(self):
+        return jnp.zeros(2)
+
+    def __call__(self, state, x):
+        drive = jax.lax.cond(x[-1] > 0, lambda: jnp.tanh(self.op(x)), lambda: jnp.zeros(2))
+        h = 0.5 * state + drive
+        return h, h
+
+
 @pytest.mark.parametrize("rule", STRUCTURAL)
-def test_an_op_called_inside_a_transformation_is_refused(rule, getkey):
-    """It used to crash with an `UnexpectedTracerError` from inside the analysis."""
-    cell, x = VmappedOp(key=getkey()), jnp.ones((4, 3))
+@pytest.mark.parametrize("cell_cls, x", [(VmappedOp, jnp.ones((4, 3))), (OpInCond, jnp.ones(3))])
+def test_an_op_called_inside_a_transformation_is_refused(cell_cls, x, rule, getkey):
+    """It used to crash with an `UnexpectedTracerError` from inside the analysis (within a
+    `lax.cond` branch, also when the analysis ran under `jit`)."""
+    cell = cell_cls(key=getkey())
     with pytest.raises(ValueError, match="called inside a JAX transformation"):
         rule.init_trace(cell, cell.init_state(), x)
     assert "inside a JAX transformation" in eqtrace.check(cell, rule, x=x).refusal
-    online, bptt = online_and_bptt(eqtrace.RTRL(), cell, x[None], jnp.ones((1, 4, 2)))
+    xs = jnp.stack([x, -x])  # the op's branch, then the other one
+    targets = jnp.ones((2, *cell.init_state().shape))
+    online, bptt = online_and_bptt(eqtrace.RTRL(), cell, xs, targets)
     assert relative_error(online, bptt) <= 1e-12
 
 
@@ -616,3 +638,75 @@ def test_a_custom_vjp_surrogate(rule, getkey):
     uoro = eqtrace.UORO(key=jr.key(0))
     with pytest.raises(ValueError, match="UORO cannot run VJPSpiking: its state goes through"):
         uoro.init_trace(model, state, xs[0])
+
+
+class ScalarOps(eqtrace.AbstractCell):
+    """`eqx.nn.Linear("scalar", ...)` ops, which take or give a 0-d array: a 0-d input and 0-d
+    state leaves, one driving itself through an op (each crashed in the dense algebra's
+    indexing)."""
+
+    inp: eqx.nn.Linear
+    self_op: eqx.nn.Linear
+    decay: jax.Array
+
+    def __init__(self, *, key):
+        ikey, skey = jr.split(key)
+        self.inp = eqx.nn.Linear("scalar", "scalar", key=ikey)
+        self.self_op = eqx.nn.Linear("scalar", "scalar", use_bias=False, key=skey)
+        self.decay = jnp.asarray(0.6)
+
+    def init_state(self):
+        return jnp.zeros(()), jnp.zeros(())
+
+    def __call__(self, state, x):
+        h, c = state
+        h = self.decay * h + jnp.tanh(self.inp(x))
+        c = jnp.tanh(0.5 * self.self_op(c) + x)
+        return (h, c), self.output((h, c))
+
+    def output(self, state):
+        h, c = state
+        return h * c
+
+
+@pytest.mark.parametrize("algorithm", FIRST_STEP_RULES, ids=lambda a: type(a).__name__)
+def test_scalar_ops(algorithm, getkey):
+    model = ScalarOps(key=getkey())
+    state = jtu.tree_map(lambda s: s + 0.3, model.init_state())
+    xs = jr.normal(getkey(), (3,))
+    targets = jr.normal(getkey(), (3,))
+    exact = first_step_gradient(eqtrace.RTRL(), model, state, xs[0], targets[0])
+    first = first_step_gradient(algorithm, model, state, xs[0], targets[0])
+    assert relative_error(first, exact) <= 1e-12
+    stepped = online_and_bptt(algorithm, model, xs, targets, state=state)[0]
+    _, blocks, _, _ = online_in_blocks(algorithm, model, xs, targets, 2, state=state)
+    assert relative_error(blocks, stepped) <= 1e-12
+
+
+class KeepsStateDtype(eqtrace.AbstractCell):
+    """Casts its new state to the state's dtype, so it takes a wider input than its weights."""
+
+    op: eqx.nn.Linear
+    decay: jax.Array
+
+    def __init__(self, *, key):
+        self.op = eqx.nn.Linear(3, 4, dtype=jnp.float32, key=key)
+        self.decay = jnp.linspace(0.2, 0.8, 4, dtype=jnp.float32)
+
+    def init_state(self):
+        return jnp.zeros(4, jnp.float32)
+
+    def __call__(self, state, x):
+        h = (self.decay * state + jnp.tanh(self.op(x))).astype(state.dtype)
+        return h, h
+
+
+def test_a_float64_layer_feeding_a_float32_cell(getkey):
+    """The analysis crashed on the float64 tangents of the float32 weights (jvp dtypes), and
+    D-RTRL's block on the float64 op terms (scan carry dtypes)."""
+    model = nn.Sequential([eqx.nn.Linear(3, 3, key=getkey()), KeepsStateDtype(key=getkey())])
+    assert_first_step_equals_rtrl(model, getkey(), 3, tol=1e-5)
+    xs, targets = jr.normal(getkey(), (3, 3)), jr.normal(getkey(), (3, 4))
+    stepped, _ = online_and_bptt(eqtrace.DRTRL(), model, xs, targets)
+    _, blocks, _, _ = online_in_blocks(eqtrace.DRTRL(), model, xs, targets, 2)
+    assert relative_error(blocks, stepped) <= 1e-5

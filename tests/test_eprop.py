@@ -16,6 +16,7 @@ from eqtrace import nn
 from helpers import (
     LONG,
     LeakyCurrent,
+    cast,
     online_and_bptt,
     relative_error,
     squared_loss,
@@ -291,3 +292,18 @@ def test_refuses_an_output_it_cannot_filter(getkey):
         [RolledOutput(key=getkey()), eqx.nn.Linear(HIDDEN, OUTPUT, key=getkey())]
     )
     eqtrace.EProp().init_trace(unfiltered, unfiltered.init_state(), x)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_filters_the_output_of_a_16_bit_model(dtype, getkey, rng):
+    """The check that the output is one value per neuron used to refuse a 16-bit LIF: its
+    JVPs differ in the last bits (rounding), which it took for neurons mixing."""
+    model64 = nn.Sequential(
+        [_feed_forward("lif", getkey()), nn.LeakyReadout(HIDDEN, OUTPUT, tau=4.0, key=getkey())]
+    )
+    model = cast(model64, dtype)
+    xs, targets = (a[:2] for a in _data(rng))
+    online, _ = online_and_bptt(eqtrace.EProp(), model, xs.astype(dtype), targets.astype(dtype))
+    assert {leaf.dtype for leaf in jax.tree_util.tree_leaves(online)} == {jnp.dtype(dtype)}
+    reference = _online(eqtrace.EProp(), model64, xs, targets)
+    assert relative_error(cast(online, jnp.float64), reference) <= 0.1

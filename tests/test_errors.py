@@ -393,6 +393,11 @@ def _step_changes_state_dtype():
                 eqtrace.make_online_step(a, static), mse, params, state, t, xs, targets
             )
         )
+    # Float64 data into a float32 model (the message names the input as the cause).
+    cell = eqtrace.nn.RNNCell(INPUT, HIDDEN, dtype=jnp.float32, key=_key())
+    rule = eqtrace.DRTRL()
+    trace = rule.init_trace(cell, cell.init_state(), xs[0].astype(jnp.float32))
+    cases.append(lambda: rule.step(cell, cell.init_state(), trace, xs[0]))
     return cases
 
 

@@ -121,11 +121,13 @@ def _link_jvp(primals, tangents, *, static, derivative):
 def _differentiable(primal: Any, tangent: Any) -> Any:
     """`tangent` with the leaves of `primal`'s integer and boolean leaves (a step counter, a
     refractory count) replaced by the only tangent JAX accepts for them, a `float0` zero:
-    such leaves carry no derivative, whatever a rule computed for them."""
+    such leaves carry no derivative, whatever a rule computed for them. Floating leaves get
+    their primal's dtype: a wider input or trace (a float64 layer below a float32 cell)
+    gives a wider tangent, which JAX refuses."""
 
     def leaf(p, t):
         if jnp.issubdtype(p.dtype, jnp.inexact):
-            return t
+            return t.astype(p.dtype)
         return np.zeros(np.shape(p), jax.dtypes.float0)
 
     return jtu.tree_map(leaf, primal, tangent)

@@ -293,7 +293,16 @@ class _FeedbackAlgebra(OpAlgebra):
 
 
 register_op(Linear, _DenseAlgebra())
-register_op(eqx.nn.Linear, _DenseAlgebra())
+_DENSE, _DERIVED = _DenseAlgebra(), OpAlgebra()
+
+
+@_algebra_of.register(eqx.nn.Linear)
+def _eqx_linear_algebra(op: eqx.nn.Linear) -> OpAlgebra:
+    # `eqx.nn.Linear("scalar", ...)` takes or gives a 0-d array, which the broadcasts of the
+    # dense algebra do not index; the derived algebra takes any shapes.
+    return _DERIVED if "scalar" in (op.in_features, op.out_features) else _DENSE
+
+
 register_op(eqx.nn.Embedding, _EmbeddingAlgebra())
 register_op(RandomFeedback, _FeedbackAlgebra(_DenseAlgebra()))
 # A convolution shares each weight across positions: pp-prop traces it with the derived

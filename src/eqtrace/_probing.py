@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
+from jax.extend.core import get_opaque_trace_state
 
 from ._ops import algebra, is_op
 
@@ -26,8 +27,15 @@ class _CallLog:
         self.restricted = restricted
         self.op_indices: list[int] = []
         self.records: list[tuple[jax.Array, jax.Array]] = []
+        # The trace the cell runs in (set by `_wrap_ops`); a call in another one is inside a
+        # transformation within the cell (`jax.vmap(self.op)`, a `lax.cond` branch), whose
+        # records cannot leave it.
+        self.trace_state: Any = None
+        self.nested: list[int] = []  # the ops called in another trace
 
     def call(self, index: int, op: Any, raw_input: Any) -> jax.Array:
+        if get_opaque_trace_state(convention="eqtrace") != self.trace_state:
+            self.nested.append(index)
         site = len(self.records)
         rules = algebra(op)
         a = rules.input(op, raw_input)
@@ -65,6 +73,8 @@ class _Probed(eqx.Module):
 
 
 def _wrap_ops(cell, log: _CallLog):
+    """`cell` with its ops logged by `log`; call it at once, in the trace it is wrapped in."""
+    log.trace_state = get_opaque_trace_state(convention="eqtrace")
     counter = iter(range(len(find_ops(cell))))
     return jtu.tree_map(
         lambda node: _Probed(node, next(counter), log) if is_op(node) else node,
@@ -96,11 +106,13 @@ def probed_call(
     return new_state, tuple(log.records)
 
 
-def call_sites(cell, state, x) -> tuple[int, ...]:
-    """The op index of each op call in one step of `cell`, in call order."""
+def call_sites(cell, state, x) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The op index of each op call in one step of `cell`, in call order, and of the ops
+    called inside a JAX transformation within the cell (`jax.vmap(self.op)`, a `lax.cond`
+    branch or a `lax.scan` body)."""
     log = _CallLog(None, None, True)
     eqx.filter_eval_shape(lambda c, s, x: _wrap_ops(c, log)(s, x)[0], cell, state, x)
-    return tuple(log.op_indices)
+    return tuple(log.op_indices), tuple(sorted(set(log.nested)))
 
 
 def find_ops(cell) -> list[tuple[str, Any]]:

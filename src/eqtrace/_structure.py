@@ -328,25 +328,25 @@ def _analyse(cell, state, x) -> CellStructure:
 
     ops = find_ops(cell)
     op_paths = tuple(path for path, _ in ops)
-    sites = call_sites(cell, state, x)
+    sites, nested = call_sites(cell, state, x)
+    if nested:
+        raise ValueError(
+            f"{name}: a synaptic op is called inside a JAX transformation within the cell ("
+            + ", ".join(f"`{op_paths[i]}`" for i in nested)
+            + ", e.g. in `jax.vmap(self.op)(xs)`, a `lax.cond` branch or a `lax.scan`), so its "
+            "calls cannot be traced one by one. Call each op directly on its input (select "
+            "between results with `jnp.where`; a convolution such as `eqx.nn.Conv1d` with "
+            "kernel size 1 applies one weight matrix at many positions), or use "
+            "`eqtrace.RTRL()` for this cell."
+        )
     called = tuple(i in sites for i in range(len(ops)))
     params_with_paths = jtu.tree_leaves_with_path(eqx.filter(cell, other_params_spec(cell, called)))
     param_paths = tuple(jtu.keystr(p) for p, _ in params_with_paths)
     param_shapes = tuple(tuple(jnp.shape(leaf)) for _, leaf in params_with_paths)
 
-    # One eager run on a random instance: the records of calls made inside a JAX transformation
-    # within the cell (`jax.vmap(self.op)`) come out as that transformation's tracers.
     rng = np.random.default_rng(0)
     draws = [random_like(tree, rng, 1.0) for tree in (cell, state, x)]
     _, records = probed_call(*draws, cut=True, sites=sites)
-    if any(isinstance(leaf, jax.core.Tracer) for leaf in jtu.tree_leaves(records)):
-        raise ValueError(
-            f"{name}: a synaptic op is called inside a JAX transformation within the cell "
-            "(e.g. `jax.vmap(self.op)(xs)` or a `lax.scan`), so its calls cannot be traced one "
-            "by one. Call each op directly on its input (a convolution such as `eqx.nn.Conv1d` "
-            "with kernel size 1 applies one weight matrix at many positions), or use "
-            "`eqtrace.RTRL()` for this cell."
-        )
     in_shapes = tuple(tuple(a.shape) for a, _ in records)
     out_shapes = tuple(tuple(u.shape) for _, u in records)
     num_sites = len(sites)
@@ -523,12 +523,14 @@ def _weights_reach_one_output(op, a, key) -> bool:
     """Whether every weight of `op` reaches a single output element, tested on the identity
     that then holds for any per-output `v` and weight tangent `δ`: spreading `v` over the
     weights and applying the op's tangent map equals scaling its output tangent by `v`.
-    Computed in at least float32, so that the tolerance means the same in every dtype."""
+    Computed in one dtype, at least float32, so that the tolerance means the same in every
+    dtype and an input wider than the weights (a float64 layer feeding a float32 cell) gives
+    tangents of the weights' dtype."""
+    floats = [leaf.dtype for leaf in jtu.tree_leaves((op, a)) if eqx.is_inexact_array(leaf)]
+    dtype = jnp.result_type(jnp.float32, *floats)
 
     def widen(leaf):
-        if eqx.is_inexact_array(leaf):
-            return leaf.astype(jnp.promote_types(leaf.dtype, jnp.float32))
-        return leaf
+        return leaf.astype(dtype) if eqx.is_inexact_array(leaf) else leaf
 
     spread, scaled = _spread_identity(jtu.tree_map(widen, op), widen(a), key)
     spread, scaled = np.asarray(spread), np.asarray(scaled)

@@ -104,15 +104,23 @@ def check_step_keeps_state(model: Any, state: Any, x: Any) -> None:
             "its state with the same structure. Make `__call__` return the state in the layout "
             "`init_state` creates."
         )
+    x_dtypes = [jnp.result_type(a) for a in jtu.tree_leaves(x) if eqx.is_inexact_array(a)]
     for (path, old), new in zip(jtu.tree_leaves_with_path(state), jtu.tree_leaves(new_state)):
         if jnp.shape(old) != new.shape or jnp.result_type(old) != new.dtype:
+            # An input wider than the state (float32 data into a bfloat16 model) promotes it.
+            wider_input = any(jnp.promote_types(d, old.dtype) != old.dtype for d in x_dtypes)
+            cause = (
+                f"the input `x` ({_describe(x)}) is wider than the state: cast the inputs to "
+                "the model's dtype, or cast the new state in `__call__`."
+                if wider_input
+                else "`init_state` creates the state in another dtype than the parameters' "
+                "(e.g. float32 state, float64 weights): create it in the parameters' dtype, "
+                "e.g. `jnp.zeros(n, self.weight.dtype)`, or cast the new state in `__call__`."
+            )
             raise ValueError(
                 f"{type(model).__name__}'s step turns the state leaf `state{jtu.keystr(path)}` "
                 f"from {_describe(old)} into {_describe(new)}: a step scanned over time must "
-                "keep its state's shapes and dtypes. This usually means `init_state` creates "
-                "the state in another dtype than the parameters' (e.g. float32 state, float64 "
-                "weights): create it in the parameters' dtype, e.g. "
-                "`jnp.zeros(n, self.weight.dtype)`, or cast the new state in `__call__`."
+                f"keep its state's shapes and dtypes. This usually means {cause}"
             )
 
 

@@ -250,6 +250,9 @@ class AbstractWeightTraceAlgorithm(AbstractDiagonalAlgorithm[_Trace]):
             z = mix(jacobian, z) + step_immediate
             return z, z
 
+        # In the state's dtype: inputs wider than the cell (a float64 layer below a float32
+        # cell) give wider op terms.
+        immediate = immediate.astype(carried.dtype)
         _, zs = jax.lax.scan(body, carried, (lins.jacobian, immediate))
         return zs
 

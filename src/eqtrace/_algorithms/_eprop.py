@@ -430,13 +430,21 @@ def _output_problem(cell: AbstractCell, structure: CellStructure, state: State) 
                 f"its output is {output}, not one array of the neuron shape "
                 f"{structure.neuron_shape}"
             )
+        # Within a few roundings of the output's dtype: a 16-bit model is not refused for them.
+        tolerance = max(1e-5, 8 * float(jnp.finfo(output.dtype).eps))
+        leaf_dtypes = [leaf.dtype for leaf in jtu.tree_leaves(state)]
         rng = np.random.default_rng(2)
         for scale in (0.5, 2.0):
             cell_draw, state_draw = random_like(cell, rng, scale), random_like(state, rng, scale)
             direction = rng.standard_normal(structure.neuron_shape)
             along_ones, along_direction = _output_jvps(cell_draw, state_draw, direction)
             for k in range(structure.num_leaves):
-                if not np.allclose(along_direction[k], along_ones[k] * direction):
+                # The direction as the JVP sees it, rounded to the leaf's dtype.
+                rounded = np.asarray(jnp.asarray(direction, leaf_dtypes[k]), np.float64)
+                expected = np.asarray(along_ones[k], np.float64) * rounded
+                received = np.asarray(along_direction[k], np.float64)
+                floor = tolerance * np.max(np.abs(expected), initial=0.0)
+                if not np.allclose(received, expected, rtol=tolerance, atol=floor + 1e-8):
                     return (
                         f"its output mixes neurons' `{structure.state_paths[k]}` (e.g. a sum "
                         "or a matmul in `output`)"
