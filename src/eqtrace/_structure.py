@@ -183,6 +183,39 @@ def _leaf_key(leaf) -> Any:
     return leaf
 
 
+#: Random instances the analysis always draws, at these scales (then cycled for more draws).
+DRAW_SCALES = (0.3, 1.0, 3.0)
+#: More draws stop when this many in a row resolve nothing more, or at `MAX_DRAWS` in all.
+PATIENCE, MAX_DRAWS = 16, 64
+
+
+def _draws(unresolved):
+    """`(index, scale)` of the random instances to analyse: `DRAW_SCALES`, then more while
+    `unresolved()` (a count of elements whose dependence has not shown yet) is not zero and
+    keeps falling. A derivative that vanishes on part of the inputs (a ReLU, `jnp.minimum`,
+    `jnp.where`) hides a dependence on about half the draws, so three draws miss some of the
+    many elements of an array; more draws find them. Elements with no dependence at all (an
+    input `x`) stop the draws after `PATIENCE` more."""
+    draw, fewest, stalled = 0, None, 0
+    while True:
+        if draw >= len(DRAW_SCALES):
+            left = unresolved()
+            if left == 0 or draw >= MAX_DRAWS:
+                return
+            stalled = stalled + 1 if fewest is not None and left >= fewest else 0
+            fewest = left if fewest is None else min(fewest, left)
+            if stalled >= PATIENCE:
+                return
+        yield draw, DRAW_SCALES[draw % len(DRAW_SCALES)]
+        draw += 1
+
+
+def _unowned_outputs(owner_hits) -> int:
+    """How many output elements of the calls that reach the state have reached no neuron
+    yet (their owner would default to neuron 0)."""
+    return sum(int(np.sum(~hits.any(axis=0))) for hits in owner_hits if hits.any())
+
+
 def analyse(cell, state, x) -> CellStructure:
     """The structure of `cell` (cached on its static structure and the shapes involved)."""
     x = concrete(x)
@@ -364,7 +397,7 @@ def _analyse(cell, state, x) -> CellStructure:
     leaf_link = np.zeros((num_leaves, num_leaves), bool)  # `h^m_{t-1}` reaches `h^k_t` (cut)
     site_leaves = np.zeros((num_sites, num_leaves), bool)  # leaves each call reaches
     param_leaves = np.zeros((len(param_paths), num_leaves), bool)
-    for draw, scale in enumerate((0.3, 1.0, 3.0)):
+    for draw, scale in _draws(lambda: _unowned_outputs(owner_hits)):
         c = random_like(cell, rng, scale)
         s = random_like(state, rng, scale)
         xr = random_like(x, rng, scale)
@@ -627,7 +660,11 @@ def _input_owners(cell, state, x, structure: CellStructure) -> InputOwners:
     n = structure.num_neurons
     hits = [np.zeros((math.prod(site.input_shape), n), bool) for site in structure.sites]
     rng = np.random.default_rng(2)
-    for scale in (0.3, 1.0, 3.0):
+
+    def unowned_inputs():  # Of the calls whose input depends on the state at all.
+        return sum(int(np.sum(~h.any(axis=1))) for h in hits if h.any())
+
+    for _, scale in _draws(unowned_inputs):
         draws = [random_like(tree, rng, scale) for tree in (cell, state, x)]
         for i, (d_state, d_probes) in enumerate(_input_jacobians(*draws, structure.site_ops)):
             size = hits[i].shape[0]
