@@ -738,3 +738,39 @@ def test_a_gated_op_output_finds_its_neuron(algorithm, getkey):
     xs, targets = jr.normal(getkey(), (4, 2)), jr.normal(getkey(), (4, 2))
     online, bptt = online_and_bptt(algorithm, model, xs, targets)
     assert relative_error(online, bptt) <= 1e-10
+
+
+class Adaptive(eqtrace.AbstractCell):
+    """`exp(-1/τ)` of a per-neuron τ, as neuron models write a decay: the analysis's random
+    draws of τ near zero overflow, and the NaNs of `0 · inf` read as mixing (the cell was
+    refused as mixing neurons, with `τ` acting on an op's input)."""
+
+    op: eqx.nn.Linear
+    tau: jax.Array
+    gain: jax.Array
+
+    def __init__(self, *, key):
+        self.op = eqx.nn.Linear(3, 4, key=key)
+        self.tau = jnp.linspace(2.0, 5.0, 4)
+        self.gain = jnp.ones(4)
+
+    def init_state(self):
+        return jnp.zeros(4), jnp.zeros(4)
+
+    def __call__(self, state, x):
+        v, a = state
+        v = jnp.exp(-1 / self.tau) * v + self.op(x) - 0.2 * a
+        new_state = (v, 0.9 * a + jax.nn.sigmoid(v))
+        return new_state, self.output(new_state)
+
+    def output(self, state):
+        return self.gain * jnp.tanh(state[0])
+
+
+@pytest.mark.parametrize("algorithm", EXACT_ELEMENTWISE)
+def test_a_decay_that_overflows_on_a_random_draw(algorithm, getkey):
+    model = Adaptive(key=getkey())
+    assert eqtrace.check(model, algorithm, jnp.zeros(3)).ok
+    xs, targets = jr.normal(getkey(), (4, 3)), jr.normal(getkey(), (4, 4))
+    online, bptt = online_and_bptt(algorithm, model, xs, targets)
+    assert relative_error(online, bptt) <= 1e-10

@@ -226,6 +226,15 @@ def _flat(tree) -> jax.Array:
     return jnp.stack([jnp.ravel(leaf) for leaf in jtu.tree_leaves(tree)])
 
 
+def _finite(tree):
+    """`tree` with its non-finite entries set to zero. A random draw can overflow where the
+    cell divides by or exponentiates a parameter (`exp(-dt / τ)` at a `τ` near zero); an
+    infinite derivative then spreads NaNs (`0 · inf`) over entries that do not depend on each
+    other, which would read as dependences. Such an entry tells nothing in that draw; the
+    other draws show the dependence."""
+    return jtu.tree_map(lambda a: jnp.where(jnp.isfinite(a), a, 0), tree)
+
+
 @eqx.filter_jit
 def _jacobians(cell, state, x, sites, called, key):
     """The Jacobians the analysis inspects, for one random instance (jitted: one compile
@@ -262,7 +271,7 @@ def _jacobians(cell, state, x, sites, called, key):
         return jnp.concatenate([jnp.ravel(leaf) for leaf in leaves]) if leaves else jnp.zeros(0)
 
     jac_output = jax.jacrev(output)(state)
-    return jac_probe, jac_state, jac_cut, jac_full, outside_calls, jac_output
+    return _finite((jac_probe, jac_state, jac_cut, jac_full, outside_calls, jac_output))
 
 
 def require_output_readout(rule: str, cell, state, x) -> None:
@@ -565,6 +574,9 @@ def _weights_reach_one_output(op, a, key) -> bool:
     def widen(leaf):
         return leaf.astype(dtype) if eqx.is_inexact_array(leaf) else leaf
 
+    # Any input vector serves; an overflow of the random draw (`exp(-1/τ)` at a small `τ`)
+    # is replaced.
+    a = jnp.where(jnp.isfinite(a), a, 1)
     spread, scaled = _spread_identity(jtu.tree_map(widen, op), widen(a), key)
     spread, scaled = np.asarray(spread), np.asarray(scaled)
     return bool(
@@ -610,7 +622,7 @@ def _outside_jvp(cell, state, x, sites, index):
         return _flat(probed_call(new_cell, state, x, cut=False, outputs=outputs, sites=sites)[0])
 
     direction = jtu.tree_map(jnp.ones_like, arrays)
-    return jax.jvp(replayed, (arrays,), (direction,))[1]
+    return _finite(jax.jvp(replayed, (arrays,), (direction,))[1])
 
 
 def _used_outside_calls(cell, state, x, sites, index) -> bool:
@@ -651,7 +663,7 @@ def _input_jacobians(cell, state, x, sites):
         _, records = probed_call(cell, s, x, probes, cut=False, outputs=outputs, sites=sites)
         return [a for a, _ in records]
 
-    return jax.jacrev(inputs, argnums=(0, 1))(state, [jnp.zeros_like(u) for u in outputs])
+    return _finite(jax.jacrev(inputs, argnums=(0, 1))(state, [jnp.zeros_like(u) for u in outputs]))
 
 
 def _input_owners(cell, state, x, structure: CellStructure) -> InputOwners:
