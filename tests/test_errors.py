@@ -287,7 +287,16 @@ def _complex_input():
 
 def _input_of_wrong_shape():
     model, _, _, _, _, state, trace = _setup()
-    return [lambda: eqtrace.RTRL().step(model, state, trace, jnp.ones((BATCH, INPUT)))]
+    wrong_size = jnp.zeros(INPUT + 1)  # an example input the model's layers cannot take
+    network = nn.Sequential([_gru(), eqx.nn.Linear(HIDDEN, 2, key=_key())])
+    return [
+        lambda: eqtrace.RTRL().step(model, state, trace, jnp.ones((BATCH, INPUT))),
+        # Example inputs were used without a check (a dot_general error from inside the model).
+        _init(eqtrace.RTRL(), model, wrong_size),
+        _init(eqtrace.DRTRL(), network, wrong_size),
+        lambda: eqtrace.init_state_and_trace(network, eqtrace.PPProp(0.5), x=wrong_size),
+        lambda: eqtrace.check(network, eqtrace.DRTRL(), wrong_size),
+    ]
 
 
 def _state_of_wrong_shape():

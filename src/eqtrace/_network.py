@@ -165,6 +165,8 @@ def advance_network(algorithm, model: AbstractCell, state, trace, x, mode: Mode)
 def init_network_trace(algorithm, model: AbstractCell, state, x=None):
     """The initial trace of `model` for one sample (see `AbstractAlgorithm.init_trace`)."""
     check_state(model, state)
+    if x is not None:  # An example input of the wrong shape would fail deep inside the model.
+        check_input(model, x)
     x = example_input(model) if x is None else x
     if not isinstance(model, Sequential):
         return algorithm.init_cell_trace(model, state, x) if has_parameters(model) else None
