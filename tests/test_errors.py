@@ -624,6 +624,12 @@ CASES: dict[str, Callable[[], list[Callable[[], object]]]] = {
     "Trace of another algorithm or model": _trace_of_another_algorithm,
     "A step that changes the state's dtype": _step_changes_state_dtype,
     "A parameter outside the step": _parameter_outside_the_step,
+    "A model that is not an eqtrace cell or network": lambda: [
+        lambda: eqtrace.make_online_step(
+            eqtrace.DRTRL(), eqx.partition(eqx.nn.Sequential([_gru()]), eqx.is_inexact_array)[1]
+        ),
+        lambda: eqtrace.make_forward_step(lambda state, x: _gru()(state, x)),
+    ],
     "No example input": lambda: [
         _init(eqtrace.DRTRL(), Rolling(INPUT, HIDDEN, key=_key()), None),
         lambda: eqtrace.check(Rolling(INPUT, HIDDEN, key=_key())),
@@ -915,6 +921,12 @@ def test_wrong_types_without_beartype():
         ),
         "eqtrace.truncated_bptt_gradient(forward, loss, params, state, xs, targets, 2.0)": (
             "TypeError: truncated_bptt_gradient: `window` must be a Python int"
+        ),
+        "eqtrace.init_state_and_trace(eqx.nn.Sequential([model]), eqtrace.DRTRL())": (
+            "TypeError: init_state_and_trace: `model` must be an eqtrace cell"
+        ),
+        "eqtrace.check(lambda state, x: model(state, x), x=jnp.zeros(3))": (
+            "TypeError: check: `model` must be an eqtrace cell"
         ),
         "eqtrace.ExactWindows(eqtrace.DRTRL)": (
             "TypeError: ExactWindows: `rule` must be an online rule (an instance of "

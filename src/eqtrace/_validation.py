@@ -9,6 +9,7 @@ import jax.tree_util as jtu
 import numpy as np
 from jax.extend.core import Literal
 
+from ._cell import AbstractCell
 from ._sequential import Sequential
 
 
@@ -79,6 +80,29 @@ def check_key(owner: str, name: str, key: Any, example: str) -> None:
             "`eqtrace.init_state_and_trace(..., batch_size=B)` splits it into one key per "
             "sample."
         )
+
+
+def check_model(owner: str, name: str, model: Any) -> None:
+    """Refuses a model that is not an eqtrace cell or network (an `eqx.nn.Sequential`, a
+    function), which would fail later on a missing `init_state` or inside its layers."""
+    if isinstance(model, AbstractCell):
+        return
+    if isinstance(model, eqx.nn.Sequential):
+        fix = (
+            "Build the network with `eqtrace.nn.Sequential([...])` (the same layers): it "
+            "threads each cell's state, which `eqx.nn.Sequential` cannot."
+        )
+    else:
+        fix = (
+            "Write the step as a subclass of `eqtrace.AbstractCell`, with `init_state()`, "
+            "`__call__(state, x) -> (new_state, output(new_state))` and `output(state)`, "
+            "or combine cells and layers in `eqtrace.nn.Sequential([...])`."
+        )
+    raise TypeError(
+        f"{owner}: `{name}` must be an eqtrace cell (an instance of `eqtrace.AbstractCell`) or "
+        f"an `eqtrace.nn.Sequential`, but received {type(model).__module__}."
+        f"{type(model).__qualname__}. {fix}"
+    )
 
 
 def check_state(model: Any, state: Any) -> None:
