@@ -30,7 +30,7 @@ from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec
 import eqtrace
 from eqtrace import nn
 from eqtrace._validation import example_input
-from helpers import LONG, ConvCell, Rolling, cast, mse, pairs, squared_loss
+from helpers import LONG, ConvCell, LeakyTanh, Rolling, cast, mse, pairs, squared_loss
 from registry import ALGORITHMS, EVERY_CELL, make_cell
 from test_any_cell import CalledOutOfOrder, OutputNotOfState, RawWeightUse, VmappedOp
 from test_eprop import RolledOutput
@@ -410,6 +410,30 @@ def _step_changes_state_dtype():
     return cases
 
 
+def _example_input_with_an_extra_axis():
+    """Cells that declare no input size, given `(n, 1)`: the example input broadcast against
+    the state (JAX's default rank promotion, which this suite turns off), and failed inside
+    the next layer or inside the diagonal rules' analysis."""
+    x = jnp.zeros((INPUT, 1))
+    network = nn.Sequential(
+        [LeakyTanh(INPUT, HIDDEN, key=_key()), eqx.nn.Linear(HIDDEN, 2, key=_key())]
+    )
+
+    def promoting(call):
+        def run():
+            with jax.numpy_rank_promotion("allow"):
+                call()
+
+        return run
+
+    return [
+        promoting(_init(eqtrace.DRTRL(), network, x)),
+        promoting(
+            lambda: eqtrace.check(LeakyTanh(INPUT, HIDDEN, key=_key()), eqtrace.PPProp(0.5), x)
+        ),
+    ]
+
+
 def _trace_of_another_algorithm():
     model, _, _, _, _, state, _ = _setup()
     drtrl_trace = eqtrace.DRTRL().init_trace(model, state)
@@ -623,6 +647,7 @@ CASES: dict[str, Callable[[], list[Callable[[], object]]]] = {
     "State of the wrong shape or structure": _state_of_wrong_shape,
     "Trace of another algorithm or model": _trace_of_another_algorithm,
     "A step that changes the state's dtype": _step_changes_state_dtype,
+    "An example input with an extra axis": _example_input_with_an_extra_axis,
     "A parameter outside the step": _parameter_outside_the_step,
     "A model that is not an eqtrace cell or network": lambda: [
         lambda: eqtrace.make_online_step(

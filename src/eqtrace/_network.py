@@ -23,6 +23,7 @@ from ._link import OutputDerivative, StepDerivative, freeze, last, link
 from ._probing import concrete
 from ._sequential import Sequential
 from ._validation import (
+    check_example_input,
     check_input,
     check_matches,
     check_model,
@@ -168,7 +169,7 @@ def init_network_trace(algorithm, model: AbstractCell, state, x=None):
     check_model(f"{type(algorithm).__name__}.init_trace", "model", model)
     check_state(model, state)
     if x is not None:  # An example input of the wrong shape would fail deep inside the model.
-        check_input(model, x)
+        check_example_input(model, state, x)
     x = example_input(model) if x is None else x
     if not isinstance(model, Sequential):
         return algorithm.init_cell_trace(model, state, x) if has_parameters(model) else None
