@@ -774,3 +774,34 @@ def test_a_decay_that_overflows_on_a_random_draw(algorithm, getkey):
     xs, targets = jr.normal(getkey(), (4, 3)), jr.normal(getkey(), (4, 4))
     online, bptt = online_and_bptt(algorithm, model, xs, targets)
     assert relative_error(online, bptt) <= 1e-10
+
+
+class GatedPlusDirect(eqtrace.AbstractCell):
+    """`h' = relu(α h + A x) + B x` with one neuron: `∂h/∂u` of the two calls agrees wherever
+    the ReLU is on, which three random draws of one neuron all hit one time in eight (pp-prop
+    then shared one output trace between the calls, a wrong gradient where the ReLU is off)."""
+
+    a: eqx.nn.Linear
+    b: eqx.nn.Linear
+    decay: jax.Array
+
+    def __init__(self, *, key):
+        akey, bkey = jr.split(key)
+        self.a = eqx.nn.Linear(5, 1, key=akey)
+        self.b = eqx.nn.Linear(5, 1, key=bkey)
+        self.decay = jnp.array([0.5])
+
+    def init_state(self):
+        return jnp.zeros(1)
+
+    def __call__(self, state, x):
+        h = jax.nn.relu(self.decay * state + self.a(x)) + self.b(x)
+        return h, h
+
+
+@pytest.mark.parametrize("rule", FIRST_STEP_RULES)
+def test_calls_share_a_sensitivity_only_if_it_is_the_same(rule, getkey):
+    model, x, target = GatedPlusDirect(key=getkey()), jr.normal(getkey(), (5,)), jnp.ones(1)
+    state = jnp.array([-100.0])  # the ReLU is off: `A` gets no gradient, `B` does
+    exact = first_step_gradient(eqtrace.RTRL(), model, state, x, target)
+    assert relative_error(first_step_gradient(rule, model, state, x, target), exact) <= 1e-12

@@ -187,19 +187,21 @@ def _leaf_key(leaf) -> Any:
 DRAW_SCALES = (0.3, 1.0, 3.0)
 #: More draws stop when this many in a row resolve nothing more, or at `MAX_DRAWS` in all.
 PATIENCE, MAX_DRAWS = 16, 64
+#: Draws times neurons over which calls must agree on `∂h/∂u` to share it (pp-prop).
+SENSITIVITY_EVIDENCE = 16
 
 
 def _draws(unresolved):
     """`(index, scale)` of the random instances to analyse: `DRAW_SCALES`, then more while
-    `unresolved()` (a count of elements whose dependence has not shown yet) is not zero and
-    keeps falling. A derivative that vanishes on part of the inputs (a ReLU, `jnp.minimum`,
-    `jnp.where`) hides a dependence on about half the draws, so three draws miss some of the
-    many elements of an array; more draws find them. Elements with no dependence at all (an
-    input `x`) stop the draws after `PATIENCE` more."""
+    `unresolved(draws)` (a count of elements whose dependence has not shown yet, after
+    `draws` draws) is not zero and keeps falling. A derivative that vanishes on part of the
+    inputs (a ReLU, `jnp.minimum`, `jnp.where`) hides a dependence on about half the draws,
+    so three draws miss some of the many elements of an array; more draws find them.
+    Elements with no dependence at all (an input `x`) stop the draws after `PATIENCE` more."""
     draw, fewest, stalled = 0, None, 0
     while True:
         if draw >= len(DRAW_SCALES):
-            left = unresolved()
+            left = unresolved(draw)
             if left == 0 or draw >= MAX_DRAWS:
                 return
             stalled = stalled + 1 if fewest is not None and left >= fewest else 0
@@ -406,7 +408,16 @@ def _analyse(cell, state, x) -> CellStructure:
     leaf_link = np.zeros((num_leaves, num_leaves), bool)  # `h^m_{t-1}` reaches `h^k_t` (cut)
     site_leaves = np.zeros((num_sites, num_leaves), bool)  # leaves each call reaches
     param_leaves = np.zeros((len(param_paths), num_leaves), bool)
-    for draw, scale in _draws(lambda: _unowned_outputs(owner_hits)):
+
+    def unresolved(draws):
+        # Calls whose `∂h/∂u` agreed on every draw so far may agree by chance where a gate
+        # (a ReLU) zeroes both on every neuron: with few neurons that is likely, so such
+        # pairs need more draws, until chance agreement is below 2^-16.
+        pairs = int(np.sum(np.triu(same_sensitivity, 1)))
+        pending = pairs if draws * num_neurons < SENSITIVITY_EVIDENCE else 0
+        return _unowned_outputs(owner_hits) + pending
+
+    for draw, scale in _draws(unresolved):
         c = random_like(cell, rng, scale)
         s = random_like(state, rng, scale)
         xr = random_like(x, rng, scale)
@@ -673,7 +684,8 @@ def _input_owners(cell, state, x, structure: CellStructure) -> InputOwners:
     hits = [np.zeros((math.prod(site.input_shape), n), bool) for site in structure.sites]
     rng = np.random.default_rng(2)
 
-    def unowned_inputs():  # Of the calls whose input depends on the state at all.
+    def unowned_inputs(draws):  # Of the calls whose input depends on the state at all.
+        del draws
         return sum(int(np.sum(~h.any(axis=1))) for h in hits if h.any())
 
     for _, scale in _draws(unowned_inputs):
