@@ -187,8 +187,8 @@ def _leaf_key(leaf) -> Any:
 DRAW_SCALES = (0.3, 1.0, 3.0)
 #: More draws stop when this many in a row resolve nothing more, or at `MAX_DRAWS` in all.
 PATIENCE, MAX_DRAWS = 16, 64
-#: Draws times neurons over which calls must agree on `∂h/∂u` to share it (pp-prop).
-SENSITIVITY_EVIDENCE = 16
+#: Draws times neurons analysed at least (more draws for cells of few neurons).
+MIN_NEURON_DRAWS = 16
 
 
 def _draws(unresolved):
@@ -410,12 +410,11 @@ def _analyse(cell, state, x) -> CellStructure:
     param_leaves = np.zeros((len(param_paths), num_leaves), bool)
 
     def unresolved(draws):
-        # Calls whose `∂h/∂u` agreed on every draw so far may agree by chance where a gate
-        # (a ReLU) zeroes both on every neuron: with few neurons that is likely, so such
-        # pairs need more draws, until chance agreement is below 2^-16.
-        pairs = int(np.sum(np.triu(same_sensitivity, 1)))
-        pending = pairs if draws * num_neurons < SENSITIVITY_EVIDENCE else 0
-        return _unowned_outputs(owner_hits) + pending
+        # A dependence that a gate (a ReLU) hides on about half the draws hides on every
+        # neuron of a draw often when there are few neurons: then calls seem to share their
+        # `∂h/∂u`, or a leaf seems unread. Small cells get more draws, until such a chance
+        # is below 2^-16.
+        return _unowned_outputs(owner_hits) + (draws * num_neurons < MIN_NEURON_DRAWS)
 
     for draw, scale in _draws(unresolved):
         c = random_like(cell, rng, scale)
