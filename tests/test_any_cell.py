@@ -805,3 +805,37 @@ def test_calls_share_a_sensitivity_only_if_it_is_the_same(rule, getkey):
     state = jnp.array([-100.0])  # the ReLU is off: `A` gets no gradient, `B` does
     exact = first_step_gradient(eqtrace.RTRL(), model, state, x, target)
     assert relative_error(first_step_gradient(rule, model, state, x, target), exact) <= 1e-12
+
+
+class HalfDecay(eqtrace.AbstractCell):
+    """A float16 per-neuron decay and a shared float16 threshold in a float32 cell (the
+    parameters' traces, created in float16, came out of a step in float32, and the scan over
+    time refused the carry)."""
+
+    op: eqx.nn.Linear
+    tau: jax.Array
+    threshold: jax.Array
+
+    def __init__(self, *, key):
+        self.op = eqx.nn.Linear(3, 4, key=key, dtype=jnp.float32)
+        self.tau = jnp.linspace(2.0, 5.0, 4, dtype=jnp.float16)
+        self.threshold = jnp.array(0.2, jnp.float16)
+
+    def init_state(self):
+        return jnp.zeros(4, jnp.float32)
+
+    def __call__(self, state, x):
+        h = jnp.exp(-1 / self.tau) * state + jnp.tanh(self.op(x) - self.threshold)
+        return h.astype(jnp.float32), h.astype(jnp.float32)
+
+
+@pytest.mark.parametrize("rule", STRUCTURAL)
+def test_float16_parameters_outside_ops_of_a_float32_cell(rule, getkey):
+    model = HalfDecay(key=getkey())
+    xs = jr.normal(getkey(), (5, 3), jnp.float32)
+    targets = jr.normal(getkey(), (5, 4), jnp.float32)
+    online, bptt = online_and_bptt(rule, model, xs, targets)
+    _, blocked, _, _ = online_in_blocks(rule, model, xs, targets, block_size=2)
+    assert relative_error(blocked, online) <= 1e-2
+    if not isinstance(rule, eqtrace.PPProp):  # exact on this element-wise cell
+        assert relative_error(online, bptt) <= 1e-2
