@@ -839,3 +839,31 @@ def test_float16_parameters_outside_ops_of_a_float32_cell(rule, getkey):
     assert relative_error(blocked, online) <= 1e-2
     if not isinstance(rule, eqtrace.PPProp):  # exact on this element-wise cell
         assert relative_error(online, bptt) <= 1e-2
+
+
+class MLPEncoder(eqtrace.AbstractCell):
+    """An `eqx.nn.MLP` on `x` inside the cell: its layers are ops that reach the state only
+    through the input of the cell's op (refused as "mixing after the op", which it is not)."""
+
+    encoder: eqx.nn.MLP
+    op: eqx.nn.Linear
+    decay: jax.Array
+
+    def __init__(self, *, key):
+        ekey, okey = jr.split(key)
+        self.encoder = eqx.nn.MLP(3, 5, width_size=6, depth=1, key=ekey)
+        self.op = eqx.nn.Linear(5, 4, key=okey)
+        self.decay = jnp.linspace(0.2, 0.8, 4)
+
+    def init_state(self):
+        return jnp.zeros(4)
+
+    def __call__(self, state, x):
+        h = self.decay * state + jnp.tanh(self.op(self.encoder(x)))
+        return h, h
+
+
+def test_an_op_that_feeds_another_op_is_refused_naming_the_way_out(getkey):
+    report = str(eqtrace.check(MLPEncoder(key=getkey()), eqtrace.DRTRL(), jnp.zeros(3)))
+    assert "`.encoder.layers[0]` reaches the state only through the input of another op" in report
+    assert "belongs before the cell, in `eqtrace.nn.Sequential`" in report

@@ -252,7 +252,9 @@ def _jacobians(cell, state, x, sites, called, key):
         return _flat(new_state)
 
     jac_probe, jac_full = jax.jacrev(run, argnums=(1, 2))(state, zero_probes, param_leaves, False)
-    jac_state, jac_cut = jax.jacrev(run, argnums=(0, 2))(state, zero_probes, param_leaves, True)
+    jac_state, jac_probe_cut, jac_cut = jax.jacrev(run, argnums=(0, 1, 2))(
+        state, zero_probes, param_leaves, True
+    )
 
     # With every call's output replayed, an op's weights must not change the state: if they
     # do, they act outside a call (e.g. `op.weight @ h`), which no op trace covers. One JVP
@@ -273,7 +275,9 @@ def _jacobians(cell, state, x, sites, called, key):
         return jnp.concatenate([jnp.ravel(leaf) for leaf in leaves]) if leaves else jnp.zeros(0)
 
     jac_output = jax.jacrev(output)(state)
-    return _finite((jac_probe, jac_state, jac_cut, jac_full, outside_calls, jac_output))
+    return _finite(
+        (jac_probe, jac_state, jac_cut, jac_full, outside_calls, jac_output, jac_probe_cut)
+    )
 
 
 def require_output_readout(rule: str, cell, state, x) -> None:
@@ -408,6 +412,7 @@ def _analyse(cell, state, x) -> CellStructure:
     leaf_link = np.zeros((num_leaves, num_leaves), bool)  # `h^m_{t-1}` reaches `h^k_t` (cut)
     site_leaves = np.zeros((num_sites, num_leaves), bool)  # leaves each call reaches
     param_leaves = np.zeros((len(param_paths), num_leaves), bool)
+    site_reaches_cut = np.zeros(num_sites, bool)  # with every op's input cut
 
     def unresolved(draws):
         # A dependence that a gate (a ReLU) hides on about half the draws hides on every
@@ -420,9 +425,11 @@ def _analyse(cell, state, x) -> CellStructure:
         c = random_like(cell, rng, scale)
         s = random_like(state, rng, scale)
         xr = random_like(x, rng, scale)
-        jac_probe, jac_state, jac_cut, jac_full, outside, jac_output = _jacobians(
+        jac_probe, jac_state, jac_cut, jac_full, outside, jac_output, jac_probe_cut = _jacobians(
             c, s, xr, sites, called, jax.random.key(draw)
         )
+        for i, jac in enumerate(jac_probe_cut):
+            site_reaches_cut[i] |= bool(np.any(np.asarray(jac) != 0))
         for m, block in enumerate(jtu.tree_leaves(jac_output)):
             leaf_read[m] |= bool(np.any(np.asarray(block) != 0))
         for m, block in enumerate(jtu.tree_leaves(jac_state)):
@@ -460,6 +467,17 @@ def _analyse(cell, state, x) -> CellStructure:
     for site, hits in enumerate(owner_hits):
         counts = hits.sum(axis=0)
         for j in np.flatnonzero(counts > 1)[:1]:
+            if not site_reaches_cut[site]:
+                violations.append(
+                    f"the op `{_site_name(op_paths, sites, site)}` reaches the state only through "
+                    f"the input of another op (output element {j} reaches {counts[j]} neurons "
+                    "that way); the diagonal rules cut op inputs, so its weights would get no "
+                    "gradient. A layer that transforms the input (an `eqx.nn.MLP` on `x`) "
+                    "belongs before the cell, in `eqtrace.nn.Sequential`, where its gradient is "
+                    "exact; ops chained after an op (an `eqx.nn.MLP` on its output) mix neurons, "
+                    "which only `eqtrace.RTRL()` traces."
+                )
+                continue
             violations.append(
                 f"output element {j} of the op `{_site_name(op_paths, sites, site)}` reaches "
                 f"{counts[j]} neurons ({list(np.flatnonzero(hits[:, j]))[:4]}…); each op output "
