@@ -30,7 +30,7 @@ from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec
 import eqtrace
 from eqtrace import nn
 from eqtrace._validation import example_input
-from helpers import LONG, ConvCell, Rolling, cast, mse, pairs, squared_loss
+from helpers import LONG, ConvCell, LeakyTanh, Rolling, cast, mse, pairs, squared_loss
 from registry import ALGORITHMS, EVERY_CELL, make_cell
 from test_any_cell import CalledOutOfOrder, OutputNotOfState, RawWeightUse, VmappedOp
 from test_eprop import RolledOutput
@@ -287,7 +287,16 @@ def _complex_input():
 
 def _input_of_wrong_shape():
     model, _, _, _, _, state, trace = _setup()
-    return [lambda: eqtrace.RTRL().step(model, state, trace, jnp.ones((BATCH, INPUT)))]
+    wrong_size = jnp.zeros(INPUT + 1)  # an example input the model's layers cannot take
+    network = nn.Sequential([_gru(), eqx.nn.Linear(HIDDEN, 2, key=_key())])
+    return [
+        lambda: eqtrace.RTRL().step(model, state, trace, jnp.ones((BATCH, INPUT))),
+        # Example inputs were used without a check (a dot_general error from inside the model).
+        _init(eqtrace.RTRL(), model, wrong_size),
+        _init(eqtrace.DRTRL(), network, wrong_size),
+        lambda: eqtrace.init_state_and_trace(network, eqtrace.PPProp(0.5), x=wrong_size),
+        lambda: eqtrace.check(network, eqtrace.DRTRL(), wrong_size),
+    ]
 
 
 def _state_of_wrong_shape():
@@ -399,6 +408,30 @@ def _step_changes_state_dtype():
     trace = rule.init_trace(cell, cell.init_state(), xs[0].astype(jnp.float32))
     cases.append(lambda: rule.step(cell, cell.init_state(), trace, xs[0]))
     return cases
+
+
+def _example_input_with_an_extra_axis():
+    """Cells that declare no input size, given `(n, 1)`: the example input broadcast against
+    the state (JAX's default rank promotion, which this suite turns off), and failed inside
+    the next layer or inside the diagonal rules' analysis."""
+    x = jnp.zeros((INPUT, 1))
+    network = nn.Sequential(
+        [LeakyTanh(INPUT, HIDDEN, key=_key()), eqx.nn.Linear(HIDDEN, 2, key=_key())]
+    )
+
+    def promoting(call):
+        def run():
+            with jax.numpy_rank_promotion("allow"):
+                call()
+
+        return run
+
+    return [
+        promoting(_init(eqtrace.DRTRL(), network, x)),
+        promoting(
+            lambda: eqtrace.check(LeakyTanh(INPUT, HIDDEN, key=_key()), eqtrace.PPProp(0.5), x)
+        ),
+    ]
 
 
 def _trace_of_another_algorithm():
@@ -614,7 +647,14 @@ CASES: dict[str, Callable[[], list[Callable[[], object]]]] = {
     "State of the wrong shape or structure": _state_of_wrong_shape,
     "Trace of another algorithm or model": _trace_of_another_algorithm,
     "A step that changes the state's dtype": _step_changes_state_dtype,
+    "An example input with an extra axis": _example_input_with_an_extra_axis,
     "A parameter outside the step": _parameter_outside_the_step,
+    "A model that is not an eqtrace cell or network": lambda: [
+        lambda: eqtrace.make_online_step(
+            eqtrace.DRTRL(), eqx.partition(eqx.nn.Sequential([_gru()]), eqx.is_inexact_array)[1]
+        ),
+        lambda: eqtrace.make_forward_step(lambda state, x: _gru()(state, x)),
+    ],
     "No example input": lambda: [
         _init(eqtrace.DRTRL(), Rolling(INPUT, HIDDEN, key=_key()), None),
         lambda: eqtrace.check(Rolling(INPUT, HIDDEN, key=_key())),
@@ -906,6 +946,12 @@ def test_wrong_types_without_beartype():
         ),
         "eqtrace.truncated_bptt_gradient(forward, loss, params, state, xs, targets, 2.0)": (
             "TypeError: truncated_bptt_gradient: `window` must be a Python int"
+        ),
+        "eqtrace.init_state_and_trace(eqx.nn.Sequential([model]), eqtrace.DRTRL())": (
+            "TypeError: init_state_and_trace: `model` must be an eqtrace cell"
+        ),
+        "eqtrace.check(lambda state, x: model(state, x), x=jnp.zeros(3))": (
+            "TypeError: check: `model` must be an eqtrace cell"
         ),
         "eqtrace.ExactWindows(eqtrace.DRTRL)": (
             "TypeError: ExactWindows: `rule` must be an online rule (an instance of "

@@ -13,7 +13,13 @@ from ._custom_types import ExampleInput
 from ._probing import concrete
 from ._sequential import Sequential
 from ._structure import CellStructure, analyse
-from ._validation import example_input, is_key, require_example_input
+from ._validation import (
+    check_example_input,
+    check_model,
+    example_input,
+    is_key,
+    require_example_input,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,7 +159,10 @@ def check(
 
     **Returns:** a `StructureReport`; `print` it, or test `report.ok` and `report.refusal`.
     """
+    check_model("check", "model", model)
     algorithm = DRTRL(strict=False) if algorithm is None else algorithm
+    if x is not None:
+        check_example_input(model, model.init_state(), x)
     x = example_input(model) if x is None else x
     require_example_input(model, x)
     layers = model.layers if isinstance(model, Sequential) else (model,)

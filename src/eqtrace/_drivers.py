@@ -17,6 +17,7 @@ from ._custom_types import ExampleInput, Input, KeyLike, Params, Scalar, State, 
 from ._validation import (
     check_count,
     check_key,
+    check_model,
     check_parameters_enter_step,
     check_step_keeps_state,
     is_key,
@@ -59,6 +60,7 @@ def make_online_step(algorithm: AbstractAlgorithm, static: Any) -> OnlineStep:
     shaped like the model that `static` came from.
     """
 
+    check_model("make_online_step", "static", static)
     static_def = _structure(static)
 
     def online_step(params, state, trace, x):
@@ -85,6 +87,7 @@ def make_online_block(algorithm: AbstractAlgorithm, static: Any) -> OnlineBlock:
     `online_gradient(..., block_size=C)`.
     """
 
+    check_model("make_online_block", "static", static)
     static_def = _structure(static)
 
     def online_block(params, state, trace, xs):
@@ -109,6 +112,7 @@ def make_forward_step(static: Any) -> ForwardStep:
     model that `static` came from.
     """
 
+    check_model("make_forward_step", "static", static)
     static_def = _structure(static)
 
     def forward_step(params, state, x):
@@ -254,6 +258,7 @@ def init_state_and_trace(
 
     **Returns:** `(state, trace)`, the pytrees to pass to the online step.
     """
+    check_model("init_state_and_trace", "model", model)
     state = model.init_state()
     trace = algorithm.init_trace(model, state, x)
     if key is not None:

@@ -23,8 +23,10 @@ from ._link import OutputDerivative, StepDerivative, freeze, last, link
 from ._probing import concrete
 from ._sequential import Sequential
 from ._validation import (
+    check_example_input,
     check_input,
     check_matches,
+    check_model,
     check_parameters_enter_step,
     check_state,
     check_step_keeps_state,
@@ -164,7 +166,10 @@ def advance_network(algorithm, model: AbstractCell, state, trace, x, mode: Mode)
 
 def init_network_trace(algorithm, model: AbstractCell, state, x=None):
     """The initial trace of `model` for one sample (see `AbstractAlgorithm.init_trace`)."""
+    check_model(f"{type(algorithm).__name__}.init_trace", "model", model)
     check_state(model, state)
+    if x is not None:  # An example input of the wrong shape would fail deep inside the model.
+        check_example_input(model, state, x)
     x = example_input(model) if x is None else x
     if not isinstance(model, Sequential):
         return algorithm.init_cell_trace(model, state, x) if has_parameters(model) else None

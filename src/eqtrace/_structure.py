@@ -183,6 +183,41 @@ def _leaf_key(leaf) -> Any:
     return leaf
 
 
+#: Random instances the analysis always draws, at these scales (then cycled for more draws).
+DRAW_SCALES = (0.3, 1.0, 3.0)
+#: More draws stop when this many in a row resolve nothing more, or at `MAX_DRAWS` in all.
+PATIENCE, MAX_DRAWS = 16, 64
+#: Draws times neurons analysed at least (more draws for cells of few neurons).
+MIN_NEURON_DRAWS = 16
+
+
+def _draws(unresolved):
+    """`(index, scale)` of the random instances to analyse: `DRAW_SCALES`, then more while
+    `unresolved(draws)` (a count of elements whose dependence has not shown yet, after
+    `draws` draws) is not zero and keeps falling. A derivative that vanishes on part of the
+    inputs (a ReLU, `jnp.minimum`, `jnp.where`) hides a dependence on about half the draws,
+    so three draws miss some of the many elements of an array; more draws find them.
+    Elements with no dependence at all (an input `x`) stop the draws after `PATIENCE` more."""
+    draw, fewest, stalled = 0, None, 0
+    while True:
+        if draw >= len(DRAW_SCALES):
+            left = unresolved(draw)
+            if left == 0 or draw >= MAX_DRAWS:
+                return
+            stalled = stalled + 1 if fewest is not None and left >= fewest else 0
+            fewest = left if fewest is None else min(fewest, left)
+            if stalled >= PATIENCE:
+                return
+        yield draw, DRAW_SCALES[draw % len(DRAW_SCALES)]
+        draw += 1
+
+
+def _unowned_outputs(owner_hits) -> int:
+    """How many output elements of the calls that reach the state have reached no neuron
+    yet (their owner would default to neuron 0)."""
+    return sum(int(np.sum(~hits.any(axis=0))) for hits in owner_hits if hits.any())
+
+
 def analyse(cell, state, x) -> CellStructure:
     """The structure of `cell` (cached on its static structure and the shapes involved)."""
     x = concrete(x)
@@ -191,6 +226,15 @@ def analyse(cell, state, x) -> CellStructure:
 
 def _flat(tree) -> jax.Array:
     return jnp.stack([jnp.ravel(leaf) for leaf in jtu.tree_leaves(tree)])
+
+
+def _finite(tree):
+    """`tree` with its non-finite entries set to zero. A random draw can overflow where the
+    cell divides by or exponentiates a parameter (`exp(-dt / τ)` at a `τ` near zero); an
+    infinite derivative then spreads NaNs (`0 · inf`) over entries that do not depend on each
+    other, which would read as dependences. Such an entry tells nothing in that draw; the
+    other draws show the dependence."""
+    return jtu.tree_map(lambda a: jnp.where(jnp.isfinite(a), a, 0), tree)
 
 
 @eqx.filter_jit
@@ -208,7 +252,9 @@ def _jacobians(cell, state, x, sites, called, key):
         return _flat(new_state)
 
     jac_probe, jac_full = jax.jacrev(run, argnums=(1, 2))(state, zero_probes, param_leaves, False)
-    jac_state, jac_cut = jax.jacrev(run, argnums=(0, 2))(state, zero_probes, param_leaves, True)
+    jac_state, jac_probe_cut, jac_cut = jax.jacrev(run, argnums=(0, 1, 2))(
+        state, zero_probes, param_leaves, True
+    )
 
     # With every call's output replayed, an op's weights must not change the state: if they
     # do, they act outside a call (e.g. `op.weight @ h`), which no op trace covers. One JVP
@@ -229,7 +275,9 @@ def _jacobians(cell, state, x, sites, called, key):
         return jnp.concatenate([jnp.ravel(leaf) for leaf in leaves]) if leaves else jnp.zeros(0)
 
     jac_output = jax.jacrev(output)(state)
-    return jac_probe, jac_state, jac_cut, jac_full, outside_calls, jac_output
+    return _finite(
+        (jac_probe, jac_state, jac_cut, jac_full, outside_calls, jac_output, jac_probe_cut)
+    )
 
 
 def require_output_readout(rule: str, cell, state, x) -> None:
@@ -364,13 +412,24 @@ def _analyse(cell, state, x) -> CellStructure:
     leaf_link = np.zeros((num_leaves, num_leaves), bool)  # `h^m_{t-1}` reaches `h^k_t` (cut)
     site_leaves = np.zeros((num_sites, num_leaves), bool)  # leaves each call reaches
     param_leaves = np.zeros((len(param_paths), num_leaves), bool)
-    for draw, scale in enumerate((0.3, 1.0, 3.0)):
+    site_reaches_cut = np.zeros(num_sites, bool)  # with every op's input cut
+
+    def unresolved(draws):
+        # A dependence that a gate (a ReLU) hides on about half the draws hides on every
+        # neuron of a draw often when there are few neurons: then calls seem to share their
+        # `∂h/∂u`, or a leaf seems unread. Small cells get more draws, until such a chance
+        # is below 2^-16.
+        return _unowned_outputs(owner_hits) + (draws * num_neurons < MIN_NEURON_DRAWS)
+
+    for draw, scale in _draws(unresolved):
         c = random_like(cell, rng, scale)
         s = random_like(state, rng, scale)
         xr = random_like(x, rng, scale)
-        jac_probe, jac_state, jac_cut, jac_full, outside, jac_output = _jacobians(
+        jac_probe, jac_state, jac_cut, jac_full, outside, jac_output, jac_probe_cut = _jacobians(
             c, s, xr, sites, called, jax.random.key(draw)
         )
+        for i, jac in enumerate(jac_probe_cut):
+            site_reaches_cut[i] |= bool(np.any(np.asarray(jac) != 0))
         for m, block in enumerate(jtu.tree_leaves(jac_output)):
             leaf_read[m] |= bool(np.any(np.asarray(block) != 0))
         for m, block in enumerate(jtu.tree_leaves(jac_state)):
@@ -408,6 +467,17 @@ def _analyse(cell, state, x) -> CellStructure:
     for site, hits in enumerate(owner_hits):
         counts = hits.sum(axis=0)
         for j in np.flatnonzero(counts > 1)[:1]:
+            if not site_reaches_cut[site]:
+                violations.append(
+                    f"the op `{_site_name(op_paths, sites, site)}` reaches the state only through "
+                    f"the input of another op (output element {j} reaches {counts[j]} neurons "
+                    "that way); the diagonal rules cut op inputs, so its weights would get no "
+                    "gradient. A layer that transforms the input (an `eqx.nn.MLP` on `x`) "
+                    "belongs before the cell, in `eqtrace.nn.Sequential`, where its gradient is "
+                    "exact; ops chained after an op (an `eqx.nn.MLP` on its output) mix neurons, "
+                    "which only `eqtrace.RTRL()` traces."
+                )
+                continue
             violations.append(
                 f"output element {j} of the op `{_site_name(op_paths, sites, site)}` reaches "
                 f"{counts[j]} neurons ({list(np.flatnonzero(hits[:, j]))[:4]}…); each op output "
@@ -532,6 +602,9 @@ def _weights_reach_one_output(op, a, key) -> bool:
     def widen(leaf):
         return leaf.astype(dtype) if eqx.is_inexact_array(leaf) else leaf
 
+    # Any input vector serves; an overflow of the random draw (`exp(-1/τ)` at a small `τ`)
+    # is replaced.
+    a = jnp.where(jnp.isfinite(a), a, 1)
     spread, scaled = _spread_identity(jtu.tree_map(widen, op), widen(a), key)
     spread, scaled = np.asarray(spread), np.asarray(scaled)
     return bool(
@@ -577,7 +650,7 @@ def _outside_jvp(cell, state, x, sites, index):
         return _flat(probed_call(new_cell, state, x, cut=False, outputs=outputs, sites=sites)[0])
 
     direction = jtu.tree_map(jnp.ones_like, arrays)
-    return jax.jvp(replayed, (arrays,), (direction,))[1]
+    return _finite(jax.jvp(replayed, (arrays,), (direction,))[1])
 
 
 def _used_outside_calls(cell, state, x, sites, index) -> bool:
@@ -618,7 +691,7 @@ def _input_jacobians(cell, state, x, sites):
         _, records = probed_call(cell, s, x, probes, cut=False, outputs=outputs, sites=sites)
         return [a for a, _ in records]
 
-    return jax.jacrev(inputs, argnums=(0, 1))(state, [jnp.zeros_like(u) for u in outputs])
+    return _finite(jax.jacrev(inputs, argnums=(0, 1))(state, [jnp.zeros_like(u) for u in outputs]))
 
 
 def _input_owners(cell, state, x, structure: CellStructure) -> InputOwners:
@@ -627,7 +700,12 @@ def _input_owners(cell, state, x, structure: CellStructure) -> InputOwners:
     n = structure.num_neurons
     hits = [np.zeros((math.prod(site.input_shape), n), bool) for site in structure.sites]
     rng = np.random.default_rng(2)
-    for scale in (0.3, 1.0, 3.0):
+
+    def unowned_inputs(draws):  # Of the calls whose input depends on the state at all.
+        del draws
+        return sum(int(np.sum(~h.any(axis=1))) for h in hits if h.any())
+
+    for _, scale in _draws(unowned_inputs):
         draws = [random_like(tree, rng, scale) for tree in (cell, state, x)]
         for i, (d_state, d_probes) in enumerate(_input_jacobians(*draws, structure.site_ops)):
             size = hits[i].shape[0]

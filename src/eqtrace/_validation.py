@@ -9,6 +9,7 @@ import jax.tree_util as jtu
 import numpy as np
 from jax.extend.core import Literal
 
+from ._cell import AbstractCell
 from ._sequential import Sequential
 
 
@@ -81,6 +82,29 @@ def check_key(owner: str, name: str, key: Any, example: str) -> None:
         )
 
 
+def check_model(owner: str, name: str, model: Any) -> None:
+    """Refuses a model that is not an eqtrace cell or network (an `eqx.nn.Sequential`, a
+    function), which would fail later on a missing `init_state` or inside its layers."""
+    if isinstance(model, AbstractCell):
+        return
+    if isinstance(model, eqx.nn.Sequential):
+        fix = (
+            "Build the network with `eqtrace.nn.Sequential([...])` (the same layers): it "
+            "threads each cell's state, which `eqx.nn.Sequential` cannot."
+        )
+    else:
+        fix = (
+            "Write the step as a subclass of `eqtrace.AbstractCell`, with `init_state()`, "
+            "`__call__(state, x) -> (new_state, output(new_state))` and `output(state)`, "
+            "or combine cells and layers in `eqtrace.nn.Sequential([...])`."
+        )
+    raise TypeError(
+        f"{owner}: `{name}` must be an eqtrace cell (an instance of `eqtrace.AbstractCell`) or "
+        f"an `eqtrace.nn.Sequential`, but received {type(model).__module__}."
+        f"{type(model).__qualname__}. {fix}"
+    )
+
+
 def check_state(model: Any, state: Any) -> None:
     expected = jax.eval_shape(model.init_state)
     check_matches(
@@ -92,10 +116,11 @@ def check_state(model: Any, state: Any) -> None:
     )
 
 
-def check_step_keeps_state(model: Any, state: Any, x: Any) -> None:
+def check_step_keeps_state(model: Any, state: Any, x: Any, *, dtypes: bool = True) -> None:
     """Raises if one step of `model` returns a state laid out otherwise than `state`: a step
     scanned over time must keep its state's shapes and dtypes (JAX would only say that the scan's
-    carry changed type, or that a custom JVP's tangent has the wrong dtype)."""
+    carry changed type, or that a custom JVP's tangent has the wrong dtype). With `dtypes=False`
+    (on an example input, when a trace is created), only the structure and shapes."""
     new_state, _ = eqx.filter_eval_shape(model, state, x)
     if jtu.tree_structure(new_state) != jtu.tree_structure(state):
         raise ValueError(
@@ -106,11 +131,17 @@ def check_step_keeps_state(model: Any, state: Any, x: Any) -> None:
         )
     x_dtypes = [jnp.result_type(a) for a in jtu.tree_leaves(x) if eqx.is_inexact_array(a)]
     for (path, old), new in zip(jtu.tree_leaves_with_path(state), jtu.tree_leaves(new_state)):
-        if jnp.shape(old) != new.shape or jnp.result_type(old) != new.dtype:
+        other_dtype = dtypes and jnp.result_type(old) != new.dtype
+        if jnp.shape(old) != new.shape or other_dtype:
             # An input wider than the state (float32 data into a bfloat16 model) promotes it.
             wider_input = any(jnp.promote_types(d, old.dtype) != old.dtype for d in x_dtypes)
             cause = (
-                f"the input `x` ({_describe(x)}) is wider than the state: cast the inputs to "
+                f"the input `x` ({_describe(x)}) is not the input of one step of one sample "
+                "that the model takes (e.g. an extra trailing axis, broadcast against the "
+                "state), or `__call__` changes the state's shape: pass `x` of the shape the "
+                "model's first layer takes, or keep the state's shape in `__call__`."
+                if jnp.shape(old) != new.shape
+                else f"the input `x` ({_describe(x)}) is wider than the state: cast the inputs to "
                 "the model's dtype, or cast the new state in `__call__`."
                 if wider_input
                 else "`init_state` creates the state in another dtype than the parameters' "
@@ -122,6 +153,23 @@ def check_step_keeps_state(model: Any, state: Any, x: Any) -> None:
                 f"from {_describe(old)} into {_describe(new)}: a step scanned over time must "
                 f"keep its state's shapes and dtypes. This usually means {cause}"
             )
+
+
+def check_example_input(model: Any, state: Any, x: Any) -> None:
+    """Checks an example input of one step (given to create a trace, or to `eqtrace.check`)
+    against the declared input size, and that each cell keeps its state's shapes on it, layer
+    by layer: a wrong input would otherwise fail inside a later layer, or inside the analysis
+    of the diagonal rules."""
+    check_input(model, x)
+    if not isinstance(model, Sequential):
+        check_step_keeps_state(model, state, x, dtypes=False)
+        return
+    for layer, s in zip(model.layers, state):
+        if isinstance(layer, AbstractCell):
+            check_step_keeps_state(layer, s, x, dtypes=False)
+            _, x = eqx.filter_eval_shape(layer, s, x)
+        else:
+            x = eqx.filter_eval_shape(layer, x)
 
 
 def check_parameters_enter_step(model: Any, state: Any, x: Any) -> None:

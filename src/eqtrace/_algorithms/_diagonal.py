@@ -339,11 +339,14 @@ def _param_view(structure: CellStructure, kind: str, jacobian: jax.Array) -> jax
 def step_param_traces(
     structure: CellStructure, lin: Linearisation, traces: tuple[jax.Array | None, ...]
 ) -> tuple[jax.Array | None, ...]:
-    """The non-op parameters' traces after one step."""
+    """The non-op parameters' traces after one step, computed in the state's dtype and stored
+    in the trace's (the parameter's: a float16 decay of a float32 cell keeps a float16 trace)."""
     return tuple(
         None
         if trace is None
-        else mix(_param_view(structure, param.kind, lin.jacobian), trace) + immediate
+        else (mix(_param_view(structure, param.kind, lin.jacobian), trace) + immediate).astype(
+            trace.dtype
+        )
         for param, trace, immediate in zip(structure.params, traces, lin.param_sensitivities)
     )
 
@@ -363,7 +366,8 @@ def block_param_traces(
             continue
         per_step = _param_view(structure, param.kind, products)
         carried = mix(_param_view(structure, param.kind, first), trace)
-        new.append(carried + jnp.sum(jax.vmap(mix)(per_step, immediate), axis=0))
+        summed = jnp.sum(jax.vmap(mix)(per_step, immediate), axis=0)
+        new.append((carried + summed).astype(trace.dtype))
     return tuple(new)
 
 
