@@ -11,7 +11,15 @@ import pytest
 
 import eqtrace
 from eqtrace import nn
-from helpers import cast, online_and_bptt, online_in_blocks, pairs, relative_error, squared_loss
+from helpers import (
+    LeakyTanh,
+    cast,
+    online_and_bptt,
+    online_in_blocks,
+    pairs,
+    relative_error,
+    squared_loss,
+)
 from registry import ALGORITHMS, algorithms, rules
 
 
@@ -712,20 +720,10 @@ def test_a_float64_layer_feeding_a_float32_cell(getkey):
     assert relative_error(blocks, stepped) <= 1e-5
 
 
-class ReLURNN(eqtrace.AbstractCell):
+class ReLURNN(LeakyTanh):
     """`h' = relu(α ⊙ h + W x + b)`: each op output reaches its neuron only where the ReLU is
     active, about half the random draws the analysis makes (three draws left some outputs
     without an owner, and the traces credited them to neuron 0)."""
-
-    op: eqx.nn.Linear
-    decay: jax.Array
-
-    def __init__(self, input_size, hidden_size, *, key):
-        self.op = eqx.nn.Linear(input_size, hidden_size, key=key)
-        self.decay = jnp.linspace(0.3, 0.9, hidden_size)
-
-    def init_state(self):
-        return jnp.zeros(self.decay.shape)
 
     def __call__(self, state, x):
         h = jax.nn.relu(self.decay * state + self.op(x))

@@ -116,12 +116,13 @@ def check_state(model: Any, state: Any) -> None:
     )
 
 
-def check_step_keeps_state(model: Any, state: Any, x: Any, *, dtypes: bool = True) -> None:
+def check_step_keeps_state(model: Any, state: Any, x: Any, *, dtypes: bool = True) -> Any:
     """Raises if one step of `model` returns a state laid out otherwise than `state`: a step
     scanned over time must keep its state's shapes and dtypes (JAX would only say that the scan's
     carry changed type, or that a custom JVP's tangent has the wrong dtype). With `dtypes=False`
-    (on an example input, when a trace is created), only the structure and shapes."""
-    new_state, _ = eqx.filter_eval_shape(model, state, x)
+    (on an example input, when a trace is created), only the structure and shapes. Returns
+    the shape of the step's output (the next layer's input)."""
+    new_state, y = eqx.filter_eval_shape(model, state, x)
     if jtu.tree_structure(new_state) != jtu.tree_structure(state):
         raise ValueError(
             f"{type(model).__name__}'s step returns a state laid out as {_describe(new_state)}, "
@@ -153,6 +154,7 @@ def check_step_keeps_state(model: Any, state: Any, x: Any, *, dtypes: bool = Tru
                 f"from {_describe(old)} into {_describe(new)}: a step scanned over time must "
                 f"keep its state's shapes and dtypes. This usually means {cause}"
             )
+    return y
 
 
 def check_example_input(model: Any, state: Any, x: Any) -> None:
@@ -166,8 +168,7 @@ def check_example_input(model: Any, state: Any, x: Any) -> None:
         return
     for layer, s in zip(model.layers, state):
         if isinstance(layer, AbstractCell):
-            check_step_keeps_state(layer, s, x, dtypes=False)
-            _, x = eqx.filter_eval_shape(layer, s, x)
+            x = check_step_keeps_state(layer, s, x, dtypes=False)
         else:
             x = eqx.filter_eval_shape(layer, x)
 
