@@ -23,8 +23,9 @@ import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
+from jax.extend import core as jcore
 
-from ._ops import algebra, op_params
+from ._ops import algebra, is_op
 from ._probing import (
     call_sites,
     called_ops_spec,
@@ -33,6 +34,14 @@ from ._probing import (
     other_params_spec,
     probed_call,
     random_like,
+)
+from ._sparsity import (
+    decode_index,
+    identity_colours,
+    index_colours,
+    jacobian_pattern,
+    one_colour,
+    pullback_pattern,
 )
 
 
@@ -183,41 +192,6 @@ def _leaf_key(leaf) -> Any:
     return leaf
 
 
-#: Random instances the analysis always draws, at these scales (then cycled for more draws).
-DRAW_SCALES = (0.3, 1.0, 3.0)
-#: More draws stop when this many in a row resolve nothing more, or at `MAX_DRAWS` in all.
-PATIENCE, MAX_DRAWS = 16, 64
-#: Draws times neurons analysed at least (more draws for cells of few neurons).
-MIN_NEURON_DRAWS = 16
-
-
-def _draws(unresolved):
-    """`(index, scale)` of the random instances to analyse: `DRAW_SCALES`, then more while
-    `unresolved(draws)` (a count of elements whose dependence has not shown yet, after
-    `draws` draws) is not zero and keeps falling. A derivative that vanishes on part of the
-    inputs (a ReLU, `jnp.minimum`, `jnp.where`) hides a dependence on about half the draws,
-    so three draws miss some of the many elements of an array; more draws find them.
-    Elements with no dependence at all (an input `x`) stop the draws after `PATIENCE` more."""
-    draw, fewest, stalled = 0, None, 0
-    while True:
-        if draw >= len(DRAW_SCALES):
-            left = unresolved(draw)
-            if left == 0 or draw >= MAX_DRAWS:
-                return
-            stalled = stalled + 1 if fewest is not None and left >= fewest else 0
-            fewest = left if fewest is None else min(fewest, left)
-            if stalled >= PATIENCE:
-                return
-        yield draw, DRAW_SCALES[draw % len(DRAW_SCALES)]
-        draw += 1
-
-
-def _unowned_outputs(owner_hits) -> int:
-    """How many output elements of the calls that reach the state have reached no neuron
-    yet (their owner would default to neuron 0)."""
-    return sum(int(np.sum(~hits.any(axis=0))) for hits in owner_hits if hits.any())
-
-
 def analyse(cell, state, x) -> CellStructure:
     """The structure of `cell` (cached on its static structure and the shapes involved)."""
     x = concrete(x)
@@ -228,56 +202,120 @@ def _flat(tree) -> jax.Array:
     return jnp.stack([jnp.ravel(leaf) for leaf in jtu.tree_leaves(tree)])
 
 
-def _finite(tree):
-    """`tree` with its non-finite entries set to zero. A random draw can overflow where the
-    cell divides by or exponentiates a parameter (`exp(-dt / τ)` at a `τ` near zero); an
-    infinite derivative then spreads NaNs (`0 · inf`) over entries that do not depend on each
-    other, which would read as dependences. Such an entry tells nothing in that draw; the
-    other draws show the dependence."""
-    return jtu.tree_map(lambda a: jnp.where(jnp.isfinite(a), a, 0), tree)
-
-
-@eqx.filter_jit
-def _jacobians(cell, state, x, sites, called, key):
-    """The Jacobians the analysis inspects, for one random instance (jitted: one compile
-    serves every draw)."""
-    params, rest = eqx.partition(cell, other_params_spec(cell, called))
-    param_leaves, param_def = jtu.tree_flatten(params)
-    new_state, records = probed_call(cell, state, x, cut=False, sites=sites)
-    zero_probes = [jnp.zeros_like(u) for _, u in records]
-
-    def run(s, probes, param_leaves, cut):
-        params = jtu.tree_unflatten(param_def, param_leaves)
-        new_state, _ = probed_call(eqx.combine(params, rest), s, x, probes, cut=cut, sites=sites)
-        return _flat(new_state)
-
-    jac_probe, jac_full = jax.jacrev(run, argnums=(1, 2))(state, zero_probes, param_leaves, False)
-    jac_state, jac_probe_cut, jac_cut = jax.jacrev(run, argnums=(0, 1, 2))(
-        state, zero_probes, param_leaves, True
+def _abstract(tree):
+    """`tree` with its arrays replaced by their shapes and dtypes."""
+    return jtu.tree_map(
+        lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype) if eqx.is_array(a) else a, tree
     )
 
-    # With every call's output replayed, an op's weights must not change the state: if they
-    # do, they act outside a call (e.g. `op.weight @ h`), which no op trace covers. One JVP
-    # along a random direction tests this.
-    op_arrays, others = eqx.partition(cell, called_ops_spec(cell, called))
-    outputs = [u for _, u in records]
 
-    def replayed(op_arrays):
-        cell = eqx.combine(op_arrays, others)
-        return _flat(probed_call(cell, state, x, cut=False, outputs=outputs, sites=sites)[0])
+class _Patterns:
+    """The dependency patterns the analysis reads, from the code of one step of the cell
+    (`_sparsity.pullback_pattern`): boolean arrays laid out as `jax.jacrev` lays out the
+    Jacobians, each true wherever the derivative can be non-zero for some value."""
 
-    direction = jtu.tree_map(lambda a: jax.random.normal(key, a.shape, a.dtype), op_arrays)
-    _, outside_calls = jax.jvp(replayed, (op_arrays,), (direction,))
+    def __init__(self, cell, state, x, sites, called, records):
+        num_leaves = len(jtu.tree_leaves(state))
+        num_neurons = math.prod(jnp.shape(jtu.tree_leaves(state)[0]))
+        self.state_shape = (num_leaves, num_neurons)
+        params, rest = eqx.partition(cell, other_params_spec(cell, called))
+        param_leaves, param_def = jtu.tree_flatten(params)
+        probes = [jax.ShapeDtypeStruct(u.shape, u.dtype) for _, u in records]
+        outputs = list(probes)
+        self.unknown: set[str] = set()
 
-    # Which state leaves the output reads: the online gradient enters the traces there.
-    def output(s):
-        leaves = jtu.tree_leaves(eqx.filter(cell.output(s), eqx.is_inexact_array))
-        return jnp.concatenate([jnp.ravel(leaf) for leaf in leaves]) if leaves else jnp.zeros(0)
+        def run(cut, s, probes, param_leaves, rest, x):
+            cell = eqx.combine(jtu.tree_unflatten(param_def, param_leaves), rest)
+            new_state, _ = probed_call(cell, s, x, probes, cut=cut, sites=sites)
+            return _flat(new_state)
 
-    jac_output = jax.jacrev(output)(state)
-    return _finite(
-        (jac_probe, jac_state, jac_cut, jac_full, outside_calls, jac_output, jac_probe_cut)
-    )
+        args = (state, probes, param_leaves, rest, x)
+        full = self._pattern(lambda *a: run(False, *a), args, (1, 2), identity_colours, (3,))
+        cut = self._pattern(lambda *a: run(True, *a), args, (0, 1, 2), identity_colours, (3,))
+
+        def as_jacobian(leaves):
+            return [jacobian_pattern(leaf, self.state_shape) for leaf in leaves]
+
+        self.probe, self.full = as_jacobian(full[0]), as_jacobian(full[1])
+        self.state, self.probe_cut, self.cut = (as_jacobian(leaves) for leaves in cut)
+
+        # With every call's output replayed, an op's weights must not change the state: if
+        # they do, they act outside a call (e.g. `op.weight @ h`), which no op trace covers.
+        op_arrays, others = eqx.partition(cell, called_ops_spec(cell, called))
+
+        def replayed(op_arrays, others, s, x, outputs):
+            cell = eqx.combine(op_arrays, others)
+            return _flat(probed_call(cell, s, x, cut=False, outputs=outputs, sites=sites)[0])
+
+        (outside,) = self._pattern(
+            replayed, (op_arrays, others, state, x, outputs), (0,), one_colour, (1,)
+        )
+        op_nodes = [n for n in jtu.tree_leaves(op_arrays, is_leaf=is_op) if is_op(n)]
+        leaf_counts = [len(jtu.tree_leaves(n)) for n in op_nodes]
+        starts = np.cumsum([0, *leaf_counts])
+        self.op_used_outside = np.array(
+            [
+                any(leaf.any() for leaf in outside[starts[i] : starts[i + 1]])
+                for i in range(len(op_nodes))
+            ],
+            bool,
+        )
+
+        # Which state leaves the output reads: the online gradient enters the traces there.
+        def read(s, cell):
+            return jtu.tree_leaves(eqx.filter(cell.output(s), eqx.is_inexact_array))
+
+        (output,) = self._pattern(read, (state, cell), (0,), one_colour, (1,))
+        self.leaf_read = np.array([leaf.any() for leaf in output], bool)
+
+    def _pattern(self, fun, args, wrt, colours, known):
+        pattern = pullback_pattern(fun, args, wrt, colours, known)
+        self.unknown.update(pattern.unknown)
+        return pattern.leaves
+
+
+def _shared_sensitivities(cell, state, x, sites, records) -> np.ndarray:
+    """`shared[i, j]`: calls `i` and `j` have the same `∂h/∂u`, read from the code: each
+    call's output (with its probe added) reaches the state only through one chain of sums
+    (`W_in x + W_rec s + b`) whose every intermediate has no other use, and the chains of the
+    two calls meet. Then `∂h/∂u_i = ∂h/∂(the sum) = ∂h/∂u_j`, and pp-prop keeps one output
+    trace for both. Any other use (a product, a second use, a sum that broadcasts) is read as
+    a sensitivity of its own: one trace more, never a wrong one."""
+    probes = [jax.ShapeDtypeStruct(u.shape, u.dtype) for _, u in records]
+
+    def run(probes, cell, s, x):
+        return probed_call(cell, s, x, probes, cut=False, sites=sites)[0]
+
+    closed = jax.make_jaxpr(run)(probes, *_abstract((cell, state, x)))
+    jaxpr = closed.jaxpr
+    uses: dict[Any, list[Any]] = collections.defaultdict(list)
+    for eqn in jaxpr.eqns:
+        for atom in eqn.invars:
+            if not isinstance(atom, jcore.Literal):
+                uses[atom].append(eqn)
+    returned = {atom for atom in jaxpr.outvars if not isinstance(atom, jcore.Literal)}
+
+    def root(var):
+        while len(uses[var]) == 1 and var not in returned:
+            (eqn,) = uses[var]
+            first = eqn.invars[0] is var
+            summed = eqn.primitive.name in ("add", "add_any") or (
+                eqn.primitive.name == "sub" and first
+            )
+            if not summed or eqn.outvars[0].aval.shape != var.aval.shape:
+                break
+            if eqn.invars[0] is eqn.invars[1]:
+                break  # `u + u`: twice the sensitivity
+            var = eqn.outvars[0]
+        return var
+
+    roots = [root(var) for var in jaxpr.invars[: len(probes)]]
+    n = len(roots)
+    shared = np.eye(n, dtype=bool)
+    for i in range(n):
+        for j in range(n):
+            shared[i, j] |= roots[i] is roots[j] and probes[i].shape == probes[j].shape
+    return shared
 
 
 def require_output_readout(rule: str, cell, state, x) -> None:
@@ -392,76 +430,44 @@ def _analyse(cell, state, x) -> CellStructure:
     param_paths = tuple(jtu.keystr(p) for p, _ in params_with_paths)
     param_shapes = tuple(tuple(jnp.shape(leaf)) for _, leaf in params_with_paths)
 
-    rng = np.random.default_rng(0)
-    draws = [random_like(tree, rng, 1.0) for tree in (cell, state, x)]
-    _, records = probed_call(*draws, cut=True, sites=sites)
+    # Shapes only: no value of the cell, state or input enters the analysis.
+    _, records = jax.eval_shape(
+        lambda c, s, x: probed_call(c, s, x, cut=True, sites=sites), cell, state, x
+    )
     in_shapes = tuple(tuple(a.shape) for a, _ in records)
     out_shapes = tuple(tuple(u.shape) for _, u in records)
     num_sites = len(sites)
-
-    owner_hits = [np.zeros((num_neurons, math.prod(s)), bool) for s in out_shapes]
-    same_sensitivity = np.array([[a == b for b in out_shapes] for a in out_shapes], bool).reshape(
-        num_sites, num_sites
-    )
+    patterns = _Patterns(cell, state, x, sites, called, records)
+    same_sensitivity = _shared_sensitivities(cell, state, x, sites, records)
+    op_used_outside = patterns.op_used_outside
+    leaf_read = patterns.leaf_read  # read by `output`
+    # `h^m_{t-1}` reaches `h^k_t` with op inputs cut; and the state Jacobian with op inputs
+    # cut must be element-wise within each leaf pair.
+    leaf_link = np.zeros((num_leaves, num_leaves), bool)
     cut_offdiag = np.zeros((num_leaves, num_leaves), bool)
-    param_offdiag = [False] * len(param_paths)
-    param_feeds_op = [False] * len(param_paths)
-    param_reaches_state = [False] * len(param_paths)
-    op_used_outside = np.zeros(len(ops), bool)
-    leaf_read = np.zeros(num_leaves, bool)  # read by `output`
-    leaf_link = np.zeros((num_leaves, num_leaves), bool)  # `h^m_{t-1}` reaches `h^k_t` (cut)
-    site_leaves = np.zeros((num_sites, num_leaves), bool)  # leaves each call reaches
-    param_leaves = np.zeros((len(param_paths), num_leaves), bool)
-    site_reaches_cut = np.zeros(num_sites, bool)  # with every op's input cut
-
-    def unresolved(draws):
-        # A dependence that a gate (a ReLU) hides on about half the draws hides on every
-        # neuron of a draw often when there are few neurons: then calls seem to share their
-        # `∂h/∂u`, or a leaf seems unread. Small cells get more draws, until such a chance
-        # is below 2^-16.
-        return _unowned_outputs(owner_hits) + (draws * num_neurons < MIN_NEURON_DRAWS)
-
-    for draw, scale in _draws(unresolved):
-        c = random_like(cell, rng, scale)
-        s = random_like(state, rng, scale)
-        xr = random_like(x, rng, scale)
-        jac_probe, jac_state, jac_cut, jac_full, outside, jac_output, jac_probe_cut = _jacobians(
-            c, s, xr, sites, called, jax.random.key(draw)
-        )
-        for i, jac in enumerate(jac_probe_cut):
-            site_reaches_cut[i] |= bool(np.any(np.asarray(jac) != 0))
-        for m, block in enumerate(jtu.tree_leaves(jac_output)):
-            leaf_read[m] |= bool(np.any(np.asarray(block) != 0))
-        for m, block in enumerate(jtu.tree_leaves(jac_state)):
-            leaf_link[:, m] |= np.any(np.asarray(block).reshape(num_leaves, -1) != 0, axis=1)
-        for i, jac in enumerate(jac_probe):
-            site_leaves[i] |= np.any(np.asarray(jac).reshape(num_leaves, -1) != 0, axis=1)
-        for i, jac in enumerate(jac_cut):
-            param_leaves[i] |= np.any(np.asarray(jac).reshape(num_leaves, -1) != 0, axis=1)
-        # ∂h/∂u for every call: which neurons each output element reaches.
-        for i, jac in enumerate(jac_probe):
-            hits = np.any(np.asarray(jac).reshape(num_leaves, num_neurons, -1) != 0, axis=0)
-            owner_hits[i] |= hits
-        for i, jac_i in enumerate(jac_probe):
-            for j, jac_j in enumerate(jac_probe):
-                if same_sensitivity[i, j]:
-                    same_sensitivity[i, j] = np.array_equal(jac_i, jac_j)
-        # The state Jacobian with op inputs cut must be element-wise within each leaf pair.
-        for m, block in enumerate(jtu.tree_leaves(jac_state)):
-            block = np.asarray(block).reshape(num_leaves, num_neurons, num_neurons)
-            cut_offdiag[:, m] |= np.any(block * (1 - np.eye(num_neurons)) != 0, axis=(1, 2))
-        # Parameters outside ops: per-neuron (diagonal) or small shared; none may feed an op.
-        for i, (jc, jf) in enumerate(zip(jac_cut, jac_full)):
-            jc, jf = np.asarray(jc), np.asarray(jf)
-            param_feeds_op[i] |= not np.allclose(jc, jf)
-            param_reaches_state[i] |= bool(np.any(jf != 0))
-            if param_shapes[i] == neuron_shape:
-                block = jc.reshape(num_leaves, num_neurons, num_neurons)
-                param_offdiag[i] |= bool(np.any(block * (1 - np.eye(num_neurons)) != 0))
-        if np.any(np.asarray(outside) != 0):
-            # Which op: the same test one op at a time (rare, so not worth a faster path).
-            for i in np.flatnonzero(called):
-                op_used_outside[i] |= _used_outside_calls(c, s, xr, sites, int(i))
+    for m, block in enumerate(patterns.state):
+        block = block.reshape(num_leaves, num_neurons, num_neurons)
+        leaf_link[:, m] = block.any(axis=(1, 2))
+        cut_offdiag[:, m] = np.any(block & ~np.eye(num_neurons, dtype=bool), axis=(1, 2))
+    # ∂h/∂u for every call: which leaves, and which neurons each output element reaches.
+    site_leaves = np.array(
+        [jac.reshape(num_leaves, -1).any(axis=1) for jac in patterns.probe], bool
+    ).reshape(num_sites, num_leaves)
+    owner_hits = [jac.reshape(num_leaves, num_neurons, -1).any(axis=0) for jac in patterns.probe]
+    site_reaches_cut = np.array([jac.any() for jac in patterns.probe_cut], bool)
+    # Parameters outside ops: per-neuron (diagonal) or small shared; none may feed an op.
+    param_leaves = np.array(
+        [jac.reshape(num_leaves, -1).any(axis=1) for jac in patterns.cut], bool
+    ).reshape(len(param_paths), num_leaves)
+    param_feeds_op, param_reaches_state, param_offdiag = [], [], []
+    for i, (jc, jf) in enumerate(zip(patterns.cut, patterns.full)):
+        param_feeds_op.append(bool(np.any(jf & ~jc)))
+        param_reaches_state.append(bool(jf.any()))
+        offdiag = False
+        if param_shapes[i] == neuron_shape:
+            block = jc.reshape(num_leaves, num_neurons, num_neurons)
+            offdiag = bool(np.any(block & ~np.eye(num_neurons, dtype=bool)))
+        param_offdiag.append(offdiag)
 
     owners = []
     for site, hits in enumerate(owner_hits):
@@ -484,7 +490,8 @@ def _analyse(cell, state, x) -> CellStructure:
                 "must reach one neuron through element-wise operations (mixing after the op is "
                 "not diagonal)."
             )
-        owners.append(np.argmax(hits, axis=0).astype(np.int32))
+        # An element that reaches no neuron is never read (the call is untraced there).
+        owners.append(np.where(counts == 1, np.argmax(hits, axis=0), 0).astype(np.int32))
     for k in range(num_leaves):
         for m in range(num_leaves):
             if cut_offdiag[k, m]:
@@ -550,9 +557,17 @@ def _analyse(cell, state, x) -> CellStructure:
             "the `y` returned by `__call__` differs from `output(new_state)`; online rules need "
             "the output to be a function of the new state, given by `output`."
         )
+    if patterns.unknown and violations:
+        violations.append(
+            "the analysis does not know the primitive(s) "
+            + ", ".join(f"`{p}`" for p in sorted(patterns.unknown))
+            + ", so it took every output of them to depend on every input; the violations "
+            "above may come from them. Express that step with jax.numpy operations, or use "
+            "`eqtrace.RTRL()`."
+        )
+    site_ops = _site_modules(cell, sites)
     ops_reaching_one_output = [
-        _weights_reach_one_output(op, a, jax.random.key(site))
-        for site, (op, (a, _)) in enumerate(zip(_site_modules(draws[0], sites), records))
+        _weights_reach_one_output(op, a) for op, (a, _) in zip(site_ops, records)
     ]
     return CellStructure(
         cell_name=name,
@@ -589,44 +604,23 @@ def _site_modules(cell, sites) -> list[Any]:
     return [ops[i] for i in sites]
 
 
-def _weights_reach_one_output(op, a, key) -> bool:
-    """Whether every weight of `op` reaches a single output element, tested on the identity
-    that then holds for any per-output `v` and weight tangent `δ`: spreading `v` over the
-    weights and applying the op's tangent map equals scaling its output tangent by `v`.
-    Computed in one dtype, at least float32, so that the tolerance means the same in every
-    dtype and an input wider than the weights (a float64 layer feeding a float32 cell) gives
-    tangents of the weights' dtype."""
-    floats = [leaf.dtype for leaf in jtu.tree_leaves((op, a)) if eqx.is_inexact_array(leaf)]
-    dtype = jnp.result_type(jnp.float32, *floats)
-
-    def widen(leaf):
-        return leaf.astype(dtype) if eqx.is_inexact_array(leaf) else leaf
-
-    # Any input vector serves; an overflow of the random draw (`exp(-1/τ)` at a small `τ`)
-    # is replaced.
-    a = jnp.where(jnp.isfinite(a), a, 1)
-    spread, scaled = _spread_identity(jtu.tree_map(widen, op), widen(a), key)
-    spread, scaled = np.asarray(spread), np.asarray(scaled)
-    return bool(
-        np.max(np.abs(spread - scaled), initial=0) <= 1e-4 * np.max(np.abs(scaled), initial=1e-30)
-    )
-
-
-@eqx.filter_jit
-def _spread_identity(op, a, key):
+def _weights_reach_one_output(op, a) -> bool:
+    """Whether every weight of `op` reaches at most one output element (dense, embedding), so
+    that D-RTRL's weight-shaped trace is defined; read from the code of the op's `apply`."""
     rules = algebra(op)
     params, static = eqx.partition(op, eqx.is_inexact_array)
 
-    def tangent_map(tangent):
-        return jax.jvp(lambda p: rules.apply(eqx.combine(p, static), a), (params,), (tangent,))[1]
+    def apply(params, static, a):
+        return rules.apply(eqx.combine(params, static), a)
 
-    v_key, delta_key = jax.random.split(key)
-    u = rules.apply(op, a)
-    v = jax.random.normal(v_key, u.shape, u.dtype)
-    delta = jtu.tree_map(lambda p: jax.random.normal(delta_key, p.shape, p.dtype), params)
-    spread = rules.spread(op, a, v)
-    weighted = jtu.tree_map(lambda s, d: jnp.broadcast_to(s, d.shape) * d, spread, delta)
-    return tangent_map(weighted), v * tangent_map(delta)
+    def colours(outputs):
+        return [
+            index_colours(np.arange(math.prod(o.shape)).reshape(o.shape), math.prod(o.shape))
+            for o in outputs
+        ]
+
+    (leaves,) = pullback_pattern(apply, (params, static, a), (0,), colours, known=(1,)).leaves
+    return all(bool(np.all(decode_index(leaf) >= -1)) for leaf in leaves)
 
 
 def _site_name(op_paths, sites, site) -> str:
@@ -634,27 +628,6 @@ def _site_name(op_paths, sites, site) -> str:
     uses = [s for s, o in enumerate(sites) if o == sites[site]]
     path = op_paths[sites[site]]
     return path if len(uses) == 1 else f"{path} (call {uses.index(site) + 1} of {len(uses)})"
-
-
-@eqx.filter_jit
-def _outside_jvp(cell, state, x, sites, index):
-    """`_jacobians`' replay test for op `index` alone."""
-    op = find_ops(cell)[index][1]
-    arrays = op_params(op)
-    _, records = probed_call(cell, state, x, cut=False, sites=sites)
-    outputs = [u for _, u in records]
-
-    def replayed(arrays):
-        new_op = eqx.combine(arrays, op)
-        new_cell = eqx.tree_at(lambda c: find_ops(c)[index][1], cell, new_op)
-        return _flat(probed_call(new_cell, state, x, cut=False, outputs=outputs, sites=sites)[0])
-
-    direction = jtu.tree_map(jnp.ones_like, arrays)
-    return _finite(jax.jvp(replayed, (arrays,), (direction,))[1])
-
-
-def _used_outside_calls(cell, state, x, sites, index) -> bool:
-    return bool(np.any(np.asarray(_outside_jvp(cell, state, x, sites, index)) != 0))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -680,41 +653,36 @@ def input_owners(cell, state, x, structure: CellStructure) -> InputOwners:
     )
 
 
-@eqx.filter_jit
-def _input_jacobians(cell, state, x, sites):
-    """Per call site, `∂a/∂h_{t-1}` and `∂a/∂u` for every call's output `u` (replayed, so
-    that an output does not depend on its op's input)."""
-    _, records = probed_call(cell, state, x, cut=False, sites=sites)
-    outputs = [u for _, u in records]
-
-    def inputs(s, probes):
-        _, records = probed_call(cell, s, x, probes, cut=False, outputs=outputs, sites=sites)
-        return [a for a, _ in records]
-
-    return _finite(jax.jacrev(inputs, argnums=(0, 1))(state, [jnp.zeros_like(u) for u in outputs]))
-
-
 def _input_owners(cell, state, x, structure: CellStructure) -> InputOwners:
     if not structure.sites:  # No op calls (parameters outside ops only): nothing to own.
         return InputOwners(owners=(), shared=())
     n = structure.num_neurons
-    hits = [np.zeros((math.prod(site.input_shape), n), bool) for site in structure.sites]
-    rng = np.random.default_rng(2)
+    sites = structure.site_ops
+    _, records = jax.eval_shape(
+        lambda c, s, x: probed_call(c, s, x, cut=False, sites=sites), cell, state, x
+    )
+    outputs = [jax.ShapeDtypeStruct(u.shape, u.dtype) for _, u in records]
 
-    def unowned_inputs(draws):  # Of the calls whose input depends on the state at all.
-        del draws
-        return sum(int(np.sum(~h.any(axis=1))) for h in hits if h.any())
+    # Each call's input, with every output replayed (so that an output does not depend on
+    # its own op's input) and probed: `∂a/∂h_{t-1}` directly and through earlier outputs.
+    def inputs(s, probes, cell, x, replayed):
+        _, records = probed_call(cell, s, x, probes, cut=False, outputs=replayed, sites=sites)
+        return [a for a, _ in records]
 
-    for _, scale in _draws(unowned_inputs):
-        draws = [random_like(tree, rng, scale) for tree in (cell, state, x)]
-        for i, (d_state, d_probes) in enumerate(_input_jacobians(*draws, structure.site_ops)):
-            size = hits[i].shape[0]
-            for block in jtu.tree_leaves(d_state):
-                hits[i] |= np.asarray(block).reshape(size, n) != 0
-            for site, block in zip(structure.sites, d_probes):
-                if site.traced:
-                    rows, cols = np.nonzero(np.asarray(block).reshape(size, -1))
-                    hits[i][rows, site.owners[cols]] = True
+    d_state, d_probes = pullback_pattern(
+        inputs, (state, outputs, cell, x, outputs), (0, 1), identity_colours, known=(2,)
+    ).leaves
+    sizes = [math.prod(site.input_shape) for site in structure.sites]
+    starts = np.cumsum([0, *sizes])
+    hits = [np.zeros((size, n), bool) for size in sizes]
+    for i in range(len(sizes)):
+        columns = slice(starts[i], starts[i + 1])
+        for leaf in d_state:
+            hits[i] |= leaf.reshape(n, -1)[:, columns].T
+        for site, leaf in zip(structure.sites, d_probes):
+            if site.traced:
+                rows, elements = np.nonzero(leaf.reshape(-1, leaf.shape[-1])[:, columns].T)
+                hits[i][rows, site.owners[elements]] = True
     counts = [h.sum(axis=1) for h in hits]
     return InputOwners(
         owners=tuple(

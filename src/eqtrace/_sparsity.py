@@ -1,0 +1,682 @@
+"""Which outputs of a function can depend on which inputs, read from its code: the sparsity
+pattern of a Jacobian, for every value of the inputs at once.
+
+The function's pullback (`jax.vjp` of it, applied to a cotangent) is traced to a jaxpr with every
+input abstract, and the jaxpr is walked once with each variable carrying a set of *colours*
+instead of a value: a cotangent element starts with the colours its output element was given,
+and each primitive passes on the union of the colours its result can depend on. The colours an
+input's cotangent ends with are those of the outputs its derivative can reach.
+
+Why the pullback, not the function: a surrogate spike is a step function in its primal (a
+comparison, with no dependence at all) but has a derivative by its `custom_jvp` or `custom_vjp`
+rule; in the pullback those rules are the code that runs. Why not sampled Jacobians: a
+derivative that vanishes on part of the inputs (a ReLU, `jnp.clip` to a narrow band, a
+`jnp.where` on a regime, a narrow surrogate) hides a dependence from any finite set of draws.
+
+Conservative by construction: a primitive without a rule here makes every element of its
+results depend on every element of its operands (and is named in `Pattern.unknown`), so a gap
+can only make a structure look denser, never drop a dependence. Integer and boolean arrays are
+not differentiated; those held by the function's arguments are known constants (a Dale's-law
+sign vector, a mask, a delay table), which makes `jnp.where`, products and gathers on them
+exact. Nothing else about values is used.
+"""
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+import numpy as np
+from jax.extend import core as jcore
+
+
+@dataclasses.dataclass(frozen=True)
+class Pattern:
+    """Per differentiated argument, per floating leaf, a boolean array `(*leaf.shape, C)`: the
+    colours of the outputs that the leaf can reach; and the primitives the walk did not know
+    (each made its results depend on all its operands)."""
+
+    leaves: tuple[tuple[np.ndarray, ...], ...]
+    unknown: tuple[str, ...]
+
+
+def pullback_pattern(
+    fun: Callable[..., Any],
+    args: Sequence[Any],
+    wrt: Sequence[int],
+    colours: Callable[[list[jax.ShapeDtypeStruct]], list[np.ndarray]],
+    known: Sequence[int] = (),
+) -> Pattern:
+    """The colours of `fun(*args)`'s floating outputs that each floating leaf of `args[i]`,
+    `i` in `wrt`, can reach (leaves in `jax.tree.leaves(args[i])` order, `wrt` in order).
+    `colours(outputs)` takes the floating output leaves and returns, per leaf, a boolean
+    array `(*leaf.shape, C)`.
+
+    Every floating leaf is abstract. Integer and boolean leaves of `args[i]`, `i` in `known`,
+    are constants at their values (a cell's sign vectors and masks); all others abstract."""
+    flat, treedef = jtu.tree_flatten(list(args))
+    arg_of = jtu.tree_leaves([jtu.tree_map(lambda _, i=i: i, arg) for i, arg in enumerate(args)])
+    abstract = [
+        _is_array(leaf) and (_is_floating(leaf) or i not in known) for leaf, i in zip(flat, arg_of)
+    ]
+    free = [
+        jax.ShapeDtypeStruct(np.shape(leaf), leaf.dtype) for leaf, a in zip(flat, abstract) if a
+    ]
+    free_wrt = [i in wrt and _is_floating(leaf) for leaf, i, a in zip(flat, arg_of, abstract) if a]
+    order = [
+        i for i, leaf, a in zip(arg_of, flat, abstract) if a and i in wrt and _is_floating(leaf)
+    ]
+
+    def rebuild(free_leaves):
+        it = iter(free_leaves)
+        return jtu.tree_unflatten(
+            treedef, [next(it) if a else leaf for leaf, a in zip(flat, abstract)]
+        )
+
+    def floating_outputs(free_leaves):
+        out = fun(*rebuild(free_leaves))
+        return [leaf for leaf in jtu.tree_leaves(out) if jnp.issubdtype(leaf.dtype, jnp.inexact)]
+
+    outputs = jax.eval_shape(floating_outputs, free)
+    seeds = [np.asarray(c, bool) for c in colours(outputs)]
+    num_colours = seeds[0].shape[-1] if seeds else 1
+
+    def pulled(free_leaves, cotangents):
+        def of_wrt(wrt_leaves):
+            it = iter(wrt_leaves)
+            merged = [next(it) if w else leaf for leaf, w in zip(free_leaves, free_wrt)]
+            return floating_outputs(merged)
+
+        wrt_leaves = [leaf for leaf, w in zip(free_leaves, free_wrt) if w]
+        _, pullback = jax.vjp(of_wrt, wrt_leaves)
+        return pullback(cotangents)[0]
+
+    closed = jax.make_jaxpr(pulled)(free, outputs)
+    walk = _Walk(num_colours)
+    inputs = [None] * len(free) + [_nonempty(s) for s in seeds]
+    results = walk.closed(closed, inputs, [None] * len(inputs))
+    wrt_shapes = [s.shape for s, w in zip(free, free_wrt) if w]
+    leaves = tuple(
+        np.zeros((*shape, num_colours), bool)
+        if r is None
+        else np.broadcast_to(r, (*shape, num_colours))
+        for r, shape in zip(results, wrt_shapes)
+    )
+    per_arg = tuple(tuple(leaf for leaf, i in zip(leaves, order) if i == arg) for arg in wrt)
+    return Pattern(leaves=per_arg, unknown=tuple(sorted(walk.unknown)))
+
+
+def identity_colours(outputs: list[jax.ShapeDtypeStruct]) -> list[np.ndarray]:
+    """A colour per output element, in the order of the outputs' flat elements: the walk
+    then gives the exact Jacobian pattern."""
+    sizes = [int(np.prod(o.shape, dtype=np.int64)) for o in outputs]
+    total, start, out = sum(sizes), 0, []
+    for o, size in zip(outputs, sizes):
+        seed = np.zeros((size, total), bool)
+        seed[np.arange(size), start + np.arange(size)] = True
+        out.append(seed.reshape(*o.shape, total))
+        start += size
+    return out
+
+
+def one_colour(outputs: list[jax.ShapeDtypeStruct]) -> list[np.ndarray]:
+    """One colour for every output: the walk then tells which inputs reach any output."""
+    return [np.ones((*o.shape, 1), bool) for o in outputs]
+
+
+def jacobian_pattern(pattern_leaf: np.ndarray, out_shape: tuple[int, ...]) -> np.ndarray:
+    """An identity-coloured leaf `(*in_shape, |out|)` as `jax.jacrev` lays out a Jacobian:
+    `(*out_shape, *in_shape)`."""
+    moved = np.moveaxis(pattern_leaf, -1, 0)
+    return moved.reshape(*out_shape, *pattern_leaf.shape[:-1])
+
+
+def _nonempty(deps):
+    return deps if deps.any() else None
+
+
+# The walk. Each variable holds `None` (depends on no colour) or a boolean array of its shape
+# plus a trailing colour axis; variables whose value is known (constants, and what is computed
+# from constants alone) also hold that value, which makes selections and products exact.
+
+
+_ELEMENTWISE = frozenset(
+    """abs acos acosh add add_any asin asinh atan atan2 atanh cbrt ceil clamp complex conj
+    convert_element_type copy copy_p cos cosh digamma div erf erf_inv erfc exp exp2 expm1 floor
+    imag integer_pow is_finite lgamma log log1p logistic max min mul ne neg nextafter pow
+    real reduce_precision rem round rsqrt sign sin sinh sqrt square sub tan tanh
+    eq lt le gt ge and or not xor select_n stop_gradient""".split()
+)
+_REDUCTIONS = frozenset(
+    "reduce_sum reduce_max reduce_min reduce_prod reduce_and reduce_or argmax argmin".split()
+)
+_CUMULATIVE = frozenset("cumsum cumprod cummax cummin cumlogsumexp".split())
+# Linear maps of one operand's positions whose positions do not depend on values, applied to
+# the colour arrays with the primitive itself (batched over the colour axis).
+_POSITIONAL = frozenset(
+    "pad rev gather dynamic_slice dynamic_update_slice scatter-add scatter".split()
+)
+_NO_DEPENDENCE = frozenset("iota random_bits random_seed random_wrap random_unwrap".split())
+
+
+class _Walk:
+    def __init__(self, num_colours: int):
+        self.num_colours = num_colours
+        self.unknown: set[str] = set()
+
+    # Jaxprs.
+
+    def closed(self, closed, deps, values):
+        consts = [np.asarray(c) if _is_concrete(c) else None for c in closed.consts]
+        return self.jaxpr(closed.jaxpr, [None] * len(consts) + list(deps), consts + list(values))
+
+    def jaxpr(self, jaxpr, deps, values):
+        env_deps, env_values = {}, {}
+        for var, d, v in zip([*jaxpr.constvars, *jaxpr.invars], deps, values):
+            env_deps[var], env_values[var] = d, v
+
+        def read(atom):
+            if isinstance(atom, jcore.Literal):
+                return None, np.asarray(atom.val)
+            return env_deps.get(atom), env_values.get(atom)
+
+        for eqn in jaxpr.eqns:
+            ins = [read(a) for a in eqn.invars]
+            in_deps, in_values = [d for d, _ in ins], [v for _, v in ins]
+            out_deps, out_values = self.eqn(eqn, in_deps, in_values)
+            for var, d, v in zip(eqn.outvars, out_deps, out_values):
+                env_deps[var], env_values[var] = d, v
+        outs = [read(a) for a in jaxpr.outvars]
+        return [d for d, _ in outs]
+
+    def jaxpr_values(self, jaxpr, deps, values):
+        """Like `jaxpr`, also returning the known output values."""
+        env_deps, env_values = {}, {}
+        for var, d, v in zip([*jaxpr.constvars, *jaxpr.invars], deps, values):
+            env_deps[var], env_values[var] = d, v
+
+        def read(atom):
+            if isinstance(atom, jcore.Literal):
+                return None, np.asarray(atom.val)
+            return env_deps.get(atom), env_values.get(atom)
+
+        for eqn in jaxpr.eqns:
+            ins = [read(a) for a in eqn.invars]
+            out_deps, out_values = self.eqn(eqn, [d for d, _ in ins], [v for _, v in ins])
+            for var, d, v in zip(eqn.outvars, out_deps, out_values):
+                env_deps[var], env_values[var] = d, v
+        outs = [read(a) for a in jaxpr.outvars]
+        return [d for d, _ in outs], [v for _, v in outs]
+
+    # Equations.
+
+    def eqn(self, eqn, deps, values):
+        name = eqn.primitive.name
+        out_avals = [v.aval for v in eqn.outvars]
+        sub = _sub_jaxpr(eqn)
+        calls = sub is not None and name not in ("cond", "scan", "while")
+        if all(d is None for d in deps) and not calls:
+            # Nothing to carry; evaluate if every operand is known (constant folding).
+            return [None] * len(out_avals), self.fold(eqn, values)
+        if calls:
+            closed, offset = sub
+            inner_deps, inner_values = self.jaxpr_values(
+                closed.jaxpr,
+                [None] * len(closed.consts) + deps[offset:],
+                [np.asarray(c) if _is_concrete(c) else None for c in closed.consts]
+                + values[offset:],
+            )
+            if offset:  # operands before the jaxpr's own (none for the calls handled here)
+                extra = _union_all(deps[:offset], self.num_colours)
+                inner_deps = [
+                    _union(d, _full(extra, a.shape)) for d, a in zip(inner_deps, out_avals)
+                ]
+            return inner_deps, inner_values
+        handler = getattr(self, "_" + name.replace("-", "_"), None)
+        if handler is not None:
+            return handler(eqn, deps, values), [None] * len(out_avals)
+        if name in _ELEMENTWISE:
+            return [self.elementwise(eqn, deps, values)], [None]
+        if name in _REDUCTIONS:
+            axes = tuple(eqn.params["axes"])
+            return [_any(deps[0], axes)], [None]
+        if name in _CUMULATIVE:
+            return [_cumulative(deps[0], eqn.params["axis"], eqn.params["reverse"])], [None]
+        if name in _POSITIONAL:
+            return [self.positional(eqn, deps, values)], [None]
+        if name in _NO_DEPENDENCE:
+            return [None] * len(out_avals), [None] * len(out_avals)
+        # Not known: every result element depends on every operand element.
+        self.unknown.add(name)
+        everything = _union_all(deps, self.num_colours)
+        return [_full(everything, a.shape) for a in out_avals], [None] * len(out_avals)
+
+    def fold(self, eqn, values):
+        out = [None] * len(eqn.outvars)
+        if any(v is None for v in values) or _sub_jaxpr(eqn) is not None:
+            return out
+        if any(getattr(v.aval, "size", 2**31) > 2**16 for v in eqn.outvars):
+            return out  # not worth keeping
+        try:
+            with jax.ensure_compile_time_eval():
+                result = _bind(eqn.primitive, eqn.params, values)
+        except Exception:  # a primitive that cannot run eagerly: its value is just unknown
+            return out
+        results = result if eqn.primitive.multiple_results else [result]
+        return [np.asarray(r) for r in results]
+
+    def elementwise(self, eqn, deps, values):
+        shape = eqn.outvars[0].aval.shape
+        name = eqn.primitive.name
+        if name == "select_n" and values[0] is not None:
+            # A known predicate picks one case per element.
+            which = np.broadcast_to(values[0].astype(np.int32), shape)
+            out = None
+            for case, d in enumerate(deps[1:]):
+                if d is not None:
+                    out = _union(out, _full(d, shape) & (which == case)[..., None])
+            return out
+        if name == "mul":
+            # A known zero factor cuts the dependence through the other factor.
+            masked = []
+            for i, d in enumerate(deps):
+                other = values[1 - i]
+                if d is not None and other is not None:
+                    d = _full(d, shape) & (np.broadcast_to(other, shape) != 0)[..., None]
+                masked.append(d)
+            deps = masked
+        out = None
+        for d in deps:
+            if d is not None:
+                out = _union(out, _full(d, shape))
+        return out
+
+    def positional(self, eqn, deps, values):
+        """`pad`, `rev`, `gather`, `scatter`, `dynamic_slice`, …: positions that do not depend
+        on values (indices known, or none) are mapped exactly by running the primitive on
+        0/1 arrays, batched over the colour axis; unknown indices make each result element
+        depend on every element of the operands it could come from."""
+        name = eqn.primitive.name
+        index_positions = {
+            "gather": [1],
+            "dynamic_slice": list(range(1, len(deps))),
+            "dynamic_update_slice": list(range(2, len(deps))),
+            "scatter-add": [1],
+            "scatter": [1],
+            "pad": [],
+            "rev": [],
+        }[name]
+        if any(values[i] is None for i in index_positions):
+            everything = _union_all(deps, self.num_colours)
+            return _full(everything, eqn.outvars[0].aval.shape)
+        carried = [i for i in range(len(deps)) if i not in index_positions]
+        if name == "scatter":  # an overwrite: conservatively, the operand's colours stay too
+            operand = deps[0]
+            added = self._batched(eqn, "scatter-add", deps, values, carried)
+            return _union(None if operand is None else _full(operand, operand.shape[:-1]), added)
+        return self._batched(eqn, name, deps, values, carried)
+
+    def _batched(self, eqn, name, deps, values, carried):
+        params = dict(eqn.params)
+        primitive = eqn.primitive
+        if name == "scatter-add" and eqn.primitive.name == "scatter":
+            from jax._src.lax.slicing import scatter_add_p  # the same parameters as `scatter`
+
+            primitive = scatter_add_p
+        avals = [v.aval for v in eqn.invars]
+        operands, axes = [], []
+        for i, aval in enumerate(avals):
+            if i in carried:
+                d = deps[i]
+                d = np.zeros((*aval.shape, self.num_colours), bool) if d is None else d
+                operands.append(
+                    jnp.asarray(np.broadcast_to(d, (*aval.shape, self.num_colours)), jnp.float32)
+                )
+                axes.append(aval.ndim)
+            else:
+                operands.append(jnp.asarray(values[i]))
+                axes.append(None)
+
+        def apply(*ops):
+            return _bind(primitive, params, ops)
+
+        with jax.ensure_compile_time_eval():
+            out = jax.vmap(apply, in_axes=axes, out_axes=-1)(*operands)
+        return _nonempty(np.asarray(out) > 0)
+
+    # Structural primitives, on the colour arrays with NumPy.
+
+    def _broadcast_in_dim(self, eqn, deps, values):
+        d = deps[0]
+        if d is None:
+            return [None]
+        shape, dims = eqn.params["shape"], eqn.params["broadcast_dimensions"]
+        expanded = np.expand_dims(d, [i for i in range(len(shape)) if i not in dims])
+        return [np.broadcast_to(expanded, (*shape, d.shape[-1]))]
+
+    def _reshape(self, eqn, deps, values):
+        d = deps[0]
+        if d is None:
+            return [None]
+        shape = eqn.outvars[0].aval.shape
+        return [np.reshape(_full(d, eqn.invars[0].aval.shape), (*shape, d.shape[-1]))]
+
+    def _squeeze(self, eqn, deps, values):
+        return self._reshape(eqn, deps, values)
+
+    def _expand_dims(self, eqn, deps, values):
+        return self._reshape(eqn, deps, values)
+
+    def _transpose(self, eqn, deps, values):
+        d = deps[0]
+        if d is None:
+            return [None]
+        perm = tuple(eqn.params["permutation"])
+        return [np.transpose(_full(d, eqn.invars[0].aval.shape), (*perm, len(perm)))]
+
+    def _slice(self, eqn, deps, values):
+        d = _full(deps[0], eqn.invars[0].aval.shape)
+        strides = eqn.params["strides"] or (1,) * len(eqn.params["start_indices"])
+        index = tuple(
+            slice(s, e, st)
+            for s, e, st in zip(eqn.params["start_indices"], eqn.params["limit_indices"], strides)
+        )
+        return [d[index]]
+
+    def _concatenate(self, eqn, deps, values):
+        pieces = [
+            np.zeros((*v.aval.shape, self.num_colours), bool)
+            if d is None
+            else _full(d, v.aval.shape)
+            for d, v in zip(deps, eqn.invars)
+        ]
+        return [np.concatenate(pieces, axis=eqn.params["dimension"])]
+
+    def _split(self, eqn, deps, values):
+        d = _full(deps[0], eqn.invars[0].aval.shape)
+        axis = eqn.params["axis"]
+        bounds = np.cumsum(eqn.params["sizes"])[:-1]
+        return list(np.split(d, bounds, axis=axis))
+
+    def _unstack(self, eqn, deps, values):
+        d = _full(deps[0], eqn.invars[0].aval.shape)
+        axis = eqn.params["axis"]
+        return [np.take(d, i, axis=axis) for i in range(d.shape[axis])]
+
+    def _dot_general(self, eqn, deps, values):
+        (contract_a, contract_b), (batch_a, batch_b) = eqn.params["dimension_numbers"]
+        a_shape, b_shape = eqn.invars[0].aval.shape, eqn.invars[1].aval.shape
+        free_a = [i for i in range(len(a_shape)) if i not in contract_a and i not in batch_a]
+        free_b = [i for i in range(len(b_shape)) if i not in contract_b and i not in batch_b]
+
+        def canonical(x, shape, batch, free, contract, free_last):
+            # To (batch, free, contract) for `a` and (batch, contract, free) for `b`.
+            order = [*batch, *free, *contract] if not free_last else [*batch, *contract, *free]
+            trailing = x.shape[len(shape) :]
+            x = np.transpose(x, [*order, *range(len(shape), x.ndim)])
+
+            def size(dims):
+                return int(np.prod([shape[i] for i in dims], dtype=np.int64))
+
+            sizes = (
+                (size(batch), size(free), size(contract))
+                if not free_last
+                else (size(batch), size(contract), size(free))
+            )
+            return x.reshape(*sizes, *trailing)
+
+        def mask(value, shape):
+            return np.ones(shape, np.float32) if value is None else (value != 0).astype(np.float32)
+
+        out_shape = eqn.outvars[0].aval.shape
+        b_size = int(np.prod([a_shape[i] for i in batch_a], dtype=np.int64))
+        fa = int(np.prod([a_shape[i] for i in free_a], dtype=np.int64))
+        fb = int(np.prod([b_shape[i] for i in free_b], dtype=np.int64))
+        out = np.zeros((b_size, fa, fb, self.num_colours), bool)
+        if deps[0] is not None:
+            da = canonical(
+                _full(deps[0], a_shape).astype(np.float32),
+                a_shape,
+                batch_a,
+                free_a,
+                contract_a,
+                False,
+            )
+            mb = canonical(mask(values[1], b_shape), b_shape, batch_b, free_b, contract_b, True)
+            out |= np.einsum("bfjc,bjg->bfgc", da, mb) > 0
+        if deps[1] is not None:
+            ma = canonical(mask(values[0], a_shape), a_shape, batch_a, free_a, contract_a, False)
+            db = canonical(
+                _full(deps[1], b_shape).astype(np.float32),
+                b_shape,
+                batch_b,
+                free_b,
+                contract_b,
+                True,
+            )
+            out |= np.einsum("bfj,bjgc->bfgc", ma, db) > 0
+        return [out.reshape(*out_shape, self.num_colours)]
+
+    def _sort(self, eqn, deps, values):
+        # Every result along the sorted dimension may come from any position of any operand.
+        dim = eqn.params["dimension"]
+        everything = None
+        for d, v in zip(deps, eqn.invars):
+            if d is not None:
+                everything = _union(everything, _any(_full(d, v.aval.shape), (dim,), keepdims=True))
+        return [_full(everything, v.aval.shape) for v in eqn.outvars]
+
+    def _conv_general_dilated(self, eqn, deps, values):
+        self.unknown.add("conv_general_dilated")
+        everything = _union_all(deps, self.num_colours)
+        return [_full(everything, eqn.outvars[0].aval.shape)]
+
+    # Control flow.
+
+    def _cond(self, eqn, deps, values):
+        branches = eqn.params["branches"]
+        index, operands = values[0], deps[1:]
+        operand_values = values[1:]
+        if index is not None:
+            chosen = [branches[int(np.clip(index, 0, len(branches) - 1))]]
+        else:
+            chosen = branches
+        out = [None] * len(eqn.outvars)
+        for branch in chosen:
+            for i, d in enumerate(self.closed(branch, operands, operand_values)):
+                out[i] = _union(out[i], d)
+        if deps[0] is not None:  # the branch index itself carries colours (never in practice)
+            out = [
+                _union(o, _full(deps[0].any(axis=tuple(range(deps[0].ndim - 1))), v.aval.shape))
+                for o, v in zip(out, eqn.outvars)
+            ]
+        return out
+
+    def _scan(self, eqn, deps, values):
+        p = eqn.params
+        body, length = p["jaxpr"], p["length"]
+        nc, ncarry = p["num_consts"], p["num_carry"]
+        consts, carry, xs = deps[:nc], list(deps[nc : nc + ncarry]), deps[nc + ncarry :]
+        const_values = values[:nc]
+        x_avals = [v.aval for v in eqn.invars[nc + ncarry :]]
+        y_avals = [v.aval for v in eqn.outvars[ncarry:]]
+        if length <= _UNROLL:
+            # Exactly, step by step.
+            ys = [[None] * length for _ in y_avals]
+            steps = range(length - 1, -1, -1) if p["reverse"] else range(length)
+            for t in steps:
+                x_t = [None if d is None else _full(d, a.shape)[t] for d, a in zip(xs, x_avals)]
+                out = self.closed(
+                    body, [*consts, *carry, *x_t], [*const_values] + [None] * (ncarry + len(xs))
+                )
+                carry, y_t = out[:ncarry], out[ncarry:]
+                for i, y in enumerate(y_t):
+                    ys[i][t] = y
+            stacked = []
+            for per_step, aval in zip(ys, y_avals):
+                if all(y is None for y in per_step):
+                    stacked.append(None)
+                else:
+                    stacked.append(
+                        np.stack(
+                            [
+                                np.zeros((*aval.shape[1:], self.num_colours), bool)
+                                if y is None
+                                else _full(y, aval.shape[1:])
+                                for y in per_step
+                            ]
+                        )
+                    )
+            return [*carry, *stacked]
+        # Long loops: the least fixed point over the carry, each step seeing every step's `xs`.
+        x_any = [None if d is None else _any(_full(d, a.shape), (0,)) for d, a in zip(xs, x_avals)]
+        carry_avals = [v.aval for v in eqn.outvars[:ncarry]]
+        while True:
+            out = self.closed(
+                body, [*consts, *carry, *x_any], [*const_values] + [None] * (ncarry + len(xs))
+            )
+            new_carry = [_union(c, o) for c, o in zip(carry, out[:ncarry])]
+            if all(_same(a, b, av.shape) for a, b, av in zip(new_carry, carry, carry_avals)):
+                break
+            carry = new_carry
+        out = self.closed(
+            body, [*consts, *carry, *x_any], [*const_values] + [None] * (ncarry + len(xs))
+        )
+        ys = [
+            None
+            if y is None
+            else np.broadcast_to(_full(y, a.shape[1:])[None], (*a.shape, self.num_colours))
+            for y, a in zip(out[ncarry:], y_avals)
+        ]
+        return [*carry, *ys]
+
+    def _while(self, eqn, deps, values):
+        p = eqn.params
+        body = p["body_jaxpr"]
+        nb, nc = p["body_nconsts"], p["cond_nconsts"]
+        consts = deps[nc : nc + nb]
+        carry = list(deps[nc + nb :])
+        carry_avals = [v.aval for v in eqn.outvars]
+        if any(d is not None for d in deps[:nc]):
+            self.unknown.add("while (a condition that depends on carried values)")
+        while True:
+            out = self.closed(
+                body, [*consts, *carry], list(values[nc : nc + nb]) + [None] * len(carry)
+            )
+            new_carry = [_union(c, o) for c, o in zip(carry, out)]
+            if all(_same(a, b, av.shape) for a, b, av in zip(new_carry, carry, carry_avals)):
+                return carry
+            carry = new_carry
+
+
+#: Scans up to this length are walked step by step (exact); longer ones by a fixed point.
+_UNROLL = 64
+
+
+def _bind(primitive, params, operands):
+    """Applies `primitive` as a jaxpr equation would (JAX up to 0.9 returns sub-functions
+    with the parameters; later versions the parameters alone)."""
+    bind_params = primitive.get_bind_params(params)
+    subfuns = []
+    if isinstance(bind_params, tuple):
+        subfuns, bind_params = bind_params
+    return primitive.bind(*subfuns, *operands, **bind_params)
+
+
+def _sub_jaxpr(eqn):
+    """The closed jaxpr of a call-like equation (`jit`, `custom_jvp_call`, `custom_vjp_call`,
+    `remat`, …) and where its operands start, or `None`."""
+    for key in ("jaxpr", "call_jaxpr", "fun_jaxpr"):
+        inner = eqn.params.get(key)
+        if isinstance(inner, jcore.ClosedJaxpr):
+            return inner, len(eqn.invars) - len(inner.jaxpr.invars)
+        if isinstance(inner, jcore.Jaxpr):
+            return jcore.ClosedJaxpr(inner, ()), len(eqn.invars) - len(inner.invars)
+    if "branches" in eqn.params or "body_jaxpr" in eqn.params:
+        return eqn, 0
+    return None
+
+
+def _is_array(leaf) -> bool:
+    return hasattr(leaf, "shape") and hasattr(leaf, "dtype")
+
+
+def _is_floating(leaf) -> bool:
+    dtype = getattr(leaf, "dtype", None)
+    return dtype is not None and hasattr(leaf, "shape") and jnp.issubdtype(dtype, jnp.inexact)
+
+
+def _is_concrete(value) -> bool:
+    try:
+        np.asarray(value)
+        return True
+    except Exception:
+        return False
+
+
+def _full(d, shape):
+    """`d` broadcast to `(*shape, C)` (a scalar's colours reach every element)."""
+    if d is None:
+        return None
+    return np.broadcast_to(d, (*shape, d.shape[-1]))
+
+
+def _union(a, b):
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return np.logical_or(a, b)
+
+
+def _union_all(deps, num_colours):
+    """One colour set: every colour any element of any operand holds."""
+    out = np.zeros(num_colours, bool)
+    for d in deps:
+        if d is not None:
+            out |= d.reshape(-1, d.shape[-1]).any(axis=0)
+    return out if out.any() else None
+
+
+def _any(d, axes, keepdims=False):
+    if d is None:
+        return None
+    return np.any(d, axis=tuple(axes), keepdims=keepdims)
+
+
+def _cumulative(d, axis, reverse):
+    if d is None:
+        return None
+    if reverse:
+        return np.flip(np.logical_or.accumulate(np.flip(d, axis), axis=axis), axis)
+    return np.logical_or.accumulate(d, axis=axis)
+
+
+def _same(a, b, shape) -> bool:
+    if a is None or b is None:
+        return a is None and b is None
+    return bool(np.array_equal(_full(a, shape), _full(b, shape)))
+
+
+def index_colours(index: np.ndarray, count: int) -> np.ndarray:
+    """Colours `(*index.shape, 2 · bits)` that tell, of any set of indices in `[0, count)`,
+    whether it holds none, one (and which) or several: each bit of the index in binary sets
+    one of two colours. Two different indices differ in some bit, so a union of several has
+    both colours of that bit (`decode_index`). A walk with `2 · log2(count)` colours then
+    answers "which one element, if any" for every input at once."""
+    bits = max(1, int(np.ceil(np.log2(max(count, 2)))))
+    index = np.asarray(index)
+    set_bits = (index[..., None] >> np.arange(bits)) & 1
+    return np.concatenate([set_bits == 1, set_bits == 0], axis=-1) & (index >= 0)[..., None]
+
+
+def decode_index(colours: np.ndarray) -> np.ndarray:
+    """The index each colour set of `index_colours` holds: `-1` for none, `-2` for several."""
+    bits = colours.shape[-1] // 2
+    ones, zeros = colours[..., :bits], colours[..., bits:]
+    several = np.any(ones & zeros, axis=-1)
+    none = ~np.any(ones | zeros, axis=-1)
+    value = np.sum(ones.astype(np.int64) << np.arange(bits), axis=-1)
+    return np.where(several, -2, np.where(none, -1, value)).astype(np.int32)
