@@ -283,10 +283,13 @@ def _shared_sensitivities(cell, state, x, sites, records) -> np.ndarray:
     a sensitivity of its own: one trace more, never a wrong one."""
     probes = [jax.ShapeDtypeStruct(u.shape, u.dtype) for _, u in records]
 
-    def run(probes, cell, s, x):
+    arrays, rest = eqx.partition((cell, state, x), eqx.is_array)
+
+    def run(probes, arrays):
+        cell, s, x = eqx.combine(arrays, rest)
         return probed_call(cell, s, x, probes, cut=False, sites=sites)[0]
 
-    closed = jax.make_jaxpr(run)(probes, *_abstract((cell, state, x)))
+    closed = jax.make_jaxpr(run)(probes, _abstract(arrays))
     jaxpr = closed.jaxpr
     uses: dict[Any, list[Any]] = collections.defaultdict(list)
     for eqn in jaxpr.eqns:
@@ -431,7 +434,7 @@ def _analyse(cell, state, x) -> CellStructure:
     param_shapes = tuple(tuple(jnp.shape(leaf)) for _, leaf in params_with_paths)
 
     # Shapes only: no value of the cell, state or input enters the analysis.
-    _, records = jax.eval_shape(
+    _, records = eqx.filter_eval_shape(
         lambda c, s, x: probed_call(c, s, x, cut=True, sites=sites), cell, state, x
     )
     in_shapes = tuple(tuple(a.shape) for a, _ in records)
@@ -658,7 +661,7 @@ def _input_owners(cell, state, x, structure: CellStructure) -> InputOwners:
         return InputOwners(owners=(), shared=())
     n = structure.num_neurons
     sites = structure.site_ops
-    _, records = jax.eval_shape(
+    _, records = eqx.filter_eval_shape(
         lambda c, s, x: probed_call(c, s, x, cut=False, sites=sites), cell, state, x
     )
     outputs = [jax.ShapeDtypeStruct(u.shape, u.dtype) for _, u in records]
