@@ -43,6 +43,7 @@ from ._sharding import (
     init_sharded as init_sharded,
     make_shardings as make_shardings,
 )
+from ._structure import StructureError as StructureError
 
 
 __version__ = importlib.metadata.version("eqtrace")

@@ -45,6 +45,11 @@ from ._sparsity import (
 )
 
 
+class StructureError(ValueError):
+    """A cell's structure is outside what a rule can trace (the message names the op or the
+    parameter, says why, and what to do): a deliberate refusal, raised before any step runs."""
+
+
 #: Non-op parameters up to this size that are not per-neuron get a dense `(|h|, |p|)` trace.
 MAX_SHARED_PARAM_SIZE = 64
 
@@ -90,6 +95,8 @@ class OtherParam:
     #: "elementwise" (per-neuron), "shared" (small, dense trace), "readout" (does not reach
     #: the state: exact gradient through `output`, no trace) or "unsupported".
     kind: str
+    #: Whether `output` reads it directly (not only through the state).
+    read_by_output: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -261,12 +268,17 @@ class _Patterns:
             bool,
         )
 
-        # Which state leaves the output reads: the online gradient enters the traces there.
-        def read(s, cell):
+        # Which state leaves and parameters the output reads: the online gradient enters the
+        # traces there.
+        def read(s, param_leaves, rest):
+            cell = eqx.combine(jtu.tree_unflatten(param_def, param_leaves), rest)
             return jtu.tree_leaves(eqx.filter(cell.output(s), eqx.is_inexact_array))
 
-        (output,) = self._pattern(read, (state, cell), (0,), one_colour, (1,))
+        output, output_params = self._pattern(
+            read, (state, param_leaves, rest), (0, 1), one_colour, (2,)
+        )
         self.leaf_read = np.array([leaf.any() for leaf in output], bool)
+        self.param_read_by_output = [bool(leaf.any()) for leaf in output_params]
 
     def _pattern(self, fun, args, wrt, colours, known):
         pattern = pullback_pattern(fun, args, wrt, colours, known)
@@ -376,7 +388,7 @@ def _require_real_leaves(name: str, paths, leaves) -> None:
         if not jnp.issubdtype(dtype, jnp.inexact)
     ]
     if discrete:
-        raise ValueError(
+        raise StructureError(
             f"{name}: the diagonal rules differentiate every state leaf, but "
             + ", ".join(discrete)
             + ". Hold the leaf as a floating array of the neuron shape (a count or a flag "
@@ -389,7 +401,7 @@ def _require_real_leaves(name: str, paths, leaves) -> None:
         if jnp.issubdtype(dtype, jnp.complexfloating)
     ]
     if complex_:
-        raise ValueError(
+        raise StructureError(
             f"{name}: the diagonal rules need real state leaves, but these are complex: "
             + ", ".join(complex_)
             + ". Hold each complex leaf as two real leaves, its real and imaginary "
@@ -406,7 +418,7 @@ def _analyse(cell, state, x) -> CellStructure:
     _require_real_leaves(name, state_paths, [leaf for _, leaf in state_leaves_with_paths])
     shapes = {tuple(jnp.shape(leaf)) for _, leaf in state_leaves_with_paths}
     if len(shapes) != 1:
-        raise ValueError(
+        raise StructureError(
             f"{name}: the diagonal rules need every state leaf of a cell to have one neuron shape "
             f"(a K-by-K block per neuron), but the leaves {list(state_paths)} have shapes "
             f"{[tuple(jnp.shape(s)) for _, s in state_leaves_with_paths]}. Give all leaves the "
@@ -419,7 +431,7 @@ def _analyse(cell, state, x) -> CellStructure:
     op_paths = tuple(path for path, _ in ops)
     sites, nested = call_sites(cell, state, x)
     if nested:
-        raise ValueError(
+        raise StructureError(
             f"{name}: a synaptic op is called inside a JAX transformation within the cell ("
             + ", ".join(f"`{op_paths[i]}`" for i in nested)
             + ", e.g. in `jax.vmap(self.op)(xs)`, a `lax.cond` branch or a `lax.scan`), so its "
@@ -594,8 +606,10 @@ def _analyse(cell, state, x) -> CellStructure:
             for site in range(num_sites)
         ),
         params=tuple(
-            OtherParam(path=path, shape=shape, kind=kind)
-            for path, shape, kind in zip(param_paths, param_shapes, kinds)
+            OtherParam(path=path, shape=shape, kind=kind, read_by_output=read)
+            for path, shape, kind, read in zip(
+                param_paths, param_shapes, kinds, patterns.param_read_by_output
+            )
         ),
         violations=tuple(violations),
     )

@@ -33,7 +33,7 @@ from equinox import AbstractVar
 
 from .._algorithm import AbstractAlgorithm
 from .._probing import other_params_spec, probed_call
-from .._structure import CellStructure, analyse
+from .._structure import CellStructure, StructureError, analyse
 from .._validation import require_example_input
 
 
@@ -68,7 +68,7 @@ class AbstractDiagonalAlgorithm(AbstractAlgorithm[_Trace]):
         structure = analyse(cell, state, x)
         untraceable = [p.path for p in structure.params if p.kind == "unsupported"]
         if untraceable:
-            raise ValueError(
+            raise StructureError(
                 f"{name} cannot trace the parameter(s) {untraceable} of "
                 f"{structure.cell_name}: they are neither per-neuron, nor small and shared, nor "
                 "inside a recognised synaptic op, so they would get no gradient. "
@@ -77,7 +77,7 @@ class AbstractDiagonalAlgorithm(AbstractAlgorithm[_Trace]):
             )
         if self.strict and structure.violations:
             problems = "\n".join(f"  - {v}" for v in structure.violations)
-            raise ValueError(
+            raise StructureError(
                 f"{name} cannot trace {structure.cell_name}: its structure breaks the "
                 f"diagonal assumptions:\n{problems}\n{_equinox_layers_hint(cell)}Use "
                 "`eqtrace.RTRL()` for this cell, change the cell, or pass `strict=False` to "

@@ -14,7 +14,7 @@ from .._cell import AbstractCell
 from .._custom_types import ExampleInput, Input, State
 from .._link import AbstractDerivative, freeze, input_tangent, link
 from .._ops import algebra, op_params
-from .._structure import CellStructure
+from .._structure import CellStructure, StructureError
 from ._diagonal import (
     AbstractDiagonalAlgorithm,
     Linearisation,
@@ -117,7 +117,7 @@ class AbstractWeightTraceAlgorithm(AbstractDiagonalAlgorithm[_Trace]):
     def refuse(self, structure: CellStructure, state: State) -> None:
         for site in structure.sites:
             if site.traced and not site.weights_reach_one_output:
-                raise ValueError(
+                raise StructureError(
                     f"{type(self).__name__} cannot trace the op `{site.name}` "
                     f"({structure.ops[site.op].type_name}) of {structure.cell_name}: it shares "
                     "each weight across many outputs, so a weight-shaped trace per neuron is not "

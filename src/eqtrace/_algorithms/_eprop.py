@@ -14,8 +14,8 @@ from .._cell import AbstractCell
 from .._custom_types import ExampleInput, Input, State
 from .._link import AbstractDerivative, freeze, input_tangent, link
 from .._ops import algebra
-from .._probing import random_like
-from .._structure import CellStructure, _cached, structure_key
+from .._sparsity import identity_colours, pullback_pattern
+from .._structure import CellStructure, StructureError, _cached, structure_key
 from ..nn._readout import LeakyReadout
 from ._diagonal import (
     AbstractDiagonalAlgorithm,
@@ -125,7 +125,7 @@ class EProp(AbstractDiagonalAlgorithm[EPropTrace]):
     def refuse(self, structure: CellStructure, state: State) -> None:
         for site in structure.sites:
             if site.traced and not site.weights_reach_one_output:
-                raise ValueError(
+                raise StructureError(
                     f"EProp cannot trace the op `{site.name}` "
                     f"({structure.ops[site.op].type_name}) of {structure.cell_name}: it shares "
                     "each weight across many outputs, so its per-neuron eligibility trace is not "
@@ -137,11 +137,22 @@ class EProp(AbstractDiagonalAlgorithm[EPropTrace]):
         acting_on_output = [s.name for s in structure.sites if not s.traced]
         acting_on_output += [p.path for p in structure.params if p.kind == "readout"]
         if acting_on_output:
-            raise ValueError(
+            raise StructureError(
                 f"EProp cannot filter the output of {structure.cell_name} for its leaky "
                 f"read-out: {acting_on_output} act on the output but not on the state, so "
                 "their effect on later outputs is not in the eligibility traces. Move them "
                 "into the read-out, or use `eqtrace.DRTRL()` (unfiltered)."
+            )
+        # A parameter read by `output` as well as by the state update (a threshold in the
+        # spike and in the reset): the filter covers its path through the state only.
+        in_both = [p.path for p in structure.params if p.kind != "readout" and p.read_by_output]
+        if in_both:
+            raise StructureError(
+                f"EProp cannot filter the output of {structure.cell_name} for its leaky "
+                f"read-out: {in_both} act on the output directly as well as through the state, "
+                "and the filter of the eligibility traces covers the path through the state "
+                "only. Read the parameter in the state update alone (store what `output` needs "
+                "in the state), or use `eqtrace.DRTRL()` (unfiltered)."
             )
 
     def _structure(self, cell: AbstractCell, state: State, x: Input) -> CellStructure:
@@ -151,7 +162,7 @@ class EProp(AbstractDiagonalAlgorithm[EPropTrace]):
         if self.readout_decay is not None:
             problem = _output_problem(cell, structure, state)
             if problem is not None:
-                raise ValueError(
+                raise StructureError(
                     f"EProp cannot filter the output of {structure.cell_name} for its leaky "
                     f"read-out: {problem}. e-prop filters the output's traces per neuron; use "
                     "`eqtrace.DRTRL()` (unfiltered), or make `output` one value per neuron."
@@ -430,42 +441,21 @@ def _output_problem(cell: AbstractCell, structure: CellStructure, state: State) 
                 f"its output is {output}, not one array of the neuron shape "
                 f"{structure.neuron_shape}"
             )
-        # Within a few roundings of the output's dtype: a 16-bit model is not refused for them.
-        tolerance = max(1e-5, 8 * float(jnp.finfo(output.dtype).eps))
-        leaf_dtypes = [leaf.dtype for leaf in jtu.tree_leaves(state)]
-        rng = np.random.default_rng(2)
-        for scale in (0.5, 2.0):
-            cell_draw, state_draw = random_like(cell, rng, scale), random_like(state, rng, scale)
-            direction = rng.standard_normal(structure.neuron_shape)
-            along_ones, along_direction = _output_jvps(cell_draw, state_draw, direction)
-            for k in range(structure.num_leaves):
-                # The direction as the JVP sees it, rounded to the leaf's dtype.
-                rounded = np.asarray(jnp.asarray(direction, leaf_dtypes[k]), np.float64)
-                expected = np.asarray(along_ones[k], np.float64) * rounded
-                received = np.asarray(along_direction[k], np.float64)
-                floor = tolerance * np.max(np.abs(expected), initial=0.0)
-                if not np.allclose(received, expected, rtol=tolerance, atol=floor + 1e-8):
-                    return (
-                        f"its output mixes neurons' `{structure.state_paths[k]}` (e.g. a sum "
-                        "or a matmul in `output`)"
-                    )
+
+        # From the code of `output`: leaf `k` of neuron `n` may reach output `n` only.
+        def output(s, cell):
+            return cell.output(s)
+
+        (leaves,) = pullback_pattern(
+            output, (state, cell), (0,), identity_colours, known=(1,)
+        ).leaves
+        n = structure.num_neurons
+        for k, leaf in enumerate(leaves):
+            if np.any(leaf.reshape(n, n) & ~np.eye(n, dtype=bool)):
+                return (
+                    f"its output mixes neurons' `{structure.state_paths[k]}` (e.g. a sum "
+                    "or a matmul in `output`)"
+                )
         return None
 
     return _cached(("eprop-output", *structure_key(cell, state)), compute)
-
-
-@eqx.filter_jit
-def _output_jvps(cell, state, direction):
-    """Per state leaf, the output's JVP along ones and along `direction` in that leaf."""
-    leaves, treedef = jtu.tree_flatten(state)
-
-    def along(k, values):
-        tangent = [jnp.zeros(leaf.shape, leaf.dtype) for leaf in leaves]
-        tangent[k] = jnp.broadcast_to(values, leaves[k].shape).astype(leaves[k].dtype)
-        return jax.jvp(cell.output, (state,), (jtu.tree_unflatten(treedef, tangent),))[1]
-
-    ones = jnp.ones_like(direction)
-    return (
-        [along(k, ones) for k in range(len(leaves))],
-        [along(k, direction) for k in range(len(leaves))],
-    )

@@ -9,7 +9,7 @@ import jax
 from .._cell import AbstractCell
 from .._custom_types import Input, State
 from .._ops import algebra
-from .._structure import CellStructure, input_owners
+from .._structure import CellStructure, StructureError, input_owners
 from ._drtrl import AbstractWeightTraceAlgorithm
 
 
@@ -81,7 +81,7 @@ class SnAp1(AbstractWeightTraceAlgorithm[SnAp1Trace]):
                 if site.traced and count
             ]
             if shared:
-                raise ValueError(
+                raise StructureError(
                     f"SnAp1 cannot trace {structure.cell_name}: input elements of the op(s) "
                     f"{', '.join(shared)} depend on several neurons' states (e.g. a "
                     "normalisation or a sum over neurons before the op), so they have no "

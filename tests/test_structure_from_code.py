@@ -1,0 +1,318 @@
+"""The structure analysis reads dependences from the code of a cell, never from sampled
+values: each cell here hides a dependence from random draws (a narrow band, a regime, a
+known-valued integer or boolean field, a narrow surrogate) and got a silently wrong gradient
+while `check` said "structure: OK" when the structure was guessed from random Jacobians.
+
+Each is held, from a state inside its band, to exact RTRL at the first step under every
+diagonal rule, or refused with `eqtrace.StructureError` where the structure is outside them."""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import jax.tree_util as jtu
+import pytest
+
+import eqtrace
+from eqtrace import nn
+from eqtrace._structure import _analyse
+from eqtrace.nn import surrogate
+from helpers import relative_error
+from registry import rules
+
+
+DIAGONAL = [case.algorithm for case in rules(needs_structure=True, exact=False)]
+
+
+def first_step_gradient(algorithm, model, state, x, target):
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+    trace = algorithm.init_trace(model, state, x)
+    step = eqtrace.make_online_step(algorithm, static)
+    return jax.grad(lambda p: jnp.sum((step(p, state, trace, x)[2] - target) ** 2))(params)
+
+
+def assert_each_rule_exact(model, state, x, *, tol=1e-10):
+    target = jnp.full(jax.eval_shape(model, state, x)[1].shape, 1.7)  # not a spike's value
+    exact = first_step_gradient(eqtrace.RTRL(), model, state, x, target)
+    # The dependence is there: RTRL's gradient reaches every op's weights.
+    assert max(float(jnp.max(jnp.abs(g))) for g in jtu.tree_leaves(exact)) > 0
+    for rule in DIAGONAL:
+        received = first_step_gradient(rule, model, state, x, target)
+        assert relative_error(received, exact) <= tol, rule
+    assert eqtrace.check(model, x=x).ok
+
+
+def assert_refused(model, x, *, match):
+    for rule in DIAGONAL:
+        with pytest.raises(eqtrace.StructureError, match=match):
+            rule.init_trace(model, model.init_state(), x)
+    assert not eqtrace.check(model, x=x).ok
+
+
+class Gated(eqtrace.AbstractCell):
+    """`h = 0.9 h + gate(u)` with `u = inp(x) + rec(tanh h)`, biased to `centre` with small
+    weights, so that `u` lies inside the gate's band for any state."""
+
+    inp: eqx.nn.Linear
+    rec: eqx.nn.Linear
+    gate: str = eqx.field(static=True)
+
+    def __init__(self, gate, centre, *, key, n=4):
+        k1, k2 = jr.split(key)
+
+        def small(layer):
+            return eqx.tree_at(lambda m: m.weight, layer, layer.weight * 1e-3)
+
+        self.inp = small(eqx.nn.Linear(3, n, key=k1))
+        self.inp = eqx.tree_at(lambda m: m.bias, self.inp, jnp.full(n, centre))
+        self.rec = small(eqx.nn.Linear(n, n, use_bias=False, key=k2))
+        self.gate = gate
+
+    def init_state(self):
+        return jnp.zeros(self.rec.out_features)
+
+    def __call__(self, h, x):
+        u = self.inp(x) + self.rec(jnp.tanh(h))
+        if self.gate == "clip":
+            g = jnp.clip(u, 0.95, 1.0)
+        elif self.gate == "clip-far":
+            g = jnp.clip(u, 2.0, 2.1)
+        elif self.gate == "window":
+            g = jnp.where((u > 1.0) & (u < 1.05), u, 0.0)
+        elif self.gate == "hard-sigmoid":
+            g = jnp.clip(0.2 * (u - 3.0) + 0.5, 0.0, 1.0)
+        elif self.gate == "burst":
+            g = jnp.where(u > 6.0, 2 * jnp.tanh(u), 0.0)
+        else:
+            g = surrogate.triangle(u - 1.0, width=0.05)
+        h = 0.9 * h + g
+        return h, h
+
+
+GATES = [
+    ("clip", 0.975),
+    ("clip-far", 2.05),
+    ("window", 1.025),
+    ("hard-sigmoid", 3.5),
+    ("burst", 6.5),
+    ("triangle", 1.01),
+]
+
+
+@pytest.mark.parametrize("n", [4, 16])
+@pytest.mark.parametrize("gate,centre", GATES, ids=[g for g, _ in GATES])
+def test_narrow_bands(gate, centre, n, getkey):
+    model = Gated(gate, centre, key=getkey(), n=n)
+    assert_each_rule_exact(model, jnp.full(n, 0.1), jnp.ones(3))
+
+
+class Dale(eqtrace.AbstractCell):
+    """Integer signs (Dale's law), a boolean enable mask and an integer fan-in divisor."""
+
+    inp: eqx.nn.Linear
+    rec: eqx.nn.Linear
+    sign: jax.Array
+    enabled: jax.Array
+    fan_in: jax.Array
+
+    def __init__(self, *, key):
+        k1, k2 = jr.split(key)
+        self.inp = eqx.nn.Linear(3, 4, key=k1)
+        self.rec = eqx.nn.Linear(4, 4, key=k2)
+        self.sign = jnp.array([1, -1, 1, -1])
+        self.enabled = jnp.array([True, False, True, True])
+        self.fan_in = jnp.array(3)
+
+    def init_state(self):
+        return jnp.zeros(4)
+
+    def __call__(self, h, x):
+        drive = self.sign * self.inp(x) / self.fan_in
+        h = 0.8 * h + jnp.tanh(drive + jnp.where(self.enabled, self.rec(jnp.tanh(h)), 0.0))
+        return h, h
+
+
+def test_integer_and_boolean_fields_at_their_values(getkey):
+    model = Dale(key=getkey())
+    assert_each_rule_exact(model, jnp.linspace(-1, 1, 4), jnp.ones(3))
+
+
+class Refractory(eqtrace.AbstractCell):
+    """A refractory counter held as a float state leaf: integration only where `ref == 0`
+    (every neuron at the initial state), a padding flag in the input."""
+
+    inp: eqx.nn.Linear
+    rec: eqx.nn.Linear
+
+    def __init__(self, *, key):
+        k1, k2 = jr.split(key)
+        self.inp = eqx.nn.Linear(3, 4, key=k1)
+        self.rec = eqx.nn.Linear(4, 4, key=k2)
+
+    def init_state(self):
+        return (jnp.zeros(4), jnp.zeros(4))
+
+    def __call__(self, state, x):
+        v, ref = state
+        spike = surrogate.triangle(v - 1.0, width=0.05)
+        drive = self.inp(x) + self.rec(spike)
+        v_new = jnp.where(ref == 0, 0.9 * v + drive, 0.0)
+        v_new = jnp.where(x[-1] == 1.0, v, v_new)  # a padding step changes nothing
+        ref_new = jnp.where(v_new > 1.0, 2.0, jnp.maximum(ref - 1.0, 0.0))
+        return (v_new, ref_new), v_new
+
+    def output(self, state):
+        return state[0]
+
+
+def test_regimes_from_the_initial_state(getkey):
+    model = Refractory(key=getkey())
+    assert_each_rule_exact(model, model.init_state(), jnp.array([0.5, -0.2, 0.0]))
+
+
+class Capped(eqtrace.AbstractCell):
+    """A learnable cap (`clip(u, 0, cap)`) and a square root of non-negative inputs."""
+
+    inp: eqx.nn.Linear
+    cap: jax.Array
+
+    def __init__(self, *, key):
+        self.inp = eqx.nn.Linear(3, 4, key=key)
+        self.cap = jnp.full(4, 0.01)
+
+    def init_state(self):
+        return jnp.zeros(4)
+
+    def __call__(self, h, x):
+        h = 0.9 * h + jnp.clip(self.inp(jnp.sqrt(x)) + 1.0, 0.0, self.cap)
+        return h, h
+
+
+def test_learnable_cap_and_square_root(getkey):
+    model = Capped(key=getkey())
+    assert_each_rule_exact(model, jnp.zeros(4), jnp.array([0.1, 0.2, 0.3]))
+
+
+@pytest.mark.parametrize("size", [8, 16])
+def test_lif_with_a_narrow_surrogate_is_accepted_whatever_its_size(size, getkey):
+    model = nn.LIF(3, size, surrogate=surrogate.Triangle(width=0.05), key=getkey())
+    # Below threshold (no reset), the membrane decays to 0.95 and the input adds 0.05: the
+    # new membrane lies inside the surrogate's band.
+    weight = model.input_op.weight
+    model = eqx.tree_at(lambda m: m.input_op.weight, model, 0.05 / 3 + 1e-4 * weight)
+    v = jnp.full(size, 0.999)
+    assert_each_rule_exact(model, (v,), jnp.ones(3))
+
+
+class DelayTable(eqtrace.AbstractCell):
+    """Per-neuron integer delays choosing among buffered inputs (a delay line in the state)."""
+
+    inp: eqx.nn.Linear
+    delays: jax.Array
+
+    def __init__(self, *, key):
+        self.inp = eqx.nn.Linear(3, 4, key=key)
+        self.delays = jnp.array([1, 2, 1, 2])
+
+    def init_state(self):
+        return (jnp.zeros(4), jnp.zeros(4), jnp.zeros(4))
+
+    def __call__(self, state, x):
+        h, d1, d2 = state
+        u = self.inp(x)
+        delayed = jnp.where(self.delays == 1, d1, jnp.where(self.delays == 2, d2, 0.0))
+        h = 0.9 * h + jnp.tanh(delayed)
+        return (h, u, d1), h
+
+    def output(self, state):
+        return state[0]
+
+
+def test_integer_delay_tables(getkey):
+    model = DelayTable(key=getkey())
+    state = (jnp.zeros(4), jnp.linspace(-1, 1, 4), jnp.linspace(1, -1, 4))
+    x = jnp.ones(3)
+    # One step reaches `h` only through the delay buffers: the weights' gradient is zero at
+    # T = 1 for every rule, so this checks the structure is accepted and equal to RTRL.
+    target = jnp.ones(4)
+    exact = first_step_gradient(eqtrace.RTRL(), model, state, x, target)
+    for rule in DIAGONAL:
+        assert relative_error(first_step_gradient(rule, model, state, x, target), exact) <= 1e-10
+    assert eqtrace.check(model, x=x).ok
+
+
+class NormClip(eqtrace.AbstractCell):
+    """A couplings that appear only above a threshold: a norm clip, or a `lax.cond`
+    renormalisation of the whole state."""
+
+    inp: eqx.nn.Linear
+    kind: str = eqx.field(static=True)
+
+    def __init__(self, kind, *, key):
+        self.inp = eqx.nn.Linear(3, 4, key=key)
+        self.kind = kind
+
+    def init_state(self):
+        return jnp.zeros(4)
+
+    def __call__(self, h, x):
+        h = 0.9 * h + jnp.tanh(self.inp(x))
+        norm = jnp.sqrt(jnp.sum(h**2))
+        if self.kind == "where":
+            h = jnp.where(norm > 10.0, h * 10.0 / norm, h)
+        else:
+            h = jax.lax.cond(jnp.sum(h) > 10.0, lambda h: h / jnp.sum(h), lambda h: h, h)
+        return h, h
+
+
+@pytest.mark.parametrize("kind", ["where", "cond"])
+def test_couplings_in_some_regimes_are_refused(kind, getkey):
+    assert_refused(NormClip(kind, key=getkey()), jnp.ones(3), match="depends on other neurons")
+
+
+class SharedThreshold(eqtrace.AbstractCell):
+    """snnTorch's `Leaky` with a learnable threshold, in the reset and in the spike."""
+
+    inp: eqx.nn.Linear
+    threshold: jax.Array
+
+    def __init__(self, *, key):
+        self.inp = eqx.nn.Linear(3, 4, key=key)
+        self.threshold = jnp.ones(4)
+
+    def init_state(self):
+        return jnp.zeros(4)
+
+    def __call__(self, v, x):
+        reset = jax.lax.stop_gradient(surrogate.triangle(v - self.threshold)) * self.threshold
+        v = 0.9 * v + self.inp(x) - reset
+        return v, self.output(v)
+
+    def output(self, v):
+        return surrogate.triangle(v - self.threshold)
+
+
+def test_eprop_refuses_a_parameter_in_the_output_and_the_state_under_a_leaky_readout(getkey):
+    model = nn.Sequential(
+        [SharedThreshold(key=getkey()), nn.LeakyReadout(4, 2, tau=5.0, key=getkey())]
+    )
+    with pytest.raises(eqtrace.StructureError, match="threshold"):
+        eqtrace.EProp().init_trace(model, model.init_state(), jnp.ones(3))
+
+
+@pytest.mark.parametrize(
+    "model", [lambda k: nn.GRUCell(3, 8, key=k), lambda k: Dale(key=k), lambda k: Refractory(key=k)]
+)
+def test_the_analysis_does_not_depend_on_values(model, getkey):
+    """The same structure for different example inputs, states and parameter values."""
+    cell = model(getkey())
+    structures = []
+    for seed in range(3):
+        key = jr.key(seed)
+        params, static = eqx.partition(cell, eqx.is_inexact_array)
+        drawn = jtu.tree_map(lambda p: jr.normal(key, p.shape, p.dtype) * 10.0**seed, params)
+        state = jtu.tree_map(lambda s: jr.normal(key, s.shape, s.dtype), cell.init_state())
+        x = jr.normal(key, (3,)) * 10.0**seed
+        structures.append(_analyse(eqx.combine(drawn, static), state, x))
+    for other in structures[1:]:
+        assert repr(other) == repr(structures[0])
