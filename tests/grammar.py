@@ -24,6 +24,7 @@ import hypothesis.strategies as st
 import jax
 import jax.numpy as jnp
 import jax.random as jr
+import numpy as np
 
 import eqtrace
 from eqtrace import nn
@@ -42,6 +43,44 @@ ACTIVATIONS: dict[str, Callable] = {
     "softplus": jax.nn.softplus,
     "gelu": jax.nn.gelu,
 }
+
+
+@jax.custom_jvp
+def _box_spike(z, width):
+    """A user's rectangular surrogate: a step, with derivative `1/w` on `|z| < w/2`."""
+    return (z > 0).astype(z.dtype)
+
+
+@_box_spike.defjvp
+def _box_spike_jvp(primals, tangents):
+    z, width = primals
+    slope = jnp.where(jnp.abs(z) < width / 2, 1 / width, 0.0)
+    return _box_spike(z, width), slope * tangents[0]
+
+
+#: Gates whose derivative is non-zero only on a band of width `w` around zero, applied to
+#: leaf 0's drive minus a per-neuron centre (`BandSpec`).
+BANDS: dict[str, Callable] = {
+    "clip": lambda z, w: jnp.clip(z, -w / 2, w / 2),
+    "window": lambda z, w: jnp.where((z > -w / 2) & (z < w / 2), z, 0.0),
+    "threshold": lambda z, w: jnp.where(z > -w / 4, z, 0.0),
+    "hard-sigmoid": lambda z, w: jnp.clip(z / w + 0.5, 0.0, 1.0),
+    "piecewise": lambda z, w: jnp.minimum(jax.nn.relu(z + w / 2), w),
+    "box-surrogate": _box_spike,
+    "triangle-surrogate": lambda z, w: nn.surrogate.triangle(z, width=w),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class BandSpec:
+    """A narrow gate on leaf 0's drive: `BANDS[kind](drive - centre, width)`. With `inside`, the
+    generated tests set the per-neuron centre to the drive of the first step, so the example
+    starts inside the band; otherwise the centre is random (and the drive mostly outside)."""
+
+    kind: str
+    width: float
+    inside: bool
+
 
 #: Op kinds taking a float vector; token cells use "embedding" for their input.
 DENSE_OPS = ("linear", "masked", "eqx", "eqx-nobias")
@@ -111,6 +150,13 @@ class CellSpec:
     functions_as_fields: bool
     violation: str | None
     container: str = "tuple"
+    #: A narrow gate on leaf 0's drive, or None.
+    band: BandSpec | None = None
+    #: Whether the first op's output is permuted by a fixed gather before it is split.
+    permute: bool = False
+    #: Whether leaf 0's update passes through a `lax.cond` on the previous state (element-wise
+    #: in either branch).
+    cond_gate: bool = False
 
     @property
     def elementwise_recurrence(self) -> bool:
@@ -136,6 +182,7 @@ class GeneratedCell(eqtrace.AbstractCell):
     per_neuron: jax.Array | None
     shared: jax.Array | None
     functions: dict[str, Callable] | None
+    band_centre: jax.Array | None
     spec: CellSpec = eqx.field(static=True)
     hidden_size: int = eqx.field(static=True)
     input_size: int | None = eqx.field(static=True)
@@ -164,6 +211,48 @@ class GeneratedCell(eqtrace.AbstractCell):
     def __call__(self, state, x):
         spec = self.spec
         leaves = self._unpack(state)
+        chunks = self._chunks(leaves, x)
+        new = []
+        for k, (leaf, previous) in enumerate(zip(spec.leaves, leaves)):
+            drive, gate = (self._slot(chunks, (k, slot)) for slot in ("drive", "gate"))
+            if k == 0:
+                drive = self._modulate(drive, leaky=leaf.rule == "leaky")
+                if spec.violation == "roll":
+                    drive = drive + 0.5 * jnp.roll(previous, 1)
+                if spec.band is not None:
+                    drive = BANDS[spec.band.kind](drive - self.band_centre, spec.band.width)
+            else:
+                drive = drive + new[k - 1]  # element-wise coupling, as a synaptic current
+            f = self._function(leaf.activation)
+            if leaf.rule == "leaky":
+                decay = 0.5
+                if k == 0 and self.per_neuron is not None:
+                    decay = jax.nn.sigmoid(self.per_neuron)
+                value = decay * previous + f(drive)
+            elif leaf.rule == "gated":
+                g = jax.nn.sigmoid(gate)
+                value = g * previous + (1 - g) * f(drive)
+            else:
+                value = f(drive + 0.5 * previous)
+            if k == 0 and spec.cond_gate:
+                value = jax.lax.cond(
+                    jnp.sum(previous) > 0, lambda v: v, lambda v: 0.5 * jnp.tanh(v), value
+                )
+            new.append(value)
+        new_state = self._pack(new)
+        return new_state, self.output(new_state)
+
+    def band_drive(self, state, x):
+        """Leaf 0's drive just before its band gate (where `inside` centres the band)."""
+        leaves = self._unpack(state)
+        drive = self._slot(self._chunks(leaves, x), (0, "drive"))
+        drive = self._modulate(drive, leaky=self.spec.leaves[0].rule == "leaky")
+        if self.spec.violation == "roll":
+            drive = drive + 0.5 * jnp.roll(leaves[0], 1)
+        return drive
+
+    def _chunks(self, leaves, x):
+        spec = self.spec
         chunks = []
         for i, op_spec in enumerate(spec.ops):
             inputs = [self._source(source, leaves, x) for source in op_spec.sources]
@@ -179,29 +268,12 @@ class GeneratedCell(eqtrace.AbstractCell):
                 )
             else:
                 u = sum(op(a) for a in inputs)
+            if spec.permute and i == 0:
+                # A fixed permutation (a gather with constant indices): owners move, not mix.
+                size = op_spec.width * self.hidden_size
+                u = u[jnp.asarray(np.roll(np.arange(size)[::-1], 1))]
             chunks.extend(jnp.split(u, op_spec.width))
-        new = []
-        for k, (leaf, previous) in enumerate(zip(spec.leaves, leaves)):
-            drive, gate = (self._slot(chunks, (k, slot)) for slot in ("drive", "gate"))
-            if k == 0:
-                drive = self._modulate(drive, leaky=leaf.rule == "leaky")
-                if spec.violation == "roll":
-                    drive = drive + 0.5 * jnp.roll(previous, 1)
-            else:
-                drive = drive + new[k - 1]  # element-wise coupling, as a synaptic current
-            f = self._function(leaf.activation)
-            if leaf.rule == "leaky":
-                decay = 0.5
-                if k == 0 and self.per_neuron is not None:
-                    decay = jax.nn.sigmoid(self.per_neuron)
-                new.append(decay * previous + f(drive))
-            elif leaf.rule == "gated":
-                g = jax.nn.sigmoid(gate)
-                new.append(g * previous + (1 - g) * f(drive))
-            else:
-                new.append(f(drive + 0.5 * previous))
-        new_state = self._pack(new)
-        return new_state, self.output(new_state)
+        return chunks
 
     def output(self, state):
         if self.spec.output == "state":
@@ -287,6 +359,7 @@ def build_cell(spec: CellSpec, key) -> GeneratedCell:
         per_neuron=jr.normal(okeys[-2], (spec.hidden,)) if spec.per_neuron else None,
         shared=shared,
         functions={n: ACTIVATIONS[n] for n in sorted(names)} if spec.functions_as_fields else None,
+        band_centre=None if spec.band is None else jnp.zeros(spec.hidden),
         spec=spec,
         hidden_size=spec.hidden,
         input_size=None if spec.tokens else spec.input_size,
@@ -451,6 +524,14 @@ _sizes = st.integers(2, 4)
 _activations = st.sampled_from(sorted(ACTIVATIONS))
 
 
+band_specs = st.builds(
+    BandSpec,
+    kind=st.sampled_from(sorted(BANDS)),
+    width=st.sampled_from([0.01, 0.05, 0.1]),
+    inside=st.booleans(),
+)
+
+
 @st.composite
 def cell_specs(draw, input_size: int, *, tokens: bool = False) -> CellSpec:
     """A generated cell taking `input_size` inputs (a vocabulary, if `tokens`)."""
@@ -509,6 +590,9 @@ def cell_specs(draw, input_size: int, *, tokens: bool = False) -> CellSpec:
         container=draw(st.sampled_from(["tuple", "list", "dict", "namedtuple"]))
         if len(leaves) == 2
         else "tuple",
+        band=draw(st.none() | band_specs),
+        permute=draw(st.integers(0, 3)) == 3,
+        cond_gate=draw(st.integers(0, 3)) == 3,
     )
 
 

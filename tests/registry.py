@@ -43,7 +43,7 @@ class AlgorithmCase:
     - `name`: the test id.
     - `make`: builds the rule; takes the options every rule has as keywords
       (`check_finite=True`, and `strict=False` for rules that `needs_structure`).
-    - `exact`: equals BPTT for any cell or network (DESIGN.md §5, oracle 1).
+    - `exact`: equals BPTT for any cell or network (docs/architecture.md §3, oracle 1).
     - `exact_elementwise`: equals BPTT for one element-wise-recurrent layer under a
       stateless read-out (oracle 2).
     - `needs_structure`: analyses the cell and refuses one that breaks its assumptions

@@ -1,5 +1,5 @@
 """Smoke tests of `benchmarks/`: the registry, and tiny configurations through the same code
-paths as the real tables. No timing assertions (DESIGN.md §6)."""
+paths as the real tables. No timing assertions (docs/architecture.md §4)."""
 
 import dataclasses
 import re

@@ -630,6 +630,44 @@ def _uneven_batch():
     eqtrace.init_sharded(_gru(), eqtrace.DRTRL(), 6, shardings)
 
 
+class SharedThreshold(eqtrace.AbstractCell):
+    """A learnable threshold read in the reset and in the spike (`output`)."""
+
+    op: nn.Linear
+    threshold: jax.Array
+
+    def __init__(self, *, key):
+        self.op = nn.Linear(INPUT, HIDDEN, key=key)
+        self.threshold = jnp.ones(HIDDEN)
+
+    def init_state(self):
+        return jnp.zeros(HIDDEN)
+
+    def __call__(self, v, x):
+        v = 0.9 * v + self.op(x) - self.threshold * jax.lax.stop_gradient(self.output(v))
+        return v, self.output(v)
+
+    def output(self, v):
+        return nn.surrogate.triangle(v - self.threshold)
+
+
+class SpectralCell(eqtrace.AbstractCell):
+    """A state filtered in the frequency domain (`jnp.fft`, a primitive the analysis has no
+    rule for)."""
+
+    op: nn.Linear
+
+    def __init__(self, *, key):
+        self.op = nn.Linear(INPUT, HIDDEN, key=key)
+
+    def init_state(self):
+        return jnp.zeros(HIDDEN)
+
+    def __call__(self, h, x):
+        h = jnp.real(jnp.fft.ifft(0.5 * jnp.fft.fft(h))) + self.op(x)
+        return h, h
+
+
 #: Title of a row of `docs/errors.md` -> functions that each commit that misuse.
 CASES: dict[str, Callable[[], list[Callable[[], object]]]] = {
     "Targets without a time axis": _per_sequence_targets,
@@ -751,6 +789,15 @@ CASES: dict[str, Callable[[], list[Callable[[], object]]]] = {
     ],
     "An output that is not `output(new_state)`": lambda: [
         _init(eqtrace.RTRL(), OutputNotOfState(key=_key()), jnp.zeros(3))
+    ],
+    "A parameter in the output and the state under a leaky read-out": lambda: [
+        _init(
+            eqtrace.EProp(),
+            nn.Sequential([SharedThreshold(key=_key()), nn.LeakyReadout(HIDDEN, 2, key=_key())]),
+        )
+    ],
+    "A step the analysis does not know": lambda: [
+        _init(eqtrace.DRTRL(), SpectralCell(key=_key()), jnp.zeros(INPUT))
     ],
     "Op weights used outside a call": lambda: [
         _init(eqtrace.DRTRL(), RawWeightUse(key=_key()), jnp.zeros(4)),
@@ -878,6 +925,7 @@ def test_documented_error(title):
     exception_name, phrases = DOCUMENTED[title]
     exception = {
         "ValueError": ValueError,
+        "StructureError": eqtrace.StructureError,
         "TypeError": TypeError,
         "FileNotFoundError": FileNotFoundError,
     }[exception_name]

@@ -1,5 +1,5 @@
 """Generated oracle tests: random cells and networks from a small grammar (`grammar.py`) against
-the oracles of DESIGN.md §5, always through the step-by-step trace path
+the oracles of docs/architecture.md §3, always through the step-by-step trace path
 (`make_online_step`/`make_online_block` + `online_gradient`), in float64.
 
 Compilation dominates: each example is a new model, so every function compiles afresh (about
@@ -30,6 +30,7 @@ from jax.flatten_util import ravel_pytree
 from scipy.stats import norm
 
 import eqtrace
+from eqtrace import nn
 from grammar import (
     CellSpec,
     LayerSpec,
@@ -144,8 +145,6 @@ def materialise(case: Case, batch: int | None = None) -> Problem:
         return jnp.asarray(rng.uniform(-scale, scale, leaf.shape), leaf.dtype)
 
     model = jtu.tree_map(draw, eqx.filter_eval_shape(build_network, case.spec, jr.key(0)))
-    note(f"model: {model}")
-    params, static = eqx.partition(model, eqx.is_inexact_array)
     init = model.init_state()
     batch_shape = () if batch is None else (batch,)
     state = jtu.tree_map(
@@ -158,9 +157,36 @@ def materialise(case: Case, batch: int | None = None) -> Problem:
         xs = jnp.asarray(rng.integers(0, first.in_size, lead))
     else:
         xs = jnp.asarray(1.5 * rng.normal(size=(*lead, first.in_size)))
+    if batch is None:
+        model = centre_bands(model, state, xs[0])
+    note(f"model: {model}")
+    params, static = eqx.partition(model, eqx.is_inexact_array)
     _, y = jax.eval_shape(model, init, xs[(0,) * len(lead)])
     targets = jnp.asarray(rng.normal(size=(*lead, *y.shape)), y.dtype)
     return Problem(model, params, static, state, xs, targets)
+
+
+def centre_bands(model, state, x):
+    """`model` with the band of every generated cell whose `BandSpec.inside` is set centred on
+    its drive at the first step from `state` on `x`, so that the example starts inside it."""
+
+    def centred(cell, cell_state, cell_input):
+        band = getattr(getattr(cell, "spec", None), "band", None)
+        if band is None or not band.inside:
+            return cell
+        return eqx.tree_at(lambda c: c.band_centre, cell, cell.band_drive(cell_state, cell_input))
+
+    if not isinstance(model, nn.Sequential):
+        return centred(model, state, x)
+    layers = []
+    for layer, layer_state in zip(model.layers, state):
+        if isinstance(layer, eqtrace.AbstractCell):
+            layer = centred(layer, layer_state, x)
+            _, x = layer(layer_state, x)
+        else:
+            x = layer(x)
+        layers.append(layer)
+    return nn.Sequential(layers)
 
 
 def weighted_loss(y, target):

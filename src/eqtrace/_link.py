@@ -6,7 +6,7 @@ exact within-step `∂h_t/∂x_t · δx_t`. Reverse mode transposes that JVP, so
 loss on the step's output contracts the trace with `ḡ = dL/dh_t`: the online gradient. The
 derivative with respect to the old state and trace is zero (no backpropagation through time).
 
-(DESIGN.md §2 suggests a `custom_vjp` on the whole step; a linear JVP instead lets `jax.vmap`
+(the design plan suggests a `custom_vjp` on the whole step; a linear JVP instead lets `jax.vmap`
 turn the gradient of shared parameters into one batch-contracted product rather than
 per-sample gradients summed afterwards, costs nothing in the forward pass, and makes
 forward-mode differentiation of a step work too.)
