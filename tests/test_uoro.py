@@ -1,7 +1,7 @@
-"""UORO against its oracle (docs/architecture.md §3, oracle 4): over many keys, the mean of its online
-gradient is RTRL's. Also its recurrence on a hand-computable cell, its keys (one per sample,
-independent across a batch, through `vmap`, `scan`, `jit` and `grad`), its trace memory and
-its errors. Batch = loop, jit = no jit and blocks = steps run for it with the other rules in
+"""UORO against its oracle (docs/architecture.md §3, oracle 4): over many keys, the mean of its
+online gradient is RTRL's. Also its recurrence on a hand-computable cell, its keys (one per
+sample, independent across a batch, through `vmap`, `scan`, `jit` and `grad`), its trace memory
+and its errors. Batch = loop, jit = no jit and blocks = steps run for it with the other rules in
 test_diagonal.py and test_blocks.py."""
 
 import equinox as eqx
