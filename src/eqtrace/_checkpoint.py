@@ -137,7 +137,8 @@ def save_checkpoint(
 
     - `directory`: the run's checkpoint directory (created if needed); one per run.
     - `step`: the number of steps taken, a Python int (exact at any size); checkpoints are
-      named by it, and `restore_checkpoint` returns it. It must exceed the latest step saved.
+      named by it, and `restore_checkpoint` returns it. It must exceed the latest step saved
+      (see `discard_newer`).
     - `tree`: everything the learner holds, e.g.
       `(params, opt_state, state, trace)` or a dict of them: arrays (sharded or not, PRNG keys
       included) and Python `bool`/`int`/`float` leaves; other leaves are not saved (they are
@@ -147,9 +148,9 @@ def save_checkpoint(
       and array shapes are recorded, not its values (save the parameters in `tree`).
     - `max_to_keep`: how many of the latest complete checkpoints to keep (older ones are
       deleted; incomplete step folders are neither counted nor deleted); `None` keeps all.
-    - `discard_newer`: to save a step below the latest, e.g. to continue a run from an older
-      checkpoint: the checkpoints of later steps are deleted first (they would otherwise stay
-      the latest). Without it such a step is refused.
+    - `discard_newer`: to continue a run from an older checkpoint: the checkpoints of `step`
+      and later steps (of the abandoned continuation, which would otherwise stay the latest)
+      are deleted first. Without it a step not above the latest is refused.
 
     **Returns:** nothing.
     """
@@ -172,13 +173,14 @@ def save_checkpoint(
         if jax.process_index() == 0:  # Orbax's primary process manages the directory.
             hold_writer_lock(where)
         steps = complete_steps(where)
-        newer = [s for s in steps if s > step]
-        if step in steps:
+        newer = [s for s in steps if s >= step]
+        if step in steps and not discard_newer:
             raise ValueError(
                 f"save_checkpoint: `directory` {os.fspath(directory)!r} already holds a "
                 f"checkpoint of step {step}. Save each step once (resume with "
                 "`restore_checkpoint`, which returns the step to continue from), or use a new "
-                "directory for a new run."
+                "directory for a new run; to continue from an older checkpoint and drop the "
+                "later ones, pass `discard_newer=True`."
             )
         if newer and not discard_newer:
             raise ValueError(
@@ -189,7 +191,7 @@ def save_checkpoint(
                 "pass `discard_newer=True`."
             )
         folder = os.path.join(where, str(step))
-        if os.path.lexists(folder):
+        if os.path.lexists(folder) and step not in steps:
             raise CheckpointDamagedError(
                 f"save_checkpoint: `directory` {os.fspath(directory)!r} holds a folder for "
                 f"step {step} that is not a complete checkpoint ({damage(folder)}), and a "
