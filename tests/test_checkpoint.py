@@ -7,6 +7,7 @@ The refusals (another algorithm, hyperparameters, model or tree) are triggered i
 test_errors.py against the rows of docs/errors.md.
 """
 
+import gc
 import os
 import re
 import shutil
@@ -14,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import equinox as eqx
@@ -582,10 +584,19 @@ DAMAGE = {
 }
 
 
-# A failed read leaves Orbax's coroutines unawaited; Python reports them when collected.
+@pytest.fixture
+def failed_reads():
+    """A failed read leaves Orbax's coroutines unawaited, which Python reports when they are
+    collected: collected at the end of the test that failed them, not in a later one."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", pytest.PytestUnraisableExceptionWarning)
+        yield
+        gc.collect()
+
+
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 @pytest.mark.parametrize("damage", list(DAMAGE))
-def test_a_damaged_latest_step(tmp_path, damage):
+def test_a_damaged_latest_step(tmp_path, damage, failed_reads):
     """The latest step damaged: restoring it by number names the step and the file; restoring
     the latest falls back to the newest readable step, bit for bit. A step found incomplete
     without reading its arrays is not counted by `max_to_keep`: the next save keeps the good
@@ -607,7 +618,7 @@ def test_a_damaged_latest_step(tmp_path, damage):
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
-def test_every_step_damaged(tmp_path):
+def test_every_step_damaged(tmp_path, failed_reads):
     _save(tmp_path, 1)
     _truncate(_largest_file(tmp_path / "1" / "arrays"))
     (tmp_path / "2").mkdir()
