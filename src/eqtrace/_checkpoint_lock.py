@@ -29,18 +29,14 @@ class CheckpointLockedError(RuntimeError):
     """Another process is writing checkpoints into this directory."""
 
 
-def hold_writer_lock(directory: str) -> bool:
-    """Takes the writer lock of `directory` for this process, if it does not hold it already.
-
-    **Returns:** whether it was taken just now (the first save of this process here).
-
-    **Raises:** `CheckpointLockedError` if another live process holds it.
-    """
+def hold_writer_lock(directory: str) -> None:
+    """Takes the writer lock of `directory` for this process, if it does not hold it already;
+    `CheckpointLockedError` if another live process holds it."""
     key = os.path.realpath(directory)
     held = _held.get(key)
     # A process forked from the holder does not inherit a POSIX lock: it must take its own.
     if held is not None and held[0] == os.getpid():
-        return False
+        return
     path = os.path.join(key, LOCK_FILE)
     descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
@@ -63,7 +59,6 @@ def hold_writer_lock(directory: str) -> bool:
     os.ftruncate(descriptor, 0)
     os.pwrite(descriptor, label.encode(), 0)
     _held[key] = (os.getpid(), descriptor)
-    return True
 
 
 def _holder(path: str) -> str:
