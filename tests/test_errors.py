@@ -244,6 +244,54 @@ def _count_of_wrong_type():
     ]
 
 
+def _mean_over_no_steps():
+    _, params, static, step, block, state, trace = _setup()
+    xs, targets = jnp.zeros((0, INPUT)), jnp.zeros((0, HIDDEN))
+    forward = eqtrace.make_forward_step(static)
+    return [
+        lambda: eqtrace.online_gradient(
+            step, squared_loss, params, state, trace, xs, targets, reduction="mean"
+        ),
+        lambda: eqtrace.online_gradient(
+            block, squared_loss, params, state, trace, xs, targets, block_size=2, reduction="mean"
+        ),
+        lambda: eqtrace.bptt_gradient(
+            forward, squared_loss, params, state, xs, targets, reduction="mean"
+        ),
+        lambda: eqtrace.truncated_bptt_gradient(
+            forward, squared_loss, params, state, xs, targets, 2, reduction="mean"
+        ),
+    ]
+
+
+def _sequence_targets_with_a_time_axis():
+    _, params, static, step, _, state, trace = _setup(batch_size=BATCH)
+    batched = jax.vmap(step, in_axes=(None, 0, 0, 0))
+    forward = jax.vmap(eqtrace.make_forward_step(static), in_axes=(None, 0, 0))
+    xs, targets = _sequence((BATCH,))  # targets of shape (T, B, n_out): one per step
+    sgd = optax.sgd(0.1)
+    return [
+        lambda: eqtrace.online_gradient(
+            batched, mse, params, state, trace, xs, targets, sequence_targets=True
+        ),
+        lambda: eqtrace.train_online(
+            batched,
+            mse,
+            sgd,
+            params,
+            sgd.init(params),
+            state,
+            trace,
+            xs,
+            targets,
+            sequence_targets=True,
+        ),  # fmt: skip
+        lambda: eqtrace.bptt_gradient(
+            forward, mse, params, state, xs, targets, sequence_targets=True
+        ),
+    ]
+
+
 def _count_below_one():
     _, params, static, _, block, state, trace = _setup()
     xs, targets = _sequence()
@@ -735,6 +783,12 @@ CASES: dict[str, Callable[[], list[Callable[[], object]]]] = {
     "An online step given a `block_size`": _step_given_block_size,
     "An online block without a `block_size`": _block_without_block_size,
     "A `block_size` or `window` that is not an int": _count_of_wrong_type,
+    "A mean over no steps": _mean_over_no_steps,
+    "Sequence targets that kept their time axis": _sequence_targets_with_a_time_axis,
+    "A batch size below one": lambda: [
+        lambda: eqtrace.init_state_and_trace(_gru(), eqtrace.DRTRL(), batch_size=0),
+        lambda: eqtrace.init_state_and_trace(_gru(), eqtrace.DRTRL(), batch_size=-1),
+    ],
     "A `block_size` or `window` below one": _count_below_one,
     "Complex or non-numeric input": _complex_input,
     "Input of the wrong shape": _input_of_wrong_shape,
@@ -1094,6 +1148,15 @@ def test_wrong_types_without_beartype():
         "eqtrace.check(lambda state, x: model(state, x), x=jnp.zeros(3))": (
             "TypeError: check: `model` must be an eqtrace cell"
         ),
+        "eqtrace.init_state_and_trace(model, eqtrace.DRTRL(), batch_size=2.0)": (
+            "TypeError: init_state_and_trace: `batch_size` must be a Python int (the number of "
+            "sequences in a batch) or None, but received 2.0 (float)."
+        ),
+        "eqtrace.online_gradient(block, loss, params, state, trace, xs, targets, "
+        "block_size=np.int64(2))": (
+            "TypeError: online_gradient: `block_size` must be a Python int (a number of steps), "
+            "but received a traced "
+        ),
         "eqtrace.save_checkpoint('unused', 1, {}, algorithm=model, model=eqtrace.DRTRL())": (
             "TypeError: save_checkpoint: `model` must be the model (a cell or network), but "
             "received the algorithm DRTRL. They look swapped"
@@ -1105,7 +1168,7 @@ def test_wrong_types_without_beartype():
     }
     script = textwrap.dedent(
         """
-        import equinox as eqx, jax, jax.numpy as jnp
+        import equinox as eqx, jax, jax.numpy as jnp, numpy as np
         import eqtrace
         key = jax.random.key(0)
         model = eqtrace.nn.GRUCell(3, 4, key=key)
