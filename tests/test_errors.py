@@ -1157,7 +1157,8 @@ def test_wrong_types_without_beartype():
             "TypeError: online_gradient: `block_size` must be a Python int (a number of steps), "
             "but received a traced "
         ),
-        "eqtrace.save_checkpoint('unused', 1, {}, algorithm=model, model=eqtrace.DRTRL())": (
+        "eqtrace.save_checkpoint(tempfile.mkdtemp(), 1, {}, "
+        "algorithm=model, model=eqtrace.DRTRL())": (
             "TypeError: save_checkpoint: `model` must be the model (a cell or network), but "
             "received the algorithm DRTRL. They look swapped"
         ),
@@ -1168,6 +1169,7 @@ def test_wrong_types_without_beartype():
     }
     script = textwrap.dedent(
         """
+        import tempfile
         import equinox as eqx, jax, jax.numpy as jnp, numpy as np
         import eqtrace
         key = jax.random.key(0)
