@@ -637,3 +637,16 @@ def test_continuing_from_an_older_step(tmp_path):
     assert _names(tmp_path) == ["1", "2"] and _restore(tmp_path) == 2
     _save(tmp_path, 3)
     assert _names(tmp_path) == ["1", "2", "3"]
+
+
+def test_a_tree_without_arrays(tmp_path):
+    """Python scalars only (Orbax refuses an empty tree of arrays: this failed, and left a
+    temporary folder behind)."""
+    algorithm, model = eqtrace.DRTRL(), nn.LIF(2, 3, key=jr.key(0))
+    eqtrace.save_checkpoint(tmp_path, 1, {"steps": 7}, algorithm=algorithm, model=model)
+    assert eqtrace.latest_checkpoint(tmp_path) == 1
+    like = {"steps": 0}
+    assert eqtrace.restore_checkpoint(tmp_path, like, algorithm=algorithm, model=model) == (
+        {"steps": 7},
+        1,
+    )

@@ -173,7 +173,8 @@ def save_checkpoint(
         if jax.process_index() == 0:  # Orbax's primary process manages the directory.
             hold_writer_lock(where)
         steps = complete_steps(where)
-        newer = [s for s in steps if s >= step]
+        # The checkpoints that `discard_newer` deletes: of this step and later ones.
+        discarded = [s for s in steps if s >= step]
         if step in steps and not discard_newer:
             raise ValueError(
                 f"save_checkpoint: `directory` {os.fspath(directory)!r} already holds a "
@@ -182,10 +183,10 @@ def save_checkpoint(
                 "directory for a new run; to continue from an older checkpoint and drop the "
                 "later ones, pass `discard_newer=True`."
             )
-        if newer and not discard_newer:
+        if discarded and not discard_newer:
             raise ValueError(
                 f"save_checkpoint: step {step} is below the latest checkpoint in `directory` "
-                f"{os.fspath(directory)!r}, of step {newer[-1]}, which would stay the latest. "
+                f"{os.fspath(directory)!r}, of step {discarded[-1]}, which would stay the latest. "
                 "Pass the number of steps taken, which grows; for a new run use a new "
                 "directory; to continue from an older checkpoint and drop the later ones, "
                 "pass `discard_newer=True`."
@@ -198,7 +199,7 @@ def save_checkpoint(
                 "checkpoint cannot be written over it. Move or delete that folder."
             )
         with _manager(where, writer=True, max_to_keep=max_to_keep) as manager:
-            for later in newer:
+            for later in discarded:
                 manager.delete(later)
             items = {"metadata": ocp.args.JsonSave(metadata)}
             if arrays:  # Orbax refuses an empty tree of arrays.
