@@ -7,11 +7,15 @@ The refusals (another algorithm, hyperparameters, model or tree) are triggered i
 test_errors.py against the rows of docs/errors.md.
 """
 
+import gc
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import equinox as eqx
@@ -144,7 +148,10 @@ for name, (case, blocks) in tc.MODES.items():
     restored, step = eqtrace.restore_checkpoint(directory, like, algorithm=algorithm, model=model)
     assert step == tc.SPLIT == restored["steps"]
     resumed = train(restored, xs[second], targets[second])
-    eqtrace.save_checkpoint(directory, tc.LENGTH, resumed, algorithm=algorithm, model=model)
+    # In a directory of its own: the test process still holds the first one's writer lock.
+    eqtrace.save_checkpoint(
+        directory + "-resumed", tc.LENGTH, resumed, algorithm=algorithm, model=model
+    )
 
 assert jax.device_count() == 4
 mesh = Mesh(jax.devices(), ("batch",))
@@ -228,7 +235,7 @@ def runs(tmp_path_factory):
     resumed = {}
     for name, (model, algorithm, like) in likes.items():
         resumed[name], step = eqtrace.restore_checkpoint(
-            directory / name, like, algorithm=algorithm, model=model
+            directory / f"{name}-resumed", like, algorithm=algorithm, model=model
         )
         assert step == LENGTH
     return straight, resumed, result.stdout
@@ -320,11 +327,11 @@ _hyperparameters = st.tuples(
 def test_any_change_of_hyperparameters_is_named(saved, current):
     """The recorded algorithm differs from another exactly when the two differ, and the
     difference named is a field that differs (pure Python: no checkpoint written)."""
-    from eqtrace._checkpoint import _describe, _first_difference
+    from eqtrace._checkpoint_metadata import describe, first_difference
 
     make = lambda d, b, c: eqtrace.PPProp(d, bias_correction=b, check_finite=c)  # noqa: E731
-    found = _first_difference(
-        _describe(make(*saved), values=True), _describe(make(*current), values=True)
+    found = first_difference(
+        describe(make(*saved), values=True), describe(make(*current), values=True)
     )
     assert (found is None) == (saved == current)
     if found is not None:
@@ -379,7 +386,267 @@ def test_a_killed_writer_leaves_the_last_good_checkpoint(tmp_path):
     assert latest == completed[-1]
     restored, step = eqtrace.restore_checkpoint(tmp_path, like, algorithm=algorithm, model=model)
     assert step == latest and bool(jnp.all(restored["x"] == step))
-    # ...and it was deleted once the directory was opened again.
-    assert not [p.name for p in tmp_path.iterdir() if "tmp" in p.name]
+    # Reading deletes nothing; the next writer (the lock died with the killed one) deletes
+    # the partial checkpoint.
+    assert [p.name for p in tmp_path.iterdir() if "tmp" in p.name] == partial
     eqtrace.save_checkpoint(tmp_path, latest + 1, restored, algorithm=algorithm, model=model)
     assert eqtrace.latest_checkpoint(tmp_path) == latest + 1
+    assert not [p.name for p in tmp_path.iterdir() if "tmp" in p.name]
+
+
+# Fault tests: other processes in the directory, and damaged step folders. In each, the newest
+# complete state restores bit for bit.
+
+_ALGORITHM, _MODEL = eqtrace.DRTRL(), nn.LIF(2, 3, dtype=jnp.float32, key=jr.key(0))
+
+
+def _state(step: int):
+    """A learner's state at `step`: arrays whose every bit depends on the step, and a count."""
+    values = jr.normal(jr.key(step), (50_000,), jnp.float32)
+    return {"x": values, "key": jr.fold_in(jr.key(1), step), "steps": step}
+
+
+def _save(directory, step, **options):
+    eqtrace.save_checkpoint(
+        directory, step, _state(step), algorithm=_ALGORITHM, model=_MODEL, **options
+    )
+
+
+def _restore(directory, step=None):
+    restored, saved = eqtrace.restore_checkpoint(
+        directory, _state(0), algorithm=_ALGORITHM, model=_MODEL, step=step
+    )
+    _assert_identical(restored, _state(saved))
+    return saved
+
+
+def _process(script: str, *args: str) -> subprocess.Popen:
+    """`script` run in a new Python process, talking over its stdin and stdout."""
+    return subprocess.Popen(
+        [sys.executable, "-c", script, *args],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join(sys.path)),
+        text=True,
+    )
+
+
+def _finish(process: subprocess.Popen, timeout: float = 120) -> str:
+    try:
+        output, _ = process.communicate(timeout=timeout)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 0, output
+    return output
+
+
+_READER = """
+import os, sys, time
+import eqtrace
+directory, stop = sys.argv[1:]
+print("ready", flush=True)
+polls = 0
+while not os.path.exists(stop):
+    eqtrace.latest_checkpoint(directory)  # an error here fails the test (exit code)
+    polls += 1
+    time.sleep(0.005)
+print(polls, flush=True)
+"""
+
+
+def test_a_reader_polling_never_breaks_a_save(tmp_path):
+    """An evaluator polling `latest_checkpoint` every 5 ms while the learner saves 15 times:
+    every save succeeds, and every poll (the main branch lost about 1 save in 6 at 50 ms)."""
+    directory, stop = tmp_path / "run", tmp_path / "stop"
+    reader = _process(_READER, str(directory), str(stop))
+    try:
+        assert reader.stdout is not None and reader.stdout.readline() == "ready\n"
+        for step in range(1, 16):
+            _save(directory, step)
+    finally:
+        stop.touch()
+        polls = int(_finish(reader))
+    assert polls > 15
+    assert eqtrace.latest_checkpoint(directory) == 15 and _restore(directory) == 15
+    assert sorted(p.name for p in directory.iterdir() if not p.name.startswith(".")) == [
+        "13",
+        "14",
+        "15",
+    ]
+
+
+_WRITER = """
+import sys
+import test_checkpoint as tc
+directory = sys.argv[1]
+tc._save(directory, 1)
+print("saved", flush=True)
+sys.stdin.readline()
+for step in range(2, 12):
+    tc._save(directory, step)
+print("done", flush=True)
+"""
+
+
+def test_a_second_writer_is_refused(tmp_path):
+    """A second process saving into a directory that another is writing is refused with
+    `CheckpointLockedError`, naming the writer, while the first keeps saving; once the first
+    has exited (its lock goes with it), the second may write there."""
+    writer = _process(_WRITER, str(tmp_path))
+    try:
+        assert writer.stdout is not None and writer.stdout.readline() == "saved\n"
+        assert writer.stdin is not None
+        writer.stdin.write("go\n")
+        writer.stdin.flush()
+        refused = 0
+        while writer.poll() is None and refused < 200:
+            with pytest.raises(eqtrace.CheckpointLockedError, match=f"pid {writer.pid} on host"):
+                _save(tmp_path, 100 + refused)
+            refused += 1
+    finally:
+        assert _finish(writer) == "done\n"
+    assert refused > 0
+    assert eqtrace.latest_checkpoint(tmp_path) == 11 and _restore(tmp_path) == 11
+    _save(tmp_path, 12)
+    assert _restore(tmp_path) == 12
+
+
+def _names(directory) -> list[str]:
+    return sorted((p.name for p in directory.iterdir() if p.name.isdigit()), key=int)
+
+
+def test_empty_step_folders_are_not_checkpoints(tmp_path):
+    """Empty step folders (a partial copy) beside a good checkpoint: not listed, skipped by
+    restore (with a warning), and neither counted by `max_to_keep` nor deleted."""
+    _save(tmp_path, 1)
+    for step in (5, 6, 7):
+        (tmp_path / str(step)).mkdir()
+    assert eqtrace.latest_checkpoint(tmp_path) == 1
+    with pytest.warns(RuntimeWarning, match=r"restored step 1, skipping later ones.*step 7"):
+        assert _restore(tmp_path) == 1
+    _save(tmp_path, 2)  # with the default max_to_keep=3
+    assert _names(tmp_path) == ["1", "2", "5", "6", "7"]
+    for step in (8, 9):
+        _save(tmp_path, step)
+    assert _names(tmp_path) == ["2", "5", "6", "7", "8", "9"]
+    assert _restore(tmp_path) == 9
+
+
+def _largest_file(folder):
+    return max((p for p in folder.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+
+
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _flip_a_bit(path):
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+#: Damage done to a step folder -> (what the error names, whether it is found without reading
+#: the arrays: then the step is not complete, and not counted by `max_to_keep`).
+DAMAGE = {
+    "no arrays": (
+        lambda f: shutil.rmtree(f / "arrays"),
+        "`arrays/commit_success.txt` is missing",
+        True,
+    ),
+    "truncated metadata": (
+        lambda f: _truncate(f / "metadata" / "metadata"),
+        "`metadata/metadata` is not readable JSON",
+        True,
+    ),
+    "truncated array metadata": (
+        lambda f: _truncate(f / "arrays" / "_METADATA"),
+        "`arrays/_METADATA` is not readable JSON",
+        True,
+    ),
+    "truncated array data": (
+        lambda f: _truncate(_largest_file(f / "arrays")),
+        "reading its arrays (the files under `arrays/`) failed",
+        False,
+    ),
+    "bit-flipped array data": (
+        lambda f: _flip_a_bit(_largest_file(f / "arrays")),
+        "the values read for the leaf `['x']` differ from those saved",
+        False,
+    ),
+    "bit-flipped array index": (
+        lambda f: _flip_a_bit(f / "arrays" / "array_metadatas" / "process_0"),
+        "reading its arrays (the files under `arrays/`) failed",
+        False,
+    ),
+}
+
+
+@pytest.fixture
+def failed_reads():
+    """A failed read leaves Orbax's coroutines unawaited, which Python reports when they are
+    collected: collected at the end of the test that failed them, not in a later one."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", pytest.PytestUnraisableExceptionWarning)
+        yield
+        gc.collect()
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_a_damaged_latest_step(tmp_path, damage, failed_reads):
+    """The latest step damaged: restoring it by number names the step and the file; restoring
+    the latest falls back to the newest readable step, bit for bit. A step found incomplete
+    without reading its arrays is not counted by `max_to_keep`: the next save keeps the good
+    older step."""
+    do, named, structural = DAMAGE[damage]
+    for step in (1, 2):
+        _save(tmp_path, step, max_to_keep=2)
+    do(tmp_path / "2")
+    named = re.escape(named)
+    with pytest.raises(eqtrace.CheckpointDamagedError, match=f"step 2 .*{named}"):
+        _restore(tmp_path, step=2)
+    with pytest.warns(RuntimeWarning, match=f"restored step 1, skipping later ones.*{named}"):
+        assert _restore(tmp_path) == 1
+    _save(tmp_path, 3, max_to_keep=2)
+    assert _restore(tmp_path) == 3
+    assert _names(tmp_path) == (["1", "2", "3"] if structural else ["2", "3"])
+    if structural:
+        assert _restore(tmp_path, step=1) == 1
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_every_step_damaged(tmp_path, failed_reads):
+    _save(tmp_path, 1)
+    _truncate(_largest_file(tmp_path / "1" / "arrays"))
+    (tmp_path / "2").mkdir()
+    with pytest.raises(
+        eqtrace.CheckpointDamagedError, match=r"no complete, readable checkpoint.*step 2.*step 1"
+    ):
+        _restore(tmp_path)
+
+
+def test_continuing_from_an_older_step(tmp_path):
+    """`discard_newer=True`: a step below the latest, saved after deleting the later ones."""
+    for step in (1, 2, 3):
+        _save(tmp_path, step)
+    assert _restore(tmp_path, step=1) == 1
+    _save(tmp_path, 2, discard_newer=True)
+    assert _names(tmp_path) == ["1", "2"] and _restore(tmp_path) == 2
+    _save(tmp_path, 3)
+    assert _names(tmp_path) == ["1", "2", "3"]
+
+
+def test_a_tree_without_arrays(tmp_path):
+    """Python scalars only (Orbax refuses an empty tree of arrays: this failed, and left a
+    temporary folder behind)."""
+    algorithm, model = eqtrace.DRTRL(), nn.LIF(2, 3, key=jr.key(0))
+    eqtrace.save_checkpoint(tmp_path, 1, {"steps": 7}, algorithm=algorithm, model=model)
+    assert eqtrace.latest_checkpoint(tmp_path) == 1
+    like = {"steps": 0}
+    assert eqtrace.restore_checkpoint(tmp_path, like, algorithm=algorithm, model=model) == (
+        {"steps": 7},
+        1,
+    )

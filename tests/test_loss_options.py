@@ -221,3 +221,30 @@ def test_train_online_last_block_takes_the_remainder():
     assert tree_allclose(trained, expected, rtol=1e-10)
     assert tree_allclose(final_state, expected_state, rtol=1e-10)
     assert losses.shape == (LENGTH,)
+
+
+def test_a_sequence_of_no_steps_sums_to_zero():
+    """T = 0 with `reduction="sum"`: zero loss and gradients, the state and trace unchanged,
+    in every driver, stepped, in blocks and in windows (a mean over no steps is refused: see
+    test_errors.py)."""
+    model = nn.GRUCell(INPUT, HIDDEN, key=jr.key(0))
+    params, step, forward, state, trace = _setup(eqtrace.RTRL(), model)
+    _, block, _, _, _ = _setup(eqtrace.RTRL(), model, block=True)
+    xs, targets = jnp.zeros((0, BATCH, INPUT)), jnp.zeros((0, BATCH, HIDDEN))
+    zeros = jtu.tree_map(jnp.zeros_like, params)
+    sgd = optax.sgd(0.1)
+    results = [
+        eqtrace.online_gradient(step, mse, params, state, trace, xs, targets),
+        eqtrace.online_gradient(block, mse, params, state, trace, xs, targets, block_size=2),
+        eqtrace.bptt_gradient(forward, mse, params, state, xs, targets),
+        eqtrace.truncated_bptt_gradient(forward, mse, params, state, xs, targets, 2),
+    ]
+    for loss, grads, *_ in results:
+        assert loss == 0 and tree_allclose(grads, zeros, rtol=0, atol=0)
+    for online, block_size in [(step, None), (block, 2)]:
+        new_params, _, new_state, new_trace, losses = eqtrace.train_online(
+            online, mse, sgd, params, sgd.init(params), state, trace, xs, targets,
+            block_size=block_size,
+        )  # fmt: skip
+        assert losses.shape == (0,)
+        assert tree_allclose((new_params, new_state, new_trace), (params, state, trace), rtol=0)

@@ -22,6 +22,8 @@ from ._checkpoint import (
     restore_checkpoint as restore_checkpoint,
     save_checkpoint as save_checkpoint,
 )
+from ._checkpoint_lock import CheckpointLockedError as CheckpointLockedError
+from ._checkpoint_steps import CheckpointDamagedError as CheckpointDamagedError
 from ._diagnostics import (
     GradientComparison as GradientComparison,
     compare_gradients as compare_gradients,

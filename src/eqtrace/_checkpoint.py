@@ -1,24 +1,35 @@
-"""Checkpoints of a running learner: its arrays through Orbax, and what must match on restore."""
+"""Checkpoints of a running learner: saving, finding the latest and restoring, through Orbax."""
 
-import dataclasses
 import importlib.metadata
 import os
+import warnings
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
 from jaxtyping import PyTree
 
 from ._algorithm import AbstractAlgorithm
-
-
-#: The version of the metadata layout below; a checkpoint of another version is refused.
-_FORMAT = 1
-#: Python scalars among the leaves are kept exactly in the JSON metadata (a step counter kept as
-#: a Python int cannot overflow); arrays go to Orbax.
-_PYTHON_SCALARS = (bool, int, float)
+from ._checkpoint_lock import hold_writer_lock, save_lock
+from ._checkpoint_metadata import (
+    FORMAT,
+    PYTHON_SCALARS,
+    check_metadata,
+    checksum,
+    describe,
+    is_array,
+    is_key,
+    leaf_kind,
+)
+from ._checkpoint_steps import (
+    CheckpointDamagedError,
+    CompleteSteps,
+    complete_steps,
+    damage,
+    read_metadata,
+    step_folders,
+)
 
 
 def _orbax():
@@ -33,124 +44,42 @@ def _orbax():
     return ocp
 
 
-def _manager(directory: Any, max_to_keep: int | None = None, *, create: bool = True):
+def _manager(directory: str, *, writer: bool, max_to_keep: int | None = None):
     ocp = _orbax()
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep,
         # Saving returns once the checkpoint is committed: a learner that saves and then
         # crashes has its checkpoint.
         enable_async_checkpointing=False,
-        # A checkpoint is written to a temporary directory and renamed when complete; one left
-        # by a killed writer is never listed, and is deleted here.
-        cleanup_tmp_directories=True,
-        create=create,
+        # A checkpoint is written to a temporary folder and renamed when complete. Only the
+        # writer, holding the directory's lock, deletes temporary folders: no other save can
+        # be in progress then, so each was left by a writer that died or by a failed save of
+        # its own. (A reader deleting them deleted saves in progress.)
+        cleanup_tmp_directories=writer,
+        create=writer,
+        # Orbax lists, keeps (`max_to_keep`) and prunes complete steps only.
+        step_name_format=CompleteSteps(ocp.path.step.standard_name_format()),
+        # A reader reads no step's metadata on opening: a step pruned meanwhile cannot fail it.
+        lightweight_initialize=not writer,
     )
-    return ocp.CheckpointManager(os.path.abspath(os.fspath(directory)), options=options)
+    return ocp.CheckpointManager(directory, options=options)
 
 
-def _is_key(leaf: Any) -> bool:
-    return isinstance(leaf, jax.Array) and jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key)
-
-
-def _is_array(leaf: Any) -> bool:
-    return isinstance(leaf, jax.Array | np.ndarray | np.generic)
-
-
-def _leaf_kind(leaf: Any) -> dict:
-    """What a leaf of the learner's tree is, as JSON: how it is stored and what must match."""
-    if _is_key(leaf):
-        return {"key": str(jax.random.key_impl(leaf)), "shape": list(leaf.shape)}
-    if _is_array(leaf):
-        return {"dtype": jnp.dtype(leaf.dtype).name, "shape": list(np.shape(leaf))}
-    if isinstance(leaf, _PYTHON_SCALARS):
-        return {"python": type(leaf).__name__}
-    # Anything else (a function, a string) is not data: taken from `like` on restore.
-    return {"other": type(leaf).__qualname__}
-
-
-def _describe(obj: Any, *, values: bool) -> Any:
-    """`obj` as JSON, to compare what a checkpoint was written for with what it is restored
-    into: types, static fields and array shapes (and array values if `values`, for
-    hyperparameters)."""
-    if _is_key(obj):
-        obj = jax.random.key_data(obj)
-    if _is_array(obj):
-        description = {"dtype": jnp.dtype(obj.dtype).name, "shape": list(np.shape(obj))}
-        if values:
-            description["values"] = np.asarray(obj).tolist()
-        return description
-    if obj is None or isinstance(obj, bool | int | float | str):
-        return obj
-    if isinstance(obj, list | tuple):
-        return [_describe(item, values=values) for item in obj]
-    if isinstance(obj, dict):
-        return {str(key): _describe(value, values=values) for key, value in obj.items()}
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        fields = {
-            field.name: _describe(getattr(obj, field.name, None), values=values)
-            for field in dataclasses.fields(obj)
-        }
-        return {"type": type(obj).__qualname__, "fields": fields}
-    name = getattr(obj, "__qualname__", None) or type(obj).__qualname__
-    return {"object": f"{getattr(obj, '__module__', '')}.{name}"}
-
-
-def _first_difference(saved: Any, current: Any, path: str = "") -> tuple[str, Any, Any] | None:
-    """Where two `_describe`d objects first differ: `(path, saved part, current part)`."""
-    if isinstance(saved, dict) and isinstance(current, dict):
-        if "shape" in saved or "shape" in current or "object" in saved or "object" in current:
-            return None if saved == current else (path, saved, current)
-        if saved.get("type") != current.get("type"):
-            return path, saved.get("type"), current.get("type")
-        if "fields" in saved and "fields" in current:
-            saved, current = saved["fields"], current["fields"]
-            step = "."
-        else:
-            step = None
-        for key in sorted(set(saved) | set(current)):
-            where = f"{path}.{key}" if step else f"{path}[{key!r}]"
-            if key not in saved or key not in current:
-                return where, saved.get(key, "absent"), current.get(key, "absent")
-            found = _first_difference(saved[key], current[key], where)
-            if found:
-                return found
-        return None
-    if isinstance(saved, list) and isinstance(current, list):
-        if len(saved) != len(current):
-            return path, f"{len(saved)} entries", f"{len(current)} entries"
-        for i, (a, b) in enumerate(zip(saved, current)):
-            found = _first_difference(a, b, f"{path}[{i}]")
-            if found:
-                return found
-        return None
-    if saved != current or type(saved) is not type(current):
-        return path, saved, current
-    return None
-
-
-def _array_words(description: Any) -> str:
-    if not isinstance(description, dict) or "shape" not in description:
-        return repr(description)
-    words = f"an array of dtype {description['dtype']} and shape {tuple(description['shape'])}"
-    if "values" in description:
-        words += f" holding {description['values']}"
-    return words
-
-
-def _words(value: Any) -> str:
-    if isinstance(value, dict) and "shape" in value:
-        return _array_words(value)
-    if isinstance(value, dict) and "object" in value:
-        return f"`{value['object']}`"
-    return repr(value)
-
-
-def _check_directory(function: str, directory: Any) -> None:
+def _directory(function: str, directory: Any) -> str:
+    """`directory` as an absolute path, checked: a path, and not a regular file."""
     if not isinstance(directory, str | os.PathLike):
         raise TypeError(
             f"{function}: `directory` must be a path (a `str` or `pathlib.Path`), but received "
             f"{type(directory).__name__}."
         )
+    where = os.path.abspath(os.fspath(directory))
+    if os.path.exists(where) and not os.path.isdir(where):
+        raise NotADirectoryError(
+            f"{function}: `directory` {os.fspath(directory)!r} is a file, not a checkpoint "
+            "directory. Pass the directory given to `save_checkpoint` (each step is a folder "
+            "in it), or a new path for a new run."
+        )
+    return where
 
 
 def _check_step(function: str, step: Any) -> None:
@@ -158,6 +87,26 @@ def _check_step(function: str, step: Any) -> None:
         raise ValueError(
             f"{function}: `step` must be a non-negative Python int (the number of steps taken), "
             f"but received {step!r} ({type(step).__name__})."
+        )
+
+
+def _check_roles(function: str, algorithm: Any, model: Any) -> None:
+    """Refuses `algorithm=` and `model=` swapped (or another object as the algorithm): what is
+    recorded of each differs, so a swap would only be noticed, confusingly, on restore."""
+    swap = (
+        " They look swapped: pass the online rule as `algorithm=` and the cell or network as "
+        "`model=`."
+    )
+    if isinstance(model, AbstractAlgorithm):
+        raise TypeError(
+            f"{function}: `model` must be the model (a cell or network), but received the "
+            f"algorithm {type(model).__name__}." + swap
+        )
+    if not isinstance(algorithm, AbstractAlgorithm):
+        raise TypeError(
+            f"{function}: `algorithm` must be an online rule (an instance of "
+            f"`eqtrace.AbstractAlgorithm`), but received {type(algorithm).__name__}."
+            + (swap if isinstance(model, AbstractAlgorithm) else "")
         )
 
 
@@ -169,21 +118,27 @@ def save_checkpoint(
     algorithm: AbstractAlgorithm,
     model: Any,
     max_to_keep: int | None = 3,
+    discard_newer: bool = False,
 ) -> None:
     """Saves a learner's condition, atomically, as the checkpoint of `step` in `directory`.
 
     The checkpoint holds the arrays of `tree` (through Orbax: each process writes its own
-    shards, so sharded and multi-host arrays are saved without gathering them), its Python
-    scalars exactly, and what `restore_checkpoint` checks: the algorithm's class and
-    hyperparameters, the model's classes, static fields and array shapes, and the layout of
-    `tree`. It is written to a temporary directory and renamed once complete, so a process
-    killed while saving leaves the previous checkpoints intact.
+    shards, so sharded and multi-host arrays are saved without gathering them) with a digest
+    of their values, its Python scalars exactly, and what `restore_checkpoint` checks: the
+    algorithm's class and hyperparameters, the model's classes, static fields and array
+    shapes, and the layout of `tree`. It is written to a temporary directory and renamed once
+    complete, so a process killed while saving leaves the previous checkpoints intact.
+
+    One process writes into a directory: the first save takes the directory's writer lock
+    (`.eqtrace-writer.lock`), held until the process exits; another process saving there
+    meanwhile gets `eqtrace.CheckpointLockedError`. Any number of processes may read.
 
     **Arguments:**
 
     - `directory`: the run's checkpoint directory (created if needed); one per run.
     - `step`: the number of steps taken, a Python int (exact at any size); checkpoints are
-      named by it, and `restore_checkpoint` returns it.
+      named by it, and `restore_checkpoint` returns it. It must exceed the latest step saved
+      (see `discard_newer`).
     - `tree`: everything the learner holds, e.g.
       `(params, opt_state, state, trace)` or a dict of them: arrays (sharded or not, PRNG keys
       included) and Python `bool`/`int`/`float` leaves; other leaves are not saved (they are
@@ -191,18 +146,75 @@ def save_checkpoint(
     - `algorithm`: the online rule that produced the trace.
     - `model`: the model (a cell or network), or any pytree describing it; its static fields
       and array shapes are recorded, not its values (save the parameters in `tree`).
-    - `max_to_keep`: how many of the latest checkpoints to keep (older ones are deleted);
-      `None` keeps all.
+    - `max_to_keep`: how many of the latest complete checkpoints to keep (older ones are
+      deleted; incomplete step folders are neither counted nor deleted); `None` keeps all.
+    - `discard_newer`: to continue a run from an older checkpoint: the checkpoints of `step`
+      and later steps (of the abandoned continuation, which would otherwise stay the latest)
+      are deleted first. Without it a step not above the latest is refused.
 
     **Returns:** nothing.
     """
-    _check_directory("save_checkpoint", directory)
+    where = _directory("save_checkpoint", directory)
     _check_step("save_checkpoint", step)
+    _check_roles("save_checkpoint", algorithm, model)
+    if max_to_keep is not None and (
+        isinstance(max_to_keep, bool) or not isinstance(max_to_keep, int) or max_to_keep < 1
+    ):
+        raise ValueError(
+            "save_checkpoint: `max_to_keep` must be a positive int (how many of the latest "
+            f"checkpoints to keep) or None (keep all), but received {max_to_keep!r}: with "
+            "fewer than one, the checkpoint just saved would be deleted."
+        )
     ocp = _orbax()
-    paths_and_leaves = jtu.tree_flatten_with_path(tree)[0]
-    arrays, scalars, leaves = {}, {}, []
-    for i, (path, leaf) in enumerate(paths_and_leaves):
-        kind = _leaf_kind(leaf)
+    step = int(step)
+    arrays, metadata = _split(step, tree, algorithm, model)
+    os.makedirs(where, exist_ok=True)
+    with save_lock:
+        if jax.process_index() == 0:  # Orbax's primary process manages the directory.
+            hold_writer_lock(where)
+        steps = complete_steps(where)
+        # The checkpoints that `discard_newer` deletes: of this step and later ones.
+        discarded = [s for s in steps if s >= step]
+        if step in steps and not discard_newer:
+            raise ValueError(
+                f"save_checkpoint: `directory` {os.fspath(directory)!r} already holds a "
+                f"checkpoint of step {step}. Save each step once (resume with "
+                "`restore_checkpoint`, which returns the step to continue from), or use a new "
+                "directory for a new run; to continue from an older checkpoint and drop the "
+                "later ones, pass `discard_newer=True`."
+            )
+        if discarded and not discard_newer:
+            raise ValueError(
+                f"save_checkpoint: step {step} is below the latest checkpoint in `directory` "
+                f"{os.fspath(directory)!r}, of step {discarded[-1]}, which would stay the latest. "
+                "Pass the number of steps taken, which grows; for a new run use a new "
+                "directory; to continue from an older checkpoint and drop the later ones, "
+                "pass `discard_newer=True`."
+            )
+        folder = os.path.join(where, str(step))
+        if os.path.lexists(folder) and step not in steps:
+            raise CheckpointDamagedError(
+                f"save_checkpoint: `directory` {os.fspath(directory)!r} holds a folder for "
+                f"step {step} that is not a complete checkpoint ({damage(folder)}), and a "
+                "checkpoint cannot be written over it. Move or delete that folder."
+            )
+        with _manager(where, writer=True, max_to_keep=max_to_keep) as manager:
+            for later in discarded:
+                manager.delete(later)
+            items = {"metadata": ocp.args.JsonSave(metadata)}
+            if arrays:  # Orbax refuses an empty tree of arrays.
+                items["arrays"] = ocp.args.StandardSave(arrays)
+            # Orbax returns False, writing nothing, for a step it declines: never silently.
+            if not manager.save(step, args=ocp.args.Composite(**items)):
+                raise RuntimeError(f"save_checkpoint: Orbax declined to save step {step}.")
+            manager.wait_until_finished()
+
+
+def _split(step: int, tree: Any, algorithm: Any, model: Any) -> tuple[dict, dict]:
+    """The arrays of `tree` for Orbax, and the rest (JSON) as the checkpoint's metadata."""
+    arrays, scalars, leaves, checksums = {}, {}, [], {}
+    for i, (path, leaf) in enumerate(jtu.tree_flatten_with_path(tree)[0]):
+        kind = leaf_kind(leaf)
         leaves.append({"path": jtu.keystr(path), **kind})
         if "key" in kind:
             arrays[str(i)] = jax.random.key_data(leaf)
@@ -210,34 +222,28 @@ def save_checkpoint(
             arrays[str(i)] = leaf
         elif "python" in kind:
             scalars[str(i)] = leaf
+        if str(i) in arrays:
+            checksums[str(i)] = checksum(arrays[str(i)])
     metadata = {
-        "format": _FORMAT,
+        "format": FORMAT,
         "eqtrace": importlib.metadata.version("eqtrace"),
-        "step": int(step),
-        "algorithm": _describe(algorithm, values=True),
-        "model": _describe(model, values=False),
+        "step": step,
+        "algorithm": describe(algorithm, values=True),
+        "model": describe(model, values=False),
         "leaves": leaves,
         "scalars": scalars,
+        "checksums": checksums,
     }
-    with _manager(directory, max_to_keep) as manager:
-        if int(step) in manager.all_steps():
-            raise ValueError(
-                f"save_checkpoint: `directory` {os.fspath(directory)!r} already holds a "
-                f"checkpoint of step {int(step)}. Save each step once (resume with "
-                "`restore_checkpoint`, which returns the step to continue from), or use a new "
-                "directory for a new run."
-            )
-        manager.save(
-            int(step),
-            args=ocp.args.Composite(
-                arrays=ocp.args.StandardSave(arrays), metadata=ocp.args.JsonSave(metadata)
-            ),
-        )
-        manager.wait_until_finished()
+    return arrays, metadata
 
 
 def latest_checkpoint(directory: str | os.PathLike) -> int | None:
     """The step of the latest complete checkpoint in `directory`.
+
+    A step counts when its folder holds Orbax's commit marker, the step's metadata and its
+    arrays' index files; a save in progress, an empty or partly copied step folder does not.
+    It only reads: any number of processes (an evaluator polling while the learner trains)
+    may call it.
 
     **Arguments:**
 
@@ -246,11 +252,11 @@ def latest_checkpoint(directory: str | os.PathLike) -> int | None:
     **Returns:** the step, or `None` if the directory holds no complete checkpoint (or does
     not exist).
     """
-    _check_directory("latest_checkpoint", directory)
-    if not os.path.isdir(directory):
+    where = _directory("latest_checkpoint", directory)
+    if not os.path.isdir(where):
         return None
-    with _manager(directory, create=False) as manager:
-        return manager.latest_step()
+    steps = complete_steps(where)
+    return steps[-1] if steps else None
 
 
 def restore_checkpoint(
@@ -266,7 +272,8 @@ def restore_checkpoint(
 
     Arrays are restored with the sharding of the corresponding leaf of `like` (on the
     devices, and processes, that `like` lives on), bit for bit: a run resumed from a
-    checkpoint continues exactly as if it had not stopped.
+    checkpoint continues exactly as if it had not stopped. Their values are checked against
+    the digest saved with them.
 
     **Arguments:**
 
@@ -278,17 +285,21 @@ def restore_checkpoint(
       hyperparameters).
     - `model`: the model to continue with; its classes, static fields and array shapes must
       equal the saved ones.
-    - `step`: which checkpoint; the latest if `None`.
+    - `step`: which checkpoint; if `None`, the latest complete and readable one: a later step
+      that is incomplete or damaged is skipped, with a warning naming it.
 
     **Returns:** `(tree, step)`: the restored tree and the step it was saved at.
+
+    **Raises:** `eqtrace.CheckpointDamagedError`, naming the step and the file, if the
+    checkpoint of `step` (or, for `step=None`, every one) is incomplete or damaged.
     """
-    _check_directory("restore_checkpoint", directory)
+    where = _directory("restore_checkpoint", directory)
     if step is not None:
         _check_step("restore_checkpoint", step)
-    ocp = _orbax()
-    where = os.fspath(directory)
+    _check_roles("restore_checkpoint", algorithm, model)
+    shown = os.fspath(directory)
     missing = (
-        f"restore_checkpoint: `directory` {where!r} holds no "
+        f"restore_checkpoint: `directory` {shown!r} holds no "
         f"{'checkpoint' if step is None else f'checkpoint of step {step}'}"
     )
     fix = (
@@ -297,110 +308,90 @@ def restore_checkpoint(
     )
     if not os.path.isdir(where):
         raise FileNotFoundError(f"{missing} (it does not exist). {fix}")
-    with _manager(directory, create=False) as manager:
-        steps = manager.all_steps()
-        if not steps or (step is not None and int(step) not in steps):
-            raise FileNotFoundError(f"{missing} (it holds steps {sorted(steps)}). {fix}")
-        step = manager.latest_step() if step is None else int(step)
-        metadata = manager.restore(
-            step, args=ocp.args.Composite(metadata=ocp.args.JsonRestore())
-        ).metadata
-        _check_metadata(where, step, metadata, like, algorithm, model)
-        paths_and_leaves, treedef = jtu.tree_flatten_with_path(like)
-        abstract = {}
-        for i, (_, leaf) in enumerate(paths_and_leaves):
-            if _is_key(leaf):
-                data = jax.eval_shape(jax.random.key_data, leaf)
-                abstract[str(i)] = jax.ShapeDtypeStruct(data.shape, data.dtype)
-            elif isinstance(leaf, jax.Array):
-                abstract[str(i)] = jax.ShapeDtypeStruct(
-                    leaf.shape, leaf.dtype, sharding=leaf.sharding
+    folders = step_folders(where)
+    if not folders or (step is not None and int(step) not in folders):
+        held = complete_steps(where)
+        raise FileNotFoundError(f"{missing} (it holds steps {held}). {fix}")
+    candidates = [int(step)] if step is not None else sorted(folders, reverse=True)
+    skipped = []
+    with _manager(where, writer=False) as manager:
+        for candidate in candidates:
+            try:
+                tree = _restore_step(
+                    manager, shown, folders[candidate], candidate, like, algorithm, model
                 )
-            elif _is_array(leaf):
-                abstract[str(i)] = np.asarray(leaf)
-        arrays = {}
-        if abstract:
+            except CheckpointDamagedError as error:
+                if step is not None:
+                    raise
+                skipped.append(str(error))
+                continue
+            if skipped:
+                warnings.warn(
+                    f"restore_checkpoint: restored step {candidate}, skipping later ones: "
+                    + " ".join(skipped),
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+            return tree, candidate
+    raise CheckpointDamagedError(
+        f"restore_checkpoint: `directory` {shown!r} holds no complete, readable checkpoint: "
+        + " ".join(skipped)
+    )
+
+
+def _restore_step(
+    manager: Any, shown: str, folder: str, step: int, like: Any, algorithm: Any, model: Any
+) -> Any:
+    """`like` restored from the checkpoint of `step`; `CheckpointDamagedError` naming the step
+    and the file if it is incomplete or damaged."""
+    head = f"restore_checkpoint: the checkpoint of step {step} in {shown!r}"
+    fix = "Restore another step (`step=`), or copy the step folder again from a backup."
+    problem = damage(folder)
+    if problem:
+        raise CheckpointDamagedError(f"{head} is incomplete or damaged: {problem}. {fix}")
+    metadata = read_metadata(folder)
+    check_metadata(shown, step, metadata, like, algorithm, model)
+    paths_and_leaves, treedef = jtu.tree_flatten_with_path(like)
+    abstract = {}
+    for i, (_, leaf) in enumerate(paths_and_leaves):
+        if is_key(leaf):
+            data = jax.eval_shape(jax.random.key_data, leaf)
+            abstract[str(i)] = jax.ShapeDtypeStruct(data.shape, data.dtype)
+        elif isinstance(leaf, jax.Array):
+            abstract[str(i)] = jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=leaf.sharding)
+        elif is_array(leaf):
+            abstract[str(i)] = np.asarray(leaf)
+    arrays = {}
+    if abstract:
+        ocp = _orbax()
+        try:
             arrays = manager.restore(
                 step, args=ocp.args.Composite(arrays=ocp.args.StandardRestore(abstract))
             ).arrays
+        except Exception as error:  # TensorStore's, JSON's, a KeyError: all mean damage here
+            detail = " ".join(str(error).split())[:300].replace(folder + os.sep, "")
+            raise CheckpointDamagedError(
+                f"{head} is damaged: reading its arrays (the files under `arrays/`) failed with "
+                f"{type(error).__name__}: {detail}. {fix}"
+            ) from error
+    for i, (path, _) in enumerate(paths_and_leaves):
+        saved = metadata.get("checksums", {}).get(str(i))  # absent in older checkpoints
+        if saved is not None and checksum(arrays[str(i)]) not in (None, saved):
+            raise CheckpointDamagedError(
+                f"{head} is damaged: the values read for the leaf `{jtu.keystr(path)}` differ "
+                f"from those saved (their digest), so a file under `arrays/` is corrupt. {fix}"
+            )
     restored = []
     for i, (_, leaf) in enumerate(paths_and_leaves):
-        if _is_key(leaf):
+        if is_key(leaf):
             key = jax.random.wrap_key_data(arrays[str(i)], impl=jax.random.key_impl(leaf))
             restored.append(jax.device_put(key, leaf.sharding))
         elif isinstance(leaf, jax.Array):
             restored.append(arrays[str(i)])
-        elif _is_array(leaf):
+        elif is_array(leaf):
             restored.append(np.asarray(arrays[str(i)], dtype=leaf.dtype).reshape(np.shape(leaf)))
-        elif isinstance(leaf, _PYTHON_SCALARS):
+        elif isinstance(leaf, PYTHON_SCALARS):
             restored.append(type(leaf)(metadata["scalars"][str(i)]))
         else:
             restored.append(leaf)
-    return jtu.tree_unflatten(treedef, restored), step
-
-
-def _check_metadata(
-    where: str, step: int, metadata: dict, like: Any, algorithm: Any, model: Any
-) -> None:
-    """Raises a clear error if the checkpoint was written for another algorithm, model or
-    layout of the tree than the ones it is restored into."""
-    head = f"restore_checkpoint: the checkpoint of step {step} in {where!r}"
-    if metadata.get("format") != _FORMAT:
-        raise ValueError(
-            f"{head} is of format {metadata.get('format')!r}, but this eqtrace reads format "
-            f"{_FORMAT}. Restore it with the eqtrace version that wrote it "
-            f"({metadata.get('eqtrace')})."
-        )
-    saved = metadata["algorithm"]
-    current = _describe(algorithm, values=True)
-    if saved["type"] != current["type"]:
-        raise ValueError(
-            f"{head} was written by the algorithm `{saved['type']}`, but `algorithm` is "
-            f"`{current['type']}`: its trace is another rule's. Restore with the algorithm "
-            f"that wrote it, or start a new run (in a new directory) with `{current['type']}`."
-        )
-    found = _first_difference(saved, current)
-    if found:
-        path, before, now = found
-        raise ValueError(
-            f"{head} was written by `{saved['type']}` with other hyperparameters: "
-            f"`{saved['type']}{path}` is {_words(before)} in the checkpoint but {_words(now)} in "
-            f"`algorithm`. Restore with the hyperparameters it was trained with, or start a new "
-            "run (in a new directory) with the new ones."
-        )
-    found = _first_difference(metadata["model"], _describe(model, values=False))
-    if found:
-        path, before, now = found
-        raise ValueError(
-            f"{head} was written for another model: `model{path}` is {_words(before)} in the "
-            f"checkpoint but {_words(now)} in `model`. Build the model as it was when saved "
-            "(same classes, sizes and options), or start a new run in a new directory."
-        )
-    current_leaves = [
-        {"path": jtu.keystr(path), **_leaf_kind(leaf)}
-        for path, leaf in jtu.tree_flatten_with_path(like)[0]
-    ]
-    for before, now in zip(metadata["leaves"], current_leaves):
-        if before != now:
-            raise ValueError(
-                f"{head} does not fit `like`: where the checkpoint has the leaf "
-                f"`{before['path']}`, {_leaf_words(before)}, `like` has `{now['path']}`, "
-                f"{_leaf_words(now)}. Pass a `like` built as the saved tree was (the same "
-                "optimiser, batch size and structure), e.g. a freshly initialised learner."
-            )
-    if len(metadata["leaves"]) != len(current_leaves):
-        raise ValueError(
-            f"{head} does not fit `like`: the checkpoint has {len(metadata['leaves'])} leaves "
-            f"but `like` has {len(current_leaves)}. Pass a `like` built as the saved tree was "
-            "(the same optimiser, batch size and structure), e.g. a freshly initialised learner."
-        )
-
-
-def _leaf_words(leaf: dict) -> str:
-    if "key" in leaf:
-        return f"a PRNG key array of shape {tuple(leaf['shape'])} ({leaf['key']})"
-    if "dtype" in leaf:
-        return _array_words(leaf)
-    if "python" in leaf:
-        return f"a Python {leaf['python']}"
-    return f"a {leaf['other']} (not saved)"
+    return jtu.tree_unflatten(treedef, restored)

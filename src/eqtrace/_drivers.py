@@ -8,6 +8,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
+import numpy as np
 import optax
 from typing_extensions import TypeAliasType
 
@@ -259,6 +260,20 @@ def init_state_and_trace(
     **Returns:** `(state, trace)`, the pytrees to pass to the online step.
     """
     check_model("init_state_and_trace", "model", model)
+    if batch_size is not None:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int | np.integer):
+            raise TypeError(
+                "init_state_and_trace: `batch_size` must be a Python int (the number of "
+                f"sequences in a batch) or None, but received {batch_size!r} "
+                f"({type(batch_size).__name__})."
+            )
+        if batch_size < 1:
+            raise ValueError(
+                "init_state_and_trace: `batch_size` must be >= 1 (the number of sequences in a "
+                f"batch), but received {batch_size}: a batch of none has no loss to learn from. "
+                "Pass `batch_size=None` for one unbatched sequence."
+            )
+        batch_size = int(batch_size)
     state = model.init_state()
     trace = algorithm.init_trace(model, state, x)
     if key is not None:
@@ -407,6 +422,7 @@ class _Objective:
     `weighted_loss(y_t, target_t, w_t)` is the loss of one step, `reduce` the final reduction.
     """
 
+    function: str  # the driver's name, for its messages
     loss_fn: LossFn
     sequences: tuple[Any, Any, Any]
     sequence_targets: Any  # the targets used at every step, or None
@@ -431,6 +447,13 @@ class _Objective:
         if reduction == "sum":
             total = None
         elif weights is None:
+            if length == 0:
+                raise ValueError(
+                    f'{function}: with `reduction="mean"` the loss is divided by the number of '
+                    "steps, but `xs` holds none (its time axis has length 0): a mean over no "
+                    'steps is undefined. Skip empty sequences, or use `reduction="sum"` (zero '
+                    "loss and gradients for no steps)."
+                )
             total = length if length is not None else 1
         else:
             total = eqx.error_if(
@@ -441,6 +464,7 @@ class _Objective:
                 'step a weight, or use `reduction="sum"`.',
             )
         return cls(
+            function=function,
             loss_fn=_scalar_loss(function, loss_fn),
             sequences=(xs, None if sequence_targets else targets, weights),
             sequence_targets=targets if sequence_targets else None,
@@ -449,7 +473,28 @@ class _Objective:
 
     def step_loss(self, y, target):
         """`loss_fn` of one step, unweighted."""
-        return self.loss_fn(y, target if self.sequence_targets is None else self.sequence_targets)
+        if self.sequence_targets is None:
+            return self.loss_fn(y, target)
+        self._check_sequence_targets(y)
+        return self.loss_fn(y, self.sequence_targets)
+
+    def _check_sequence_targets(self, y):
+        # A target with more axes than the output it is compared with broadcasts the loss over
+        # them: targets that kept their time axis would be compared with every step's output.
+        if jtu.tree_structure(y) != jtu.tree_structure(self.sequence_targets):
+            return
+        for (path, out), target in zip(
+            jtu.tree_leaves_with_path(y), jtu.tree_leaves(self.sequence_targets)
+        ):
+            if jnp.ndim(target) > jnp.ndim(out):
+                raise ValueError(
+                    f"{self.function}: with `sequence_targets=True` the same targets are used "
+                    f"at every step, but `targets{jtu.keystr(path)}` of shape "
+                    f"{jnp.shape(target)} has more axes than the step's output of shape "
+                    f"{jnp.shape(out)}: the loss would broadcast over the extra axis. For one "
+                    "target per step (a leading time axis), pass `sequence_targets=False`; for "
+                    "one per sequence, drop the time axis (e.g. `targets[-1]`)."
+                )
 
     def weighted_loss(self, y, target, weight):
         loss = self.step_loss(y, target)
@@ -493,7 +538,7 @@ def _scan_blocks(body: Callable, carry: Any, sequences: Any, size: int) -> tuple
     length = jtu.tree_leaves(sequences)[0].shape[0]
     full, rest = divmod(length, size)
     outputs = []
-    if full:
+    if full or not rest:  # a sequence of no steps scans no blocks
         blocks = jtu.tree_map(
             lambda a: a[: full * size].reshape(full, size, *a.shape[1:]), sequences
         )

@@ -208,6 +208,13 @@ def check_size(owner: str, **sizes: Any) -> None:
 
 def check_count(function: str, name: str, value: Any) -> None:
     """Raises unless `value` is a Python `int >= 1` (a number of steps: a block, a window)."""
+    if isinstance(value, jax.core.Tracer):
+        # A NumPy or JAX integer is an array, which `jax.jit` traces: its value is unknown.
+        raise TypeError(
+            f"{function}: `{name}` must be a Python int (a number of steps), but received a "
+            f"traced {value.dtype} array: a NumPy or JAX integer is an array, which `jax.jit` "
+            f"traces, while the number of steps fixes the shapes. Pass `{name}=int(...)`."
+        )
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(
             f"{function}: `{name}` must be a Python int (a number of steps), but received "
