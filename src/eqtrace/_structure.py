@@ -15,6 +15,7 @@ cell is run with its ops observed by `_probing.probed_call`.
 
 import collections
 import dataclasses
+import enum
 import math
 from typing import Any
 
@@ -43,6 +44,46 @@ from ._sparsity import (
     one_colour,
     pullback_pattern,
 )
+
+
+class ParamKind(enum.StrEnum):
+    """How a diagonal rule traces a parameter outside the cell's called ops."""
+
+    #: Of the neuron shape and acting element-wise: an exact per-neuron trace.
+    ELEMENTWISE = "elementwise"
+    #: Small (at most `MAX_SHARED_PARAM_SIZE` values) and shared: a dense `(|h|, |p|)` trace.
+    SHARED = "shared"
+    #: Does not reach the state: an exact gradient through `output`, no trace.
+    READOUT = "readout"
+    #: None of these: no diagonal trace covers it (the rules refuse the cell).
+    UNSUPPORTED = "unsupported"
+
+
+class ViolationKind(enum.StrEnum):
+    """Which diagonal assumption a cell breaks."""
+
+    OP_OUTPUT_MIXES = "an op output reaches several neurons"
+    OP_THROUGH_OP_INPUT = "an op reaches the state only through another op's input"
+    STATE_MIXES = "the state Jacobian with op inputs cut is not element-wise"
+    WEIGHTS_OUTSIDE_CALLS = "an op's weights act outside its calls"
+    NOT_READ = "an op or parameter acts only on leaves the output does not read"
+    PARAM_FEEDS_OP = "a parameter acts on an op's input"
+    PARAM_UNTRACEABLE = "a parameter no diagonal trace covers"
+    OUTPUT_NOT_OF_STATE = "the returned `y` is not `output(new_state)`"
+    UNKNOWN_PRIMITIVE = "a primitive the analysis does not know"
+
+
+@dataclasses.dataclass(frozen=True)
+class Violation:
+    """A broken diagonal assumption: its kind, what breaks it (an op, a parameter or a state
+    leaf, by path) and the explanation in plain words (`str(violation)`)."""
+
+    kind: ViolationKind
+    subject: str
+    message: str
+
+    def __str__(self) -> str:
+        return self.message
 
 
 class StructureError(ValueError):
@@ -92,9 +133,7 @@ class OtherParam:
 
     path: str
     shape: tuple[int, ...]
-    #: "elementwise" (per-neuron), "shared" (small, dense trace), "readout" (does not reach
-    #: the state: exact gradient through `output`, no trace) or "unsupported".
-    kind: str
+    kind: ParamKind
     #: Whether `output` reads it directly (not only through the state).
     read_by_output: bool = False
 
@@ -110,7 +149,7 @@ class CellStructure:
     ops: tuple[HeldOp, ...]
     sites: tuple[CallSite, ...]
     params: tuple[OtherParam, ...]
-    violations: tuple[str, ...]
+    violations: tuple[Violation, ...]
 
     @property
     def num_leaves(self) -> int:
@@ -412,7 +451,7 @@ def _require_real_leaves(name: str, paths, leaves) -> None:
 
 def _analyse(cell, state, x) -> CellStructure:
     name = type(cell).__name__
-    violations: list[str] = []
+    violations: list[Violation] = []
     state_leaves_with_paths = jtu.tree_leaves_with_path(state)
     state_paths = tuple(f"state{jtu.keystr(p)}" for p, _ in state_leaves_with_paths)
     _require_real_leaves(name, state_paths, [leaf for _, leaf in state_leaves_with_paths])
@@ -490,20 +529,29 @@ def _analyse(cell, state, x) -> CellStructure:
         for j in np.flatnonzero(counts > 1)[:1]:
             if not site_reaches_cut[site]:
                 violations.append(
-                    f"the op `{_site_name(op_paths, sites, site)}` reaches the state only through "
-                    f"the input of another op (output element {j} reaches {counts[j]} neurons "
-                    "that way); the diagonal rules cut op inputs, so its weights would get no "
-                    "gradient. A layer that transforms the input (an `eqx.nn.MLP` on `x`) "
-                    "belongs before the cell, in `eqtrace.nn.Sequential`, where its gradient is "
-                    "exact; ops chained after an op (an `eqx.nn.MLP` on its output) mix neurons, "
-                    "which only `eqtrace.RTRL()` traces."
+                    Violation(
+                        ViolationKind.OP_THROUGH_OP_INPUT,
+                        _site_name(op_paths, sites, site),
+                        f"the op `{_site_name(op_paths, sites, site)}` reaches the state only "
+                        f"through the input of another op (output element {j} reaches {counts[j]} "
+                        "neurons that way); the diagonal rules cut op inputs, so its weights "
+                        "would get no gradient. A layer that transforms the input (an "
+                        "`eqx.nn.MLP` on `x`) belongs before the cell, in "
+                        "`eqtrace.nn.Sequential`, where its gradient is exact; ops chained after "
+                        "an op (an `eqx.nn.MLP` on its output) mix neurons, which only "
+                        "`eqtrace.RTRL()` traces.",
+                    )
                 )
                 continue
             violations.append(
-                f"output element {j} of the op `{_site_name(op_paths, sites, site)}` reaches "
-                f"{counts[j]} neurons ({list(np.flatnonzero(hits[:, j]))[:4]}…); each op output "
-                "must reach one neuron through element-wise operations (mixing after the op is "
-                "not diagonal)."
+                Violation(
+                    ViolationKind.OP_OUTPUT_MIXES,
+                    _site_name(op_paths, sites, site),
+                    f"output element {j} of the op `{_site_name(op_paths, sites, site)}` reaches "
+                    f"{counts[j]} neurons ({list(np.flatnonzero(hits[:, j]))[:4]}…); each op "
+                    "output must reach one neuron through element-wise operations (mixing after "
+                    "the op is not diagonal).",
+                )
             )
         # An element that reaches no neuron is never read (the call is untraced there).
         owners.append(np.where(counts == 1, np.argmax(hits, axis=0), 0).astype(np.int32))
@@ -511,15 +559,23 @@ def _analyse(cell, state, x) -> CellStructure:
         for m in range(num_leaves):
             if cut_offdiag[k, m]:
                 violations.append(
-                    f"`{state_paths[k]}` depends on other neurons' `{state_paths[m]}` outside a "
-                    "synaptic op (e.g. jnp.roll, a reduction, or a matmul that is not a "
-                    "recognised op), so the state Jacobian is not element-wise."
+                    Violation(
+                        ViolationKind.STATE_MIXES,
+                        state_paths[k],
+                        f"`{state_paths[k]}` depends on other neurons' `{state_paths[m]}` outside "
+                        "a synaptic op (e.g. jnp.roll, a reduction, or a matmul that is not a "
+                        "recognised op), so the state Jacobian is not element-wise.",
+                    )
                 )
     for i in np.flatnonzero(op_used_outside):
         violations.append(
-            f"the weights of the op `{op_paths[i]}` change the state other than through calls "
-            "of the op (e.g. `op.weight @ h`); the op traces only cover its calls. Call the op, "
-            "or hold such weights as a separate parameter."
+            Violation(
+                ViolationKind.WEIGHTS_OUTSIDE_CALLS,
+                op_paths[i],
+                f"the weights of the op `{op_paths[i]}` change the state other than through calls "
+                "of the op (e.g. `op.weight @ h`); the op traces only cover its calls. Call the "
+                "op, or hold such weights as a separate parameter.",
+            )
         )
     # The online gradient reaches a trace through the leaves `output` reads, and through the
     # leaves that reach those over time by the cut Jacobian. A call or parameter acting only on
@@ -537,48 +593,72 @@ def _analyse(cell, state, x) -> CellStructure:
     for site in range(num_sites):
         if site_leaves[site].any() and not (site_leaves[site] & reached).any():
             violations.append(
-                f"the op `{_site_name(op_paths, sites, site)}` acts only on the state leaves "
-                f"{unreached}, {why}"
+                Violation(
+                    ViolationKind.NOT_READ,
+                    _site_name(op_paths, sites, site),
+                    f"the op `{_site_name(op_paths, sites, site)}` acts only on the state leaves "
+                    f"{unreached}, {why}",
+                )
             )
     for i, path in enumerate(param_paths):
         if param_leaves[i].any() and not (param_leaves[i] & reached).any():
             violations.append(
-                f"the parameter `{path}` acts only on the state leaves {unreached}, {why}"
+                Violation(
+                    ViolationKind.NOT_READ,
+                    path,
+                    f"the parameter `{path}` acts only on the state leaves {unreached}, {why}",
+                )
             )
     kinds = []
     for i, path in enumerate(param_paths):
         size = math.prod(param_shapes[i])
         if param_feeds_op[i]:
             violations.append(
-                f"the parameter `{path}` acts on the input of a synaptic op; the diagonal rules "
-                "cut op inputs and would miss that path."
+                Violation(
+                    ViolationKind.PARAM_FEEDS_OP,
+                    path,
+                    f"the parameter `{path}` acts on the input of a synaptic op; the diagonal "
+                    "rules cut op inputs and would miss that path.",
+                )
             )
         if not param_reaches_state[i]:
-            kinds.append("readout")
+            kinds.append(ParamKind.READOUT)
         elif param_shapes[i] == neuron_shape and not param_offdiag[i]:
-            kinds.append("elementwise")
+            kinds.append(ParamKind.ELEMENTWISE)
         elif size <= MAX_SHARED_PARAM_SIZE:
-            kinds.append("shared")
+            kinds.append(ParamKind.SHARED)
         else:
-            kinds.append("unsupported")
+            kinds.append(ParamKind.UNSUPPORTED)
             violations.append(
-                f"the parameter `{path}` (shape {param_shapes[i]}) is neither per-neuron "
-                f"(shape {neuron_shape}, acting element-wise) nor a small shared parameter "
-                f"(at most {MAX_SHARED_PARAM_SIZE} values) nor inside a called synaptic op, "
-                "so no diagonal trace covers it."
+                Violation(
+                    ViolationKind.PARAM_UNTRACEABLE,
+                    path,
+                    f"the parameter `{path}` (shape {param_shapes[i]}) is neither per-neuron "
+                    f"(shape {neuron_shape}, acting element-wise) nor a small shared parameter "
+                    f"(at most {MAX_SHARED_PARAM_SIZE} values) nor inside a called synaptic op, "
+                    "so no diagonal trace covers it.",
+                )
             )
     if output_mismatch(cell, state, x):
         violations.append(
-            "the `y` returned by `__call__` differs from `output(new_state)`; online rules need "
-            "the output to be a function of the new state, given by `output`."
+            Violation(
+                ViolationKind.OUTPUT_NOT_OF_STATE,
+                name,
+                "the `y` returned by `__call__` differs from `output(new_state)`; online rules "
+                "need the output to be a function of the new state, given by `output`.",
+            )
         )
     if patterns.unknown and violations:
         violations.append(
-            "the analysis does not know the primitive(s) "
-            + ", ".join(f"`{p}`" for p in sorted(patterns.unknown))
-            + ", so it took every output of them to depend on every input; the violations "
-            "above may come from them. Express that step with jax.numpy operations, or use "
-            "`eqtrace.RTRL()`."
+            Violation(
+                ViolationKind.UNKNOWN_PRIMITIVE,
+                ", ".join(sorted(patterns.unknown)),
+                "the analysis does not know the primitive(s) "
+                + ", ".join(f"`{p}`" for p in sorted(patterns.unknown))
+                + ", so it took every output of them to depend on every input; the violations "
+                "above may come from them. Express that step with jax.numpy operations, or use "
+                "`eqtrace.RTRL()`.",
+            )
         )
     site_ops = _site_modules(cell, sites)
     ops_reaching_one_output = [
