@@ -45,7 +45,12 @@ from ._sharding import (
     init_sharded as init_sharded,
     make_shardings as make_shardings,
 )
-from ._structure import StructureError as StructureError
+from ._structure import (
+    ParamKind as ParamKind,
+    StructureError as StructureError,
+    Violation as Violation,
+    ViolationKind as ViolationKind,
+)
 
 
 __version__ = importlib.metadata.version("eqtrace")
