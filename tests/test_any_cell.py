@@ -865,3 +865,35 @@ def test_an_op_that_feeds_another_op_is_refused_naming_the_way_out(getkey):
     report = str(eqtrace.check(MLPEncoder(key=getkey()), eqtrace.DRTRL(), jnp.zeros(3)))
     assert "`.encoder.layers[0]` reaches the state only through the input of another op" in report
     assert "belongs before the cell, in `eqtrace.nn.Sequential`" in report
+
+
+class CondGate(eqtrace.AbstractCell):
+    """A leaky layer whose update passes through a `lax.cond` on its previous state."""
+
+    op: eqx.nn.Linear
+
+    def __init__(self, *, key):
+        self.op = eqx.nn.Linear(3, 4, key=key)
+
+    def init_state(self):
+        return jnp.zeros(4)
+
+    def __call__(self, h, x):
+        v = 0.5 * h + jnp.tanh(self.op(x))
+        v = jax.lax.cond(jnp.sum(h) > 0, lambda v: v, lambda v: 0.5 * jnp.tanh(v), v)
+        return v, v
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=NotImplementedError,
+    reason="known: JAX's batching rule of `lax.cond` (a select of `stop_gradient`ed operands) "
+    "meets the input tangent a diagonal rule's block computes for the layer below, and "
+    "`stop_gradient` has no transpose rule",
+)
+def test_a_cond_gate_above_a_layer_in_a_block(getkey):
+    model = nn.Sequential([eqx.nn.Linear(3, 3, key=getkey()), CondGate(key=getkey())])
+    xs, targets = jr.normal(getkey(), (4, 3)), jr.normal(getkey(), (4, 4))
+    _, blocks, _, _ = online_in_blocks(eqtrace.DRTRL(), model, xs, targets, block_size=2)
+    steps, _ = online_and_bptt(eqtrace.DRTRL(), model, xs, targets)
+    assert relative_error(blocks, steps) <= 1e-10
