@@ -1,4 +1,4 @@
-"""What the diagonal rules need to know about a cell, found once on a random instance.
+"""What the diagonal rules need to know about a cell, read from the code of its step.
 
 The unit of analysis is the *call site*: one call of a synaptic op within a step. A cell may
 declare its ops in any order, call them in another, and call one op several times; each call
@@ -8,8 +8,10 @@ neuron each output element reaches). For each other parameter: whether it is per
 (element-wise), a small shared parameter, or does not reach the state at all. Along the way it
 checks the diagonal assumptions — the state Jacobian with every op's input cut is element-wise,
 every op output reaches at most one neuron, an op's weights act only through its calls — and
-collects plain-words violations. The analysis only depends on the cell's static structure and
-shapes, so it is cached on those (least recently used first out); no values are cached. The
+collects typed violations. Every fact comes from the dependency pattern of the step's pullback
+(`_sparsity.pullback_pattern`, docs/architecture.md §2), with floating values abstract, so no
+value can hide a dependence. The analysis depends only on the cell's static structure, shapes
+and integer or boolean fields, so it is cached on those (least recently used first out). The
 cell is run with its ops observed by `_probing.probed_call`.
 """
 
