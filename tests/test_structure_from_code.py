@@ -316,3 +316,15 @@ def test_the_analysis_does_not_depend_on_values(model, getkey):
         structures.append(_analyse(eqx.combine(drawn, static), state, x))
     for other in structures[1:]:
         assert repr(other) == repr(structures[0])
+
+
+def test_masks_of_one_shape_give_their_own_structures(getkey):
+    """The analysis reads boolean fields at their values, so its cache tells masks apart: an
+    all-false enable mask leaves the recurrent op untraced, an all-true one must not."""
+    off = Dale(key=getkey())
+    off = eqx.tree_at(lambda c: c.enabled, off, jnp.zeros(4, bool))
+    on = eqx.tree_at(lambda c: c.enabled, off, jnp.ones(4, bool))
+    state, x = jnp.linspace(-1, 1, 4), jnp.ones(3)
+    for rule in DIAGONAL:
+        rule.init_trace(off, state, x)  # analysed (and cached) first
+    assert_each_rule_exact(on, state, x)

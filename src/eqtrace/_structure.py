@@ -204,13 +204,15 @@ def _cached(key, compute):
     return value
 
 
-def structure_key(*trees) -> tuple:
-    """A hashable key of the static structure, shapes and dtypes of `trees` (the cache key)."""
+def structure_key(cell, *trees) -> tuple:
+    """A hashable key of the static structure, shapes and dtypes of `cell` and `trees` (the
+    cache key), and of the values of the cell's integer and boolean arrays, which the analysis
+    reads as constants (two masks of one shape give two structures)."""
     key = []
-    for tree in trees:
+    for i, tree in enumerate((cell, *trees)):
         leaves, treedef = jtu.tree_flatten(tree)
         key.append(treedef)
-        key.append(tuple(_leaf_key(leaf) for leaf in leaves))
+        key.append(tuple(_leaf_key(leaf, by_value=i == 0) for leaf in leaves))
     return tuple(key)
 
 
@@ -228,11 +230,18 @@ class _Identity:
         return isinstance(other, _Identity) and other.leaf is self.leaf
 
 
-def _leaf_key(leaf) -> Any:
-    """Arrays by shape and dtype; any other leaf (a Python scalar, a function held as a field)
-    is part of the structure, by value (by identity if it cannot be hashed)."""
+def _leaf_key(leaf, by_value: bool) -> Any:
+    """Arrays by shape and dtype, and concrete integer and boolean arrays also by value if
+    `by_value`; any other leaf (a Python scalar, a function held as a field) is part of the
+    structure, by value (by identity if it cannot be hashed)."""
     if eqx.is_array(leaf):
-        return (tuple(leaf.shape), jnp.dtype(leaf.dtype).name)
+        shape, dtype = tuple(leaf.shape), jnp.dtype(leaf.dtype).name
+        if by_value and not jnp.issubdtype(leaf.dtype, jnp.inexact):
+            try:
+                return (shape, dtype, np.asarray(leaf).tobytes())
+            except Exception:  # a tracer: the analysis takes it as abstract too
+                pass
+        return (shape, dtype)
     try:
         hash(leaf)
     except TypeError:
