@@ -83,29 +83,75 @@ def pullback_pattern(
     seeds = [np.asarray(c, bool) for c in colours(outputs)]
     num_colours = seeds[0].shape[-1] if seeds else 1
 
-    def pulled(free_leaves, cotangents):
-        def of_wrt(wrt_leaves):
-            it = iter(wrt_leaves)
-            merged = [next(it) if w else leaf for leaf, w in zip(free_leaves, free_wrt)]
-            return floating_outputs(merged)
+    def of_wrt(free_leaves, wrt_leaves):
+        it = iter(wrt_leaves)
+        return floating_outputs([next(it) if w else leaf for leaf, w in zip(free_leaves, free_wrt)])
 
+    def pulled(free_leaves, cotangents):
         wrt_leaves = [leaf for leaf, w in zip(free_leaves, free_wrt) if w]
-        _, pullback = jax.vjp(of_wrt, wrt_leaves)
+        _, pullback = jax.vjp(lambda w: of_wrt(free_leaves, w), wrt_leaves)
         return pullback(cotangents)[0]
 
-    closed = jax.make_jaxpr(pulled)(free, outputs)
+    wrt_avals = [s for s, w in zip(free, free_wrt) if w]
     walk = _Walk(num_colours)
-    inputs = [None] * len(free) + [_nonempty(s) for s in seeds]
-    results = walk.closed(closed, inputs, [None] * len(inputs))
-    wrt_shapes = [s.shape for s, w in zip(free, free_wrt) if w]
-    leaves = tuple(
-        np.zeros((*shape, num_colours), bool)
-        if r is None
-        else np.broadcast_to(r, (*shape, num_colours))
-        for r, shape in zip(results, wrt_shapes)
-    )
+    try:
+        closed = jax.make_jaxpr(pulled)(free, outputs)
+    except Exception as reverse_error:  # noqa: BLE001 - e.g. a `while_loop`: forward mode
+        try:
+            leaves = _forward_pattern(of_wrt, free, wrt_avals, outputs, seeds, walk)
+        except Exception:  # noqa: BLE001 - say why reverse mode failed, the usual path
+            raise reverse_error from None
+    else:
+        inputs = [None] * len(free) + [_nonempty(s) for s in seeds]
+        results = walk.closed(closed, inputs, [None] * len(inputs))
+        leaves = tuple(
+            np.zeros((*a.shape, num_colours), bool)
+            if r is None
+            else np.broadcast_to(r, (*a.shape, num_colours))
+            for r, a in zip(results, wrt_avals)
+        )
     per_arg = tuple(tuple(leaf for leaf, i in zip(leaves, order) if i == arg) for arg in wrt)
     return Pattern(leaves=per_arg, unknown=tuple(sorted(walk.unknown)))
+
+
+def _forward_pattern(of_wrt, free, wrt_avals, outputs, seeds, walk):
+    """The same result from the JVP instead, for functions reverse mode cannot trace (a
+    `lax.while_loop`): each differentiated input element gets a colour of its own, the walk
+    gives the exact pattern `(out, in)`, and each input then takes the output colours it
+    reaches."""
+    sizes = [int(np.prod(a.shape, dtype=np.int64)) for a in wrt_avals]
+    total = sum(sizes)
+
+    def jvp_of(free_leaves, wrt_leaves, tangents):
+        return jax.jvp(lambda w: of_wrt(free_leaves, w), (wrt_leaves,), (tangents,))[1]
+
+    closed = jax.make_jaxpr(jvp_of)(free, wrt_avals, wrt_avals)
+    seeds_in, start = [], 0
+    for a, size in zip(wrt_avals, sizes):
+        seed = np.zeros((size, total), bool)
+        seed[np.arange(size), start + np.arange(size)] = True
+        seeds_in.append(seed.reshape(*a.shape, total))
+        start += size
+    forward = _Walk(total)
+    inputs = [None] * (len(free) + len(wrt_avals)) + seeds_in
+    results = forward.closed(closed, inputs, [None] * len(inputs))
+    walk.unknown.update(forward.unknown)
+    # `reach[out_element, in_element]`, then each input's colours: those of its outputs.
+    reach = np.concatenate(
+        [
+            np.zeros((int(np.prod(o.shape, dtype=np.int64)), total), bool)
+            if r is None
+            else np.broadcast_to(r, (*o.shape, total)).reshape(-1, total)
+            for r, o in zip(results, outputs)
+        ]
+    )
+    colours = np.concatenate([s.reshape(-1, s.shape[-1]) for s in seeds])
+    per_input = (reach.T.astype(np.int32) @ colours.astype(np.int32)) > 0
+    leaves, start = [], 0
+    for a, size in zip(wrt_avals, sizes):
+        leaves.append(per_input[start : start + size].reshape(*a.shape, -1))
+        start += size
+    return tuple(leaves)
 
 
 def identity_colours(outputs: list[jax.ShapeDtypeStruct]) -> list[np.ndarray]:
@@ -234,24 +280,35 @@ class _Walk:
                     _union(d, _full(extra, a.shape)) for d, a in zip(inner_deps, out_avals)
                 ]
             return inner_deps, inner_values
+        try:
+            out = self.rule(eqn, deps, values)
+        except Exception:  # noqa: BLE001 - a rule that fails is a gap, handled as one
+            out = None
+        if out is None:
+            # Not known (or its rule failed): every result element depends on every operand
+            # element.
+            self.unknown.add(name)
+            everything = _union_all(deps, self.num_colours)
+            out = [_full(everything, a.shape) for a in out_avals]
+        return out, [None] * len(out_avals)
+
+    def rule(self, eqn, deps, values):
+        """The colours of the results of a primitive with a rule here, or `None`."""
+        name = eqn.primitive.name
         handler = getattr(self, "_" + name.replace("-", "_"), None)
         if handler is not None:
-            return handler(eqn, deps, values), [None] * len(out_avals)
+            return handler(eqn, deps, values)
         if name in _ELEMENTWISE:
-            return [self.elementwise(eqn, deps, values)], [None]
+            return [self.elementwise(eqn, deps, values)]
         if name in _REDUCTIONS:
-            axes = tuple(eqn.params["axes"])
-            return [_any(deps[0], axes)], [None]
+            return [_any(deps[0], tuple(eqn.params["axes"]))]
         if name in _CUMULATIVE:
-            return [_cumulative(deps[0], eqn.params["axis"], eqn.params["reverse"])], [None]
+            return [_cumulative(deps[0], eqn.params["axis"], eqn.params["reverse"])]
         if name in _POSITIONAL:
-            return [self.positional(eqn, deps, values)], [None]
+            return [self.positional(eqn, deps, values)]
         if name in _NO_DEPENDENCE:
-            return [None] * len(out_avals), [None] * len(out_avals)
-        # Not known: every result element depends on every operand element.
-        self.unknown.add(name)
-        everything = _union_all(deps, self.num_colours)
-        return [_full(everything, a.shape) for a in out_avals], [None] * len(out_avals)
+            return [None] * len(eqn.outvars)
+        return None
 
     def fold(self, eqn, values):
         out = [None] * len(eqn.outvars)
@@ -331,8 +388,10 @@ class _Walk:
             if i in carried:
                 d = deps[i]
                 d = np.zeros((*aval.shape, self.num_colours), bool) if d is None else d
+                # 0/1 in the operand's own dtype (the primitive's reduction regions expect it).
+                dtype = aval.dtype if jnp.issubdtype(aval.dtype, jnp.inexact) else jnp.float32
                 operands.append(
-                    jnp.asarray(np.broadcast_to(d, (*aval.shape, self.num_colours)), jnp.float32)
+                    jnp.asarray(np.broadcast_to(d, (*aval.shape, self.num_colours)), dtype)
                 )
                 axes.append(aval.ndim)
             else:
@@ -467,11 +526,6 @@ class _Walk:
             if d is not None:
                 everything = _union(everything, _any(_full(d, v.aval.shape), (dim,), keepdims=True))
         return [_full(everything, v.aval.shape) for v in eqn.outvars]
-
-    def _conv_general_dilated(self, eqn, deps, values):
-        self.unknown.add("conv_general_dilated")
-        everything = _union_all(deps, self.num_colours)
-        return [_full(everything, eqn.outvars[0].aval.shape)]
 
     # Control flow.
 

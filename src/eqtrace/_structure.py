@@ -272,6 +272,7 @@ class _Patterns:
     Jacobians, each true wherever the derivative can be non-zero for some value."""
 
     def __init__(self, cell, state, x, sites, called, records):
+        self.cell_name = type(cell).__name__
         num_leaves = len(jtu.tree_leaves(state))
         num_neurons = math.prod(jnp.shape(jtu.tree_leaves(state)[0]))
         self.state_shape = (num_leaves, num_neurons)
@@ -331,7 +332,16 @@ class _Patterns:
         self.param_read_by_output = [bool(leaf.any()) for leaf in output_params]
 
     def _pattern(self, fun, args, wrt, colours, known):
-        pattern = pullback_pattern(fun, args, wrt, colours, known)
+        try:
+            pattern = pullback_pattern(fun, args, wrt, colours, known)
+        except Exception as error:  # noqa: BLE001 - the rules cannot run such a cell either
+            raise StructureError(
+                f"{self.cell_name}: the structure analysis cannot differentiate one step of the "
+                f"cell ({type(error).__name__}: {str(error).splitlines()[0]}), so the diagonal "
+                "rules cannot trace it. Make the step differentiable in forward or reverse "
+                "mode (a `lax.scan` or a `fori_loop` with static bounds instead of a "
+                "`while_loop`), or use `eqtrace.RTRL()`."
+            ) from error
         self.unknown.update(pattern.unknown)
         return pattern.leaves
 
