@@ -107,6 +107,22 @@ class AbstractAlgorithm(eqx.Module, Generic[_Trace]):
         del layer, consumer
         return self
 
+    def cell_structure(self, cell: AbstractCell, state: State, x: ExampleInput) -> Any:
+        """The structure this rule reads from `cell` (a `CellStructure` for the diagonal rules),
+        analysed once by `eqtrace.prepare`, or `None` (the default) for a rule that needs
+        none. It does not raise the rule's refusal: `init_cell_trace` does."""
+        del cell, state, x
+        return None
+
+    def trace_neuron_axes(self, structure: Any, site_axes: tuple[Any, ...], trace: Any) -> Any:
+        """For each array of this rule's trace of one cell (laid out as `trace`, for one
+        sample), the axis that holds the neurons, or `None`: a pytree shaped like `trace`,
+        which `eqtrace.make_shardings` splits along a model axis. `site_axes` gives, per call
+        site of `structure`, the output axis of each weight of its op. `None` (the default)
+        if the trace has no neuron axes."""
+        del structure, site_axes, trace
+        return None
+
     @property
     def exact_within_blocks(self) -> bool:
         """Whether a block of steps (`cell_steps`) is differentiated exactly through the states

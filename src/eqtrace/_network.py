@@ -13,7 +13,6 @@ define the derivative of a cell's output itself (`cell_output_tangent`).
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
@@ -30,8 +29,6 @@ from ._validation import (
     check_parameters_enter_step,
     check_state,
     check_step_keeps_state,
-    example_input,
-    require_example_input,
 )
 
 
@@ -164,32 +161,34 @@ def advance_network(algorithm, model: AbstractCell, state, trace, x, mode: Mode)
     return tuple(new_state), tuple(new_trace), x
 
 
-def init_network_trace(algorithm, model: AbstractCell, state, x=None):
-    """The initial trace of `model` for one sample (see `AbstractAlgorithm.init_trace`)."""
+def init_network_trace(algorithm, model: AbstractCell, state, x=None, plan=None):
+    """The initial trace of `model` for one sample (see `AbstractAlgorithm.init_trace`), laid
+    out as `plan` says (prepared here if not given)."""
+    from ._plan import prepare  # `_plan` reads the rules, which import this module.
+
     check_model(f"{type(algorithm).__name__}.init_trace", "model", model)
     check_state(model, state)
     if x is not None:  # An example input of the wrong shape would fail deep inside the model.
         check_example_input(model, state, x)
-    x = example_input(model) if x is None else x
+    if plan is None:
+        plan = prepare(algorithm, model, x)
     if not isinstance(model, Sequential):
-        return algorithm.init_cell_trace(model, state, x) if has_parameters(model) else None
+        (layer,) = plan.layers
+        return _init_layer(layer, model, state)
     if not algorithm.per_layer:
         core = model.core
-        return algorithm.init_cell_trace(core, state[: len(core.layers)], x)
-    traces = []
-    for i, (layer, s) in enumerate(zip(model.layers, state)):
-        require_example_input(model, x)
-        if has_parameters(layer):
-            rule = algorithm.for_layer(layer, _consumer(model, i))
-            traces.append(rule.init_cell_trace(layer, s, x))
-            s, x = concrete(eqx.filter_eval_shape(layer, s, x))
-        elif isinstance(layer, AbstractCell):  # Nothing to learn: no trace.
-            traces.append(None)
-            s, x = concrete(eqx.filter_eval_shape(layer, s, x))
-        else:
-            traces.append(None)
-            x = concrete(eqx.filter_eval_shape(layer, x))
-    return tuple(traces)
+        first = concrete(plan.layers[0].input)
+        return algorithm.init_cell_trace(core, state[: len(core.layers)], first)
+    return tuple(
+        _init_layer(lp, layer, s) for lp, layer, s in zip(plan.layers, model.layers, state)
+    )
+
+
+def _init_layer(layer_plan, layer, state):
+    """The initial trace of one layer as its plan says: its rule's, or `None`."""
+    if layer_plan.rule is None:
+        return None
+    return layer_plan.rule.init_cell_trace(layer, state, concrete(layer_plan.input))
 
 
 def _consumer(model: Sequential, index: int) -> Any:
@@ -202,9 +201,11 @@ def _check_arguments(algorithm, model, state, trace, x) -> None:
     check_input(model, x)
     check_step_keeps_state(model, state, x)
     check_parameters_enter_step(model, state, x)
+    from ._plan import prepare
+
     check_matches(
         "trace",
-        eqx.filter_eval_shape(init_network_trace, algorithm, model, state, x),
+        prepare(algorithm, model, x).trace,
         trace,
         f"Create it with `{type(algorithm).__name__}(...).init_trace(model, state)` for this "
         "model; a trace made by another algorithm or for another model cannot be reused.",

@@ -1,0 +1,108 @@
+"""The prepared plan (`eqtrace.prepare`): per layer the configured rule, the structure, the
+trace layout and its neuron axes; `init_trace`, `check` and `trace_size` read it."""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import pytest
+
+import eqtrace
+
+
+def _network():
+    key = jr.key(0)
+    return eqtrace.nn.Sequential(
+        [
+            eqtrace.nn.LIF(3, 4, recurrent=True, key=key),
+            eqtrace.nn.LeakyReadout(4, 2, key=jr.fold_in(key, 1)),
+        ]
+    )
+
+
+def _layout(tree):
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), tree)
+
+
+@pytest.mark.parametrize(
+    "algorithm",
+    [
+        eqtrace.DRTRL(),
+        eqtrace.EProp(),
+        eqtrace.ExactWindows(eqtrace.DRTRL()),
+        eqtrace.PPProp(0.5),
+        eqtrace.RTRL(),
+        eqtrace.UORO(key=jr.key(1)),
+    ],
+    ids=lambda a: type(a).__name__,
+)
+def test_plan_lays_out_the_trace(algorithm):
+    model = _network()
+    plan = eqtrace.prepare(algorithm, model)
+    assert plan.network and len(plan.layers) == 2
+    trace = algorithm.init_trace(model, model.init_state())
+    assert jax.tree.structure(plan.trace) == jax.tree.structure(trace)
+    assert _layout(plan.trace) == _layout(trace)
+    assert eqtrace.trace_size(algorithm, model) == (plan.trace_floats, plan.trace_bytes)
+    diagonal = isinstance(algorithm, eqtrace.DRTRL | eqtrace.EProp | eqtrace.PPProp) or (
+        isinstance(algorithm, eqtrace.ExactWindows)
+    )
+    for layer in plan.layers:
+        assert (layer.structure is not None) == diagonal
+        assert (layer.neuron_axes is not None) == diagonal
+        assert layer.rule is None if not algorithm.per_layer else layer.rule is not None
+    assert (plan.neuron_axes is None) != diagonal
+
+
+def test_plan_configures_each_layer():
+    """EProp takes the decay of the read-out after the cell; the windows keep their rule."""
+    model = _network()
+    cell, readout = eqtrace.prepare(eqtrace.EProp(), model).layers
+    assert cell.rule.readout_decay == pytest.approx(model.layers[1].decay)
+    assert readout.rule.readout_decay is None
+    windows = eqtrace.prepare(eqtrace.ExactWindows(eqtrace.DRTRL()), model)
+    assert isinstance(windows.layers[0].rule, eqtrace.ExactWindows)
+    assert isinstance(windows.layers[0].rule.rule, eqtrace.DRTRL)
+    assert windows.layers[1].input.shape == (4,)  # The spikes of the cell below.
+
+
+def test_init_trace_reads_a_given_plan():
+    model = _network()
+    plan = eqtrace.prepare(eqtrace.DRTRL(), model)
+    from eqtrace._network import init_network_trace
+
+    trace = init_network_trace(eqtrace.DRTRL(), model, model.init_state(), plan=plan)
+    assert _layout(trace) == plan.trace
+
+
+def test_prepare_raises_the_refusal():
+    """The refusal a step would raise, before any step: e-prop under a `readout_decay` set by
+    hand in a network, and a structure outside D-RTRL."""
+    model = _network()
+    with pytest.raises(ValueError, match="`readout_decay`"):
+        eqtrace.prepare(eqtrace.EProp(readout_decay=0.9), model)
+    gru = eqx.nn.GRUCell(3, 4, key=jr.key(0))
+
+    class Wrapped(eqtrace.AbstractCell):
+        core: eqx.nn.GRUCell
+        input_size: int = 3
+
+        def init_state(self):
+            return jnp.zeros(4)
+
+        def __call__(self, h, x):
+            h = self.core(x, h)
+            return h, h
+
+        def output(self, h):
+            return h
+
+    with pytest.raises(eqtrace.StructureError):
+        eqtrace.prepare(eqtrace.DRTRL(), Wrapped(gru))
+    report = eqtrace.check(Wrapped(gru), eqtrace.DRTRL())
+    assert report.refusal is not None and report.cells[0] is not None
+
+
+def test_prepare_refuses_a_class_for_a_rule():
+    with pytest.raises(TypeError, match="algorithm"):
+        eqtrace.prepare(eqtrace.DRTRL, _network())
