@@ -69,9 +69,7 @@ def test_plan_configures_each_layer():
 def test_init_trace_reads_a_given_plan():
     model = _network()
     plan = eqtrace.prepare(eqtrace.DRTRL(), model)
-    from eqtrace._network import init_network_trace
-
-    trace = init_network_trace(eqtrace.DRTRL(), model, model.init_state(), plan=plan)
+    trace = eqtrace.DRTRL().init_trace(model, model.init_state(), plan=plan)
     assert _layout(trace) == plan.trace
 
 
@@ -106,3 +104,15 @@ def test_prepare_raises_the_refusal():
 def test_prepare_refuses_a_class_for_a_rule():
     with pytest.raises(TypeError, match="algorithm"):
         eqtrace.prepare(eqtrace.DRTRL, _network())
+
+
+def test_check_sees_through_windows():
+    """`check` reads the plan: the notes of the rule inside `ExactWindows`, and its sizes."""
+    model = _network()
+    inner = eqtrace.check(model, eqtrace.SnAp1())
+    windows = eqtrace.check(model, eqtrace.ExactWindows(eqtrace.SnAp1()))
+    assert any("SnAp-1 self-paths" in note for note in windows.notes)
+    assert windows.notes == inner.notes
+    assert (windows.trace_floats, windows.trace_bytes) == (inner.trace_floats, inner.trace_bytes)
+    names = [[site.name for site in cell.sites] for cell in inner.cells]
+    assert [[site.name for site in cell.sites] for cell in windows.cells] == names

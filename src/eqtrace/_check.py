@@ -5,7 +5,6 @@ import equinox as eqx
 from ._algorithm import AbstractAlgorithm
 from ._algorithms._diagonal import AbstractDiagonalAlgorithm
 from ._algorithms._drtrl import DRTRL
-from ._algorithms._snap import SnAp1
 from ._cell import AbstractCell, has_parameters
 from ._custom_types import ExampleInput
 from ._plan import build_plan, prepare
@@ -169,7 +168,7 @@ def check(
         lenient = eqx.tree_at(lambda a: a.strict, algorithm, False)
         sized, errors = build_plan(lenient, model, x)
     else:
-        lenient, sized = algorithm, plan
+        sized = plan
     floats, nbytes = (None, None) if errors else (sized.trace_floats, sized.trace_bytes)
     notes, layer_rules = [], []
     for i, (layer, lp) in enumerate(zip(layers, plan.layers)):
@@ -179,12 +178,13 @@ def check(
             continue
         if not has_parameters(layer):
             notes.append(f"layer {i}: {type(layer).__name__} has no parameters: no trace")
-        elif isinstance(lenient, SnAp1) and lp.structure is not None:
+        elif sized.layers[i].rule is not None:
+            rule = sized.layers[i].rule
             try:
-                paths = lenient.self_paths(layer, layer.init_state(), concrete(lp.input))
+                lines = rule.cell_notes(layer, layer.init_state(), concrete(lp.input))
             except ValueError:  # The refusal says why.
                 continue
-            notes.extend(f"layer {i}: {line}" for line in paths)
+            notes.extend(f"layer {i}: {line}" for line in lines)
     return StructureReport(
         type(algorithm).__name__,
         tuple(lp.structure for lp in plan.layers),

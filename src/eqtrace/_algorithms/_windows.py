@@ -96,6 +96,9 @@ class ExactWindows(AbstractAlgorithm[_Trace]):
     def cell_structure(self, cell: AbstractCell, state: State, x: ExampleInput) -> Any:
         return self.rule.cell_structure(cell, state, x)
 
+    def cell_notes(self, cell: AbstractCell, state: State, x: ExampleInput) -> tuple[str, ...]:
+        return self.rule.cell_notes(cell, state, x)
+
     def trace_neuron_axes(self, structure: Any, site_axes: tuple[Any, ...], trace: Any) -> Any:
         return self.rule.trace_neuron_axes(structure, site_axes, trace)
 
