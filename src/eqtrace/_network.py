@@ -6,8 +6,9 @@ trace and run stateless layers (and cells without parameters, which need no trac
 within each step; rules with `per_layer = False` (exact RTRL) treat the
 network's recurrent core (its layers up to the last cell) as one system and the layers after
 it as an exact read-out. The rule itself only ever sees one system; a per-layer rule may
-configure itself for each cell from the layer that reads its output (`for_layer`), and may
-define the derivative of a cell's output itself (`cell_output_tangent`).
+configure itself for each cell from the layer that reads its output (`for_layer`, called once
+by `eqtrace.prepare`: the steps run the rules the plan holds), and may define the derivative of
+a cell's output itself (`cell_output_tangent`).
 """
 
 from collections.abc import Callable
@@ -132,7 +133,7 @@ BLOCK = Mode(
 def advance_network(algorithm, model: AbstractCell, state, trace, x, mode: Mode):
     """`(state, trace, y)` of `model` after one call in `mode`, with `y` its output (stacked
     over the block's steps for `BLOCK`)."""
-    _check_arguments(algorithm, model, state, trace, mode.first(x))
+    plan = _check_arguments(algorithm, model, state, trace, mode.first(x))
     if not isinstance(model, Sequential):
         if not has_parameters(model):
             states, ys = mode.fixed(algorithm, model, state, x)
@@ -151,8 +152,7 @@ def advance_network(algorithm, model: AbstractCell, state, trace, x, mode: Mode)
             states, x = mode.fixed(algorithm, layer, s, x)
             s = mode.final(states)
         elif isinstance(layer, AbstractCell):
-            rule = algorithm.for_layer(layer, _consumer(model, i))
-            states, tr, x = mode.advance(rule, layer, s, tr, x)
+            states, tr, x = mode.advance(plan.layers[i].rule, layer, s, tr, x)
             s = mode.final(states)
         else:
             x = mode.each(layer)(x)
@@ -191,22 +191,21 @@ def _init_layer(layer_plan, layer, state):
     return layer_plan.rule.init_cell_trace(layer, state, concrete(layer_plan.input))
 
 
-def _consumer(model: Sequential, index: int) -> Any:
-    """The layer that reads the output of layer `index`, or `None` for the last."""
-    return model.layers[index + 1] if index + 1 < len(model.layers) else None
+def _check_arguments(algorithm, model, state, trace, x):
+    """Checks the arguments of a step; returns the plan of `algorithm` for `model`, whose
+    trace layout `trace` must have (and whose per-layer rules run the layers)."""
+    from ._plan import prepare
 
-
-def _check_arguments(algorithm, model, state, trace, x) -> None:
     check_state(model, state)
     check_input(model, x)
     check_step_keeps_state(model, state, x)
     check_parameters_enter_step(model, state, x)
-    from ._plan import prepare
-
+    plan = prepare(algorithm, model, x)
     check_matches(
         "trace",
-        prepare(algorithm, model, x).trace,
+        plan.trace,
         trace,
         f"Create it with `{type(algorithm).__name__}(...).init_trace(model, state)` for this "
         "model; a trace made by another algorithm or for another model cannot be reused.",
     )
+    return plan
