@@ -8,6 +8,7 @@ import jax.random as jr
 import pytest
 
 import eqtrace
+from helpers import Rolling
 
 
 def _network():
@@ -116,3 +117,15 @@ def test_check_sees_through_windows():
     assert (windows.trace_floats, windows.trace_bytes) == (inner.trace_floats, inner.trace_bytes)
     names = [[site.name for site in cell.sites] for cell in inner.cells]
     assert [[site.name for site in cell.sites] for cell in windows.cells] == names
+
+
+def test_check_relaxes_the_rule_inside_windows():
+    """A strict rule in `ExactWindows` refuses a cell that breaks its assumptions; `check`
+    still sizes the trace, with the relaxed rule (`strict=False`), as for the rule alone."""
+    cell, x = Rolling(3, 4, key=jr.key(0)), jnp.zeros(3)
+    alone = eqtrace.check(cell, eqtrace.DRTRL(), x=x)
+    windows = eqtrace.check(cell, eqtrace.ExactWindows(eqtrace.DRTRL()), x=x)
+    assert windows.refusal is not None and windows.refusal == alone.refusal
+    assert windows.trace_floats is not None
+    assert (windows.trace_floats, windows.trace_bytes) == (alone.trace_floats, alone.trace_bytes)
+    assert eqtrace.ExactWindows(eqtrace.DRTRL()).relaxed().rule.strict is False

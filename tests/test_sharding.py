@@ -36,6 +36,8 @@ CASES = [
     "data/train_online/block",
     "model/drtrl/gru",
     "model/ppprop/lif/train_online/block",
+    "model/eprop/lif/online_gradient",
+    "model/windows/gru/train_online/block",
 ]
 #: Two processes of two devices each, one mesh through `jax.distributed` on localhost.
 MULTIPROCESS_CASES = ["model/drtrl/gru"]

@@ -114,6 +114,12 @@ class AbstractAlgorithm(eqx.Module, Generic[_Trace]):
         del cell, state, x
         return None
 
+    def relaxed(self) -> "AbstractAlgorithm":
+        """This rule accepting approximations: for a rule that refuses cells breaking its
+        assumptions unless told otherwise (`strict=True`), a copy with `strict=False`;
+        otherwise (the default) the rule itself. `eqtrace.check` sizes the trace with it."""
+        return self
+
     def cell_notes(self, cell: AbstractCell, state: State, x: ExampleInput) -> tuple[str, ...]:
         """What this rule, in particular, traces in `cell`, in plain words (one sentence a
         line), for `eqtrace.check` to print; none by default."""

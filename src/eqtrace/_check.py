@@ -1,9 +1,6 @@
 import dataclasses
 
-import equinox as eqx
-
 from ._algorithm import AbstractAlgorithm
-from ._algorithms._diagonal import AbstractDiagonalAlgorithm
 from ._algorithms._drtrl import DRTRL
 from ._cell import AbstractCell, has_parameters
 from ._custom_types import ExampleInput
@@ -163,10 +160,10 @@ def check(
     layers = model.layers if isinstance(model, Sequential) else (model,)
     plan, errors = build_plan(algorithm, model, x)
     refusal = str(errors[0]) if errors else None
-    if errors and isinstance(algorithm, AbstractDiagonalAlgorithm) and algorithm.strict:
+    relaxed = algorithm.relaxed()
+    if errors and relaxed is not algorithm:
         # Report the memory and notes even when the structure is violated.
-        lenient = eqx.tree_at(lambda a: a.strict, algorithm, False)
-        sized, errors = build_plan(lenient, model, x)
+        sized, errors = build_plan(relaxed, model, x)
     else:
         sized = plan
     floats, nbytes = (None, None) if errors else (sized.trace_floats, sized.trace_bytes)

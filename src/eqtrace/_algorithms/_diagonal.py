@@ -90,6 +90,9 @@ class AbstractDiagonalAlgorithm(AbstractAlgorithm[_Trace]):
         """Raises if this rule, in particular, cannot trace a cell of this structure."""
         del structure, state
 
+    def relaxed(self) -> "AbstractDiagonalAlgorithm":
+        return self if not self.strict else eqx.tree_at(lambda a: a.strict, self, False)
+
     def cell_structure(self, cell, state, x) -> CellStructure:
         require_example_input(cell, x)
         return analyse(cell, state, x)

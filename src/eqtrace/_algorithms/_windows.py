@@ -96,6 +96,10 @@ class ExactWindows(AbstractAlgorithm[_Trace]):
     def cell_structure(self, cell: AbstractCell, state: State, x: ExampleInput) -> Any:
         return self.rule.cell_structure(cell, state, x)
 
+    def relaxed(self) -> "ExactWindows":
+        rule = self.rule.relaxed()
+        return self if rule is self.rule else ExactWindows(rule)
+
     def cell_notes(self, cell: AbstractCell, state: State, x: ExampleInput) -> tuple[str, ...]:
         return self.rule.cell_notes(cell, state, x)
 
