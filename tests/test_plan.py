@@ -129,3 +129,13 @@ def test_check_relaxes_the_rule_inside_windows():
     assert windows.trace_floats is not None
     assert (windows.trace_floats, windows.trace_bytes) == (alone.trace_floats, alone.trace_bytes)
     assert eqtrace.ExactWindows(eqtrace.DRTRL()).relaxed().rule.strict is False
+
+
+def test_a_plan_for_another_model_is_refused():
+    plan = eqtrace.prepare(eqtrace.DRTRL(), _network())
+    cell = _network().layers[0]
+    with pytest.raises(ValueError, match="`plan` was prepared for DRTRL on a model of 2"):
+        eqtrace.DRTRL().init_trace(cell, cell.init_state(), plan=plan)
+    mesh = jax.sharding.Mesh(jax.devices()[:1], ("batch",))
+    with pytest.raises(ValueError, match="Prepare it for this rule and model"):
+        eqtrace.make_shardings(_network(), eqtrace.PPProp(0.5), mesh, plan=plan)

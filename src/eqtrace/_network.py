@@ -164,7 +164,7 @@ def advance_network(algorithm, model: AbstractCell, state, trace, x, mode: Mode)
 def init_network_trace(algorithm, model: AbstractCell, state, x=None, plan=None):
     """The initial trace of `model` for one sample (see `AbstractAlgorithm.init_trace`), laid
     out as `plan` says (prepared here if not given)."""
-    from ._plan import prepare  # `_plan` reads the rules, which import this module.
+    from ._plan import check_plan, prepare  # `_plan` reads the rules, which import this.
 
     check_model(f"{type(algorithm).__name__}.init_trace", "model", model)
     check_state(model, state)
@@ -172,6 +172,7 @@ def init_network_trace(algorithm, model: AbstractCell, state, x=None, plan=None)
         check_example_input(model, state, x)
     if plan is None:
         plan = prepare(algorithm, model, x)
+    check_plan(f"{type(algorithm).__name__}.init_trace", plan, algorithm, model)
     if not isinstance(model, Sequential):
         (layer,) = plan.layers
         return _init_layer(layer, model, state)

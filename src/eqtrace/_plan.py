@@ -137,6 +137,28 @@ def prepare(
     return plan
 
 
+def check_plan(owner: str, plan: Plan, algorithm: AbstractAlgorithm, model: AbstractCell) -> None:
+    """Refuses a plan prepared for another kind of rule or another model's layers."""
+    if not isinstance(plan, Plan):
+        raise TypeError(
+            f"{owner}: `plan` must be an `eqtrace.Plan`, from `eqtrace.prepare(algorithm, "
+            f"model, x)`, but received {type(plan).__name__}."
+        )
+    layers = model.layers if isinstance(model, Sequential) else (model,)
+    fits = (
+        type(plan.algorithm) is type(algorithm)
+        and plan.network == isinstance(model, Sequential)
+        and len(plan.layers) == len(layers)
+    )
+    if not fits:
+        raise ValueError(
+            f"{owner}: `plan` was prepared for {type(plan.algorithm).__name__} on a model of "
+            f"{len(plan.layers)} layer(s), but is used for {type(algorithm).__name__} on "
+            f"{type(model).__name__} of {len(layers)} layer(s). Prepare it for this rule and "
+            "model: `eqtrace.prepare(algorithm, model, x)`."
+        )
+
+
 def _abstract(tree: Any) -> Any:
     return jtu.tree_map(
         lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype) if eqx.is_array(a) else a, tree

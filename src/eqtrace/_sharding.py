@@ -21,7 +21,7 @@ from ._algorithm import AbstractAlgorithm
 from ._cell import AbstractCell
 from ._custom_types import ExampleInput, State, Trace
 from ._drivers import init_state_and_trace
-from ._plan import Plan, prepare
+from ._plan import Plan, check_plan, prepare
 from ._sequential import Sequential
 from ._validation import check_count
 
@@ -99,6 +99,7 @@ def make_shardings(
             "len(names))`."
         )
     plan = prepare(algorithm, model, x) if plan is None else plan
+    check_plan("make_shardings", plan, algorithm, model)
     state, trace = eqx.filter_eval_shape(model.init_state), plan.trace
     params = eqx.filter(model, eqx.is_inexact_array)
     if model_axis is None:
