@@ -76,7 +76,10 @@ def make(cell_name, key):
         cell = eqtrace.nn.GRUCell(INPUTS, HIDDEN, key=key)
     else:
         cell = eqtrace.nn.LIF(INPUTS, HIDDEN, recurrent=True, synapse=True, learn_tau=True, key=key)
-    return eqtrace.nn.Sequential([cell, eqx.nn.Linear(HIDDEN, 2, key=jr.fold_in(key, 1))])
+    layers = [cell, eqx.nn.Linear(HIDDEN, 2, key=jr.fold_in(key, 1))]
+    if cell_name == "lif/leaky":  # e-prop's filter, from the leaky read-out after the cell.
+        layers.insert(1, eqtrace.nn.LeakyReadout(HIDDEN, HIDDEN, key=jr.fold_in(key, 2)))
+    return eqtrace.nn.Sequential(layers)
 
 
 def run_case(name, mesh, model_axis, algorithm, cell_name, driver, explicit=False):
@@ -181,12 +184,23 @@ def main():
     explicit = jax.make_mesh((4,), ("batch",), axis_types=(AxisType.Explicit,))
     grid = jax.make_mesh((2, 2), ("batch", "model"), axis_types=(AxisType.Auto,) * 2)
     drtrl, ppprop = eqtrace.DRTRL(), eqtrace.PPProp(0.6)
+    windows = eqtrace.ExactWindows(drtrl)
     cases = [
         # `jax.make_mesh`'s default axes are explicit: the arrays' types carry their shardings.
         ("data/online_gradient/explicit", explicit, None, drtrl, "gru", "online_gradient", True),
         ("data/train_online/block", auto, None, drtrl, "gru", "block_train"),
         ("model/drtrl/gru", grid, "model", drtrl, "gru", "online_gradient"),
         ("model/ppprop/lif/train_online/block", grid, "model", ppprop, "lif", "block_train"),
+        # Through the plan: e-prop's filtered traces, and D-RTRL's trace within windows.
+        (
+            "model/eprop/lif/online_gradient",
+            grid,
+            "model",
+            eqtrace.EProp(),
+            "lif/leaky",
+            "gradient",
+        ),
+        ("model/windows/gru/train_online/block", grid, "model", windows, "gru", "block_train"),
     ]
     for case in cases:
         if not args.cases or case[0] in args.cases:

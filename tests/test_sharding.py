@@ -36,6 +36,8 @@ CASES = [
     "data/train_online/block",
     "model/drtrl/gru",
     "model/ppprop/lif/train_online/block",
+    "model/eprop/lif/online_gradient",
+    "model/windows/gru/train_online/block",
 ]
 #: Two processes of two devices each, one mesh through `jax.distributed` on localhost.
 MULTIPROCESS_CASES = ["model/drtrl/gru"]
@@ -180,3 +182,28 @@ def test_sharding_errors():
         eqtrace.make_shardings(model, eqtrace.DRTRL(), mesh)
     with pytest.raises(ValueError, match="`model_axis` splits the traces of the diagonal"):
         eqtrace.make_shardings(model, eqtrace.RTRL(), mesh, batch_axis="data", model_axis="data")
+
+
+def test_model_parallel_specs_through_wrappers():
+    """`ExactWindows(DRTRL())` lays out D-RTRL's trace, and `EProp()` its eligibility traces
+    and their filtered copies, along neurons: read from the plan, not from the rule's type."""
+    mesh = Mesh(np.array(jax.devices()[:1]).reshape(1, 1), ("batch", "model"))
+    key = jr.key(0)
+    model = eqtrace.nn.Sequential(
+        [
+            eqtrace.nn.LIF(3, 4, recurrent=True, key=key),
+            eqtrace.nn.LeakyReadout(4, 2, key=jr.fold_in(key, 1)),
+        ]
+    )
+    drtrl = eqtrace.make_shardings(model, eqtrace.DRTRL(), mesh, model_axis="model")
+    windows = eqtrace.make_shardings(
+        model, eqtrace.ExactWindows(eqtrace.DRTRL()), mesh, model_axis="model"
+    )
+    assert windows == drtrl
+    plan = eqtrace.prepare(eqtrace.EProp(), model)
+    eprop = eqtrace.make_shardings(model, eqtrace.EProp(), mesh, model_axis="model", plan=plan)
+    assert eprop.params == drtrl.params
+    cell = eprop.trace[0]
+    assert cell.eligibility == drtrl.trace[0]
+    assert cell.ops[1].weight.spec == P("batch", "model", None)
+    assert eprop.trace[1].ops is None  # The read-out's trace is unfiltered.

@@ -40,6 +40,7 @@ from ._drivers import (
     truncated_bptt_gradient as truncated_bptt_gradient,
 )
 from ._ops import OpAlgebra as OpAlgebra, register_op as register_op
+from ._plan import LayerPlan as LayerPlan, Plan as Plan, prepare as prepare
 from ._sharding import (
     Shardings as Shardings,
     init_sharded as init_sharded,

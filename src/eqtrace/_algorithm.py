@@ -107,6 +107,34 @@ class AbstractAlgorithm(eqx.Module, Generic[_Trace]):
         del layer, consumer
         return self
 
+    def cell_structure(self, cell: AbstractCell, state: State, x: ExampleInput) -> Any:
+        """The structure this rule reads from `cell` (a `CellStructure` for the diagonal rules),
+        analysed once by `eqtrace.prepare`, or `None` (the default) for a rule that needs
+        none. It does not raise the rule's refusal: `init_cell_trace` does."""
+        del cell, state, x
+        return None
+
+    def relaxed(self) -> "AbstractAlgorithm":
+        """This rule accepting approximations: for a rule that refuses cells breaking its
+        assumptions unless told otherwise (`strict=True`), a copy with `strict=False`;
+        otherwise (the default) the rule itself. `eqtrace.check` sizes the trace with it."""
+        return self
+
+    def cell_notes(self, cell: AbstractCell, state: State, x: ExampleInput) -> tuple[str, ...]:
+        """What this rule, in particular, traces in `cell`, in plain words (one sentence a
+        line), for `eqtrace.check` to print; none by default."""
+        del cell, state, x
+        return ()
+
+    def trace_neuron_axes(self, structure: Any, site_axes: tuple[Any, ...], trace: Any) -> Any:
+        """For each array of this rule's trace of one cell (laid out as `trace`, for one
+        sample), the axis that holds the neurons, or `None`: a pytree shaped like `trace`,
+        which `eqtrace.make_shardings` splits along a model axis. `site_axes` gives, per call
+        site of `structure`, the output axis of each weight of its op. `None` (the default)
+        if the trace has no neuron axes."""
+        del structure, site_axes, trace
+        return None
+
     @property
     def exact_within_blocks(self) -> bool:
         """Whether a block of steps (`cell_steps`) is differentiated exactly through the states
@@ -160,8 +188,11 @@ class AbstractAlgorithm(eqx.Module, Generic[_Trace]):
         )
         return eqx.combine(arrays, rest)
 
-    def init_trace(self, model: AbstractCell, state: State, x: ExampleInput | None = None) -> Any:
-        """The initial trace of `model` (a cell or a `Sequential`) for one sample.
+    def init_trace(
+        self, model: AbstractCell, state: State, x: ExampleInput | None = None, *, plan: Any = None
+    ) -> Any:
+        """The initial trace of `model` (a cell or a `Sequential`) for one sample, laid out as
+        the plan of this rule for `model` says (`eqtrace.prepare`).
 
         **Arguments:**
 
@@ -169,10 +200,12 @@ class AbstractAlgorithm(eqx.Module, Generic[_Trace]):
         - `state`: its state for one sample, e.g. `model.init_state()`.
         - `x`: an example input of one step (only its shape and dtype are used). Needed only
           when the model does not declare an `input_size`.
+        - `plan`: `eqtrace.prepare(self, model, x)`, if prepared already; else it is prepared
+          here.
 
         **Returns:** the trace pytree to pass to `step`.
         """
-        return init_network_trace(self, model, state, x)
+        return init_network_trace(self, model, state, x, plan)
 
     def step(
         self, model: AbstractCell, state: State, trace: Any, x: Input

@@ -1,23 +1,17 @@
 import dataclasses
-import math
-
-import equinox as eqx
-import jax.tree_util as jtu
 
 from ._algorithm import AbstractAlgorithm
-from ._algorithms._diagonal import AbstractDiagonalAlgorithm
 from ._algorithms._drtrl import DRTRL
-from ._algorithms._snap import SnAp1
 from ._cell import AbstractCell, has_parameters
 from ._custom_types import ExampleInput
+from ._plan import build_plan, prepare
 from ._probing import concrete
 from ._sequential import Sequential
-from ._structure import CellStructure, analyse
+from ._structure import CellStructure
 from ._validation import (
     check_example_input,
     check_model,
     example_input,
-    is_key,
     require_example_input,
 )
 
@@ -116,7 +110,8 @@ class StructureReport:
 
 
 def trace_size(algorithm: AbstractAlgorithm, model: AbstractCell, x: ExampleInput | None = None):
-    """The size of `algorithm`'s trace of `model` for one sample (computed from shapes only).
+    """The size of `algorithm`'s trace of `model` for one sample (computed from shapes only):
+    `eqtrace.prepare(algorithm, model, x)`'s `trace_floats` and `trace_bytes`.
 
     **Arguments:**
 
@@ -129,27 +124,24 @@ def trace_size(algorithm: AbstractAlgorithm, model: AbstractCell, x: ExampleInpu
     bytes, which includes the PRNG keys of rules that draw random numbers (`UORO`: 8 bytes
     each, not counted as values). Multiply by the batch size for a batch.
     """
-    state = model.init_state()
-    trace = eqx.filter_eval_shape(algorithm.init_trace, model, state, x)
-    leaves = jtu.tree_leaves(trace)
-    floats = sum(math.prod(leaf.shape) for leaf in leaves if not is_key(leaf))
-    # `dtype.itemsize` rather than `jnp.dtype(...)`, which refuses a key's dtype.
-    nbytes = sum(math.prod(leaf.shape) * leaf.dtype.itemsize for leaf in leaves)
-    return floats, nbytes
+    plan = prepare(algorithm, model, x)
+    return plan.trace_floats, plan.trace_bytes
 
 
 def check(
     model: AbstractCell, algorithm: AbstractAlgorithm | None = None, x: ExampleInput | None = None
 ) -> StructureReport:
-    """Checks `model` for `algorithm` on a small random instance and reports what is traced,
-    the trace memory per sample, and whether (and why) the algorithm refuses the model.
+    """Checks `model` for `algorithm` and reports what is traced, the trace memory per sample,
+    and whether (and why) the algorithm refuses the model.
 
     For the diagonal rules it verifies, for every cell, that the state Jacobian with every
     synaptic op's input cut is element-wise, that each op output reaches one neuron, that op
     weights act only through calls of the op, and that every parameter outside an op is
     per-neuron, small or does not reach the state; violations name the state leaf, op or
-    parameter involved. `report.refusal` is exactly the error a step would raise: the rules run
-    the same analysis when they first see a cell and, if strict, raise on a violation.
+    parameter involved. `report.refusal` is exactly the error a step would raise: the report
+    reads the plan that `eqtrace.prepare` builds (the same one a step builds), and, if the
+    rule is strict, a violation is its refusal. Wrappers and composites (`ExactWindows`,
+    `EProp`) are checked through the rules they configure per layer.
 
     **Arguments:**
 
@@ -166,63 +158,36 @@ def check(
     x = example_input(model) if x is None else x
     require_example_input(model, x)
     layers = model.layers if isinstance(model, Sequential) else (model,)
-    lenient = algorithm
-    if isinstance(algorithm, AbstractDiagonalAlgorithm) and algorithm.strict:
+    plan, errors = build_plan(algorithm, model, x)
+    refusal = str(errors[0]) if errors else None
+    relaxed = algorithm.relaxed()
+    if errors and relaxed is not algorithm:
         # Report the memory and notes even when the structure is violated.
-        lenient = eqx.tree_at(lambda a: a.strict, algorithm, False)
-    cells, notes, layer_rules = [], [], []
-    layer_input = x
-    for i, layer in enumerate(layers):
-        layer_rules.append(_layer_rule(algorithm, model, i))
-        if isinstance(layer, AbstractCell):
-            state = layer.init_state()
-            structure = None
-            if algorithm.per_layer and not has_parameters(layer):
-                notes.append(f"layer {i}: {type(layer).__name__} has no parameters: no trace")
-            elif algorithm.per_layer:
-                try:
-                    structure = analyse(layer, state, layer_input)
-                    if isinstance(lenient, SnAp1):
-                        paths = lenient.self_paths(layer, state, layer_input)
-                        notes.extend(f"layer {i}: {line}" for line in paths)
-                except ValueError:  # A structure no diagonal rule takes; the refusal says why.
-                    pass
-            cells.append(structure)
-            _, layer_input = concrete(eqx.filter_eval_shape(layer, state, layer_input))
-        else:
-            cells.append(None)
-            layer_input = concrete(eqx.filter_eval_shape(layer, layer_input))
-    try:
-        trace_size(algorithm, model, x)
-        refusal = None
-    except ValueError as error:
-        refusal = str(error)
-    try:
-        floats, nbytes = trace_size(lenient, model, x)
-    except ValueError:  # The algorithm cannot trace this model; the refusal says why.
-        floats = nbytes = None
+        sized, errors = build_plan(relaxed, model, x)
+    else:
+        sized = plan
+    floats, nbytes = (None, None) if errors else (sized.trace_floats, sized.trace_bytes)
+    notes, layer_rules = [], []
+    for i, (layer, lp) in enumerate(zip(layers, plan.layers)):
+        configured = lp.rule is not None and lp.rule is not algorithm
+        layer_rules.append(repr(lp.rule) if configured and plan.network else None)
+        if not isinstance(layer, AbstractCell) or not algorithm.per_layer:
+            continue
+        if not has_parameters(layer):
+            notes.append(f"layer {i}: {type(layer).__name__} has no parameters: no trace")
+        elif sized.layers[i].rule is not None:
+            rule = sized.layers[i].rule
+            try:
+                lines = rule.cell_notes(layer, layer.init_state(), concrete(lp.input))
+            except ValueError:  # The refusal says why.
+                continue
+            notes.extend(f"layer {i}: {line}" for line in lines)
     return StructureReport(
         type(algorithm).__name__,
-        tuple(cells),
+        tuple(lp.structure for lp in plan.layers),
         floats,
         nbytes,
         refusal,
         notes=tuple(notes),
         layer_rules=tuple(layer_rules),
     )
-
-
-def _layer_rule(algorithm: AbstractAlgorithm, model: AbstractCell, index: int) -> str | None:
-    """How a per-layer rule runs cell `index` of a `Sequential`, if it configures itself for
-    it; `None` otherwise (or if it refuses: the refusal says why)."""
-    if not (isinstance(model, Sequential) and algorithm.per_layer):
-        return None
-    layer = model.layers[index]
-    if not isinstance(layer, AbstractCell):
-        return None
-    consumer = model.layers[index + 1] if index + 1 < len(model.layers) else None
-    try:
-        rule = algorithm.for_layer(layer, consumer)
-    except ValueError:
-        return None
-    return None if rule == algorithm else repr(rule)

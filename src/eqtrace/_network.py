@@ -6,14 +6,14 @@ trace and run stateless layers (and cells without parameters, which need no trac
 within each step; rules with `per_layer = False` (exact RTRL) treat the
 network's recurrent core (its layers up to the last cell) as one system and the layers after
 it as an exact read-out. The rule itself only ever sees one system; a per-layer rule may
-configure itself for each cell from the layer that reads its output (`for_layer`), and may
-define the derivative of a cell's output itself (`cell_output_tangent`).
+configure itself for each cell from the layer that reads its output (`for_layer`, called once
+by `eqtrace.prepare`: the steps run the rules the plan holds), and may define the derivative of
+a cell's output itself (`cell_output_tangent`).
 """
 
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
@@ -30,8 +30,6 @@ from ._validation import (
     check_parameters_enter_step,
     check_state,
     check_step_keeps_state,
-    example_input,
-    require_example_input,
 )
 
 
@@ -135,7 +133,7 @@ BLOCK = Mode(
 def advance_network(algorithm, model: AbstractCell, state, trace, x, mode: Mode):
     """`(state, trace, y)` of `model` after one call in `mode`, with `y` its output (stacked
     over the block's steps for `BLOCK`)."""
-    _check_arguments(algorithm, model, state, trace, mode.first(x))
+    plan = _check_arguments(algorithm, model, state, trace, mode.first(x))
     if not isinstance(model, Sequential):
         if not has_parameters(model):
             states, ys = mode.fixed(algorithm, model, state, x)
@@ -154,8 +152,7 @@ def advance_network(algorithm, model: AbstractCell, state, trace, x, mode: Mode)
             states, x = mode.fixed(algorithm, layer, s, x)
             s = mode.final(states)
         elif isinstance(layer, AbstractCell):
-            rule = algorithm.for_layer(layer, _consumer(model, i))
-            states, tr, x = mode.advance(rule, layer, s, tr, x)
+            states, tr, x = mode.advance(plan.layers[i].rule, layer, s, tr, x)
             s = mode.final(states)
         else:
             x = mode.each(layer)(x)
@@ -164,48 +161,52 @@ def advance_network(algorithm, model: AbstractCell, state, trace, x, mode: Mode)
     return tuple(new_state), tuple(new_trace), x
 
 
-def init_network_trace(algorithm, model: AbstractCell, state, x=None):
-    """The initial trace of `model` for one sample (see `AbstractAlgorithm.init_trace`)."""
+def init_network_trace(algorithm, model: AbstractCell, state, x=None, plan=None):
+    """The initial trace of `model` for one sample (see `AbstractAlgorithm.init_trace`), laid
+    out as `plan` says (prepared here if not given)."""
+    from ._plan import check_plan, prepare  # `_plan` reads the rules, which import this.
+
     check_model(f"{type(algorithm).__name__}.init_trace", "model", model)
     check_state(model, state)
     if x is not None:  # An example input of the wrong shape would fail deep inside the model.
         check_example_input(model, state, x)
-    x = example_input(model) if x is None else x
+    if plan is None:
+        plan = prepare(algorithm, model, x)
+    check_plan(f"{type(algorithm).__name__}.init_trace", plan, algorithm, model)
     if not isinstance(model, Sequential):
-        return algorithm.init_cell_trace(model, state, x) if has_parameters(model) else None
+        (layer,) = plan.layers
+        return _init_layer(layer, model, state)
     if not algorithm.per_layer:
         core = model.core
-        return algorithm.init_cell_trace(core, state[: len(core.layers)], x)
-    traces = []
-    for i, (layer, s) in enumerate(zip(model.layers, state)):
-        require_example_input(model, x)
-        if has_parameters(layer):
-            rule = algorithm.for_layer(layer, _consumer(model, i))
-            traces.append(rule.init_cell_trace(layer, s, x))
-            s, x = concrete(eqx.filter_eval_shape(layer, s, x))
-        elif isinstance(layer, AbstractCell):  # Nothing to learn: no trace.
-            traces.append(None)
-            s, x = concrete(eqx.filter_eval_shape(layer, s, x))
-        else:
-            traces.append(None)
-            x = concrete(eqx.filter_eval_shape(layer, x))
-    return tuple(traces)
+        first = concrete(plan.layers[0].input)
+        return algorithm.init_cell_trace(core, state[: len(core.layers)], first)
+    return tuple(
+        _init_layer(lp, layer, s) for lp, layer, s in zip(plan.layers, model.layers, state)
+    )
 
 
-def _consumer(model: Sequential, index: int) -> Any:
-    """The layer that reads the output of layer `index`, or `None` for the last."""
-    return model.layers[index + 1] if index + 1 < len(model.layers) else None
+def _init_layer(layer_plan, layer, state):
+    """The initial trace of one layer as its plan says: its rule's, or `None`."""
+    if layer_plan.rule is None:
+        return None
+    return layer_plan.rule.init_cell_trace(layer, state, concrete(layer_plan.input))
 
 
-def _check_arguments(algorithm, model, state, trace, x) -> None:
+def _check_arguments(algorithm, model, state, trace, x):
+    """Checks the arguments of a step; returns the plan of `algorithm` for `model`, whose
+    trace layout `trace` must have (and whose per-layer rules run the layers)."""
+    from ._plan import prepare
+
     check_state(model, state)
     check_input(model, x)
     check_step_keeps_state(model, state, x)
     check_parameters_enter_step(model, state, x)
+    plan = prepare(algorithm, model, x)
     check_matches(
         "trace",
-        eqx.filter_eval_shape(init_network_trace, algorithm, model, state, x),
+        plan.trace,
         trace,
         f"Create it with `{type(algorithm).__name__}(...).init_trace(model, state)` for this "
         "model; a trace made by another algorithm or for another model cannot be reused.",
     )
+    return plan

@@ -14,22 +14,16 @@ from typing import Any, NamedTuple
 
 import equinox as eqx
 import jax
-import jax.numpy as jnp
 import jax.tree_util as jtu
-import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from ._algorithm import AbstractAlgorithm
-from ._algorithms._diagonal import op_dtype
-from ._algorithms._drtrl import AbstractWeightTraceAlgorithm
-from ._algorithms._ppprop import PPProp
-from ._cell import AbstractCell, has_parameters
+from ._cell import AbstractCell
 from ._custom_types import ExampleInput, State, Trace
 from ._drivers import init_state_and_trace
-from ._ops import algebra, op_params
-from ._probing import concrete
+from ._plan import Plan, check_plan, prepare
 from ._sequential import Sequential
-from ._validation import check_count, example_input
+from ._validation import check_count
 
 
 class Shardings(NamedTuple):
@@ -56,19 +50,23 @@ def make_shardings(
     batch_axis: str = "batch",
     model_axis: str | None = None,
     x: ExampleInput | None = None,
+    plan: Plan | None = None,
 ) -> Shardings:
     """The shardings of parameters, state, trace and input sequences for data parallelism, and
     optionally model parallelism, over `mesh`.
 
     Data parallel (`model_axis=None`): the batch axis of state, trace and inputs is split over
     the mesh axis `batch_axis`; the parameters are replicated. Model parallel (`model_axis`
-    given; `DRTRL`, `SnAp1` or `PPProp`): in addition, each synaptic op's weights and their
-    traces are split along the op's output (neuron) axis over `model_axis` — for a dense weight
-    `(out, in)` and its D-RTRL trace `(batch, out, in, K)`, `out`; pp-prop's output traces
-    `(batch, K, out)` likewise, and the traces of per-neuron parameters along their neurons.
-    The rest is replicated over `model_axis`: layers outside cells (read-outs), per-neuron
-    parameters, the state, pp-prop's input traces, and any array whose axis does not divide by
-    the size of `model_axis`. The model axis must be of type `AxisType.Auto`.
+    given; `DRTRL`, `SnAp1`, `PPProp`, `EProp`, or one of them in `ExactWindows`): in
+    addition, each synaptic op's weights and their traces are split along the op's output
+    (neuron) axis over `model_axis` — for a dense weight `(out, in)` and its D-RTRL trace
+    `(batch, out, in, K)`, `out`; pp-prop's output traces `(batch, K, out)` likewise, e-prop's
+    filtered copies `(batch, out, in)` along `out`, and the traces of per-neuron parameters
+    along their neurons. The rest is replicated over `model_axis`: layers outside cells
+    (read-outs), per-neuron parameters, the state, pp-prop's input traces, and any array whose
+    axis does not divide by the size of `model_axis`. The model axis must be of type
+    `AxisType.Auto`. The neuron axes come from the plan (`eqtrace.prepare`): each rule says
+    where its trace holds the neurons.
 
     **Arguments:**
 
@@ -78,6 +76,8 @@ def make_shardings(
     - `batch_axis`: the mesh axis that splits the batch.
     - `model_axis`: the mesh axis that splits the traces and weights along neurons, or `None`.
     - `x`: an example input of one step of one sample, when the model has no `input_size`.
+    - `plan`: `eqtrace.prepare(algorithm, model, x)`, if prepared already (else it is prepared
+      here); the layout of the trace and its neuron axes are read from it.
 
     **Returns:** a `Shardings`.
     """
@@ -98,13 +98,15 @@ def make_shardings(
             "`jax.make_mesh(shape, names, axis_types=(jax.sharding.AxisType.Auto,) * "
             "len(names))`."
         )
-    state, trace = eqx.filter_eval_shape(init_state_and_trace, model, algorithm, None, x)
+    plan = prepare(algorithm, model, x) if plan is None else plan
+    check_plan("make_shardings", plan, algorithm, model)
+    state, trace = eqx.filter_eval_shape(model.init_state), plan.trace
     params = eqx.filter(model, eqx.is_inexact_array)
     if model_axis is None:
         param_axes = jtu.tree_map(lambda _: None, params)
         trace_axes = jtu.tree_map(lambda _: None, trace)
     else:
-        param_axes, trace_axes = _neuron_axes(model, algorithm, params, state, trace, x)
+        param_axes, trace_axes = _neuron_axes(model, plan, params)
     size = mesh.shape[model_axis] if model_axis is not None else 1
 
     def split(shape, axis, batch):
@@ -153,81 +155,24 @@ def init_sharded(
     return jax.jit(init, out_shardings=(shardings.state, shardings.trace))()
 
 
-def _neuron_axes(model, algorithm, params, state, trace, x) -> tuple[Any, Any]:
+def _neuron_axes(model, plan: Plan, params) -> tuple[Any, Any]:
     """For every parameter and every (per-sample) trace array, the axis that holds the
-    neurons of an op's output, or `None`: pytrees shaped like `params` and `trace`."""
-    if not isinstance(algorithm, AbstractWeightTraceAlgorithm | PPProp):
+    neurons of an op's output, or `None`: pytrees shaped like `params` and the trace, read
+    from the plan."""
+    trace_axes = plan.neuron_axes
+    if trace_axes is None:
         raise ValueError(
             "make_shardings: `model_axis` splits the traces of the diagonal rules "
-            "(`eqtrace.DRTRL`, `eqtrace.SnAp1`, `eqtrace.PPProp`) along neurons, but received "
-            f"{type(algorithm).__name__}, whose trace has no such axis. Pass `model_axis=None` "
-            "(data parallel) or use one of those rules."
+            "(`eqtrace.DRTRL`, `eqtrace.SnAp1`, `eqtrace.PPProp`, `eqtrace.EProp`) along "
+            f"neurons, but received {type(plan.algorithm).__name__}, whose trace has no such "
+            "axis. Pass `model_axis=None` (data parallel) or use one of those rules."
         )
-    x = concrete(example_input(model) if x is None else x)
-    if isinstance(model, Sequential):
-        cells, traces = [], []
-        for layer, s, tr in zip(model.layers, concrete(state), trace):
-            if has_parameters(layer):
-                cells.append((layer, s, x))
-                traces.append(tr)
-            if isinstance(layer, AbstractCell):
-                x = concrete(eqx.filter_eval_shape(layer, s, x))[1]
-            else:
-                x = concrete(eqx.filter_eval_shape(layer, x))
-    else:
-        cells, traces = [(model, concrete(state), x)], [trace]
+    layers = model.layers if isinstance(model, Sequential) else (model,)
     by_weight: dict[int, int | None] = {}  # id of a weight array -> its axis
-    trace_axes = []
-    for (cell, s, x), tr in zip(cells, traces):
-        structure = algorithm.structure(cell, s, x)
-        sites = []
-        for op, site in zip(structure.site_modules(cell), structure.sites):
-            axes = _output_axes(op, site.input_shape, site.output_shape)
-            for weight, axis in zip(jtu.tree_leaves(op_params(op)), jtu.tree_leaves(axes)):
-                by_weight[id(weight)] = axis
-            sites.append(axes)
-        trace_axes.append(_trace_axes(tr, sites))
+    for layer, layer_plan in zip(layers, plan.layers):
+        weights = jtu.tree_leaves(eqx.filter(layer, eqx.is_inexact_array))
+        for weight, axis in zip(weights, layer_plan.weight_axes):
+            by_weight[id(weight)] = axis
     # Weights are matched by identity: `params` holds the model's own arrays.
     param_axes = jtu.tree_map(lambda w: by_weight.get(id(w)), params)
-    if isinstance(model, Sequential):
-        it = iter(trace_axes)
-        trace_axes = tuple(next(it) if has_parameters(layer) else None for layer in model.layers)
-    else:
-        trace_axes = trace_axes[0]
     return param_axes, trace_axes
-
-
-def _trace_axes(trace, sites: list[Any]) -> Any:
-    """The neuron axis of each array of one cell's per-sample trace."""
-
-    def axis(path, leaf):
-        del leaf
-        field = path[0].name
-        if field == "ops":  # D-RTRL: `(*W.shape, K)`, split like `W`.
-            op_axes = sites[path[1].idx]
-            return dict(jtu.tree_leaves_with_path(op_axes, is_leaf=_is_axis))[path[2:]]
-        if field in ("outputs", "params"):  # `(K, *u_shape)` or `(K, *neuron_shape[, |p|])`
-            return 1
-        return None  # pp-prop's input traces and normaliser
-
-    return jtu.tree_map_with_path(axis, trace)
-
-
-def _is_axis(node: Any) -> bool:
-    return node is None or isinstance(node, int)
-
-
-def _output_axes(op, input_shape, output_shape) -> Any:
-    """For each weight of `op`, the one axis along which its output index varies (`None` if
-    none or several): spread an index per output over the weights (`OpAlgebra.spread`) and
-    see along which axis it changes."""
-    dtype = jnp.promote_types(op_dtype(op), jnp.float32)
-    index = jnp.arange(1, math.prod(output_shape) + 1, dtype=dtype).reshape(output_shape)
-    spread = algebra(op).spread(op, jnp.zeros(input_shape, op_dtype(op)), index)
-
-    def varying(s, w):
-        values = np.broadcast_to(np.asarray(s), w.shape)
-        axes = [a for a in range(values.ndim) if np.any(np.diff(values, axis=a) != 0)]
-        return axes[0] if len(axes) == 1 else None
-
-    return jtu.tree_map(varying, spread, op_params(op))

@@ -90,6 +90,30 @@ class AbstractDiagonalAlgorithm(AbstractAlgorithm[_Trace]):
         """Raises if this rule, in particular, cannot trace a cell of this structure."""
         del structure, state
 
+    def relaxed(self) -> "AbstractDiagonalAlgorithm":
+        return self if not self.strict else eqx.tree_at(lambda a: a.strict, self, False)
+
+    def cell_structure(self, cell, state, x) -> CellStructure:
+        require_example_input(cell, x)
+        return analyse(cell, state, x)
+
+    def trace_neuron_axes(self, structure: CellStructure, site_axes, trace) -> Any:
+        """By field: weight-shaped traces `ops` (`(*W.shape, K)`) split like their weights;
+        `outputs` (`(K, *u_shape)`) and `params` (`(K, *neuron_shape)` or `(K, N, |p|)`)
+        along axis 1; pp-prop's input traces and normaliser have no neuron axis."""
+        del structure
+
+        def axis(path, leaf):
+            del leaf
+            field = path[0].name
+            if field == "ops":
+                return axis_at(site_axes[path[1].idx], path[2:])
+            if field in ("outputs", "params"):
+                return 1
+            return None
+
+        return jtu.tree_map_with_path(axis, trace)
+
 
 #: Equinox recurrent cells, whose matmuls are raw array products rather than synaptic ops, and
 #: the eqtrace cells to hold instead.
@@ -110,6 +134,12 @@ def _equinox_layers_hint(cell) -> str:
         if isinstance(layer, kinds)
     ]
     return "".join(f"{line}. " for line in found)
+
+
+def axis_at(axes: Any, path: tuple) -> int | None:
+    """The axis at `path` in a pytree of axes (`int` or `None` leaves)."""
+    leaves = jtu.tree_leaves_with_path(axes, is_leaf=lambda a: a is None or isinstance(a, int))
+    return dict(leaves)[path]
 
 
 def flat_leaves(tree) -> jax.Array:

@@ -20,6 +20,7 @@ from ..nn._readout import LeakyReadout
 from ._diagonal import (
     AbstractDiagonalAlgorithm,
     Linearisation,
+    axis_at,
     block_param_traces,
     flat_leaves,
     from_outputs,
@@ -121,6 +122,23 @@ class EProp(AbstractDiagonalAlgorithm[EPropTrace]):
         if isinstance(consumer, LeakyReadout):
             return dataclasses.replace(self, readout_decay=consumer.decay)
         return self
+
+    def trace_neuron_axes(self, structure: CellStructure, site_axes, trace: EPropTrace) -> Any:
+        """D-RTRL's axes for the eligibility traces; the filtered copies, shaped like the op's
+        weights (split like them) or like a parameter (`(*neuron_shape)` or `(N, |p|)`),
+        along their neurons."""
+        eligibility = self._drtrl.trace_neuron_axes(structure, site_axes, trace.eligibility)
+
+        def axis(path, leaf):
+            del leaf
+            field = path[0].name
+            if field == "eligibility":
+                return axis_at(eligibility, path[1:])
+            if field == "ops":
+                return axis_at(site_axes[path[1].idx], path[2:])
+            return 0
+
+        return jtu.tree_map_with_path(axis, trace)
 
     def refuse(self, structure: CellStructure, state: State) -> None:
         for site in structure.sites:

@@ -96,18 +96,10 @@ class SnAp1(AbstractWeightTraceAlgorithm[SnAp1Trace]):
             for i, site in enumerate(structure.sites)
         )
 
-    def self_paths(self, cell: AbstractCell, state: State, x: Input) -> tuple[str, ...]:
+    def cell_notes(self, cell: AbstractCell, state: State, x: Input) -> tuple[str, ...]:
         """What SnAp-1 adds to D-RTRL for `cell`, in plain words: for each op, how many of its
-        input elements carry a self-path, and how many depend on several neurons.
-
-        **Arguments:**
-
-        - `cell`: the cell.
-        - `state`: its state for one sample.
-        - `x`: an example input of one step.
-
-        **Returns:** one sentence per traced op call.
-        """
+        input elements carry a self-path, and how many depend on several neurons; one sentence
+        per traced op call."""
         structure = self.structure(cell, state, x)
         owners = input_owners(cell, state, x, structure)
         lines = []

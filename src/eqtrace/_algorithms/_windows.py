@@ -93,6 +93,19 @@ class ExactWindows(AbstractAlgorithm[_Trace]):
         rule = self.rule.for_layer(layer, consumer)
         return self if rule is self.rule else ExactWindows(rule)
 
+    def cell_structure(self, cell: AbstractCell, state: State, x: ExampleInput) -> Any:
+        return self.rule.cell_structure(cell, state, x)
+
+    def relaxed(self) -> "ExactWindows":
+        rule = self.rule.relaxed()
+        return self if rule is self.rule else ExactWindows(rule)
+
+    def cell_notes(self, cell: AbstractCell, state: State, x: ExampleInput) -> tuple[str, ...]:
+        return self.rule.cell_notes(cell, state, x)
+
+    def trace_neuron_axes(self, structure: Any, site_axes: tuple[Any, ...], trace: Any) -> Any:
+        return self.rule.trace_neuron_axes(structure, site_axes, trace)
+
     @property
     def per_layer(self) -> bool:  # pyright: ignore[reportIncompatibleVariableOverride]
         """As for `rule`: one trace per cell of a `Sequential`, or one for its core."""

@@ -1,0 +1,141 @@
+"""The prepared plan (`eqtrace.prepare`): per layer the configured rule, the structure, the
+trace layout and its neuron axes; `init_trace`, `check` and `trace_size` read it."""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import pytest
+
+import eqtrace
+from helpers import Rolling
+
+
+def _network():
+    key = jr.key(0)
+    return eqtrace.nn.Sequential(
+        [
+            eqtrace.nn.LIF(3, 4, recurrent=True, key=key),
+            eqtrace.nn.LeakyReadout(4, 2, key=jr.fold_in(key, 1)),
+        ]
+    )
+
+
+def _layout(tree):
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), tree)
+
+
+@pytest.mark.parametrize(
+    "algorithm",
+    [
+        eqtrace.DRTRL(),
+        eqtrace.EProp(),
+        eqtrace.ExactWindows(eqtrace.DRTRL()),
+        eqtrace.PPProp(0.5),
+        eqtrace.RTRL(),
+        eqtrace.UORO(key=jr.key(1)),
+    ],
+    ids=lambda a: type(a).__name__,
+)
+def test_plan_lays_out_the_trace(algorithm):
+    model = _network()
+    plan = eqtrace.prepare(algorithm, model)
+    assert plan.network and len(plan.layers) == 2
+    trace = algorithm.init_trace(model, model.init_state())
+    assert jax.tree.structure(plan.trace) == jax.tree.structure(trace)
+    assert _layout(plan.trace) == _layout(trace)
+    assert eqtrace.trace_size(algorithm, model) == (plan.trace_floats, plan.trace_bytes)
+    diagonal = isinstance(algorithm, eqtrace.DRTRL | eqtrace.EProp | eqtrace.PPProp) or (
+        isinstance(algorithm, eqtrace.ExactWindows)
+    )
+    for layer in plan.layers:
+        assert (layer.structure is not None) == diagonal
+        assert (layer.neuron_axes is not None) == diagonal
+        assert layer.rule is None if not algorithm.per_layer else layer.rule is not None
+    assert (plan.neuron_axes is None) != diagonal
+
+
+def test_plan_configures_each_layer():
+    """EProp takes the decay of the read-out after the cell; the windows keep their rule."""
+    model = _network()
+    cell, readout = eqtrace.prepare(eqtrace.EProp(), model).layers
+    assert cell.rule.readout_decay == pytest.approx(model.layers[1].decay)
+    assert readout.rule.readout_decay is None
+    windows = eqtrace.prepare(eqtrace.ExactWindows(eqtrace.DRTRL()), model)
+    assert isinstance(windows.layers[0].rule, eqtrace.ExactWindows)
+    assert isinstance(windows.layers[0].rule.rule, eqtrace.DRTRL)
+    assert windows.layers[1].input.shape == (4,)  # The spikes of the cell below.
+
+
+def test_init_trace_reads_a_given_plan():
+    model = _network()
+    plan = eqtrace.prepare(eqtrace.DRTRL(), model)
+    trace = eqtrace.DRTRL().init_trace(model, model.init_state(), plan=plan)
+    assert _layout(trace) == plan.trace
+
+
+def test_prepare_raises_the_refusal():
+    """The refusal a step would raise, before any step: e-prop under a `readout_decay` set by
+    hand in a network, and a structure outside D-RTRL."""
+    model = _network()
+    with pytest.raises(ValueError, match="`readout_decay`"):
+        eqtrace.prepare(eqtrace.EProp(readout_decay=0.9), model)
+    gru = eqx.nn.GRUCell(3, 4, key=jr.key(0))
+
+    class Wrapped(eqtrace.AbstractCell):
+        core: eqx.nn.GRUCell
+        input_size: int = 3
+
+        def init_state(self):
+            return jnp.zeros(4)
+
+        def __call__(self, h, x):
+            h = self.core(x, h)
+            return h, h
+
+        def output(self, h):
+            return h
+
+    with pytest.raises(eqtrace.StructureError):
+        eqtrace.prepare(eqtrace.DRTRL(), Wrapped(gru))
+    report = eqtrace.check(Wrapped(gru), eqtrace.DRTRL())
+    assert report.refusal is not None and report.cells[0] is not None
+
+
+def test_prepare_refuses_a_class_for_a_rule():
+    with pytest.raises(TypeError, match="algorithm"):
+        eqtrace.prepare(eqtrace.DRTRL, _network())
+
+
+def test_check_sees_through_windows():
+    """`check` reads the plan: the notes of the rule inside `ExactWindows`, and its sizes."""
+    model = _network()
+    inner = eqtrace.check(model, eqtrace.SnAp1())
+    windows = eqtrace.check(model, eqtrace.ExactWindows(eqtrace.SnAp1()))
+    assert any("SnAp-1 self-paths" in note for note in windows.notes)
+    assert windows.notes == inner.notes
+    assert (windows.trace_floats, windows.trace_bytes) == (inner.trace_floats, inner.trace_bytes)
+    names = [[site.name for site in cell.sites] for cell in inner.cells]
+    assert [[site.name for site in cell.sites] for cell in windows.cells] == names
+
+
+def test_check_relaxes_the_rule_inside_windows():
+    """A strict rule in `ExactWindows` refuses a cell that breaks its assumptions; `check`
+    still sizes the trace, with the relaxed rule (`strict=False`), as for the rule alone."""
+    cell, x = Rolling(3, 4, key=jr.key(0)), jnp.zeros(3)
+    alone = eqtrace.check(cell, eqtrace.DRTRL(), x=x)
+    windows = eqtrace.check(cell, eqtrace.ExactWindows(eqtrace.DRTRL()), x=x)
+    assert windows.refusal is not None and windows.refusal == alone.refusal
+    assert windows.trace_floats is not None
+    assert (windows.trace_floats, windows.trace_bytes) == (alone.trace_floats, alone.trace_bytes)
+    assert eqtrace.ExactWindows(eqtrace.DRTRL()).relaxed().rule.strict is False
+
+
+def test_a_plan_for_another_model_is_refused():
+    plan = eqtrace.prepare(eqtrace.DRTRL(), _network())
+    cell = _network().layers[0]
+    with pytest.raises(ValueError, match="`plan` was prepared for DRTRL on a model of 2"):
+        eqtrace.DRTRL().init_trace(cell, cell.init_state(), plan=plan)
+    mesh = jax.sharding.Mesh(jax.devices()[:1], ("batch",))
+    with pytest.raises(ValueError, match="Prepare it for this rule and model"):
+        eqtrace.make_shardings(_network(), eqtrace.PPProp(0.5), mesh, plan=plan)
