@@ -99,8 +99,11 @@ GATES = [
 ]
 
 
-@pytest.mark.parametrize("n", [4, 16])
-@pytest.mark.parametrize("gate,centre", GATES, ids=[g for g, _ in GATES])
+#: Each gate with 4 neurons; two with 16 too (the answer must not depend on the layer size).
+BAND_CASES = [(*gate, 4) for gate in GATES] + [("clip", 0.975, 16), ("triangle", 1.01, 16)]
+
+
+@pytest.mark.parametrize("gate,centre,n", BAND_CASES, ids=[f"{g}-{n}" for g, _, n in BAND_CASES])
 def test_narrow_bands(gate, centre, n, getkey):
     model = Gated(gate, centre, key=getkey(), n=n)
     assert_each_rule_exact(model, jnp.full(n, 0.1), jnp.ones(3))
