@@ -1,3 +1,14 @@
+import os
+
+
+# The suite is compile-bound (thousands of small programs on tiny arrays): XLA's backend
+# optimisations cost more time than they save here (a quarter of the suite's CPU time,
+# measured on tests/test_diagonal.py and tests/test_blocks.py). They do not change what is
+# computed; the examples and benchmarks run with XLA's defaults when run on their own.
+os.environ["XLA_FLAGS"] = " ".join(
+    flag for flag in (os.environ.get("XLA_FLAGS"), "--xla_backend_optimization_level=0") if flag
+)
+
 import jax
 import jax.random as jr
 import numpy as np
