@@ -221,9 +221,10 @@ def runs(tmp_path_factory):
         likes[name] = (model, algorithm, tree)
     script = _NEW_PROCESS.replace("TESTS", repr(str(TESTS)))
     script = script.replace("DIRECTORY", repr(str(directory)))
-    env = dict(
-        os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4"
-    )
+    # The same XLA flags as this process (conftest.py's), so that the resumed run compiles the
+    # same programs: resuming must be bit-identical.
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=4"
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=flags.strip())
     result = subprocess.run(
         [sys.executable, "-W", "error", "-c", script],
         capture_output=True,

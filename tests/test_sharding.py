@@ -47,7 +47,14 @@ def _environment(devices: int) -> dict[str, str]:
     env = dict(
         os.environ,
         JAX_PLATFORMS="cpu",
-        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+        XLA_FLAGS=" ".join(
+            flag
+            for flag in (
+                os.environ.get("XLA_FLAGS"),
+                f"--xla_force_host_platform_device_count={devices}",
+            )
+            if flag
+        ),
     )
     env.pop("JAX_ENABLE_X64", None)
     return env
