@@ -19,16 +19,10 @@ from eqtrace._structure import _analyse
 from eqtrace.nn import surrogate
 from helpers import relative_error
 from registry import rules
+from test_any_cell import first_step_gradient
 
 
 DIAGONAL = [case.algorithm for case in rules(needs_structure=True, exact=False)]
-
-
-def first_step_gradient(algorithm, model, state, x, target):
-    params, static = eqx.partition(model, eqx.is_inexact_array)
-    trace = algorithm.init_trace(model, state, x)
-    step = eqtrace.make_online_step(algorithm, static)
-    return jax.grad(lambda p: jnp.sum((step(p, state, trace, x)[2] - target) ** 2))(params)
 
 
 def assert_each_rule_exact(model, state, x, *, tol=1e-10):

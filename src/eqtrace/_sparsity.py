@@ -219,23 +219,7 @@ class _Walk:
         return self.jaxpr(closed.jaxpr, [None] * len(consts) + list(deps), consts + list(values))
 
     def jaxpr(self, jaxpr, deps, values):
-        env_deps, env_values = {}, {}
-        for var, d, v in zip([*jaxpr.constvars, *jaxpr.invars], deps, values):
-            env_deps[var], env_values[var] = d, v
-
-        def read(atom):
-            if isinstance(atom, jcore.Literal):
-                return None, np.asarray(atom.val)
-            return env_deps.get(atom), env_values.get(atom)
-
-        for eqn in jaxpr.eqns:
-            ins = [read(a) for a in eqn.invars]
-            in_deps, in_values = [d for d, _ in ins], [v for _, v in ins]
-            out_deps, out_values = self.eqn(eqn, in_deps, in_values)
-            for var, d, v in zip(eqn.outvars, out_deps, out_values):
-                env_deps[var], env_values[var] = d, v
-        outs = [read(a) for a in jaxpr.outvars]
-        return [d for d, _ in outs]
+        return self.jaxpr_values(jaxpr, deps, values)[0]
 
     def jaxpr_values(self, jaxpr, deps, values):
         """Like `jaxpr`, also returning the known output values."""
