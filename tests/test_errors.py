@@ -859,6 +859,7 @@ CASES: dict[str, Callable[[], list[Callable[[], object]]]] = {
     "A time constant, threshold or time step that is not positive": lambda: [
         lambda: nn.LIF(INPUT, HIDDEN, tau_mem=0.0, key=_key()),
         lambda: nn.ALIF(INPUT, HIDDEN, threshold=-1.0, key=_key()),
+        lambda: nn.LIF(INPUT, HIDDEN, threshold=float("inf"), key=_key()),
     ],
     "A read-out time constant that is not positive": lambda: [
         lambda: nn.LeakyReadout(INPUT, HIDDEN, tau=0.0, key=_key())

@@ -17,7 +17,9 @@ _SpikingState = tuple[Float[Array, " hidden"], ...]
 
 def _check_positive(cls: str, **values: float | int) -> None:
     for name, value in values.items():
-        if not value > 0:
+        # `inf` is refused too: an infinite threshold never fires, and an infinite time
+        # constant or step turns the decays into NaN.
+        if not 0 < value < math.inf:
             raise ValueError(f"{cls}: `{name}` must be a positive float, but received {value}.")
 
 
