@@ -31,6 +31,7 @@ FUNCTIONS = {
     "custom-vjp-surrogate": lambda h, x: _spike(h - x[0]),
     "permutation": lambda h, x: jnp.tanh(h)[jnp.array([3, 0, 1, 2])] + x[0],
     "scatter-add": _scatter,
+    "scatter-set": lambda h, x: jnp.zeros(4).at[jnp.array([0, 2, 3, 1])].set(h) * x[0],
     "cond": lambda h, x: lax.cond(jnp.sum(h) > 0, lambda v: 2 * v, jnp.sin, h),
     "fori-micro-steps": lambda h, x: lax.fori_loop(0, 3, lambda i, v: v + 0.1 * jnp.tanh(v), h),
     "while": lambda h, x: lax.while_loop(
@@ -53,6 +54,7 @@ EXACT = {
     "roll": np.roll(np.eye(4, dtype=bool), 1, axis=0),
     "cumsum": np.tril(np.ones((4, 4), bool)),
     "while": np.eye(4, dtype=bool),
+    "scatter-set": np.eye(4, dtype=bool)[[0, 3, 1, 2]],
 }
 
 

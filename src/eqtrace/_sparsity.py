@@ -362,10 +362,6 @@ class _Walk:
     def _batched(self, eqn, name, deps, values, carried):
         params = dict(eqn.params)
         primitive = eqn.primitive
-        if name == "scatter-add" and eqn.primitive.name == "scatter":
-            from jax._src.lax.slicing import scatter_add_p  # the same parameters as `scatter`
-
-            primitive = scatter_add_p
         avals = [v.aval for v in eqn.invars]
         operands, axes = [], []
         for i, aval in enumerate(avals):
@@ -383,6 +379,18 @@ class _Walk:
                 axes.append(None)
 
         def apply(*ops):
+            if name == "scatter-add" and primitive.name == "scatter":
+                # An overwrite, counted as a sum through the public API (same parameters).
+                operand, indices, updates = ops
+                return jax.lax.scatter_add(
+                    operand,
+                    indices,
+                    updates,
+                    params["dimension_numbers"],
+                    indices_are_sorted=params["indices_are_sorted"],
+                    unique_indices=params["unique_indices"],
+                    mode=params["mode"],
+                )
             return _bind(primitive, params, ops)
 
         with jax.ensure_compile_time_eval():
