@@ -152,16 +152,18 @@ def concrete(tree):
 
 
 def random_like(tree, rng: np.random.Generator, scale: float):
-    """`tree` with its floating arrays drawn at random (booleans true, integers zero)."""
+    """`tree` with its floating arrays drawn at random; integer and boolean arrays (a cell's
+    masks, signs, delay tables) keep their own values where they are known (zeros where
+    they are traced)."""
 
     def draw(leaf):
         if not eqx.is_array(leaf):
             return leaf  # Python scalars and other leaves are part of the structure.
-        shape, dtype = tuple(leaf.shape), leaf.dtype
-        if jnp.issubdtype(dtype, jnp.inexact):
-            return jnp.asarray(rng.normal(scale=scale, size=shape), dtype)
-        if jnp.issubdtype(dtype, jnp.bool_):
-            return jnp.ones(shape, dtype)
-        return jnp.zeros(shape, dtype)
+        if jnp.issubdtype(leaf.dtype, jnp.inexact):
+            return jnp.asarray(rng.normal(scale=scale, size=tuple(leaf.shape)), leaf.dtype)
+        try:
+            return jnp.asarray(np.asarray(leaf))
+        except jax.errors.TracerArrayConversionError:
+            return jnp.zeros(leaf.shape, leaf.dtype)
 
     return jtu.tree_map(draw, tree)

@@ -408,7 +408,9 @@ def require_output_readout(rule: str, cell, state, x) -> None:
 
 def output_mismatch(model, state, x) -> bool:
     """Whether the `y` that `model(state, x)` returns differs from `model.output(new_state)`
-    on random instances (cached like `analyse`)."""
+    on random floating values, integer and boolean arrays at their own (cached like
+    `analyse`). This compares two functions' values; it is not a dependence, which the
+    analysis reads from the code."""
     x = concrete(x)
 
     def compute():
