@@ -485,29 +485,16 @@ class _Walk:
         b_size = int(np.prod([a_shape[i] for i in batch_a], dtype=np.int64))
         fa = int(np.prod([a_shape[i] for i in free_a], dtype=np.int64))
         fb = int(np.prod([b_shape[i] for i in free_b], dtype=np.int64))
+        # Each operand as (batch, free, contract) for `a` or (batch, contract, free) for `b`.
+        lay_a = lambda x: canonical(x, a_shape, batch_a, free_a, contract_a, False)  # noqa: E731
+        lay_b = lambda x: canonical(x, b_shape, batch_b, free_b, contract_b, True)  # noqa: E731
         out = np.zeros((b_size, fa, fb, self.num_colours), bool)
         if deps[0] is not None:
-            da = canonical(
-                _full(deps[0], a_shape).astype(np.float32),
-                a_shape,
-                batch_a,
-                free_a,
-                contract_a,
-                False,
-            )
-            mb = canonical(mask(values[1], b_shape), b_shape, batch_b, free_b, contract_b, True)
-            out |= np.einsum("bfjc,bjg->bfgc", da, mb) > 0
+            da = lay_a(_full(deps[0], a_shape).astype(np.float32))
+            out |= np.einsum("bfjc,bjg->bfgc", da, lay_b(mask(values[1], b_shape))) > 0
         if deps[1] is not None:
-            ma = canonical(mask(values[0], a_shape), a_shape, batch_a, free_a, contract_a, False)
-            db = canonical(
-                _full(deps[1], b_shape).astype(np.float32),
-                b_shape,
-                batch_b,
-                free_b,
-                contract_b,
-                True,
-            )
-            out |= np.einsum("bfj,bjgc->bfgc", ma, db) > 0
+            db = lay_b(_full(deps[1], b_shape).astype(np.float32))
+            out |= np.einsum("bfj,bjgc->bfgc", lay_a(mask(values[0], a_shape)), db) > 0
         return [out.reshape(*out_shape, self.num_colours)]
 
     def _sort(self, eqn, deps, values):
