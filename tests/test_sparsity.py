@@ -42,6 +42,12 @@ FUNCTIONS = {
     "cumsum": lambda h, x: jnp.cumsum(h),
     "sort": lambda h, x: jnp.sort(h),
     "pad-slice": lambda h, x: jnp.pad(h, (1, 1))[1:-1] * 2,
+    # Placement and fences move no value between elements (a step traced under a mesh holds
+    # `reshard`s and sharding constraints).
+    "sharding-constraint": lambda h, x: lax.with_sharding_constraint(
+        jnp.tanh(h), jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    ),
+    "barrier": lambda h, x: lax.optimization_barrier((jnp.sin(h), x))[0],
 }
 
 #: The exact pattern of ∂out/∂h, where it is known (rows: outputs).
@@ -55,6 +61,8 @@ EXACT = {
     "cumsum": np.tril(np.ones((4, 4), bool)),
     "while": np.eye(4, dtype=bool),
     "scatter-set": np.eye(4, dtype=bool)[[0, 3, 1, 2]],
+    "sharding-constraint": np.eye(4, dtype=bool),
+    "barrier": np.eye(4, dtype=bool),
 }
 
 

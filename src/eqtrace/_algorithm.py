@@ -109,10 +109,19 @@ class AbstractAlgorithm(eqx.Module, Generic[_Trace]):
 
     def cell_structure(self, cell: AbstractCell, state: State, x: ExampleInput) -> Any:
         """The structure this rule reads from `cell` (a `CellStructure` for the diagonal rules),
-        analysed once by `eqtrace.prepare`, or `None` (the default) for a rule that needs
-        none. It does not raise the rule's refusal: `init_cell_trace` does."""
+        analysed once by `eqtrace.prepare` and given back to the rule by `with_structure`, or
+        `None` (the default) for a rule that needs none. It does not raise the rule's refusal:
+        `init_cell_trace` does."""
         del cell, state, x
         return None
+
+    def with_structure(self, structure: Any) -> "AbstractAlgorithm":
+        """This rule prepared for a cell of `structure` (what `cell_structure` returned for it,
+        once `init_cell_trace` has accepted it): the rule that `eqtrace.prepare` puts in the
+        plan to run that cell, which reads the structure instead of analysing the cell. The
+        default, for a rule that needs no structure, is the rule itself."""
+        del structure
+        return self
 
     def relaxed(self) -> "AbstractAlgorithm":
         """This rule accepting approximations: for a rule that refuses cells breaking its
@@ -208,7 +217,7 @@ class AbstractAlgorithm(eqx.Module, Generic[_Trace]):
         return init_network_trace(self, model, state, x, plan)
 
     def step(
-        self, model: AbstractCell, state: State, trace: Any, x: Input
+        self, model: AbstractCell, state: State, trace: Any, x: Input, *, plan: Any = None
     ) -> tuple[State, Any, Any]:
         """Advances `model` by one step and its trace by one update.
 
@@ -218,13 +227,17 @@ class AbstractAlgorithm(eqx.Module, Generic[_Trace]):
         - `state`: the previous state of one sample.
         - `trace`: the previous trace, from `init_trace` or an earlier `step`.
         - `x`: the input of this step for one sample.
+        - `plan`: `eqtrace.prepare(self, model, x)`, if prepared already; else it is prepared
+          here, which analyses each cell once per call (once per trace under `jax.jit`). Pass
+          it when calling `step` many times outside `jit`; `eqtrace.make_online_step`
+          prepares it once for you.
 
         **Returns:** `(state, trace, y)`, with `y = model.output(state)` at the new state.
         """
-        return advance_network(self, model, state, trace, x, STEP)
+        return advance_network(self, model, state, trace, x, STEP, plan)
 
     def steps(
-        self, model: AbstractCell, state: State, trace: Any, xs: Input
+        self, model: AbstractCell, state: State, trace: Any, xs: Input, *, plan: Any = None
     ) -> tuple[State, Any, Any]:
         """Advances `model` over the leading (time) axis of `xs`: a block of `T` steps.
 
@@ -237,4 +250,4 @@ class AbstractAlgorithm(eqx.Module, Generic[_Trace]):
 
         **Returns:** `(state, trace, ys)`: the last state and trace, and the `T` outputs stacked.
         """
-        return advance_network(self, model, state, trace, xs, BLOCK)
+        return advance_network(self, model, state, trace, xs, BLOCK, plan)

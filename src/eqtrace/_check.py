@@ -169,7 +169,8 @@ def check(
     floats, nbytes = (None, None) if errors else (sized.trace_floats, sized.trace_bytes)
     notes, layer_rules = [], []
     for i, (layer, lp) in enumerate(zip(layers, plan.layers)):
-        configured = lp.rule is not None and lp.rule is not algorithm
+        # Configured otherwise than given (the structure it holds is not in its `repr`).
+        configured = lp.rule is not None and repr(lp.rule) != repr(algorithm)
         layer_rules.append(repr(lp.rule) if configured and plan.network else None)
         if not isinstance(layer, AbstractCell) or not algorithm.per_layer:
             continue

@@ -15,8 +15,10 @@ from typing_extensions import TypeAliasType
 from ._algorithm import AbstractAlgorithm
 from ._cell import AbstractCell
 from ._custom_types import ExampleInput, Input, KeyLike, Params, Scalar, State, Trace
+from ._plan import prepare
 from ._validation import (
     check_count,
+    check_input,
     check_key,
     check_model,
     check_parameters_enter_step,
@@ -63,10 +65,11 @@ def make_online_step(algorithm: AbstractAlgorithm, static: Any) -> OnlineStep:
 
     check_model("make_online_step", "static", static)
     static_def = _structure(static)
+    plans = _Plans(algorithm)
 
     def online_step(params, state, trace, x):
         model = _combine("online_step", params, static, static_def)
-        return algorithm.step(model, state, trace, x)
+        return algorithm.step(model, state, trace, x, plan=plans.get(model, x))
 
     setattr(online_step, _KIND, "step")
     return online_step
@@ -90,10 +93,12 @@ def make_online_block(algorithm: AbstractAlgorithm, static: Any) -> OnlineBlock:
 
     check_model("make_online_block", "static", static)
     static_def = _structure(static)
+    plans = _Plans(algorithm)
 
     def online_block(params, state, trace, xs):
         model = _combine("online_block", params, static, static_def)
-        return algorithm.steps(model, state, trace, xs)
+        first = jtu.tree_map(lambda a: a[0], xs)
+        return algorithm.steps(model, state, trace, xs, plan=plans.get(model, first))
 
     setattr(online_block, _KIND, "block")
     return online_block
@@ -128,6 +133,30 @@ def make_forward_step(static: Any) -> ForwardStep:
 #: The attribute that marks the functions made by `make_online_step` ("step") and
 #: `make_online_block` ("block"), so that the drivers can tell which one they were given.
 _KIND = "_eqtrace_kind"
+
+
+class _Plans:
+    """The plans of one online step function, prepared on its first call (usually inside
+    `jit`, from shapes) and then reused: one per layout of the parameters and the input, as a
+    step built from one `static` sees the same model structure, integer and boolean fields
+    every time. A trace of a new layout is refused by the step's own check."""
+
+    def __init__(self, algorithm: AbstractAlgorithm):
+        self.algorithm = algorithm
+        self.plans: dict[Any, Any] = {}
+
+    def get(self, model: AbstractCell, x: Any) -> Any:
+        check_input(model, x)  # The step's own check, before the plan reads `x`'s shape.
+        key = _layout(eqx.filter(model, eqx.is_inexact_array)), _layout(x)
+        if key not in self.plans:
+            self.plans[key] = prepare(self.algorithm, model, x)
+        return self.plans[key]
+
+
+def _layout(tree: Any) -> tuple:
+    """The structure of `tree`, and the shape and dtype of each leaf (arrays and scalars)."""
+    leaves, treedef = jtu.tree_flatten(tree)
+    return treedef, tuple((tuple(np.shape(a)), jnp.result_type(a).name) for a in leaves)
 
 
 def _is_none(x: Any) -> bool:

@@ -130,15 +130,16 @@ BLOCK = Mode(
 )
 
 
-def advance_network(algorithm, model: AbstractCell, state, trace, x, mode: Mode):
+def advance_network(algorithm, model: AbstractCell, state, trace, x, mode: Mode, plan=None):
     """`(state, trace, y)` of `model` after one call in `mode`, with `y` its output (stacked
-    over the block's steps for `BLOCK`)."""
-    plan = _check_arguments(algorithm, model, state, trace, mode.first(x))
+    over the block's steps for `BLOCK`), each cell run by the rule `plan` holds for it
+    (prepared here if not given)."""
+    plan = _check_arguments(algorithm, model, state, trace, mode.first(x), plan)
     if not isinstance(model, Sequential):
         if not has_parameters(model):
             states, ys = mode.fixed(algorithm, model, state, x)
             return mode.final(states), trace, ys
-        states, trace, ys = mode.advance(algorithm, model, state, trace, x)
+        states, trace, ys = mode.advance(plan.layers[0].rule, model, state, trace, x)
         return mode.final(states), trace, ys
     if not algorithm.per_layer:
         num_core = len(model.core.layers)
@@ -192,16 +193,18 @@ def _init_layer(layer_plan, layer, state):
     return layer_plan.rule.init_cell_trace(layer, state, concrete(layer_plan.input))
 
 
-def _check_arguments(algorithm, model, state, trace, x):
-    """Checks the arguments of a step; returns the plan of `algorithm` for `model`, whose
-    trace layout `trace` must have (and whose per-layer rules run the layers)."""
-    from ._plan import prepare
+def _check_arguments(algorithm, model, state, trace, x, plan):
+    """Checks the arguments of a step; returns the plan of `algorithm` for `model` (`plan`, or
+    prepared here), whose trace layout `trace` must have and whose rules run the layers."""
+    from ._plan import check_plan, prepare
 
     check_state(model, state)
     check_input(model, x)
     check_step_keeps_state(model, state, x)
     check_parameters_enter_step(model, state, x)
-    plan = prepare(algorithm, model, x)
+    if plan is None:
+        plan = prepare(algorithm, model, x)
+    check_plan(f"{type(algorithm).__name__}.step", plan, algorithm, model)
     check_matches(
         "trace",
         plan.trace,

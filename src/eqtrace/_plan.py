@@ -39,7 +39,8 @@ class LayerPlan:
 
     - `rule`: the rule that runs this layer, as configured for it (what
       `AbstractAlgorithm.for_layer` returns; `ExactWindows(rule)` keeps its windows, and
-      `EProp` the read-out decay of the layer after it), or `None` for a layer the rule does not
+      `EProp` the read-out decay of the layer after it) and holding its structure
+      (`AbstractAlgorithm.with_structure`), or `None` for a layer the rule does not
       trace: a stateless layer, a cell without parameters, and every layer of a network whose
       rule traces the recurrent core as one system (`per_layer = False`, exact RTRL).
     - `structure`: the `CellStructure` the rule reads from the cell (the diagonal rules), or
@@ -232,6 +233,9 @@ def _cell_plan(rule: AbstractAlgorithm, cell, state, x, errors: list[ValueError]
     except ValueError as error:  # A structure no diagonal rule takes; the refusal says why.
         errors.append(error)
         return LayerPlan(rule=rule, structure=None, input=x)
+    # The rule that runs this cell reads its structure from now on; its `init_cell_trace`
+    # raises its refusal of the structure.
+    rule = rule.with_structure(structure)
     try:
         trace = _abstract(
             eqx.filter_eval_shape(rule.init_cell_trace, cell, concrete(state), concrete(x))

@@ -205,6 +205,10 @@ _POSITIONAL = frozenset(
     "pad rev gather dynamic_slice dynamic_update_slice scatter-add scatter".split()
 )
 _NO_DEPENDENCE = frozenset("iota random_bits random_seed random_wrap random_unwrap".split())
+# Each result is its operand, placed or fenced differently (shardings, devices, barriers).
+_IDENTITIES = frozenset(
+    "reshard sharding_constraint device_put mesh_cast optimization_barrier pvary".split()
+)
 
 
 class _Walk:
@@ -292,6 +296,8 @@ class _Walk:
             return [self.positional(eqn, deps, values)]
         if name in _NO_DEPENDENCE:
             return [None] * len(eqn.outvars)
+        if name in _IDENTITIES:
+            return list(deps[: len(eqn.outvars)])
         return None
 
     def fold(self, eqn, values):

@@ -11,8 +11,8 @@ every op output reaches at most one neuron, an op's weights act only through its
 collects typed violations. Every fact comes from the dependency pattern of the step's pullback
 (`_sparsity.pullback_pattern`, docs/architecture.md §2), with floating values abstract, so no
 value can hide a dependence. The analysis depends only on the cell's static structure, shapes
-and integer or boolean fields, so it is cached on those (least recently used first out). The
-cell is run with its ops observed by `_probing.probed_call`.
+and integer or boolean fields; `eqtrace.prepare` runs it once per cell and the plan keeps the
+result (there is no cache). The cell is run with its ops observed by `_probing.probed_call`.
 """
 
 import collections
@@ -97,8 +97,32 @@ class StructureError(ValueError):
 MAX_SHARED_PARAM_SIZE = 64
 
 
-@dataclasses.dataclass(frozen=True)
-class CallSite:
+def _by_value(value: Any) -> Any:
+    """A hashable stand-in for a field of a structure record: arrays by shape, dtype and
+    bytes, tuples element by element."""
+    if isinstance(value, np.ndarray):
+        return (value.shape, value.dtype.str, value.tobytes())
+    if isinstance(value, tuple):
+        return tuple(_by_value(v) for v in value)
+    return value
+
+
+class _ValueRecord:
+    """Equality and hash by the values of the dataclass's fields, arrays included: a plan's
+    rules hold their structure as a static field, which JAX may compare and hash."""
+
+    def _key(self) -> tuple:
+        return tuple(_by_value(getattr(self, f.name)) for f in dataclasses.fields(self))  # pyright: ignore
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and other._key() == self._key()  # pyright: ignore
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class CallSite(_ValueRecord):
     """One call of a synaptic op within a step (an op called twice has two)."""
 
     #: The index of the op called, among the cell's ops in field order.
@@ -152,6 +176,9 @@ class CellStructure:
     sites: tuple[CallSite, ...]
     params: tuple[OtherParam, ...]
     violations: tuple[Violation, ...]
+    #: Which neuron each op input element depends on: analysed for SnAp-1 only (its
+    #: `cell_structure`), `None` for the other rules.
+    input_owners: "InputOwners | None" = None
 
     @property
     def num_leaves(self) -> int:
@@ -185,74 +212,12 @@ class CellStructure:
         return jtu.tree_leaves(eqx.filter(cell, other_params_spec(cell, self.op_called)))
 
 
-#: Analyses kept at most. The key holds static field values (e.g. every `tau_mem` used), so
-#: an unbounded cache would grow with every hyperparameter tried in one process.
-CACHE_SIZE = 256
-_cache: collections.OrderedDict[Any, Any] = collections.OrderedDict()
-
-
-def _cached(key, compute):
-    """`compute()`, remembered under `key` in a least-recently-used cache of `CACHE_SIZE`."""
-    if key in _cache:
-        _cache.move_to_end(key)
-        return _cache[key]
-    with jax.ensure_compile_time_eval():
-        value = compute()
-    _cache[key] = value
-    if len(_cache) > CACHE_SIZE:
-        _cache.popitem(last=False)
-    return value
-
-
-def structure_key(cell, *trees) -> tuple:
-    """A hashable key of the static structure, shapes and dtypes of `cell` and `trees` (the
-    cache key), and of the values of the cell's integer and boolean arrays, which the analysis
-    reads as constants (two masks of one shape give two structures)."""
-    key = []
-    for i, tree in enumerate((cell, *trees)):
-        leaves, treedef = jtu.tree_flatten(tree)
-        key.append(treedef)
-        key.append(tuple(_leaf_key(leaf, by_value=i == 0) for leaf in leaves))
-    return tuple(key)
-
-
-class _Identity:
-    """An unhashable leaf in a cache key: equal only to itself, and kept alive by the key, so
-    that its `id` cannot be reused by another object while the key exists."""
-
-    def __init__(self, leaf):
-        self.leaf = leaf
-
-    def __hash__(self):
-        return id(self.leaf)
-
-    def __eq__(self, other):
-        return isinstance(other, _Identity) and other.leaf is self.leaf
-
-
-def _leaf_key(leaf, by_value: bool) -> Any:
-    """Arrays by shape and dtype, and concrete integer and boolean arrays also by value if
-    `by_value`; any other leaf (a Python scalar, a function held as a field) is part of the
-    structure, by value (by identity if it cannot be hashed)."""
-    if eqx.is_array(leaf):
-        shape, dtype = tuple(leaf.shape), jnp.dtype(leaf.dtype).name
-        if by_value and not jnp.issubdtype(leaf.dtype, jnp.inexact):
-            try:
-                return (shape, dtype, np.asarray(leaf).tobytes())
-            except Exception:  # a tracer: the analysis takes it as abstract too
-                pass
-        return (shape, dtype)
-    try:
-        hash(leaf)
-    except TypeError:
-        return _Identity(leaf)
-    return leaf
-
-
 def analyse(cell, state, x) -> CellStructure:
-    """The structure of `cell` (cached on its static structure and the shapes involved)."""
-    x = concrete(x)
-    return _cached(structure_key(cell, state, x), lambda: _analyse(cell, state, x))
+    """The structure of `cell`, read from the code of its step: computed afresh on every call
+    (`eqtrace.prepare` calls it once per cell and the plan keeps it), also inside a trace,
+    where it reads only shapes and the cell's concrete integer and boolean arrays."""
+    with jax.ensure_compile_time_eval():
+        return _analyse(cell, state, concrete(x))
 
 
 def _flat(tree) -> jax.Array:
@@ -408,20 +373,16 @@ def require_output_readout(rule: str, cell, state, x) -> None:
 
 def output_mismatch(model, state, x) -> bool:
     """Whether the `y` that `model(state, x)` returns differs from `model.output(new_state)`
-    on random floating values, integer and boolean arrays at their own (cached like
-    `analyse`). This compares two functions' values; it is not a dependence, which the
-    analysis reads from the code."""
+    on random floating values, integer and boolean arrays at their own. This compares two
+    functions' values; it is not a dependence, which the analysis reads from the code."""
     x = concrete(x)
-
-    def compute():
-        rng = np.random.default_rng(1)
-        mismatch = False
+    rng = np.random.default_rng(1)
+    mismatch = False
+    with jax.ensure_compile_time_eval():
         for scale in (0.5, 2.0):
             draws = [random_like(tree, rng, scale) for tree in (model, state, x)]
             mismatch |= not _outputs_agree(*draws)
-        return mismatch
-
-    return _cached(("output", *structure_key(model, state, x)), compute)
+    return mismatch
 
 
 @eqx.filter_jit
@@ -750,10 +711,10 @@ def _site_name(op_paths, sites, site) -> str:
     return path if len(uses) == 1 else f"{path} (call {uses.index(site) + 1} of {len(uses)})"
 
 
-@dataclasses.dataclass(frozen=True)
-class InputOwners:
+@dataclasses.dataclass(frozen=True, eq=False)
+class InputOwners(_ValueRecord):
     """Which neuron's state each input element of each call site depends on (what SnAp-1's
-    self-paths go through), found on random instances like the output owners."""
+    self-paths go through), read from the code like the output owners."""
 
     #: Per call site, the flat neuron index of each flat input element: `-1` if it depends on
     #: no neuron's state (an input `x`) or on several.
@@ -763,14 +724,12 @@ class InputOwners:
 
 
 def input_owners(cell, state, x, structure: CellStructure) -> InputOwners:
-    """The input owners of `cell`'s call sites (cached like `analyse`). An input element
-    depends on a neuron through the previous state directly, or through the output of an
-    earlier call (owned by that neuron), not through the op inputs before those calls."""
-    x = concrete(x)
-    return _cached(
-        ("input_owners", *structure_key(cell, state, x)),
-        lambda: _input_owners(cell, state, x, structure),
-    )
+    """The input owners of `cell`'s call sites (SnAp-1 analyses them with the structure). An
+    input element depends on a neuron through the previous state directly, or through the
+    output of an earlier call (owned by that neuron), not through the op inputs before those
+    calls."""
+    with jax.ensure_compile_time_eval():
+        return _input_owners(cell, state, concrete(x), structure)
 
 
 def _input_owners(cell, state, x, structure: CellStructure) -> InputOwners:

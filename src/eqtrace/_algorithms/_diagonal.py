@@ -1,12 +1,11 @@
 """The diagonal family (`DRTRL`, `SnAp1`, `PPProp`): what its rules share, so that a rule
 states only its traces and how they move.
 
-Every diagonal rule linearises a cell once per step. From a single VJP of the cell (with every
-op's input cut and a zero probe added to every op's output), pulled back along one cotangent per
-state leaf, come at once:
-
-From a single VJP of the cell (with every op's input cut and a zero probe added to every op's
-output), pulled back along one cotangent per state leaf, come at once:
+Every diagonal rule linearises a cell once per step, from the cell's structure, which
+`eqtrace.prepare` analyses once and holds in the copy of the rule that runs the cell
+(`prepared_structure`). From a single VJP of the cell (with every op's input cut and a zero
+probe added to every op's output), pulled back along one cotangent per state leaf, come at
+once:
 
 - `D[k, m] = ∂h^k_t/∂h^m_{t-1}` with op outputs held fixed (element-wise, flat over neurons);
 - `df[k, o] = ∂h^k_t/∂u_o`, shaped like the op's output;
@@ -21,6 +20,7 @@ traces, the same for every rule (`init_param_traces`, `step_param_traces`,
 `block_param_traces`, `param_tangents`).
 """
 
+import copy
 import math
 from typing import Any, ClassVar, NamedTuple, TypeVar
 
@@ -60,12 +60,40 @@ class AbstractDiagonalAlgorithm(AbstractAlgorithm[_Trace]):
     per_layer: ClassVar[bool] = True
     #: Raise if the cell breaks the diagonal assumptions; else run as an approximation.
     strict: AbstractVar[bool]
+    #: The structure of the cell this copy of the rule runs, set by `eqtrace.prepare`
+    #: (`with_structure`) once the rule's refusals have passed; `None` for a rule not prepared
+    #: for a cell, which analyses the cell on every call.
+    prepared_structure: CellStructure | None = eqx.field(
+        default=None, static=True, repr=False, kw_only=True
+    )
 
-    def structure(self, cell, state, x) -> CellStructure:
-        """The cell's structure, raising the rule's refusal if it cannot trace the cell."""
+    def with_structure(self, structure: CellStructure) -> "AbstractDiagonalAlgorithm":
+        # A copy with the field set: `dataclasses.replace` would call the rule's own
+        # `__init__` (`PPProp`'s takes `rank` or `decay`), which does not take the field.
+        prepared = copy.copy(self)
+        object.__setattr__(prepared, "prepared_structure", structure)
+        return prepared
+
+    def prepared(self) -> CellStructure:
+        """The structure of the cell this rule was prepared for: what the per-step methods
+        read (they never analyse a cell)."""
+        if self.prepared_structure is None:
+            name = type(self).__name__
+            raise TypeError(
+                f"{name}: the per-step methods (`cell_step`, `cell_tangent`, `cell_steps`) run "
+                "on the rule prepared for a cell, which holds its structure: "
+                f"`eqtrace.prepare({name}(), model, x).layers[i].rule`. Call `{name}().step` or "
+                "`.steps` instead, which prepare it."
+            )
+        return self.prepared_structure
+
+    def required_structure(self, cell, state, x) -> CellStructure:
+        """The cell's structure (the prepared one, or analysed now), raising the rule's
+        refusal if it cannot trace the cell: what `init_cell_trace` starts with."""
+        structure = self.prepared_structure
+        if structure is None:
+            structure = self.cell_structure(cell, state, x)
         name = type(self).__name__
-        require_example_input(cell, x)
-        structure = analyse(cell, state, x)
         untraceable = [p.path for p in structure.params if p.kind == "unsupported"]
         if untraceable:
             raise StructureError(
@@ -83,12 +111,12 @@ class AbstractDiagonalAlgorithm(AbstractAlgorithm[_Trace]):
                 "`eqtrace.RTRL()` for this cell, change the cell, or pass `strict=False` to "
                 f"{name} to accept the approximation."
             )
-        self.refuse(structure, state)
+        self.refuse(cell, structure, state)
         return structure
 
-    def refuse(self, structure: CellStructure, state) -> None:
+    def refuse(self, cell, structure: CellStructure, state) -> None:
         """Raises if this rule, in particular, cannot trace a cell of this structure."""
-        del structure, state
+        del cell, structure, state
 
     def relaxed(self) -> "AbstractDiagonalAlgorithm":
         return self if not self.strict else eqx.tree_at(lambda a: a.strict, self, False)

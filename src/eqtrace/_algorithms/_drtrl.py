@@ -108,13 +108,12 @@ class AbstractWeightTraceAlgorithm(AbstractDiagonalAlgorithm[_Trace]):
     trace_type: AbstractClassVar[type]
 
     @abc.abstractmethod
-    def restriction(
-        self, cell: AbstractCell, structure: CellStructure, state: State, x: Input
-    ) -> tuple[Any, ...] | None:
+    def restriction(self, structure: CellStructure) -> tuple[Any, ...] | None:
         """Per call site, `None` or the map `(op, a, δa) -> δu` through which the op's input
         still reaches its output in `D_t`; `None` for every op's input cut (D-RTRL)."""
 
-    def refuse(self, structure: CellStructure, state: State) -> None:
+    def refuse(self, cell: AbstractCell, structure: CellStructure, state: State) -> None:
+        del cell, state
         for site in structure.sites:
             if site.traced and not site.weights_reach_one_output:
                 raise StructureError(
@@ -126,8 +125,7 @@ class AbstractWeightTraceAlgorithm(AbstractDiagonalAlgorithm[_Trace]):
                 )
 
     def init_cell_trace(self, cell: AbstractCell, state: State, x: ExampleInput) -> _Trace:
-        structure = self.structure(cell, state, x)
-        self.restriction(cell, structure, state, x)  # Its refusal, if any, at the start.
+        structure = self.required_structure(cell, state, x)
         k = structure.num_leaves
         ops = tuple(
             jtu.tree_map(
@@ -142,10 +140,8 @@ class AbstractWeightTraceAlgorithm(AbstractDiagonalAlgorithm[_Trace]):
     def cell_step(
         self, cell: AbstractCell, state: State, trace: _Trace, x: Input
     ) -> tuple[State, _Trace]:
-        structure = self.structure(cell, state, x)
-        lin = linearise(
-            cell, structure, state, x, restricted=self.restriction(cell, structure, state, x)
-        )
+        structure = self.prepared()
+        lin = linearise(cell, structure, state, x, restricted=self.restriction(structure))
         new_ops = []
         for i, (op, a, df, eps) in enumerate(
             zip(structure.site_modules(cell), lin.op_inputs, lin.op_sensitivities, trace.ops)
@@ -164,7 +160,7 @@ class AbstractWeightTraceAlgorithm(AbstractDiagonalAlgorithm[_Trace]):
     def cell_tangent(
         self, cell: AbstractCell, state: State, trace: _Trace, x: Input, params_tangent: Any
     ) -> State:
-        structure = self.structure(cell, state, x)
+        structure = self.prepared()
         op_tangents, other_tangents = structure.split_tangent(params_tangent)
         from_params = param_tangents(structure, trace.params, other_tangents, state_dtype(state))
         # One row per state leaf, kept apart: a leaf the loss does not reach gets a symbolic
@@ -201,10 +197,9 @@ class AbstractWeightTraceAlgorithm(AbstractDiagonalAlgorithm[_Trace]):
         `z_t = D_t z_{t-1} + I_t · δθ`. Values and gradients equal `C` single steps up to
         round-off.
         """
-        x = jtu.tree_map(lambda a: a[0], xs)
-        structure = self.structure(cell, state, x)
+        structure = self.prepared()
         params, static, frozen, (state, trace, stopped_xs) = freeze(cell, state, trace, xs)
-        restricted = self.restriction(frozen, structure, state, x)
+        restricted = self.restriction(structure)
         lins, previous = linearise_block(frozen, structure, state, stopped_xs, restricted)
         products, first = transition_products(lins.jacobian)
         new_ops = block_weight_traces(structure, frozen, lins, products, first, trace.ops)
@@ -220,14 +215,15 @@ class AbstractWeightTraceAlgorithm(AbstractDiagonalAlgorithm[_Trace]):
         ), new_trace
 
     def block_tangent(
-        self, cell, state, trace: _Trace, x, lins: Linearisation, params_tangent
+        self, cell, state, trace: _Trace, lins: Linearisation, params_tangent
     ) -> jax.Array:
         """`z_t = ε_t · δθ` for the block's steps, `(C, K, N)`, from the state-sized recursion
         `z_t = D_t z_{t-1} + I_t δθ` with `z_0 = ε_0 · δθ`. Reverse mode transposes it into a
         backward pass over the block through the element-wise `D_t` only, with the weight
         gradient `Σ_t (∂h/∂u ⊙ λ_t) ⊗ a_t` as one matrix product per op."""
-        structure = self.structure(cell, state, x)
-        carried = flat_leaves(self.cell_tangent(cell, state, trace, x, params_tangent))
+        structure = self.prepared()
+        # `ε_0 · δθ`; the tangent of a prepared rule does not read the step's input.
+        carried = flat_leaves(self.cell_tangent(cell, state, trace, None, params_tangent))
         op_tangents, other_tangents = structure.split_tangent(params_tangent)
         immediate = jnp.zeros((lins.jacobian.shape[0], *carried.shape), carried.dtype)
         for i, (op, site, delta) in enumerate(
@@ -295,10 +291,8 @@ class DRTRL(AbstractWeightTraceAlgorithm[DRTRLTrace]):
     check_finite: bool = False
     trace_type: ClassVar[type] = DRTRLTrace
 
-    def restriction(
-        self, cell: AbstractCell, structure: CellStructure, state: State, x: Input
-    ) -> None:
-        del cell, structure, state, x
+    def restriction(self, structure: CellStructure) -> None:
+        del structure
         return None
 
 
@@ -317,10 +311,8 @@ class _BlockDerivative(AbstractDerivative):
         return self.lins.new_state
 
     def of_params(self, cell, xs, params_tangent):
-        x = jtu.tree_map(lambda a: a[0], xs)  # The cell's structure is analysed on it.
-        zs = self.algorithm.block_tangent(
-            cell, self.state, self.trace, x, self.lins, params_tangent
-        )
+        del xs
+        zs = self.algorithm.block_tangent(cell, self.state, self.trace, self.lins, params_tangent)
         leaves, treedef = jtu.tree_flatten(self.lins.new_state)
         return jtu.tree_unflatten(
             treedef,

@@ -15,7 +15,7 @@ from .._custom_types import ExampleInput, Input, State
 from .._link import AbstractDerivative, freeze, input_tangent, link
 from .._ops import algebra
 from .._sparsity import identity_colours, pullback_pattern
-from .._structure import CellStructure, StructureError, _cached, structure_key
+from .._structure import CellStructure, StructureError
 from ..nn._readout import LeakyReadout
 from ._diagonal import (
     AbstractDiagonalAlgorithm,
@@ -105,7 +105,10 @@ class EProp(AbstractDiagonalAlgorithm[EPropTrace]):
     @property
     def _drtrl(self) -> DRTRL:
         return DRTRL(
-            strict=self.strict, trace_dtype=self.trace_dtype, check_finite=self.check_finite
+            strict=self.strict,
+            trace_dtype=self.trace_dtype,
+            check_finite=self.check_finite,
+            prepared_structure=self.prepared_structure,
         )
 
     @property
@@ -140,7 +143,7 @@ class EProp(AbstractDiagonalAlgorithm[EPropTrace]):
 
         return jtu.tree_map_with_path(axis, trace)
 
-    def refuse(self, structure: CellStructure, state: State) -> None:
+    def refuse(self, cell: AbstractCell, structure: CellStructure, state: State) -> None:
         for site in structure.sites:
             if site.traced and not site.weights_reach_one_output:
                 raise StructureError(
@@ -172,23 +175,16 @@ class EProp(AbstractDiagonalAlgorithm[EPropTrace]):
                 "only. Read the parameter in the state update alone (store what `output` needs "
                 "in the state), or use `eqtrace.DRTRL()` (unfiltered)."
             )
-
-    def _structure(self, cell: AbstractCell, state: State, x: Input) -> CellStructure:
-        """The cell's structure, raising if this rule cannot trace the cell (nor, when it
-        filters, its output)."""
-        structure = self.structure(cell, state, x)
-        if self.readout_decay is not None:
-            problem = _output_problem(cell, structure, state)
-            if problem is not None:
-                raise StructureError(
-                    f"EProp cannot filter the output of {structure.cell_name} for its leaky "
-                    f"read-out: {problem}. e-prop filters the output's traces per neuron; use "
-                    "`eqtrace.DRTRL()` (unfiltered), or make `output` one value per neuron."
-                )
-        return structure
+        problem = _output_problem(cell, structure, state)
+        if problem is not None:
+            raise StructureError(
+                f"EProp cannot filter the output of {structure.cell_name} for its leaky "
+                f"read-out: {problem}. e-prop filters the output's traces per neuron; use "
+                "`eqtrace.DRTRL()` (unfiltered), or make `output` one value per neuron."
+            )
 
     def init_cell_trace(self, cell: AbstractCell, state: State, x: ExampleInput) -> EPropTrace:
-        structure = self._structure(cell, state, x)
+        structure = self.required_structure(cell, state, x)
         eligibility = self._drtrl.init_cell_trace(cell, state, x)
         if self.readout_decay is None:
             return EPropTrace(eligibility=eligibility, ops=None, params=None)
@@ -212,7 +208,7 @@ class EProp(AbstractDiagonalAlgorithm[EPropTrace]):
         if self.readout_decay is None:
             return new_state, EPropTrace(eligibility=eligibility, ops=None, params=None)
         kappa = self.readout_decay
-        structure = self._structure(cell, state, x)
+        structure = self.prepared()
         _, d_output = _output_sensitivity(cell, new_state)
         ops = []
         for i, (op, site, eps, filtered) in enumerate(
@@ -258,7 +254,7 @@ class EProp(AbstractDiagonalAlgorithm[EPropTrace]):
     ) -> jax.Array:
         """`\\bar e_t · δθ`: the filtered traces applied to a parameter tangent, shaped like the
         cell's output."""
-        structure = self._structure(cell, state, x)
+        structure = self.prepared()
         op_tangents, other_tangents = structure.split_tangent(params_tangent)
         dtype = state_dtype(state)
         total = jnp.zeros(structure.num_neurons, dtype)
@@ -318,8 +314,7 @@ class EProp(AbstractDiagonalAlgorithm[EPropTrace]):
             # where the block form reads `ε_0` and `ē_0`.
             return AbstractAlgorithm.cell_output_steps(self, cell, state, trace, xs)
         kappa = self.readout_decay
-        x = jtu.tree_map(lambda a: a[0], xs)
-        structure = self._structure(cell, state, x)
+        structure = self.prepared()
         params, static, frozen, (state, trace, stopped_xs) = freeze(cell, state, trace, xs)
         lins, previous = linearise_block(frozen, structure, state, stopped_xs)
         products, first = transition_products(lins.jacobian)
@@ -387,13 +382,13 @@ class _FilteredBlockDerivative(AbstractDerivative):
         return self.lins.new_state, self.outputs
 
     def of_params(self, cell, xs, params_tangent):
-        x = jtu.tree_map(lambda a: a[0], xs)  # The cell's structure is analysed on it.
+        del xs  # The tangents of a prepared rule do not read the inputs.
         algorithm, kappa = self.algorithm, self.algorithm.readout_decay
         assert kappa is not None
         zs = algorithm._drtrl.block_tangent(
-            cell, self.state, self.trace.eligibility, x, self.lins, params_tangent
+            cell, self.state, self.trace.eligibility, self.lins, params_tangent
         )  # (C, K, N)
-        start = algorithm.cell_output_tangent(cell, self.state, self.trace, x, params_tangent)
+        start = algorithm.cell_output_tangent(cell, self.state, self.trace, None, params_tangent)
         length = zs.shape[0]
         steps = np.arange(length)
         # `κ^{t−s}` for `s ≤ t`: a small lower-triangular matrix over the block's steps.
@@ -448,32 +443,22 @@ def _filter_rows(weights: jax.Array, jacobians: jax.Array) -> tuple[jax.Array, j
 
 
 def _output_problem(cell: AbstractCell, structure: CellStructure, state: State) -> str | None:
-    """Why `cell.output` is not one value per neuron from that neuron's state, or `None`.
-    Checked on random instances (cached like the structure): the output's Jacobian applied to
-    a random direction in one state leaf must equal its diagonal times that direction."""
+    """Why `cell.output` is not one value per neuron from that neuron's state, or `None`; read
+    from the code of `output`: leaf `k` of neuron `n` may reach output `n` only."""
+    output = jax.eval_shape(cell.output, state)
+    if not isinstance(output, jax.ShapeDtypeStruct) or output.shape != structure.neuron_shape:
+        return f"its output is {output}, not one array of the neuron shape {structure.neuron_shape}"
 
-    def compute():
-        output = jax.eval_shape(cell.output, state)
-        if not isinstance(output, jax.ShapeDtypeStruct) or output.shape != structure.neuron_shape:
+    def read(s, cell):
+        return cell.output(s)
+
+    with jax.ensure_compile_time_eval():
+        pattern = pullback_pattern(read, (state, cell), (0,), identity_colours, known=(1,))
+    n = structure.num_neurons
+    for k, leaf in enumerate(pattern.leaves[0]):
+        if np.any(leaf.reshape(n, n) & ~np.eye(n, dtype=bool)):
             return (
-                f"its output is {output}, not one array of the neuron shape "
-                f"{structure.neuron_shape}"
+                f"its output mixes neurons' `{structure.state_paths[k]}` (e.g. a sum or a "
+                "matmul in `output`)"
             )
-
-        # From the code of `output`: leaf `k` of neuron `n` may reach output `n` only.
-        def output(s, cell):
-            return cell.output(s)
-
-        (leaves,) = pullback_pattern(
-            output, (state, cell), (0,), identity_colours, known=(1,)
-        ).leaves
-        n = structure.num_neurons
-        for k, leaf in enumerate(leaves):
-            if np.any(leaf.reshape(n, n) & ~np.eye(n, dtype=bool)):
-                return (
-                    f"its output mixes neurons' `{structure.state_paths[k]}` (e.g. a sum "
-                    "or a matmul in `output`)"
-                )
-        return None
-
-    return _cached(("eprop-output", *structure_key(cell, state)), compute)
+    return None

@@ -107,7 +107,8 @@ class PPProp(AbstractDiagonalAlgorithm[PPPropTrace]):
         self.strict = strict
         self.check_finite = check_finite
 
-    def refuse(self, structure: CellStructure, state: State) -> None:
+    def refuse(self, cell: AbstractCell, structure: CellStructure, state: State) -> None:
+        del cell
         dtype = state_dtype(state)
         if np.asarray(self.decay, dtype) == 1:
             raise ValueError(
@@ -118,7 +119,7 @@ class PPProp(AbstractDiagonalAlgorithm[PPPropTrace]):
             )
 
     def init_cell_trace(self, cell: AbstractCell, state: State, x: ExampleInput) -> PPPropTrace:
-        structure = self.structure(cell, state, x)
+        structure = self.required_structure(cell, state, x)
         sites = structure.site_modules(cell)
         k = structure.num_leaves
         return PPPropTrace(
@@ -139,7 +140,7 @@ class PPProp(AbstractDiagonalAlgorithm[PPPropTrace]):
     def cell_step(
         self, cell: AbstractCell, state: State, trace: PPPropTrace, x: Input
     ) -> tuple[State, PPPropTrace]:
-        structure = self.structure(cell, state, x)
+        structure = self.prepared()
         lin = linearise(cell, structure, state, x)
         alpha = self.decay
         # Calls that do not reach the state (read-outs) have `None` traces and are skipped, as
@@ -165,7 +166,7 @@ class PPProp(AbstractDiagonalAlgorithm[PPPropTrace]):
     def cell_tangent(
         self, cell: AbstractCell, state: State, trace: PPPropTrace, x: Input, params_tangent: Any
     ) -> State:
-        structure = self.structure(cell, state, x)
+        structure = self.prepared()
         op_tangents, other_tangents = structure.split_tangent(params_tangent)
         dtype = state_dtype(state)
         # One row per state leaf, kept apart (as in D-RTRL), so the transpose needs no

@@ -1,15 +1,16 @@
 """SnAp-1: D-RTRL's weight-shaped traces, carried by the per-neuron block of the full state
 Jacobian (the paths through each neuron's own recurrent weights included)."""
 
+import dataclasses
 from typing import Any, ClassVar
 
 import equinox as eqx
 import jax
 
 from .._cell import AbstractCell
-from .._custom_types import Input, State
+from .._custom_types import ExampleInput, Input, State
 from .._ops import algebra
-from .._structure import CellStructure, StructureError, input_owners
+from .._structure import CellStructure, InputOwners, StructureError, input_owners
 from ._drtrl import AbstractWeightTraceAlgorithm
 
 
@@ -70,25 +71,33 @@ class SnAp1(AbstractWeightTraceAlgorithm[SnAp1Trace]):
     check_finite: bool = False
     trace_type: ClassVar[type] = SnAp1Trace
 
-    def restriction(
-        self, cell: AbstractCell, structure: CellStructure, state: State, x: Input
-    ) -> tuple[Any, ...]:
+    def cell_structure(self, cell: AbstractCell, state: State, x: ExampleInput) -> CellStructure:
+        """D-RTRL's structure with the owners of the op inputs, which SnAp-1's self-paths go
+        through."""
+        structure = super().cell_structure(cell, state, x)
         owners = input_owners(cell, state, x, structure)
-        if self.strict:
-            shared = [
-                f"`{site.name}` ({count} of {owners.owners[i].size})"
-                for i, (site, count) in enumerate(zip(structure.sites, owners.shared))
-                if site.traced and count
-            ]
-            if shared:
-                raise StructureError(
-                    f"SnAp1 cannot trace {structure.cell_name}: input elements of the op(s) "
-                    f"{', '.join(shared)} depend on several neurons' states (e.g. a "
-                    "normalisation or a sum over neurons before the op), so they have no "
-                    "self-path of their own. Feed each op input from one neuron, use "
-                    "`eqtrace.RTRL()`, or pass `strict=False` to SnAp1 to cut those paths as "
-                    "D-RTRL does."
-                )
+        return dataclasses.replace(structure, input_owners=owners)
+
+    def refuse(self, cell: AbstractCell, structure: CellStructure, state: State) -> None:
+        super().refuse(cell, structure, state)
+        owners = _owners(structure)
+        shared = [
+            f"`{site.name}` ({count} of {owners.owners[i].size})"
+            for i, (site, count) in enumerate(zip(structure.sites, owners.shared))
+            if site.traced and count
+        ]
+        if self.strict and shared:
+            raise StructureError(
+                f"SnAp1 cannot trace {structure.cell_name}: input elements of the op(s) "
+                f"{', '.join(shared)} depend on several neurons' states (e.g. a "
+                "normalisation or a sum over neurons before the op), so they have no "
+                "self-path of their own. Feed each op input from one neuron, use "
+                "`eqtrace.RTRL()`, or pass `strict=False` to SnAp1 to cut those paths as "
+                "D-RTRL does."
+            )
+
+    def restriction(self, structure: CellStructure) -> tuple[Any, ...]:
+        owners = _owners(structure)
         return tuple(
             _restricted_map(owners.owners[i], site.owners)
             if site.traced and (owners.owners[i] >= 0).any()
@@ -100,8 +109,8 @@ class SnAp1(AbstractWeightTraceAlgorithm[SnAp1Trace]):
         """What SnAp-1 adds to D-RTRL for `cell`, in plain words: for each op, how many of its
         input elements carry a self-path, and how many depend on several neurons; one sentence
         per traced op call."""
-        structure = self.structure(cell, state, x)
-        owners = input_owners(cell, state, x, structure)
+        structure = self.required_structure(cell, state, x)
+        owners = _owners(structure)
         lines = []
         for site, own, shared in zip(structure.sites, owners.owners, owners.shared):
             if not site.traced:
@@ -114,6 +123,12 @@ class SnAp1(AbstractWeightTraceAlgorithm[SnAp1Trace]):
                 line += f"; {shared} depend on several neurons (their paths cut)"
             lines.append(line + ".")
         return tuple(lines)
+
+
+def _owners(structure: CellStructure) -> InputOwners:
+    """The input owners SnAp-1's `cell_structure` analysed with the structure."""
+    assert structure.input_owners is not None, "analysed by `SnAp1.cell_structure`"
+    return structure.input_owners
 
 
 def _restricted_map(in_owners, out_owners):

@@ -11,7 +11,7 @@ from jaxtyping import Array, Inexact, Key
 from .._algorithm import AbstractAlgorithm
 from .._cell import AbstractCell
 from .._custom_types import ExampleInput, Input, KeyLike, State
-from .._structure import _cached, require_output_readout, structure_key
+from .._structure import require_output_readout
 from .._validation import check_key
 from ._rtrl import _flat_transition, real_ravel
 
@@ -116,7 +116,7 @@ class UORO(AbstractAlgorithm[UOROTrace]):
 def _require_forward_mode(cell: AbstractCell, state: State, x: Any) -> None:
     """Refuses a cell that JAX cannot push a tangent forward through (a `jax.custom_vjp`
     function on the state's path): UORO's `J^h h̃` is one forward-mode product. Found by
-    lowering that product once for the cell's shapes (cached), which computes nothing."""
+    lowering that product for the cell's shapes, which computes nothing."""
 
     def lowers() -> bool:
         arrays, static = eqx.partition((cell, state, x), eqx.is_array)
@@ -135,7 +135,7 @@ def _require_forward_mode(cell: AbstractCell, state: State, x: Any) -> None:
             return False
         return True
 
-    if not _cached(("uoro-forward", *structure_key(cell, state, x)), lowers):
+    if not lowers():
         raise ValueError(
             f"UORO cannot run {type(cell).__name__}: its state goes through a `jax.custom_vjp` "
             "function, which JAX cannot differentiate in forward mode, and UORO propagates its "

@@ -96,6 +96,9 @@ class ExactWindows(AbstractAlgorithm[_Trace]):
     def cell_structure(self, cell: AbstractCell, state: State, x: ExampleInput) -> Any:
         return self.rule.cell_structure(cell, state, x)
 
+    def with_structure(self, structure: Any) -> "ExactWindows":
+        return ExactWindows(self.rule.with_structure(structure))
+
     def relaxed(self) -> "ExactWindows":
         rule = self.rule.relaxed()
         return self if rule is self.rule else ExactWindows(rule)
