@@ -433,25 +433,96 @@ def _require_real_leaves(name: str, paths, leaves) -> None:
         )
 
 
+@dataclasses.dataclass(frozen=True)
+class _Names:
+    """What the analysis reports in: the cell's name, its state leaves and neuron shape, its
+    ops, the op index of each call site, and its other parameters, by path."""
+
+    cell: str
+    state_paths: tuple[str, ...]
+    neuron_shape: tuple[int, ...]
+    op_paths: tuple[str, ...]
+    sites: tuple[int, ...]
+    param_paths: tuple[str, ...]
+    param_shapes: tuple[tuple[int, ...], ...]
+
+    @property
+    def num_leaves(self) -> int:
+        return len(self.state_paths)
+
+    @property
+    def num_neurons(self) -> int:
+        return math.prod(self.neuron_shape)
+
+    def site(self, site: int) -> str:
+        return _site_name(self.op_paths, self.sites, site)
+
+
 def _analyse(cell, state, x) -> CellStructure:
+    """The structure of `cell`: its layout, then one check per diagonal assumption, each
+    reading the dependency patterns of the step (`_Patterns`)."""
+    names, called, records = _layout(cell, state, x)
+    patterns = _Patterns(cell, state, x, names.sites, called, records)
+    owners, traced, violations = _call_owners(names, patterns)
+    leaf_link, mixing = _state_mixing(names, patterns)
+    kinds, param_violations = _param_kinds(names, patterns)
+    violations += mixing
+    violations += _weights_outside_calls(names, patterns)
+    violations += _unread(names, patterns, leaf_link)
+    violations += param_violations
+    violations += _output_of_state(cell, state, x, names)
+    violations += _unknown_primitives(patterns, violations)
+    same_sensitivity = _shared_sensitivities(cell, state, x, names.sites, records)
+    site_ops = _site_modules(cell, names.sites)
+    return CellStructure(
+        cell_name=names.cell,
+        state_paths=names.state_paths,
+        neuron_shape=names.neuron_shape,
+        ops=tuple(
+            HeldOp(path=path, type_name=type(op).__name__, called=is_called)
+            for (path, op), is_called in zip(find_ops(cell), called)
+        ),
+        sites=tuple(
+            CallSite(
+                op=names.sites[site],
+                name=names.site(site),
+                input_shape=tuple(a.shape),
+                output_shape=tuple(u.shape),
+                owners=owners[site],
+                traced=traced[site],
+                sensitivity_source=int(np.argmax(same_sensitivity[site])),
+                weights_reach_one_output=_weights_reach_one_output(op, a),
+            )
+            for site, (op, (a, u)) in enumerate(zip(site_ops, records))
+        ),
+        params=tuple(
+            OtherParam(path=path, shape=shape, kind=kind, read_by_output=read)
+            for path, shape, kind, read in zip(
+                names.param_paths, names.param_shapes, kinds, patterns.param_read_by_output
+            )
+        ),
+        violations=tuple(violations),
+    )
+
+
+def _layout(cell, state, x) -> tuple[_Names, tuple[bool, ...], Any]:
+    """The names, which ops are called, and the shapes of each call's input and output
+    (`(a, u)` records, from shapes only); refuses state leaves that are not real arrays of
+    one neuron shape and ops called inside a transformation within the cell."""
     name = type(cell).__name__
-    violations: list[Violation] = []
-    state_leaves_with_paths = jtu.tree_leaves_with_path(state)
-    state_paths = tuple(f"state{jtu.keystr(p)}" for p, _ in state_leaves_with_paths)
-    _require_real_leaves(name, state_paths, [leaf for _, leaf in state_leaves_with_paths])
-    shapes = {tuple(jnp.shape(leaf)) for _, leaf in state_leaves_with_paths}
+    leaves_with_paths = jtu.tree_leaves_with_path(state)
+    state_paths = tuple(f"state{jtu.keystr(p)}" for p, _ in leaves_with_paths)
+    _require_real_leaves(name, state_paths, [leaf for _, leaf in leaves_with_paths])
+    shapes = {tuple(jnp.shape(leaf)) for _, leaf in leaves_with_paths}
     if len(shapes) != 1:
         raise StructureError(
             f"{name}: the diagonal rules need every state leaf of a cell to have one neuron shape "
             f"(a K-by-K block per neuron), but the leaves {list(state_paths)} have shapes "
-            f"{[tuple(jnp.shape(s)) for _, s in state_leaves_with_paths]}. Give all leaves the "
+            f"{[tuple(jnp.shape(s)) for _, s in leaves_with_paths]}. Give all leaves the "
             "same shape, or use `eqtrace.RTRL()` for this cell."
         )
     (neuron_shape,) = shapes
-    num_leaves, num_neurons = len(state_paths), math.prod(neuron_shape)
-
-    ops = find_ops(cell)
-    op_paths = tuple(path for path, _ in ops)
+    op_paths = tuple(path for path, _ in find_ops(cell))
     sites, nested = call_sites(cell, state, x)
     if nested:
         raise StructureError(
@@ -463,140 +534,150 @@ def _analyse(cell, state, x) -> CellStructure:
             "kernel size 1 applies one weight matrix at many positions), or use "
             "`eqtrace.RTRL()` for this cell."
         )
-    called = tuple(i in sites for i in range(len(ops)))
+    called = tuple(i in sites for i in range(len(op_paths)))
     params_with_paths = jtu.tree_leaves_with_path(eqx.filter(cell, other_params_spec(cell, called)))
-    param_paths = tuple(jtu.keystr(p) for p, _ in params_with_paths)
-    param_shapes = tuple(tuple(jnp.shape(leaf)) for _, leaf in params_with_paths)
-
+    names = _Names(
+        cell=name,
+        state_paths=state_paths,
+        neuron_shape=neuron_shape,
+        op_paths=op_paths,
+        sites=tuple(sites),
+        param_paths=tuple(jtu.keystr(p) for p, _ in params_with_paths),
+        param_shapes=tuple(tuple(jnp.shape(leaf)) for _, leaf in params_with_paths),
+    )
     # Shapes only: no value of the cell, state or input enters the analysis.
     _, records = eqx.filter_eval_shape(
         lambda c, s, x: probed_call(c, s, x, cut=True, sites=sites), cell, state, x
     )
-    in_shapes = tuple(tuple(a.shape) for a, _ in records)
-    out_shapes = tuple(tuple(u.shape) for _, u in records)
-    num_sites = len(sites)
-    patterns = _Patterns(cell, state, x, sites, called, records)
-    same_sensitivity = _shared_sensitivities(cell, state, x, sites, records)
-    op_used_outside = patterns.op_used_outside
-    leaf_read = patterns.leaf_read  # read by `output`
-    # `h^m_{t-1}` reaches `h^k_t` with op inputs cut; and the state Jacobian with op inputs
-    # cut must be element-wise within each leaf pair.
-    leaf_link = np.zeros((num_leaves, num_leaves), bool)
-    cut_offdiag = np.zeros((num_leaves, num_leaves), bool)
-    for m, block in enumerate(patterns.state):
-        block = block.reshape(num_leaves, num_neurons, num_neurons)
-        leaf_link[:, m] = block.any(axis=(1, 2))
-        cut_offdiag[:, m] = np.any(block & ~np.eye(num_neurons, dtype=bool), axis=(1, 2))
-    # ∂h/∂u for every call: which leaves, and which neurons each output element reaches.
-    site_leaves = np.array(
-        [jac.reshape(num_leaves, -1).any(axis=1) for jac in patterns.probe], bool
-    ).reshape(num_sites, num_leaves)
-    owner_hits = [jac.reshape(num_leaves, num_neurons, -1).any(axis=0) for jac in patterns.probe]
-    site_reaches_cut = np.array([jac.any() for jac in patterns.probe_cut], bool)
-    # Parameters outside ops: per-neuron (diagonal) or small shared; none may feed an op.
-    param_leaves = np.array(
-        [jac.reshape(num_leaves, -1).any(axis=1) for jac in patterns.cut], bool
-    ).reshape(len(param_paths), num_leaves)
-    param_feeds_op, param_reaches_state, param_offdiag = [], [], []
-    for i, (jc, jf) in enumerate(zip(patterns.cut, patterns.full)):
-        param_feeds_op.append(bool(np.any(jf & ~jc)))
-        param_reaches_state.append(bool(jf.any()))
-        offdiag = False
-        if param_shapes[i] == neuron_shape:
-            block = jc.reshape(num_leaves, num_neurons, num_neurons)
-            offdiag = bool(np.any(block & ~np.eye(num_neurons, dtype=bool)))
-        param_offdiag.append(offdiag)
+    return names, called, records
 
-    owners = []
-    for site, hits in enumerate(owner_hits):
+
+def _call_owners(names: _Names, patterns: _Patterns) -> tuple[list, list[bool], list]:
+    """Assumption: every op output element reaches at most one neuron, through element-wise
+    operations. Returns each call's owner map (the flat neuron each output element reaches;
+    an element that reaches none is never read), whether the call reaches the state at all,
+    and the violations."""
+    k, n = names.num_leaves, names.num_neurons
+    owners, traced, violations = [], [], []
+    for site, (jac, jac_cut) in enumerate(zip(patterns.probe, patterns.probe_cut)):
+        hits = jac.reshape(k, n, -1).any(axis=0)  # (neuron, output element)
         counts = hits.sum(axis=0)
+        subject = names.site(site)
         for j in np.flatnonzero(counts > 1)[:1]:
-            if not site_reaches_cut[site]:
+            if not jac_cut.any():
                 violations.append(
                     Violation(
                         ViolationKind.OP_THROUGH_OP_INPUT,
-                        _site_name(op_paths, sites, site),
-                        f"the op `{_site_name(op_paths, sites, site)}` reaches the state only "
-                        f"through the input of another op (output element {j} reaches {counts[j]} "
-                        "neurons that way); the diagonal rules cut op inputs, so its weights "
-                        "would get no gradient. A layer that transforms the input (an "
-                        "`eqx.nn.MLP` on `x`) belongs before the cell, in "
-                        "`eqtrace.nn.Sequential`, where its gradient is exact; ops chained after "
-                        "an op (an `eqx.nn.MLP` on its output) mix neurons, which only "
-                        "`eqtrace.RTRL()` traces.",
+                        subject,
+                        f"the op `{subject}` reaches the state only through the input of "
+                        f"another op (output element {j} reaches {counts[j]} neurons that way); "
+                        "the diagonal rules cut op inputs, so its weights would get no "
+                        "gradient. A layer that transforms the input (an `eqx.nn.MLP` on `x`) "
+                        "belongs before the cell, in `eqtrace.nn.Sequential`, where its "
+                        "gradient is exact; ops chained after an op (an `eqx.nn.MLP` on its "
+                        "output) mix neurons, which only `eqtrace.RTRL()` traces.",
                     )
                 )
                 continue
             violations.append(
                 Violation(
                     ViolationKind.OP_OUTPUT_MIXES,
-                    _site_name(op_paths, sites, site),
-                    f"output element {j} of the op `{_site_name(op_paths, sites, site)}` reaches "
-                    f"{counts[j]} neurons ({list(np.flatnonzero(hits[:, j]))[:4]}…); each op "
-                    "output must reach one neuron through element-wise operations (mixing after "
-                    "the op is not diagonal).",
+                    subject,
+                    f"output element {j} of the op `{subject}` reaches {counts[j]} neurons "
+                    f"({list(np.flatnonzero(hits[:, j]))[:4]}…); each op output must reach one "
+                    "neuron through element-wise operations (mixing after the op is not "
+                    "diagonal).",
                 )
             )
-        # An element that reaches no neuron is never read (the call is untraced there).
         owners.append(np.where(counts == 1, np.argmax(hits, axis=0), 0).astype(np.int32))
-    for k in range(num_leaves):
-        for m in range(num_leaves):
-            if cut_offdiag[k, m]:
-                violations.append(
-                    Violation(
-                        ViolationKind.STATE_MIXES,
-                        state_paths[k],
-                        f"`{state_paths[k]}` depends on other neurons' `{state_paths[m]}` outside "
-                        "a synaptic op (e.g. jnp.roll, a reduction, or a matmul that is not a "
-                        "recognised op), so the state Jacobian is not element-wise.",
-                    )
-                )
-    for i in np.flatnonzero(op_used_outside):
-        violations.append(
-            Violation(
-                ViolationKind.WEIGHTS_OUTSIDE_CALLS,
-                op_paths[i],
-                f"the weights of the op `{op_paths[i]}` change the state other than through calls "
-                "of the op (e.g. `op.weight @ h`); the op traces only cover its calls. Call the "
-                "op, or hold such weights as a separate parameter.",
-            )
+        traced.append(bool(hits.any()))
+    return owners, traced, violations
+
+
+def _state_mixing(names: _Names, patterns: _Patterns) -> tuple[np.ndarray, list]:
+    """Assumption: with every op's input cut, the state Jacobian is element-wise within each
+    pair of leaves. Returns which leaves reach which (`link[k, m]`: `h^m_{t-1}` reaches
+    `h^k_t`) and the violations."""
+    k, n = names.num_leaves, names.num_neurons
+    link = np.zeros((k, k), bool)
+    violations = []
+    for m, block in enumerate(patterns.state):
+        block = block.reshape(k, n, n)
+        link[:, m] = block.any(axis=(1, 2))
+        mixes = np.any(block & ~np.eye(n, dtype=bool), axis=(1, 2))
+        for leaf in np.flatnonzero(mixes):
+            violations.append((leaf, m))
+    violations.sort()
+    return link, [
+        Violation(
+            ViolationKind.STATE_MIXES,
+            names.state_paths[leaf],
+            f"`{names.state_paths[leaf]}` depends on other neurons' `{names.state_paths[m]}` "
+            "outside a synaptic op (e.g. jnp.roll, a reduction, or a matmul that is not a "
+            "recognised op), so the state Jacobian is not element-wise.",
         )
-    # The online gradient reaches a trace through the leaves `output` reads, and through the
-    # leaves that reach those over time by the cut Jacobian. A call or parameter acting only on
-    # other leaves (which reach the output only through an op's input, a path the rules cut)
-    # would get an exactly zero gradient.
-    reached = leaf_read.copy()
-    for _ in range(num_leaves):
-        reached |= np.any(leaf_link & reached[:, None], axis=0)
-    unreached = [state_paths[k] for k in np.flatnonzero(~reached)]
+        for leaf, m in violations
+    ]
+
+
+def _weights_outside_calls(names: _Names, patterns: _Patterns) -> list:
+    """Assumption: an op's weights change the state only through calls of the op."""
+    return [
+        Violation(
+            ViolationKind.WEIGHTS_OUTSIDE_CALLS,
+            names.op_paths[i],
+            f"the weights of the op `{names.op_paths[i]}` change the state other than through "
+            "calls of the op (e.g. `op.weight @ h`); the op traces only cover its calls. Call "
+            "the op, or hold such weights as a separate parameter.",
+        )
+        for i in np.flatnonzero(patterns.op_used_outside)
+    ]
+
+
+def _unread(names: _Names, patterns: _Patterns, link: np.ndarray) -> list:
+    """Assumption: every call and parameter reaches the output through the traces. The online
+    gradient enters a trace through the leaves `output` reads, and through the leaves that
+    reach those over time by the cut Jacobian; a call or parameter acting only on other
+    leaves (which reach the output only through an op's input, a path the rules cut) would
+    get an exactly zero gradient."""
+    k = names.num_leaves
+    reached = patterns.leaf_read.copy()
+    for _ in range(k):
+        reached |= np.any(link & reached[:, None], axis=0)
+    unreached = [names.state_paths[i] for i in np.flatnonzero(~reached)]
     why = (
         "which reach the cell's output only through the input of a synaptic op (a path the "
         "diagonal rules cut), so it would get a zero gradient. Make `output` read those "
         "leaves, or use `eqtrace.RTRL()`."
     )
-    for site in range(num_sites):
-        if site_leaves[site].any() and not (site_leaves[site] & reached).any():
-            violations.append(
-                Violation(
-                    ViolationKind.NOT_READ,
-                    _site_name(op_paths, sites, site),
-                    f"the op `{_site_name(op_paths, sites, site)}` acts only on the state leaves "
-                    f"{unreached}, {why}",
-                )
-            )
-    for i, path in enumerate(param_paths):
-        if param_leaves[i].any() and not (param_leaves[i] & reached).any():
-            violations.append(
-                Violation(
-                    ViolationKind.NOT_READ,
-                    path,
-                    f"the parameter `{path}` acts only on the state leaves {unreached}, {why}",
-                )
-            )
-    kinds = []
-    for i, path in enumerate(param_paths):
-        size = math.prod(param_shapes[i])
-        if param_feeds_op[i]:
+    acting = [
+        (names.site(site), f"the op `{names.site(site)}`", jac.reshape(k, -1).any(axis=1))
+        for site, jac in enumerate(patterns.probe)
+    ] + [
+        (path, f"the parameter `{path}`", jac.reshape(k, -1).any(axis=1))
+        for path, jac in zip(names.param_paths, patterns.cut)
+    ]
+    return [
+        Violation(
+            ViolationKind.NOT_READ,
+            subject,
+            f"{what} acts only on the state leaves {unreached}, {why}",
+        )
+        for subject, what, leaves in acting
+        if leaves.any() and not (leaves & reached).any()
+    ]
+
+
+def _param_kinds(names: _Names, patterns: _Patterns) -> tuple[list[ParamKind], list]:
+    """How each parameter outside the called ops is traced, and the violations of the
+    assumptions on them: none acts on an op's input, and each is per-neuron (of the neuron
+    shape, acting element-wise), small and shared, or reaches the output only."""
+    k, n = names.num_leaves, names.num_neurons
+    kinds, violations = [], []
+    for path, shape, cut, full in zip(
+        names.param_paths, names.param_shapes, patterns.cut, patterns.full
+    ):
+        if np.any(full & ~cut):
             violations.append(
                 Violation(
                     ViolationKind.PARAM_FEEDS_OP,
@@ -605,11 +686,14 @@ def _analyse(cell, state, x) -> CellStructure:
                     "rules cut op inputs and would miss that path.",
                 )
             )
-        if not param_reaches_state[i]:
+        elementwise = shape == names.neuron_shape and not np.any(
+            cut.reshape(k, n, n) & ~np.eye(n, dtype=bool)
+        )
+        if not full.any():
             kinds.append(ParamKind.READOUT)
-        elif param_shapes[i] == neuron_shape and not param_offdiag[i]:
+        elif elementwise:
             kinds.append(ParamKind.ELEMENTWISE)
-        elif size <= MAX_SHARED_PARAM_SIZE:
+        elif math.prod(shape) <= MAX_SHARED_PARAM_SIZE:
             kinds.append(ParamKind.SHARED)
         else:
             kinds.append(ParamKind.UNSUPPORTED)
@@ -617,66 +701,46 @@ def _analyse(cell, state, x) -> CellStructure:
                 Violation(
                     ViolationKind.PARAM_UNTRACEABLE,
                     path,
-                    f"the parameter `{path}` (shape {param_shapes[i]}) is neither per-neuron "
-                    f"(shape {neuron_shape}, acting element-wise) nor a small shared parameter "
+                    f"the parameter `{path}` (shape {shape}) is neither per-neuron (shape "
+                    f"{names.neuron_shape}, acting element-wise) nor a small shared parameter "
                     f"(at most {MAX_SHARED_PARAM_SIZE} values) nor inside a called synaptic op, "
                     "so no diagonal trace covers it.",
                 )
             )
-    if output_mismatch(cell, state, x):
-        violations.append(
-            Violation(
-                ViolationKind.OUTPUT_NOT_OF_STATE,
-                name,
-                "the `y` returned by `__call__` differs from `output(new_state)`; online rules "
-                "need the output to be a function of the new state, given by `output`.",
-            )
+    return kinds, violations
+
+
+def _output_of_state(cell, state, x, names: _Names) -> list:
+    """Assumption: the `y` that `__call__` returns is `output(new_state)`."""
+    if not output_mismatch(cell, state, x):
+        return []
+    return [
+        Violation(
+            ViolationKind.OUTPUT_NOT_OF_STATE,
+            names.cell,
+            "the `y` returned by `__call__` differs from `output(new_state)`; online rules "
+            "need the output to be a function of the new state, given by `output`.",
         )
-    if patterns.unknown and violations:
-        violations.append(
-            Violation(
-                ViolationKind.UNKNOWN_PRIMITIVE,
-                ", ".join(sorted(patterns.unknown)),
-                "the analysis does not know the primitive(s) "
-                + ", ".join(f"`{p}`" for p in sorted(patterns.unknown))
-                + ", so it took every output of them to depend on every input; the violations "
-                "above may come from them. Express that step with jax.numpy operations, or use "
-                "`eqtrace.RTRL()`.",
-            )
-        )
-    site_ops = _site_modules(cell, sites)
-    ops_reaching_one_output = [
-        _weights_reach_one_output(op, a) for op, (a, _) in zip(site_ops, records)
     ]
-    return CellStructure(
-        cell_name=name,
-        state_paths=state_paths,
-        neuron_shape=neuron_shape,
-        ops=tuple(
-            HeldOp(path=path, type_name=type(op).__name__, called=is_called)
-            for (path, op), is_called in zip(ops, called)
-        ),
-        sites=tuple(
-            CallSite(
-                op=sites[site],
-                name=_site_name(op_paths, sites, site),
-                input_shape=in_shapes[site],
-                output_shape=out_shapes[site],
-                owners=owners[site],
-                traced=bool(owner_hits[site].any()),
-                sensitivity_source=int(np.argmax(same_sensitivity[site])),
-                weights_reach_one_output=ops_reaching_one_output[site],
-            )
-            for site in range(num_sites)
-        ),
-        params=tuple(
-            OtherParam(path=path, shape=shape, kind=kind, read_by_output=read)
-            for path, shape, kind, read in zip(
-                param_paths, param_shapes, kinds, patterns.param_read_by_output
-            )
-        ),
-        violations=tuple(violations),
-    )
+
+
+def _unknown_primitives(patterns: _Patterns, violations: list) -> list:
+    """A note beside the violations when the analysis met primitives it does not know (it
+    took them as dense, which may be what broke an assumption)."""
+    if not (patterns.unknown and violations):
+        return []
+    unknown = sorted(patterns.unknown)
+    return [
+        Violation(
+            ViolationKind.UNKNOWN_PRIMITIVE,
+            ", ".join(unknown),
+            "the analysis does not know the primitive(s) "
+            + ", ".join(f"`{p}`" for p in unknown)
+            + ", so it took every output of them to depend on every input; the violations "
+            "above may come from them. Express that step with jax.numpy operations, or use "
+            "`eqtrace.RTRL()`.",
+        )
+    ]
 
 
 def _site_modules(cell, sites) -> list[Any]:
