@@ -1,5 +1,6 @@
-"""The prepared plan (`eqtrace.prepare`): per layer the configured rule, the structure, the
-trace layout and its neuron axes; `init_trace`, `check` and `trace_size` read it."""
+"""The prepared plan (`eqtrace.prepare`): per layer the configured rule holding its structure,
+the trace layout and its neuron axes; `init_trace`, the steps, `check` and `trace_size` read
+it, and the steps never analyse a cell themselves."""
 
 import equinox as eqx
 import jax
@@ -139,3 +140,90 @@ def test_a_plan_for_another_model_is_refused():
     mesh = jax.sharding.Mesh(jax.devices()[:1], ("batch",))
     with pytest.raises(ValueError, match="Prepare it for this rule and model"):
         eqtrace.make_shardings(_network(), eqtrace.PPProp(0.5), mesh, plan=plan)
+
+
+def _count_analyses(monkeypatch):
+    """Counts the structure analyses from here on."""
+    import eqtrace._structure as structure
+
+    calls = []
+    analyse = structure._analyse
+
+    def counted(*args):
+        calls.append(type(args[0]).__name__)
+        return analyse(*args)
+
+    monkeypatch.setattr(structure, "_analyse", counted)
+    return calls
+
+
+@pytest.mark.parametrize(
+    "algorithm",
+    [eqtrace.DRTRL(), eqtrace.SnAp1(), eqtrace.EProp(), eqtrace.PPProp(0.5)],
+    ids=lambda a: type(a).__name__,
+)
+def test_steps_read_the_structure_the_plan_holds(algorithm, monkeypatch):
+    """With a plan given, neither a step nor a block nor their gradients analyse a cell, and
+    they compute what they compute without it."""
+    model = _network()
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+    state, x = model.init_state(), jnp.linspace(-1.0, 1.0, 3)
+    xs = jnp.stack([x, 2 * x, -x])
+    plan = eqtrace.prepare(algorithm, model, x)
+    trace = algorithm.init_trace(model, state, plan=plan)
+
+    def loss(params, run, inputs, **kwargs):
+        model = eqx.combine(params, static)
+        _, _, y = run(model, state, trace, inputs, **kwargs)
+        return jnp.sum(y**2)
+
+    without = [
+        jax.grad(loss)(params, run, i) for run, i in ((algorithm.step, x), (algorithm.steps, xs))
+    ]
+    calls = _count_analyses(monkeypatch)
+    with_plan = [
+        jax.grad(loss)(params, run, i, plan=plan)
+        for run, i in ((algorithm.step, x), (algorithm.steps, xs))
+    ]
+    assert calls == []
+    for a, b in zip(without, with_plan):
+        assert jax.tree.all(jax.tree.map(lambda u, v: bool(jnp.all(u == v)), a, b))
+
+
+def test_an_online_step_prepares_once(monkeypatch):
+    """`make_online_step` prepares its plan on the first call and keeps it: one analysis of
+    the cell for the value, the gradient, `vmap` and `jit`."""
+    model = eqtrace.nn.GRUCell(3, 4, key=jr.key(0))
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+    state, trace = eqtrace.init_state_and_trace(model, eqtrace.DRTRL(), batch_size=2)
+    calls = _count_analyses(monkeypatch)
+    step = jax.vmap(eqtrace.make_online_step(eqtrace.DRTRL(), static), in_axes=(None, 0, 0, 0))
+    xs = jnp.ones((2, 3))
+
+    def loss(params):
+        return jnp.sum(step(params, state, trace, xs)[2])
+
+    loss(params)
+    jax.grad(loss)(params)
+    jax.jit(jax.grad(loss))(params)
+    assert calls == ["GRUCell"]
+
+
+def test_the_per_step_methods_need_a_prepared_rule():
+    cell = eqtrace.nn.GRUCell(3, 4, key=jr.key(0))
+    state = cell.init_state()
+    trace = eqtrace.DRTRL().init_trace(cell, state)
+    with pytest.raises(TypeError, match=r"eqtrace.prepare\(DRTRL\(\), model, x\)"):
+        eqtrace.DRTRL().cell_step(cell, state, trace, jnp.ones(3))
+    rule = eqtrace.prepare(eqtrace.DRTRL(), cell).layers[0].rule
+    rule.cell_step(cell, state, trace, jnp.ones(3))
+
+
+def test_prepared_rules_compare_and_hash_by_value():
+    """A prepared rule is a valid static argument: two plans of one model give equal rules
+    with equal hashes (the owner maps compared by value), unequal to the unprepared rule."""
+    cell = eqtrace.nn.GRUCell(3, 4, key=jr.key(0))
+    first, second = (eqtrace.prepare(eqtrace.SnAp1(), cell).layers[0].rule for _ in range(2))
+    assert first is not second
+    assert first == second and hash(first) == hash(second)
+    assert first != eqtrace.SnAp1()

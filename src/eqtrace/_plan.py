@@ -5,9 +5,10 @@ layer the rule as configured for it (`AbstractAlgorithm.for_layer`), the structu
 reads from the cell (`AbstractAlgorithm.cell_structure`), the layout of its trace (from
 `jax.eval_shape` of `init_cell_trace`, which raises the rule's refusal) and the neuron axes of
 that trace and of the layer's weights (what `eqtrace.make_shardings` splits along a model
-axis). `init_trace`, `eqtrace.check`, `eqtrace.trace_size` and `eqtrace.make_shardings` read
-these facts from a plan, building one when they are not given one. See `docs/architecture.md`,
-"The plan".
+axis). Each layer's rule holds its structure (`with_structure`), so the steps read it instead
+of analysing the cell. `init_trace`, `step`, `steps`, `eqtrace.check`, `eqtrace.trace_size` and
+`eqtrace.make_shardings` read these facts from a plan, building one when they are not given
+one. See `docs/architecture.md`, "The plan".
 """
 
 import dataclasses
@@ -119,9 +120,10 @@ def prepare(
 
     Call it outside `jax.jit`, once per model architecture and rule: the plan depends only on
     the model's structure, shapes and static fields, not on parameter values, so one plan
-    serves every copy of the model that training produces. `init_trace`, `eqtrace.check`,
-    `eqtrace.trace_size` and `eqtrace.make_shardings` read it (and build one themselves when
-    they are not given one).
+    serves every copy of the model that training produces. `init_trace`, `step`, `steps`,
+    `eqtrace.check`, `eqtrace.trace_size` and `eqtrace.make_shardings` read it (`plan=`), and
+    build one themselves when they are not given one; `eqtrace.make_online_step` prepares one
+    on its first call and keeps it.
 
     **Arguments:**
 
