@@ -884,16 +884,33 @@ class CondGate(eqtrace.AbstractCell):
         return v, v
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=NotImplementedError,
-    reason="known: JAX's batching rule of `lax.cond` (a select of `stop_gradient`ed operands) "
-    "meets the input tangent a diagonal rule's block computes for the layer below, and "
-    "`stop_gradient` has no transpose rule",
-)
-def test_a_cond_gate_above_a_layer_in_a_block(getkey):
+@pytest.mark.parametrize("rule", algorithms(needs_structure=True, exact=False))
+def test_a_cond_gate_above_a_layer(rule, getkey):
+    """A `lax.cond` on the state, above a layer that gets input credit: JAX's batching of a
+    cond in a JVP (a select of `stop_gradient`ed tangents) cannot be transposed, so the input
+    tangent is formed from the Jacobian for such cells. Blocks equal steps, a batch equals its
+    samples, and D-RTRL equals BPTT on the gated cell's own weights (the cond's predicate has
+    no derivative; the layer below gets credit within each step only)."""
     model = nn.Sequential([eqx.nn.Linear(3, 3, key=getkey()), CondGate(key=getkey())])
-    xs, targets = jr.normal(getkey(), (4, 3)), jr.normal(getkey(), (4, 4))
-    _, blocks, _, _ = online_in_blocks(eqtrace.DRTRL(), model, xs, targets, block_size=2)
-    steps, _ = online_and_bptt(eqtrace.DRTRL(), model, xs, targets)
+    xs, targets = jr.normal(getkey(), (2, 4, 3)), jr.normal(getkey(), (2, 4, 4))
+    steps, bptt = online_and_bptt(rule, model, xs[0], targets[0])
+    _, blocks, _, _ = online_in_blocks(rule, model, xs[0], targets[0], block_size=2)
     assert relative_error(blocks, steps) <= 1e-10
+    if isinstance(rule, eqtrace.DRTRL):
+        assert relative_error(steps.layers[1], bptt.layers[1]) <= 1e-10
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+    state, trace = eqtrace.init_state_and_trace(model, rule, batch_size=2)
+    step = jax.vmap(eqtrace.make_online_step(rule, static), in_axes=(None, 0, 0, 0))
+    _, batched, _, _ = eqtrace.online_gradient(
+        step,
+        squared_loss,
+        params,
+        state,
+        trace,
+        jnp.swapaxes(xs, 0, 1),
+        jnp.swapaxes(targets, 0, 1),
+    )
+    per_sample = jax.tree.map(
+        jnp.add, *(online_and_bptt(rule, model, xs[i], targets[i])[0] for i in range(2))
+    )
+    assert relative_error(batched, per_sample) <= 1e-10

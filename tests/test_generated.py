@@ -25,7 +25,7 @@ import jax.random as jr
 import jax.tree_util as jtu
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, Phase, assume, event, example, given, note, settings
+from hypothesis import HealthCheck, Phase, event, example, given, note, settings
 from jax.flatten_util import ravel_pytree
 from scipy.stats import norm
 
@@ -164,16 +164,6 @@ def materialise(case: Case, batch: int | None = None) -> Problem:
     _, y = jax.eval_shape(model, init, xs[(0,) * len(lead)])
     targets = jnp.asarray(rng.normal(size=(*lead, *y.shape)), y.dtype)
     return Problem(model, params, static, state, xs, targets)
-
-
-def _cond_gate_above_a_layer(case: Case) -> bool:
-    """Whether a generated cell with a `lax.cond` gate has any layer below it: a known
-    failure (`tests/test_any_cell.py::test_a_cond_gate_above_a_layer_in_a_block`),
-    left out of the generated cases until it is fixed."""
-    layers = case.spec.layers
-    return any(
-        layer.cell is not None and layer.cell.cond_gate and i > 0 for i, layer in enumerate(layers)
-    )
 
 
 def centre_bands(model, state, x):
@@ -444,7 +434,6 @@ def test_online_rules_against_oracles(case, ppprop, uoro_seed):
        error;
     5. pp-prop in one exact window of the whole sequence (`ExactWindows`) equals BPTT.
     """
-    assume(not _cond_gate_above_a_layer(case))
     p = materialise(case)
     every, first = weights(case.length), weights(case.length, first_only=True)
     _, bptt, _ = eqtrace.bptt_gradient(
@@ -576,7 +565,6 @@ def test_blocks_batches_and_jit(case, algorithm, batch, block):
     2. `jax.vmap` over a batch equals a Python loop over its samples;
     3. a jitted step (value and online gradient) equals the same step without jit.
     """
-    assume(not _cond_gate_above_a_layer(case))
     p = materialise(case, batch)
     sample = [
         p._replace(

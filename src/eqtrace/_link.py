@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
+from jax.extend import core as jcore
+from jax.flatten_util import ravel_pytree
 
 from ._custom_types import Input, State
 
@@ -80,12 +82,11 @@ class OutputDerivative(AbstractDerivative):
 
     def of_input(self, cell, x, x_tangent):
         diff_x, static_x = eqx.partition(x, eqx.is_inexact_array)
-        _, from_x = jax.jvp(
+        return exact_tangent(
             lambda dx: cell.output(cell(self.state, eqx.combine(dx, static_x))[0]),
-            (diff_x,),
-            (fill_tangent(diff_x, x_tangent),),
+            diff_x,
+            x_tangent,
         )
-        return from_x
 
 
 def link(params: Any, x: Input, *, static: Any, derivative: AbstractDerivative) -> State:
@@ -168,12 +169,52 @@ def input_tangent(cell: Any, state: State, x: Input, x_tangent: Any) -> State:
     """The exact within-step `∂h_t/∂x_t · δx`: the credit to the input, and so to the layers
     below, that every online rule passes on unchanged."""
     diff_x, static_x = eqx.partition(x, eqx.is_inexact_array)
-    _, from_x = jax.jvp(
-        lambda dx: cell(state, eqx.combine(dx, static_x))[0],
-        (diff_x,),
-        (fill_tangent(diff_x, x_tangent),),
-    )
-    return from_x
+    return exact_tangent(lambda dx: cell(state, eqx.combine(dx, static_x))[0], diff_x, x_tangent)
+
+
+def exact_tangent(fun: Any, primal: Any, tangent: Any) -> Any:
+    """`fun`'s JVP at `primal` along `tangent` (symbolic zeros as `None`), in a form that
+    reverse mode can transpose under `jax.vmap`.
+
+    A JVP through a `lax.cond` (or a `while_loop`) is a cond on tangents; when a map batches its
+    predicate, JAX turns it into a select between each operand and its `stop_gradient`, which
+    has no transpose rule (JAX 0.10), and a `while_loop` has none at all. For a `fun` that
+    branches so, the Jacobian is formed in the primal computation by forward mode (one JVP per
+    input element, in one batched pass) and applied to `tangent` as a product, which
+    transposes; other functions keep the plain JVP, which costs one evaluation."""
+    tangent = fill_tangent(primal, tangent)
+    if not _branches(fun, primal):
+        return jax.jvp(fun, (primal,), (tangent,))[1]
+    flat, unravel = ravel_pytree(primal)
+    out_shape = jax.eval_shape(fun, primal)
+    _, unravel_out = ravel_pytree(jtu.tree_map(lambda a: jnp.zeros(a.shape, a.dtype), out_shape))
+
+    def flat_fun(flat):
+        return ravel_pytree(fun(unravel(flat)))[0]
+
+    jacobian = jax.jacfwd(flat_fun)(flat)
+    return unravel_out(jacobian @ ravel_pytree(tangent)[0].astype(jacobian.dtype))
+
+
+_BRANCHING = frozenset({"cond", "while"})
+
+
+def _branches(fun: Any, primal: Any) -> bool:
+    """Whether the code of `fun` holds a `lax.cond` or a `while_loop` (in any sub-jaxpr)."""
+    return _holds_branch(jax.make_jaxpr(fun)(primal).jaxpr)
+
+
+def _holds_branch(jaxpr: Any) -> bool:
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name in _BRANCHING:
+            return True
+        for param in eqn.params.values():
+            for inner in param if isinstance(param, tuple | list) else (param,):
+                if isinstance(inner, jcore.ClosedJaxpr):
+                    inner = inner.jaxpr
+                if isinstance(inner, jcore.Jaxpr) and _holds_branch(inner):
+                    return True
+    return False
 
 
 def has_tangent(tangent: Any) -> bool:
