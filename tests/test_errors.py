@@ -810,6 +810,119 @@ class SpectralCell(eqtrace.AbstractCell):
         return h, h
 
 
+def _batch_mix_ups() -> list[Callable[[], object]]:
+    """A batched step given batch-major inputs, a state and trace of another batch size, and
+    an unbatched state and trace."""
+    _, params, _, step, _, state, trace = _setup(batch_size=BATCH)
+    _, _, _, _, _, single_state, single_trace = _setup()
+    batched = jax.vmap(step, in_axes=(None, 0, 0, 0))
+    xs, targets = _sequence((BATCH + 1,))  # one sample more than the state and trace hold
+    major_xs, major_targets = (jnp.swapaxes(a, 0, 1) for a in _sequence((BATCH,)))
+    optimizer = optax.sgd(0.1)
+    return [
+        lambda: eqtrace.online_gradient(
+            batched, squared_loss, params, state, trace, major_xs, major_targets
+        ),
+        lambda: eqtrace.online_gradient(batched, squared_loss, params, state, trace, xs, targets),
+        lambda: eqtrace.run_online(batched, params, single_state, single_trace, xs),
+        lambda: eqtrace.train_online(
+            batched,
+            squared_loss,
+            optimizer,
+            params,
+            optimizer.init(params),
+            single_state,
+            single_trace,
+            xs,
+            targets,
+        ),
+    ]
+
+
+def _optimizer_state_of_another_kind() -> list[Callable[[], object]]:
+    """An optimiser state of another optimiser, or of other parameters."""
+    _, params, _, step, _, state, trace = _setup()
+    other = eqx.filter(_gru(HIDDEN + 1), eqx.is_inexact_array)
+    xs, targets = _sequence()
+    adam = optax.adam(1e-3)
+    return [
+        lambda: eqtrace.train_online(
+            step,
+            squared_loss,
+            adam,
+            params,
+            optax.sgd(0.1).init(params),
+            state,
+            trace,
+            xs,
+            targets,
+        ),
+        lambda: eqtrace.train_online(
+            step, squared_loss, adam, params, adam.init(other), state, trace, xs, targets
+        ),
+    ]
+
+
+def _forward_step_to_an_online_driver() -> list[Callable[[], object]]:
+    _, params, static, _, _, state, trace = _setup()
+    forward = eqtrace.make_forward_step(static)
+    xs, targets = _sequence()
+    return [
+        lambda: eqtrace.online_gradient(forward, squared_loss, params, state, trace, xs, targets),
+        lambda: eqtrace.run_online(jax.jit(forward), params, state, trace, xs),
+    ]
+
+
+def _online_step_to_bptt() -> list[Callable[[], object]]:
+    _, params, _, step, block, state, _ = _setup()
+    xs, targets = _sequence()
+    return [
+        lambda: eqtrace.bptt_gradient(step, squared_loss, params, state, xs, targets),
+        lambda: eqtrace.truncated_bptt_gradient(
+            block, squared_loss, params, state, xs, targets, window=2
+        ),
+    ]
+
+
+def _layers_that_do_not_chain() -> list[Callable[[], object]]:
+    model = nn.Sequential([_gru(), eqx.nn.Linear(HIDDEN + 1, 2, key=_key(3))])
+    return [
+        lambda: eqtrace.DRTRL().init_trace(model, model.init_state()),
+        lambda: eqtrace.check(model, eqtrace.PPProp(0.5)),
+    ]
+
+
+def _a_non_finite_loss_under_check_finite() -> list[Callable[[], object]]:
+    rule = eqtrace.PPProp(0.5, check_finite=True)
+    _, params, _, step, _, state, trace = _setup(rule, batch_size=BATCH)
+    batched = jax.vmap(step, in_axes=(None, 0, 0, 0))
+    xs, targets = _sequence((BATCH,))
+    targets = targets.at[2, 1, 0].set(jnp.nan)
+    optimizer = optax.sgd(0.1)
+    return [
+        lambda: eqtrace.online_gradient(batched, squared_loss, params, state, trace, xs, targets),
+        lambda: eqtrace.train_online(
+            batched,
+            squared_loss,
+            optimizer,
+            params,
+            optimizer.init(params),
+            state,
+            trace,
+            xs,
+            targets,
+        ),
+    ]
+
+
+def _shardings_of_another_model() -> list[Callable[[], object]]:
+    mesh = Mesh(np.array(jax.devices()[:1]), ("batch",))
+    shardings = eqtrace.make_shardings(
+        nn.LSTMCell(INPUT, HIDDEN, key=_key()), eqtrace.DRTRL(), mesh
+    )
+    return [lambda: eqtrace.init_sharded(_gru(), eqtrace.DRTRL(), BATCH, shardings)]
+
+
 #: Title of a row of `docs/errors.md` -> functions that each commit that misuse.
 CASES: dict[str, Callable[[], list[Callable[[], object]]]] = {
     "Targets without a time axis": _per_sequence_targets,
@@ -828,6 +941,13 @@ CASES: dict[str, Callable[[], list[Callable[[], object]]]] = {
         lambda: eqtrace.init_state_and_trace(_gru(), eqtrace.DRTRL(), batch_size=-1),
     ],
     "A `block_size` or `window` below one": _count_below_one,
+    "Batch sizes that do not match": _batch_mix_ups,
+    "An optimiser state of another optimiser or model": _optimizer_state_of_another_kind,
+    "A forward step given to an online driver": _forward_step_to_an_online_driver,
+    "An online step given to a BPTT driver": _online_step_to_bptt,
+    "A non-finite loss under `check_finite`": _a_non_finite_loss_under_check_finite,
+    "Layers whose sizes do not chain": _layers_that_do_not_chain,
+    "Shardings of another model": _shardings_of_another_model,
     "Complex or non-numeric input": _complex_input,
     "Input of the wrong shape": _input_of_wrong_shape,
     "State of the wrong shape or structure": _state_of_wrong_shape,
@@ -1122,6 +1242,7 @@ def test_documented_error(title):
         "NotADirectoryError": NotADirectoryError,
         "CheckpointDamagedError": eqtrace.CheckpointDamagedError,
         "CheckpointLockedError": eqtrace.CheckpointLockedError,
+        "EquinoxRuntimeError": eqx.EquinoxRuntimeError,
     }[exception_name]
     for trigger in CASES[title]():
         with pytest.raises(Exception) as info:
@@ -1210,6 +1331,11 @@ def test_wrong_types_without_beartype():
         "algorithm=model, model=eqtrace.DRTRL())": (
             "TypeError: save_checkpoint: `model` must be the model (a cell or network), but "
             "received the algorithm DRTRL. They look swapped"
+        ),
+        "eqtrace.train_online(eqtrace.make_online_step(eqtrace.DRTRL(), static), loss, None, "
+        "params, None, state, trace, xs, targets)": (
+            "TypeError: train_online: `optimizer` must be an Optax optimiser (with `init` and "
+            "`update`, e.g. `optax.adam(1e-3)`), but received None."
         ),
         "eqtrace.ExactWindows(eqtrace.DRTRL)": (
             "TypeError: ExactWindows: `rule` must be an online rule (an instance of "

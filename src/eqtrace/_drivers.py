@@ -1,5 +1,6 @@
 """Pure, jit-friendly drivers on top of a step function: run, accumulate, train, and BPTT."""
 
+import contextlib
 import dataclasses
 from collections.abc import Callable
 from typing import Any
@@ -72,6 +73,7 @@ def make_online_step(algorithm: AbstractAlgorithm, static: Any) -> OnlineStep:
         return algorithm.step(model, state, trace, x, plan=plans.get(model, x))
 
     setattr(online_step, _KIND, "step")
+    setattr(online_step, _RULE, algorithm)
     return online_step
 
 
@@ -101,6 +103,7 @@ def make_online_block(algorithm: AbstractAlgorithm, static: Any) -> OnlineBlock:
         return algorithm.steps(model, state, trace, xs, plan=plans.get(model, first))
 
     setattr(online_block, _KIND, "block")
+    setattr(online_block, _RULE, algorithm)
     return online_block
 
 
@@ -127,12 +130,15 @@ def make_forward_step(static: Any) -> ForwardStep:
         check_parameters_enter_step(model, state, x)
         return model(state, x)
 
+    setattr(forward_step, _KIND, "forward")
     return forward_step
 
 
 #: The attribute that marks the functions made by `make_online_step` ("step") and
 #: `make_online_block` ("block"), so that the drivers can tell which one they were given.
 _KIND = "_eqtrace_kind"
+#: The attribute that holds the rule an online step or block was made with.
+_RULE = "_eqtrace_rule"
 
 
 class _Plans:
@@ -223,21 +229,39 @@ def _difference(params: Any, static: Any, path: str = "") -> str | None:
 
 
 def _kind(function: Any) -> str | None:
-    """Which of `make_online_step` ("step") or `make_online_block` ("block") made `function`,
-    also through `jax.vmap`, `eqx.filter_vmap`, `jax.jit` and the like (they keep the original
-    in `__wrapped__`); `None` for other functions, which are then not checked."""
+    """Which of `make_online_step` ("step"), `make_online_block` ("block") or
+    `make_forward_step` ("forward") made `function`; `None` for other functions, which are
+    then not checked."""
+    return _marked(function, _KIND)
+
+
+def _rule_of(function: Any) -> AbstractAlgorithm | None:
+    """The rule an online step or block was made with, or `None` for other functions."""
+    return _marked(function, _RULE)
+
+
+def _marked(function: Any, attribute: str) -> Any:
+    """`attribute` of `function`, also through `jax.vmap`, `eqx.filter_vmap`, `jax.jit` and
+    the like (they keep the original in `__wrapped__`), or `None`."""
     seen = set()
     while function is not None and id(function) not in seen:
         seen.add(id(function))
-        kind = getattr(function, _KIND, None)
-        if kind is not None:
-            return kind
+        value = getattr(function, attribute, None)
+        if value is not None:
+            return value
         function = getattr(function, "__wrapped__", None)
     return None
 
 
 def _check_kind(function: str, online_step: Any, block_size: int | None) -> None:
     kind = _kind(online_step)
+    if kind == "forward":
+        raise TypeError(
+            f"{function}: `online_step` must be an online step (from `make_online_step`), but "
+            "received a forward step (from `make_forward_step`), which has no trace and takes "
+            "no `trace` argument. Pass `eqtrace.make_online_step(algorithm, static)`; for "
+            "the BPTT gradient of a forward step, call `eqtrace.bptt_gradient`."
+        )
     if block_size is not None and kind == "step":
         raise TypeError(
             f"{function}: with `block_size={block_size}`, `online_step` must be an online block "
@@ -259,6 +283,91 @@ def _check_kind(function: str, online_step: Any, block_size: int | None) -> None
             f"{function}: `online_step` must be an online step (from `make_online_step`){when}, "
             f"but received an online block (from `make_online_block`). Either {fix}, or pass "
             "`eqtrace.make_online_step(algorithm, static)`."
+        )
+
+
+@contextlib.contextmanager
+def _batch_sizes_explained(function: str, state: Any, trace: Any, xs: Any):
+    """Turns JAX's "vmap got inconsistent sizes" from a batched step (batch-major inputs, an
+    unbatched state or trace, or batch sizes that differ) into an error naming the sizes."""
+    try:
+        yield
+    except ValueError as error:
+        if "inconsistent sizes" not in str(error):
+            raise
+
+        def leading(tree, axis):
+            sizes = {np.shape(a)[axis] for a in jtu.tree_leaves(tree) if np.ndim(a) > axis}
+            return sorted(sizes)
+
+        raise ValueError(
+            f"{function}: the batched step was given arguments of different batch sizes: the "
+            f"state's leading axes have sizes {leading(state, 0)}, the trace's "
+            f"{leading(trace, 0)}, and the inputs' second axes {leading(xs, 1)} (the inputs "
+            "are time-major, `(T, B, ...)`). Create the state and trace for the batch with "
+            "`eqtrace.init_state_and_trace(model, algorithm, batch_size=B)`, and pass inputs "
+            "of shape `(T, B, ...)` (`jnp.swapaxes(xs, 0, 1)` for batch-major data)."
+        ) from error
+
+
+def _check_optimizer(optimizer: Any, opt_state: Any, params: Any) -> None:
+    """Refuses what is not an Optax optimiser, and an optimiser state that is not this
+    optimiser's for these parameters (another optimiser's, or one made for other
+    parameters): both would fail inside Optax."""
+    if not (
+        callable(getattr(optimizer, "init", None)) and callable(getattr(optimizer, "update", None))
+    ):
+        raise TypeError(
+            "train_online: `optimizer` must be an Optax optimiser (with `init` and `update`, "
+            f"e.g. `optax.adam(1e-3)`), but received {optimizer!r}. To compute gradients "
+            "without updating, call `eqtrace.online_gradient` instead."
+        )
+    expected = jax.eval_shape(optimizer.init, params)
+    received = jtu.tree_map(
+        lambda a: jax.ShapeDtypeStruct(np.shape(a), jnp.result_type(a)), opt_state
+    )
+
+    def layout(tree):
+        leaves, treedef = jtu.tree_flatten(tree)
+        return treedef, [leaf.shape for leaf in leaves]
+
+    (expected_def, expected_shapes), (received_def, received_shapes) = map(
+        layout, (expected, received)
+    )
+    if expected_def != received_def or expected_shapes != received_shapes:
+        differing = [i for i, (a, b) in enumerate(zip(expected_shapes, received_shapes)) if a != b]
+        where = " (their pytree structures differ)"
+        if len(expected_shapes) == len(received_shapes) and differing:
+            i = differing[0]
+            where = (
+                f" (array {i} has shape {received_shapes[i]}, where these parameters need "
+                f"{expected_shapes[i]})"
+            )
+        raise ValueError(
+            "train_online: `opt_state` is not the state of this optimiser for these "
+            f"parameters: `optimizer.init(params)` is {_summary(expected)}, but `opt_state` is "
+            f"{_summary(received)}{where}. Create it with `optimizer.init(params)` for "
+            "the parameters being trained (a state restored from a checkpoint must come from "
+            "the same optimiser and model)."
+        )
+
+
+def _summary(tree: Any) -> str:
+    """The top-level node types of an optimiser state and its number of arrays, in words."""
+    top = tree if type(tree) is tuple else (tree,)
+    names = ", ".join(type(node).__name__ for node in top)
+    return f"({names}) holding {len(jtu.tree_leaves(tree))} arrays"
+
+
+def _check_forward(function: str, forward_step: Any) -> None:
+    kind = _kind(forward_step)
+    if kind in ("step", "block"):
+        made_by = "make_online_step" if kind == "step" else "make_online_block"
+        raise TypeError(
+            f"{function}: `forward_step` must be a plain step `(params, state, x) -> (state, "
+            f"y)` (from `make_forward_step`), but received an online {kind} (from `{made_by}`), "
+            "which takes a trace. Pass `eqtrace.make_forward_step(static)`; for the online "
+            "gradient of an online step, call `eqtrace.online_gradient`."
         )
 
 
@@ -352,7 +461,8 @@ def run_online(
         state, trace, y = online_step(params, state, trace, x)
         return (state, trace), y
 
-    (state, trace), ys = jax.lax.scan(body, (state, trace), xs)
+    with _batch_sizes_explained("run_online", state, trace, xs):
+        (state, trace), ys = jax.lax.scan(body, (state, trace), xs)
     return ys, state, trace
 
 
@@ -415,7 +525,14 @@ def online_gradient(
         check_count("online_gradient", "block_size", block_size)
     _check_kind("online_gradient", online_step, block_size)
     objective = _Objective.build(
-        "online_gradient", loss_fn, xs, targets, reduction, step_weights, sequence_targets
+        "online_gradient",
+        loss_fn,
+        xs,
+        targets,
+        reduction,
+        step_weights,
+        sequence_targets,
+        online_step,
     )
 
     def call_loss(ys, targets, weights):
@@ -434,10 +551,12 @@ def online_gradient(
 
     zeros = jtu.tree_map(jnp.zeros_like, params)
     init = (state, trace, jnp.zeros((), jnp.result_type(float)), zeros)
-    if block_size is None:
-        (state, trace, loss, grads), _ = jax.lax.scan(body, init, objective.sequences)
-    else:
-        (state, trace, loss, grads), _ = _scan_blocks(body, init, objective.sequences, block_size)
+    with _batch_sizes_explained("online_gradient", state, trace, xs):
+        if block_size is None:
+            (state, trace, loss, grads), _ = jax.lax.scan(body, init, objective.sequences)
+        else:
+            sequences = objective.sequences
+            (state, trace, loss, grads), _ = _scan_blocks(body, init, sequences, block_size)
     loss, grads = objective.reduce(loss, grads)
     return loss, grads, state, trace
 
@@ -456,10 +575,19 @@ class _Objective:
     sequences: tuple[Any, Any, Any]
     sequence_targets: Any  # the targets used at every step, or None
     total_weight: Any  # the divisor of `reduction="mean"`, or None for a sum
+    check_finite: bool = False  # raise on a non-finite step loss (the rule's `check_finite`)
 
     @classmethod
     def build(
-        cls, function, loss_fn, xs, targets, reduction, step_weights, sequence_targets
+        cls,
+        function,
+        loss_fn,
+        xs,
+        targets,
+        reduction,
+        step_weights,
+        sequence_targets,
+        step=None,
     ) -> "_Objective":
         if reduction not in ("sum", "mean"):
             raise ValueError(
@@ -498,14 +626,26 @@ class _Objective:
             sequences=(xs, None if sequence_targets else targets, weights),
             sequence_targets=targets if sequence_targets else None,
             total_weight=total,
+            check_finite=bool(getattr(_rule_of(step), "check_finite", False)),
         )
 
     def step_loss(self, y, target):
         """`loss_fn` of one step, unweighted."""
         if self.sequence_targets is None:
-            return self.loss_fn(y, target)
-        self._check_sequence_targets(y)
-        return self.loss_fn(y, self.sequence_targets)
+            loss = self.loss_fn(y, target)
+        else:
+            self._check_sequence_targets(y)
+            loss = self.loss_fn(y, self.sequence_targets)
+        if not self.check_finite:
+            return loss
+        # The step has checked its state and trace already: what is left is the loss's input.
+        return eqx.error_if(
+            loss,
+            jnp.logical_not(jnp.isfinite(loss)),
+            f"{self.function}: the loss of a step became non-finite (NaN or inf) while the "
+            "state and trace are finite (the rule's `check_finite=True`): check the targets "
+            "(a NaN or inf target) and `loss_fn`.",
+        )
 
     def _check_sequence_targets(self, y):
         # A target with more axes than the output it is compared with broadcasts the loss over
@@ -686,8 +826,9 @@ def train_online(
     if block_size is not None:
         check_count("train_online", "block_size", block_size)
     _check_kind("train_online", online_step, block_size)
+    _check_optimizer(optimizer, opt_state, params)
     objective = _Objective.build(
-        "train_online", loss_fn, xs, targets, "sum", step_weights, sequence_targets
+        "train_online", loss_fn, xs, targets, "sum", step_weights, sequence_targets, online_step
     )
 
     def weighted(losses, weights):
@@ -724,10 +865,11 @@ def train_online(
         return (params, opt_state, state, trace), losses
 
     carry = (params, opt_state, state, trace)
-    if block_size is None:
-        carry, losses = jax.lax.scan(body, carry, objective.sequences)
-    else:
-        carry, losses = _scan_blocks(body, carry, objective.sequences, block_size)
+    with _batch_sizes_explained("train_online", state, trace, xs):
+        if block_size is None:
+            carry, losses = jax.lax.scan(body, carry, objective.sequences)
+        else:
+            carry, losses = _scan_blocks(body, carry, objective.sequences, block_size)
     params, opt_state, state, trace = carry
     return params, opt_state, state, trace, losses
 
@@ -773,6 +915,7 @@ def bptt_gradient(
     **Returns:** `(loss, grads, final_state)`: the reduced loss, its gradient and the state
     after the last step.
     """
+    _check_forward("bptt_gradient", forward_step)
     objective = _Objective.build(
         "bptt_gradient", loss_fn, xs, targets, reduction, step_weights, sequence_targets
     )
@@ -812,6 +955,7 @@ def truncated_bptt_gradient(
     windows' gradients, and the state after the last step.
     """
     check_count("truncated_bptt_gradient", "window", window)
+    _check_forward("truncated_bptt_gradient", forward_step)
     objective = _Objective.build(
         "truncated_bptt_gradient",
         loss_fn,

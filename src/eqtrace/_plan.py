@@ -203,10 +203,7 @@ def build_plan(
                 layers.append(_cell_plan(rule, layer, s, x, errors))
         else:
             layers.append(LayerPlan(rule=None, structure=None, input=x))
-        if isinstance(layer, AbstractCell):
-            x = _abstract(eqx.filter_eval_shape(layer, s, concrete(x))[1])
-        else:
-            x = _abstract(eqx.filter_eval_shape(layer, concrete(x)))
+        x = _layer_output(model, i, layer, s, x)
     if whole:
         trace = tuple(lp.trace for lp in layers)
     else:
@@ -224,6 +221,25 @@ def build_plan(
             errors.append(error)
             trace = None
     return Plan(algorithm, True, tuple(layers), trace), errors
+
+
+def _layer_output(model: Sequential, i: int, layer, state, x) -> Any:
+    """The layout of layer `i`'s output for an input laid out as `x`, refusing a layer that
+    cannot take that input (layer sizes that do not chain) with an error naming it."""
+    try:
+        if isinstance(layer, AbstractCell):
+            return _abstract(eqx.filter_eval_shape(layer, state, concrete(x))[1])
+        return _abstract(eqx.filter_eval_shape(layer, concrete(x)))
+    except (TypeError, ValueError) as error:
+        received = jtu.tree_map(lambda a: f"{a.dtype}{list(a.shape)}", x)
+        before = f"the output of layer {i - 1}" if i else "the model's input"
+        raise ValueError(
+            f"prepare: layer {i} of the `Sequential` ({type(layer).__name__}) cannot take "
+            f"{before}, {received} ({type(error).__name__}: {str(error).splitlines()[0]}). "
+            "Make each layer's input size the previous layer's output size (layers: "
+            + ", ".join(type(layer).__name__ for layer in model.layers)
+            + ")."
+        ) from error
 
 
 def _cell_plan(rule: AbstractAlgorithm, cell, state, x, errors: list[ValueError]) -> LayerPlan:

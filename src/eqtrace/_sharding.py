@@ -152,6 +152,17 @@ def init_sharded(
             f"of {devices}."
         )
     init = functools.partial(init_state_and_trace, model, algorithm, batch_size, x)
+    expected = jax.eval_shape(init)
+    for name, tree, given in zip(("state", "trace"), expected, (shardings.state, shardings.trace)):
+        if jtu.tree_structure(tree) != jtu.tree_structure(given):
+            raise ValueError(
+                f"init_sharded: `shardings.{name}` does not fit this model and algorithm: it has "
+                f"{len(jtu.tree_leaves(given))} shardings where the {name} of "
+                f"{type(model).__name__} under {type(algorithm).__name__} has "
+                f"{len(jtu.tree_leaves(tree))} arrays, in another structure. Build the "
+                "shardings for this model and rule: `eqtrace.make_shardings(model, "
+                "algorithm, mesh)`."
+            )
     return jax.jit(init, out_shardings=(shardings.state, shardings.trace))()
 
 
