@@ -7,7 +7,8 @@ Compilation dominates: each example is a new model, so every function compiles a
 therefore checks several oracles on the models it draws, reusing the compiled functions, and
 the default profile runs few examples besides the explicit ones (3 and 2): deterministic,
 without shrinking, about 1.3 minutes for the file. `EQTRACE_HYPOTHESIS_PROFILE=long` selects
-a randomised, shrinking profile with 400 examples per test (hours).
+a randomised, shrinking profile with 400 examples per test (hours; `EQTRACE_LONG_EXAMPLES=n`
+sets another count).
 """
 
 import dataclasses
@@ -57,7 +58,8 @@ settings.register_profile(
 )
 settings.register_profile(
     "eqtrace-generated-long",
-    max_examples=400,
+    # `EQTRACE_LONG_EXAMPLES` sets another count for a run that must finish in a given time.
+    max_examples=int(os.environ.get("EQTRACE_LONG_EXAMPLES", "400")),
     deadline=None,
     print_blob=True,
     phases=[Phase.explicit, Phase.reuse, Phase.generate, Phase.shrink],
@@ -167,14 +169,19 @@ def materialise(case: Case, batch: int | None = None) -> Problem:
 
 
 def centre_bands(model, state, x):
-    """`model` with the band of every generated cell whose `BandSpec.inside` is set centred on
-    its drive at the first step from `state` on `x`, so that the example starts inside it."""
+    """`model` with the band of every generated cell whose `BandSpec.inside` is set placed on
+    its drive at the first step from `state` on `x`, so that the example starts inside it: a
+    quarter width above the band's centre, inside every band yet off the discontinuities of
+    the gates' values (a box surrogate steps at the centre, `threshold` at a quarter width
+    below it). Exactly on a step, round-off alone (one code path's last bit against
+    another's) decides the value, and the oracles compare different code paths."""
 
     def centred(cell, cell_state, cell_input):
         band = getattr(getattr(cell, "spec", None), "band", None)
         if band is None or not band.inside:
             return cell
-        return eqx.tree_at(lambda c: c.band_centre, cell, cell.band_drive(cell_state, cell_input))
+        centre = cell.band_drive(cell_state, cell_input) - band.width / 4
+        return eqx.tree_at(lambda c: c.band_centre, cell, centre)
 
     if not isinstance(model, nn.Sequential):
         return centred(model, state, x)
