@@ -33,7 +33,7 @@ def test_rtrl_against_bptt_is_exactly_one(getkey):
     comparison = eqtrace.compare_gradients(online, bptt)
     _assert_equal_gradients(comparison)
     assert jtu.tree_structure(comparison.cosine) == jtu.tree_structure(online)
-    assert "cosine 1 and ratio 1: equal" in str(comparison)
+    assert "cosine 1 and ratio 1 for every parameter: equal" in str(comparison)
 
 
 @pytest.mark.parametrize(
@@ -213,3 +213,23 @@ def test_error_none_in_one_only():
         eqtrace.compare_gradients(
             {"a": jnp.ones(2), "b": None}, {"a": jnp.ones(2), "b": jnp.ones(3)}
         )
+
+
+def test_the_reading_never_says_equal_while_a_parameter_differs():
+    """The overall row is dominated by the largest gradients: a read-out's weights equal, a
+    small leaf 0.4 % off still reads as cosine 1 and ratio 1 overall. The reading must name
+    that leaf instead of saying "equal"."""
+    reference = {"readout": jnp.full((50, 50), 10.0), "tau": jnp.array([0.3, -0.2])}
+    estimate = {"readout": reference["readout"], "tau": reference["tau"] * 1.004}
+    comparison = eqtrace.compare_gradients(estimate, reference)
+    assert float(comparison.overall_cosine) > 1 - 1e-9
+    reading = str(comparison).splitlines()[-1]
+    assert "equal" not in reading.replace("ratio 1, but", "")
+    assert "1 of 2 parameters differ: `['tau']` (cosine 1.000000, ratio 1.004000)" in reading
+    same = str(eqtrace.compare_gradients(reference, reference)).splitlines()[-1]
+    assert same == "  reading: cosine 1 and ratio 1 for every parameter: equal (up to round-off)."
+    # Not equal overall: the leaves furthest from the reference are named too.
+    off = {"readout": -reference["readout"], "tau": reference["tau"]}
+    assert "1 of 2 parameters differ, furthest first: `['readout']`" in str(
+        eqtrace.compare_gradients(off, reference)
+    )

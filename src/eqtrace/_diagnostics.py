@@ -94,8 +94,7 @@ class GradientComparison(eqx.Module):
                 f"{_number(ratio):>10}"
             )
             lines.append(f"{line}  {note}" if note else line)
-        cosine, ratio, e_norm, r_norm = rows[-1][2:]
-        lines.append(f"  reading: {_reading(cosine, ratio, e_norm, r_norm)}")
+        lines.append(f"  reading: {_reading(rows)}")
         return "\n".join(lines)
 
 
@@ -116,18 +115,57 @@ def _note(cosine: float, ratio: float, e_norm: float, r_norm: float) -> str:
     return ""
 
 
-def _reading(cosine: float, ratio: float, e_norm: float, r_norm: float) -> str:
-    """The overall row in plain words."""
-    if r_norm == 0:
-        if e_norm == 0:
+def _equal(cosine: float, ratio: float, e_norm: float, r_norm: float) -> bool:
+    """Whether a row's gradients are equal up to round-off (both zero counts as equal)."""
+    if r_norm == 0 or e_norm == 0:
+        return r_norm == 0 and e_norm == 0
+    return 1 - cosine <= 1e-6 and abs(ratio - 1) <= 1e-3
+
+
+def _reading(rows: list[tuple]) -> str:
+    """The table in plain words: the overall row, and the parameters that differ where the
+    overall row (which the largest gradients dominate) would hide them. Never "equal" while a
+    parameter is not."""
+    *leaves, (_, _, cosine, ratio, e_norm, r_norm) = rows
+    differing = [row for row in leaves if not _equal(*row[2:])]
+    if not differing:
+        if r_norm == 0:
             return "both gradients are zero: equal."
+        return "cosine 1 and ratio 1 for every parameter: equal (up to round-off)."
+    # Furthest first: the smallest cosine, then the ratio furthest from 1.
+    differing.sort(key=lambda row: (_finite_or(row[2], -2.0), -_distance_from_one(row[3])))
+    named = "; ".join(
+        f"`{path}` (cosine {_number(c)}, ratio {_number(q)})"
+        for path, _, c, q, _, _ in differing[:3]
+    )
+    more = f" and {len(differing) - 3} more" if len(differing) > 3 else ""
+    count = f"{len(differing)} of {len(leaves)} parameters differ"
+    if _equal(cosine, ratio, e_norm, r_norm):
+        return (
+            f"overall cosine 1 and ratio 1, but {count}: {named}{more}. The overall row weighs "
+            "each parameter by the size of its gradient, so the largest ones hide the others."
+        )
+    return f"{_overall(cosine, ratio, e_norm, r_norm)} {count}, furthest first: {named}{more}."
+
+
+def _finite_or(x: float, default: float) -> float:
+    return x if math.isfinite(x) else default
+
+
+def _distance_from_one(ratio: float) -> float:
+    if not math.isfinite(ratio) or ratio <= 0:
+        return math.inf
+    return abs(math.log(ratio))
+
+
+def _overall(cosine: float, ratio: float, e_norm: float, r_norm: float) -> str:
+    """The overall row in plain words, when it is not an equality."""
+    if r_norm == 0:
         return "the reference is zero but the estimate is not: nothing to compare it with."
     if e_norm == 0:
         return "the estimate is zero: it gives no descent direction at all."
     if not (math.isfinite(cosine) and math.isfinite(ratio)):
         return "non-finite values (nan or inf) in the gradients."
-    if 1 - cosine <= 1e-6 and abs(ratio - 1) <= 1e-3:
-        return "cosine 1 and ratio 1: equal (up to round-off)."
     if cosine >= 0.99:
         direction = f"cosine {cosine:.3f}: nearly the same direction"
     elif cosine >= 0.9:
