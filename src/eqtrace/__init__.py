@@ -1,6 +1,6 @@
 """eqtrace: online learning of recurrent and spiking networks with eligibility traces."""
 
-import importlib.metadata
+from importlib.metadata import version as _version
 
 from . import nn as nn, tasks as tasks
 from ._algorithm import AbstractAlgorithm as AbstractAlgorithm
@@ -54,4 +54,4 @@ from ._structure import (
 )
 
 
-__version__ = importlib.metadata.version("eqtrace")
+__version__ = _version("eqtrace")
