@@ -328,3 +328,20 @@ def test_train_online_with_blocks(algorithm, getkey):
         block_size=5,
     )  # fmt: skip
     assert remainder_losses.shape == block_losses.shape
+
+
+def test_run_online_in_blocks_equals_steps(getkey):
+    """`run_online(block, ..., block_size=C)` gives the outputs, state and trace of the steps,
+    with a last block shorter than `C`."""
+    model = _models(getkey())["stack"]
+    algorithm = eqtrace.DRTRL()
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+    state, trace = eqtrace.init_state_and_trace(model, algorithm, batch_size=2)
+    xs = jr.normal(getkey(), (5, 2, INPUT))
+    step = jax.vmap(eqtrace.make_online_step(algorithm, static), in_axes=(None, 0, 0, 0))
+    block = jax.vmap(
+        eqtrace.make_online_block(algorithm, static), in_axes=(None, 0, 0, 1), out_axes=(0, 0, 1)
+    )
+    stepped = eqtrace.run_online(step, params, state, trace, xs)
+    blocked = eqtrace.run_online(block, params, state, trace, xs, block_size=2)
+    assert relative_error(blocked, stepped) <= 1e-12

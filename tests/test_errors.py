@@ -211,6 +211,7 @@ def _step_given_block_size():
             targets,
             block_size=2,
         ),  # fmt: skip
+        lambda: eqtrace.run_online(step, params, state, trace, xs, block_size=2),
     ]
 
 

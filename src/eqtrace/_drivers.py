@@ -272,15 +272,10 @@ def _check_kind(function: str, online_step: Any, block_size: int | None) -> None
             "`block_size`."
         )
     if block_size is None and kind == "block":
-        run = function == "run_online"
-        when = "" if run else " when no `block_size` is given"
-        fix = (
-            "call the block on the whole sequence directly, `block(params, state, trace, xs)`"
-            if run
-            else "pass `block_size=...` to run it that many steps at a time"
-        )
+        fix = "pass `block_size=...` to run it that many steps at a time"
         raise TypeError(
-            f"{function}: `online_step` must be an online step (from `make_online_step`){when}, "
+            f"{function}: `online_step` must be an online step (from `make_online_step`) when "
+            "no `block_size` is given, "
             f"but received an online block (from `make_online_block`). Either {fix}, or pass "
             "`eqtrace.make_online_step(algorithm, static)`."
         )
@@ -440,20 +435,31 @@ def _reseed(trace: Trace, key: KeyLike) -> Trace:
 
 @eqx.filter_jit
 def run_online(
-    online_step: OnlineStep, params: Params, state: State, trace: Trace, xs: Input
+    online_step: OnlineStep | OnlineBlock,
+    params: Params,
+    state: State,
+    trace: Trace,
+    xs: Input,
+    *,
+    block_size: int | None = None,
 ) -> tuple[Any, State, Trace]:
     """Runs `online_step` over the leading (time) axis of `xs` (inference, or a forward pass
     that keeps the trace up to date without computing a gradient).
 
     **Arguments:**
 
-    - `online_step`: from `make_online_step` (vmapped for a batch).
+    - `online_step`: from `make_online_step` (vmapped for a batch); with `block_size`, an
+      online block from `make_online_block` (vmapped with time leading).
     - `params`, `state`, `trace`: as for `online_step`.
     - `xs`: the inputs, with a leading time axis.
+    - `block_size`: run the block this many steps at a time (the last block takes the
+      remainder), as `online_gradient` does; `None` (the default) for a step.
 
     **Returns:** `(ys, state, trace)`: the outputs stacked over time and the final state and trace.
     """
-    _check_kind("run_online", online_step, None)
+    if block_size is not None:
+        check_count("run_online", "block_size", block_size)
+    _check_kind("run_online", online_step, block_size)
     _check_sequences("run_online", xs)
 
     def body(carry, x):
@@ -462,7 +468,10 @@ def run_online(
         return (state, trace), y
 
     with _batch_sizes_explained("run_online", state, trace, xs):
-        (state, trace), ys = jax.lax.scan(body, (state, trace), xs)
+        if block_size is None:
+            (state, trace), ys = jax.lax.scan(body, (state, trace), xs)
+        else:
+            (state, trace), ys = _scan_blocks(body, (state, trace), xs, block_size)
     return ys, state, trace
 
 
