@@ -110,6 +110,7 @@ def make_learner(args):
         return jnp.mean((y - target) ** 2)
 
     @eqx.filter_jit
+    @eqx.debug.assert_max_traces(max_traces=1)  # The step count stays outside: no retracing.
     def chunk(tree):
         """`args.chunk` steps: the stream's next inputs and targets, then one update each."""
 
