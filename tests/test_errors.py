@@ -460,6 +460,18 @@ def _step_changes_state_dtype():
     return cases
 
 
+def _example_input_the_cell_cannot_take():
+    """A cell that declares no input size, given an example input of another size: its matmul
+    failed inside JAX."""
+    from test_any_cell import RawWeightUse
+
+    cell = RawWeightUse(key=_key())
+    return [
+        lambda: eqtrace.check(cell, eqtrace.DRTRL(), jnp.zeros(3)),
+        _init(eqtrace.PPProp(0.5), cell, jnp.zeros(3)),
+    ]
+
+
 def _example_input_with_an_extra_axis():
     """Cells that declare no input size, given `(n, 1)`: the example input broadcast against
     the state (JAX's default rank promotion, which this suite turns off), and failed inside
@@ -955,6 +967,7 @@ CASES: dict[str, Callable[[], list[Callable[[], object]]]] = {
     "Trace of another algorithm or model": _trace_of_another_algorithm,
     "A step that changes the state's dtype": _step_changes_state_dtype,
     "An example input with an extra axis": _example_input_with_an_extra_axis,
+    "An example input the cell cannot take": _example_input_the_cell_cannot_take,
     "A parameter outside the step": _parameter_outside_the_step,
     "A model that is not an eqtrace cell or network": lambda: [
         lambda: eqtrace.make_online_step(

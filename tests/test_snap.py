@@ -248,8 +248,17 @@ def test_op_inputs_of_several_neurons(getkey):
 def test_check_reports_the_self_paths(getkey):
     report = eqtrace.check(nn.GRUCell(INPUT, HIDDEN, key=getkey()), eqtrace.SnAp1())
     assert report.ok
-    assert any("`.recurrent_op`: 4 of its 4 input elements" in n for n in report.notes)
-    assert any("`.input_op`: 0 of its 3 input elements" in n for n in report.notes)
+    # In plain words: no self-path through an op fed by the input, the neurons' own weights
+    # through a recurrent op.
+    assert any(
+        "`.recurrent_op`: 4 of its 4 input elements each depend on one neuron's state" in n
+        for n in report.notes
+    )
+    assert any(
+        "adds no self-path through `.input_op`: none of its 3 input elements depends on a "
+        "neuron's state" in n
+        for n in report.notes
+    )
     assert "self-paths" in str(report)
     # Same memory as D-RTRL.
     assert (

@@ -122,7 +122,7 @@ def check_step_keeps_state(model: Any, state: Any, x: Any, *, dtypes: bool = Tru
     carry changed type, or that a custom JVP's tangent has the wrong dtype). With `dtypes=False`
     (on an example input, when a trace is created), only the structure and shapes. Returns
     the shape of the step's output (the next layer's input)."""
-    new_state, y = eqx.filter_eval_shape(model, state, x)
+    new_state, y = _shape_of_call(model, state, x)
     if jtu.tree_structure(new_state) != jtu.tree_structure(state):
         raise ValueError(
             f"{type(model).__name__}'s step returns a state laid out as {_describe(new_state)}, "
@@ -170,7 +170,24 @@ def check_example_input(model: Any, state: Any, x: Any) -> None:
         if isinstance(layer, AbstractCell):
             x = check_step_keeps_state(layer, s, x, dtypes=False)
         else:
-            x = eqx.filter_eval_shape(layer, x)
+            x = _shape_of_call(layer, x)
+
+
+def _shape_of_call(layer: Any, *args: Any) -> Any:
+    """`eqx.filter_eval_shape(layer, *args)`, with JAX's shape errors (an input of the wrong
+    size meeting a matmul or a broadcast) turned into an error naming the input."""
+    try:
+        return eqx.filter_eval_shape(layer, *args)
+    except (TypeError, ValueError) as error:
+        first = str(error).splitlines()[0] if str(error) else type(error).__name__
+        if "shape" not in first and "dimension" not in first:
+            raise
+        raise ValueError(
+            f"{type(layer).__name__} cannot take the input `x` ({_describe(args[-1])}): "
+            f"{type(error).__name__}: {first.rstrip('.')}. Pass `x` of the shape of one step "
+            "of one sample that the model's first layer takes (its `input_size` features), and, "
+            "in a `Sequential`, make each layer take the previous layer's output."
+        ) from error
 
 
 def check_parameters_enter_step(model: Any, state: Any, x: Any) -> None:

@@ -115,12 +115,21 @@ class SnAp1(AbstractWeightTraceAlgorithm[SnAp1Trace]):
         for site, own, shared in zip(structure.sites, owners.owners, owners.shared):
             if not site.traced:
                 continue
+            owned, size = int((own >= 0).sum()), own.size
+            if owned == 0 and shared == 0:
+                lines.append(
+                    f"SnAp-1 adds no self-path through `{site.name}`: none of its {size} input "
+                    "elements depends on a neuron's state (they come from the layer's input), "
+                    "so it is traced as by D-RTRL."
+                )
+                continue
             line = (
-                f"SnAp-1 self-paths through `{site.name}`: {int((own >= 0).sum())} of its "
-                f"{own.size} input elements belong to one neuron"
+                f"SnAp-1 self-paths through `{site.name}`: {owned} of its {size} input elements "
+                "each depend on one neuron's state, and that neuron's own weights from them "
+                "(e.g. the diagonal of a recurrent matrix) carry its trace"
             )
             if shared:
-                line += f"; {shared} depend on several neurons (their paths cut)"
+                line += f"; {shared} depend on several neurons' states (their paths cut)"
             lines.append(line + ".")
         return tuple(lines)
 
