@@ -1475,3 +1475,21 @@ def test_example_input_has_the_models_dtype():
         _, new_trace, y = algorithm.step(model, state, trace, jnp.ones(INPUT, jnp.float32))
         assert y.dtype == jnp.float32
         assert jax.tree.structure(new_trace) == jax.tree.structure(trace)
+
+
+def test_a_checkpoint_of_another_optimiser_is_described_by_structure():
+    """Restoring into a learner with another optimiser names the entry whose structure
+    differs, instead of comparing unrelated leaves one by one."""
+    model, algorithm = _gru(), eqtrace.DRTRL()
+    params = eqx.filter(model, eqx.is_inexact_array)
+    state, trace = eqtrace.init_state_and_trace(model, algorithm)
+    tree = {"params": params, "opt_state": optax.adam(1e-3).init(params), "state": state}
+    directory = _directory()
+    eqtrace.save_checkpoint(directory, 1, tree, algorithm=algorithm, model=model)
+    chained = optax.chain(optax.clip(1.0), optax.adam(1e-3)).init(params)
+    for like, words in [
+        ({**tree, "opt_state": chained}, "`['opt_state']` has another structure: the checkpoint"),
+        ({**tree, "opt_state": optax.sgd(0.1).init(params)}, "leaves under `['opt_state']`"),
+    ]:
+        with pytest.raises(ValueError, match=re.escape(words)):
+            eqtrace.restore_checkpoint(directory, like, algorithm=algorithm, model=model)

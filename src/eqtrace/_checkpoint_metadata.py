@@ -3,6 +3,7 @@ one written for another algorithm, hyperparameters, model or tree layout."""
 
 import dataclasses
 import hashlib
+import re
 from typing import Any
 
 import jax
@@ -156,6 +157,14 @@ def check_metadata(
         {"path": jtu.keystr(path), **leaf_kind(leaf)}
         for path, leaf in jtu.tree_flatten_with_path(like)[0]
     ]
+    saved_paths = [leaf["path"] for leaf in metadata["leaves"]]
+    current_paths = [leaf["path"] for leaf in current_leaves]
+    if saved_paths != current_paths:  # the structure first: leaf by leaf would pair strangers
+        raise ValueError(
+            f"{head} does not fit `like`: {_structure_difference(saved_paths, current_paths)}. "
+            "Pass a `like` built as the saved tree was (the same optimiser, batch size and "
+            "structure), e.g. a freshly initialised learner."
+        )
     for before, now in zip(metadata["leaves"], current_leaves):
         if before != now:
             raise ValueError(
@@ -170,6 +179,39 @@ def check_metadata(
             f"but `like` has {len(current_leaves)}. Pass a `like` built as the saved tree was "
             "(the same optimiser, batch size and structure), e.g. a freshly initialised learner."
         )
+
+
+def _structure_difference(saved: list[str], current: list[str]) -> str:
+    """Where two trees' leaf paths first differ, by top-level entry, in words."""
+
+    def groups(paths):
+        grouped: dict[str, list[str]] = {}
+        for path in paths:
+            match = re.match(r"(\[[^\]]*\]|\.\w+)", path)
+            grouped.setdefault(match.group(1) if match else path, []).append(path)
+        return grouped
+
+    before, now = groups(saved), groups(current)
+    for top in [*before, *(t for t in now if t not in before)]:
+        a, b = before.get(top, []), now.get(top, [])
+        if a == b:
+            continue
+        if not (a and b):
+            which, other = ("the checkpoint", "`like`") if a else ("`like`", "the checkpoint")
+            return (
+                f"{which} holds {len(a or b)} leaves under `{top}` and {other} none (another "
+                "structure there, e.g. the state of another optimiser)"
+            )
+
+        def sample(paths):
+            shown = ", ".join(f"`{p}`" for p in paths[:2])
+            return shown + (", …" if len(paths) > 2 else "")
+
+        return (
+            f"`{top}` has another structure: the checkpoint holds {len(a)} leaves there "
+            f"({sample(a)}), `like` {len(b)} ({sample(b)}), e.g. the state of another optimiser"
+        )
+    return "their leaves are in another order"
 
 
 def _leaf_words(leaf: dict) -> str:
