@@ -74,7 +74,7 @@ def main(argv=None):
     length = data["x_train"].shape[1]
     print(
         f"MNIST-1D: {len(data['y_train'])} train / {len(data['y_test'])} test sequences of "
-        f"length {length}. GRU({args.hidden}) + linear read-out, {args.steps} updates of batch "
+        f"length {length}.\nGRU({args.hidden}) + linear read-out, {args.steps} updates of batch "
         f"{args.batch}, Adam (peak lr {args.lr:g}, cosine decay)."
     )
     results = []
