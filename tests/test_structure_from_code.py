@@ -325,3 +325,55 @@ def test_masks_of_one_shape_give_their_own_structures(getkey):
     for rule in DIAGONAL:
         rule.init_trace(off, state, x)  # analysed (and cached) first
     assert_each_rule_exact(on, state, x)
+
+
+class GainEverywhere(eqtrace.AbstractCell):
+    """A shared gain that scales the drive and also the input of an op: its path through the
+    op's input reaches the same neurons as its direct one, so no pattern of the state shows
+    it (found by the long hypothesis profile: D-RTRL was 9e-4 off)."""
+
+    inp: eqx.nn.Linear
+    gain: jax.Array
+
+    def __init__(self, *, key):
+        self.inp = eqx.nn.Linear(3, 4, key=key)
+        self.gain = jnp.array(1.3)
+
+    def init_state(self):
+        return jnp.zeros(4)
+
+    def __call__(self, h, x):
+        h = 0.9 * h + self.gain * jnp.tanh(self.inp(self.gain * x))
+        return h, h
+
+
+class Chained(eqtrace.AbstractCell):
+    """One op's output feeds a diagonal (masked) op's input: every output still reaches one
+    neuron, but the path through the second op's input is cut by the rules."""
+
+    first: eqx.nn.Linear
+    second: nn.Linear
+
+    def __init__(self, *, key):
+        k1, k2 = jr.split(key)
+        self.first = eqx.nn.Linear(3, 4, key=k1)
+        self.second = nn.Linear(4, 4, key=k2, mask=jnp.eye(4, dtype=bool))
+
+    def init_state(self):
+        return jnp.zeros(4)
+
+    def __call__(self, h, x):
+        u = self.first(x)
+        h = 0.9 * h + u + self.second(jnp.tanh(u))
+        return h, h
+
+
+def test_a_path_through_an_op_input_hidden_by_a_direct_one_is_refused(getkey):
+    assert_refused(
+        GainEverywhere(key=getkey()),
+        jnp.ones(3),
+        match="`.gain` acts on the input of a synaptic op",
+    )
+    assert_refused(
+        Chained(key=getkey()), jnp.ones(3), match="the output of the op `.first` acts on the input"
+    )

@@ -66,6 +66,7 @@ class ViolationKind(enum.StrEnum):
 
     OP_OUTPUT_MIXES = "an op output reaches several neurons"
     OP_THROUGH_OP_INPUT = "an op reaches the state only through another op's input"
+    OP_FEEDS_OP = "an op's output acts on a traced op's input"
     STATE_MIXES = "the state Jacobian with op inputs cut is not element-wise"
     WEIGHTS_OUTSIDE_CALLS = "an op's weights act outside its calls"
     NOT_READ = "an op or parameter acts only on leaves the output does not read"
@@ -467,6 +468,7 @@ def _analyse(cell, state, x) -> CellStructure:
     leaf_link, mixing = _state_mixing(names, patterns)
     kinds, param_violations = _param_kinds(names, patterns)
     violations += mixing
+    violations += _fed_op_inputs(cell, state, x, names, called, records, traced)
     violations += _weights_outside_calls(names, patterns)
     violations += _unread(names, patterns, leaf_link)
     violations += param_violations
@@ -620,6 +622,57 @@ def _state_mixing(names: _Names, patterns: _Patterns) -> tuple[np.ndarray, list]
     ]
 
 
+def _fed_op_inputs(cell, state, x, names: _Names, called, records, traced) -> list:
+    """Assumption: within a step, no op output and no parameter outside the ops acts on the
+    input of a traced op. The rules cut every op's input, so such a path is dropped from the
+    immediate term, and a direct path of the same source to the same neurons would hide it
+    from every other check (a gain that scales the drive and also an op's input)."""
+    targets = [i for i, is_traced in enumerate(traced) if is_traced]
+    if not targets:
+        return []
+    probes = [jax.ShapeDtypeStruct(u.shape, u.dtype) for _, u in records]
+    params, rest = eqx.partition(cell, other_params_spec(cell, called))
+    param_leaves, param_def = jtu.tree_flatten(params)
+
+    def inputs(probes, param_leaves, rest, s, x):
+        cell = eqx.combine(jtu.tree_unflatten(param_def, param_leaves), rest)
+        _, calls = probed_call(cell, s, x, probes, cut=False, sites=names.sites)
+        return [calls[i][0] for i in targets]
+
+    try:
+        from_probes, from_params = pullback_pattern(
+            inputs, (probes, param_leaves, rest, state, x), (0, 1), one_colour, (2,)
+        ).leaves
+    except Exception as error:  # noqa: BLE001 - as for the other patterns
+        raise StructureError(
+            f"{names.cell}: the structure analysis cannot differentiate the op inputs of one "
+            f"step ({type(error).__name__}: {str(error).splitlines()[0]}). Use `eqtrace.RTRL()`."
+        ) from error
+    violations = [
+        Violation(
+            ViolationKind.OP_FEEDS_OP,
+            names.site(site),
+            f"the output of the op `{names.site(site)}` acts on the input of a traced op within "
+            "the step (e.g. `op2(tanh(op1(x)))`); the diagonal rules cut op inputs and would "
+            "miss that path. Sum the ops' outputs instead, move the first op into a layer "
+            "before the cell, or use `eqtrace.RTRL()`.",
+        )
+        for site, leaf in enumerate(from_probes)
+        if leaf.any()
+    ]
+    violations += [
+        Violation(
+            ViolationKind.PARAM_FEEDS_OP,
+            path,
+            f"the parameter `{path}` acts on the input of a synaptic op; the diagonal rules cut "
+            "op inputs and would miss that path.",
+        )
+        for path, leaf in zip(names.param_paths, from_params)
+        if leaf.any()
+    ]
+    return violations
+
+
 def _weights_outside_calls(names: _Names, patterns: _Patterns) -> list:
     """Assumption: an op's weights change the state only through calls of the op."""
     return [
@@ -670,22 +723,13 @@ def _unread(names: _Names, patterns: _Patterns, link: np.ndarray) -> list:
 
 def _param_kinds(names: _Names, patterns: _Patterns) -> tuple[list[ParamKind], list]:
     """How each parameter outside the called ops is traced, and the violations of the
-    assumptions on them: none acts on an op's input, and each is per-neuron (of the neuron
-    shape, acting element-wise), small and shared, or reaches the output only."""
+    assumption on them: each is per-neuron (of the neuron shape, acting element-wise), small
+    and shared, or reaches the output only."""
     k, n = names.num_leaves, names.num_neurons
     kinds, violations = [], []
     for path, shape, cut, full in zip(
         names.param_paths, names.param_shapes, patterns.cut, patterns.full
     ):
-        if np.any(full & ~cut):
-            violations.append(
-                Violation(
-                    ViolationKind.PARAM_FEEDS_OP,
-                    path,
-                    f"the parameter `{path}` acts on the input of a synaptic op; the diagonal "
-                    "rules cut op inputs and would miss that path.",
-                )
-            )
         elementwise = shape == names.neuron_shape and not np.any(
             cut.reshape(k, n, n) & ~np.eye(n, dtype=bool)
         )
