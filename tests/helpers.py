@@ -96,9 +96,10 @@ def online_and_bptt(algorithm, model, xs, targets, loss_fn=squared_loss, state=N
     params, static = eqx.partition(model, eqx.is_inexact_array)
     if state is None:
         state = model.init_state()
+    plan = eqtrace.prepare(algorithm, model, xs[0])  # once, for the trace and the step
     if trace is None:
-        trace = algorithm.init_trace(model, state, xs[0])
-    online_step = eqtrace.make_online_step(algorithm, static)
+        trace = algorithm.init_trace(model, state, plan=plan)
+    online_step = eqtrace.make_online_step(algorithm, static, plan=plan)
     _, online, _, _ = eqtrace.online_gradient(
         online_step, loss_fn, params, state, trace, xs, targets
     )
@@ -114,12 +115,13 @@ def online_in_blocks(algorithm, model, xs, targets, block_size, state=None):
     params, static = eqx.partition(model, eqx.is_inexact_array)
     if state is None:
         state = model.init_state()
+    plan = eqtrace.prepare(algorithm, model, xs[0])
     return eqtrace.online_gradient(
-        eqtrace.make_online_block(algorithm, static),
+        eqtrace.make_online_block(algorithm, static, plan=plan),
         squared_loss,
         params,
         state,
-        algorithm.init_trace(model, state, xs[0]),
+        algorithm.init_trace(model, state, plan=plan),
         xs,
         targets,
         block_size=block_size,

@@ -377,3 +377,70 @@ def test_a_path_through_an_op_input_hidden_by_a_direct_one_is_refused(getkey):
     assert_refused(
         Chained(key=getkey()), jnp.ones(3), match="the output of the op `.first` acts on the input"
     )
+
+
+class PositiveLinear(eqx.Module):
+    """A user op with positive weights, `softplus(raw) @ a`: not linear in its array."""
+
+    raw: jax.Array
+
+    def __call__(self, a):
+        return jax.nn.softplus(self.raw) @ a
+
+
+eqtrace.register_op(PositiveLinear)
+
+
+class FromIndependentReviews(eqtrace.AbstractCell):
+    """Cells from an independent trial: a `custom_vjp` spike with a shared threshold (the
+    dense trace of a shared parameter fell back to reverse mode), gates split with
+    `jnp.unstack` (its pullback is the `stack` primitive), and an op that is not linear in
+    its weights (`PositiveLinear`)."""
+
+    inp: eqx.nn.Linear
+    rec: eqx.Module
+    threshold: jax.Array
+    kind: str = eqx.field(static=True)
+
+    def __init__(self, kind, *, key):
+        k1, k2 = jr.split(key)
+        self.kind = kind
+        self.inp = eqx.nn.Linear(3, 8, key=k1)
+        self.rec = (
+            PositiveLinear(jr.normal(k2, (8, 4)))
+            if kind == "positive"
+            else eqx.nn.Linear(4, 8, key=k2)
+        )
+        self.threshold = jnp.array(0.5)
+
+    def init_state(self):
+        return jnp.zeros(4), jnp.zeros(4)
+
+    def output(self, state):
+        return state[1]
+
+    def __call__(self, state, x):
+        v, z = state
+        drive = self.inp(x) + self.rec(jnp.tanh(v))
+        gate, current = jnp.unstack(drive.reshape(2, 4))
+        v = jax.nn.sigmoid(gate) * v + current - 0.5 * z
+        z = _vjp_spike(v - self.threshold)
+        return (v, z), z
+
+
+@jax.custom_vjp
+def _vjp_spike(v):
+    return (v > 0).astype(v.dtype)
+
+
+_vjp_spike.defvjp(lambda v: (_vjp_spike(v), v), lambda v, g: (g / (1 + 10 * jnp.abs(v)) ** 2,))
+
+
+def test_cells_from_an_independent_trial(getkey):
+    cell = FromIndependentReviews("dense", key=getkey())
+    state = (jnp.array([0.4, 0.6, 0.2, 0.55]), jnp.array([0.0, 1.0, 0.0, 1.0]))
+    assert_each_rule_exact(cell, state, jr.normal(getkey(), (3,)))
+    positive = FromIndependentReviews("positive", key=getkey())
+    for rule in (eqtrace.DRTRL(), eqtrace.SnAp1(), eqtrace.EProp()):
+        with pytest.raises(eqtrace.StructureError, match="not linear in its weights"):
+            rule.init_trace(positive, positive.init_state(), jnp.ones(3))

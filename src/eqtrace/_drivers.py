@@ -49,7 +49,7 @@ Reduction = str
 StepWeights = Any
 
 
-def make_online_step(algorithm: AbstractAlgorithm, static: Any) -> OnlineStep:
+def make_online_step(algorithm: AbstractAlgorithm, static: Any, *, plan: Any = None) -> OnlineStep:
     """The pure online step `online_step(params, state, trace, x) -> (state, trace, y)`.
 
     **Arguments:**
@@ -57,6 +57,8 @@ def make_online_step(algorithm: AbstractAlgorithm, static: Any) -> OnlineStep:
     - `algorithm`: the online rule, e.g. `eqtrace.DRTRL()`.
     - `static`: the non-array part of the model, from
       `params, static = eqx.partition(model, eqx.is_inexact_array)`.
+    - `plan`: `eqtrace.prepare(algorithm, model, x)`, if prepared already (e.g. for
+      `init_trace`); else the step prepares it on its first call and keeps it.
 
     **Returns:** a function to `jax.vmap` over a batch (`in_axes=(None, 0, 0, 0)`: parameters
     shared) and `jax.lax.scan` over time. `jax.grad` of a loss on `y` with respect to `params` is
@@ -66,7 +68,7 @@ def make_online_step(algorithm: AbstractAlgorithm, static: Any) -> OnlineStep:
 
     check_model("make_online_step", "static", static)
     static_def = _structure(static)
-    plans = _Plans(algorithm)
+    plans = _Plans(algorithm, plan)
 
     def online_step(params, state, trace, x):
         model = _combine("online_step", params, static, static_def)
@@ -77,7 +79,9 @@ def make_online_step(algorithm: AbstractAlgorithm, static: Any) -> OnlineStep:
     return online_step
 
 
-def make_online_block(algorithm: AbstractAlgorithm, static: Any) -> OnlineBlock:
+def make_online_block(
+    algorithm: AbstractAlgorithm, static: Any, *, plan: Any = None
+) -> OnlineBlock:
     """The pure online block `online_block(params, state, trace, xs) -> (state, trace, ys)`:
     as many steps as `xs` has entries along its leading (time) axis, `ys` stacked likewise.
 
@@ -95,7 +99,7 @@ def make_online_block(algorithm: AbstractAlgorithm, static: Any) -> OnlineBlock:
 
     check_model("make_online_block", "static", static)
     static_def = _structure(static)
-    plans = _Plans(algorithm)
+    plans = _Plans(algorithm, plan)
 
     def online_block(params, state, trace, xs):
         model = _combine("online_block", params, static, static_def)
@@ -147,12 +151,15 @@ class _Plans:
     step built from one `static` sees the same model structure, integer and boolean fields
     every time. A trace of a new layout is refused by the step's own check."""
 
-    def __init__(self, algorithm: AbstractAlgorithm):
+    def __init__(self, algorithm: AbstractAlgorithm, given: Any = None):
         self.algorithm = algorithm
+        self.given = given  # a plan the caller prepared: used for every call
         self.plans: dict[Any, Any] = {}
 
     def get(self, model: AbstractCell, x: Any) -> Any:
         check_input(model, x)  # The step's own check, before the plan reads `x`'s shape.
+        if self.given is not None:
+            return self.given
         key = _layout(eqx.filter(model, eqx.is_inexact_array)), _layout(x)
         if key not in self.plans:
             self.plans[key] = prepare(self.algorithm, model, x)

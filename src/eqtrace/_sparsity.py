@@ -451,6 +451,18 @@ class _Walk:
         ]
         return [np.concatenate(pieces, axis=eqn.params["dimension"])]
 
+    def _stack(self, eqn, deps, values):
+        # `jnp.stack` (and the reverse pass of `jnp.unstack`): each operand at its index of
+        # the new axis.
+        axis = eqn.params["axis"]
+        pieces = [
+            np.zeros((*v.aval.shape, self.num_colours), bool)
+            if d is None
+            else _full(d, v.aval.shape)
+            for d, v in zip(deps, eqn.invars)
+        ]
+        return [np.stack(pieces, axis=axis)]
+
     def _split(self, eqn, deps, values):
         d = _full(deps[0], eqn.invars[0].aval.shape)
         axis = eqn.params["axis"]

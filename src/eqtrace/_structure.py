@@ -143,6 +143,9 @@ class CallSite(_ValueRecord):
     #: Whether every weight of the op reaches a single output element (dense, embedding),
     #: so that D-RTRL's weight-shaped trace is defined; not for a convolution or `U @ V`.
     weights_reach_one_output: bool
+    #: Whether the op's output is linear in its weights (JAX can transpose its `apply` in
+    #: them), which the weight-shaped traces assume: not for `softplus(raw) @ a`.
+    linear_in_weights: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -494,6 +497,7 @@ def _analyse(cell, state, x) -> CellStructure:
                 traced=traced[site],
                 sensitivity_source=int(np.argmax(same_sensitivity[site])),
                 weights_reach_one_output=_weights_reach_one_output(op, a),
+                linear_in_weights=_linear_in_weights(op, a),
             )
             for site, (op, (a, u)) in enumerate(zip(site_ops, records))
         ),
@@ -810,6 +814,25 @@ def _weights_reach_one_output(op, a) -> bool:
 
     (leaves,) = pullback_pattern(apply, (params, static, a), (0,), colours, known=(1,)).leaves
     return all(bool(np.all(decode_index(leaf) >= -1)) for leaf in leaves)
+
+
+def _linear_in_weights(op, a) -> bool:
+    """Whether `op`'s `apply` is linear in its floating arrays, read from its code: JAX
+    transposes it with respect to them (shapes only; a non-linear primitive on the weights,
+    such as `softplus(raw)`, makes the transpose fail)."""
+    rules = algebra(op)
+    params, static = eqx.partition(op, eqx.is_inexact_array)
+    a = jnp.zeros(a.shape, a.dtype)
+
+    def apply(params):
+        return rules.apply(eqx.combine(params, static), a)
+
+    try:
+        transpose = jax.linear_transpose(apply, params)
+        jax.eval_shape(transpose, jax.eval_shape(apply, params))
+    except Exception:  # noqa: BLE001 - JAX's transpose fails in several ways on non-linear code
+        return False
+    return True
 
 
 def _site_name(op_paths, sites, site) -> str:

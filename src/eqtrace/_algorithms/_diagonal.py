@@ -364,7 +364,23 @@ def _shared_sensitivity(transition, state, probes, params, index: int) -> jax.Ar
         )
         return flat_leaves(out)
 
-    columns = jax.vmap(jvp_along)(jnp.eye(leaf.size, dtype=leaf.dtype))  # (|p|, K, N)
+    try:
+        columns = jax.vmap(jvp_along)(jnp.eye(leaf.size, dtype=leaf.dtype))  # (|p|, K, N)
+    except TypeError as error:
+        if "custom_vjp" not in str(error):
+            raise
+
+        # A `jax.custom_vjp` function on the parameter's path (a spike with a shared
+        # threshold) has no forward mode: one VJP per state element instead.
+        def with_leaf(p):
+            return jtu.tree_unflatten(treedef, [*leaves[:index], p, *leaves[index + 1 :]])
+
+        out, pullback = jax.vjp(
+            lambda p: flat_leaves(transition(state, probes, with_leaf(p))[0]), leaf
+        )
+        basis = jnp.eye(out.size, dtype=out.dtype).reshape(out.size, *out.shape)
+        rows = jax.vmap(lambda ct: pullback(ct)[0])(basis)  # (K·N, *p.shape)
+        return rows.reshape(*out.shape, leaf.size).astype(out.dtype)
     return jnp.moveaxis(columns, 0, -1)
 
 

@@ -145,6 +145,14 @@ class EProp(AbstractDiagonalAlgorithm[EPropTrace]):
 
     def refuse(self, cell: AbstractCell, structure: CellStructure, state: State) -> None:
         for site in structure.sites:
+            if site.traced and not site.linear_in_weights:
+                raise StructureError(
+                    f"EProp cannot trace the op `{site.name}` "
+                    f"({structure.ops[site.op].type_name}) of {structure.cell_name}: its output "
+                    "is not linear in its weights (e.g. `softplus(raw) @ a`), which the "
+                    "eligibility trace assumes. Hold the transformed weights as the op's "
+                    "array, or use `eqtrace.PPProp(...)`, which differentiates the op itself."
+                )
             if site.traced and not site.weights_reach_one_output:
                 raise StructureError(
                     f"EProp cannot trace the op `{site.name}` "
