@@ -590,7 +590,7 @@ def _call_owners(names: _Names, patterns: _Patterns) -> tuple[list, list[bool], 
                     ViolationKind.OP_OUTPUT_MIXES,
                     subject,
                     f"output element {j} of the op `{subject}` reaches {counts[j]} neurons "
-                    f"({list(np.flatnonzero(hits[:, j]))[:4]}…); each op output must reach one "
+                    f"({np.flatnonzero(hits[:, j])[:4].tolist()}…); each op output must reach one "
                     "neuron through element-wise operations (mixing after the op is not "
                     "diagonal).",
                 )
