@@ -115,7 +115,7 @@ def main(argv=None):
         return jnp.mean((y - target) ** 2)
 
     def sequence_gradient(params, xs, targets):
-        """Σ_t ∇ loss_t, each taken within its step: memory does not grow with T."""
+        """(1/T) Σ_t ∇ loss_t, each taken within its step: memory does not grow with T."""
         state, trace = eqtrace.init_state_and_trace(model, algorithm, batch_size=xs.shape[1])
 
         def body(carry, inputs):
@@ -132,7 +132,8 @@ def main(argv=None):
 
         zeros = jtu.tree_map(jnp.zeros_like, params)
         (_, _, loss, grads), _ = jax.lax.scan(body, (state, trace, 0.0, zeros), (xs, targets))
-        return loss, grads
+        steps = xs.shape[0]  # the mean over the steps, as `online_gradient` reduces by default
+        return loss / steps, jtu.tree_map(lambda g: g / steps, grads)
 
     def make_batch(key, batch_size, length):
         """Recall the first input channel from `DELAY` steps earlier (zero before that)."""

@@ -101,10 +101,10 @@ def online_and_bptt(algorithm, model, xs, targets, loss_fn=squared_loss, state=N
         trace = algorithm.init_trace(model, state, plan=plan)
     online_step = eqtrace.make_online_step(algorithm, static, plan=plan)
     _, online, _, _ = eqtrace.online_gradient(
-        online_step, loss_fn, params, state, trace, xs, targets
+        online_step, loss_fn, params, state, trace, xs, targets, reduction="sum"
     )
     _, bptt, _ = eqtrace.bptt_gradient(
-        eqtrace.make_forward_step(static), loss_fn, params, state, xs, targets
+        eqtrace.make_forward_step(static), loss_fn, params, state, xs, targets, reduction="sum"
     )
     return online, bptt
 
@@ -125,6 +125,7 @@ def online_in_blocks(algorithm, model, xs, targets, block_size, state=None):
         xs,
         targets,
         block_size=block_size,
+        reduction="sum",
     )
 
 

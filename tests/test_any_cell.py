@@ -513,7 +513,14 @@ def test_integer_and_boolean_state_leaves(rule, getkey):
     params, static = eqx.partition(model, eqx.is_inexact_array)
     trace = rule.init_trace(model, state, xs[0])
     stepped = eqtrace.online_gradient(
-        eqtrace.make_online_step(rule, static), squared_loss, params, state, trace, xs, targets
+        eqtrace.make_online_step(rule, static),
+        squared_loss,
+        params,
+        state,
+        trace,
+        xs,
+        targets,
+        reduction="sum",
     )
     blocked = online_in_blocks(rule, model, xs, targets, block_size=2, state=state)
     # Loss, gradient and trace (the final states hold booleans).
@@ -912,6 +919,7 @@ def test_a_cond_gate_above_a_layer(rule, getkey):
         trace,
         jnp.swapaxes(xs, 0, 1),
         jnp.swapaxes(targets, 0, 1),
+        reduction="sum",
     )
     per_sample = jax.tree.map(
         jnp.add, *(online_and_bptt(rule, model, xs[i], targets[i])[0] for i in range(2))

@@ -100,9 +100,19 @@ def _stepped_and_blocked(algorithm, model, xs, targets, block_size=BLOCK):
     block = jax.vmap(
         eqtrace.make_online_block(algorithm, static), in_axes=(None, 0, 0, 1), out_axes=(0, 0, 1)
     )
-    stepped = eqtrace.online_gradient(step, _batch_loss, params, state, trace, xs, targets)
+    stepped = eqtrace.online_gradient(
+        step, _batch_loss, params, state, trace, xs, targets, reduction="sum"
+    )
     blocked = eqtrace.online_gradient(
-        block, _batch_loss, params, state, trace, xs, targets, block_size=block_size
+        block,
+        _batch_loss,
+        params,
+        state,
+        trace,
+        xs,
+        targets,
+        block_size=block_size,
+        reduction="sum",
     )
     return stepped, blocked
 
@@ -173,10 +183,10 @@ def test_blocks_equal_bptt_for_elementwise_layer(name, algorithm, getkey):
     trace = algorithm.init_trace(model, state, xs[0])
     block = eqtrace.make_online_block(algorithm, static)
     _, online, _, _ = eqtrace.online_gradient(
-        block, squared_loss, params, state, trace, xs, targets, block_size=BLOCK
+        block, squared_loss, params, state, trace, xs, targets, block_size=BLOCK, reduction="sum"
     )
     _, bptt, _ = eqtrace.bptt_gradient(
-        eqtrace.make_forward_step(static), squared_loss, params, state, xs, targets
+        eqtrace.make_forward_step(static), squared_loss, params, state, xs, targets, reduction="sum"
     )
     assert relative_error(online, bptt) <= 1e-10
 
@@ -190,9 +200,11 @@ def test_embedding_and_masked_ops_in_blocks(algorithm, getkey):
     state = cell.init_state()
     trace = algorithm.init_trace(cell, state, tokens[0])
     args = (squared_loss, params, state, trace, tokens, targets)
-    stepped = eqtrace.online_gradient(eqtrace.make_online_step(algorithm, static), *args)
+    stepped = eqtrace.online_gradient(
+        eqtrace.make_online_step(algorithm, static), *args, reduction="sum"
+    )
     blocked = eqtrace.online_gradient(
-        eqtrace.make_online_block(algorithm, static), *args, block_size=BLOCK
+        eqtrace.make_online_block(algorithm, static), *args, block_size=BLOCK, reduction="sum"
     )
     assert relative_error(blocked, stepped) <= 1e-10
     grads = blocked[1]
@@ -233,7 +245,15 @@ def test_blocks_reject_bad_arguments(getkey):
         block(params, state, trace, jnp.zeros((LENGTH, INPUT + 1)))
     with pytest.raises(ValueError, match="block_size"):
         eqtrace.online_gradient(
-            block, squared_loss, params, state, trace, xs, jnp.zeros((LENGTH, 4)), block_size=0
+            block,
+            squared_loss,
+            params,
+            state,
+            trace,
+            xs,
+            jnp.zeros((LENGTH, 4)),
+            block_size=0,
+            reduction="sum",
         )
 
 
@@ -274,7 +294,7 @@ def test_train_with_blocks(getkey):
     for _ in range(30):
         state, trace = eqtrace.init_state_and_trace(model, algorithm, BATCH)
         loss, grads, _, _ = eqtrace.online_gradient(
-            block, _batch_loss, params, state, trace, xs, targets, block_size=10
+            block, _batch_loss, params, state, trace, xs, targets, block_size=10, reduction="sum"
         )
         updates, opt_state = optimizer.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
@@ -307,7 +327,7 @@ def test_train_online_with_blocks(algorithm, getkey):
     for start in range(0, 12, 4):
         _, grads, looped_state, looped_trace = eqtrace.online_gradient(
             step, _batch_loss, looped, looped_state, looped_trace,
-            xs[start : start + 4], targets[start : start + 4],
+            xs[start : start + 4], targets[start : start + 4], reduction="sum",
         )  # fmt: skip
         looped = jax.tree.map(lambda p, g: p - 0.5 * g / 4, looped, grads)
     assert relative_error(block_params, looped) <= 1e-10

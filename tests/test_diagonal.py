@@ -207,7 +207,9 @@ def test_batch_equals_per_sample_loop(algorithm, getkey):
     def batch_loss(y, t):
         return jnp.sum((y - t) ** 2) / batch
 
-    _, batched, _, _ = eqtrace.online_gradient(step, batch_loss, params, state, trace, xs, targets)
+    _, batched, _, _ = eqtrace.online_gradient(
+        step, batch_loss, params, state, trace, xs, targets, reduction="sum"
+    )
     # Each sample with its own slice of the batched trace (its own key, for UORO).
     per_sample = [
         online_and_bptt(
@@ -362,14 +364,16 @@ def test_loss_on_a_state_leaf_outside_the_output(algorithm, getkey):
     state = model.init_state()
     trace = algorithm.init_trace(model, state, xs[0])
     _, online, _, _ = eqtrace.online_gradient(
-        step_with_state, loss_fn, params, state, trace, xs, targets
+        step_with_state, loss_fn, params, state, trace, xs, targets, reduction="sum"
     )
 
     def forward_with_state(params, state, x):
         state, y = eqx.combine(params, static)(state, x)
         return state, (y, state)
 
-    _, bptt, _ = eqtrace.bptt_gradient(forward_with_state, loss_fn, params, state, xs, targets)
+    _, bptt, _ = eqtrace.bptt_gradient(
+        forward_with_state, loss_fn, params, state, xs, targets, reduction="sum"
+    )
     assert relative_error(online, bptt) <= 1e-9
     assert bool(jnp.all(online.log_tau != 0))
 

@@ -44,7 +44,9 @@ def _online(algorithm, model, xs, targets, state=None):
     state = model.init_state() if state is None else state
     trace = algorithm.init_trace(model, state, xs[0])
     step = eqtrace.make_online_step(algorithm, static)
-    return eqtrace.online_gradient(step, squared_loss, params, state, trace, xs, targets)[1]
+    return eqtrace.online_gradient(
+        step, squared_loss, params, state, trace, xs, targets, reduction="sum"
+    )[1]
 
 
 # (A rate cell with two state leaves, per-neuron and shared parameters under a leaky read-out
@@ -83,12 +85,19 @@ def test_single_cell_with_readout_decay_equals_bptt(getkey, rng):
     trace = algorithm.init_trace(cell, state)
     step = eqtrace.make_online_step(algorithm, static)
     _, online, _, _ = eqtrace.online_gradient(
-        step, lambda z, signal: jnp.sum(z * signal), params, state, trace, xs, signals
+        step,
+        lambda z, signal: jnp.sum(z * signal),
+        params,
+        state,
+        trace,
+        xs,
+        signals,
+        reduction="sum",
     )
     model_params, model_static = eqx.partition(model, eqx.is_inexact_array)
     forward = eqtrace.make_forward_step(model_static)
     _, bptt, _ = eqtrace.bptt_gradient(
-        forward, squared_loss, model_params, model.init_state(), xs, targets
+        forward, squared_loss, model_params, model.init_state(), xs, targets, reduction="sum"
     )
     assert relative_error(online, bptt.layers[0]) <= 1e-9
 
@@ -126,9 +135,11 @@ def test_blocks_equal_steps_batched(getkey, rng):
     block = jax.vmap(
         eqtrace.make_online_block(algorithm, static), in_axes=(None, 0, 0, 1), out_axes=(0, 0, 1)
     )
-    by_step = eqtrace.online_gradient(step, squared_loss, params, state, trace, xs, targets)
+    by_step = eqtrace.online_gradient(
+        step, squared_loss, params, state, trace, xs, targets, reduction="sum"
+    )
     by_block = eqtrace.online_gradient(
-        block, squared_loss, params, state, trace, xs, targets, block_size=4
+        block, squared_loss, params, state, trace, xs, targets, block_size=4, reduction="sum"
     )
     assert relative_error(by_block[1], by_step[1]) <= 1e-12
     assert relative_error(by_block[2:], by_step[2:]) <= 1e-12  # final state and trace
@@ -163,9 +174,19 @@ def _steps_and_blocks(algorithm, model, xs, targets, loss_fn, block_size, output
 
     @jax.jit
     def run(params):
-        stepped = eqtrace.online_gradient(step, loss_fn, params, state, trace, xs, targets)
+        stepped = eqtrace.online_gradient(
+            step, loss_fn, params, state, trace, xs, targets, reduction="sum"
+        )
         blocked = eqtrace.online_gradient(
-            block, loss_fn, params, state, trace, xs, targets, block_size=block_size
+            block,
+            loss_fn,
+            params,
+            state,
+            trace,
+            xs,
+            targets,
+            block_size=block_size,
+            reduction="sum",
         )
         if not outputs:
             return stepped, blocked

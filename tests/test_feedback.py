@@ -29,10 +29,14 @@ def _gradient(algorithm, model, xs, targets):
     state = model.init_state()
     if algorithm is None:
         forward = eqtrace.make_forward_step(static)
-        return eqtrace.bptt_gradient(forward, squared_loss, params, state, xs, targets)[1]
+        return eqtrace.bptt_gradient(
+            forward, squared_loss, params, state, xs, targets, reduction="sum"
+        )[1]
     trace = algorithm.init_trace(model, state)
     step = eqtrace.make_online_step(algorithm, static)
-    return eqtrace.online_gradient(step, squared_loss, params, state, trace, xs, targets)[1]
+    return eqtrace.online_gradient(
+        step, squared_loss, params, state, trace, xs, targets, reduction="sum"
+    )[1]
 
 
 def test_symmetric_feedback_is_the_plain_readout(getkey, rng):
@@ -79,7 +83,9 @@ def test_two_steps_by_hand(getkey):
     params, static = eqx.partition(model, eqx.is_inexact_array)
     state = model.init_state()
     forward = eqtrace.make_forward_step(static)
-    bptt = eqtrace.bptt_gradient(forward, loss, params, state, xs, jnp.zeros((2, 1)))[1]
+    bptt = eqtrace.bptt_gradient(
+        forward, loss, params, state, xs, jnp.zeros((2, 1)), reduction="sum"
+    )[1]
     assert np.allclose(bptt.layers[0].input_op.weight, grad_u, rtol=1e-12)
     assert np.allclose(bptt.layers[1].op.weight, grad_w, rtol=1e-12)
     # Online, the leaky layer's trace holds the sum over s; at each step the learning signal
@@ -87,7 +93,9 @@ def test_two_steps_by_hand(getkey):
     algorithm = eqtrace.DRTRL()
     trace = algorithm.init_trace(model, state)
     step = eqtrace.make_online_step(algorithm, static)
-    online = eqtrace.online_gradient(step, loss, params, state, trace, xs, jnp.zeros((2, 1)))[1]
+    online = eqtrace.online_gradient(
+        step, loss, params, state, trace, xs, jnp.zeros((2, 1)), reduction="sum"
+    )[1]
     assert np.allclose(online.layers[0].input_op.weight, grad_u, rtol=1e-12)
     assert np.allclose(online.layers[1].op.weight, grad_w, rtol=1e-12)
 

@@ -152,12 +152,14 @@ def test_exact_rule_batch_equals_loop_and_bptt(algorithm, getkey, rng):
     mean_loss = batch_mean(squared_loss)
 
     loss, batched, _, _ = eqtrace.online_gradient(
-        batched_step, mean_loss, params, state, trace, xs, targets
+        batched_step, mean_loss, params, state, trace, xs, targets, reduction="sum"
     )
 
     state0, trace0 = eqtrace.init_state_and_trace(model, algorithm)
     per_sample = [
-        eqtrace.online_gradient(online_step, squared_loss, params, state0, trace0, x, target)
+        eqtrace.online_gradient(
+            online_step, squared_loss, params, state0, trace0, x, target, reduction="sum"
+        )
         for x, target in zip(unstack(xs.swapaxes(0, 1)), unstack(targets.swapaxes(0, 1)))
     ]
     loop_loss = sum(out[0] for out in per_sample) / batch
@@ -166,7 +168,9 @@ def test_exact_rule_batch_equals_loop_and_bptt(algorithm, getkey, rng):
     assert relative_error(batched, loop_grads) <= 1e-9
 
     forward_step = jax.vmap(eqtrace.make_forward_step(static), in_axes=(None, 0, 0))
-    bptt_loss, bptt, _ = eqtrace.bptt_gradient(forward_step, mean_loss, params, state, xs, targets)
+    bptt_loss, bptt, _ = eqtrace.bptt_gradient(
+        forward_step, mean_loss, params, state, xs, targets, reduction="sum"
+    )
     assert np.allclose(loss, bptt_loss, rtol=1e-12)
     assert relative_error(batched, bptt) <= 1e-9
 
@@ -177,7 +181,7 @@ def test_bptt_matches_finite_differences(getkey, rng):
     xs, targets = random_sequence(rng, model, 4, INPUT)
     state = random_state(rng, model)
     _, grads, _ = eqtrace.bptt_gradient(
-        eqtrace.make_forward_step(static), squared_loss, params, state, xs, targets
+        eqtrace.make_forward_step(static), squared_loss, params, state, xs, targets, reduction="sum"
     )
 
     theta, unravel = ravel_pytree(params)
@@ -198,7 +202,14 @@ def _truncated(model, xs, targets, window, state=None):
     params, static = eqx.partition(model, eqx.is_inexact_array)
     state = model.init_state() if state is None else state
     return eqtrace.truncated_bptt_gradient(
-        eqtrace.make_forward_step(static), squared_loss, params, state, xs, targets, window
+        eqtrace.make_forward_step(static),
+        squared_loss,
+        params,
+        state,
+        xs,
+        targets,
+        window,
+        reduction="sum",
     )
 
 
@@ -208,7 +219,7 @@ def test_truncated_bptt_long_window_is_bptt(getkey, rng):
     xs, targets = random_sequence(rng, model, LENGTH, INPUT)
     state = random_state(rng, model)
     bptt_loss, bptt, bptt_final = eqtrace.bptt_gradient(
-        eqtrace.make_forward_step(static), squared_loss, params, state, xs, targets
+        eqtrace.make_forward_step(static), squared_loss, params, state, xs, targets, reduction="sum"
     )
     for window in [LENGTH, LENGTH + 3]:
         loss, grads, final = _truncated(model, xs, targets, window, state)
@@ -255,7 +266,7 @@ def test_truncated_bptt_uneven_windows(getkey, rng):
     for start in range(0, length, window):
         piece = slice(start, start + window)
         piece_loss, piece_grads, state = eqtrace.bptt_gradient(
-            forward_step, squared_loss, params, state, xs[piece], targets[piece]
+            forward_step, squared_loss, params, state, xs[piece], targets[piece], reduction="sum"
         )
         expected_loss += piece_loss
         expected = jtu.tree_map(jnp.add, expected, piece_grads)
@@ -352,7 +363,9 @@ def test_train_online_multisteps_applies_mean_gradient_every_k(getkey, rng):
     new_params, opt_state, *_ = eqtrace.train_online(
         step, squared_loss, optimizer, params, optimizer.init(params), state, trace, xs, targets
     )
-    _, summed, _, _ = eqtrace.online_gradient(step, squared_loss, params, state, trace, xs, targets)
+    _, summed, _, _ = eqtrace.online_gradient(
+        step, squared_loss, params, state, trace, xs, targets, reduction="sum"
+    )
     adam = optax.adam(1e-2)
     updates, _ = adam.update(jtu.tree_map(lambda g: g / k, summed), adam.init(params), params)
     expected = optax.apply_updates(params, updates)
@@ -398,7 +411,7 @@ def test_drivers_do_not_retrace(getkey, rng):
     online_drivers = {
         "run_online": lambda step, xs, ts: eqtrace.run_online(step, params, state, trace, xs),
         "online_gradient": lambda step, xs, ts: eqtrace.online_gradient(
-            step, mean_loss, params, state, trace, xs, ts
+            step, mean_loss, params, state, trace, xs, ts, reduction="sum"
         ),
         "train_online": lambda step, xs, ts: eqtrace.train_online(
             step, mean_loss, optimizer, params, opt_state, state, trace, xs, ts
@@ -406,10 +419,10 @@ def test_drivers_do_not_retrace(getkey, rng):
     }
     forward_drivers = {
         "bptt_gradient": lambda step, xs, ts: eqtrace.bptt_gradient(
-            step, mean_loss, params, state, xs, ts
+            step, mean_loss, params, state, xs, ts, reduction="sum"
         ),
         "truncated_bptt_gradient": lambda step, xs, ts: eqtrace.truncated_bptt_gradient(
-            step, mean_loss, params, state, xs, ts, 3
+            step, mean_loss, params, state, xs, ts, 3, reduction="sum"
         ),
     }
     for name, driver in [*online_drivers.items(), *forward_drivers.items()]:
@@ -431,7 +444,9 @@ def test_drivers_do_not_retrace(getkey, rng):
     batched_step = jax.vmap(step, in_axes=(None, 0, 0))
     for _ in range(2):
         xs, targets = random_sequence(rng, model, LENGTH, INPUT, (batch,))
-        eqtrace.truncated_bptt_gradient(batched_step, mean_loss, params, state, xs, targets, 4)
+        eqtrace.truncated_bptt_gradient(
+            batched_step, mean_loss, params, state, xs, targets, 4, reduction="sum"
+        )
     assert eqx.debug.get_num_traces(step) == 2
 
 

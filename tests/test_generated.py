@@ -218,7 +218,15 @@ def weights(length: int, *, first_only: bool = False) -> jax.Array:
 def online(step, p: Problem, trace, w, block_size=None):
     """`(loss, grads, state, trace)` of `online_gradient` on the problem with step weights `w`."""
     return eqtrace.online_gradient(
-        step, weighted_loss, p.params, p.state, trace, p.xs, (p.targets, w), block_size=block_size
+        step,
+        weighted_loss,
+        p.params,
+        p.state,
+        trace,
+        p.xs,
+        (p.targets, w),
+        block_size=block_size,
+        reduction="sum",
     )
 
 
@@ -450,6 +458,7 @@ def test_online_rules_against_oracles(case, ppprop, uoro_seed):
         p.state,
         p.xs,
         (p.targets, every),
+        reduction="sum",
     )
     rtrl = eqtrace.RTRL()
     step = eqtrace.make_online_step(rtrl, p.static)
@@ -608,6 +617,7 @@ def test_blocks_batches_and_jit(case, algorithm, batch, block):
         traces,
         p.xs,
         (p.targets, every),
+        reduction="sum",
     )
     mean_loss, mean_grads = jtu.tree_map(lambda *a: sum(a) / batch, *[r[:2] for r in loop])
     stacked = jtu.tree_map(lambda *a: jnp.stack(a), *[r[2:] for r in loop])

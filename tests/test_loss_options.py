@@ -61,12 +61,20 @@ def test_online_options_equal_the_hand_written_recipe(block_size):
     xs, label = _data()
     broadcast = jnp.broadcast_to(label, (LENGTH, *label.shape))
     kwargs = dict(block_size=block_size)
-    expected_loss, expected, _, _ = eqtrace.online_gradient(
-        step, _flagged_loss, params, state, trace, xs, (broadcast, WEIGHTS), **kwargs
+    expected_loss, expected, _, _ = eqtrace.online_gradient(  # the weighted sum, by hand
+        step,
+        _flagged_loss,
+        params,
+        state,
+        trace,
+        xs,
+        (broadcast, WEIGHTS),
+        reduction="sum",
+        **kwargs,
     )
     for targets, sequence_targets in [(broadcast, False), (label, True)]:
         loss, grads, _, _ = eqtrace.online_gradient(
-            step, mse, params, state, trace, xs, targets,
+            step, mse, params, state, trace, xs, targets, reduction="sum",
             step_weights=WEIGHTS, sequence_targets=sequence_targets, **kwargs,
         )  # fmt: skip
         assert jnp.allclose(loss, expected_loss, rtol=1e-12)
@@ -85,12 +93,16 @@ def test_mean_without_weights_divides_by_the_length():
     params, step, forward, state, trace = _setup(eqtrace.RTRL(), model)
     xs, label = _data()
     targets = jnp.broadcast_to(label, (LENGTH, *label.shape))
-    summed = eqtrace.online_gradient(step, mse, params, state, trace, xs, targets)
+    summed = eqtrace.online_gradient(step, mse, params, state, trace, xs, targets, reduction="sum")
     mean = eqtrace.online_gradient(step, mse, params, state, trace, xs, targets, reduction="mean")
+    default = eqtrace.online_gradient(step, mse, params, state, trace, xs, targets)
+    assert jnp.array_equal(default[0], mean[0]) and tree_allclose(default[1], mean[1], rtol=0)
     assert jnp.allclose(mean[0], summed[0] / LENGTH, rtol=1e-12)
     assert tree_allclose(mean[1], jtu.tree_map(lambda g: g / LENGTH, summed[1]), rtol=1e-12)
-    bptt_sum = eqtrace.bptt_gradient(forward, mse, params, state, xs, targets)
+    bptt_sum = eqtrace.bptt_gradient(forward, mse, params, state, xs, targets, reduction="sum")
     bptt_mean = eqtrace.bptt_gradient(forward, mse, params, state, xs, targets, reduction="mean")
+    bptt_default = eqtrace.bptt_gradient(forward, mse, params, state, xs, targets)
+    assert tree_allclose(bptt_default[1], bptt_mean[1], rtol=0)
     assert tree_allclose(bptt_mean[1], jtu.tree_map(lambda g: g / LENGTH, bptt_sum[1]))
     # RTRL is exact: its mean equals BPTT's.
     assert tree_allclose(mean[1], bptt_mean[1], rtol=1e-8)
@@ -139,7 +151,7 @@ def test_truncated_bptt_options():
     xs, label = _data()
     broadcast = jnp.broadcast_to(label, (LENGTH, *label.shape))
     expected_loss, expected, _ = eqtrace.truncated_bptt_gradient(
-        forward, _flagged_loss, params, state, xs, (broadcast, WEIGHTS), 3
+        forward, _flagged_loss, params, state, xs, (broadcast, WEIGHTS), 3, reduction="sum"
     )
     loss, grads, _ = eqtrace.truncated_bptt_gradient(
         forward, mse, params, state, xs, label, 3, reduction="mean",
@@ -176,7 +188,7 @@ def test_train_online_with_a_loss_on_the_last_step(block_size):
     )  # fmt: skip
     _, grads, _, _ = eqtrace.online_gradient(
         step, mse, params, state, trace, xs, label, block_size=block_size,
-        step_weights=last, sequence_targets=True,
+        step_weights=last, sequence_targets=True, reduction="sum",
     )  # fmt: skip
     if block_size is not None:
         grads = jtu.tree_map(lambda g: g / block_size, grads)  # one update: the block's mean
@@ -234,10 +246,14 @@ def test_a_sequence_of_no_steps_sums_to_zero():
     zeros = jtu.tree_map(jnp.zeros_like, params)
     sgd = optax.sgd(0.1)
     results = [
-        eqtrace.online_gradient(step, mse, params, state, trace, xs, targets),
-        eqtrace.online_gradient(block, mse, params, state, trace, xs, targets, block_size=2),
-        eqtrace.bptt_gradient(forward, mse, params, state, xs, targets),
-        eqtrace.truncated_bptt_gradient(forward, mse, params, state, xs, targets, 2),
+        eqtrace.online_gradient(step, mse, params, state, trace, xs, targets, reduction="sum"),
+        eqtrace.online_gradient(
+            block, mse, params, state, trace, xs, targets, block_size=2, reduction="sum"
+        ),
+        eqtrace.bptt_gradient(forward, mse, params, state, xs, targets, reduction="sum"),
+        eqtrace.truncated_bptt_gradient(
+            forward, mse, params, state, xs, targets, 2, reduction="sum"
+        ),
     ]
     for loss, grads, *_ in results:
         assert loss == 0 and tree_allclose(grads, zeros, rtol=0, atol=0)

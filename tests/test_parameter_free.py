@@ -83,9 +83,11 @@ def test_blocks_equal_steps_with_a_front_end(rng, front_end):
 
     step = eqtrace.make_online_step(algorithm, static)
     block = eqtrace.make_online_block(algorithm, static)
-    stepped = eqtrace.online_gradient(step, loss_fn, params, state, trace, xs, targets)
+    stepped = eqtrace.online_gradient(
+        step, loss_fn, params, state, trace, xs, targets, reduction="sum"
+    )
     blocked = eqtrace.online_gradient(
-        block, loss_fn, params, state, trace, xs, targets, block_size=3
+        block, loss_fn, params, state, trace, xs, targets, block_size=3, reduction="sum"
     )
     assert tree_allclose(stepped, blocked, rtol=1e-10, atol=1e-12)
     report = eqtrace.check(model, algorithm)
@@ -121,10 +123,10 @@ def test_exact_windows_differentiate_a_front_end_through_its_state(rng, front_en
     block = eqtrace.make_online_block(algorithm, static)
     trace = algorithm.init_trace(model, state, xs[0])
     _, windowed, _, _ = eqtrace.online_gradient(
-        block, loss_fn, params, state, trace, xs, targets, block_size=5
+        block, loss_fn, params, state, trace, xs, targets, block_size=5, reduction="sum"
     )
     _, bptt, _ = eqtrace.bptt_gradient(
-        eqtrace.make_forward_step(static), loss_fn, params, state, xs, targets
+        eqtrace.make_forward_step(static), loss_fn, params, state, xs, targets, reduction="sum"
     )
     assert tree_allclose(windowed, bptt, rtol=1e-9, atol=1e-12)
 

@@ -55,13 +55,17 @@ def _online(algorithm, model, xs, targets, state=None):
     state = model.init_state() if state is None else state
     trace = algorithm.init_trace(model, state, xs[0])
     step = eqtrace.make_online_step(algorithm, static)
-    return eqtrace.online_gradient(step, squared_loss, params, state, trace, xs, targets)[1]
+    return eqtrace.online_gradient(
+        step, squared_loss, params, state, trace, xs, targets, reduction="sum"
+    )[1]
 
 
 def _bptt(model, xs, targets):
     params, static = eqx.partition(model, eqx.is_inexact_array)
     step = eqtrace.make_forward_step(static)
-    return eqtrace.bptt_gradient(step, squared_loss, params, model.init_state(), xs, targets)[1]
+    return eqtrace.bptt_gradient(
+        step, squared_loss, params, model.init_state(), xs, targets, reduction="sum"
+    )[1]
 
 
 def _sequence(key, scale=1.0):

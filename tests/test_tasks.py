@@ -263,7 +263,14 @@ def test_a_batch_feeds_the_drivers(getkey):
         return jnp.sum(mask * losses) / mask.shape[0]
 
     loss, grads, _, _ = eqtrace.online_gradient(
-        step, loss_fn, params, state, trace, batch.inputs, (batch.targets, batch.mask)
+        step,
+        loss_fn,
+        params,
+        state,
+        trace,
+        batch.inputs,
+        (batch.targets, batch.mask),
+        reduction="sum",
     )
     assert np.isfinite(float(loss)) and float(loss) > 0
     assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))

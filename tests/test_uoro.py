@@ -46,7 +46,7 @@ def _uoro_and_rtrl(model, xs, targets, keys):
         state, trace = eqtrace.init_state_and_trace(model, algorithm, key=key)
         step = eqtrace.make_online_step(algorithm, static)
         _, grads, _, _ = eqtrace.online_gradient(
-            step, squared_loss, params, state, trace, xs, targets
+            step, squared_loss, params, state, trace, xs, targets, reduction="sum"
         )
         return ravel_pytree(grads)[0]
 

@@ -159,9 +159,11 @@ def test_registered_op_blocks_equal_steps(algorithm):
 
     step = eqtrace.make_online_step(algorithm, static)
     block = eqtrace.make_online_block(algorithm, static)
-    _, stepped, _, _ = eqtrace.online_gradient(step, loss, params, state, trace, xs, targets)
+    _, stepped, _, _ = eqtrace.online_gradient(
+        step, loss, params, state, trace, xs, targets, reduction="sum"
+    )
     _, blocked, _, _ = eqtrace.online_gradient(
-        block, loss, params, state, trace, xs, targets, block_size=4
+        block, loss, params, state, trace, xs, targets, block_size=4, reduction="sum"
     )
     assert relative_error(blocked, stepped) <= 1e-10
 

@@ -48,7 +48,9 @@ def _windows(rule, static, params, state, trace, xs, targets, k, batched=False):
     if batched:
         block = jax.vmap(block, in_axes=(None, 0, 0, 1), out_axes=(0, 0, 1))
         loss_fn = _batch_loss
-    return eqtrace.online_gradient(block, loss_fn, params, state, trace, xs, targets, block_size=k)
+    return eqtrace.online_gradient(
+        block, loss_fn, params, state, trace, xs, targets, block_size=k, reduction="sum"
+    )
 
 
 @eqx.filter_jit
@@ -110,7 +112,7 @@ def limits_problem():
         model.init_state(),
     )
     forward = jax.vmap(eqtrace.make_forward_step(static), in_axes=(None, 0, 0))
-    bptt = eqtrace.bptt_gradient(forward, _batch_loss, params, state, xs, targets)
+    bptt = eqtrace.bptt_gradient(forward, _batch_loss, params, state, xs, targets, reduction="sum")
     return model, params, static, state, xs, targets, bptt
 
 
@@ -126,7 +128,9 @@ def test_window_of_one_is_the_rule_and_of_all_is_bptt(case, limits_problem):
     except ValueError as refusal:  # a rule made for other models (e.g. spiking layers only)
         pytest.skip(f"{case.name} refuses the model: {refusal}")
     step = jax.vmap(eqtrace.make_online_step(rule, static), in_axes=(None, 0, 0, 0))
-    stepped = eqtrace.online_gradient(step, _batch_loss, params, state, trace, xs, targets)
+    stepped = eqtrace.online_gradient(
+        step, _batch_loss, params, state, trace, xs, targets, reduction="sum"
+    )
     one = _windows(rule, static, params, state, trace, xs, targets, 1, batched=True)
     assert relative_error(one, stepped) <= 1e-12
 
@@ -156,7 +160,7 @@ def test_drtrl_windows_are_bptt_on_elementwise_layers(name, getkey, rng):
         rule, static, params, state, rule.init_trace(model, state), xs, targets, 3
     )
     _, bptt, _ = eqtrace.bptt_gradient(
-        eqtrace.make_forward_step(static), squared_loss, params, state, xs, targets
+        eqtrace.make_forward_step(static), squared_loss, params, state, xs, targets, reduction="sum"
     )
     assert relative_error(grads, bptt) <= 1e-9
 
@@ -188,7 +192,13 @@ def test_windows_follow_their_definition(length, k, case, seed):
     assert relative_error(windows, reference) <= 1e-10
     if case.exact:
         _, bptt, _ = eqtrace.bptt_gradient(
-            eqtrace.make_forward_step(static), squared_loss, params, state, xs, targets
+            eqtrace.make_forward_step(static),
+            squared_loss,
+            params,
+            state,
+            xs,
+            targets,
+            reduction="sum",
         )
         assert relative_error(windows[1], bptt) <= 1e-9
 

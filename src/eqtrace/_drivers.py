@@ -502,11 +502,12 @@ def online_gradient(
     targets: Any,
     *,
     block_size: int | None = None,
-    reduction: Reduction = "sum",
+    reduction: Reduction = "mean",
     step_weights: StepWeights | None = None,
     sequence_targets: bool = False,
 ) -> tuple[Scalar, Params, State, Trace]:
-    """Accumulates the online gradient of `Σ_t w_t loss_fn(y_t, target_t)` over a sequence.
+    """Accumulates the online gradient of the mean `Σ_t w_t loss_fn(y_t, target_t) / Σ_t w_t`
+    over a sequence (or of the sum, with `reduction="sum"`).
 
     Memory is constant in the sequence length: the gradient of each step is taken within the
     step (or within its block) and summed, never through the whole scan.
@@ -525,9 +526,10 @@ def online_gradient(
       shorter block takes the remainder). The result is the same; the extra memory is that of
       one block's per-step Jacobians. A step from `make_online_step` with `block_size`, or a
       block from `make_online_block` without it, raises a `TypeError`.
-    - `reduction`: `"sum"` (the default) adds the steps' losses and gradients; `"mean"` divides
-      the sums by `Σ_t w_t` (by `T` without `step_weights`), so that the learning rate does not
-      depend on the sequence length.
+    - `reduction`: `"mean"` (the default) divides the summed losses and gradients by
+      `Σ_t w_t` (by `T` without `step_weights`), so that the loss reads as a per-step loss and
+      the learning rate does not depend on the sequence length, as in Optax's losses;
+      `"sum"` keeps the sums (a sequence of no steps then gives zeros instead of an error).
     - `step_weights`: optional weights `w_t` of the steps' losses, shape `(T,)`, booleans or
       floats: `jnp.arange(T) == T - 1` puts the loss on the last step only. (Per-sample masks
       belong in `loss_fn`, which sees the whole batch.)
@@ -911,12 +913,13 @@ def bptt_gradient(
     xs: Input,
     targets: Any,
     *,
-    reduction: Reduction = "sum",
+    reduction: Reduction = "mean",
     step_weights: StepWeights | None = None,
     sequence_targets: bool = False,
 ) -> tuple[Scalar, Params, State]:
-    """The reference gradient: `jax.grad` of `Σ_t w_t loss_fn(y_t, target_t)` through
-    `lax.scan` (backpropagation through time; memory grows linearly with the sequence length).
+    """The reference gradient: `jax.grad` of the mean (by default) or sum over the steps of
+    `w_t loss_fn(y_t, target_t)` through `lax.scan` (backpropagation through time; memory
+    grows linearly with the sequence length).
 
     **Arguments:**
 
@@ -952,7 +955,7 @@ def truncated_bptt_gradient(
     targets: Any,
     window: int,
     *,
-    reduction: Reduction = "sum",
+    reduction: Reduction = "mean",
     step_weights: StepWeights | None = None,
     sequence_targets: bool = False,
 ) -> tuple[Scalar, Params, State]:
@@ -967,8 +970,8 @@ def truncated_bptt_gradient(
     - `window`: the number of steps per window (a last, shorter window takes the remainder);
       `window >= T` is plain BPTT.
 
-    **Returns:** `(loss, grads, final_state)`: the reduced loss, the sum (or mean) of the
-    windows' gradients, and the state after the last step.
+    **Returns:** `(loss, grads, final_state)`: the reduced loss, the mean (or, with
+    `reduction="sum"`, the sum) of the windows' gradients, and the state after the last step.
     """
     check_count("truncated_bptt_gradient", "window", window)
     _check_forward("truncated_bptt_gradient", forward_step)
