@@ -172,6 +172,7 @@ def membrane(
             ax.plot(time, thresholds[:, i], ls="--", lw=0.8, color=line.get_color())
     elif threshold is not None:
         ax.axhline(float(threshold), ls="--", lw=0.8, color="grey", label="threshold")
+    ax.set_xlim(0.0, length * dt)  # as `raster`, so that the two line up
     ax.set_xlabel("time (ms)")
     ax.set_ylabel("membrane potential")
     if len(chosen) <= 10:
