@@ -547,27 +547,21 @@ def memory_per_sample(task: Task, algorithm, model) -> tuple[int, int, str]:
 
 
 def make_evaluate(task: Task, static) -> Callable:
-    """`evaluate(params, xs, targets) -> (accuracy, rate in Hz or nan)` on a set of sequences."""
-    forward = jax.vmap(eqtrace.make_forward_step(static), in_axes=(None, 0, 0))
+    """`evaluate(params, xs, targets) -> (accuracy, rate in Hz or nan)` on a set of sequences,
+    by `eqtrace.tasks.evaluate`: the class of the read-out summed over the decision window (for
+    MNIST-1D, the last step) against the label, and the spiking layer's mean rate."""
 
     @eqx.filter_jit
     def evaluate(params, xs, targets):
         model = eqx.combine(params, static)
-        labels = targets[0][-1] if task.spiking else targets
-        state = jax.vmap(lambda _: model.init_state())(labels)
-
-        def body(state, x):
-            state, y = forward(params, state, x)
-            return state, (state, y)
-
-        _, (states, ys) = jax.lax.scan(body, state, xs)
         if task.spiking:
-            vote = jnp.mean(ys[task.length - task.window :], axis=0)
-            spikes = model.layers[0].output(states[0])  # (T, B, hidden)
-            rate = 1000.0 * jnp.mean(spikes)  # dt = 1 ms
-        else:
-            vote, rate = ys[-1], jnp.nan
-        return jnp.mean(jnp.argmax(vote, axis=-1) == labels), rate
+            labels, mask = targets
+        else:  # one label per sequence, answered at the last step
+            labels = jnp.broadcast_to(targets, xs.shape[:2])
+            mask = jnp.zeros(xs.shape[:2], bool).at[-1].set(True)
+        result = eqtrace.tasks.evaluate(model, eqtrace.tasks.Batch(xs, labels, mask))
+        rate = result.rates[0] if task.spiking else jnp.nan
+        return result.accuracy, rate
 
     return evaluate
 

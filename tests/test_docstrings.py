@@ -17,7 +17,13 @@ def _public(module):
     return [(name, obj) for name, obj in objects if not inspect.ismodule(obj)]
 
 
-PUBLIC = _public(eqtrace) + _public(nn) + _public(nn.surrogate)
+PUBLIC = (
+    _public(eqtrace)
+    + _public(nn)
+    + _public(nn.surrogate)
+    + _public(eqtrace.tasks)
+    + _public(eqtrace.plot)
+)
 FUNCTIONS = [
     (name, obj)
     for name, obj in PUBLIC

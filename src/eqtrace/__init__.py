@@ -2,7 +2,7 @@
 
 from importlib.metadata import version as _version
 
-from . import nn as nn, tasks as tasks
+from . import nn as nn, plot as plot, tasks as tasks
 from ._algorithm import AbstractAlgorithm as AbstractAlgorithm
 from ._algorithms._drtrl import DRTRL as DRTRL, DRTRLTrace as DRTRLTrace
 from ._algorithms._eprop import EProp as EProp, EPropTrace as EPropTrace

@@ -11,4 +11,5 @@ from ._lstm import LSTMCell as LSTMCell
 from ._mingru import MinGRUCell as MinGRUCell
 from ._readout import LeakyReadout as LeakyReadout
 from ._rnn import GRUCell as GRUCell, RNNCell as RNNCell
-from ._spiking import ALIF as ALIF, LIF as LIF
+from ._spikes import firing_rates as firing_rates, spikes as spikes
+from ._spiking import ALIF as ALIF, LIF as LIF, AbstractSpikingCell as AbstractSpikingCell

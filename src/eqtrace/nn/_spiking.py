@@ -1,5 +1,6 @@
+import abc
 import math
-from typing import Literal
+from typing import Any, Literal
 
 import equinox as eqx
 import jax.numpy as jnp
@@ -13,6 +14,35 @@ from ._surrogate import AbstractSurrogate, FastSigmoid
 
 
 _SpikingState = tuple[Float[Array, " hidden"], ...]
+
+
+class AbstractSpikingCell(AbstractCell):
+    """A cell of spiking neurons: an [`eqtrace.AbstractCell`][] that says where its spikes are.
+
+    Besides the methods of every cell, a spiking cell implements `spikes(state)`, the spikes of
+    one sample's state, and has a time step `dt` in milliseconds. This is what
+    [`eqtrace.nn.spikes`][], [`eqtrace.nn.firing_rates`][] and [`eqtrace.tasks.evaluate`][]
+    read, so that they need not know how each cell stores its spikes ([`eqtrace.nn.LIF`][]
+    computes them from the membrane potential, [`eqtrace.nn.ALIF`][] keeps them as the last
+    leaf of its state). A cell of your own declares its spikes the same way:
+
+    ```python
+    class MyNeuron(eqtrace.nn.AbstractSpikingCell):
+        ...
+        dt: float = eqx.field(static=True)  # ms
+
+        def spikes(self, state):
+            return state[1]
+    ```
+    """
+
+    dt: eqx.AbstractVar[float]
+
+    @abc.abstractmethod
+    def spikes(self, state: Any) -> Float[Array, " hidden"]:
+        """The spikes of `state`, one sample's state: one value per neuron, 1 where the
+        neuron fires and 0 elsewhere (in the forward pass; a surrogate gradient may flow
+        through it)."""
 
 
 def _check_positive(cls: str, **values: float | int) -> None:
@@ -75,7 +105,7 @@ def _membrane(cell, v: Array, s: Array, current: Array) -> Array:
     return alpha * (1 - s) * v + current
 
 
-class LIF(AbstractCell):
+class LIF(AbstractSpikingCell):
     """Leaky integrate-and-fire neurons in discrete time, optionally recurrent and with a
     current-based synapse (Bellec et al., 2020, "A solution to the learning dilemma for
     recurrent networks of spiking neurons").
@@ -99,7 +129,7 @@ class LIF(AbstractCell):
     The reset is differentiated like everything else (no stop-gradient).
 
     The state is the tuple `(v,)`, or `(v, i)` with a synapse, every leaf of shape
-    `(hidden_size,)`; the output is the spikes `s = output(state)`, computed from `v`. (The
+    `(hidden_size,)`; the output is the spikes `s = spikes(state)`, computed from `v`. (The
     spikes need no state leaf of their own: `s_t` is a fixed function of `v_t`, and an extra
     leaf would cost the online rules a third more trace for no information. `ALIF` keeps one
     because its spike function has a learnable parameter, `β`.) The weights are synaptic ops
@@ -188,7 +218,7 @@ class LIF(AbstractCell):
     def __call__(
         self, state: _SpikingState, x: Float[Array, " input"]
     ) -> tuple[_SpikingState, Float[Array, " hidden"]]:
-        s = self.output(state)  # the previous step's spikes
+        s = self.spikes(state)  # the previous step's spikes
         v, i = state if self.synapse else (state[0], None)
         current = _synaptic_input(self, s, x)
         if i is not None:
@@ -198,12 +228,16 @@ class LIF(AbstractCell):
         new_state = (v,) if i is None else (v, i)
         return new_state, self.output(new_state)
 
-    def output(self, state: _SpikingState) -> Float[Array, " hidden"]:
+    def spikes(self, state: _SpikingState) -> Float[Array, " hidden"]:
         """The spikes `s = H((v − ϑ)/ϑ)` of the state."""
         return self.surrogate((state[0] - self.threshold) / self.threshold)
 
+    def output(self, state: _SpikingState) -> Float[Array, " hidden"]:
+        """The spikes of the state, `spikes(state)`."""
+        return self.spikes(state)
 
-class ALIF(AbstractCell):
+
+class ALIF(AbstractSpikingCell):
     """Adaptive leaky integrate-and-fire neurons (Bellec et al., 2018, "Long short-term memory
     and learning-to-learn in networks of spiking neurons"; in the form of Bellec et al., 2020).
 
@@ -337,6 +371,10 @@ class ALIF(AbstractCell):
         new_state = (v, a, s) if i is None else (v, i, a, s)
         return new_state, self.output(new_state)
 
-    def output(self, state: _SpikingState) -> Float[Array, " hidden"]:
+    def spikes(self, state: _SpikingState) -> Float[Array, " hidden"]:
         """The spikes `s`, the last leaf of the state."""
         return state[-1]
+
+    def output(self, state: _SpikingState) -> Float[Array, " hidden"]:
+        """The spikes of the state, `spikes(state)`."""
+        return self.spikes(state)
