@@ -295,7 +295,8 @@ def _hand_written_cuba(rng):
 def _hand_written_adaptive(rng):
     """Input(3) → Affine → LI (membrane, per-neuron τ, r and v_leak) → Threshold (per-neuron
     thresholds), with an arbitrary Linear loop into the membrane (a reset by subtraction
-    plus recurrent weights) and an LI loop into the Threshold (adaptation) → Linear → Output."""
+    plus recurrent weights) and an LI loop into the Threshold (adaptation, which lowers the
+    threshold of some neurons) → Linear → Output."""
     u = rng.uniform
     theta = u(0.5, 1.5, 4)
     return nir.NIRGraph(
@@ -305,7 +306,7 @@ def _hand_written_adaptive(rng):
             "mem": nir.LI(tau=u(10, 30, 4), r=u(5, 20, 4), v_leak=u(0, 0.2, 4)),
             "spike": nir.Threshold(threshold=theta),
             "loop": nir.Linear(weight=u(-0.05, 0.05, (4, 4)) - np.diag(theta / 10)),
-            "adapt": nir.LI(tau=u(50, 200, 4), r=-u(5, 50, 4), v_leak=np.zeros(4)),
+            "adapt": nir.LI(tau=u(50, 200, 4), r=u(-50, 10, 4), v_leak=np.zeros(4)),
             "read": nir.Linear(weight=u(-1, 1, (2, 4))),
             "out": nir.Output(output_type={"output": np.array([2])}),
         },
@@ -519,14 +520,28 @@ REFUSED_GRAPHS = {
         ValueError,
         r"loops from 'n2' into the membrane 'n1' are not the reset by subtraction",
     ),
-    "negative_adaptation": (
+    "linear_loop_into_threshold": (
         lambda: _chain(
             _li(),
             nir.Threshold(threshold=np.ones(3)),
-            loops=[("adapt", _li(r=np.ones(3)), "n1", "n1")],
+            loops=[("w", EYE, "n1", "n1")],
         ),
         ValueError,
-        r"adaptation 'adapt' changes the threshold of 'n1' by .* non-negative",
+        r"Threshold 'n1' receives the loops through 'w' \(nir.Linear\), but .* adaptation",
+    ),
+    "loop_around_weights": (
+        lambda: _chain(EYE, _lif(), loops=[("w", EYE, "n0", "n0")]),
+        ValueError,
+        r"loop through 'w' goes from 'n0' back to 'n0', which are not the neurons of a layer",
+    ),
+    "unknown_node": (
+        lambda: nir.NIRGraph(
+            nodes={"in": nir.Input(input_type={"input": np.array([3])}), "a": _lif()},
+            edges=[("in", "a"), ("a", "out")],
+            type_check=False,
+        ),
+        ValueError,
+        r"the edge \('a', 'out'\) names a node the graph does not have",
     ),
     "no_neurons": (
         lambda: _chain(nir.Affine(weight=np.ones((2, 3)), bias=np.zeros(2))),

@@ -68,10 +68,6 @@ def _leak(dt: float, tau: np.ndarray) -> np.ndarray:
     return -np.expm1(-dt / tau)
 
 
-# --------------------------------------------------------------------------------------------
-# Export
-
-
 class _Builder:
     def __init__(self):
         self.nodes: dict[str, Any] = {}
@@ -130,11 +126,12 @@ def _sizes(index: int, layer: Any) -> tuple[int, int]:
             "Only eqtrace's spiking cells have NIR counterparts; a rate-based or other cell "
             "cannot be described with NIR's neuron primitives."
         )
+    elif isinstance(layer, eqx.Module) and not isinstance(layer, eqx.nn.Lambda):
+        why = "eqtrace exports no other layer."
     else:
         why = (
-            "A stateless function (an activation, a reshape) has no NIR primitive: NIR's "
-            "element-wise nodes are linear or spiking. Remove it from the network to export, "
-            "or express it with the layers above."
+            "A stateless function (an activation, a reshape) has no NIR primitive: NIR's only "
+            "non-linearity is the spike. Remove it from the network to export."
         )
     raise TypeError(
         f"to_nir: layer {index} ({_describe(layer)}) has no NIR counterpart. eqtrace exports "
@@ -185,10 +182,8 @@ def _export_spiking(nir, graph: _Builder, index: int, cell: LIF | ALIF, source: 
     size, scale = cell.hidden_size, dt / cell.dt
     zeros, threshold = np.zeros(size), np.full(size, cell.threshold)
     tau_mem = _time_constants(cell.log_tau_mem, cell.tau_mem, size, scale)
-    r_mem = 1 / _leak(dt, tau_mem)
-    if cell.synapse:
-        tau_syn = _time_constants(cell.log_tau_syn, cell.tau_syn, size, scale)
-        r_syn = 1 / _leak(dt, tau_syn)
+    tau_syn = _time_constants(cell.log_tau_syn, cell.tau_syn, size, scale)
+    r_mem, r_syn = 1 / _leak(dt, tau_mem), 1 / _leak(dt, tau_syn)
     inputs = graph.add(
         f"{name}.input_weight", _dense_node(nir, cell.input_op, f"layer {index}"), source
     )
@@ -292,6 +287,11 @@ def to_nir(model: AbstractCell, *, dt: float | None = None) -> "nir.NIRGraph":
     discretisation (NIR asks readers not to rely on metadata).
     """
     nir = _nir_module()
+    if not isinstance(model, AbstractCell):
+        raise TypeError(
+            "to_nir: `model` must be an eqtrace.nn.Sequential or a spiking cell, but received "
+            f"{_describe(model)}. Wrap the layers in eqtrace.nn.Sequential([...])."
+        )
     layers = _layers(model)
     sizes = [_sizes(index, layer) for index, layer in enumerate(layers)]
     for index in range(1, len(layers)):
@@ -313,9 +313,6 @@ def to_nir(model: AbstractCell, *, dt: float | None = None) -> "nir.NIRGraph":
     return nir.NIRGraph(nodes=graph.nodes, edges=graph.edges, metadata=metadata)
 
 
-# --------------------------------------------------------------------------------------------
-# Import
-
 _PASS = object()  # an inner Input or Output node of a subgraph: it only passes its signal on
 
 
@@ -326,7 +323,7 @@ def _inline_subgraphs(nir, graph, prefix: str = "") -> tuple[dict[str, Any], lis
     edges: list[tuple[str, str]] = []
 
     def port(name: str, kind) -> str:
-        node = graph.nodes[name]
+        node = graph.nodes.get(name)  # an unknown name is refused with the chain
         if not isinstance(node, nir.NIRGraph):
             return prefix + name
         ports = [key for key, inner in node.nodes.items() if isinstance(inner, kind)]
@@ -374,6 +371,16 @@ def _reaches(start: str, goal: str, successors: dict[str, list[str]], avoid: set
 def _chain(nir, nodes: dict[str, Any], edges: list) -> tuple[list[str], list[tuple]]:
     """The path of nodes from the Input to the Output, and the loops hanging off it, as
     `(source on the path, node on the loop, target on the path)`."""
+    successors: dict[str, list[str]] = {key: [] for key in nodes}
+    predecessors: dict[str, list[str]] = {key: [] for key in nodes}
+    for a, b in edges:
+        if a not in nodes or b not in nodes:
+            raise ValueError(
+                f"from_nir: the edge ({a!r}, {b!r}) names a node the graph does not have. "
+                "Fix the edge or add the node."
+            )
+        successors[a].append(b)
+        predecessors[b].append(a)
     inputs = [key for key, node in nodes.items() if isinstance(node, nir.Input)]
     outputs = [key for key, node in nodes.items() if isinstance(node, nir.Output)]
     if len(inputs) != 1 or len(outputs) != 1:
@@ -382,11 +389,6 @@ def _chain(nir, nodes: dict[str, Any], edges: list) -> tuple[list[str], list[tup
             f"{len(outputs)} Output node(s) {outputs}, but eqtrace imports a network with one "
             "input and one output. Split the graph, or merge its inputs into one vector."
         )
-    successors: dict[str, list[str]] = {key: [] for key in nodes}
-    predecessors: dict[str, list[str]] = {key: [] for key in nodes}
-    for a, b in edges:
-        successors[a].append(b)
-        predecessors[b].append(a)
     path, sink = [inputs[0]], outputs[0]
     while path[-1] != sink:
         onward = [
@@ -470,8 +472,8 @@ def _shell(cls, *args, **kwargs):
 class _Importer:
     """Builds eqtrace layers from the groups of nodes of a chain."""
 
-    def __init__(self, nir, nodes, loops, dt, dtype, surrogate):
-        self.nir, self.nodes, self.loops = nir, nodes, loops
+    def __init__(self, nir, nodes, dt, dtype, surrogate):
+        self.nir, self.nodes = nir, nodes
         self.dt, self.dtype, self.surrogate = dt, dtype, surrogate
 
     def vector(self, name: str, field: str, size: int | None = None) -> np.ndarray:
@@ -712,12 +714,8 @@ class _Importer:
         self.require_zero(adaptation, "v_leak", size, "the adaptation of ALIF decays to zero.")
         # â_t = ρ â + (1 − ρ) r s: the Threshold sees v + â = v − β a, β = −(1 − ρ) r.
         beta = -scale * _leak(self.dt, taus["tau_adapt"]) * self.vector(adaptation, "r", size)
-        if np.any(beta < 0):
-            raise ValueError(
-                f"from_nir: the adaptation {adaptation!r} changes the threshold of {spike!r} "
-                f"by {(-beta).tolist()} per spike, but ALIF's β must be non-negative (the "
-                "threshold rises after a spike)."
-            )
+        # A per-neuron β may be negative (as learn_beta=True can train it); a static one not.
+        static = _uniform(beta) and beta[0] >= 0
         cell = self.spiking_cell(
             ALIF,
             size_in,
@@ -725,11 +723,11 @@ class _Importer:
             weights,
             recurrent,
             taus,
-            beta=float(beta[0]),
-            learn_beta=not _uniform(beta),
+            beta=float(beta[0]) if static else 0.0,
+            learn_beta=not static,
             **kwargs,
         )
-        if _uniform(beta):
+        if static:
             return cell
         return eqx.tree_at(lambda c: c.beta_per_neuron, cell, jnp.asarray(beta, self.dtype))
 
@@ -738,7 +736,7 @@ class _Importer:
         if not loops:
             return None
         if len(loops) > 1 or not isinstance(self.nodes[loops[0][1]], self.nir.LI):
-            found = [f"{name!r} ({_kind(self.nodes[name])})" for _, name, _ in loops]
+            found = ", ".join(f"{name!r} ({_kind(self.nodes[name])})" for _, name, _ in loops)
             raise ValueError(
                 f"from_nir: the Threshold {spike!r} receives the loops through {found}, but "
                 "eqtrace reads a loop into a Threshold only as the adaptation of an ALIF: a "
@@ -804,7 +802,7 @@ def _import_chain(importer: _Importer, path: list[str], loops: list[tuple]) -> l
     def node(i: int) -> Any:
         return nodes[names[i]] if i < len(names) else None
 
-    i = 0
+    i, claimed = 0, set()
     while i < len(names):
         previous = path[i]  # the node before names[i] on the path
         dense = None
@@ -834,6 +832,7 @@ def _import_chain(importer: _Importer, path: list[str], loops: list[tuple]) -> l
             raise _unsupported(names[i], current, nir)
         group = names[start:i]
         inside = [loop for loop in loops if loop[0] in group or loop[2] in group]
+        claimed.update(loop[1] for loop in inside)
         for source, name, target in inside:
             if source not in group or target not in group:
                 raise ValueError(
@@ -852,6 +851,13 @@ def _import_chain(importer: _Importer, path: list[str], loops: list[tuple]) -> l
                 f"{inside[0][1]!r}, but eqtrace imports loops only around spiking neurons."
             )
         size = _size_of(layers[-1])
+    for source, name, target in loops:
+        if name not in claimed:
+            raise ValueError(
+                f"from_nir: the loop through {name!r} goes from {source!r} back to {target!r}, "
+                "which are not the neurons of a layer; eqtrace imports loops only around "
+                "spiking neurons (recurrent weights, resets, adaptation)."
+            )
     shape = nodes[path[-1]].output_type.get("output")
     if shape is not None and np.asarray(shape).reshape(-1).tolist() != [size]:
         raise ValueError(
@@ -921,7 +927,7 @@ def from_nir(
     dtype = jnp.result_type(float) if dtype is None else dtype
     nodes, edges = _inline_subgraphs(nir, graph)
     path, loops = _chain(nir, nodes, edges)
-    layers = _import_chain(_Importer(nir, nodes, loops, float(dt), dtype, surrogate), path, loops)
+    layers = _import_chain(_Importer(nir, nodes, float(dt), dtype, surrogate), path, loops)
     # Every array came from the graph (an unset one would be a shape, not an array).
     assert not any(isinstance(x, jax.ShapeDtypeStruct) for x in jtu.tree_leaves(layers))
     if not any(isinstance(layer, AbstractCell) for layer in layers):
