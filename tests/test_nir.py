@@ -569,6 +569,7 @@ def test_from_nir_refuses(name):
 
 
 def test_nir_is_optional(monkeypatch):
+    assert "nir" not in vars(eqtrace._nir)  # `import eqtrace` does not import nir
     monkeypatch.setitem(sys.modules, "nir", None)  # `import nir` now raises ImportError
     with pytest.raises(ImportError, match=r'pip install "eqtrace\[nir\]"'):
         eqtrace.to_nir(nn.LIF(3, 4, key=jr.key(0)))
