@@ -32,6 +32,7 @@ CASES = {
     "custom_cell": ([], ["structure: OK", "relative error", "test accuracy"], "custom_cell.png"),
     "batching_and_sequences": ([], ["max difference", "update"], "batching_and_sequences.png"),
     "sharded_training": (["--devices", "4"], ["trace/device", "train_online on mesh"], None),
+    "nir_export": ([], ["test accuracy", "hidden spikes identical: True", "max output"], None),
 }
 HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
 
