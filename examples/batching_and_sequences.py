@@ -77,10 +77,9 @@ def main(argv=None):
     state, trace, y = online_step(params, state, trace, x)
     print("1. One sample, one step")
     print(f"   state: {jtu.tree_map(jnp.shape, state)}, output y: {y.shape}")
-    floats, nbytes = eqtrace.trace_size(algorithm, model)
     print(
         f"   trace: {type(trace).__name__ if not isinstance(trace, tuple) else 'per layer'}, "
-        f"{floats:,} floats ({nbytes:,} bytes) per sample; leaf shapes "
+        f"{eqtrace.trace_size(algorithm, model)} per sample; leaf shapes "
         f"{[leaf.shape for leaf in jtu.tree_leaves(trace)]}"
     )
 

@@ -141,7 +141,7 @@ def main(args):
     say(
         f"{jax.process_count()} process(es), {devices} devices; GRU {args.inputs}->"
         f"{args.hidden}, batch {args.batch}: D-RTRL trace "
-        f"{eqtrace.trace_size(algorithm, model)[1] * args.batch / 2**20:.2f} MiB"
+        f"{eqtrace.trace_size(algorithm, model).bytes * args.batch / 2**20:.2f} MiB"
     )
     layouts = [(1, 1), (1, 2), (1, 4), (devices, 1), (devices // 2, 2)]
     layouts = [

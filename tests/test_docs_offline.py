@@ -3,8 +3,16 @@
 `find_external_resources` scans a built site with the standard library only. The build test
 runs `mkdocs build --strict` into a temporary directory (skipped where mkdocs is not installed,
 e.g. with only the test extras); `.ci/run` runs this file after installing the docs extras.
+The same build checks that the API pages show every constructor's and function's parameters
+with their defaults, as the code declares them.
 """
 
+import ast
+import enum
+import html
+import importlib
+import importlib.util
+import inspect
 import re
 import subprocess
 import sys
@@ -17,6 +25,8 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 # Where docs/hooks/mathjax.py puts MathJax in the site.
 MATHJAX = "javascripts/vendor/mathjax/tex-svg-full.js"
+# The griffe extension that gives the API pages the signatures of generated constructors.
+HOOK = ROOT / "docs" / "hooks" / "griffe_signatures.py"
 
 _EXTERNAL = re.compile(r"^\s*(?:[a-z][a-z0-9+.-]*:)?//", re.IGNORECASE)
 # `link` relations that make the browser fetch something (`canonical`, `alternate`, ... do not).
@@ -155,9 +165,11 @@ def test_checker_ignores_hyperlinks_and_local_files(tmp_path):
     assert find_external_resources(tmp_path) == []
 
 
-def test_built_site_is_offline(tmp_path):
+@pytest.fixture(scope="module")
+def site(tmp_path_factory) -> Path:
+    """The documentation site, built once for the tests below."""
     pytest.importorskip("mkdocs")
-    site = tmp_path / "site"
+    site = tmp_path_factory.mktemp("docs") / "site"
     build = subprocess.run(
         [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(site)],
         cwd=ROOT,
@@ -166,9 +178,89 @@ def test_built_site_is_offline(tmp_path):
         timeout=600,
     )
     assert build.returncode == 0, build.stdout + build.stderr
+    return site
+
+
+def test_built_site_is_offline(site):
     assert find_external_resources(site) == []
     assert (site / MATHJAX).is_file()
     # An algorithm page has equations for MathJax and loads the local copy.
     page = (site / "algorithms" / "rtrl" / "index.html").read_text(encoding="utf-8")
     assert 'class="arithmatex"' in page
     assert f'src="../../{MATHJAX}"' in page
+
+
+def _shown_signature(site: Path, page: str, name: str) -> str | None:
+    """The signature shown under the heading of `name` on the API page `page`, as plain text
+    (`None` if the heading has none)."""
+    html_text = (site / "api" / page / "index.html").read_text(encoding="utf-8")
+    heading = re.escape(f'<h3 id="{name}"')
+    found = re.search(
+        # The signature right after the heading's own `</h3>` (not a member's further on).
+        heading + r'(?:(?!</h3>).)*</h3>\s*<div class="doc-signature[^"]*"[^>]*>(.*?)</div>',
+        html_text,
+        re.S,
+    )
+    return None if found is None else html.unescape(re.sub(r"<[^>]+>", "", found.group(1))).strip()
+
+
+def _documented_callables() -> list[tuple[str, str, object]]:
+    """`(page, name, object)` for every class and function an API page documents, except the
+    abstract classes, exceptions and enums, which users do not construct."""
+    found = []
+    for path in sorted((ROOT / "docs" / "api").glob("*.md")):
+        for name in re.findall(r"^::: ([\w.]+)", path.read_text(encoding="utf-8"), re.M):
+            module, _, attribute = name.rpartition(".")
+            obj = getattr(importlib.import_module(module), attribute)
+            if inspect.isclass(obj) and (
+                issubclass(obj, (BaseException, enum.Enum)) or obj.__name__.startswith("Abstract")
+            ):
+                continue
+            if callable(obj):
+                found.append((path.stem, name, obj))
+    return found
+
+
+def _parameters(obj, hook) -> list[inspect.Parameter]:
+    if inspect.isclass(obj):
+        return hook.shown_parameters(obj)
+    return list(inspect.signature(obj).parameters.values())
+
+
+def test_api_pages_show_defaults(site):
+    # What a user once had to call `inspect.signature` for.
+    alif = _shown_signature(site, "nn", "eqtrace.nn.ALIF")
+    assert alif is not None
+    for default in ("tau_mem=20.0", "tau_adapt=200.0", "beta=0.07"):
+        assert default in alif
+    # Every documented constructor and function: its parameters, and each default that is a
+    # literal, as the code declares them (for classes, those the griffe extension shows).
+    spec = importlib.util.spec_from_file_location("griffe_signatures", HOOK)
+    hook = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(hook)
+    for page, name, obj in _documented_callables():
+        parameters = _parameters(obj, hook)
+        if not parameters:
+            continue
+        shown = _shown_signature(site, page, name)
+        assert shown is not None, f"{name} has no signature on api/{page}.md"
+        tree = ast.parse(f"def f{shown[shown.index('(') :]}: pass").body[0].args
+        positional = tree.posonlyargs + tree.args
+        shown_defaults = dict(
+            zip([a.arg for a in positional[len(positional) - len(tree.defaults) :]], tree.defaults)
+        )
+        shown_defaults.update(
+            (a.arg, d) for a, d in zip(tree.kwonlyargs, tree.kw_defaults) if d is not None
+        )
+        names = [a.arg for a in positional + tree.kwonlyargs]
+        assert names == [p.name for p in parameters], f"{name}: {shown}"
+        for p in parameters:
+            if p.default is inspect.Parameter.empty:
+                assert p.name not in shown_defaults, f"{name}: {p.name} shows a default"
+                continue
+            assert p.name in shown_defaults, f"{name}: {p.name} shows no default"
+            try:
+                value = ast.literal_eval(shown_defaults[p.name])
+            except ValueError:  # An expression (`2 * math.pi`, `FastSigmoid()`).
+                continue
+            assert value == p.default, f"{name}: {p.name}={value!r}, the code says {p.default!r}"

@@ -56,6 +56,17 @@ def test_plan_lays_out_the_trace(algorithm):
     assert (plan.neuron_axes is None) != diagonal
 
 
+def test_trace_size_is_named_and_reads_as_text():
+    model = eqtrace.nn.GRUCell(3, 16, key=jr.key(0))
+    size = eqtrace.trace_size(eqtrace.RTRL(), model)
+    assert isinstance(size, eqtrace.TraceSize)
+    values, nbytes = size  # Still a pair.
+    assert (size.values, size.bytes) == (values, nbytes) and values > 1000
+    text = f"{values:,} values ({nbytes:,} bytes)"
+    assert str(size) == f"{size}" == text and "," in text
+    assert f"{size:>60}" == f"{text:>60}"
+
+
 def test_plan_configures_each_layer():
     """EProp takes the decay of the read-out after the cell; the windows keep their rule."""
     model = _network()

@@ -14,6 +14,7 @@ from ._algorithms._windows import ExactWindows as ExactWindows
 from ._cell import AbstractCell as AbstractCell
 from ._check import (
     StructureReport as StructureReport,
+    TraceSize as TraceSize,
     check as check,
     trace_size as trace_size,
 )

@@ -1,4 +1,5 @@
 import dataclasses
+from typing import NamedTuple
 
 from ._algorithm import AbstractAlgorithm
 from ._algorithms._drtrl import DRTRL
@@ -14,6 +15,30 @@ from ._validation import (
     example_input,
     require_example_input,
 )
+
+
+class TraceSize(NamedTuple):
+    """The size of an algorithm's trace for one sample, as `eqtrace.trace_size` returns it.
+
+    A named tuple: `values, nbytes = eqtrace.trace_size(algorithm, model)` unpacks it, and
+    `f"{size}"` (or `str(size)`) reads `2,240 values (8,960 bytes)`.
+
+    **Attributes:**
+
+    - `values`: the number of values in the trace pytree.
+    - `bytes`: its size in bytes, which includes the PRNG keys of rules that draw random
+      numbers (`UORO`: 8 bytes each, not counted as values).
+    """
+
+    values: int
+    bytes: int
+
+    def __str__(self) -> str:
+        return f"{self.values:,} values ({self.bytes:,} bytes)"
+
+    def __format__(self, format_spec: str) -> str:
+        # A tuple's own `__format__` refuses any format spec (`f"{size:>30}"`).
+        return format(str(self), format_spec)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,10 +122,8 @@ class StructureReport:
         if self.trace_floats is None:
             lines.append(f"  trace memory per sample: {self.algorithm} cannot trace this model")
         else:
-            lines.append(
-                f"  trace memory per sample: {self.trace_floats:,} values "
-                f"({self.trace_bytes:,} bytes)"
-            )
+            size = TraceSize(self.trace_floats, self.trace_bytes)  # type: ignore[arg-type]
+            lines.append(f"  trace memory per sample: {size}")
         if self.refusal is not None:
             lines.append(f"  REFUSED by {self.algorithm}: {self.refusal}")
         lines.append(
@@ -109,7 +132,9 @@ class StructureReport:
         return "\n".join(lines)
 
 
-def trace_size(algorithm: AbstractAlgorithm, model: AbstractCell, x: ExampleInput | None = None):
+def trace_size(
+    algorithm: AbstractAlgorithm, model: AbstractCell, x: ExampleInput | None = None
+) -> TraceSize:
     """The size of `algorithm`'s trace of `model` for one sample (computed from shapes only):
     `eqtrace.prepare(algorithm, model, x)`'s `trace_floats` and `trace_bytes`.
 
@@ -120,12 +145,13 @@ def trace_size(algorithm: AbstractAlgorithm, model: AbstractCell, x: ExampleInpu
     - `x`: an example input of one step (only its shape and dtype are used), needed when the
       model does not declare an `input_size`.
 
-    **Returns:** `(values, bytes)`: the number of values in the trace pytree and its size in
-    bytes, which includes the PRNG keys of rules that draw random numbers (`UORO`: 8 bytes
-    each, not counted as values). Multiply by the batch size for a batch.
+    **Returns:** a `TraceSize`, the named tuple `(values, bytes)`: the number of values in the
+    trace pytree and its size in bytes, which includes the PRNG keys of rules that draw random
+    numbers (`UORO`: 8 bytes each, not counted as values). `print` it, or multiply
+    `.bytes` by the batch size for a batch.
     """
     plan = prepare(algorithm, model, x)
-    return plan.trace_floats, plan.trace_bytes
+    return TraceSize(plan.trace_floats, plan.trace_bytes)
 
 
 def check(
