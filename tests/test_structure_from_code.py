@@ -19,7 +19,7 @@ from eqtrace._structure import _analyse
 from eqtrace.nn import surrogate
 from helpers import relative_error
 from registry import rules
-from test_any_cell import first_step_gradient
+from test_any_cell import RawWeightUse, first_step_gradient
 
 
 DIAGONAL = [case.algorithm for case in rules(needs_structure=True, exact=False)]
@@ -377,6 +377,52 @@ def test_a_path_through_an_op_input_hidden_by_a_direct_one_is_refused(getkey):
     assert_refused(
         Chained(key=getkey()), jnp.ones(3), match="the output of the op `.first` acts on the input"
     )
+
+
+class SkipWeight(eqtrace.AbstractCell):
+    """A raw weight in a skip connection, `y = h + w @ x`: `output` reads no weight, so the
+    returned `y` is not `output(new_state)`."""
+
+    inp: eqx.nn.Linear
+    w: jax.Array
+
+    def __init__(self, *, key):
+        self.inp = eqx.nn.Linear(3, 4, key=key)
+        self.w = jnp.ones((4, 3))
+
+    def init_state(self):
+        return jnp.zeros(4)
+
+    def __call__(self, h, x):
+        h = jnp.tanh(0.9 * h + self.inp(x))
+        return h, h + self.w @ x
+
+
+@pytest.mark.parametrize(
+    "cell_cls, n_in, subject",
+    [
+        (SkipWeight, 3, ".w"),
+        (GainEverywhere, 3, ".gain"),
+        (RawWeightUse, 4, ".op"),
+        (Chained, 3, ".first"),
+    ],
+)
+def test_check_never_calls_covered_what_a_violation_is_about(cell_cls, n_in, subject, getkey):
+    """The line on an op or parameter that a violation is about points to the violation and
+    claims no trace: `.w` once read "does not reach the state, exact gradient through
+    `output`" beside the violation its skip connection causes, `.gain` "shared, dense trace"
+    beside the path its trace misses."""
+    report = eqtrace.check(cell_cls(key=getkey()), eqtrace.DRTRL(strict=False), x=jnp.ones(n_in))
+    assert not report.ok
+    starts = (f"    parameter {subject} ", f"    synaptic op {subject} ")
+    (line,) = [line for line in str(report).splitlines() if line.startswith(starts)]
+    claim, _, pointer = line.partition("see VIOLATION below: ")
+    assert pointer, line
+    assert "exact" not in claim and "trace" not in claim, line
+    # With a `y` other than `output(new_state)`, nothing is exact through `output`.
+    if cell_cls is SkipWeight:
+        assert pointer == str(eqtrace.ViolationKind.OUTPUT_NOT_OF_STATE)
+        assert "exact gradient through `output`" not in str(report)
 
 
 class PositiveLinear(eqx.Module):

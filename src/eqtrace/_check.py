@@ -8,7 +8,7 @@ from ._custom_types import ExampleInput
 from ._plan import build_plan, prepare
 from ._probing import concrete
 from ._sequential import Sequential
-from ._structure import CellStructure
+from ._structure import CellStructure, ParamKind, ViolationKind
 from ._validation import (
     check_example_input,
     check_model,
@@ -39,6 +39,52 @@ class TraceSize(NamedTuple):
     def __format__(self, format_spec: str) -> str:
         # A tuple's own `__format__` refuses any format spec (`f"{size:>30}"`).
         return format(str(self), format_spec)
+
+
+_PARAM_LINES = {
+    ParamKind.ELEMENTWISE: "per-neuron, exact element-wise trace",
+    ParamKind.SHARED: "shared, dense (|h|, |p|) trace",
+    ParamKind.READOUT: "does not reach the state, exact gradient through `output`",
+    ParamKind.UNSUPPORTED: "NOT traced",
+}
+
+
+def _covered_lines(cell: CellStructure) -> list[str]:
+    """How each call of an op and each other parameter of `cell` is traced. One that a
+    violation names gets no line saying it is covered: its line points to the violation."""
+    broken: dict[str, str] = {}
+    for v in cell.violations:
+        broken.setdefault(v.subject, f"see VIOLATION below: {v.kind}")
+    # With a `y` other than `output(new_state)`, no gradient through `output` is exact.
+    unlike_output = next(
+        (broken[v.subject] for v in cell.violations if v.kind == ViolationKind.OUTPUT_NOT_OF_STATE),
+        None,
+    )
+    lines = []
+    for site in cell.sites:
+        op = cell.ops[site.op]
+        how = broken.get(site.name) or broken.get(op.path)
+        if how is None and site.traced:
+            how = "traced"
+        elif how is None:
+            how = unlike_output or "read-out only, exact gradient through `output`"
+        lines.append(
+            f"    synaptic op {site.name} ({op.type_name}): input {site.input_shape} -> output "
+            f"{site.output_shape}, {how}"
+        )
+    for op in cell.ops:
+        if not op.called:
+            lines.append(f"    synaptic op {op.path}: never called; its arrays are parameters")
+    for param in cell.params:
+        how = broken.get(param.path) or _PARAM_LINES[param.kind]
+        if param.kind == ParamKind.READOUT and param.path not in broken:
+            if not param.read_by_output:  # Used in a `y` unlike `output`, or not at all.
+                how = "reaches neither the state nor `output`"
+                how += f"; {unlike_output}" if unlike_output else ""
+            elif unlike_output:
+                how = unlike_output
+        lines.append(f"    parameter {param.path} {param.shape}: {how}")
+    return lines
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,25 +143,7 @@ class StructureReport:
             )
             if i < len(self.layer_rules) and self.layer_rules[i] is not None:
                 lines.append(f"    run as {self.layer_rules[i]}")
-            for site in cell.sites:
-                kind = cell.ops[site.op].type_name
-                how = "traced" if site.traced else "read-out only, exact gradient through `output`"
-                lines.append(
-                    f"    synaptic op {site.name} ({kind}): input {site.input_shape} -> output "
-                    f"{site.output_shape}, {how}"
-                )
-            for op in cell.ops:
-                if not op.called:
-                    lines.append(
-                        f"    synaptic op {op.path}: never called; its arrays are parameters"
-                    )
-            for param in cell.params:
-                how = {
-                    "elementwise": "per-neuron, exact element-wise trace",
-                    "shared": "shared, dense (|h|, |p|) trace",
-                    "readout": "does not reach the state, exact gradient through `output`",
-                }.get(param.kind, "NOT traced")
-                lines.append(f"    parameter {param.path} {param.shape}: {how}")
+            lines.extend(_covered_lines(cell))
             for v in cell.violations:
                 lines.append(f"    VIOLATION: {v}")
         lines.extend(f"  {note}" for note in self.notes)
