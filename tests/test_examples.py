@@ -7,11 +7,14 @@ its own JAX process (float32, not this suite's float64).
 
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from doc_blocks import ROOT, blocks
 
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -35,6 +38,13 @@ CASES = {
     "nir_export": ([], ["test accuracy", "hidden spikes identical: True", "max output"], None),
 }
 HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
+# script -> the header lines of the outputs docs/examples.md records from its full runs (marked
+# `<!-- recorded: ... examples/X.py ... -->`; their numbers are measurements).
+RECORDED: dict[str, list[str]] = {}
+for _block in blocks(ROOT / "docs" / "examples.md"):
+    _script = re.search(r"examples/(\w+)\.py", _block.reason)
+    if _block.marker == "recorded" and _script:
+        RECORDED.setdefault(_script[1], []).append(_block.body.splitlines()[0])
 
 
 def _command(name: str, out: Path) -> list[str]:
@@ -69,6 +79,12 @@ def test_example_runs(name, tmp_path):
     _, expected, plot = CASES[name]
     for text in expected:
         assert text in stdout, f"{text!r} missing from the output of {name}.py:\n{stdout}"
+    # The tables docs/examples.md records from full runs have the columns the script prints.
+    printed = stdout.splitlines()
+    for header in RECORDED.get(name, []):
+        assert header in printed, (
+            f"docs/examples.md shows a header {name}.py no longer prints:\n{header}\n{stdout}"
+        )
     if plot is not None:
         if HAS_MATPLOTLIB:
             assert (tmp_path / plot).is_file(), f"{name}.py did not save {plot}:\n{stdout}"
