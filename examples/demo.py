@@ -12,22 +12,22 @@ sequence at the last step (cross-entropy). Each update takes a batch of 100 sequ
 The printed table gives the test accuracy, the wall time of training (compilation included) and
 the memory each method keeps per sample to compute its gradient (the trace pytree's size).
 
-    python examples/demo.py                      # all three: 265 s on 2 busy CPU cores
+    python examples/demo.py                      # all three: 3 to 4.5 min on 2 busy CPU cores
     python examples/demo.py --algorithms drtrl,bptt --hidden 64 --steps 500
 
 Expected with the defaults (GRU of 128 units, 1 500 updates of batch 100, seed 0; measured
-2026-11-30 from a fresh clone on a 2-core machine that other jobs kept busy (load about 4):
-265 s in all, 43 s more for `pip install`; on an idle machine it is faster):
+2026-12-07 on a 2-core machine that other jobs kept busy (load 1 to 6): 172 s in all; on an
+idle machine it is faster):
 
-    method   test acc train acc wall time ms/update          memory/sample  what it is for
-    --------------------------------------------------------------------------------------
-    D-RTRL      90.5%    100.0%    184.4s     123.0  50,304 fl / 196.5 KiB  online, memory …
-    pp-prop     53.9%     59.4%     19.2s      12.8       898 fl / 3.5 KiB  online, least …
-    BPTT        98.4%    100.0%     41.3s      27.5   5,120 fl / 20.0 KiB*  offline …
+    method   test acc train acc  compile    total ms/update            memory/sample
+    --------------------------------------------------------------------------------
+    D-RTRL      90.4%     99.9%     2.6s   106.9s      69.6    50,304 fl / 196.5 KiB
+    pp-prop     51.9%     59.0%     1.9s    19.0s      11.4         898 fl / 3.5 KiB
+    BPTT        98.3%    100.0%     1.7s    37.2s      23.7     5,120 fl / 20.0 KiB*
 
-(the last column, cut here, says what each method is for: online with memory constant in `T`;
-online with the least memory, weak on this task, see the docs' "How to choose"; the offline
-reference, whose memory grows with `T`).
+(below the table, what each method is for: online with memory constant in `T`; online with the
+least memory, weak on this task, see the docs' "How to choose"; the offline reference, whose
+memory grows with `T`).
 
 Chance is 10 %. D-RTRL drops the credit paths through other neurons' recurrent weights, so it
 stays below BPTT; pp-prop further factorises each weight trace into an input and an output

@@ -143,6 +143,8 @@ def test_signatures_in_the_guides_have_the_codes_defaults():
                 shown = ast.literal_eval(keyword.value)
             except ValueError:  # `algebra=eqtrace.OpAlgebra()`: not a literal.
                 continue
+            if shown is Ellipsis:  # `dt=...`: a value to choose, explained in the text.
+                continue
             default = parameters[keyword.arg].default
             assert default is not inspect.Parameter.empty, (
                 f"{where}: `{keyword.arg}={shown!r}` shown as a default, but it has none"
