@@ -10,6 +10,7 @@ only compiled. To update a page after a change, run its blocks and paste what th
 """
 
 import ast
+import dataclasses
 import inspect
 import json
 import os
@@ -103,11 +104,19 @@ def _public(name: str):
     return None
 
 
+def _fields(obj) -> list[str] | None:
+    """The fields of a record (a dataclass or named tuple constructed from exactly them)."""
+    if dataclasses.is_dataclass(obj):
+        return [f.name for f in dataclasses.fields(obj)]
+    return list(getattr(obj, "_fields", [])) or None
+
+
 def _shown_signatures():
     """`(where, callable, call)` for every span of a guide that writes a public callable's
-    signature: its positional arguments are its parameters' names, in order (`...` allowed),
-    and its keyword arguments name parameters. A call with values (`PPProp(rank=100)`) is not
-    a signature unless it also names a positional parameter."""
+    signature: its positional arguments are bare names, some of them its parameters', and
+    either they are its first parameters (`check(model, algorithm=None, x=None)`) or, for a
+    record, there are as many as its fields (`PPPropTrace(inputs, outputs, params, normaliser)`).
+    A call with values (`PPProp(rank=100)`, `ExactWindows(PPProp(rank=4))`) is not one."""
     for page in PAGES:
         text = page.read_text(encoding="utf-8")
         for match in _CALL.finditer(text):
@@ -120,16 +129,22 @@ def _shown_signatures():
                 call = ast.parse(f"f({args})", mode="eval").body
             except SyntaxError:
                 continue
-            names = list(inspect.signature(obj).parameters)
+            parameters = inspect.signature(obj).parameters.values()
+            names = [p.name for p in parameters]
+            n_positional = sum(p.kind <= p.POSITIONAL_OR_KEYWORD for p in parameters)
             positional = [a.id if isinstance(a, ast.Name) else None for a in call.args]
-            named = [a for a in positional if a not in (None, "Ellipsis")]
             is_signature = (
-                named
-                and all(a is not None for a in positional)
-                and all(a in names for a in named)
+                positional
+                and None not in positional
+                and any(a in names for a in positional)
+                and (
+                    positional == names[: len(positional)]
+                    # A record's fields, one misnamed: not a call, whose names are the caller's.
+                    or (_fields(obj) == names and len(positional) == n_positional)
+                )
                 and all(k.arg in names for k in call.keywords)
             )
-            if is_signature and not any(isinstance(a, ast.Constant) for a in call.args):
+            if is_signature:
                 line = text.count("\n", 0, match.start()) + 1
                 yield f"{page.relative_to(ROOT)}:{line}", obj, call
 
@@ -138,6 +153,10 @@ def test_signatures_in_the_guides_have_the_codes_defaults():
     checked = 0
     for where, obj, call in _shown_signatures():
         parameters = inspect.signature(obj).parameters
+        shown_names = [a.id for a in call.args]
+        assert shown_names == list(parameters)[: len(shown_names)], (
+            f"{where}: `{', '.join(shown_names)}` shown, but the parameters are {list(parameters)}"
+        )
         for keyword in call.keywords:
             try:
                 shown = ast.literal_eval(keyword.value)
