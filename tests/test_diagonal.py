@@ -304,23 +304,23 @@ def test_trace_sizes_match_formulas(getkey):
     input_size, hidden = 3, 4
     gru = nn.GRUCell(input_size, hidden, key=getkey())
     ops_params = 3 * hidden * (input_size + hidden) + 2 * 3 * hidden
-    assert eqtrace.trace_size(eqtrace.DRTRL(), gru)[0] == 1 * ops_params
+    assert eqtrace.trace_size(eqtrace.DRTRL(), gru).values == 1 * ops_params
     # pp-prop: per op I + K·O, plus the normaliser.
     assert (
-        eqtrace.trace_size(eqtrace.PPProp(0.5), gru)[0]
+        eqtrace.trace_size(eqtrace.PPProp(0.5), gru).values
         == (input_size + hidden) + 2 * 3 * hidden + 1
     )
     leaky = LeakyCurrent(input_size, hidden, key=getkey())
     x = jnp.zeros(input_size)
     k = 2  # two state leaves
     drtrl = k * (hidden * input_size + hidden) + k * hidden + k * hidden * 1
-    assert eqtrace.trace_size(eqtrace.DRTRL(), leaky, x)[0] == drtrl
+    assert eqtrace.trace_size(eqtrace.DRTRL(), leaky, x).values == drtrl
     ppprop = input_size + k * hidden + k * hidden + k * hidden * 1 + 1
-    assert eqtrace.trace_size(eqtrace.PPProp(0.5), leaky, x)[0] == ppprop
-    assert eqtrace.trace_size(eqtrace.RTRL(), gru)[0] == hidden * ops_params
+    assert eqtrace.trace_size(eqtrace.PPProp(0.5), leaky, x).values == ppprop
+    assert eqtrace.trace_size(eqtrace.RTRL(), gru).values == hidden * ops_params
     # Ops whose outputs are summed (W_ih x + W_hh h) share pp-prop's output trace.
     rnn = nn.RNNCell(input_size, hidden, key=getkey())
-    assert eqtrace.trace_size(eqtrace.PPProp(0.5), rnn)[0] == (input_size + hidden) + hidden + 1
+    assert eqtrace.trace_size(eqtrace.PPProp(0.5), rnn).values == (input_size + hidden) + hidden + 1
 
 
 def test_ppprop_arguments():

@@ -199,7 +199,7 @@ def test_trace_memory_is_state_plus_params(getkey):
     values, nbytes = eqtrace.trace_size(algorithm, model)
     assert values == n_state + n_params
     assert nbytes == 8 * (n_state + n_params) + 8  # float64, and one key of two uint32
-    assert eqtrace.trace_size(eqtrace.RTRL(), model)[0] == n_state * n_params
+    assert eqtrace.trace_size(eqtrace.RTRL(), model).values == n_state * n_params
     report = eqtrace.check(model, algorithm)
     assert report.ok and f"{values:,} values" in str(report)
 
