@@ -936,6 +936,41 @@ def _shardings_of_another_model() -> list[Callable[[], object]]:
     return [lambda: eqtrace.init_sharded(_gru(), eqtrace.DRTRL(), BATCH, shardings)]
 
 
+def _spikes_of_a_model_that_does_not_spike() -> list[Callable[[], object]]:
+    network = nn.Sequential([_gru(), eqx.nn.Linear(HIDDEN, 2, key=_key())])
+    return [
+        lambda: nn.spikes(_gru(), _gru().init_state()),
+        lambda: nn.firing_rates(network, network.init_state()),
+    ]
+
+
+def _rates_of_a_single_step() -> list[Callable[[], object]]:
+    lif = nn.LIF(INPUT, HIDDEN, key=_key())
+    return [lambda: nn.firing_rates(lif, lif.init_state())]
+
+
+def _a_batch_that_is_not_a_task_batch() -> list[Callable[[], object]]:
+    lif = nn.LIF(INPUT, HIDDEN, key=_key())
+    xs = jnp.zeros((LENGTH, BATCH, INPUT))
+    # (A bare array is refused by the annotation check first, under the suite's beartype.)
+    return [lambda: eqtrace.tasks.evaluate(lif, (xs,))]
+
+
+def _a_nir_graph_with_a_node_eqtrace_does_not_import() -> list[Callable[[], object]]:
+    import nir
+
+    def graph(node):
+        shape = np.array([INPUT])
+        nodes = {"input": nir.Input(shape), "node": node, "output": nir.Output(shape)}
+        return nir.NIRGraph(nodes=nodes, edges=[("input", "node"), ("node", "output")])
+
+    ones = np.ones(INPUT)
+    return [
+        lambda: eqtrace.from_nir(graph(nir.IF(r=ones, v_threshold=ones))),
+        lambda: eqtrace.from_nir(graph(nir.Delay(delay=ones))),
+    ]
+
+
 #: Title of a row of `docs/errors.md` -> functions that each commit that misuse.
 CASES: dict[str, Callable[[], list[Callable[[], object]]]] = {
     "Targets without a time axis": _per_sequence_targets,
@@ -1202,6 +1237,17 @@ CASES: dict[str, Callable[[], list[Callable[[], object]]]] = {
             jnp.zeros(3, jnp.float32),
         )
     ],
+    "Spikes of a model that does not spike": _spikes_of_a_model_that_does_not_spike,
+    "Rates of a single step": _rates_of_a_single_step,
+    "A batch that is not a task batch": _a_batch_that_is_not_a_task_batch,
+    "A layer without a NIR counterpart": lambda: [
+        lambda: eqtrace.to_nir(nn.Sequential([_gru(), eqx.nn.Linear(HIDDEN, 2, key=_key())])),
+        lambda: eqtrace.to_nir(nn.Sequential([nn.LIF(INPUT, HIDDEN, key=_key()), jax.nn.relu])),
+    ],
+    "An ALIF layer with a zero reset": lambda: [
+        lambda: eqtrace.to_nir(nn.ALIF(INPUT, HIDDEN, reset="zero", key=_key()))
+    ],
+    "A NIR node eqtrace does not import": _a_nir_graph_with_a_node_eqtrace_does_not_import,
 }
 
 
