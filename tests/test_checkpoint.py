@@ -488,6 +488,7 @@ sys.stdin.readline()
 for step in range(2, 12):
     tc._save(directory, step)
 print("done", flush=True)
+sys.stdin.readline()  # alive, and holding the lock, until told to exit
 """
 
 
@@ -501,14 +502,16 @@ def test_a_second_writer_is_refused(tmp_path):
         assert writer.stdin is not None
         writer.stdin.write("go\n")
         writer.stdin.flush()
-        refused = 0
-        while writer.poll() is None and refused < 200:
+        # The writer saves ten steps meanwhile, then waits: it holds the lock throughout, so
+        # every save here is refused (the writer cannot exit between a check and a save).
+        for attempt in range(20):
             with pytest.raises(eqtrace.CheckpointLockedError, match=f"pid {writer.pid} on host"):
-                _save(tmp_path, 100 + refused)
-            refused += 1
+                _save(tmp_path, 100 + attempt)
+        assert writer.stdout.readline() == "done\n"
+        with pytest.raises(eqtrace.CheckpointLockedError, match=f"pid {writer.pid} on host"):
+            _save(tmp_path, 200)
     finally:
-        assert _finish(writer) == "done\n"
-    assert refused > 0
+        assert _finish(writer) == ""  # `communicate` closes its stdin: the writer exits
     assert eqtrace.latest_checkpoint(tmp_path) == 11 and _restore(tmp_path) == 11
     _save(tmp_path, 12)
     assert _restore(tmp_path) == 12
