@@ -9,6 +9,25 @@ os.environ["XLA_FLAGS"] = " ".join(
     flag for flag in (os.environ.get("XLA_FLAGS"), "--xla_backend_optimization_level=0") if flag
 )
 
+import atexit
+import shutil
+import tempfile
+
+
+# One persistent compilation cache for the whole run, shared by the pytest-xdist workers and
+# the subprocesses the tests start (examples, restores in a new process): tests compile many
+# identical programs (the same small cells under the same rules, in several files), and XLA's
+# compilation is about half of the suite's time. The cache is keyed on the program and the
+# compiler's flags, so it changes no result; a new directory per run, so a run never reads
+# another's (the first process to load this file makes it, the workers inherit it).
+if "EQTRACE_TEST_JAX_CACHE" not in os.environ:
+    os.environ["EQTRACE_TEST_JAX_CACHE"] = tempfile.mkdtemp(prefix="eqtrace-jax-cache-")
+    atexit.register(shutil.rmtree, os.environ["EQTRACE_TEST_JAX_CACHE"], ignore_errors=True)
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.environ["EQTRACE_TEST_JAX_CACHE"])
+# Most programs here compile in milliseconds: cache them all.
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
 import jax
 import jax.random as jr
 import numpy as np
