@@ -12,18 +12,17 @@ sequence at the last step (cross-entropy). Each update takes a batch of 100 sequ
 The printed table gives the test accuracy, the wall time of training (compilation included) and
 the memory each method keeps per sample to compute its gradient (the trace pytree's size).
 
-    python examples/demo.py                      # all three: 3 to 4.5 min on 2 busy CPU cores
+    python examples/demo.py                      # all three: 2.5 min on 2 idle CPU cores, 4.5 busy
     python examples/demo.py --algorithms drtrl,bptt --hidden 64 --steps 500
 
 Expected with the defaults (GRU of 128 units, 1 500 updates of batch 100, seed 0; measured
-2026-12-07 on a 2-core machine that other jobs kept busy (load 1 to 6): 172 s in all; on an
-idle machine it is faster):
+2026-12-07 on an idle 2-core machine: 141 s in all; 273 s when the test suite ran beside it):
 
     method   test acc train acc  compile    total ms/update            memory/sample
     --------------------------------------------------------------------------------
-    D-RTRL      90.4%     99.9%     2.6s   106.9s      69.6    50,304 fl / 196.5 KiB
-    pp-prop     51.9%     59.0%     1.9s    19.0s      11.4         898 fl / 3.5 KiB
-    BPTT        98.3%    100.0%     1.7s    37.2s      23.7     5,120 fl / 20.0 KiB*
+    D-RTRL      90.4%     99.9%     1.9s    77.7s      50.6    50,304 fl / 196.5 KiB
+    pp-prop     51.9%     59.0%     1.4s    19.1s      11.8         898 fl / 3.5 KiB
+    BPTT        98.3%    100.0%     1.3s    36.4s      23.5     5,120 fl / 20.0 KiB*
 
 (below the table, what each method is for: online with memory constant in `T`; online with the
 least memory, weak on this task, see the docs' "How to choose"; the offline reference, whose
