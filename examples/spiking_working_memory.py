@@ -21,13 +21,14 @@ it is a loss on the hidden layer's *state*, which shows how to write the online 
     python examples/spiking_working_memory.py --fast              # smoke run, seconds
 
 Measured with the defaults (150 updates of batch 32, peak lr 1e-2 with cosine decay, seed 0;
-2 CPU cores, about 70 s in all; "best" is the best of the test evaluations every 25 updates):
+2 idle CPU cores, 2026-12-07, about 90 s in all; "best" is the best of the test evaluations
+every 25 updates):
 
     method   test acc   best    rate wall time s/update            memory/sample
     ----------------------------------------------------------------------------
-    D-RTRL      96.9%  99.6%  17.9Hz     41.4s     0.28     20,098 fl / 78.5 KiB
-    pp-prop     48.8%  50.4%   8.8Hz     10.3s     0.07         364 fl / 1.4 KiB
-    BPTT        90.2%  90.2% 110.5Hz     11.5s     0.08  232,800 fl / 909.4 KiB*
+    D-RTRL      99.2%  99.6%  16.9Hz     60.3s     0.40     20,098 fl / 78.5 KiB
+    pp-prop     48.8%  50.4%   8.9Hz     11.1s     0.07         364 fl / 1.4 KiB
+    BPTT        99.6%  99.6% 166.4Hz     10.5s     0.07  232,800 fl / 909.4 KiB*
 
 The D-RTRL learning curve is noisy (longer runs at this learning rate can dip before they
 recover). pp-prop's input trace forgets at its own decay, not at the neurons' time scale, so it
