@@ -518,6 +518,18 @@ class _Importer:
             return theta, float(theta[0]), np.ones(size)
         return theta, 1.0, 1 / theta
 
+    def weights(self, name: str, size_in: int, previous: str) -> np.ndarray:
+        """The weight matrix of a Linear or Affine node that receives `size_in` values."""
+        node = self.nodes[name]
+        weight = np.asarray(node.weight, np.float64)
+        if weight.ndim != 2 or weight.shape[1] != size_in:
+            raise ValueError(
+                f"from_nir: node {name!r} ({_kind(node)}) has weights of shape {weight.shape}, "
+                f"but receives {size_in} values from {previous!r}: expected shape (n, "
+                f"{size_in}). Fix the weights or the edge."
+            )
+        return weight
+
     def dense(self, name: str | None, size_in: int, size: int, previous: str, neurons: str):
         """The weights and bias of a weight node before neurons, or the identity without one."""
         if name is None:
@@ -529,13 +541,7 @@ class _Importer:
                 )
             return np.eye(size), None
         node = self.nodes[name]
-        weight = np.asarray(node.weight, np.float64)
-        if weight.ndim != 2 or weight.shape[1] != size_in:
-            raise ValueError(
-                f"from_nir: node {name!r} ({_kind(node)}) has weights of shape {weight.shape}, "
-                f"but receives {size_in} values from {previous!r}: expected shape (n, "
-                f"{size_in}). Fix the weights or the edge."
-            )
+        weight = self.weights(name, size_in, previous)
         if weight.shape[0] != size:
             raise ValueError(
                 f"from_nir: node {name!r} ({_kind(node)}) gives {weight.shape[0]} outputs, but "
@@ -766,13 +772,7 @@ class _Importer:
     def linear(self, name, size_in, previous):
         """A Linear or Affine node between layers → `eqx.nn.Linear`."""
         node = self.nodes[name]
-        weight = np.asarray(node.weight, np.float64)
-        if weight.ndim != 2 or weight.shape[1] != size_in:
-            raise ValueError(
-                f"from_nir: node {name!r} ({_kind(node)}) has weights of shape {weight.shape}, "
-                f"but receives {size_in} values from {previous!r}: expected shape (n, "
-                f"{size_in}). Fix the weights or the edge."
-            )
+        weight = self.weights(name, size_in, previous)
         affine = isinstance(node, self.nir.Affine)
         layer = _shell(eqx.nn.Linear, size_in, weight.shape[0], use_bias=affine, dtype=self.dtype)
         layer = eqx.tree_at(lambda layer: layer.weight, layer, jnp.asarray(weight, self.dtype))
