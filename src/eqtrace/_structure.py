@@ -183,6 +183,9 @@ class CellStructure:
     #: Which neuron each op input element depends on: analysed for SnAp-1 only (its
     #: `cell_structure`), `None` for the other rules.
     input_owners: "InputOwners | None" = None
+    #: Whether the cell's leak and drive are constants, and their values: analysed for OTTT
+    #: only (its `cell_structure`), `None` for the other rules.
+    constant_leak: "ConstantLeak | None" = None
 
     @property
     def num_leaves(self) -> int:
@@ -901,3 +904,139 @@ def _input_owners(cell, state, x, structure: CellStructure) -> InputOwners:
         ),
         shared=tuple(int(np.sum(c > 1)) for c in counts),
     )
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ConstantLeak(_ValueRecord):
+    """Whether a cell is a leaky integrator of its ops' outputs with constant coefficients, the
+    structure OTTT's presynaptic traces need: with every op output held fixed, the state
+    Jacobian `D = ∂h_t/∂h_{t-1}` (the leak) and each traced call's `c = ∂h_t/∂u` (the drive)
+    depend on no state, input or parameter, and are the same for every neuron and output
+    element. The dependence is read from the code of the step's linearisation (a pattern of
+    its second derivatives, `_sparsity.pullback_pattern`); only then are the values, which
+    no draw can change, computed once."""
+
+    #: `(K, K)`: `D[k, m]`, the leak shared by every neuron; `None` if there is none.
+    leak: np.ndarray | None
+    #: Per call site, `(K,)`: `∂h^k_t/∂u` for every output element; `None` for read-out
+    #: calls and when there is no constant leak.
+    drives: tuple[np.ndarray | None, ...]
+    #: Why the cell is not such a leaky integrator, one sentence each (empty if it is).
+    problems: tuple[str, ...]
+
+
+def constant_leak(cell, state, x, structure: CellStructure) -> ConstantLeak:
+    """The constant leak and drives of `cell` (OTTT analyses them with the structure), or
+    the reasons it has none. It never raises: the rule refuses the cell with the reasons."""
+    with jax.ensure_compile_time_eval():
+        try:
+            return _constant_leak(cell, state, concrete(x), structure)
+        except Exception as error:  # noqa: BLE001 - a cell the analysis cannot read is refused
+            reason = (
+                "the analysis cannot differentiate the linearisation of one step "
+                f"({type(error).__name__}: {str(error).splitlines()[0]})"
+            )
+            return ConstantLeak(leak=None, drives=(), problems=(reason,))
+
+
+def _constant_leak(cell, state, x, structure: CellStructure) -> ConstantLeak:
+    k, n = structure.num_leaves, structure.num_neurons
+    sites = structure.site_ops
+    arrays, rest = eqx.partition(cell, eqx.is_inexact_array)
+    dtypes = [jnp.result_type(*jtu.tree_leaves(op)) for op in structure.site_modules(arrays)]
+
+    def linearisation(state, x, arrays, rest):
+        cell = eqx.combine(arrays, rest)
+        probes = [jnp.zeros(site.output_shape, d) for site, d in zip(structure.sites, dtypes)]
+
+        def transition(s, probes):
+            return _flat(probed_call(cell, s, x, probes, cut=True, sites=sites)[0])
+
+        new_state, pullback = jax.vjp(transition, state, probes)
+        rows = jnp.repeat(jnp.eye(k, dtype=new_state.dtype)[:, :, None], n, axis=2)
+        d_state, d_probes = jax.vmap(pullback)(rows)
+        return _flat_rows(d_state, k, n), list(d_probes)
+
+    # The values, not the derivatives, of the leak and the drives must be constant: a
+    # `stop_gradient` (a detached reset, a cut op input) hides from a derivative what it
+    # does not hide from a value (`α (1 - sg(s)) v` has the leak `α (1 - s)`).
+    leak_sources, drive_sources = _value_sources(linearisation, (state, x, arrays), rest)
+    state_paths = structure.state_paths
+    x_paths = [f"the input `x{jtu.keystr(p)}`" for p, _ in jtu.tree_leaves_with_path(x)]
+    array_paths = [f"`{jtu.keystr(p)}`" for p, _ in jtu.tree_leaves_with_path(arrays)]
+    names = [f"`{p}`" for p in state_paths] + x_paths + array_paths
+    problems = []
+    for what, sources in (
+        ("leak ∂h_t/∂h_{t-1} (op outputs held fixed)", leak_sources),
+        ("drive ∂h_t/∂u", drive_sources),
+    ):
+        if sources:
+            problems.append(f"its {what} depends on {', '.join(names[i] for i in sorted(sources))}")
+    if problems:
+        return ConstantLeak(leak=None, drives=(), problems=tuple(problems))
+
+    # Constants: any point gives their values; ones keep divisions and logarithms finite.
+    def ones(tree):
+        return jtu.tree_map(lambda a: jnp.ones(jnp.shape(a), a.dtype), tree)
+
+    leak, drives = linearisation(ones(state), ones(x), ones(arrays), rest)
+    leak = np.asarray(leak)  # (K, K, N)
+    if not np.all(np.isfinite(leak)) or not np.all(leak == leak[..., :1]):
+        varying = [state_paths[i] for i in range(k) if not np.all(leak[i] == leak[i, :, :1])]
+        return ConstantLeak(
+            leak=None,
+            drives=(),
+            problems=(
+                f"the leak of {varying} differs across the neurons (per-neuron time constants)",
+            ),
+        )
+    values = []
+    for site, drive in zip(structure.sites, drives):
+        drive = np.asarray(drive).reshape(k, -1)
+        if not site.traced:
+            values.append(None)
+            continue
+        if not np.all(drive == drive[:, :1]):
+            problems.append(
+                f"the op `{site.name}` drives the state with a gain that differs across its "
+                "output elements"
+            )
+        values.append(drive[:, 0].copy())
+    return ConstantLeak(leak=leak[..., 0].copy(), drives=tuple(values), problems=tuple(problems))
+
+
+def _value_sources(fun, args: tuple, rest) -> tuple[set[int], set[int]]:
+    """Which floating leaves of `args` (flat, in order) the value of `fun(*args, rest)`'s first
+    output, and of its other outputs, depend on: a walk of its jaxpr that gives each equation's
+    results every source of its operands (a union over whole arrays, and over the bodies of
+    calls and control flow: never a dependence missed). `rest`'s arrays (masks, signs) are
+    constants."""
+    leaves, treedef = jtu.tree_flatten(args)
+    floating = [jnp.issubdtype(jnp.result_type(leaf), jnp.inexact) for leaf in leaves]
+    free = [jax.ShapeDtypeStruct(np.shape(leaf), jnp.result_type(leaf)) for leaf in leaves]
+
+    def flat(*free):
+        first, others = fun(*jtu.tree_unflatten(treedef, list(free)), rest)
+        return first, others
+
+    closed = jax.make_jaxpr(flat)(*free)
+    sources: dict[Any, set[int]] = {
+        var: ({i} if floating[i] else set()) for i, var in enumerate(closed.jaxpr.invars)
+    }
+    for eqn in closed.jaxpr.eqns:
+        union: set[int] = set()
+        for atom in eqn.invars:
+            if not isinstance(atom, jcore.Literal):
+                union |= sources.get(atom, set())
+        for var in eqn.outvars:
+            sources[var] = union
+    outs = [
+        set() if isinstance(v, jcore.Literal) else sources.get(v, set())
+        for v in closed.jaxpr.outvars
+    ]
+    return outs[0], set().union(*outs[1:])
+
+
+def _flat_rows(d_state, k: int, n: int) -> jax.Array:
+    """The `(K, K, N)` leak from the per-leaf cotangents of `K` pulled-back rows."""
+    return jnp.stack([leaf.reshape(k, n) for leaf in jtu.tree_leaves(d_state)], axis=1)

@@ -3,6 +3,7 @@ import math
 from typing import Any, Literal
 
 import equinox as eqx
+import jax
 import jax.numpy as jnp
 import jax.random as jr
 from jaxtyping import Array, Bool, Float, PRNGKeyArray
@@ -97,9 +98,12 @@ def _synaptic_input(cell, s: Array, x: Array) -> Array:
     return u
 
 
-def _membrane(cell, v: Array, s: Array, current: Array) -> Array:
-    """Leak, reset with the previous step's spikes `s`, and integrate `current`."""
+def _membrane(cell, v: Array, s: Array, current: Array, detach_reset: bool = False) -> Array:
+    """Leak, reset with the previous step's spikes `s`, and integrate `current`; with
+    `detach_reset`, the reset carries no derivative (the spikes are constants in it)."""
     alpha = _decay(cell.log_tau_mem, cell.tau_mem, cell.dt)
+    if detach_reset:
+        s = jax.lax.stop_gradient(s)
     if cell.reset == "subtract":
         return alpha * v - cell.threshold * s + current
     return alpha * (1 - s) * v + current
@@ -126,7 +130,10 @@ class LIF(AbstractSpikingCell):
     membrane before its own reset, and a spike `s_t` resets the membrane at step `t + 1`. The
     surrogate sees the distance to threshold in units of the threshold, `(v − ϑ)/ϑ`, so its
     width is relative to `ϑ` (Bellec et al.); the forward pass is exactly `s_t = [v_t > ϑ]`.
-    The reset is differentiated like everything else (no stop-gradient).
+    The reset is differentiated like everything else, unless `detach_reset=True`: then the
+    spikes in the reset term carry no derivative (`stop_gradient`), as in Xiao et al. (2022,
+    OTTT), and with `reset="subtract"` the membrane's derivative in its previous value is the
+    constant leak `α`, which `eqtrace.OTTT` needs. The forward pass is the same either way.
 
     The state is the tuple `(v,)`, or `(v, i)` with a synapse, every leaf of shape
     `(hidden_size,)`; the output is the spikes `s = spikes(state)`, computed from `v`. (The
@@ -152,6 +159,7 @@ class LIF(AbstractSpikingCell):
       [`eqtrace.nn.surrogate.AbstractSurrogate`][] (default `FastSigmoid(10.0)`, SuperSpike).
     - `input_mask`, `recurrent_mask`: optional boolean connectivity masks of shapes
       `(hidden_size, input_size)` and `(hidden_size, hidden_size)`.
+    - `detach_reset`: give the reset no derivative (default `False`).
     - `dtype`: parameter and state dtype.
     - `key`: PRNG key.
     """
@@ -169,6 +177,7 @@ class LIF(AbstractSpikingCell):
     tau_syn: float = eqx.field(static=True)
     dt: float = eqx.field(static=True)
     surrogate: AbstractSurrogate = eqx.field(static=True)
+    detach_reset: bool = eqx.field(static=True)
 
     def __init__(
         self,
@@ -186,6 +195,7 @@ class LIF(AbstractSpikingCell):
         surrogate: AbstractSurrogate = FastSigmoid(),
         input_mask: Bool[Array, "hidden input"] | None = None,
         recurrent_mask: Bool[Array, "hidden hidden"] | None = None,
+        detach_reset: bool = False,
         dtype=None,
         key: PRNGKeyArray,
     ):
@@ -204,6 +214,7 @@ class LIF(AbstractSpikingCell):
         self.tau_syn = float(tau_syn)
         self.dt = float(dt)
         self.surrogate = surrogate
+        self.detach_reset = bool(detach_reset)
 
     def __check_init__(self):
         if self.reset not in ("subtract", "zero"):
@@ -224,7 +235,7 @@ class LIF(AbstractSpikingCell):
         if i is not None:
             i = _decay(self.log_tau_syn, self.tau_syn, self.dt) * i + current
             current = i
-        v = _membrane(self, v, s, current)
+        v = _membrane(self, v, s, current, self.detach_reset)
         new_state = (v,) if i is None else (v, i)
         return new_state, self.output(new_state)
 
