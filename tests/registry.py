@@ -56,6 +56,8 @@ class AlgorithmCase:
       structure that sets it apart (e-prop is D-RTRL unless a cell feeds a leaky read-out).
       The products of every rule with every cell skip it (`rules` leaves it out unless asked
       for by `same_as=...`); its own tests hold it to that rule and to its own oracles.
+    - `cells`: for a rule made for one kind of cell (`SPECIALISED`), the registered cells it
+      accepts; it refuses the generic models of the other oracles.
     """
 
     name: str
@@ -67,6 +69,7 @@ class AlgorithmCase:
     statistical: bool = False
     supports_blocks: bool = True
     same_as: str | None = None
+    cells: tuple[str, ...] = ()
 
     @functools.cached_property
     def algorithm(self) -> eqtrace.AbstractAlgorithm:
@@ -115,6 +118,24 @@ ALGORITHMS: tuple[AlgorithmCase, ...] = (
         needs_structure=False,
         equals_rtrl_at_first_step=False,  # unbiased at T = 1, but a rank-one draw
         statistical=True,
+    ),
+)
+
+
+#: Rules made for one kind of cell, which refuse the generic models (GRUs, gated user cells)
+#: that the oracles over `ALGORITHMS` run: OTTT traces leaky integrators with a constant leak
+#: only. test_ottt.py holds each to its `same_as` rule on its `cells`, and runs the oracles
+#: that hold for every rule there (blocks = steps, batch = loop, jit = no jit, RTRL at the
+#: first step).
+SPECIALISED: tuple[AlgorithmCase, ...] = (
+    AlgorithmCase(
+        "ottt",
+        eqtrace.OTTT,
+        exact=False,
+        exact_elementwise=True,
+        needs_structure=True,
+        same_as="drtrl",
+        cells=("lif-detached", "lif-detached-recurrent"),
     ),
 )
 
@@ -261,6 +282,19 @@ CELLS: dict[str, CellCase] = {
         _builtin(nn.ALIF, recurrent=True, learn_tau=True, learn_beta=True),
         elementwise=False,
         state_leaves=3,
+        spiking=True,
+    ),
+    # The reset detached (`LIF(detach_reset=True)`): a constant leak, the cells OTTT traces.
+    "lif-detached": CellCase(
+        _lif(synapse=True, detach_reset=True, tau_mem=5.0),
+        elementwise=True,
+        state_leaves=2,
+        spiking=True,
+    ),
+    "lif-detached-recurrent": CellCase(
+        _lif(recurrent=True, detach_reset=True, tau_mem=5.0),
+        elementwise=False,
+        state_leaves=1,
         spiking=True,
     ),
     "readout": CellCase(_builtin(nn.LeakyReadout), elementwise=True, state_leaves=1),

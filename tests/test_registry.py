@@ -14,7 +14,15 @@ import pytest
 import eqtrace
 from eqtrace import nn
 from helpers import LONG, pairs
-from registry import ALGORITHMS, CELLS, EVERY_CELL, PARAMETER_FREE_CELLS, WRAPPERS, make_cell
+from registry import (
+    ALGORITHMS,
+    CELLS,
+    EVERY_CELL,
+    PARAMETER_FREE_CELLS,
+    SPECIALISED,
+    WRAPPERS,
+    make_cell,
+)
 
 
 def _public_classes(namespace, base):
@@ -26,10 +34,16 @@ def _public_classes(namespace, base):
 
 
 def test_every_algorithm_is_registered():
-    registered = {type(case.algorithm) for case in ALGORITHMS} | set(WRAPPERS)
+    cases = (*ALGORITHMS, *SPECIALISED)
+    registered = {type(case.algorithm) for case in cases} | set(WRAPPERS)
     public = _public_classes(eqtrace, eqtrace.AbstractAlgorithm) - {eqtrace.AbstractAlgorithm}
     assert public <= registered, f"not in registry.ALGORITHMS: {public - registered}"
-    assert len({case.name for case in ALGORITHMS}) == len(ALGORITHMS)
+    assert len({case.name for case in cases}) == len(cases)
+    # A specialised rule names the cells it accepts and the rule it equals on them.
+    names = {case.name for case in ALGORITHMS}
+    for case in SPECIALISED:
+        assert case.cells and set(case.cells) <= set(CELLS) and case.same_as in names
+    assert not any(case.cells for case in ALGORITHMS)
 
 
 def test_every_cell_class_is_registered():
@@ -44,7 +58,9 @@ def test_every_cell_class_is_registered():
         assert not jax.tree.leaves(eqx.filter(make(), eqx.is_inexact_array))
 
 
-@pytest.mark.parametrize("case", ALGORITHMS, ids=[case.name for case in ALGORITHMS])
+@pytest.mark.parametrize(
+    "case", [*ALGORITHMS, *SPECIALISED], ids=[case.name for case in (*ALGORITHMS, *SPECIALISED)]
+)
 def test_algorithm_flags_are_consistent(case):
     if case.exact:  # the stronger oracle implies the weaker ones
         assert case.exact_elementwise and case.equals_rtrl_at_first_step

@@ -117,7 +117,9 @@ class OTTT(AbstractDiagonalAlgorithm[OTTTTrace]):
                 for site, op in zip(structure.sites, sites)
             ),
             biases=tuple(
-                jnp.zeros((k,), op_dtype(op)) if site.traced else None
+                jnp.zeros((k,), op_dtype(op))
+                if site.traced and algebra(op).bias(op) is not None
+                else None
                 for site, op in zip(structure.sites, sites)
             ),
             params=init_param_traces(structure, cell),
@@ -138,15 +140,15 @@ class OTTT(AbstractDiagonalAlgorithm[OTTTTrace]):
             op_inputs, params = tuple(a for a, _ in records), trace.params
         inputs, biases = [], []
         for eps, bias, a, drive in zip(trace.inputs, trace.biases, op_inputs, leak.drives):
-            if eps is None or bias is None or drive is None:
+            if eps is None or drive is None:  # A read-out call: no trace.
                 inputs.append(None)
                 biases.append(None)
                 continue
             lam = jnp.asarray(leak.leak, eps.dtype)
             c = jnp.asarray(drive, eps.dtype)
             a = a.astype(eps.dtype)
-            inputs.append(jnp.tensordot(lam, eps, axes=1) + c.reshape(-1, *[1] * a.ndim) * a)
-            biases.append(lam @ bias + c)
+            inputs.append(jnp.tensordot(lam, eps, axes=1) + c.reshape(-1, *[1] * a.ndim) * a[None])
+            biases.append(None if bias is None else lam @ bias + c)
         return new_state, OTTTTrace(inputs=tuple(inputs), biases=tuple(biases), params=params)
 
     def cell_tangent(
@@ -159,13 +161,13 @@ class OTTT(AbstractDiagonalAlgorithm[OTTTTrace]):
         for i, (op, eps, bias, delta) in enumerate(
             zip(structure.site_modules(cell), trace.inputs, trace.biases, op_tangents)
         ):
-            if eps is None or bias is None:  # A read-out call: exact gradient through `output`.
+            if eps is None:  # A read-out call: exact gradient through `output`.
                 continue
             rules = algebra(op)
             for k in range(len(rows)):
                 delta_k = delta
                 bias_tangent = rules.bias(delta)
-                if bias_tangent is not None:
+                if bias_tangent is not None and bias is not None:
                     scaled = bias_tangent * bias[k].astype(bias_tangent.dtype)
                     delta_k = eqx.tree_at(rules.bias, delta, scaled)
                 # `δW â[k] + δb b̂[k]`, through the op's own code (its mask included).

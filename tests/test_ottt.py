@@ -1,0 +1,264 @@
+"""OTTT against its oracles: the paper's update written naively (a loop over time with its
+equations) on two LIF layers; BPTT where the paper says they agree (one feed-forward layer,
+reset detached, a linear read-out and a loss at each step); D-RTRL, which it equals on every
+cell it accepts; and, for each rule of `registry.SPECIALISED` on its cells, the oracles that
+hold for every rule (RTRL at the first step, blocks = steps, batch = loop, jit = no jit). Its
+refusals name what the leak depends on."""
+
+import math
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import jax.tree_util as jtu
+import numpy as np
+import pytest
+
+import eqtrace
+from eqtrace import nn
+from helpers import online_and_bptt, online_in_blocks, random_state, relative_error, squared_loss
+from registry import SPECIALISED, make_cell
+
+
+INPUT, HIDDEN, OUTPUT, LENGTH = 3, 4, 2, 8
+CASES = [
+    pytest.param(case, cell, id=f"{case.name}-{cell}")
+    for case in SPECIALISED
+    for cell in case.cells
+]
+
+
+def _data(key, length=LENGTH, scale=2.0):
+    kx, kt = jr.split(key)
+    return scale * jr.normal(kx, (length, INPUT)), jr.normal(kt, (length, OUTPUT))
+
+
+def _online(algorithm, model, xs, targets):
+    return online_and_bptt(algorithm, model, xs, targets)[0]
+
+
+def _naive_ottt(model, xs, targets):
+    """Xiao et al.'s OTTT on `LIF → LIF → Linear`, written out: per step, the instantaneous
+    loss's cotangents of the membranes (through the layers above, at this step only) times
+    the presynaptic traces `â_t = λ â_{t-1} + a_t`, summed over the steps."""
+    lif1, lif2, readout = model.layers
+
+    def spike(cell, v):
+        return cell.surrogate((v - cell.threshold) / cell.threshold)
+
+    lam1, lam2 = (math.exp(-c.dt / c.tau_mem) for c in (lif1, lif2))
+    w1, w2 = lif1.input_op.weight, lif2.input_op.weight
+    v1, v2 = jnp.zeros(HIDDEN), jnp.zeros(HIDDEN)
+    a1, a2 = jnp.zeros(INPUT), jnp.zeros(HIDDEN)
+    grads = {"w1": 0.0, "w2": 0.0, "wo": 0.0, "bo": 0.0}
+    for x, target in zip(xs, targets):
+        # The forward step (reset by the previous spikes, subtracting the threshold).
+        v1 = lam1 * v1 - lif1.threshold * spike(lif1, v1) + w1 @ x
+        base2 = lam2 * v2 - lif2.threshold * spike(lif2, v2)
+        s1 = spike(lif1, v1)
+        v2 = base2 + w2 @ s1
+
+        def loss(v2, wo, bo, target=target):
+            return squared_loss(wo @ spike(lif2, v2) + bo, target)
+
+        g2, gwo, gbo = jax.grad(loss, argnums=(0, 1, 2))(v2, readout.weight, readout.bias)
+        # `∂L_t/∂v1_t` through this step's spikes and the layer above (no time).
+        _, pull = jax.vjp(lambda v: base2 + w2 @ spike(lif1, v), v1)
+        (g1,) = pull(g2)
+        a1 = lam1 * a1 + x
+        a2 = lam2 * a2 + s1
+        grads["w1"] = grads["w1"] + jnp.outer(g1, a1)
+        grads["w2"] = grads["w2"] + jnp.outer(g2, a2)
+        grads["wo"] = grads["wo"] + gwo
+        grads["bo"] = grads["bo"] + gbo
+    return grads
+
+
+def test_equals_the_papers_update_written_naively(getkey):
+    def lif(i):
+        return nn.LIF(i, HIDDEN, tau_mem=5.0, detach_reset=True, key=getkey())
+
+    model = nn.Sequential([lif(INPUT), lif(HIDDEN), eqx.nn.Linear(HIDDEN, OUTPUT, key=getkey())])
+    xs, targets = _data(getkey())
+    online = _online(eqtrace.OTTT(), model, xs, targets)
+    naive = _naive_ottt(model, xs, targets)
+    got = {
+        "w1": online.layers[0].input_op.weight,
+        "w2": online.layers[1].input_op.weight,
+        "wo": online.layers[2].weight,
+        "bo": online.layers[2].bias,
+    }
+    assert relative_error(got, naive) <= 1e-12
+    # Not vacuous: the first layer spikes, and both layers' weights get a gradient.
+    _, spikes = jax.lax.scan(lambda s, x: model.layers[0](s, x), model.layers[0].init_state(), xs)
+    assert 0 < float(jnp.mean(spikes)) < 1
+    assert all(float(jnp.max(jnp.abs(got[w]))) > 0 for w in ("w1", "w2", "bo"))
+
+
+@pytest.mark.parametrize("synapse", [False, True])
+def test_equals_bptt_for_one_layer_under_a_linear_readout(synapse, getkey):
+    """The paper's claim: with the reset detached (in BPTT too) and a loss at each step
+    through a linear read-out, OTTT's summed updates are BPTT's for the layer below the
+    read-out (here the only one). Exact with a synapse as well (a second constant leak)."""
+    key, readout = getkey(), eqx.nn.Linear(HIDDEN, OUTPUT, key=getkey())
+
+    def model(detach_reset):
+        cell = nn.LIF(
+            INPUT, HIDDEN, tau_mem=5.0, synapse=synapse, detach_reset=detach_reset, key=key
+        )
+        return nn.Sequential([cell, readout])
+
+    xs, targets = _data(getkey())
+    online, bptt = online_and_bptt(eqtrace.OTTT(), model(True), xs, targets)
+    assert relative_error(online, bptt) <= 1e-12
+    # Not vacuous: with the reset differentiated, BPTT's gradient is another one.
+    _, bptt_attached = online_and_bptt(eqtrace.RTRL(), model(False), xs, targets)
+    assert relative_error(bptt_attached, bptt) > 1e-3
+
+
+def test_not_bptt_below_another_layer(getkey):
+    """Two layers: OTTT drops the paths through the upper layer's leak, as the paper says."""
+    model = nn.Sequential(
+        [
+            nn.LIF(INPUT, HIDDEN, tau_mem=5.0, detach_reset=True, key=getkey()),
+            nn.LIF(HIDDEN, HIDDEN, tau_mem=5.0, detach_reset=True, key=getkey()),
+            eqx.nn.Linear(HIDDEN, OUTPUT, key=getkey()),
+        ]
+    )
+    online, bptt = online_and_bptt(eqtrace.OTTT(), model, *_data(getkey()))
+    assert relative_error(online.layers[0], bptt.layers[0]) > 1e-3
+    assert relative_error(online.layers[1:], bptt.layers[1:]) <= 1e-12
+
+
+@pytest.mark.parametrize("case, cell", CASES)
+def test_equals_its_rule_on_its_cells_with_less_memory(case, cell, getkey):
+    model = nn.Sequential(
+        [make_cell(cell, getkey(), INPUT, HIDDEN), eqx.nn.Linear(HIDDEN, OUTPUT, key=getkey())]
+    )
+    xs, targets = _data(getkey())
+    rule = dict(drtrl=eqtrace.DRTRL())[case.same_as]
+    online = _online(case.algorithm, model, xs, targets)
+    assert relative_error(online, _online(rule, model, xs, targets)) <= 1e-12
+    assert all(bool(jnp.any(g != 0)) for g in jtu.tree_leaves(online))
+    size = eqtrace.trace_size(case.algorithm, model).values
+    assert size < eqtrace.trace_size(rule, model).values
+
+
+def test_trace_is_presynaptic():
+    """`K` presynaptic traces per op input (and one per leaf for a bias), not weight-shaped."""
+    key = jr.key(0)
+    recurrent = nn.LIF(5, 7, recurrent=True, detach_reset=True, key=key)
+    assert eqtrace.trace_size(eqtrace.OTTT(), recurrent).values == 5 + 7
+    synapse = nn.LIF(5, 7, synapse=True, detach_reset=True, key=key)
+    assert eqtrace.trace_size(eqtrace.OTTT(), synapse).values == 2 * 5
+    assert eqtrace.trace_size(eqtrace.DRTRL(), synapse).values == 2 * 5 * 7
+
+
+@pytest.mark.parametrize("case, cell", CASES)
+def test_first_step_equals_rtrl(case, cell, getkey):
+    model = nn.Sequential(
+        [make_cell(cell, getkey(), INPUT, HIDDEN), eqx.nn.Linear(HIDDEN, OUTPUT, key=getkey())]
+    )
+    rng = np.random.default_rng(0)
+    state = random_state(rng, model)
+    xs, targets = _data(getkey(), length=1)
+    online, _ = online_and_bptt(case.algorithm, model, xs, targets, state=state)
+    exact, _ = online_and_bptt(eqtrace.RTRL(), model, xs, targets, state=state)
+    assert relative_error(online, exact) <= 1e-12
+
+
+@pytest.mark.parametrize("case, cell", CASES)
+def test_blocks_equal_steps(case, cell, getkey):
+    model = nn.Sequential(
+        [make_cell(cell, getkey(), INPUT, HIDDEN), eqx.nn.Linear(HIDDEN, OUTPUT, key=getkey())]
+    )
+    xs, targets = _data(getkey())
+    stepped = _online(case.algorithm, model, xs, targets)
+    _, blocked, _, _ = online_in_blocks(case.algorithm, model, xs, targets, block_size=3)
+    assert relative_error(blocked, stepped) <= 1e-12
+
+
+@pytest.mark.parametrize("case, cell", CASES)
+def test_batch_equals_per_sample_loop_and_jit_equals_no_jit(case, cell, getkey):
+    model = nn.Sequential(
+        [make_cell(cell, getkey(), INPUT, HIDDEN), eqx.nn.Linear(HIDDEN, OUTPUT, key=getkey())]
+    )
+    rule = case.algorithm
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+    batch = 3
+    xs = 2 * jr.normal(getkey(), (LENGTH, batch, INPUT))
+    targets = jr.normal(getkey(), (LENGTH, batch, OUTPUT))
+    step = jax.vmap(eqtrace.make_online_step(rule, static), in_axes=(None, 0, 0, 0))
+    state, trace = eqtrace.init_state_and_trace(model, rule, batch)
+
+    def run(step):
+        return eqtrace.online_gradient(
+            step, squared_loss, params, state, trace, xs, targets, reduction="sum"
+        )[1]
+
+    batched = run(step)
+    per_sample = [_online(rule, model, xs[:, b], targets[:, b]) for b in range(batch)]
+    assert relative_error(batched, jtu.tree_map(lambda *g: sum(g), *per_sample)) <= 1e-12
+    assert relative_error(run(jax.jit(step)), batched) <= 1e-12
+
+
+REFUSED = {
+    "reset differentiated": (lambda key: nn.LIF(INPUT, HIDDEN, key=key), "`state[0]`"),
+    "reset to zero": (
+        lambda key: nn.LIF(INPUT, HIDDEN, reset="zero", detach_reset=True, key=key),
+        "`state[0]`",
+    ),
+    "learnt time constant": (
+        lambda key: nn.LIF(INPUT, HIDDEN, learn_tau=True, detach_reset=True, key=key),
+        "`.log_tau_mem`",
+    ),
+    "gated": (lambda key: nn.GRUCell(INPUT, HIDDEN, key=key), "the input `x`"),
+    "adaptive threshold": (lambda key: nn.ALIF(INPUT, HIDDEN, key=key), "`state[1]`"),
+}
+
+
+@pytest.mark.parametrize("name", list(REFUSED))
+def test_refuses_cells_without_a_constant_leak(name, getkey):
+    make, subject = REFUSED[name]
+    cell = make(getkey())
+    x = jnp.zeros(INPUT)
+    with pytest.raises(eqtrace.StructureError, match="OTTT cannot trace") as error:
+        eqtrace.OTTT().init_trace(cell, cell.init_state(), x)
+    assert subject in str(error.value) and "detach_reset=True" in str(error.value)
+    assert eqtrace.check(cell, eqtrace.OTTT(), x=x).refusal == str(error.value)
+    # `strict=False` accepts broken diagonal assumptions, never a leak the trace cannot hold.
+    with pytest.raises(eqtrace.StructureError, match="OTTT cannot trace"):
+        eqtrace.OTTT(strict=False).init_trace(cell, cell.init_state(), x)
+
+
+def test_per_neuron_leaks_are_refused():
+    """A fixed leak that differs across neurons (a constant per-neuron time constant) cannot
+    decay one presynaptic trace shared by the neurons."""
+
+    class Leaky(eqtrace.AbstractCell):
+        op: nn.Linear
+        decay: tuple[float, ...] = eqx.field(static=True)
+
+        def __init__(self, decay, key):
+            self.op = nn.Linear(INPUT, HIDDEN, key=key)
+            self.decay = tuple(float(d) for d in decay)
+
+        def init_state(self):
+            return jnp.zeros(HIDDEN)
+
+        def __call__(self, state, x):
+            v = jnp.asarray(self.decay, state.dtype) * state + self.op(x)
+            return v, jnp.tanh(v)
+
+        def output(self, state):
+            return jnp.tanh(state)
+
+    cell = Leaky(np.linspace(0.5, 0.9, HIDDEN), jr.key(0))
+    with pytest.raises(eqtrace.StructureError, match="differs across the neurons"):
+        eqtrace.OTTT().init_trace(cell, cell.init_state(), jnp.zeros(INPUT))
+    # The same cell with one leak for all neurons is accepted and equals BPTT.
+    uniform = Leaky([0.8] * HIDDEN, jr.key(0))
+    xs, targets = jr.normal(jr.key(1), (LENGTH, INPUT)), jr.normal(jr.key(2), (LENGTH, HIDDEN))
+    online, bptt = online_and_bptt(eqtrace.OTTT(), uniform, xs, targets)
+    assert relative_error(online, bptt) <= 1e-12
