@@ -1004,6 +1004,10 @@ CASES: dict[str, Callable[[], list[Callable[[], object]]]] = {
     "An example input with an extra axis": _example_input_with_an_extra_axis,
     "An example input the cell cannot take": _example_input_the_cell_cannot_take,
     "A parameter outside the step": _parameter_outside_the_step,
+    "A cell without a constant leak under OTTT": lambda: [
+        _init(eqtrace.OTTT(), nn.LIF(INPUT, HIDDEN, key=_key()), None),
+        _init(eqtrace.OTTT(), nn.GRUCell(INPUT, HIDDEN, key=_key()), None),
+    ],
     "A model that is not an eqtrace cell or network": lambda: [
         lambda: eqtrace.make_online_step(
             eqtrace.DRTRL(), eqx.partition(eqx.nn.Sequential([_gru()]), eqx.is_inexact_array)[1]
