@@ -229,3 +229,36 @@ def test_modulator_is_held_constant_and_broadcast(getkey):
     # A pytree of outputs with one modulator per leaf, or one for all.
     pair = gradient(lambda y: eqtrace.modulated_loss((y, y), (delta, 2.0 * delta)))
     _assert_trees_close(pair, jax.tree.map(lambda g: 3.0 * g, constant))
+
+
+def test_modulator_on_a_hidden_layers_state(getkey):
+    """A modulator on the hidden layer's returned state, in place of `∂L/∂h_t` (braintrace's
+    `ThreeFactor`): with `m_t = W_outᵀ ∂L_t/∂y_t`, the true learning signal of the layer under
+    a linear read-out, the layer's parameters get the rule's online gradient of `L`."""
+    model = eqtrace.nn.Sequential(
+        [make_cell("mingru", getkey(), INPUT, HIDDEN), eqx.nn.Linear(HIDDEN, 2, key=getkey())]
+    )
+    algorithm = eqtrace.DRTRL()
+    params, step, state, trace = _setup(algorithm, model)
+    xs, targets = _sequence(getkey(), outputs=2)
+    signals = _true_learning_signals(step, params, state, trace, xs, targets)
+    hidden_signals = signals @ model.layers[1].weight  # W_outᵀ g, per sample and step
+
+    def body(carry, inputs):
+        state, trace, grads = carry
+        x, m = inputs
+
+        def loss(params):
+            new_state, new_trace, _ = step(params, state, trace, x)
+            return eqtrace.modulated_loss(new_state[0], m), (new_state, new_trace)
+
+        g, (state, trace) = jax.grad(loss, has_aux=True)(params)
+        return (state, trace, jax.tree.map(jnp.add, grads, g)), None
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    (_, _, grads), _ = jax.lax.scan(body, (state, trace, zeros), (xs, hidden_signals))
+    expected = eqtrace.online_gradient(
+        step, _loss, params, state, trace, xs, targets, reduction="sum"
+    )[1]
+    _assert_trees_close(grads.layers[0], expected.layers[0])
+    assert all(np.abs(g).max() == 0 for g in jax.tree.leaves(grads.layers[1]))
