@@ -25,9 +25,12 @@ Both agents run 32 environments side by side and take the same number of environ
   through the whole rollout (memory grows with its length).
 
 Both reset the recurrent state (and the online trace) when an episode ends. The table gives the
-mean return of the episodes that ended in each slice of the run (500 is the maximum).
+mean return of the episodes that ended in each slice of the run (500 is the maximum, random play
+about 22). Measured with the defaults (seed 0, 2 CPU cores shared with other jobs, 70 s in all):
+the online agent reached 83.6 after 96 000 environment steps and 325.5 after 192 000; BPTT,
+with 300 updates to the online agent's 6 000, 30.0 (docs/examples.md has the whole table).
 
-    python examples/reward_modulated.py               # both agents, ~2 min on 2 cores
+    python examples/reward_modulated.py               # both agents, about 1 min on 2 cores
     python examples/reward_modulated.py --plot        # and the learning curves, to outputs/
     python examples/reward_modulated.py --fast        # smoke run, seconds
 """
