@@ -972,6 +972,20 @@ def _a_nir_graph_with_a_node_eqtrace_does_not_import() -> list[Callable[[], obje
 
 
 #: Title of a row of `docs/errors.md` -> functions that each commit that misuse.
+def _modulator_of_the_wrong_shape():
+    """A per-neuron modulator without the batch axis, and modulators that kept their time
+    axis, given to a driver's vmapped step."""
+    _, params, _, step, _, state, trace = _setup(eqtrace.DRTRL(), batch_size=BATCH)
+    batched = jax.vmap(step, in_axes=(None, 0, 0, 0))
+    xs, _ = _sequence((BATCH,))
+    return [
+        lambda: eqtrace.modulated_loss(jnp.ones((BATCH, HIDDEN)), jnp.ones((LENGTH, BATCH))),
+        lambda: eqtrace.online_gradient(
+            batched, eqtrace.modulated_loss, params, state, trace, xs, jnp.ones((LENGTH, HIDDEN))
+        ),
+    ]
+
+
 CASES: dict[str, Callable[[], list[Callable[[], object]]]] = {
     "Targets without a time axis": _per_sequence_targets,
     "Step weights of the wrong shape": _step_weights_of_wrong_shape,
@@ -1252,6 +1266,19 @@ CASES: dict[str, Callable[[], list[Callable[[], object]]]] = {
         lambda: eqtrace.to_nir(nn.ALIF(INPUT, HIDDEN, reset="zero", key=_key()))
     ],
     "A NIR node eqtrace does not import": _a_nir_graph_with_a_node_eqtrace_does_not_import,
+    "A modulator of the wrong shape": _modulator_of_the_wrong_shape,
+    "A modulator that is not floating": lambda: [
+        lambda: eqtrace.modulated_loss(jnp.ones((BATCH, HIDDEN)), jnp.ones(BATCH, jnp.int32)),
+        lambda: eqtrace.modulated_loss(jnp.ones(HIDDEN), jnp.ones(HIDDEN, bool)),
+    ],
+    "A modulator of another structure": lambda: [
+        lambda: eqtrace.modulated_loss(jnp.ones(HIDDEN), (jnp.ones(HIDDEN), jnp.ones(HIDDEN))),
+        lambda: eqtrace.modulated_loss((jnp.ones(2), jnp.ones(3)), [jnp.ones(2), jnp.ones(3)]),
+    ],
+    "Modulating values that are not floating": lambda: [
+        lambda: eqtrace.modulated_loss(jnp.array([0, 1]), jnp.ones(2)),
+        lambda: eqtrace.modulated_loss(jnp.ones(HIDDEN) > 0, 1.0),
+    ],
 }
 
 

@@ -36,7 +36,10 @@ CASES = {
     "batching_and_sequences": ([], ["max difference", "update"], "batching_and_sequences.png"),
     "sharded_training": (["--devices", "4"], ["trace/device", "train_online on mesh"], None),
     "nir_export": ([], ["test accuracy", "hidden spikes identical: True", "max output"], None),
+    "reward_modulated": ([], ["D-RTRL + TD", "BPTT", "memory/sample"], "reward_modulated.png"),
 }
+#: Examples that need an optional extra: skipped (not failed) without it.
+NEEDS = {"reward_modulated": "gymnax"}
 HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
 # script -> the header lines of the outputs docs/examples.md records from its full runs (marked
 # `<!-- recorded: ... examples/X.py ... -->`; their numbers are measurements).
@@ -69,6 +72,8 @@ def _run(name: str, out: Path) -> subprocess.CompletedProcess:
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_example_runs(name, tmp_path):
+    if name in NEEDS:
+        pytest.importorskip(NEEDS[name])
     # One example per test, run to its end here: pytest-xdist spreads the tests over the
     # workers, so the examples still run side by side with the rest of the suite. (Starting
     # every example from a module fixture ran each one once per worker, and left the pipes of
