@@ -29,6 +29,7 @@ from ._diagnostics import (
     GradientComparison as GradientComparison,
     compare_gradients as compare_gradients,
 )
+from ._fidelity import Fidelity as Fidelity, FidelityMonitor as FidelityMonitor
 from ._drivers import (
     bptt_gradient as bptt_gradient,
     init_state_and_trace as init_state_and_trace,
