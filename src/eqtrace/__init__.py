@@ -29,7 +29,6 @@ from ._diagnostics import (
     GradientComparison as GradientComparison,
     compare_gradients as compare_gradients,
 )
-from ._fidelity import Fidelity as Fidelity, FidelityMonitor as FidelityMonitor
 from ._drivers import (
     bptt_gradient as bptt_gradient,
     init_state_and_trace as init_state_and_trace,
@@ -41,6 +40,7 @@ from ._drivers import (
     train_online as train_online,
     truncated_bptt_gradient as truncated_bptt_gradient,
 )
+from ._fidelity import Fidelity as Fidelity, FidelityMonitor as FidelityMonitor
 from ._nir import from_nir as from_nir, to_nir as to_nir
 from ._ops import OpAlgebra as OpAlgebra, register_op as register_op
 from ._plan import LayerPlan as LayerPlan, Plan as Plan, prepare as prepare

@@ -256,7 +256,7 @@ class Monitor:
     sub: Callable[[Any], Any]  # the sub-batch of a state or trace
     block_size: int | None
     length: int  # the number of steps
-    samples: int
+    samples: int | None  # None: one sequence, without a batch axis
     dtype: Any  # of the metrics
 
     @property
@@ -272,9 +272,7 @@ class Monitor:
         if self.config.reference == "rtrl":
             return self.rtrl_trace
         window = self.config.window_updates
-        return jtu.tree_map(
-            lambda a: jnp.broadcast_to(a, (window, *a.shape)), self.sub(state)
-        )
+        return jtu.tree_map(lambda a: jnp.broadcast_to(a, (window, *a.shape)), self.sub(state))
 
     def measure(self, u, carry, params, state, trace, inputs):
         """The monitor's part of update `u`: its new carry and the metrics (NaN if `u` is not
@@ -306,6 +304,11 @@ class Monitor:
             state_k,
         )
 
+        steps_now = jtu.tree_leaves(inputs[0])[0].shape[0] if self.block_size else 1
+        span = (window - 1) * self.steps_per_update + steps_now
+        if span > self.length:  # no window of this shape fits in the stream: never measured
+            return states, self._nan_metrics(params)
+
         def measure_window():
             first = jtu.tree_map(
                 lambda ring: jax.lax.dynamic_index_in_dim(
@@ -313,13 +316,15 @@ class Monitor:
                 ),
                 states,
             )
-            steps_now = jtu.tree_leaves(inputs[0])[0].shape[0] if self.block_size else 1
-            span = (window - 1) * self.steps_per_update + steps_now
             start = (u - window + 1) * self.steps_per_update
             sequences = jtu.tree_map(
                 lambda a: jax.lax.dynamic_slice_in_dim(a, start, span, 0), self.sequences
             )
-            earlier, last = self._split(sequences, window - 1)
+            # A window of equal updates is scanned whole; one that ends with the last, shorter
+            # block of the stream scans the others and then takes that one.
+            uniform = steps_now == self.steps_per_update
+            earlier, last = self._split(sequences, window if uniform else window - 1)
+            last = None if uniform else last
             estimate = self._online_window(params, first, trace_k, earlier, last)
             reference = jax.grad(self._bptt_window)(params, first, earlier, last)
             return self._compare(estimate, reference)
@@ -394,6 +399,8 @@ class Monitor:
             return a if self.block_size is None else a.reshape(earlier, c, *a.shape[1:])
 
         def last(a):
+            if a.shape[0] == earlier * c:
+                return None
             return a[earlier * c] if self.block_size is None else a[earlier * c :]
 
         return jtu.tree_map(first, sequences), jtu.tree_map(last, sequences)
@@ -411,7 +418,8 @@ class Monitor:
 
         carry = (state, trace, jtu.tree_map(jnp.zeros_like, params))
         carry, _ = jax.lax.scan(update, carry, earlier)
-        carry, _ = update(carry, last)
+        if last is not None:
+            carry, _ = update(carry, last)
         return carry[2]
 
     def _bptt_window(self, params, state, earlier, last):
@@ -432,6 +440,8 @@ class Monitor:
             return state, jnp.mean(values)
 
         state, losses = jax.lax.scan(update, state, earlier)
+        if last is None:
+            return jnp.sum(losses)
         _, loss = update(state, last)
         return jnp.sum(losses) + loss
 
@@ -580,10 +590,12 @@ def setup_monitor(
         one = rtrl.init_trace(model, single_state, example)
         rtrl_trace = one if samples is None else _broadcast(one, samples)
 
+    # The fresh trace of a window, made once (the rule analyses the model to make it).
+    fresh = rule.init_trace(model, single_state, example)
+    if samples is not None:
+        fresh = _broadcast(fresh, samples)
+
     def init_trace(carried):
-        fresh = rule.init_trace(model, single_state, example)
-        if samples is not None:
-            fresh = _broadcast(fresh, samples)
         # The rule's PRNG keys (UORO) are the carried ones: fresh draws, not the initial key.
         return jtu.tree_map(lambda f, c: c if is_key(c) else f, fresh, carried)
 
@@ -624,4 +636,3 @@ def leaf_paths(params: Any) -> tuple[tuple[str, ...], tuple[int, ...]]:
         for path, leaf in jtu.tree_leaves_with_path(params)
     ]
     return tuple(p for p, _ in leaves), tuple(s for _, s in leaves)
-
