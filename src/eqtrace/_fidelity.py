@@ -14,7 +14,7 @@ from jaxtyping import Array, Float, Int, PyTree
 
 from ._algorithm import AbstractAlgorithm
 from ._diagnostics import GradientComparison, compare_gradients
-from ._validation import check_count, is_key
+from ._validation import is_key
 
 
 #: The references a `FidelityMonitor` can compare with.
@@ -75,9 +75,12 @@ class FidelityMonitor(eqx.Module):
     window: int | None = eqx.field(default=None, static=True)
 
     def __check_init__(self):
-        check_count("FidelityMonitor", "every", self.every)
+        _check_count("every", self.every, "measure every `every` updates", "every=100")
         if self.samples is not None:
-            check_count("FidelityMonitor", "samples", self.samples)
+            _check_count(
+                "samples", self.samples, "the number of samples of the batch to measure on",
+                "samples=4",
+            )  # fmt: skip
         if self.reference not in REFERENCES:
             raise ValueError(
                 'FidelityMonitor: `reference` must be "window" (BPTT over the last `window` '
@@ -92,7 +95,7 @@ class FidelityMonitor(eqx.Module):
                     f"own, with the full history: received `window={self.window!r}`. Drop "
                     '`window`, or pass `reference="window"`.'
                 )
-            check_count("FidelityMonitor", "window", self.window)
+            _check_count("window", self.window, "the number of updates in a window", "window=50")
 
     @property
     def window_updates(self) -> int:
@@ -105,6 +108,16 @@ class FidelityMonitor(eqx.Module):
         """The updates, out of `updates`, at which this monitor measures."""
         first = self.window_updates - 1
         return [u for u in range(updates) if (u + 1) % self.every == 0 and u >= first]
+
+
+def _check_count(name: str, value: Any, meaning: str, example: str) -> None:
+    """Raises unless `value` is a Python `int >= 1`."""
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+        raise ValueError(
+            f"FidelityMonitor: `{name}` must be a Python int >= 1 ({meaning}), but received "
+            f"{value!r}. Pass e.g. `{example}`; to measure nothing, pass `monitor=None` to "
+            "`train_online`."
+        )
 
 
 _Series = Float[Array, " m"]
