@@ -6,7 +6,8 @@ The problem is the benchmarks' `gru` line (`problems.py`: `Sequential([GRUCell(3
 Linear(128, 10)])`, batch 32, mean squared error at every step), trained with D-RTRL and
 `optax.adam` for `--steps` updates (one per step) by `eqtrace.train_online`. Each setting of the
 monitor is one row; the times are taken in interleaved rounds (`timing.time_interleaved`), and
-`× off` is the median over rounds of the per-round ratio to the row without a monitor.
+`× off` is the median over rounds of the per-round ratio to the row without a monitor,
+with its quartiles (its range below 4 rounds).
 """
 
 import argparse
@@ -83,15 +84,20 @@ def main(argv=None) -> None:
             continue
         times = timing["times_s"]
         ratios = [t / o for t, o in zip(times, off)]
-        quartiles = statistics.quantiles(ratios, n=4) if len(ratios) >= 4 else [min(ratios)] * 3
+        # Quartiles from 4 rounds on; the range below that.
+        if len(ratios) >= 4:
+            low, _, high = statistics.quantiles(ratios, n=4)
+        else:
+            low, high = min(ratios), max(ratios)
         measured = 0 if monitor is None else len(monitor.measured(config.steps))
         cosine = ""
         if monitor is not None:
             (fidelity,) = timing["output"][2]
-            cosine = f"{float(fidelity.overall_cosine[-1]):.3f}"
+            if len(fidelity.update):
+                cosine = f"{float(fidelity.overall_cosine[-1]):.3f}"
         print(
             f"| {name} | {measured} | {statistics.median(times):.3f} | "
-            f"{statistics.median(ratios):.2f} ({quartiles[0]:.2f}–{quartiles[2]:.2f}) | "
+            f"{statistics.median(ratios):.2f} ({low:.2f}–{high:.2f}) | "
             f"{cosine} |"
         )
 

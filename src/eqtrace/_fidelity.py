@@ -265,7 +265,7 @@ class Monitor:
     forward_step: Callable  # vmapped over the sub-batch if the stream is batched
     rtrl_step: Callable | None  # idem, exact RTRL (for `reference="rtrl"`)
     rtrl_trace: Any  # the initial RTRL trace of the sub-batch
-    init_trace: Callable[[Any], Any]  # carried trace of the sub-batch -> a fresh one
+    init_trace: Callable[[Any], Any]  # the sub-batch's PRNG keys -> a fresh trace
     sub: Callable[[Any], Any]  # the sub-batch of a state or trace
     block_size: int | None
     length: int  # the number of steps
@@ -292,11 +292,14 @@ class Monitor:
         measured, which the driver drops)."""
         config = self.config
         measured = ((u + 1) % config.every == 0) & (u >= config.window_updates - 1)
-        state_k, trace_k = self.sub(state), self.sub(trace)
+        # The sub-batch's trace is sliced inside the measuring branch only: a trace can be
+        # large (D-RTRL's is K·|θ| per sample), and the other updates need none of it.
+        state_k = self.sub(state)
         inputs_k = self._sub_inputs(inputs)
         if config.reference == "rtrl":
 
             def measure_rtrl(rtrl_trace):
+                trace_k = self.sub(trace)
                 loss = self._update_loss(self.online_step, params, state_k, trace_k, inputs_k)
                 estimate = jax.grad(loss, has_aux=True)(params)[0]
                 rtrl_trace, reference = self._rtrl_update(
@@ -311,6 +314,8 @@ class Monitor:
             return jax.lax.cond(measured, measure_rtrl, advance_rtrl, carry)
 
         window = config.window_updates
+        # The rule's PRNG keys (UORO's), for the window's fresh trace: fresh draws.
+        keys = self.sub([leaf for leaf in jtu.tree_leaves(trace) if is_key(leaf)])
         states = jtu.tree_map(
             lambda ring, a: jax.lax.dynamic_update_index_in_dim(ring, a, u % window, 0),
             carry,
@@ -338,7 +343,7 @@ class Monitor:
             uniform = steps_now == self.steps_per_update
             earlier, last = self._split(sequences, window if uniform else window - 1)
             last = None if uniform else last
-            estimate = self._online_window(params, first, trace_k, earlier, last)
+            estimate = self._online_window(params, first, keys, earlier, last)
             reference = jax.grad(self._bptt_window)(params, first, earlier, last)
             return self._compare(estimate, reference)
 
@@ -418,10 +423,10 @@ class Monitor:
 
         return jtu.tree_map(first, sequences), jtu.tree_map(last, sequences)
 
-    def _online_window(self, params, state, carried_trace, earlier, last):
+    def _online_window(self, params, state, keys, earlier, last):
         """The rule's online gradient summed over a window's updates, from `state` and a
-        fresh trace."""
-        trace = self.init_trace(carried_trace)
+        fresh trace (with the PRNG keys `keys`)."""
+        trace = self.init_trace(keys)
 
         def update(carry, inputs):
             state, trace, grads = carry
@@ -608,9 +613,12 @@ def setup_monitor(
     if samples is not None:
         fresh = _broadcast(fresh, samples)
 
-    def init_trace(carried):
+    def init_trace(keys):
+        leaves, treedef = jtu.tree_flatten(fresh)
+        replaced = iter(keys)
         # The rule's PRNG keys (UORO) are the carried ones: fresh draws, not the initial key.
-        return jtu.tree_map(lambda f, c: c if is_key(c) else f, fresh, carried)
+        leaves = [next(replaced) if is_key(leaf) else leaf for leaf in leaves]
+        return jtu.tree_unflatten(treedef, leaves)
 
     floating = [leaf for leaf in jtu.tree_leaves(params) if eqx.is_inexact_array(leaf)]
     dtype = jnp.finfo(jnp.result_type(*floating) if floating else float).dtype
