@@ -49,8 +49,11 @@ class FidelityMonitor(eqx.Module):
       sub-batch, with the trace training carries, and the reference is RTRL's gradient of the
       same loss. With parameters that do not change (a zero learning rate) the reference is
       BPTT through the whole stream; while training, it is what exact online RTRL would have
-      computed along the same trajectory. Cost: RTRL's trace, `samples · |h| · |θ|` numbers,
-      and its update, `O(|h|² · |θ|)` per sample, at **every** update: for small models.
+      computed along the same trajectory. Its RTRL trace starts at zero at each call of
+      `train_online`, so it is the full-history reference when the call starts the
+      sequences (a fresh state and trace), not for one stream cut into calls. Cost: RTRL's
+      trace, `samples · |h| · |θ|` numbers, and its update, `O(|h|² · |θ|)` per sample, at
+      **every** update: for small models.
 
     Both gradients use the loss training uses for that update (its step weights, and a block's
     mean), so the norm ratio compares like with like. Training itself is not changed: the
