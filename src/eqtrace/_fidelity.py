@@ -294,6 +294,8 @@ class Monitor:
         """The monitor's part of update `u`: its new carry and the metrics (NaN if `u` is not
         measured, which the driver drops)."""
         config = self.config
+        if not config.measured(self.updates()):  # a stream too short for the schedule
+            return carry, self._nan_metrics(params)
         measured = ((u + 1) % config.every == 0) & (u >= config.window_updates - 1)
         # The sub-batch's trace is sliced inside the measuring branch only: a trace can be
         # large (D-RTRL's is K·|θ| per sample), and the other updates need none of it.
