@@ -971,6 +971,35 @@ def _a_nir_graph_with_a_node_eqtrace_does_not_import() -> list[Callable[[], obje
     ]
 
 
+def _train_monitored(monitor, batch_size=BATCH, step=None) -> Callable[[], object]:
+    """`train_online` of a GRU with `monitor`."""
+    _, params, _, own_step, _, state, trace = _setup(batch_size=batch_size)
+    if step is None:
+        step = own_step if batch_size is None else jax.vmap(own_step, in_axes=(None, 0, 0, 0))
+    xs, targets = _sequence(() if batch_size is None else (batch_size,))
+    optimizer = optax.sgd(0.1)
+    opt_state = optimizer.init(params)
+    return lambda: eqtrace.train_online(
+        step, mse, optimizer, params, opt_state, state, trace, xs, targets, monitor=monitor
+    )
+
+
+def _monitored_sub_batch_too_large() -> list[Callable[[], object]]:
+    return [
+        _train_monitored(eqtrace.FidelityMonitor(every=2, samples=BATCH + 1)),
+        _train_monitored(eqtrace.FidelityMonitor(every=2, samples=2), batch_size=None),
+    ]
+
+
+def _monitored_step_not_made_by_eqtrace() -> list[Callable[[], object]]:
+    _, _, _, step, _, _, _ = _setup()
+
+    def by_hand(params, state, trace, x):
+        return step(params, state, trace, x)
+
+    return [_train_monitored(eqtrace.FidelityMonitor(every=2), batch_size=None, step=by_hand)]
+
+
 #: Title of a row of `docs/errors.md` -> functions that each commit that misuse.
 def _modulator_of_the_wrong_shape():
     """A per-neuron modulator without the batch axis, and modulators that kept their time
@@ -1003,6 +1032,19 @@ CASES: dict[str, Callable[[], list[Callable[[], object]]]] = {
         lambda: eqtrace.init_state_and_trace(_gru(), eqtrace.DRTRL(), batch_size=-1),
     ],
     "A `block_size` or `window` below one": _count_below_one,
+    "A fidelity monitor's count below one": lambda: [
+        lambda: eqtrace.FidelityMonitor(every=0),
+        lambda: eqtrace.FidelityMonitor(every=10, samples=0),
+        lambda: eqtrace.FidelityMonitor(every=10, window=-1),
+    ],
+    "An unknown fidelity reference": lambda: [
+        lambda: eqtrace.FidelityMonitor(every=10, reference="bptt")
+    ],
+    "A window with the RTRL reference": lambda: [
+        lambda: eqtrace.FidelityMonitor(every=10, reference="rtrl", window=5)
+    ],
+    "A monitored sub-batch larger than the batch": _monitored_sub_batch_too_large,
+    "A monitored step eqtrace did not make": _monitored_step_not_made_by_eqtrace,
     "Batch sizes that do not match": _batch_mix_ups,
     "An optimiser state of another optimiser or model": _optimizer_state_of_another_kind,
     "A forward step given to an online driver": _forward_step_to_an_online_driver,

@@ -41,6 +41,7 @@ from ._drivers import (
     train_online as train_online,
     truncated_bptt_gradient as truncated_bptt_gradient,
 )
+from ._fidelity import Fidelity as Fidelity, FidelityMonitor as FidelityMonitor
 from ._modulated import modulated_loss as modulated_loss
 from ._nir import from_nir as from_nir, to_nir as to_nir
 from ._ops import OpAlgebra as OpAlgebra, register_op as register_op

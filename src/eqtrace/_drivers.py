@@ -16,6 +16,7 @@ from typing_extensions import TypeAliasType
 from ._algorithm import AbstractAlgorithm
 from ._cell import AbstractCell
 from ._custom_types import ExampleInput, Input, KeyLike, Params, Scalar, State, Trace
+from ._fidelity import Fidelity, FidelityMonitor, leaf_paths, setup_monitor
 from ._plan import prepare
 from ._validation import (
     check_count,
@@ -76,6 +77,7 @@ def make_online_step(algorithm: AbstractAlgorithm, static: Any, *, plan: Any = N
 
     setattr(online_step, _KIND, "step")
     setattr(online_step, _RULE, algorithm)
+    setattr(online_step, _STATIC, _Static(static))
     return online_step
 
 
@@ -108,6 +110,7 @@ def make_online_block(
 
     setattr(online_block, _KIND, "block")
     setattr(online_block, _RULE, algorithm)
+    setattr(online_block, _STATIC, _Static(static))
     return online_block
 
 
@@ -143,6 +146,17 @@ def make_forward_step(static: Any) -> ForwardStep:
 _KIND = "_eqtrace_kind"
 #: The attribute that holds the rule an online step or block was made with.
 _RULE = "_eqtrace_rule"
+#: The attribute that holds the `static` an online step or block was made with (for the
+#: fidelity monitor's reference, which runs the model's own forward step).
+_STATIC = "_eqtrace_static"
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+    """`static` in a box, so that `_marked` tells it from a missing attribute even when it is
+    a falsy pytree."""
+
+    static: Any
 
 
 class _Plans:
@@ -809,7 +823,11 @@ def train_online(
     block_size: int | None = None,
     step_weights: StepWeights | None = None,
     sequence_targets: bool = False,
-) -> tuple[Params, optax.OptState, State, Trace, Any]:
+    monitor: FidelityMonitor | None = None,
+) -> (
+    tuple[Params, optax.OptState, State, Trace, Any]
+    | tuple[Params, optax.OptState, State, Trace, Any, Fidelity]
+):
     """Trains truly online: an optimiser update after every step, inside one `lax.scan`.
 
     For an update every `k` steps, pass `optax.MultiSteps(optimizer, every_k_schedule=k)` (and
@@ -836,10 +854,15 @@ def train_online(
       update (momentum moves the parameters); to update only every `k` steps use blocks or
       `optax.MultiSteps`.
     - `sequence_targets`: `True` if `targets` has no time axis.
+    - `monitor`: an `eqtrace.FidelityMonitor`, to measure now and then how close the online
+      gradient is to an exact one while training (see "Monitoring fidelity" in the docs);
+      `None` (the default) measures nothing and costs nothing. It needs `online_step` from
+      `make_online_step` or `make_online_block`, and does not change the training.
 
     **Returns:** `(params, opt_state, state, trace, losses)`: the trained parameters, the
     optimiser state, the final state and trace, and the per-step values of `loss_fn` (before
-    weighting), stacked over time.
+    weighting), stacked over time. With a `monitor`, a sixth entry: the `eqtrace.Fidelity`
+    it measured (one entry per measured update).
     """
     if block_size is not None:
         check_count("train_online", "block_size", block_size)
@@ -848,6 +871,20 @@ def train_online(
     objective = _Objective.build(
         "train_online", loss_fn, xs, targets, "sum", step_weights, sequence_targets, online_step
     )
+    watch = None
+    if monitor is not None:
+        static = _marked(online_step, _STATIC)
+        watch = setup_monitor(
+            monitor,
+            online_step,
+            objective,
+            params,
+            state,
+            trace,
+            block_size,
+            None if static is None else static.static,
+            _rule_of(online_step),
+        )
 
     def weighted(losses, weights):
         return losses if weights is None else weights * losses
@@ -862,6 +899,18 @@ def train_online(
         return jnp.mean(weighted(losses, weights)), (state, trace, losses)
 
     def body(carry, inputs):
+        if watch is not None:
+            carry, (update, watched) = carry
+            params, _, state, trace = carry
+            # The monitor reads the update's parameters, state and trace before the update.
+            watched, metrics = watch.measure(update, watched, params, state, trace, inputs)
+            if block_size is not None:  # `_scan_blocks` concatenates its outputs over time
+                metrics = jtu.tree_map(lambda a: a[None], metrics)
+            carry, losses = train(carry, inputs)
+            return (carry, (update + 1, watched)), (losses, metrics)
+        return train(carry, inputs)
+
+    def train(carry, inputs):
         params, opt_state, state, trace = carry
         if block_size is None:
             x, targets, weights = inputs
@@ -883,13 +932,20 @@ def train_online(
         return (params, opt_state, state, trace), losses
 
     carry = (params, opt_state, state, trace)
+    if watch is not None:
+        carry = (carry, (jnp.zeros((), jnp.int32), watch.init_carry(state)))
     with _batch_sizes_explained("train_online", state, trace, xs):
         if block_size is None:
-            carry, losses = jax.lax.scan(body, carry, objective.sequences)
+            carry, outputs = jax.lax.scan(body, carry, objective.sequences)
         else:
-            carry, losses = _scan_blocks(body, carry, objective.sequences, block_size)
-    params, opt_state, state, trace = carry
-    return params, opt_state, state, trace, losses
+            carry, outputs = _scan_blocks(body, carry, objective.sequences, block_size)
+    if watch is None:
+        params, opt_state, state, trace = carry
+        return params, opt_state, state, trace, outputs
+    (params, opt_state, state, trace), _ = carry
+    losses, metrics = outputs
+    fidelity = watch.result(metrics, *leaf_paths(params))
+    return params, opt_state, state, trace, losses, fidelity
 
 
 def _unrolled_loss(forward_step, objective, params, state, sequences):
