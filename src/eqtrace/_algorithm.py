@@ -39,7 +39,9 @@ class AbstractAlgorithm(eqx.Module, Generic[_Trace]):
     derivative depends on the layer that reads a cell's output may override `for_layer` (a copy
     configured per cell of a `Sequential`) and `cell_output_tangent` (the derivative of the
     cell's output, instead of that of its state through `output`), and then
-    `cell_output_steps` for its blocks, as `EProp` does. Networks,
+    `cell_output_steps` for its blocks, as `EProp` does; such a rule may also define the credit
+    its cell sends to the layer below (`cell_output_input_tangent`, exact by default), as
+    `OTPE` does. Networks,
     argument checks and the derivative link are handled here.
     """
 
