@@ -90,10 +90,10 @@ class OTPE(AbstractDiagonalAlgorithm[OTPETrace]):
         assert leak is not None and leak.leak is not None  # `refuse` checked it
         return float(np.asarray(leak.leak).reshape(-1)[0])
 
-    def _eprop(self, structure: CellStructure | None) -> EProp:
-        decay = 0.5 if structure is None else self._decay(structure)
+    def _eprop(self, structure: CellStructure) -> EProp:
+        """e-prop with the filter `κ = λ`, prepared for the same cell."""
         return EProp(
-            readout_decay=decay,
+            readout_decay=self._decay(structure),
             strict=self.strict,
             trace_dtype=self.trace_dtype,
             check_finite=self.check_finite,
