@@ -124,7 +124,8 @@ ALGORITHMS: tuple[AlgorithmCase, ...] = (
 
 #: Rules made for one kind of cell, which refuse the generic models (GRUs, gated user cells)
 #: that the oracles over `ALGORITHMS` run: OTTT traces leaky integrators with a constant leak
-#: only. test_ottt.py holds each to its `same_as` rule on its `cells`, and runs the oracles
+#: only, OTPE feed-forward layers. test_ottt.py holds each to its `same_as` rule (if any) on its
+#: `cells`, and runs the oracles
 #: that hold for every rule there (blocks = steps, batch = loop, jit = no jit, RTRL at the
 #: first step).
 SPECIALISED: tuple[AlgorithmCase, ...] = (
@@ -136,6 +137,16 @@ SPECIALISED: tuple[AlgorithmCase, ...] = (
         needs_structure=True,
         same_as="drtrl",
         cells=("lif-detached", "lif-detached-recurrent"),
+    ),
+    # OTPE: feed-forward layers (it refuses recurrent ones) with the membrane leak given, since
+    # the paper's LIF differentiates its reset; it equals no other rule beyond the first step.
+    AlgorithmCase(
+        "otpe",
+        functools.partial(eqtrace.OTPE, leak=0.8),
+        exact=False,
+        exact_elementwise=False,
+        needs_structure=True,
+        cells=("lif", "lif-detached"),
     ),
 )
 

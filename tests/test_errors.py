@@ -1060,6 +1060,21 @@ CASES: dict[str, Callable[[], list[Callable[[], object]]]] = {
     "An example input with an extra axis": _example_input_with_an_extra_axis,
     "An example input the cell cannot take": _example_input_the_cell_cannot_take,
     "A parameter outside the step": _parameter_outside_the_step,
+    "pp-prop with only one of `input_decay` and `output_decay`": lambda: [
+        lambda: eqtrace.PPProp(input_decay=0.5),
+        lambda: eqtrace.PPProp(0.5, input_decay=0.2, output_decay=0.3),
+    ],
+    "A recurrent layer under OTPE": lambda: [
+        _init(eqtrace.OTPE(leak=0.9), nn.LIF(INPUT, HIDDEN, recurrent=True, key=_key())),
+    ],
+    "OTPE without `leak` on a cell whose leak it cannot read": lambda: [
+        _init(eqtrace.OTPE(), nn.LIF(INPUT, HIDDEN, key=_key())),
+        _init(eqtrace.OTPE(), nn.LIF(INPUT, HIDDEN, synapse=True, detach_reset=True, key=_key())),
+    ],
+    "An OTPE leak outside (0, 1)": lambda: [
+        lambda: eqtrace.OTPE(leak=1.0),
+        lambda: eqtrace.OTPE(leak=0.0),
+    ],
     "A cell without a constant leak under OTTT": lambda: [
         _init(eqtrace.OTTT(), nn.LIF(INPUT, HIDDEN, key=_key()), None),
         _init(eqtrace.OTTT(), nn.GRUCell(INPUT, HIDDEN, key=_key()), None),

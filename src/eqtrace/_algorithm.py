@@ -11,7 +11,7 @@ from equinox import AbstractClassVar, AbstractVar
 
 from ._cell import AbstractCell
 from ._custom_types import ExampleInput, Input, State
-from ._link import StepDerivative, freeze, last, link
+from ._link import StepDerivative, freeze, last, link, output_input_tangent
 from ._network import BLOCK, STEP, advance_network, init_network_trace, scan_transitions
 
 
@@ -39,7 +39,9 @@ class AbstractAlgorithm(eqx.Module, Generic[_Trace]):
     derivative depends on the layer that reads a cell's output may override `for_layer` (a copy
     configured per cell of a `Sequential`) and `cell_output_tangent` (the derivative of the
     cell's output, instead of that of its state through `output`), and then
-    `cell_output_steps` for its blocks, as `EProp` does. Networks,
+    `cell_output_steps` for its blocks, as `EProp` does; such a rule may also define the credit
+    its cell sends to the layer below (`cell_output_input_tangent`, exact by default), as
+    `OTPE` does. Networks,
     argument checks and the derivative link are handled here.
     """
 
@@ -166,6 +168,17 @@ class AbstractAlgorithm(eqx.Module, Generic[_Trace]):
         raise NotImplementedError(
             f"{type(self).__name__} does not define the tangent of a cell's output."
         )
+
+    def cell_output_input_tangent(
+        self, cell: AbstractCell, state: State, trace: _Trace, x: Input, x_tangent: Any
+    ) -> Any:
+        """The change of the output `y_t` for a tangent of the step's input, when
+        `defines_output_tangent`: what the layer below receives as credit. By default the
+        exact within-step `∂y_t/∂x_t · δx`; a rule whose credit to the layer below is itself an
+        estimate (`OTPE`) overrides it. Arguments as for `cell_output_tangent`, with
+        `x_tangent` the input's tangent (symbolic zeros as `None`); linear in it."""
+        del trace
+        return output_input_tangent(cell, state, x, x_tangent)
 
     def cell_output_steps(
         self, cell: AbstractCell, state: State, trace: _Trace, xs: Input

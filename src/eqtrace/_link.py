@@ -66,7 +66,8 @@ class StepDerivative(AbstractDerivative):
 
 class OutputDerivative(AbstractDerivative):
     """One step's output, for a rule that defines its tangent (`cell_output_tangent`): the
-    rule's change of `y_t` for `δθ`, and the exact `∂y_t/∂x_t · δx_t`."""
+    rule's change of `y_t` for `δθ`, and `∂y_t/∂x_t · δx_t` (`cell_output_input_tangent`:
+    exact, unless the rule sends other credit to the layer below)."""
 
     algorithm: Any
     state: State  # `h_{t-1}`
@@ -81,12 +82,16 @@ class OutputDerivative(AbstractDerivative):
         return self.algorithm.cell_output_tangent(cell, self.state, self.trace, x, params_tangent)
 
     def of_input(self, cell, x, x_tangent):
-        diff_x, static_x = eqx.partition(x, eqx.is_inexact_array)
-        return exact_tangent(
-            lambda dx: cell.output(cell(self.state, eqx.combine(dx, static_x))[0]),
-            diff_x,
-            x_tangent,
-        )
+        return self.algorithm.cell_output_input_tangent(cell, self.state, self.trace, x, x_tangent)
+
+
+def output_input_tangent(cell: Any, state: State, x: Input, x_tangent: Any) -> Any:
+    """The exact within-step `∂y_t/∂x_t · δx` of a cell's output: the credit to the input
+    that every rule passes on, unless it defines its own (OTPE)."""
+    diff_x, static_x = eqx.partition(x, eqx.is_inexact_array)
+    return exact_tangent(
+        lambda dx: cell.output(cell(state, eqx.combine(dx, static_x))[0]), diff_x, x_tangent
+    )
 
 
 def link(params: Any, x: Input, *, static: Any, derivative: AbstractDerivative) -> State:

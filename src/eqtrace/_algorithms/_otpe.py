@@ -1,0 +1,260 @@
+"""OTPE: e-prop's filtered traces on every feed-forward spiking layer, with the surrogate
+derivative sent to the layer below replaced by its leaky average (Summe et al. 2023)."""
+
+import dataclasses
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+import numpy as np
+from jaxtyping import Array, Float
+
+from .._cell import AbstractCell
+from .._custom_types import ExampleInput, Input, State
+from .._link import exact_tangent
+from .._probing import probed_call
+from .._structure import CellStructure, StructureError, constant_leak, input_owners
+from ._diagonal import AbstractDiagonalAlgorithm, axis_at, from_outputs, op_dtype, state_dtype
+from ._eprop import EProp, EPropTrace
+
+
+class OTPETrace(eqx.Module):
+    """OTPE's trace: e-prop's (`filtered`: D-RTRL's eligibility traces `E` and their copies
+    filtered by `λ`, `R̂`); per call of a synaptic op, the leaky sum of the output's
+    sensitivity to the op's output, `Σ_τ λ^{t-τ} ∂y_τ/∂u_τ` (shaped like the op's output;
+    `None` for calls that do not reach the state); and its normaliser
+    `r_t = 1 + λ + … + λ^{t-1}`, so that `ḡ_t` is their quotient."""
+
+    filtered: EPropTrace
+    surrogates: tuple[Array | None, ...]
+    normaliser: Float[Array, ""]
+
+
+class OTPE(AbstractDiagonalAlgorithm[OTPETrace]):
+    """Online training with postsynaptic estimates (Summe, Schaefer and Joshi, "Estimating
+    Post-Synaptic Effects for Online Training of Feed-Forward SNNs", arXiv:2311.16151, 2023),
+    for feed-forward layers of spiking (or other element-wise) neurons.
+
+    With `λ` the membrane leak (one for the network, as in the paper), each layer keeps
+    D-RTRL's element-wise traces `E_t` (so `ds_t/dθ = (∂s_t/∂h_t) E_t` within the neuron),
+    and
+
+    $$
+    \\hat R_t = λ \\hat R_{t-1} + \\frac{ds_t}{dθ}, \\qquad
+    r_t = λ r_{t-1} + 1, \\qquad
+    \\bar g_t = \\frac{λ r_{t-1}}{r_t} \\bar g_{t-1} + \\frac{1}{r_t} \\frac{∂s_t}{∂u_t},
+    $$
+
+    from zeros, with `u_t` the output of a synaptic op (`W x_t`) and `∂s_t/∂u_t` the surrogate
+    derivative. At each step the parameters' gradient is `δ_t ⊙ \\hat R_t`, with `δ_t` the
+    cotangent arriving on the layer's output `s_t`, and the layer sends `Wᵀ(δ_t ⊙ \\bar g_t)`
+    to the layer below, where the other rules send the exact `Wᵀ(δ_t ⊙ ∂s_t/∂u_t)`. `\\hat R`
+    estimates a weight's effect on the next layer's membrane, which leaks with `λ`; `\\bar g`
+    is the `λ`-weighted average of the surrogate derivatives. These are the equations of the
+    authors' code for the paper (`OTPE.py` of Intelligent-Microsystems-Lab/OTPE, class
+    `OTPE`), for any element-wise cell with the credit through other paths from the input
+    (if any) kept exact.
+
+    `\\hat R` is e-prop's filtered trace (`eqtrace.EProp` under a leaky read-out of decay `λ`),
+    kept on every layer; the normaliser `r_t` is a float bounded by `1/(1 − λ)`, so there is
+    no step counter to overflow. At the first step OTPE equals D-RTRL and RTRL exactly.
+    Memory per sample: e-prop's (`2·|θ|` for one state leaf) plus one value per op output.
+
+    **Arguments:**
+
+    - `leak`: `λ ∈ (0, 1)`, the membrane leak, `exp(−Δt/τ_mem)` for `eqtrace.nn.LIF`. By
+      default it is read from the code of the cell's step, which needs a constant scalar leak
+      (one state leaf, the reset detached: `LIF(..., detach_reset=True)`); give it for the
+      paper's LIF, whose reset is differentiated, or for a cell with a synapse.
+    - `strict`, `trace_dtype`, `check_finite`: as for `eqtrace.DRTRL`.
+    """
+
+    leak: float | None = None
+    strict: bool = True
+    trace_dtype: Any = None
+    check_finite: bool = False
+
+    def __check_init__(self):
+        if self.leak is not None and not 0 < self.leak < 1:
+            raise ValueError(
+                "OTPE: `leak` must be the membrane leak λ = exp(−Δt/τ_mem), in (0, 1), but "
+                f"received {self.leak}."
+            )
+
+    def _decay(self, structure: CellStructure) -> float:
+        if self.leak is not None:
+            return float(self.leak)
+        leak = structure.constant_leak
+        assert leak is not None and leak.leak is not None  # `refuse` checked it
+        return float(np.asarray(leak.leak).reshape(-1)[0])
+
+    def _eprop(self, structure: CellStructure) -> EProp:
+        """e-prop with the filter `κ = λ`, prepared for the same cell."""
+        return EProp(
+            readout_decay=self._decay(structure),
+            strict=self.strict,
+            trace_dtype=self.trace_dtype,
+            check_finite=self.check_finite,
+            prepared_structure=structure,
+        )
+
+    @property
+    def defines_output_tangent(self) -> bool:
+        return True
+
+    def cell_structure(self, cell: AbstractCell, state: State, x: ExampleInput) -> CellStructure:
+        """The diagonal structure with the owners of the ops' inputs (to check that the layer is
+        feed-forward) and, without `leak`, the cell's constant leak."""
+        structure = super().cell_structure(cell, state, x)
+        owners = input_owners(cell, state, x, structure)
+        leak = None if self.leak is not None else constant_leak(cell, state, x, structure)
+        return dataclasses.replace(structure, input_owners=owners, constant_leak=leak)
+
+    def refuse(self, cell: AbstractCell, structure: CellStructure, state: State) -> None:
+        owners = structure.input_owners
+        assert owners is not None  # `cell_structure` analyses them
+        for site, own, shared in zip(structure.sites, owners.owners, owners.shared):
+            if site.traced and (shared or np.any(own >= 0)):
+                raise StructureError(
+                    f"OTPE cannot trace the op `{site.name}` of {structure.cell_name}: its "
+                    "input depends on the neurons' state (recurrent weights), and OTPE is "
+                    "defined for feed-forward layers (its estimate of the next layer's "
+                    "membrane ignores recurrence). Use `eqtrace.DRTRL()`, `eqtrace.EProp()` or "
+                    "`eqtrace.OTTT()` for recurrent layers."
+                )
+        if self.leak is None:
+            leak = structure.constant_leak
+            assert leak is not None
+            problems = list(leak.problems)
+            if not problems and leak.leak is not None and np.size(leak.leak) != 1:
+                problems.append(f"it has {structure.num_leaves} state leaves, so no single leak")
+            if problems:
+                listed = "\n".join(f"  - {p}" for p in problems)
+                raise StructureError(
+                    f"OTPE cannot read the membrane leak λ of {structure.cell_name} from its "
+                    f"code: it needs one constant leak for every neuron, but\n{listed}\nGive it: "
+                    "`eqtrace.OTPE(leak=math.exp(-dt / tau_mem))` (the paper's LIF "
+                    "differentiates its reset), or detach the reset "
+                    "(`eqtrace.nn.LIF(..., detach_reset=True)`) of a LIF without a synapse."
+                )
+        try:
+            self._eprop(structure).refuse(cell, structure, state)
+        except StructureError as error:
+            raise StructureError(
+                f"OTPE keeps e-prop's filtered traces (with κ = λ) on every layer, and {error}"
+            ) from error
+
+    def cell_notes(self, cell: AbstractCell, state: State, x: ExampleInput) -> tuple[str, ...]:
+        structure = self.cell_structure(cell, state, x)
+        if self.leak is None:
+            leak = structure.constant_leak
+            if leak is None or leak.problems or leak.leak is None or np.size(leak.leak) != 1:
+                return ()
+        return (
+            f"OTPE: traces filtered by λ = {self._decay(structure):.4g}, and the leaky average "
+            "of the surrogate derivatives as the credit to the layer below.",
+        )
+
+    def trace_neuron_axes(self, structure: CellStructure, site_axes, trace: OTPETrace) -> Any:
+        """e-prop's axes for the filtered traces; the surrogates' leaky sums along their
+        (neuron) output axis; none for the normaliser."""
+        filtered = self._eprop(structure).trace_neuron_axes(structure, site_axes, trace.filtered)
+
+        def axis(path, leaf):
+            del leaf
+            field = path[0].name
+            if field == "filtered":
+                return axis_at(filtered, path[1:])
+            if field == "surrogates":
+                return 0
+            return None
+
+        return jtu.tree_map_with_path(axis, trace)
+
+    def init_cell_trace(self, cell: AbstractCell, state: State, x: ExampleInput) -> OTPETrace:
+        structure = self.required_structure(cell, state, x)
+        filtered = self._eprop(structure).init_cell_trace(cell, state, x)
+        return OTPETrace(
+            filtered=filtered,
+            surrogates=tuple(
+                jnp.zeros(site.output_shape, op_dtype(op)) if site.traced else None
+                for site, op in zip(structure.sites, structure.site_modules(cell))
+            ),
+            normaliser=jnp.zeros((), jnp.promote_types(state_dtype(state), jnp.float32)),
+        )
+
+    def _sensitivities(self, cell: AbstractCell, state: State, x: Input) -> list[jax.Array]:
+        """`∂y_t/∂u` for the output `u` of each call (output-shaped): one VJP of the output
+        in probes added to the ops' outputs, as each output element reaches one neuron."""
+        structure = self.prepared()
+        probes = [
+            jnp.zeros(site.output_shape, op_dtype(op))
+            for site, op in zip(structure.sites, structure.site_modules(cell))
+        ]
+
+        def output(probes):
+            new_state, _ = probed_call(cell, state, x, probes, cut=True, sites=structure.site_ops)
+            return cell.output(new_state)
+
+        y, pullback = jax.vjp(output, probes)
+        (sensitivities,) = pullback(jnp.ones_like(y))
+        return sensitivities
+
+    def cell_step(
+        self, cell: AbstractCell, state: State, trace: OTPETrace, x: Input
+    ) -> tuple[State, OTPETrace]:
+        structure = self.prepared()
+        lam = self._decay(structure)
+        new_state, filtered = self._eprop(structure).cell_step(cell, state, trace.filtered, x)
+        sensitivities = self._sensitivities(cell, state, x)
+        surrogates = tuple(
+            None if s is None else (lam * s + d.astype(s.dtype)).astype(s.dtype)
+            for s, d in zip(trace.surrogates, sensitivities)
+        )
+        return new_state, OTPETrace(
+            filtered=filtered, surrogates=surrogates, normaliser=lam * trace.normaliser + 1
+        )
+
+    def cell_tangent(
+        self, cell: AbstractCell, state: State, trace: OTPETrace, x: Input, params_tangent: Any
+    ) -> State:
+        # The state's derivative is D-RTRL's; the filter enters the output's only.
+        structure = self.prepared()
+        eprop = self._eprop(structure)
+        return eprop.cell_tangent(cell, state, trace.filtered, x, params_tangent)
+
+    def cell_output_tangent(
+        self, cell: AbstractCell, state: State, trace: OTPETrace, x: Input, params_tangent: Any
+    ) -> jax.Array:
+        """`\\hat R_t · δθ`, shaped like the cell's output."""
+        eprop = self._eprop(self.prepared())
+        return eprop.cell_output_tangent(cell, state, trace.filtered, x, params_tangent)
+
+    def cell_output_input_tangent(
+        self, cell: AbstractCell, state: State, trace: OTPETrace, x: Input, x_tangent: Any
+    ) -> jax.Array:
+        """`Σ_o ḡ_t[o] ⊙ (∂u_o/∂x · δx)` over the ops' outputs, plus the exact derivative
+        through any path from the input that bypasses the ops."""
+        structure = self.prepared()
+        sites = structure.site_ops
+        diff_x, static_x = eqx.partition(x, eqx.is_inexact_array)
+        _, records = probed_call(cell, state, x, cut=False, sites=sites)
+        recorded = [u for _, u in records]
+
+        def through(dx):
+            x = eqx.combine(dx, static_x)
+            _, records = probed_call(cell, state, x, cut=False, sites=sites)
+            # The ops' outputs replayed: what reaches the output from `x` outside the ops.
+            bypass, _ = probed_call(cell, state, x, cut=False, outputs=recorded, sites=sites)
+            return cell.output(bypass), [u for _, u in records]
+
+        bypass, changes = exact_tangent(through, diff_x, x_tangent)
+        total = jnp.ravel(bypass)
+        for i, (summed, du) in enumerate(zip(trace.surrogates, changes)):
+            if summed is None:
+                continue
+            mean = (summed / trace.normaliser.astype(summed.dtype)).astype(du.dtype)
+            total = total + from_outputs(structure, mean * du, i).astype(total.dtype)
+        return total.reshape(bypass.shape)
