@@ -3,11 +3,14 @@
     python -m benchmarks.hlo --model gru --algorithm drtrl            # step + its gradient
     python -m benchmarks.hlo --model gru --algorithm drtrl --no-grad  # state/trace update only
     python -m benchmarks.hlo ... --out /tmp/drtrl_step.hlo            # also save the HLO text
+    python -m benchmarks.hlo --model lif --algorithm eprop-block --block 100  # one block
 
 Prints the number of fusions (by kind) and of other materialising ops, the largest buffers
 that are materialised (outputs of top-level instructions, i.e. not fused away) next to the
-size of the trace, and every dot with its batch/contracting dimensions. The step is the body
-of `eqtrace.online_gradient` for the configuration of `benchmarks.run`.
+size of the trace, every dot with its batch/contracting dimensions, and XLA's memory analysis
+(temporaries, arguments, outputs). The step (or, for a `*-block` algorithm, the block of
+`--block` steps with its summed loss) is the body of `eqtrace.online_gradient` for the
+configuration of `benchmarks.run`.
 """
 
 import argparse
@@ -145,23 +148,56 @@ def analyse(text: str, trace_bytes: int, top: int = 15) -> str:
     return "\n".join(lines)
 
 
-def online_step_functions(config: Config, name: str):
-    """`(step, step_with_grad, args, trace_bytes)` for one batched online step."""
-    problem = build_problem(config)
-    algorithm = algorithms.get(name).make_rule(config)
-    online_step = jax.vmap(
-        eqtrace.make_online_step(algorithm, problem.static), in_axes=(None, 0, 0, 0)
+def memory_report(compiled) -> str:
+    """XLA's static buffer sizes of a compiled call (`compiled.memory_analysis()`)."""
+    try:
+        stats = compiled.memory_analysis()
+    except Exception as error:  # not every backend reports it
+        return f"memory analysis: unavailable ({type(error).__name__})"
+    fields = ("temp", "argument", "output", "alias", "generated_code")
+    sizes = [(f, getattr(stats, f"{f}_size_in_bytes", None)) for f in fields]
+    return "memory analysis (MB): " + ", ".join(
+        f"{f} {size / 2**20:.2f}" for f, size in sizes if size is not None
     )
+
+
+def online_step_functions(config: Config, name: str):
+    """`(step, step_with_grad, args, trace_bytes)` for one batched online step, or for a
+    `*-block` algorithm one batched block of `config.block` steps (its loss summed)."""
+    problem = build_problem(config)
+    entry = algorithms.get(name)
+    algorithm = entry.make_rule(config)
     state, trace = eqtrace.init_state_and_trace(problem.model, algorithm, config.batch)
     t = jnp.asarray(3)
+    if entry.block:
+        online_block = jax.vmap(
+            eqtrace.make_online_block(algorithm, problem.static),
+            in_axes=(None, 0, 0, 1),
+            out_axes=(0, 0, 1),
+        )
+        offsets = jnp.arange(config.block)
 
-    def step(params, stream, state, trace, t):
-        return online_step(params, state, trace, stream.x(t))
+        def step(params, stream, state, trace, t):
+            return online_block(params, state, trace, jax.vmap(stream.x)(t + offsets))
+
+        def objective(stream, y, t):  # the block's loss, summed over its steps
+            return jnp.sum(jax.vmap(stream.loss)(y, t + offsets))
+
+    else:
+        online_step = jax.vmap(
+            eqtrace.make_online_step(algorithm, problem.static), in_axes=(None, 0, 0, 0)
+        )
+
+        def step(params, stream, state, trace, t):
+            return online_step(params, state, trace, stream.x(t))
+
+        def objective(stream, y, t):
+            return stream.loss(y, t)
 
     def step_with_grad(params, stream, state, trace, t):
         def loss(params):
             new_state, new_trace, y = step(params, stream, state, trace, t)
-            return stream.loss(y, t), (new_state, new_trace)
+            return objective(stream, y, t), (new_state, new_trace)
 
         return jax.value_and_grad(loss, has_aux=True)(params)
 
@@ -173,15 +209,17 @@ def online_step_functions(config: Config, name: str):
 def main(argv: Sequence[str] | None = None) -> str:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.hlo", description=__doc__)
     parser.add_argument("--model", choices=sorted(DEFAULTS), default="gru")
-    stepping = [a.name for a in algorithms.REGISTRY.values() if a.online and not a.block]
-    parser.add_argument("--algorithm", default="drtrl", choices=stepping)
+    online = [a.name for a in algorithms.REGISTRY.values() if a.online]
+    parser.add_argument("--algorithm", default="drtrl", choices=online)
     parser.add_argument("--input", type=int)
     parser.add_argument("--hidden", type=int)
     parser.add_argument("--batch", type=int)
     parser.add_argument("--rank", type=float, default=4.0)
+    parser.add_argument("--block", type=int, default=50, help="steps per block for *-block")
     parser.add_argument("--no-grad", action="store_true", help="the update only, no gradient")
     parser.add_argument("--top", type=int, default=15)
     parser.add_argument("--out", help="write the optimised HLO text here")
+    parser.add_argument("--time", type=int, default=0, help="also time N calls (min and median)")
     args = parser.parse_args(argv)
     n_in, hidden, batch, _ = DEFAULTS[args.model]
     config = Config(
@@ -191,6 +229,7 @@ def main(argv: Sequence[str] | None = None) -> str:
         batch=args.batch or batch,
         steps=1,
         rank=args.rank,
+        block=args.block,
     )
     step, step_with_grad, call_args, trace_bytes = online_step_functions(config, args.algorithm)
     f = step if args.no_grad else step_with_grad
@@ -203,9 +242,21 @@ def main(argv: Sequence[str] | None = None) -> str:
     if args.out:
         with open(args.out, "w") as file:
             file.write(text)
-    report = analyse(text, trace_bytes, args.top)
-    print(f"# {args.algorithm} {'update' if args.no_grad else 'step + gradient'}: {config}")
+    report = analyse(text, trace_bytes, args.top) + "\n\n" + memory_report(compiled)
+    what = "block" if algorithms.get(args.algorithm).block else "step"
+    print(f"# {args.algorithm} {'update' if args.no_grad else what + ' + gradient'}: {config}")
     print(f"trace + lower {traced - start:.2f} s, XLA compile {done - traced:.2f} s")
+    if args.time:
+        times = []
+        for _ in range(args.time + 1):  # the first call is a warm-up
+            start = time.perf_counter()
+            jax.block_until_ready(compiled(*call_args))
+            times.append(time.perf_counter() - start)
+        times = sorted(times[1:])
+        report += (
+            f"\ntime per call over {args.time} calls: min {times[0] * 1e3:.2f} ms, "
+            f"median {times[len(times) // 2] * 1e3:.2f} ms"
+        )
     print(report)
     return report
 

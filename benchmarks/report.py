@@ -58,13 +58,14 @@ def run_table(config: Config, sizes: tuple[int, int], repeats: int, results: Seq
     """The table of `benchmarks.run`: one row per result (algorithms, then floors).
 
     A result holds `algorithm` (the row name), and either `skipped` or `error`, or the timing
-    (`compile_s`, `times_s`, `median_s`, `min_s`, `max_s`, `xla_temp_mb`), optionally
+    (`compile_s`, `times_s`, `median_s`, `min_s`, `max_s`, `xla_temp_mb`, `faults_mb`), optionally
     `memory`, `trace_mb` and `floor` (the row name of its trace-bandwidth floor).
     """
     timed = {r["algorithm"]: r for r in results if "median_s" in r}
     header = [
         "algorithm", "compile s", "median ms", "min ms", "max ms", "× BPTT", "× forward",
-        "× floor", "cos BPTT", "peak RSS MB", "run Δ MB", "XLA temp MB", "trace MB",
+        "× floor", "cos BPTT", "peak RSS MB", "run Δ MB", "XLA temp MB", "faults MB",
+        "trace MB",
     ]  # fmt: skip
     rows = []
     for r in results:
@@ -93,6 +94,7 @@ def run_table(config: Config, sizes: tuple[int, int], repeats: int, results: Seq
                 _fmt(mem.get("peak_rss_mb"), ".0f") if "error" not in mem else mem["error"],
                 _fmt(mem.get("run_delta_mb"), ".1f"),
                 _fmt(mem.get("xla_temp_mb", r.get("xla_temp_mb")), ".1f"),
+                _fmt(r.get("faults_mb"), ".1f"),
                 _fmt(r.get("trace_mb"), ".1f"),
             ]
         )

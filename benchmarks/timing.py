@@ -1,5 +1,7 @@
 """Compile and time calls in this process, interleaved so that they share the machine's load."""
 
+import resource
+import statistics
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -36,8 +38,9 @@ def time_interleaved(
     comparable even when absolute times drift.
 
     **Returns:** per job `compile_s`, `times_s` (one per round, seconds per call),
-    `xla_temp_mb` and `output` (what the last warm-up call returned), or `error` if it failed
-    to trace, compile or run.
+    `xla_temp_mb`, `faults_mb` (the median over rounds of the memory first touched during a
+    call: minor page faults times the page size) and `output` (what the last warm-up call
+    returned), or `error` if it failed to trace, compile or run.
     """
     out: dict[str, dict] = {}
     compiled = {}
@@ -62,9 +65,23 @@ def time_interleaved(
             "output": output,
         }
     log(f"timing {', '.join(compiled)}: {repeats} interleaved rounds ...")
+    faults: dict[str, list[int]] = {name: [] for name in compiled}
     for _ in range(repeats):
         for name, (executable, args) in compiled.items():
+            before = _minor_faults()
             start = time.perf_counter()
             jax.block_until_ready(executable(*args))
             out[name]["times_s"].append(time.perf_counter() - start)
+            faults[name].append(_minor_faults() - before)
+    for name, counts in faults.items():
+        if counts:
+            out[name]["faults_mb"] = statistics.median(counts) * resource.getpagesize() / MB
     return out
+
+
+def _minor_faults() -> int:
+    """The minor page faults of this process so far. A call whose buffers are freshly mapped
+    (XLA:CPU's large temporaries come from `mmap` on every call, through glibc's `malloc`)
+    faults once per page it first touches, which on a virtual machine costs microseconds per
+    page; see "Profile" in benchmarks/README.md."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt

@@ -143,3 +143,20 @@ def test_hlo_report(capsys):
     report = hlo.main(["--model", "gru", "--algorithm", "drtrl", "--hidden", "4", "--input", "3",
                        "--batch", "2"])  # fmt: skip
     assert "fusion kinds:" in report and "largest materialised buffers" in report
+
+
+def test_hlo_report_of_a_block(capsys):
+    report = hlo.main(["--model", "lif", "--algorithm", "eprop-block", "--block", "3", "--hidden",
+                       "4", "--input", "3", "--batch", "2", "--time", "1"])  # fmt: skip
+    assert "memory analysis (MB): temp" in report and "time per call" in report
+    assert "# eprop-block block + gradient" in capsys.readouterr().out
+
+
+def test_mnist1d_blocks(capsys):
+    from benchmarks import mnist1d_blocks
+
+    results = mnist1d_blocks.main(["--hidden", "4", "--batch", "2", "--repeats", "1"])
+    assert set(results) == {"advance, steps", "advance, blocks", "update, steps",
+                            "update, blocks", "advance, blocks (product)",
+                            "update, blocks (product)"}  # fmt: skip
+    assert "× stepped update" in capsys.readouterr().out

@@ -13,6 +13,7 @@ import pytest
 
 import eqtrace
 from eqtrace import nn
+from eqtrace._algorithms import _drtrl
 from helpers import LONG, LeakyCurrent, TokenCell, pairs, relative_error, squared_loss
 from registry import EVERY_CELL, algorithms, cells, make_cell, rules
 
@@ -161,6 +162,28 @@ def test_own_blocks_any_size(block_size, algorithm, getkey):
     xs, targets = _data(getkey())
     (_, grads, _, trace), (_, block_grads, _, block_trace) = _stepped_and_blocked(
         algorithm, model, xs, targets, block_size
+    )
+    assert relative_error(block_grads, grads) <= 1e-10
+    assert relative_error(block_trace, trace) <= 1e-10
+
+
+@pytest.mark.parametrize(
+    "algorithm",
+    [
+        pytest.param(eqtrace.DRTRL(), id="drtrl"),
+        pytest.param(eqtrace.SnAp1(), id="snap1"),
+        pytest.param(eqtrace.EProp(), id="eprop"),
+    ],
+)
+def test_long_blocks_sum_by_a_matrix_product(algorithm, getkey, monkeypatch):
+    """Blocks longer than `UNROLLED_BLOCK` steps sum their immediate terms by one matrix
+    product per op, shorter ones by rank-one terms: both held to stepping (here with the
+    threshold lowered, so that the blocks of 4 and the remainder of 3 take the product)."""
+    monkeypatch.setattr(_drtrl, "UNROLLED_BLOCK", 2)
+    model = _models(getkey())["lif"]
+    xs, targets = _data(getkey())
+    (_, grads, _, trace), (_, block_grads, _, block_trace) = _stepped_and_blocked(
+        algorithm, model, xs, targets
     )
     assert relative_error(block_grads, grads) <= 1e-10
     assert relative_error(block_trace, trace) <= 1e-10

@@ -2,6 +2,7 @@
 with SnAp-1, whose traces move by another per-neuron Jacobian."""
 
 import abc
+import functools
 from typing import Any, ClassVar, TypeVar
 
 import equinox as eqx
@@ -37,6 +38,15 @@ from ._diagonal import (
 
 _Trace = TypeVar("_Trace")
 
+#: Blocks of at most this many steps add their immediate terms to the weight-shaped traces as
+#: rank-one updates, which XLA fuses with the carried term into one element-wise pass that
+#: writes the new trace; longer blocks take one matrix product over the steps per op. A
+#: product whose contraction is only a few steps deep is inefficient, and it writes a
+#: trace-sized result in its own layout (`(in, out)` per sample), which a second pass reads
+#: transposed: on MNIST-1D (GRU 1→128, batch 100, blocks of 10) the two cost 3× the ten
+#: steps they replace (benchmarks/README.md, "Profile").
+UNROLLED_BLOCK = 16
+
 
 def _propagate(spread_jacobian, trace, immediate):
     """`ε[…, k] ← Σ_m B(D[k, m]) ⊙ ε[…, m] + VJP_W(∂h^k/∂u)` for one parameter array, computed
@@ -64,7 +74,9 @@ def block_weight_traces(
     traces before the block (`None` for read-out calls, kept). D-RTRL's new traces are the
     `R = K` rows of the transition products, `p_τ = Φ(C, τ)` and `c = Φ(C, 0)`; a linear
     functional of the block's traces (e-prop's filter) is one row. Each leaf is `(*W, R)`, in
-    the dtype of `ε_0`; the sum over `τ` is one matrix product per op, and `ε_0` is read once.
+    the dtype of `ε_0`; the sum over `τ` is one matrix product per op (for blocks of more than
+    `UNROLLED_BLOCK` steps; shorter ones add `C` rank-one terms in the same element-wise pass
+    as the carried term), and `ε_0` is read once.
     """
     new = []
     for i, (op, eps) in enumerate(zip(structure.site_modules(cell), traces)):
@@ -79,7 +91,13 @@ def block_weight_traces(
         )  # (C, R, *u): Σ_m p_τ[r, m] ∂h^m_τ/∂u_τ
         immediate = jnp.moveaxis(immediate, 1, -1)
         first = jnp.moveaxis(to_outputs(structure, carried, i), (0, 1), (-2, -1))
-        summed = rules.outer_sum(op, inputs, immediate)
+        if inputs.shape[0] <= UNROLLED_BLOCK:
+            summed = functools.reduce(
+                lambda x, y: jtu.tree_map(jnp.add, x, y),
+                (rules.outer(op, inputs[t], immediate[t]) for t in range(inputs.shape[0])),
+            )
+        else:
+            summed = rules.outer_sum(op, inputs, immediate)
         spread = rules.spread(op, inputs[0], first)
         new.append(jtu.tree_map(_propagate, spread, eps, summed))
     return tuple(new)
