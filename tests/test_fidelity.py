@@ -12,7 +12,7 @@ import pytest
 
 import eqtrace
 from eqtrace import nn
-from helpers import mse
+from helpers import mse, relative_error
 from registry import ALGORITHMS
 
 
@@ -182,8 +182,12 @@ def test_training_is_the_same_bit_for_bit(reference, block_size):
     off = _train(eqtrace.DRTRL(), None, optax.adam(1e-2), block_size=block_size)
     on = _train(eqtrace.DRTRL(), monitor, optax.adam(1e-2), block_size=block_size)
     assert len(off) == 5 and len(on) == 6
+    # Nothing the monitor computes feeds back into training. The two programs are compiled
+    # separately, and XLA may order their arithmetic differently (it does for blocks under this
+    # suite's compile-fast flags, tests/conftest.py), so equal up to float64 round-off; a
+    # monitor that fed back would move the parameters by far more.
     for a, b in zip(jax.tree.leaves(off), jax.tree.leaves(on[:5])):
-        assert np.array_equal(np.asarray(a), np.asarray(b))
+        assert relative_error(np.asarray(b), np.asarray(a)) <= 1e-13
     # The default sub-batch: at most 4 samples, here the whole batch of 3.
     assert on[5].samples == BATCH
 
