@@ -262,7 +262,8 @@ def _cell_plan(rule: AbstractAlgorithm, cell, state, x, errors: list[ValueError]
         errors.append(error)
         return LayerPlan(rule=rule, structure=structure, input=x)
     neuron_axes, weight_axes = None, ()
-    if structure is not None:
+    # A diagonal rule's structure; other rules' records (SnAp-n's mask) have no op sites.
+    if isinstance(structure, CellStructure):
         site_axes = _site_axes(cell, structure)
         neuron_axes = rule.trace_neuron_axes(structure, site_axes, trace)
         weight_axes = _weight_axes(cell, structure, site_axes)
