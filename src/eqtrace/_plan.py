@@ -44,8 +44,9 @@ class LayerPlan:
       (`AbstractAlgorithm.with_structure`), or `None` for a layer the rule does not
       trace: a stateless layer, a cell without parameters, and every layer of a network whose
       rule traces the recurrent core as one system (`per_layer = False`, exact RTRL).
-    - `structure`: the `CellStructure` the rule reads from the cell (the diagonal rules), or
-      `None` if it needs none (`RTRL`, `UORO`) or traces no cell here.
+    - `structure`: the structure the rule reads from the cell (a `CellStructure` for the
+      diagonal rules, SnAp-n's mask for `SnAp`), or `None` if it needs none (`RTRL`, `UORO`)
+      or traces no cell here.
     - `input`: the layout of the layer's input of one step (`jax.ShapeDtypeStruct`s).
     - `trace`: the layout of the layer's trace for one sample (`jax.ShapeDtypeStruct`s), or
       `None` if the layer has no trace of its own.
@@ -58,7 +59,7 @@ class LayerPlan:
     """
 
     rule: AbstractAlgorithm | None
-    structure: CellStructure | None
+    structure: Any
     input: Any
     trace: Any = None
     neuron_axes: Any = None

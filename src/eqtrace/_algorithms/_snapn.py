@@ -16,7 +16,7 @@ from .._algorithm import AbstractAlgorithm
 from .._cell import AbstractCell
 from .._custom_types import ExampleInput, Input, State
 from .._sparsity import identity_colours, pullback_pattern
-from .._structure import StructureError
+from .._structure import StructureError, require_output_readout
 from ._rtrl import real_ravel
 
 
@@ -26,7 +26,7 @@ class SnApTrace(eqx.Module):
     parameters whose mask columns are the same set of state elements (padding entries are
     zero)."""
 
-    blocks: tuple[Float[Array, "groups rows cols"], ...]
+    blocks: tuple[Float[Array, "_groups _rows _cols"], ...]
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -316,6 +316,9 @@ class SnAp(AbstractAlgorithm[SnApTrace]):
         return sum(lp.structure.mask_size for lp in plan.layers if lp.structure is not None)
 
     def init_cell_trace(self, cell: AbstractCell, state: State, x: ExampleInput) -> SnApTrace:
+        # As for RTRL: checked whenever the input is known (always at `step`).
+        if x is not None:
+            require_output_readout("SnAp", cell, state, x)
         structure = self.structure_of(cell, state, x)
         params = eqx.filter(cell, eqx.is_inexact_array)
         dtype = jnp.result_type(real_ravel(state)[0], real_ravel(params)[0])
