@@ -241,8 +241,7 @@ def check(
         type(algorithm).__name__,
         # The diagonal structures only (SnAp-n's mask is in its notes).
         tuple(
-            lp.structure if isinstance(lp.structure, CellStructure) else None
-            for lp in plan.layers
+            lp.structure if isinstance(lp.structure, CellStructure) else None for lp in plan.layers
         ),
         floats,
         nbytes,

@@ -129,15 +129,22 @@ def _real_patterns(cell: AbstractCell, state: State, x: Any) -> tuple[Any, Any, 
         new_state, _ = eqx.combine(unravel_params(theta), static)(unravel_state(h), x)
         return real_ravel(new_state)[0]
 
+    def pulled(h, theta, static, x, cotangent):
+        return jax.vjp(lambda h, t: step(h, t, static, x), h, theta)[1](cotangent)
+
     try:
+        # The steps take the Jacobians' rows by VJPs, as RTRL does: refuse a step that reverse
+        # mode cannot differentiate before any step runs (the pattern itself could be read in
+        # forward mode).
+        jax.eval_shape(pulled, h, theta, static, x, h)
         pattern = pullback_pattern(step, (h, theta, static, x), (0, 1), identity_colours, (2,))
     except Exception as error:  # noqa: BLE001 - no pattern, no mask: say why
         raise StructureError(
-            f"SnAp cannot read the dependency pattern of {type(cell).__name__}'s step from its "
-            f"code ({type(error).__name__}: {str(error).splitlines()[0]}), so it has no mask "
-            "to keep the influence matrix on. Make the step differentiable in forward or "
-            "reverse mode (a `lax.scan` or a `fori_loop` with static bounds instead of a "
-            "`while_loop`), or use `eqtrace.RTRL()`."
+            f"SnAp cannot read the dependency pattern of {type(cell).__name__}'s step from the "
+            f"code of its pullback ({type(error).__name__}: {str(error).splitlines()[0]}), so "
+            "it has no mask to keep the influence matrix on and no VJPs to fill it. Make the "
+            "step differentiable in reverse mode (a `lax.scan` or a `fori_loop` with static "
+            "bounds instead of a `while_loop`), as `eqtrace.RTRL()` needs too."
         ) from error
     ((from_state,), (from_params,)) = pattern.leaves
     return from_state.T, from_params.T, pattern.unknown
