@@ -57,10 +57,12 @@ class SnApStructure:
     #: colour gives them all.
     state_needed: np.ndarray
     state_colours: np.ndarray
-    #: A colouring of the rows of `∂h_t/∂θ` likewise, and per colour and parameter the one
-    #: row of that colour the parameter reaches (`-1` for none).
+    #: A colouring of the rows of `∂h_t/∂θ` likewise, and per bucket where its non-zeros
+    #: `(r, p)` go: the group, the position of `r` in the group's rows and of `p` in its
+    #: columns, the colour of `r` and `p`, `(5, nnz)` (the immediate term is a scatter of
+    #: the non-zeros, not a gather over the whole mask).
     param_colours: np.ndarray
-    param_owner: np.ndarray
+    immediate: tuple[np.ndarray, ...]
     #: Primitives the analysis did not know (each counted as a full dependence).
     unknown: tuple[str, ...]
     digest: str = dataclasses.field(default="", compare=False)
@@ -92,7 +94,10 @@ class SnApStructure:
 
 
 def _bool_product(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """The boolean matrix product `a · b` (sparse, so that sparse patterns stay cheap)."""
+    """The boolean matrix product `a · b`: dense (BLAS) while the operands are small, sparse
+    beyond (where the patterns of large cells are sparse, or the analysis too large anyway)."""
+    if a.size + b.size <= 5 * 10**7:
+        return (a.astype(np.float32) @ b.astype(np.float32)) > 0
     import scipy.sparse as sparse
 
     product = sparse.csr_matrix(a.astype(np.float32)) @ sparse.csr_matrix(b.astype(np.float32))
@@ -179,8 +184,10 @@ def analyse_snap(cell: AbstractCell, state: State, x: Any, n: int) -> SnApStruct
         reachable = int(mask.sum())
 
     # Group the parameters by their mask column (the set of state elements they keep).
-    columns = np.packbits(mask.T, axis=1)
-    _, group_of, _ = np.unique(columns, axis=0, return_inverse=True, return_counts=True)
+    columns = np.ascontiguousarray(np.packbits(mask.T, axis=1))
+    # Each packed column as one opaque value: `np.unique` on a 1-D array, fast.
+    keys = columns.view(np.dtype((np.void, columns.shape[1]))).reshape(-1)
+    _, group_of = np.unique(keys, return_inverse=True)
     group_of = group_of.reshape(-1)
     order = np.argsort(group_of, kind="stable")
     starts = np.searchsorted(group_of[order], np.arange(group_of.max() + 1))
@@ -206,9 +213,26 @@ def analyse_snap(cell: AbstractCell, state: State, x: Any, n: int) -> SnApStruct
         needed[r[:, :, None], r[:, None, :]] = True
     state_needed = needed & state_pattern
     param_colours = _colour_rows(immediate, immediate)
-    owner = np.full((max(int(param_colours.max()) + 1, 1), num_params), -1, np.int32)
+    # Where each non-zero of the immediate Jacobian lies in the blocks.
+    bucket_of = np.full(num_params, -1, np.int64)
+    group_in = np.full(num_params, -1, np.int64)
+    position_in = np.full(num_params, -1, np.int64)
+    for b, c in enumerate(cols):
+        g, k = np.nonzero(c < num_params)
+        bucket_of[c[g, k]], group_in[c[g, k]], position_in[c[g, k]] = b, g, k
     r, p = np.nonzero(immediate)
-    owner[param_colours[r], p] = r
+    placed = []
+    for b, rows_b in enumerate(rows):
+        row_position = np.full((rows_b.shape[0], num_state), -1, np.int64)
+        row_position[np.arange(rows_b.shape[0])[:, None], rows_b] = np.arange(rows_b.shape[1])
+        here = bucket_of[p] == b
+        rb, pb = r[here], p[here]
+        g = group_in[pb]
+        placed.append(
+            np.stack([g, row_position[g, rb], position_in[pb], param_colours[rb], pb]).astype(
+                np.int32
+            )
+        )
     return SnApStructure(
         cell_name=type(cell).__name__,
         n=n,
@@ -222,7 +246,7 @@ def analyse_snap(cell: AbstractCell, state: State, x: Any, n: int) -> SnApStruct
         state_needed=state_needed,
         state_colours=_colour_rows(state_needed, state_pattern),
         param_colours=param_colours,
-        param_owner=owner,
+        immediate=tuple(placed),
         unknown=unknown,
     )
 
@@ -369,17 +393,12 @@ class SnAp(AbstractAlgorithm[SnApTrace]):
         # is the parameter's owner in that colour.
         seeds = _seeds(s.param_colours, new_h.dtype)
         per_colour = jax.vmap(lambda c: pull_params(c)[0])(seeds).astype(dtype)
-        per_colour = jnp.pad(per_colour, ((0, 0), (0, 1)))
-        owner = np.pad(s.param_owner, ((0, 0), (0, 1)), constant_values=-1)
-        colour_of_row = np.maximum(s.param_colours, 0)
 
         blocks = []
-        for block, rows, cols in zip(trace.blocks, s.rows, s.cols):
+        for block, rows, (g, a, k, colour, p) in zip(trace.blocks, s.rows, s.immediate):
             j_block = jac[rows[:, :, None], rows[:, None, :]]
-            r, c = colour_of_row[rows][:, :, None], cols[:, None, :]
-            kept = owner[r, c] == rows[:, :, None]
-            immediate = jnp.where(kept, per_colour[r, c], 0)
-            blocks.append(jnp.einsum("gab,gbq->gaq", j_block, block) + immediate)
+            propagated = jnp.einsum("gab,gbq->gaq", j_block, block)
+            blocks.append(propagated.at[g, a, k].add(per_colour[colour, p]))
         return unravel_state(new_h), SnApTrace(tuple(blocks))
 
     def cell_tangent(
