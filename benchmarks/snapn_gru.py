@@ -57,9 +57,7 @@ def _measure(name, algorithm, model, xs, targets):
     plan = eqtrace.prepare(algorithm, model, xs[0, 0])
     prepared = time.perf_counter() - start
     state, trace = eqtrace.init_state_and_trace(model, algorithm, BATCH, x=xs[0, 0])
-    step = jax.vmap(
-        eqtrace.make_online_step(algorithm, static, plan=plan), in_axes=(None, 0, 0, 0)
-    )
+    step = jax.vmap(eqtrace.make_online_step(algorithm, static, plan=plan), in_axes=(None, 0, 0, 0))
     forward = jax.vmap(eqtrace.make_forward_step(static), in_axes=(None, 0, 0))
 
     @jax.jit
@@ -85,7 +83,7 @@ def _measure(name, algorithm, model, xs, targets):
     kept = algorithm.mask_size(model, xs[0, 0]) if isinstance(algorithm, eqtrace.SnAp) else "—"
     kept = f"{kept:,}" if isinstance(kept, int) else kept
     print(
-        f"| {name} | {kept} | {size.values:,} | {float(comparison.overall_cosine):.4f} | "
+        f"| {name} | {kept} | {size.values:,} | {float(comparison.overall_cosine):.6f} | "
         f"{times['online'] / times['bptt']:.1f} | {prepared:.1f} s |",
         flush=True,
     )
@@ -104,9 +102,7 @@ def main():
         "| time × BPTT | prepare |"
     )
     print("| --- | --- | --- | --- | --- | --- |")
-    gru = nn.Sequential(
-        [nn.GRUCell(INPUT, HIDDEN, dtype=jnp.float32, key=next(keys)), readout()]
-    )
+    gru = nn.Sequential([nn.GRUCell(INPUT, HIDDEN, dtype=jnp.float32, key=next(keys)), readout()])
     banded = nn.Sequential([BandedRNN(key=next(keys)), readout()])
     for label, model, ns in (("GRU", gru, (1, 2, 3)), ("banded RNN", banded, (1, 2, 3, 4))):
         _measure(f"{label} · SnAp1", eqtrace.SnAp1(), model, xs, targets)
