@@ -283,11 +283,13 @@ class SnAp(AbstractAlgorithm[SnApTrace]):
     The influence is stored compactly: the parameters are grouped by their mask column (the
     set of state elements they keep), and each group holds a `(c, q)` block, padded within
     groups of equal `c`. A step reads `J_t` on each group's rows only, with one VJP per colour
-    of its rows (rows of one colour share no column), the immediate Jacobian likewise (one
-    VJP for a cell whose parameters each reach one state element, as a GRU's), and updates
-    each block with one product; the dense `|h| × |θ|` matrix is never formed. Memory per
+    of its rows (no row of a colour depends on the column of another's entry: on a cell with
+    full recurrent weights, one VJP per neuron), the immediate Jacobian likewise (one VJP for
+    a cell whose parameters each reach one state element, as a GRU's) and adds its non-zeros
+    to each block after one product; the dense `|h| × |θ|` matrix is never formed. Memory per
     sample: the mask's non-zeros plus padding (`eqtrace.trace_size`; `mask_size` gives the
-    non-zeros). Compute per step: `Σ_g c_g² q_g` for the products plus the VJPs.
+    non-zeros). Compute per step: `Σ_g c_g² q_g` for the products plus the VJPs. At `n = 1`
+    on the built-in cells `eqtrace.SnAp1` is the same rule, faster.
 
     A `Sequential` gets one SnAp-n trace per cell, as under `eqtrace.SnAp1`: paths between
     layers through later steps are cut, credit within a step is exact; use `eqtrace.RTRL()`
