@@ -288,8 +288,8 @@ class SnAp(AbstractAlgorithm[SnApTrace]):
     a cell whose parameters each reach one state element, as a GRU's) and adds its non-zeros
     to each block after one product; the dense `|h| × |θ|` matrix is never formed. Memory per
     sample: the mask's non-zeros plus padding (`eqtrace.trace_size`; `mask_size` gives the
-    non-zeros). Compute per step: `Σ_g c_g² q_g` for the products plus the VJPs. At `n = 1`
-    on the built-in cells `eqtrace.SnAp1` is the same rule, faster.
+    non-zeros). Compute per step: `Σ_g c_g² q_g` for the products plus the VJPs. At `n = 1`,
+    on cells with one state leaf per neuron, `eqtrace.SnAp1` is the same rule, faster.
 
     A `Sequential` gets one SnAp-n trace per cell, as under `eqtrace.SnAp1`: paths between
     layers through later steps are cut, credit within a step is exact; use `eqtrace.RTRL()`
