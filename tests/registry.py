@@ -95,6 +95,13 @@ ALGORITHMS: tuple[AlgorithmCase, ...] = (
     AlgorithmCase(
         "snap1", eqtrace.SnAp1, exact=False, exact_elementwise=True, needs_structure=True
     ),
+    # SnAp-2. Exact wherever n = 2 reaches the pattern's closure, which no flag can promise:
+    # on the dense cells here (so it is not "inexact with recurrent weights") and on the
+    # element-wise cells with two state leaves per neuron, but not on an ALIF (three steps).
+    # test_snapn.py holds it to RTRL there and to its definition on a banded mask.
+    AlgorithmCase(
+        "snapn", eqtrace.SnAp, exact=False, exact_elementwise=False, needs_structure=False
+    ),
     AlgorithmCase(
         "eprop",
         eqtrace.EProp,

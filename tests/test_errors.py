@@ -35,6 +35,7 @@ from helpers import LONG, ConvCell, LeakyTanh, Rolling, cast, mse, pairs, square
 from registry import ALGORITHMS, EVERY_CELL, make_cell
 from test_any_cell import CalledOutOfOrder, OutputNotOfState, RawWeightUse, VmappedOp
 from test_eprop import RolledOutput
+from test_snapn import Untraceable
 
 
 ERRORS_PAGE = Path(__file__).parent.parent / "docs" / "errors.md"
@@ -1132,6 +1133,10 @@ CASES: dict[str, Callable[[], list[Callable[[], object]]]] = {
     ],
     "A pp-prop rank below one": lambda: [lambda: eqtrace.PPProp(rank=0.5)],
     "A pp-prop decay outside [0, 1)": lambda: [lambda: eqtrace.PPProp(1.0)],
+    "A SnAp-n order below one": lambda: [lambda: eqtrace.SnAp(0), lambda: eqtrace.SnAp(-2)],
+    "A step SnAp-n cannot differentiate in reverse mode": lambda: [
+        _init(eqtrace.SnAp(), Untraceable(key=_key())),
+    ],
     "A cell that mixes neurons outside its ops": lambda: [
         _init(eqtrace.DRTRL(), Rolling(INPUT, HIDDEN, key=_key())),
         _init(eqtrace.PPProp(0.5), Rolling(INPUT, HIDDEN, key=_key())),
@@ -1453,6 +1458,7 @@ def test_wrong_types_without_beartype():
             "but received 2.5 (float)"
         ),
         "eqtrace.nn.Linear(3.0, 4, key=key)": "ValueError: Linear: `in_features` must be",
+        "eqtrace.SnAp(1.5)": "ValueError: SnAp: `n` must be an integer ≥ 1",
         "eqtrace.online_gradient(block, loss, params, state, trace, xs, targets, block_size=2.5)": (
             "TypeError: online_gradient: `block_size` must be a Python int (a number of steps), "
             "but received 2.5 (float)"

@@ -103,3 +103,22 @@ def test_an_unknown_primitive_is_a_dependence_and_named():
     )
     assert pattern.leaves[0][0].all()
     assert "fft" in pattern.unknown
+
+
+def test_a_product_with_a_masked_weight_keeps_the_mask():
+    # The weight's values are abstract, but `jnp.where(mask, w, 0)` is zero off the mask
+    # whatever they are: the product reaches only the mask's entries (SnAp-n's banded masks).
+    mask = np.abs(np.subtract.outer(np.arange(5), np.arange(5))) <= 1
+
+    def fun(h, w, mask):
+        return jnp.tanh(jnp.where(mask, w, 0) @ h) * 2
+
+    (leaves,) = pullback_pattern(
+        fun, (jnp.zeros(5), jnp.zeros((5, 5)), jnp.asarray(mask)), (0,), identity_colours, (2,)
+    ).leaves
+    np.testing.assert_array_equal(np.moveaxis(leaves[0], -1, 0), mask)
+    # Without the mask known, every output depends on every input.
+    (leaves,) = pullback_pattern(
+        fun, (jnp.zeros(5), jnp.zeros((5, 5)), jnp.asarray(mask)), (0,), identity_colours
+    ).leaves
+    assert leaves[0].all()

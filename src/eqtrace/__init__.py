@@ -11,6 +11,7 @@ from ._algorithms._ottt import OTTT as OTTT, OTTTTrace as OTTTTrace
 from ._algorithms._ppprop import PPProp as PPProp, PPPropTrace as PPPropTrace
 from ._algorithms._rtrl import RTRL as RTRL, RTRLTrace as RTRLTrace
 from ._algorithms._snap import SnAp1 as SnAp1, SnAp1Trace as SnAp1Trace
+from ._algorithms._snapn import SnAp as SnAp, SnApTrace as SnApTrace
 from ._algorithms._uoro import UORO as UORO, UOROTrace as UOROTrace
 from ._algorithms._windows import ExactWindows as ExactWindows
 from ._cell import AbstractCell as AbstractCell

@@ -239,7 +239,10 @@ def check(
             notes.extend(f"layer {i}: {line}" for line in lines)
     return StructureReport(
         type(algorithm).__name__,
-        tuple(lp.structure for lp in plan.layers),
+        # The diagonal structures only (SnAp-n's mask is in its notes).
+        tuple(
+            lp.structure if isinstance(lp.structure, CellStructure) else None for lp in plan.layers
+        ),
         floats,
         nbytes,
         refusal,

@@ -44,8 +44,9 @@ class LayerPlan:
       (`AbstractAlgorithm.with_structure`), or `None` for a layer the rule does not
       trace: a stateless layer, a cell without parameters, and every layer of a network whose
       rule traces the recurrent core as one system (`per_layer = False`, exact RTRL).
-    - `structure`: the `CellStructure` the rule reads from the cell (the diagonal rules), or
-      `None` if it needs none (`RTRL`, `UORO`) or traces no cell here.
+    - `structure`: the structure the rule reads from the cell (a `CellStructure` for the
+      diagonal rules, SnAp-n's mask for `SnAp`), or `None` if it needs none (`RTRL`, `UORO`)
+      or traces no cell here.
     - `input`: the layout of the layer's input of one step (`jax.ShapeDtypeStruct`s).
     - `trace`: the layout of the layer's trace for one sample (`jax.ShapeDtypeStruct`s), or
       `None` if the layer has no trace of its own.
@@ -58,7 +59,7 @@ class LayerPlan:
     """
 
     rule: AbstractAlgorithm | None
-    structure: CellStructure | None
+    structure: Any
     input: Any
     trace: Any = None
     neuron_axes: Any = None
@@ -262,7 +263,8 @@ def _cell_plan(rule: AbstractAlgorithm, cell, state, x, errors: list[ValueError]
         errors.append(error)
         return LayerPlan(rule=rule, structure=structure, input=x)
     neuron_axes, weight_axes = None, ()
-    if structure is not None:
+    # A diagonal rule's structure; other rules' records (SnAp-n's mask) have no op sites.
+    if isinstance(structure, CellStructure):
         site_axes = _site_axes(cell, structure)
         neuron_axes = rule.trace_neuron_axes(structure, site_axes, trace)
         weight_axes = _weight_axes(cell, structure, site_axes)

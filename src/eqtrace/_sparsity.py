@@ -179,6 +179,14 @@ def jacobian_pattern(pattern_leaf: np.ndarray, out_shape: tuple[int, ...]) -> np
     return moved.reshape(*out_shape, *pattern_leaf.shape[:-1])
 
 
+def _support_of(value):
+    """The elements of a known value that are not zero (`None` if it is not numeric)."""
+    try:
+        return np.asarray(value) != 0
+    except Exception:  # noqa: BLE001 - e.g. a PRNG key
+        return None
+
+
 def _nonempty(deps):
     return deps if deps.any() else None
 
@@ -225,29 +233,99 @@ class _Walk:
     def jaxpr(self, jaxpr, deps, values):
         return self.jaxpr_values(jaxpr, deps, values)[0]
 
-    def jaxpr_values(self, jaxpr, deps, values):
+    def jaxpr_values(self, jaxpr, deps, values, supports=None):
         """Like `jaxpr`, also returning the known output values."""
-        env_deps, env_values = {}, {}
-        for var, d, v in zip([*jaxpr.constvars, *jaxpr.invars], deps, values):
-            env_deps[var], env_values[var] = d, v
+        return self.jaxpr_supports(jaxpr, deps, values, supports)[:2]
+
+    def jaxpr_supports(self, jaxpr, deps, values, supports=None):
+        """Like `jaxpr_values`, also returning the outputs' supports (see `_supports`)."""
+        env_deps, env_values, env_supports = {}, {}, {}
+        invars = [*jaxpr.constvars, *jaxpr.invars]
+        supports = [None] * len(invars) if supports is None else supports
+        for var, d, v, z in zip(invars, deps, values, supports):
+            env_deps[var], env_values[var], env_supports[var] = d, v, z
 
         def read(atom):
             if isinstance(atom, jcore.Literal):
-                return None, np.asarray(atom.val)
-            return env_deps.get(atom), env_values.get(atom)
+                value = np.asarray(atom.val)
+                return None, value, _support_of(value)
+            value = env_values.get(atom)
+            if value is not None:
+                return env_deps.get(atom), value, _support_of(value)
+            return env_deps.get(atom), None, env_supports.get(atom)
 
         for eqn in jaxpr.eqns:
             ins = [read(a) for a in eqn.invars]
-            out_deps, out_values = self.eqn(eqn, [d for d, _ in ins], [v for _, v in ins])
-            for var, d, v in zip(eqn.outvars, out_deps, out_values):
-                env_deps[var], env_values[var] = d, v
+            in_supports = [z for _, _, z in ins]
+            out_deps, out_values = self.eqn(
+                eqn, [d for d, _, _ in ins], [v for _, v, _ in ins], in_supports
+            )
+            if _sub_jaxpr(eqn) is not None and eqn.primitive.name not in ("cond", "scan", "while"):
+                out_supports = self.call_supports  # a call: its jaxpr's, as `eqn` walked it
+            else:
+                out_supports = self.supports(eqn, [v for _, v, _ in ins], in_supports)
+            for var, d, v, z in zip(eqn.outvars, out_deps, out_values, out_supports):
+                env_deps[var], env_values[var], env_supports[var] = d, v, z
         outs = [read(a) for a in jaxpr.outvars]
-        return [d for d, _ in outs], [v for _, v in outs]
+        return [d for d, _, _ in outs], [v for _, v, _ in outs], [z for _, _, z in outs]
+
+    def supports(self, eqn, values, supports):
+        """The *supports* of an equation's results whose values are not known: boolean arrays
+        of the elements that can be non-zero for some value of the inputs (`None`: any). A
+        weight under a known mask (`jnp.where(mask, w, 0)`) has the mask as its support, so a
+        product with it reaches only the mask's entries though its values are abstract.
+        Followed through the few primitives between a mask and its product (the rest give
+        `None`); known values give their own non-zeros where they are read."""
+        name = eqn.primitive.name
+        out = [None] * len(eqn.outvars)
+        if len(eqn.outvars) != 1:
+            return out
+        shape = eqn.outvars[0].aval.shape
+        try:
+            if name == "select_n" and values[0] is not None:
+                which = np.broadcast_to(values[0].astype(np.int32), shape)
+                support = np.zeros(shape, bool)
+                for case, z in enumerate(supports[1:]):
+                    z = np.ones(shape, bool) if z is None else np.broadcast_to(z, shape)
+                    support |= z & (which == case)
+                return [support]
+            if name == "mul":
+                known = [np.broadcast_to(z, shape) for z in supports if z is not None]
+                return [np.logical_and.reduce(known)] if known else out
+            if name in ("add", "sub", "add_any") and all(z is not None for z in supports):
+                return [np.broadcast_to(supports[0], shape) | np.broadcast_to(supports[1], shape)]
+            z = supports[0] if supports else None
+            if z is None:
+                return out
+            if name in ("neg", "convert_element_type", "copy", "copy_p", "reduce_precision"):
+                return [np.broadcast_to(z, shape)]
+            if name in _IDENTITIES or name in ("reshape", "squeeze", "expand_dims"):
+                return [np.reshape(np.broadcast_to(z, eqn.invars[0].aval.shape), shape)]
+            if name == "transpose":
+                return [
+                    np.transpose(
+                        np.broadcast_to(z, eqn.invars[0].aval.shape), eqn.params["permutation"]
+                    )
+                ]
+            if name == "broadcast_in_dim":
+                dims = eqn.params["broadcast_dimensions"]
+                expanded = np.expand_dims(
+                    np.broadcast_to(z, eqn.invars[0].aval.shape),
+                    [i for i in range(len(shape)) if i not in dims],
+                )
+                return [np.broadcast_to(expanded, shape)]
+        except Exception:  # noqa: BLE001 - a support not followed is only less exact
+            return out
+        return out
 
     # Equations.
 
-    def eqn(self, eqn, deps, values):
+    def eqn(self, eqn, deps, values, supports=None):
         name = eqn.primitive.name
+        # Read by the rules of products (`mul`, `dot_general`); a call's outputs' supports
+        # are left in `call_supports`.
+        self.in_supports = [None] * len(deps) if supports is None else supports
+        self.call_supports = [None] * len(eqn.outvars)
         out_avals = [v.aval for v in eqn.outvars]
         sub = _sub_jaxpr(eqn)
         calls = sub is not None and name not in ("cond", "scan", "while")
@@ -256,11 +334,12 @@ class _Walk:
             return [None] * len(out_avals), self.fold(eqn, values)
         if calls:
             closed, offset = sub
-            inner_deps, inner_values = self.jaxpr_values(
+            inner_deps, inner_values, self.call_supports = self.jaxpr_supports(
                 closed.jaxpr,
                 [None] * len(closed.consts) + deps[offset:],
                 [np.asarray(c) if _is_concrete(c) else None for c in closed.consts]
                 + values[offset:],
+                [None] * len(closed.consts) + list(self.in_supports[offset:]),
             )
             if offset:  # operands before the jaxpr's own (none for the calls handled here)
                 extra = _union_all(deps[:offset], self.num_colours)
@@ -330,8 +409,9 @@ class _Walk:
             masked = []
             for i, d in enumerate(deps):
                 other = values[1 - i]
-                if d is not None and other is not None:
-                    d = _full(d, shape) & (np.broadcast_to(other, shape) != 0)[..., None]
+                support = _support_of(other) if other is not None else self.in_supports[1 - i]
+                if d is not None and support is not None:
+                    d = _full(d, shape) & np.broadcast_to(support, shape)[..., None]
                 masked.append(d)
             deps = masked
         out = None
@@ -496,8 +576,11 @@ class _Walk:
             )
             return x.reshape(*sizes, *trailing)
 
-        def mask(value, shape):
-            return np.ones(shape, np.float32) if value is None else (value != 0).astype(np.float32)
+        def mask(i, shape):
+            support = _support_of(values[i]) if values[i] is not None else self.in_supports[i]
+            if support is None:
+                return np.ones(shape, np.float32)
+            return np.broadcast_to(support, shape).astype(np.float32)
 
         out_shape = eqn.outvars[0].aval.shape
         b_size = int(np.prod([a_shape[i] for i in batch_a], dtype=np.int64))
@@ -509,10 +592,10 @@ class _Walk:
         out = np.zeros((b_size, fa, fb, self.num_colours), bool)
         if deps[0] is not None:
             da = lay_a(_full(deps[0], a_shape).astype(np.float32))
-            out |= np.einsum("bfjc,bjg->bfgc", da, lay_b(mask(values[1], b_shape))) > 0
+            out |= np.einsum("bfjc,bjg->bfgc", da, lay_b(mask(1, b_shape))) > 0
         if deps[1] is not None:
             db = lay_b(_full(deps[1], b_shape).astype(np.float32))
-            out |= np.einsum("bfj,bjgc->bfgc", lay_a(mask(values[0], a_shape)), db) > 0
+            out |= np.einsum("bfj,bjgc->bfgc", lay_a(mask(0, a_shape)), db) > 0
         return [out.reshape(*out_shape, self.num_colours)]
 
     def _sort(self, eqn, deps, values):
