@@ -58,9 +58,9 @@ class FidelityMonitor(eqx.Module):
     Both gradients use the loss training uses for that update (its step weights, and a block's
     mean), so the norm ratio compares like with like. Training itself is not changed:
     nothing the monitor computes feeds back, so the trained parameters are the same with it
-    on or off (up to the order in which XLA compiles the arithmetic of the two programs). The schedule
-    (`every`, `window`) is static: measured updates cost their work, the others none (RTRL's
-    trace aside), and no setting retraces per update.
+    on or off (up to the order in which XLA compiles the arithmetic of the two programs).
+    The schedule (`every`, `window`) is static: measured updates cost their work, the others
+    none (RTRL's trace aside), and no setting retraces per update.
 
     **Arguments:**
 
