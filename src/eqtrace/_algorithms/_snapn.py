@@ -141,7 +141,8 @@ def _real_patterns(cell: AbstractCell, state: State, x: Any) -> tuple[Any, Any, 
         # The steps take the Jacobians' rows by VJPs, as RTRL does: refuse a step that reverse
         # mode cannot differentiate before any step runs (the pattern itself could be read in
         # forward mode).
-        jax.eval_shape(pulled, h, theta, static, x, h)
+        # (`static` closed over: it may hold functions, which are not abstract arrays.)
+        jax.eval_shape(lambda h, theta, x, c: pulled(h, theta, static, x, c), h, theta, x, h)
         pattern = pullback_pattern(step, (h, theta, static, x), (0, 1), identity_colours, (2,))
     except Exception as error:  # noqa: BLE001 - no pattern, no mask: say why
         raise StructureError(
