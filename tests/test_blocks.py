@@ -314,8 +314,10 @@ def test_train_with_blocks(getkey):
     optimizer = optax.adam(1e-1)
     opt_state = optimizer.init(params)
     losses = []
+    # Every sequence starts from the same initial state and trace (the model's structure, which
+    # `init_state_and_trace` analyses, does not change with the parameters).
+    state, trace = eqtrace.init_state_and_trace(model, algorithm, BATCH)
     for _ in range(30):
-        state, trace = eqtrace.init_state_and_trace(model, algorithm, BATCH)
         loss, grads, _, _ = eqtrace.online_gradient(
             block, _batch_loss, params, state, trace, xs, targets, block_size=10, reduction="sum"
         )
