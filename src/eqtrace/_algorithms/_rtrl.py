@@ -44,7 +44,7 @@ def real_ravel(tree: Any) -> tuple[Array, Callable[[Array], Any]]:
     return flat, unravel
 
 
-def _flat_transition(cell: AbstractCell, state: State, x: Input):
+def flat_transition(cell: AbstractCell, state: State, x: Input):
     """The cell's state transition as a function of flat real vectors `(h, θ) -> h'`."""
     params, static = eqx.partition(cell, eqx.is_inexact_array)
     h, unravel_state = real_ravel(state)
@@ -94,7 +94,7 @@ class RTRL(AbstractAlgorithm[RTRLTrace]):
     def cell_step(
         self, cell: AbstractCell, state: State, trace: RTRLTrace, x: Input
     ) -> tuple[State, RTRLTrace]:
-        transition, h, theta, unravel_state, _ = _flat_transition(cell, state, x)
+        transition, h, theta, unravel_state, _ = flat_transition(cell, state, x)
         new_h, linear = jax.linearize(transition, h, theta)
         # The rows of J^h and J^θ: one VJP per state element (|h| ≪ |θ|), then J^h M as a
         # product. Reverse mode only, so that a cell with a `jax.custom_vjp` function (which

@@ -17,7 +17,7 @@ from .._cell import AbstractCell
 from .._custom_types import ExampleInput, Input, State
 from .._sparsity import identity_colours, pullback_pattern
 from .._structure import StructureError, require_output_readout
-from ._rtrl import real_ravel
+from ._rtrl import flat_transition, real_ravel
 
 
 class SnApTrace(eqx.Module):
@@ -367,19 +367,19 @@ class SnAp(AbstractAlgorithm[SnApTrace]):
         self, cell: AbstractCell, state: State, trace: SnApTrace, x: Input
     ) -> tuple[State, SnApTrace]:
         s = self.structure_of(cell, state, x)
-        params, static = eqx.partition(cell, eqx.is_inexact_array)
-        h, unravel_state = real_ravel(state)
-        theta, unravel_params = real_ravel(params)
-
-        def transition(h, theta):
-            new_state, _ = eqx.combine(unravel_params(theta), static)(unravel_state(h), x)
-            return real_ravel(new_state)[0]
-
+        transition, h, theta, unravel_state, _ = flat_transition(cell, state, x)
         if not s.rows:  # no parameter reaches the state: nothing to trace
             return unravel_state(transition(h, theta)), trace
-        # Reverse mode only (a cell with a `jax.custom_vjp` function runs, as under RTRL).
-        new_h, pull_state = jax.vjp(lambda h: transition(h, theta), h)
-        _, pull_params = jax.vjp(lambda t: transition(h, t), theta)
+        # Reverse mode only (a cell with a `jax.custom_vjp` function runs, as under RTRL); one
+        # forward pass serves both Jacobians' VJPs.
+        new_h, pull = jax.vjp(transition, h, theta)
+
+        def pull_state(c):
+            return pull(c)[:1]
+
+        def pull_params(c):
+            return pull(c)[1:]
+
         dtype = trace.blocks[0].dtype
         size = s.state_size
 

@@ -13,7 +13,7 @@ from .._cell import AbstractCell
 from .._custom_types import ExampleInput, Input, KeyLike, State
 from .._structure import require_output_readout
 from .._validation import check_key
-from ._rtrl import _flat_transition, real_ravel
+from ._rtrl import flat_transition, real_ravel
 
 
 class UOROTrace(eqx.Module):
@@ -89,7 +89,7 @@ class UORO(AbstractAlgorithm[UOROTrace]):
     def cell_step(
         self, cell: AbstractCell, state: State, trace: UOROTrace, x: Input
     ) -> tuple[State, UOROTrace]:
-        transition, h, theta, unravel_state, _ = _flat_transition(cell, state, x)
+        transition, h, theta, unravel_state, _ = flat_transition(cell, state, x)
         new_h, linear = jax.linearize(transition, h, theta)
         key, signs_key = jr.split(trace.key)
         signs = jr.rademacher(signs_key, h.shape, jnp.int8).astype(h.dtype)
@@ -123,7 +123,7 @@ def _require_forward_mode(cell: AbstractCell, state: State, x: Any) -> None:
 
         def forward(arrays):
             cell, state, x = eqx.combine(arrays, static)
-            transition, h, theta, _, _ = _flat_transition(cell, state, x)
+            transition, h, theta, _, _ = flat_transition(cell, state, x)
             return jax.jvp(lambda h: transition(h, theta), (h,), (h,))[1]
 
         shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), arrays)
