@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
 
+from ._memo import clear_structural_memos
 from .nn._feedback import RandomFeedback
 from .nn._linear import Linear
 
@@ -144,6 +145,7 @@ def register_op(op_type: type, algebra: OpAlgebra | None = None) -> None:
             f"received a {type(algebra).__name__}."
         )
     _algebra_of.register(op_type)(lambda op: algebra)
+    clear_structural_memos()  # Which fields are ops is part of what the analyses read.
 
 
 def algebra(op: Any) -> OpAlgebra:

@@ -12,7 +12,8 @@ collects typed violations. Every fact comes from the dependency pattern of the s
 (`_sparsity.pullback_pattern`, docs/architecture.md §2), with floating values abstract, so no
 value can hide a dependence. The analysis depends only on the cell's static structure, shapes
 and integer or boolean fields; `eqtrace.prepare` runs it once per cell and the plan keeps the
-result (there is no cache). The cell is run with its ops observed by `_probing.probed_call`.
+result; `_memo.structural_memo` reuses it for a cell of the same structure (new weights).
+The cell is run with its ops observed by `_probing.probed_call`.
 """
 
 import collections
@@ -28,6 +29,7 @@ import jax.tree_util as jtu
 import numpy as np
 from jax.extend import core as jcore
 
+from ._memo import structural_memo
 from ._ops import algebra, is_op
 from ._probing import (
     call_sites,
@@ -219,9 +221,10 @@ class CellStructure:
         return jtu.tree_leaves(eqx.filter(cell, other_params_spec(cell, self.op_called)))
 
 
+@structural_memo(3)
 def analyse(cell, state, x) -> CellStructure:
-    """The structure of `cell`, read from the code of its step: computed afresh on every call
-    (`eqtrace.prepare` calls it once per cell and the plan keeps it), also inside a trace,
+    """The structure of `cell`, read from the code of its step (`eqtrace.prepare` calls it once
+    per cell and the plan keeps it; memoised on exactly what it reads), also inside a trace,
     where it reads only shapes and the cell's concrete integer and boolean arrays."""
     with jax.ensure_compile_time_eval():
         return _analyse(cell, state, concrete(x))
@@ -857,6 +860,7 @@ class InputOwners(_ValueRecord):
     shared: tuple[int, ...]
 
 
+@structural_memo(3)
 def input_owners(cell, state, x, structure: CellStructure) -> InputOwners:
     """The input owners of `cell`'s call sites (SnAp-1 analyses them with the structure). An
     input element depends on a neuron through the previous state directly, or through the
@@ -925,6 +929,7 @@ class ConstantLeak(_ValueRecord):
     problems: tuple[str, ...]
 
 
+@structural_memo(3)
 def constant_leak(cell, state, x, structure: CellStructure) -> ConstantLeak:
     """The constant leak and drives of `cell` (OTTT analyses them with the structure), or
     the reasons it has none. It never raises: the rule refuses the cell with the reasons."""

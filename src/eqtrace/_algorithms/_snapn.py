@@ -15,6 +15,7 @@ from jaxtyping import Array, Float
 from .._algorithm import AbstractAlgorithm
 from .._cell import AbstractCell
 from .._custom_types import ExampleInput, Input, State
+from .._memo import structural_memo
 from .._sparsity import identity_colours, pullback_pattern
 from .._structure import StructureError, require_output_readout
 from ._rtrl import flat_transition, real_ravel
@@ -156,6 +157,7 @@ def _real_patterns(cell: AbstractCell, state: State, x: Any) -> tuple[Any, Any, 
     return from_state.T, from_params.T, pattern.unknown
 
 
+@structural_memo(4)
 def analyse_snap(cell: AbstractCell, state: State, x: Any, n: int) -> SnApStructure:
     """SnAp-n's mask of `cell` and the index arrays and colourings its steps use."""
     state_pattern, immediate, unknown = _real_patterns(cell, state, x)
