@@ -47,6 +47,13 @@ def pairs(first: Sequence, second: Sequence) -> list:
     return params
 
 
+def alternate(params: Sequence, parity: int) -> list:
+    """Every other entry of `params` (from index `parity`), every entry under `LONG`: two
+    oracles of the same kind over one list of rules, one taking the even entries and the other
+    the odd ones, still hold every rule to one of them in every run."""
+    return list(params) if LONG else list(params)[parity::2]
+
+
 def key_data(tree: Any) -> Any:
     """`tree` with its PRNG keys (which NumPy cannot convert) replaced by their raw data."""
 

@@ -14,7 +14,15 @@ import pytest
 import eqtrace
 from eqtrace import nn
 from eqtrace._algorithms import _drtrl
-from helpers import LONG, LeakyCurrent, TokenCell, pairs, relative_error, squared_loss
+from helpers import (
+    LONG,
+    LeakyCurrent,
+    TokenCell,
+    alternate,
+    pairs,
+    relative_error,
+    squared_loss,
+)
 from registry import EVERY_CELL, algorithms, cells, make_cell, rules
 
 
@@ -234,7 +242,9 @@ def test_embedding_and_masked_ops_in_blocks(algorithm, getkey):
     assert bool(jnp.all(grads.recurrent.weight[~cell.recurrent.mask] == 0))
 
 
-@pytest.mark.parametrize("algorithm", PER_LAYER_BLOCKS)
+# `steps` against a loop of jitted steps, and `train_online` in blocks against stepping: each
+# rule through one of the two (all through both under `LONG`).
+@pytest.mark.parametrize("algorithm", alternate(PER_LAYER_BLOCKS, 1))
 def test_steps_outputs_and_jit(algorithm, getkey):
     model = _models(getkey())["stack"]
     xs = jr.normal(getkey(), (4, INPUT))
@@ -327,7 +337,7 @@ def test_train_with_blocks(getkey):
     assert losses[-1] < 0.5 * losses[0]
 
 
-@pytest.mark.parametrize("algorithm", PER_LAYER_BLOCKS)
+@pytest.mark.parametrize("algorithm", alternate(PER_LAYER_BLOCKS, 0))
 def test_train_online_with_blocks(algorithm, getkey):
     """One update per block with the mean of its steps' online gradients: against a loop of
     stepped `online_gradient` calls, and against `optax.MultiSteps` on the stepped version

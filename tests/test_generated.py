@@ -108,9 +108,18 @@ cases = st.builds(Case, network_specs(), st.integers(0, 2**16), st.integers(3, 4
 ppprop_rules = st.one_of(
     st.builds(lambda r: eqtrace.PPProp(rank=r), st.integers(1, 8)),
     st.builds(eqtrace.PPProp, st.floats(0.0, 0.95)),
+    st.builds(
+        lambda a, b: eqtrace.PPProp(input_decay=a, output_decay=b),
+        st.floats(0.0, 0.95),
+        st.floats(0.0, 0.95),
+    ),
 )
+snapn_rules = st.builds(eqtrace.SnAp, st.integers(2, 3))
+#: The rules a generated network is also run with, one per example (D-RTRL and SnAp-1 run on
+#: every example): a pp-prop or a SnAp-n.
+drawn_rules = st.one_of(ppprop_rules, snapn_rules)
 diagonal_rules = st.one_of(
-    st.builds(eqtrace.DRTRL), st.builds(eqtrace.SnAp1), st.builds(eqtrace.EProp), ppprop_rules
+    st.builds(eqtrace.DRTRL), st.builds(eqtrace.SnAp1), st.builds(eqtrace.EProp), drawn_rules
 )
 uoro_rules = st.builds(lambda seed: eqtrace.UORO(key=jr.key(seed)), st.integers(0, 2**16))
 #: UORO's oracle: over this many keys, its mean online gradient is RTRL's within z·SE, z for a
@@ -429,25 +438,25 @@ _DELAYED = Case(
 
 
 @examples(2)
-@given(case=cases, ppprop=ppprop_rules, uoro_seed=st.integers(0, 2**16))
-@example(case=_MIXING, ppprop=eqtrace.PPProp(rank=3), uoro_seed=0)
-@example(case=_OUT_OF_ORDER, ppprop=eqtrace.PPProp(0.5), uoro_seed=1)
-@example(case=_RELAY, ppprop=eqtrace.PPProp(rank=2), uoro_seed=2)
-@example(case=_LEAKY_READOUT, ppprop=eqtrace.PPProp(0.3), uoro_seed=3)
-@example(case=_DELAYED, ppprop=eqtrace.PPProp(rank=2), uoro_seed=4)
+@given(case=cases, drawn=drawn_rules, uoro_seed=st.integers(0, 2**16))
+@example(case=_MIXING, drawn=eqtrace.PPProp(rank=3), uoro_seed=0)
+@example(case=_OUT_OF_ORDER, drawn=eqtrace.SnAp(2), uoro_seed=1)
+@example(case=_RELAY, drawn=eqtrace.PPProp(rank=2), uoro_seed=2)
+@example(case=_LEAKY_READOUT, drawn=eqtrace.PPProp(input_decay=0.3, output_decay=0.6), uoro_seed=3)
+@example(case=_DELAYED, drawn=eqtrace.SnAp(3), uoro_seed=4)
 @releasing_compiled_code
-def test_online_rules_against_oracles(case, ppprop, uoro_seed):
+def test_online_rules_against_oracles(case, drawn, uoro_seed):
     """On a random network from a random state:
 
     1. exact RTRL, summed over online steps, equals BPTT;
-    2. every diagonal rule (D-RTRL, SnAp-1 and a pp-prop) equals RTRL at the first step, or refuses
-       with a `ValueError` naming the offending op, parameter or state leaf; `eqtrace.check`
-       reports exactly that refusal (and no violation when the rule accepts);
+    2. every diagonal rule (D-RTRL, SnAp-1 and a drawn pp-prop or SnAp-n) equals RTRL at the
+       first step, or refuses with a `ValueError` naming the offending op, parameter or state
+       leaf; `eqtrace.check` reports exactly that refusal (and no violation when the rule accepts);
     3. RTRL and every accepting rule give every parameter a finite gradient, non-zero where
        BPTT's is not; and D-RTRL and SnAp-1 equal BPTT where they are exact by theory;
     4. UORO's online gradient, averaged over many keys, equals RTRL's within its standard
        error;
-    5. pp-prop in one exact window of the whole sequence (`ExactWindows`) equals BPTT.
+    5. the drawn rule in one exact window of the whole sequence (`ExactWindows`) equals BPTT.
     """
     p = materialise(case)
     every, first = weights(case.length), weights(case.length, first_only=True)
@@ -472,7 +481,7 @@ def test_online_rules_against_oracles(case, ppprop, uoro_seed):
     # e-prop is D-RTRL unless a cell feeds a leaky read-out: run it where it differs.
     leaky_readout = any(layer.kind == "readout" for layer in case.spec.layers)
     eprop = (eqtrace.EProp(),) if leaky_readout else ()
-    for algorithm in (eqtrace.DRTRL(), eqtrace.SnAp1(), *eprop, ppprop):
+    for algorithm in (eqtrace.DRTRL(), eqtrace.SnAp1(), *eprop, drawn):
         trace, refusal = init_or_refusal(algorithm, p.model, p.state, p.xs[0])
         report = structure_report(p.model, algorithm, p.xs[0])
         event(f"{type(algorithm).__name__} {'refuses' if refusal else 'accepts'}")
@@ -491,7 +500,7 @@ def test_online_rules_against_oracles(case, ppprop, uoro_seed):
         if isinstance(algorithm, eqtrace.EProp) and case.spec.eprop_exact:
             event("e-prop exact by theory")
             assert_close(grads, bptt, 1e-8, "e-prop vs BPTT on an element-wise-recurrent layer")
-        if algorithm is ppprop:  # one rule per example: each window compiles afresh
+        if algorithm is drawn:  # one rule per example: each window compiles afresh
             windows = eqtrace.make_online_block(eqtrace.ExactWindows(algorithm), p.static)
             _, whole, _, _ = online(windows, p, trace, every, block_size=case.length)
             assert_close(whole, bptt, 1e-8, f"ExactWindows({algorithm}), one window, vs BPTT")
