@@ -79,6 +79,35 @@ class OpAlgebra:
         per_step = jax.vmap(lambda a_t, c_t: self.outer(op, a_t, c_t))(a, cotangent)
         return jtu.tree_map(lambda w: jnp.sum(w, axis=0), per_step)
 
+    def outer_reached(
+        self, op: Any, a: jax.Array, cotangent: jax.Array, reach: tuple[Any, ...]
+    ) -> tuple[jax.Array | None, ...]:
+        """The immediate term of the arrays whose weights reach several outputs, laid out as
+        their `reach` says: per array (in `jax.tree_util.tree_leaves` order of the op's
+        floating arrays) with a `Reach` `r`, `(r.count, *W.shape, *extra)`, whose entry
+        `[c, w]` is `cotangent[j] ∂u_j/∂W_w` for the output `j = r.index[c, w]` of colour
+        `c` that `w` reaches (zero where none); `None` for the other arrays. By default one
+        VJP of the op per colour (vectorised), as no weight reaches two outputs of one colour;
+        the built-in ops with such arrays (`eqtrace.nn.LowRankLinear`, `eqx.nn.Conv*`) use
+        a product of the cotangent with the input instead."""
+        leaves = jtu.tree_leaves(op_params(op))
+        out: list[jax.Array | None] = [None] * len(leaves)
+        groups: dict[bytes, list[int]] = {}
+        for i, r in enumerate(reach):
+            if r is not None:
+                groups.setdefault(r.colours.tobytes(), []).append(i)
+        for members in groups.values():
+            r = reach[members[0]]
+            # One 0/1 mask of the outputs per colour, broadcast over the trailing axes.
+            masks = r.colours[None] == np.arange(r.count).reshape(-1, *(1,) * r.colours.ndim)
+            masks = masks.reshape(*masks.shape, *(1,) * (cotangent.ndim - r.colours.ndim))
+            per_colour = jax.vmap(lambda m: jtu.tree_leaves(self.outer(op, a, cotangent * m)))(
+                jnp.asarray(masks, cotangent.dtype)
+            )
+            for i in members:
+                out[i] = per_colour[i]
+        return tuple(out)
+
     def restricted(
         self,
         op: Any,
