@@ -333,8 +333,7 @@ def _output_axes(op, input_shape, output_shape, reach) -> Any:
         axes = [a for a in range(values.ndim) if np.any(np.diff(values, axis=a) != 0)]
         return axes[0] if len(axes) == 1 else None
 
-    axes = jtu.tree_map(varying, spread, op_params(op))
-    leaves, treedef = jtu.tree_flatten(axes, is_leaf=is_axis)
-    return jtu.tree_unflatten(
-        treedef, [axis if r is None else None for axis, r in zip(leaves, reach, strict=True)]
+    reached = iter(reach)
+    return jtu.tree_map(
+        lambda w, s: varying(s, w) if next(reached) is None else None, op_params(op), spread
     )

@@ -28,7 +28,7 @@ import jax.tree_util as jtu
 import numpy as np
 from jax.extend import core as jcore
 
-from ._ops import algebra, is_op
+from ._ops import OpAlgebra, algebra, is_op
 from ._probing import (
     call_sites,
     called_ops_spec,
@@ -153,7 +153,7 @@ class CallSite(_ValueRecord):
     def weights_reach_one_output(self) -> bool:
         """Whether every weight of the op reaches a single output element, so that the
         trace of each of its arrays is weight-shaped."""
-        return all(r is None for r in self.reach)
+        return all(r is None or r.count <= 1 for r in self.reach)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -856,15 +856,28 @@ def _weight_reach(op, a) -> tuple[Reach | None, ...]:
 
     args = (params, static, a)
     (cheap,) = pullback_pattern(apply, args, (0,), index, known=(1,)).leaves
-    several = [bool(np.any(decode_index(leaf) == -2)) for leaf in cheap]
-    if not any(several):
-        return (None,) * len(cheap)
-    (full,) = pullback_pattern(apply, args, (0,), identity_colours, known=(1,)).leaves
+    owners = [decode_index(leaf) for leaf in cheap]
+    several = [bool(np.any(o == -2)) for o in owners]
     paths = [jtu.keystr(p) for p, _ in jtu.tree_leaves_with_path(params)]
     output_shape = jax.eval_shape(apply, *args).shape
+    # The derived `spread` and `contract` read `∂u_j/∂W_w` at an input of ones as 1 (true of
+    # dense-like ops, not of `U (V a)` or `2 W a`): an algebra without its own takes the
+    # structural layout for every array, one colour where each weight reaches one output.
+    own = type(rules).spread is not OpAlgebra.spread and type(rules).contract is not (
+        OpAlgebra.contract
+    )
+    single = [
+        None
+        if own
+        else Reach(path=path, colours=np.zeros(output_shape, np.int32), index=o[None])
+        for path, o in zip(paths, owners)
+    ]
+    if not any(several):
+        return tuple(single)
+    (full,) = pullback_pattern(apply, args, (0,), identity_colours, known=(1,)).leaves
     return tuple(
-        _reach(path, leaf, output_shape) if many else None
-        for path, leaf, many in zip(paths, full, several)
+        _reach(path, leaf, output_shape) if many else one
+        for path, leaf, many, one in zip(paths, full, several, single)
     )
 
 
@@ -890,19 +903,29 @@ def _reach(path: str, pattern: np.ndarray, output_shape: tuple[int, ...]) -> Rea
 
 
 def _linear_in_weights(op, a) -> bool:
-    """Whether `op`'s `apply` is linear in its floating arrays, read from its code: JAX
-    transposes it with respect to them (shapes only; a non-linear primitive on the weights,
-    such as `softplus(raw)`, makes the transpose fail)."""
+    """Whether `op`'s `apply` is linear in each of its floating arrays, the others held
+    fixed (a low-rank `U (V a)` is, jointly bilinear), read from its code: JAX transposes it
+    with respect to each (shapes only; a non-linear primitive on the weights, such as
+    `softplus(raw)`, makes the transpose fail)."""
     rules = algebra(op)
     params, static = eqx.partition(op, eqx.is_inexact_array)
+    leaves, treedef = jtu.tree_flatten(params)
     a = jnp.zeros(a.shape, a.dtype)
 
-    def apply(params):
-        return rules.apply(eqx.combine(params, static), a)
+    def linear_in(i):
+        def check(leaves):
+            def apply(leaf):
+                held = [*leaves[:i], leaf, *leaves[i + 1 :]]
+                return rules.apply(eqx.combine(jtu.tree_unflatten(treedef, held), static), a)
+
+            transpose = jax.linear_transpose(apply, leaves[i])
+            return transpose(jax.eval_shape(apply, leaves[i]))
+
+        jax.eval_shape(check, leaves)
 
     try:
-        transpose = jax.linear_transpose(apply, params)
-        jax.eval_shape(transpose, jax.eval_shape(apply, params))
+        for i in range(len(leaves)):
+            linear_in(i)
     except Exception:  # noqa: BLE001 - JAX's transpose fails in several ways on non-linear code
         return False
     return True

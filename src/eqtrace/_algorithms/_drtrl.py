@@ -250,8 +250,19 @@ class AbstractWeightTraceAlgorithm(AbstractDiagonalAlgorithm[_Trace]):
             zip(structure.site_modules(cell), structure.sites, op_tangents)
         ):
             if site.traced:
-                delta_op = eqx.combine(delta, eqx.filter(op, eqx.is_inexact_array, inverse=True))
-                u = jax.vmap(lambda a: algebra(op).apply(delta_op, a))(lins.op_inputs[i])
+                # The op's derivative along `δW` (for an op linear in all its arrays, the op
+                # applied with `δW`; not for `U (V a)`, linear in each array only).
+                primal, static = eqx.partition(op, eqx.is_inexact_array)
+                tangent = eqx.filter(delta, eqx.is_inexact_array)
+
+                def along(a, op=op, primal=primal, static=static, tangent=tangent):
+                    return jax.jvp(
+                        lambda p: algebra(op).apply(eqx.combine(p, static), a),
+                        (primal,),
+                        (tangent,),
+                    )[1]
+
+                u = jax.vmap(along)(lins.op_inputs[i])
                 immediate = immediate + from_outputs(
                     structure, lins.op_sensitivities[i] * u[:, None], i
                 )
