@@ -179,7 +179,9 @@ def test_drtrl_traces_an_op_whose_weights_reach_many_outputs():
     assert report.ok and "`.v`: 30 (output, weight) pairs" in str(report), str(report)
 
     def builtin(op):
-        new = eqtrace.nn.LowRankLinear(op.v.shape[1], op.u.shape[0], 2, use_bias=False, key=jr.key(0))
+        new = eqtrace.nn.LowRankLinear(
+            op.v.shape[1], op.u.shape[0], 2, use_bias=False, key=jr.key(0)
+        )
         return eqx.tree_at(lambda m: (m.u, m.v), new, (op.u, op.v))
 
     other = eqx.tree_at(

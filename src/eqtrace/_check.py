@@ -70,8 +70,8 @@ def _covered_lines(cell: CellStructure) -> list[str]:
             shared = [r for r in site.reach if r is not None and r.count > 1]
             if shared:
                 how += "; per (output element reached, weight), for each state leaf: " + ", ".join(
-                    f"`{r.path}`: {r.reached:,} (output, weight) pairs in "
-                    f"{r.count} output colours" for r in shared
+                    f"`{r.path}`: {r.reached:,} (output, weight) pairs in {r.count} output colours"
+                    for r in shared
                 )
         elif how is None:
             how = unlike_output or "read-out only, exact gradient through `output`"

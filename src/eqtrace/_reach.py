@@ -90,9 +90,7 @@ def outer(op: Any, reach: tuple[Reach | None, ...], a: jax.Array, cotangent: jax
     return _merge(op, base, list(rules.outer_reached(op, a, cotangent, reach)))
 
 
-def outer_sum(
-    op: Any, reach: tuple[Reach | None, ...], a: jax.Array, cotangent: jax.Array
-) -> Any:
+def outer_sum(op: Any, reach: tuple[Reach | None, ...], a: jax.Array, cotangent: jax.Array) -> Any:
     """`Σ_t outer(a_t, cotangent_t)` over a leading time axis."""
     rules = algebra(op)
     if _all_weight_shaped(reach):

@@ -867,9 +867,7 @@ def _weight_reach(op, a) -> tuple[Reach | None, ...]:
         OpAlgebra.contract
     )
     single = [
-        None
-        if own
-        else Reach(path=path, colours=np.zeros(output_shape, np.int32), index=o[None])
+        None if own else Reach(path=path, colours=np.zeros(output_shape, np.int32), index=o[None])
         for path, o in zip(paths, owners)
     ]
     if not any(several):
@@ -897,9 +895,7 @@ def _reach(path: str, pattern: np.ndarray, output_shape: tuple[int, ...]) -> Rea
     weights, outputs = np.nonzero(flat)
     index = np.full((int(colours.max()) + 1, flat.shape[0]), -1, np.int32)
     index[colours[outputs], weights] = outputs
-    return Reach(
-        path=path, colours=colours.reshape(output_shape), index=index.reshape(-1, *shape)
-    )
+    return Reach(path=path, colours=colours.reshape(output_shape), index=index.reshape(-1, *shape))
 
 
 def _linear_in_weights(op, a) -> bool:
@@ -919,7 +915,8 @@ def _linear_in_weights(op, a) -> bool:
                 return rules.apply(eqx.combine(jtu.tree_unflatten(treedef, held), static), a)
 
             transpose = jax.linear_transpose(apply, leaves[i])
-            return transpose(jax.eval_shape(apply, leaves[i]))
+            out = jax.eval_shape(apply, leaves[i])
+            return transpose(jnp.zeros(out.shape, out.dtype))
 
         jax.eval_shape(check, leaves)
 

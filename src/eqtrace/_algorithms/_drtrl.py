@@ -11,10 +11,10 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 from equinox import AbstractClassVar, AbstractVar
 
+from .. import _reach
 from .._cell import AbstractCell
 from .._custom_types import ExampleInput, Input, State
 from .._link import AbstractDerivative, freeze, input_tangent, link
-from .. import _reach
 from .._ops import algebra
 from .._structure import CellStructure, StructureError
 from ._diagonal import (
@@ -95,10 +95,7 @@ def block_weight_traces(
         if inputs.shape[0] <= UNROLLED_BLOCK:
             summed = functools.reduce(
                 lambda x, y: jtu.tree_map(jnp.add, x, y),
-                (
-                    _reach.outer(op, reach, inputs[t], immediate[t])
-                    for t in range(inputs.shape[0])
-                ),
+                (_reach.outer(op, reach, inputs[t], immediate[t]) for t in range(inputs.shape[0])),
             )
         else:
             summed = _reach.outer_sum(op, reach, inputs, immediate)
@@ -150,9 +147,7 @@ class AbstractWeightTraceAlgorithm(AbstractDiagonalAlgorithm[_Trace]):
         structure = self.required_structure(cell, state, x)
         k = structure.num_leaves
         ops = tuple(
-            _reach.zeros(op, site.reach, k, self.trace_dtype)
-            if site.traced
-            else None
+            _reach.zeros(op, site.reach, k, self.trace_dtype) if site.traced else None
             for op, site in zip(structure.site_modules(cell), structure.sites)
         )
         return self.trace_type(ops=ops, params=init_param_traces(structure, cell))

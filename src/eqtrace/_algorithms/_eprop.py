@@ -9,11 +9,11 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
 
+from .. import _reach
 from .._algorithm import AbstractAlgorithm
 from .._cell import AbstractCell
 from .._custom_types import ExampleInput, Input, State
 from .._link import AbstractDerivative, freeze, input_tangent, link
-from .. import _reach
 from .._sparsity import identity_colours, pullback_pattern
 from .._structure import CellStructure, StructureError
 from ..nn._readout import LeakyReadout
