@@ -273,17 +273,17 @@ def test_untraceable_parameter_is_named(getkey):
             algorithm.init_trace(cell, cell.init_state(), jnp.zeros(3))
 
 
-def test_drtrl_rejects_shared_weights_and_suggests_ppprop(getkey):
+def test_shared_weights_under_drtrl_and_ppprop(getkey):
+    # D-RTRL keeps a trace per (output position, kernel weight), pp-prop its input and output
+    # traces: both equal RTRL at the first step (more in test_shared_weight_ops.py).
     cell = ConvCell(key=getkey())
     x = jr.normal(getkey(), (2, 6))
-    with pytest.raises(ValueError, match="PPProp"):
-        eqtrace.DRTRL().init_trace(cell, cell.init_state(), x)
-    # pp-prop handles it, and equals RTRL at the first step.
     state = jr.normal(getkey(), (3, 6))
     xs, targets = x[None], jr.normal(getkey(), (1, 3, 6))
-    online, _ = online_and_bptt(eqtrace.PPProp(0.5), cell, xs, targets, state=state)
     exact, _ = online_and_bptt(eqtrace.RTRL(), cell, xs, targets, state=state)
-    assert relative_error(online, exact) <= 1e-12
+    for algorithm in (eqtrace.DRTRL(), eqtrace.PPProp(0.5)):
+        online, _ = online_and_bptt(algorithm, cell, xs, targets, state=state)
+        assert relative_error(online, exact) <= 1e-12
 
 
 @pytest.mark.parametrize("algorithm", FIRST_STEP)

@@ -31,7 +31,7 @@ from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec
 import eqtrace
 from eqtrace import nn
 from eqtrace._validation import example_input
-from helpers import LONG, ConvCell, LeakyTanh, Rolling, cast, mse, pairs, squared_loss
+from helpers import LONG, LeakyTanh, Rolling, cast, mse, pairs, squared_loss
 from registry import ALGORITHMS, EVERY_CELL, make_cell
 from test_any_cell import CalledOutOfOrder, OutputNotOfState, RawWeightUse, VmappedOp
 from test_eprop import RolledOutput
@@ -1153,15 +1153,12 @@ CASES: dict[str, Callable[[], list[Callable[[], object]]]] = {
         _init(eqtrace.DRTRL(), RefractoryCount(key=_key())),
         _init(eqtrace.PPProp(0.5), RefractoryCount(key=_key())),
     ],
-    "A convolution under D-RTRL": lambda: [
-        _init(eqtrace.DRTRL(), ConvCell(key=_key()), jnp.zeros((2, 6))),
-        _init(eqtrace.SnAp1(), ConvCell(key=_key()), jnp.zeros((2, 6))),
+    "A grouped op whose sizes the groups do not divide": lambda: [
+        lambda: nn.GroupedLinear(5, 6, 2, key=_key()),
+        lambda: nn.GroupedLinear(4, 6, 4, key=_key()),
     ],
     "An op input of several neurons under SnAp-1": lambda: [
         _init(eqtrace.SnAp1(), NormalisedInput(key=_key()), jnp.zeros(INPUT))
-    ],
-    "A convolution under e-prop": lambda: [
-        _init(eqtrace.EProp(), ConvCell(key=_key()), jnp.zeros((2, 6)))
     ],
     "An e-prop read-out decay outside [0, 1)": lambda: [
         lambda: eqtrace.EProp(readout_decay=1.0),

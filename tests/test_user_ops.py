@@ -1,8 +1,8 @@
 """Synaptic ops registered by the user: `eqtrace.register_op` with the derived `OpAlgebra`.
 
-A sparse op (each weight reaches one output) is traced by D-RTRL and pp-prop; a low-rank op
-`U (V a)` (the weights of `V` reach every output) is traced by pp-prop and refused by D-RTRL.
-Every case equals exact RTRL at the first step, through the trace path, stepping and in blocks.
+A sparse op (each weight reaches one output) and a low-rank op `U (V a)` (the weights of `V`
+reach every output: a trace per (output, weight)) are traced by D-RTRL and pp-prop. Every case
+equals exact RTRL at the first step, through the trace path, stepping and in blocks.
 """
 
 import equinox as eqx
@@ -108,8 +108,10 @@ def _first_step_error(algorithm, model, key):
         (eqtrace.DRTRL(), _sparse),
         (eqtrace.PPProp(rank=4), _sparse),
         (eqtrace.PPProp(rank=4), _low_rank),
+        (eqtrace.DRTRL(), _low_rank),
+        (eqtrace.SnAp1(), _low_rank),
     ],
-    ids=["drtrl-sparse", "ppprop-sparse", "ppprop-lowrank"],
+    ids=["drtrl-sparse", "ppprop-sparse", "ppprop-lowrank", "drtrl-lowrank", "snap1-lowrank"],
 )
 def test_registered_op_first_step_equals_rtrl(algorithm, make_op):
     model = UserOpRNN(make_op, 3, 5, key=jr.key(0))
@@ -168,13 +170,31 @@ def test_registered_op_blocks_equal_steps(algorithm):
     assert relative_error(blocked, stepped) <= 1e-10
 
 
-def test_drtrl_refuses_an_op_whose_weights_reach_many_outputs():
+def test_drtrl_traces_an_op_whose_weights_reach_many_outputs():
+    """The derived algebra's layout comes from the op's code: `V`'s trace holds one value per
+    (output, weight), and `check` counts it; the user's op equals the built-in
+    `eqtrace.nn.LowRankLinear` (hand-fused algebra) over many steps."""
     model = UserOpRNN(_low_rank, 3, 5, key=jr.key(0))
-    with pytest.raises(ValueError, match=r"DRTRL cannot trace the op `\.input_op` \(LowRank\)"):
-        eqtrace.DRTRL().init_trace(model, model.init_state())
     report = eqtrace.check(model, eqtrace.DRTRL())
-    assert report.refusal is not None and "PPProp" in report.refusal
-    assert eqtrace.check(model, eqtrace.PPProp(rank=4)).ok
+    assert report.ok and "`.v`: 30 (output, weight) pairs" in str(report), str(report)
+
+    def builtin(op):
+        new = eqtrace.nn.LowRankLinear(
+            op.v.shape[1], op.u.shape[0], 2, use_bias=False, key=jr.key(0)
+        )
+        return eqx.tree_at(lambda m: (m.u, m.v), new, (op.u, op.v))
+
+    other = eqx.tree_at(
+        lambda m: (m.input_op, m.recurrent_op),
+        model,
+        (builtin(model.input_op), builtin(model.recurrent_op)),
+    )
+    xs, targets = jr.normal(jr.key(2), (5, 3)), jr.normal(jr.key(3), (5, 5))
+    user, _ = online_and_bptt(eqtrace.DRTRL(), model, xs, targets)
+    fused, _ = online_and_bptt(eqtrace.DRTRL(), other, xs, targets)
+    for name in ("input_op", "recurrent_op"):
+        mine, theirs = getattr(user, name), getattr(fused, name)
+        assert relative_error((mine.u, mine.v), (theirs.u, theirs.v)) <= 1e-10
 
 
 def test_register_op_rejects_what_is_not_an_algebra():

@@ -66,6 +66,13 @@ def _covered_lines(cell: CellStructure) -> list[str]:
         how = broken.get(site.name) or broken.get(op.path)
         if how is None and site.traced:
             how = "traced"
+            # Arrays whose weights reach several outputs: a trace per (output, weight) pair.
+            shared = [r for r in site.reach if r is not None and r.count > 1]
+            if shared:
+                how += "; per (output element reached, weight), for each state leaf: " + ", ".join(
+                    f"`{r.path}`: {r.reached:,} (output, weight) pairs in {r.count} output colours"
+                    for r in shared
+                )
         elif how is None:
             how = unlike_output or "read-out only, exact gradient through `output`"
         lines.append(

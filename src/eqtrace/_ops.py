@@ -22,7 +22,9 @@ import numpy as np
 
 from ._memo import clear_structural_memos
 from .nn._feedback import RandomFeedback
+from .nn._grouped import GroupedLinear
 from .nn._linear import Linear
+from .nn._lowrank import LowRankLinear
 
 
 class OpAlgebra:
@@ -79,6 +81,35 @@ class OpAlgebra:
         """`Σ_t outer(op, a_t, cotangent_t)` over a leading time axis."""
         per_step = jax.vmap(lambda a_t, c_t: self.outer(op, a_t, c_t))(a, cotangent)
         return jtu.tree_map(lambda w: jnp.sum(w, axis=0), per_step)
+
+    def outer_reached(
+        self, op: Any, a: jax.Array, cotangent: jax.Array, reach: tuple[Any, ...]
+    ) -> tuple[jax.Array | None, ...]:
+        """The immediate term of the arrays whose weights reach several outputs, laid out as
+        their `reach` says: per array (in `jax.tree_util.tree_leaves` order of the op's
+        floating arrays) with a `Reach` `r`, `(r.count, *W.shape, *extra)`, whose entry
+        `[c, w]` is `cotangent[j] ∂u_j/∂W_w` for the output `j = r.index[c, w]` of colour
+        `c` that `w` reaches (zero where none); `None` for the other arrays. By default one
+        VJP of the op per colour (vectorised), as no weight reaches two outputs of one colour;
+        the built-in ops with such arrays (`eqtrace.nn.LowRankLinear`, `eqx.nn.Conv*`) use
+        a product of the cotangent with the input instead."""
+        leaves = jtu.tree_leaves(op_params(op))
+        out: list[jax.Array | None] = [None] * len(leaves)
+        groups: dict[bytes, list[int]] = {}
+        for i, r in enumerate(reach):
+            if r is not None:
+                groups.setdefault(r.colours.tobytes(), []).append(i)
+        for members in groups.values():
+            r = reach[members[0]]
+            # One 0/1 mask of the outputs per colour, broadcast over the trailing axes.
+            masks = r.colours[None] == np.arange(r.count).reshape(-1, *(1,) * r.colours.ndim)
+            masks = masks.reshape(*masks.shape, *(1,) * (cotangent.ndim - r.colours.ndim))
+            per_colour = jax.vmap(lambda m: jtu.tree_leaves(self.outer(op, a, cotangent * m)))(
+                jnp.asarray(masks, cotangent.dtype)
+            )
+            for i in members:
+                out[i] = per_colour[i]
+        return tuple(out)
 
     def restricted(
         self,
@@ -294,6 +325,160 @@ class _FeedbackAlgebra(OpAlgebra):
         return self._wrap(op, self.inner.outer_sum(op.op, a, cotangent))
 
 
+def _trailing(x: jax.Array, extra: int) -> jax.Array:
+    """`x` with `extra` unit axes appended (to broadcast against a cotangent's extra axes)."""
+    return x.reshape(*x.shape, *(1,) * extra)
+
+
+def _only_reached(op: Any, reach: tuple[Any, ...], values: dict[str, jax.Array]) -> tuple:
+    """`outer_reached`'s result from the arrays computed for the fields named in `values`:
+    placed by the field's leaf position, `None` for the arrays without a `Reach`."""
+    params = op_params(op)
+    placed = eqx.tree_at(
+        lambda p: [getattr(p, name) for name in values], params, list(values.values())
+    )
+    return tuple(
+        None if r is None else leaf for leaf, r in zip(jtu.tree_leaves(placed), reach, strict=True)
+    )
+
+
+class _GroupedAlgebra(OpAlgebra):
+    """`eqtrace.nn.GroupedLinear`: block-diagonal, `u_g = W_g a_g + b_g`; each weight reaches
+    one output, so its trace is weight-shaped, `(G, O/G, I/G, K)`."""
+
+    def spread(self, op, a, v):
+        del a
+        weight = v.reshape(op.groups, -1, 1, *v.shape[1:])
+        return _with_weight_and_bias(op_params(op), weight, v)
+
+    def outer(self, op, a, cotangent):
+        extra = cotangent.ndim - 1
+        blocks = _trailing(a.reshape(op.groups, 1, -1), extra)
+        weight = cotangent.reshape(op.groups, -1, 1, *cotangent.shape[1:]) * blocks
+        return _with_weight_and_bias(op_params(op), weight, cotangent)
+
+    def contract(self, op, a, trace, delta):
+        del a
+        out = jnp.einsum("goi,goi->go", trace.weight, delta.weight).reshape(op.out_features)
+        if op.bias is not None:
+            out = out + trace.bias * delta.bias
+        return out
+
+    def outer_sum(self, op, a, cotangent):
+        steps = cotangent.shape[0]
+        per_group = cotangent.reshape(steps, op.groups, -1, *cotangent.shape[2:])
+        weight = jnp.einsum("tgo...,tgi->goi...", per_group, a.reshape(steps, op.groups, -1))
+        return _with_weight_and_bias(op_params(op), weight, jnp.sum(cotangent, axis=0))
+
+
+class _LowRankAlgebra(OpAlgebra):
+    """`eqtrace.nn.LowRankLinear`: `u = [W a +] U (V a) + b`. `W`, `U` and `b` have
+    weight-shaped traces (each weight reaches one output); `V`'s weights reach every output,
+    so its trace, one value per (output, weight), is `(O, R, I, K)`, the output as colour.
+    The methods for the weight-shaped arrays leave `V`'s entry a placeholder (a scalar)."""
+
+    def _fill(self, op, weight, u, bias, placeholder):
+        params = op_params(op)
+        names = ["u", "v"] + (["weight"] if op.weight is not None else [])
+        names += ["bias"] if op.bias is not None else []
+        values = {"u": u, "v": placeholder, "weight": weight, "bias": bias}
+        return eqx.tree_at(
+            lambda p: [getattr(p, n) for n in names], params, [values[n] for n in names]
+        )
+
+    def spread(self, op, a, v):
+        del a
+        return self._fill(op, v[:, None], v[:, None], v, jnp.zeros((), v.dtype))
+
+    def outer(self, op, a, cotangent):
+        extra = cotangent.ndim - 1
+        projected = op.v @ a
+        return self._fill(
+            op,
+            cotangent[:, None] * _trailing(a[None], extra),
+            cotangent[:, None] * _trailing(projected[None], extra),
+            cotangent,
+            jnp.zeros((), cotangent.dtype),
+        )
+
+    def contract(self, op, a, trace, delta):
+        del a
+        out = jnp.einsum("or,or->o", trace.u, delta.u)
+        if op.weight is not None:
+            out = out + jnp.einsum("oi,oi->o", trace.weight, delta.weight)
+        if op.bias is not None:
+            out = out + trace.bias * delta.bias
+        return out
+
+    def outer_sum(self, op, a, cotangent):
+        projected = a @ op.v.T  # (T, R)
+        return self._fill(
+            op,
+            jnp.einsum("to...,ti->oi...", cotangent, a),
+            jnp.einsum("to...,tr->or...", cotangent, projected),
+            jnp.sum(cotangent, axis=0),
+            jnp.zeros((), cotangent.dtype),
+        )
+
+    def outer_reached(self, op, a, cotangent, reach):
+        index = [r for r in reach if r is not None]
+        # The layout this product assumes: `V`'s only, its colour the output index.
+        if len(index) != 1 or not np.array_equal(index[0].colours, np.arange(op.out_features)):
+            return super().outer_reached(op, a, cotangent, reach)
+        extra = cotangent.ndim - 1
+        # `[j, r, i] = c[j] U[j, r] a[i]`.
+        per_output = cotangent.reshape(op.out_features, 1, 1, *cotangent.shape[1:])
+        v = per_output * _trailing(op.u[:, :, None] * a[None, None, :], extra)
+        return _only_reached(op, reach, {"v": v})
+
+
+class _ConvAlgebra(OpAlgebra):
+    """`eqx.nn.Conv*`: each kernel weight reaches every output position of its channel; its
+    trace holds one value per (output position, weight), `(P, C_out, C_in, *kernel, K)`,
+    the position as colour. The immediate term is the cotangent times the input's patches
+    (one `conv_general_dilated_patches`), where the derived algebra takes a VJP per
+    position. Other convolutions (grouped, non-zero padding modes) take the derived one."""
+
+    def outer_reached(self, op, a, cotangent, reach):
+        spatial = cotangent.shape[1 : op.num_spatial_dims + 1]
+        positions = math.prod(spatial)
+        expected = np.broadcast_to(
+            np.arange(positions).reshape(spatial), (op.out_channels, *spatial)
+        )
+        fused = (
+            op.groups == 1
+            and op.padding_mode == "ZEROS"
+            and all(r is None or np.array_equal(r.colours, expected) for r in reach)
+        )
+        if not fused:
+            return super().outer_reached(op, a, cotangent, reach)
+        kernel = op.weight.shape[2:]
+        patches = jax.lax.conv_general_dilated_patches(
+            a[None],
+            filter_shape=kernel,
+            window_strides=op.stride,
+            padding=op.padding,
+            rhs_dilation=op.dilation,
+        )[0]  # (C_in · prod(kernel), *spatial), channel-major
+        patches = jnp.moveaxis(patches.reshape(op.in_channels, *kernel, positions), -1, 0)
+        extra = cotangent.ndim - 1 - op.num_spatial_dims
+        # `(P, C_out, *extra)`: the cotangent per position.
+        per_position = jnp.moveaxis(
+            cotangent.reshape(op.out_channels, positions, *cotangent.shape[1 + len(spatial) :]),
+            1,
+            0,
+        )
+        ones = (1,) * (1 + len(kernel))
+        weight = per_position.reshape(positions, op.out_channels, *ones, *per_position.shape[2:])
+        weight = weight * _trailing(patches[:, None], extra)
+        values = {"weight": weight.astype(cotangent.dtype)}
+        if op.bias is not None:
+            values["bias"] = per_position.reshape(
+                positions, op.out_channels, *(1,) * op.num_spatial_dims, *per_position.shape[2:]
+            )
+        return _only_reached(op, reach, values)
+
+
 register_op(Linear, _DenseAlgebra())
 _DENSE, _DERIVED = _DenseAlgebra(), OpAlgebra()
 
@@ -307,6 +492,8 @@ def _eqx_linear_algebra(op: eqx.nn.Linear) -> OpAlgebra:
 
 register_op(eqx.nn.Embedding, _EmbeddingAlgebra())
 register_op(RandomFeedback, _FeedbackAlgebra(_DenseAlgebra()))
-# A convolution shares each weight across positions: pp-prop traces it with the derived
-# algebra; D-RTRL refuses it (its weights reach many outputs).
-register_op(eqx.nn.Conv, OpAlgebra())
+# A convolution shares each weight across positions: the weight-trace rules keep a trace per
+# (output position, weight); pp-prop differentiates it with the derived algebra.
+register_op(eqx.nn.Conv, _ConvAlgebra())
+register_op(GroupedLinear, _GroupedAlgebra())
+register_op(LowRankLinear, _LowRankAlgebra())

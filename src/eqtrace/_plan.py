@@ -292,7 +292,7 @@ def _site_axes(cell, structure: CellStructure) -> tuple[Any, ...]:
     varies (`None` if none or several)."""
     with jax.ensure_compile_time_eval():
         return tuple(
-            _output_axes(op, site.input_shape, site.output_shape)
+            _output_axes(op, site.input_shape, site.output_shape, site.reach)
             for op, site in zip(structure.site_modules(cell), structure.sites)
         )
 
@@ -314,10 +314,11 @@ def is_axis(node: Any) -> bool:
     return node is None or isinstance(node, int)
 
 
-def _output_axes(op, input_shape, output_shape) -> Any:
+def _output_axes(op, input_shape, output_shape, reach) -> Any:
     """For each weight of `op`, the one axis along which its output index varies (`None` if
     none or several): spread an index per output over the weights (`OpAlgebra.spread`) and
-    see along which axis it changes."""
+    see along which axis it changes. `None` for an array whose weights reach several outputs
+    (`reach`): neither it nor its trace is split."""
     # Under a trace (a plan built inside `jit`) the op's arrays are abstract: the index's
     # spread depends only on their shapes for the ops whose traces are split.
     op = jtu.tree_map(
@@ -332,4 +333,7 @@ def _output_axes(op, input_shape, output_shape) -> Any:
         axes = [a for a in range(values.ndim) if np.any(np.diff(values, axis=a) != 0)]
         return axes[0] if len(axes) == 1 else None
 
-    return jtu.tree_map(varying, spread, op_params(op))
+    reached = iter(reach)
+    return jtu.tree_map(
+        lambda w, s: varying(s, w) if next(reached) is None else None, op_params(op), spread
+    )

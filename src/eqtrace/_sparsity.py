@@ -598,6 +598,35 @@ class _Walk:
             out |= np.einsum("bfj,bjgc->bfgc", lay_a(mask(0, a_shape)), db) > 0
         return [out.reshape(*out_shape, self.num_colours)]
 
+    def _conv_general_dilated(self, eqn, deps, values):
+        # Bilinear, like `dot_general`: the colours of one operand reach the result through
+        # the convolution itself, run on 0/1 arrays batched over the colour axis with the
+        # other operand replaced by its support (every element, if not known). Which output
+        # positions a kernel weight reaches is then exact, padding and strides included.
+        avals = [v.aval for v in eqn.invars]
+        params = {**eqn.params, "preferred_element_type": None}
+
+        def operand(i):
+            support = _support_of(values[i]) if values[i] is not None else self.in_supports[i]
+            full = np.ones(avals[i].shape, bool) if support is None else support
+            return jnp.asarray(np.broadcast_to(full, avals[i].shape), jnp.float32)
+
+        out = None
+        for i, d in enumerate(deps):
+            if d is None:
+                continue
+            colours = jnp.asarray(_full(d, avals[i].shape), jnp.float32)
+            other = operand(1 - i)
+
+            def apply(c, other=other, i=i):
+                pair = (c, other) if i == 0 else (other, c)
+                return _bind(eqn.primitive, params, pair)
+
+            with jax.ensure_compile_time_eval():
+                reached = jax.vmap(apply, in_axes=-1, out_axes=-1)(colours)
+            out = _union(out, np.asarray(reached) > 0)
+        return [out]
+
     def _sort(self, eqn, deps, values):
         # Every result along the sorted dimension may come from any position of any operand.
         dim = eqn.params["dimension"]

@@ -30,7 +30,7 @@ import numpy as np
 from jax.extend import core as jcore
 
 from ._memo import structural_memo
-from ._ops import algebra, is_op
+from ._ops import OpAlgebra, algebra, is_op
 from ._probing import (
     call_sites,
     called_ops_spec,
@@ -142,12 +142,49 @@ class CallSite(_ValueRecord):
     #: The first call site with the same `∂h/∂u` (itself if none): calls whose outputs are
     #: summed, as `W_in x + W_rec s`, share it, so pp-prop keeps one output trace for them.
     sensitivity_source: int
-    #: Whether every weight of the op reaches a single output element (dense, embedding),
-    #: so that D-RTRL's weight-shaped trace is defined; not for a convolution or `U @ V`.
-    weights_reach_one_output: bool
+    #: Per floating array of the op (in `jax.tree_util.tree_leaves` order), `None` if each
+    #: of its weights reaches at most one output element (dense, embedding, grouped: the
+    #: weight-shaped trace), else its `Reach` (a convolution's kernel, the `V` of `U (V a)`:
+    #: one trace per output element reached and weight).
+    reach: tuple["Reach | None", ...]
     #: Whether the op's output is linear in its weights (JAX can transpose its `apply` in
     #: them), which the weight-shaped traces assume: not for `softplus(raw) @ a`.
     linear_in_weights: bool = True
+
+    @property
+    def weights_reach_one_output(self) -> bool:
+        """Whether every weight of the op reaches a single output element, so that the
+        trace of each of its arrays is weight-shaped."""
+        return all(r is None or r.count <= 1 for r in self.reach)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Reach(_ValueRecord):
+    """Which output elements each weight of one array of an op reaches, when some weight
+    reaches several (a convolution's kernel weight reaches every position of its output
+    channel; the `V` of `U (V a)` every output), read from the code of the op's `apply`
+    (`_sparsity.pullback_pattern`), never from values. The outputs are coloured so that no
+    weight reaches two outputs of one colour (greedily, in flat output order: for a
+    convolution the colour is the output position); the array's trace then holds, per
+    colour and weight, the trace of the one output of that colour the weight reaches:
+    `(colours, *W.shape, K)`, one value per (output reached, weight) and state leaf."""
+
+    #: The array's path within the op (e.g. `.weight`).
+    path: str
+    #: Shaped like the op's output: the colour of each output element.
+    colours: np.ndarray
+    #: `(colours, *W.shape)`: the flat output element of each colour that each weight
+    #: reaches, `-1` where it reaches none.
+    index: np.ndarray
+
+    @property
+    def count(self) -> int:
+        return int(self.index.shape[0])
+
+    @property
+    def reached(self) -> int:
+        """How many (output, weight) pairs the array's trace holds per state leaf."""
+        return int(np.sum(self.index >= 0))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -502,7 +539,7 @@ def _analyse(cell, state, x) -> CellStructure:
                 owners=owners[site],
                 traced=traced[site],
                 sensitivity_source=int(np.argmax(same_sensitivity[site])),
-                weights_reach_one_output=_weights_reach_one_output(op, a),
+                reach=_weight_reach(op, a),
                 linear_in_weights=_linear_in_weights(op, a),
             )
             for site, (op, (a, u)) in enumerate(zip(site_ops, records))
@@ -803,39 +840,92 @@ def _site_modules(cell, sites) -> list[Any]:
     return [ops[i] for i in sites]
 
 
-def _weights_reach_one_output(op, a) -> bool:
-    """Whether every weight of `op` reaches at most one output element (dense, embedding), so
-    that D-RTRL's weight-shaped trace is defined; read from the code of the op's `apply`."""
+def _weight_reach(op, a) -> tuple[Reach | None, ...]:
+    """Per floating array of `op`, `None` if each of its weights reaches at most one output
+    element (dense, embedding), else its `Reach`; read from the code of the op's `apply`.
+    A cheap pattern first (`2·log2|u|` colours tell none, one or several per weight); the
+    full pattern (a colour per output) only for an op with a weight that reaches several."""
     rules = algebra(op)
     params, static = eqx.partition(op, eqx.is_inexact_array)
 
     def apply(params, static, a):
         return rules.apply(eqx.combine(params, static), a)
 
-    def colours(outputs):
+    def index(outputs):
         return [
             index_colours(np.arange(math.prod(o.shape)).reshape(o.shape), math.prod(o.shape))
             for o in outputs
         ]
 
-    (leaves,) = pullback_pattern(apply, (params, static, a), (0,), colours, known=(1,)).leaves
-    return all(bool(np.all(decode_index(leaf) >= -1)) for leaf in leaves)
+    args = (params, static, a)
+    (cheap,) = pullback_pattern(apply, args, (0,), index, known=(1,)).leaves
+    owners = [decode_index(leaf) for leaf in cheap]
+    several = [bool(np.any(o == -2)) for o in owners]
+    paths = [jtu.keystr(p) for p, _ in jtu.tree_leaves_with_path(params)]
+    output_shape = jax.eval_shape(apply, *args).shape
+    # The derived `spread` and `contract` read `∂u_j/∂W_w` at an input of ones as 1 (true of
+    # dense-like ops, not of `U (V a)` or `2 W a`): an algebra without its own takes the
+    # structural layout for every array, one colour where each weight reaches one output.
+    own = type(rules).spread is not OpAlgebra.spread and type(rules).contract is not (
+        OpAlgebra.contract
+    )
+    single = [
+        None if own else Reach(path=path, colours=np.zeros(output_shape, np.int32), index=o[None])
+        for path, o in zip(paths, owners)
+    ]
+    if not any(several):
+        return tuple(single)
+    (full,) = pullback_pattern(apply, args, (0,), identity_colours, known=(1,)).leaves
+    return tuple(
+        _reach(path, leaf, output_shape) if many else one
+        for path, leaf, many, one in zip(paths, full, several, single)
+    )
+
+
+def _reach(path: str, pattern: np.ndarray, output_shape: tuple[int, ...]) -> Reach:
+    """The `Reach` of an array from its pattern `(*W.shape, |u|)`: outputs coloured greedily
+    in flat order, each taking the smallest colour that no output sharing a weight with it
+    has."""
+    shape, size = pattern.shape[:-1], pattern.shape[-1]
+    flat = pattern.reshape(-1, size)
+    counts = flat.astype(np.int32)
+    conflicts = (counts.T @ counts) > 0  # outputs that share a weight
+    colours = np.full(size, -1, np.int32)
+    for j in range(size):
+        taken = colours[conflicts[j] & (colours >= 0)]
+        free = np.setdiff1d(np.arange(taken.size + 1), taken)
+        colours[j] = free[0]
+    weights, outputs = np.nonzero(flat)
+    index = np.full((int(colours.max()) + 1, flat.shape[0]), -1, np.int32)
+    index[colours[outputs], weights] = outputs
+    return Reach(path=path, colours=colours.reshape(output_shape), index=index.reshape(-1, *shape))
 
 
 def _linear_in_weights(op, a) -> bool:
-    """Whether `op`'s `apply` is linear in its floating arrays, read from its code: JAX
-    transposes it with respect to them (shapes only; a non-linear primitive on the weights,
-    such as `softplus(raw)`, makes the transpose fail)."""
+    """Whether `op`'s `apply` is linear in each of its floating arrays, the others held
+    fixed (a low-rank `U (V a)` is, jointly bilinear), read from its code: JAX transposes it
+    with respect to each (shapes only; a non-linear primitive on the weights, such as
+    `softplus(raw)`, makes the transpose fail)."""
     rules = algebra(op)
     params, static = eqx.partition(op, eqx.is_inexact_array)
+    leaves, treedef = jtu.tree_flatten(params)
     a = jnp.zeros(a.shape, a.dtype)
 
-    def apply(params):
-        return rules.apply(eqx.combine(params, static), a)
+    def linear_in(i):
+        def check(leaves):
+            def apply(leaf):
+                held = [*leaves[:i], leaf, *leaves[i + 1 :]]
+                return rules.apply(eqx.combine(jtu.tree_unflatten(treedef, held), static), a)
+
+            transpose = jax.linear_transpose(apply, leaves[i])
+            out = jax.eval_shape(apply, leaves[i])
+            return transpose(jnp.zeros(out.shape, out.dtype))
+
+        jax.eval_shape(check, leaves)
 
     try:
-        transpose = jax.linear_transpose(apply, params)
-        jax.eval_shape(transpose, jax.eval_shape(apply, params))
+        for i in range(len(leaves)):
+            linear_in(i)
     except Exception:  # noqa: BLE001 - JAX's transpose fails in several ways on non-linear code
         return False
     return True

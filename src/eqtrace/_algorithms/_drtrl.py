@@ -11,10 +11,11 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 from equinox import AbstractClassVar, AbstractVar
 
+from .. import _reach
 from .._cell import AbstractCell
 from .._custom_types import ExampleInput, Input, State
 from .._link import AbstractDerivative, freeze, input_tangent, link
-from .._ops import algebra, op_params
+from .._ops import algebra
 from .._structure import CellStructure, StructureError
 from ._diagonal import (
     AbstractDiagonalAlgorithm,
@@ -83,7 +84,7 @@ def block_weight_traces(
         if eps is None:  # A read-out op: exact gradient through `output`, no trace.
             new.append(None)
             continue
-        rules, inputs = algebra(op), lins.op_inputs[i]
+        reach, inputs = structure.sites[i].reach, lins.op_inputs[i]
         coefficients = to_outputs(structure, per_step, i)  # (C, R, K, *u)
         sensitivities = lins.op_sensitivities[i]  # (C, K, *u)
         immediate = sum(
@@ -94,11 +95,11 @@ def block_weight_traces(
         if inputs.shape[0] <= UNROLLED_BLOCK:
             summed = functools.reduce(
                 lambda x, y: jtu.tree_map(jnp.add, x, y),
-                (rules.outer(op, inputs[t], immediate[t]) for t in range(inputs.shape[0])),
+                (_reach.outer(op, reach, inputs[t], immediate[t]) for t in range(inputs.shape[0])),
             )
         else:
-            summed = rules.outer_sum(op, inputs, immediate)
-        spread = rules.spread(op, inputs[0], first)
+            summed = _reach.outer_sum(op, reach, inputs, immediate)
+        spread = _reach.spread(op, reach, inputs[0], first)
         new.append(jtu.tree_map(_propagate, spread, eps, summed))
     return tuple(new)
 
@@ -141,24 +142,12 @@ class AbstractWeightTraceAlgorithm(AbstractDiagonalAlgorithm[_Trace]):
                     "weight-shaped trace assumes. Hold the transformed weights as the op's "
                     "array, or use `eqtrace.PPProp(...)`, which differentiates the op itself."
                 )
-            if site.traced and not site.weights_reach_one_output:
-                raise StructureError(
-                    f"{type(self).__name__} cannot trace the op `{site.name}` "
-                    f"({structure.ops[site.op].type_name}) of {structure.cell_name}: it shares "
-                    "each weight across many outputs, so a weight-shaped trace per neuron is not "
-                    "defined. Use `eqtrace.PPProp(...)`, whose input/output traces handle shared "
-                    "weights."
-                )
 
     def init_cell_trace(self, cell: AbstractCell, state: State, x: ExampleInput) -> _Trace:
         structure = self.required_structure(cell, state, x)
         k = structure.num_leaves
         ops = tuple(
-            jtu.tree_map(
-                lambda w: jnp.zeros((*w.shape, k), self.trace_dtype or w.dtype), op_params(op)
-            )
-            if site.traced
-            else None
+            _reach.zeros(op, site.reach, k, self.trace_dtype) if site.traced else None
             for op, site in zip(structure.site_modules(cell), structure.sites)
         )
         return self.trace_type(ops=ops, params=init_param_traces(structure, cell))
@@ -175,10 +164,10 @@ class AbstractWeightTraceAlgorithm(AbstractDiagonalAlgorithm[_Trace]):
             if eps is None:  # A read-out op: exact gradient through `output`, no trace.
                 new_ops.append(None)
                 continue
-            rules = algebra(op)
+            reach = structure.sites[i].reach
             d_out = jnp.moveaxis(to_outputs(structure, lin.jacobian, i), (0, 1), (-2, -1))
-            propagate = rules.spread(op, a, d_out)  # leaves (…, K, K)
-            immediate = rules.outer(op, a, jnp.moveaxis(df, 0, -1))  # leaves (…, K)
+            propagate = _reach.spread(op, reach, a, d_out)  # leaves (…, K, K)
+            immediate = _reach.outer(op, reach, a, jnp.moveaxis(df, 0, -1))  # leaves (…, K)
             new_ops.append(jtu.tree_map(_propagate, propagate, eps, immediate))
         new_params = step_param_traces(structure, lin, trace.params)
         return lin.new_state, self.trace_type(ops=tuple(new_ops), params=new_params)
@@ -200,7 +189,7 @@ class AbstractWeightTraceAlgorithm(AbstractDiagonalAlgorithm[_Trace]):
                 if eps is not None:
                     a = jnp.zeros(site.input_shape, op_dtype(op))  # Its shape only.
                     eps_k = jtu.tree_map(lambda e, d: e[..., k].astype(d.dtype), eps, delta)
-                    per_output = algebra(op).contract(op, a, eps_k, delta)
+                    per_output = _reach.contract(op, site.reach, a, eps_k, delta)
                     row = row + from_outputs(structure, per_output, i)
             rows.append(row)
         return unflatten_like(state, rows)
@@ -256,8 +245,19 @@ class AbstractWeightTraceAlgorithm(AbstractDiagonalAlgorithm[_Trace]):
             zip(structure.site_modules(cell), structure.sites, op_tangents)
         ):
             if site.traced:
-                delta_op = eqx.combine(delta, eqx.filter(op, eqx.is_inexact_array, inverse=True))
-                u = jax.vmap(lambda a: algebra(op).apply(delta_op, a))(lins.op_inputs[i])
+                # The op's derivative along `δW` (for an op linear in all its arrays, the op
+                # applied with `δW`; not for `U (V a)`, linear in each array only).
+                primal, static = eqx.partition(op, eqx.is_inexact_array)
+                tangent = eqx.filter(delta, eqx.is_inexact_array)
+
+                def along(a, op=op, primal=primal, static=static, tangent=tangent):
+                    return jax.jvp(
+                        lambda p: algebra(op).apply(eqx.combine(p, static), a),
+                        (primal,),
+                        (tangent,),
+                    )[1]
+
+                u = jax.vmap(along)(lins.op_inputs[i])
                 immediate = immediate + from_outputs(
                     structure, lins.op_sensitivities[i] * u[:, None], i
                 )

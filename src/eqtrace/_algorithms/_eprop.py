@@ -9,11 +9,11 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
 
+from .. import _reach
 from .._algorithm import AbstractAlgorithm
 from .._cell import AbstractCell
 from .._custom_types import ExampleInput, Input, State
 from .._link import AbstractDerivative, freeze, input_tangent, link
-from .._ops import algebra
 from .._sparsity import identity_colours, pullback_pattern
 from .._structure import CellStructure, StructureError
 from ..nn._readout import LeakyReadout
@@ -153,14 +153,6 @@ class EProp(AbstractDiagonalAlgorithm[EPropTrace]):
                     "eligibility trace assumes. Hold the transformed weights as the op's "
                     "array, or use `eqtrace.PPProp(...)`, which differentiates the op itself."
                 )
-            if site.traced and not site.weights_reach_one_output:
-                raise StructureError(
-                    f"EProp cannot trace the op `{site.name}` "
-                    f"({structure.ops[site.op].type_name}) of {structure.cell_name}: it shares "
-                    "each weight across many outputs, so its per-neuron eligibility trace is not "
-                    "defined. Use `eqtrace.PPProp(...)`, whose input/output traces handle shared "
-                    "weights."
-                )
         if self.readout_decay is None:
             return
         acting_on_output = [s.name for s in structure.sites if not s.traced]
@@ -227,8 +219,8 @@ class EProp(AbstractDiagonalAlgorithm[EPropTrace]):
                 continue
             a = jnp.zeros(site.input_shape, op_dtype(op))  # Its shape only.
             # `Σ_k B(∂z/∂h^k) ⊙ ε[..., k]`: the output's eligibility trace, weight-shaped.
-            spread = algebra(op).spread(
-                op, a, jnp.moveaxis(to_outputs(structure, d_output, i), 0, -1)
+            spread = _reach.spread(
+                op, site.reach, a, jnp.moveaxis(to_outputs(structure, d_output, i), 0, -1)
             )
             ops.append(
                 jtu.tree_map(
@@ -272,7 +264,7 @@ class EProp(AbstractDiagonalAlgorithm[EPropTrace]):
             if filtered is not None:
                 a = jnp.zeros(site.input_shape, op_dtype(op))  # Its shape only.
                 filtered = jtu.tree_map(lambda f, d: f.astype(d.dtype), filtered, delta)
-                per_output = algebra(op).contract(op, a, filtered, delta)
+                per_output = _reach.contract(op, site.reach, a, filtered, delta)
                 total = total + from_outputs(structure, per_output, i).astype(dtype)
         for p, filtered, delta in zip(structure.params, trace.params, other_tangents):
             if filtered is None:

@@ -4,8 +4,10 @@ from .._sequential import Sequential as Sequential
 from . import surrogate as surrogate
 from ._delay import DelayLine as DelayLine
 from ._feedback import RandomFeedback as RandomFeedback
+from ._grouped import GroupedLinear as GroupedLinear
 from ._legendre import LegendreMemory as LegendreMemory
 from ._linear import Linear as Linear
+from ._lowrank import LowRankLinear as LowRankLinear
 from ._lru import LRUCell as LRUCell
 from ._lstm import LSTMCell as LSTMCell
 from ._mingru import MinGRUCell as MinGRUCell
