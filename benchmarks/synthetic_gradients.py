@@ -1,10 +1,11 @@
 """Synthetic gradients (`eqtrace.synthetic_gradient`) against plain windows and BPTT.
 
-    python -m benchmarks.synthetic_gradients cost   # time, memory, gradient cosine on a GRU
+    python -m benchmarks.synthetic_gradients cost [k]  # time, memory, cosine on a GRU (k = 20)
     python -m benchmarks.synthetic_gradients copy   # accuracy on the copy task
 
 `cost`: GRU 8 → 32 with a linear read-out, batch 16, T = 200, windows of 20, float32, a loss
-at every step on random targets. Time per gradient over the sequence (compiled, interleaved
+at every step on targets that echo the input 10 steps back (so that half of a window's steps
+owe credit to the window before). Time per gradient over the sequence (compiled, interleaved
 rounds, median) and XLA's temporary memory of the compiled call, for synthetic gradients,
 truncated BPTT in the same windows (`truncated_bptt_gradient`, the zero predictor),
 `ExactWindows(DRTRL())` in the same windows and BPTT. The cosine to BPTT is measured with the
@@ -35,6 +36,9 @@ from eqtrace import nn
 from .timing import time_interleaved
 
 
+ECHO = 10
+
+
 def _gru(input_size, hidden, output, key, dtype=jnp.float32):
     k1, k2 = jr.split(key)
     return nn.Sequential(
@@ -55,9 +59,9 @@ def cost(batch=16, length=200, window=20, hidden=32, fit_batches=200):
     params, static = eqx.partition(model, eqx.is_inexact_array)
     forward = jax.vmap(eqtrace.make_forward_step(static), in_axes=(None, 0, 0))
 
-    def data(key):
-        k1, k2 = jr.split(key)
-        return jr.normal(k1, (length, batch, 8)), jr.normal(k2, (length, batch, 4))
+    def data(key):  # the targets echo the first 4 input channels `ECHO` steps back
+        xs = jr.normal(key, (length + ECHO, batch, 8))
+        return xs[ECHO:], xs[:-ECHO, :, :4]
 
     def loss_fn(y, target):
         return jnp.mean((y - target) ** 2)
@@ -117,7 +121,7 @@ def cost(batch=16, length=200, window=20, hidden=32, fit_batches=200):
             (params, state, xs, targets),
         ),
     }
-    results = time_interleaved(jobs, repeats=15, warmup=2)
+    results = time_interleaved(jobs, repeats=30, warmup=3)
     bptt = results["bptt"]["output"]
     base = statistics.median(results["bptt"]["times_s"])
     plain = statistics.median(results["truncated"]["times_s"])
@@ -233,4 +237,8 @@ def copy(updates_per_method=None, batches=400, window=4, hidden=32, seed=0):
 
 
 if __name__ == "__main__":
-    {"cost": cost, "copy": copy}[sys.argv[1] if len(sys.argv) > 1 else "cost"]()
+    command = sys.argv[1] if len(sys.argv) > 1 else "cost"
+    if command == "cost":  # `cost [window]`
+        cost(window=int(sys.argv[2]) if len(sys.argv) > 2 else 20)
+    else:
+        copy()
