@@ -1001,6 +1001,50 @@ def _monitored_step_not_made_by_eqtrace() -> list[Callable[[], object]]:
     return [_train_monitored(eqtrace.FidelityMonitor(every=2), batch_size=None, step=by_hand)]
 
 
+def _synthetic_setup():
+    """A GRU, its forward step, a predictor of it, and a sequence."""
+    model, params, static, *_ = _setup()
+    forward = eqtrace.make_forward_step(static)
+    xs, targets = _sequence()
+    return model, params, static, forward, eqtrace.SyntheticGradient(model), xs, targets
+
+
+def _synthetic_gradient_with_a_trace():
+    """Synthetic gradients given an online block of exact windows, or an online step."""
+    _, params, static, _, predictor, xs, targets = _synthetic_setup()
+    state = _gru().init_state()
+    windows = eqtrace.make_online_block(eqtrace.ExactWindows(eqtrace.DRTRL()), static)
+    step = eqtrace.make_online_step(eqtrace.DRTRL(), static)
+    return [
+        lambda f=f: eqtrace.synthetic_gradient(f, mse, params, predictor, state, xs, targets, 2)
+        for f in (windows, step)
+    ]
+
+
+def _predictor_of_another_state():
+    """A predictor of a GRU of another size, and of a network whose state is a tuple."""
+    _, params, _, forward, _, xs, targets = _synthetic_setup()
+    state = _gru().init_state()
+    bigger = eqtrace.SyntheticGradient(_gru(HIDDEN + 1))
+    network = nn.Sequential([_gru(), eqx.nn.Linear(HIDDEN, 2, key=_key())])
+    other = eqtrace.SyntheticGradient(network)
+    return [
+        lambda g=g: eqtrace.synthetic_gradient(forward, mse, params, g, state, xs, targets, 2)
+        for g in (bigger, other)
+    ]
+
+
+def _synthetic_optimiser_state_of_the_parameters():
+    _, params, _, forward, predictor, xs, targets = _synthetic_setup()
+    state = _gru().init_state()
+    adam = optax.adam(1e-3)
+    return [
+        lambda: eqtrace.train_synthetic(
+            forward, mse, adam, params, predictor, adam.init(params), state, xs, targets, 2
+        )
+    ]
+
+
 #: Title of a row of `docs/errors.md` -> functions that each commit that misuse.
 def _modulator_of_the_wrong_shape():
     """A per-neuron modulator without the batch axis, and modulators that kept their time
@@ -1334,6 +1378,12 @@ CASES: dict[str, Callable[[], list[Callable[[], object]]]] = {
         lambda: eqtrace.modulated_loss(jnp.ones(HIDDEN), (jnp.ones(HIDDEN), jnp.ones(HIDDEN))),
         lambda: eqtrace.modulated_loss((jnp.ones(2), jnp.ones(3)), [jnp.ones(2), jnp.ones(3)]),
     ],
+    "A synthetic gradient with a rule's trace": _synthetic_gradient_with_a_trace,
+    "A predictor of another state": _predictor_of_another_state,
+    "A random predictor without a key": lambda: [
+        lambda: eqtrace.SyntheticGradient(_gru(), scale=0.1)
+    ],
+    "An optimiser state of the parameters alone": _synthetic_optimiser_state_of_the_parameters,
     "Modulating values that are not floating": lambda: [
         lambda: eqtrace.modulated_loss(jnp.array([0, 1]), jnp.ones(2)),
         lambda: eqtrace.modulated_loss(jnp.ones(HIDDEN) > 0, 1.0),

@@ -59,6 +59,11 @@ from ._structure import (
     Violation as Violation,
     ViolationKind as ViolationKind,
 )
+from ._synthetic import (
+    SyntheticGradient as SyntheticGradient,
+    synthetic_gradient as synthetic_gradient,
+    train_synthetic as train_synthetic,
+)
 
 
 __version__ = _version("eqtrace")

@@ -326,15 +326,22 @@ def _batch_sizes_explained(function: str, state: Any, trace: Any, xs: Any):
         ) from error
 
 
-def _check_optimizer(optimizer: Any, opt_state: Any, params: Any) -> None:
+def _check_optimizer(
+    optimizer: Any,
+    opt_state: Any,
+    params: Any,
+    function: str = "train_online",
+    trained: str = "params",
+) -> None:
     """Refuses what is not an Optax optimiser, and an optimiser state that is not this
     optimiser's for these parameters (another optimiser's, or one made for other
-    parameters): both would fail inside Optax."""
+    parameters): both would fail inside Optax. `function` is the driver's name and `trained`
+    what its optimiser is initialised with, for the messages."""
     if not (
         callable(getattr(optimizer, "init", None)) and callable(getattr(optimizer, "update", None))
     ):
         raise TypeError(
-            "train_online: `optimizer` must be an Optax optimiser (with `init` and `update`, "
+            f"{function}: `optimizer` must be an Optax optimiser (with `init` and `update`, "
             f"e.g. `optax.adam(1e-3)`), but received {optimizer!r}. To compute gradients "
             "without updating, call `eqtrace.online_gradient` instead."
         )
@@ -360,9 +367,9 @@ def _check_optimizer(optimizer: Any, opt_state: Any, params: Any) -> None:
                 f"{expected_shapes[i]})"
             )
         raise ValueError(
-            "train_online: `opt_state` is not the state of this optimiser for these "
-            f"parameters: `optimizer.init(params)` is {_summary(expected)}, but `opt_state` is "
-            f"{_summary(received)}{where}. Create it with `optimizer.init(params)` for "
+            f"{function}: `opt_state` is not the state of this optimiser for these "
+            f"parameters: `optimizer.init({trained})` is {_summary(expected)}, but `opt_state` "
+            f"is {_summary(received)}{where}. Create it with `optimizer.init({trained})` for "
             "the parameters being trained (a state restored from a checkpoint must come from "
             "the same optimiser and model)."
         )
