@@ -1,0 +1,246 @@
+"""Low-rank RTRL: a diagonal rule's trace plus a rank-r online correction of the influence it
+drops, between D-RTRL (rank 0) and exact RTRL (full rank)."""
+
+import copy
+from typing import Any, ClassVar
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+import numpy as np
+from jaxtyping import Array, Float
+
+from .._algorithm import AbstractAlgorithm
+from .._cell import AbstractCell
+from .._custom_types import ExampleInput, Input, State
+from ._diagonal import flat_leaves, mix, unflatten_like
+from ._drtrl import DRTRL, AbstractWeightTraceAlgorithm
+from ._rtrl import real_ravel
+from ._uoro import _require_forward_mode
+
+
+class LowRankRTRLTrace(eqx.Module):
+    """`LowRankRTRL`'s trace: the base rule's trace `ε_t` (the influence `M̂_t` it keeps) and
+    the factors of the correction `E_t = U_t V_tᵀ ≈ M_t − M̂_t`: `state_factors` `U_t`, whose
+    `r` orthonormal columns are shaped like the flattened state (leaves stacked, as the
+    diagonal rules lay them out), and `param_factors` `V_t`, whose `r` columns are shaped like
+    the flattened real parameters."""
+
+    base: Any
+    state_factors: Float[Array, "state rank"]
+    param_factors: Float[Array, "params rank"]
+
+
+def _check_int(name: str, value: Any, minimum: int, meaning: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(
+            f"LowRankRTRL: `{name}` must be an integer ≥ {minimum} ({meaning}), but received "
+            f"{value!r}."
+        )
+
+
+class LowRankRTRL(AbstractAlgorithm[LowRankRTRLTrace]):
+    """Low-rank RTRL: a diagonal rule's trace (`eqtrace.DRTRL` or `eqtrace.SnAp1`) plus a
+    rank-`r` online correction of the influence that rule drops; `rank=0` is the base rule,
+    `rank ≥ |h|` (the number of state values of the cell) is exact RTRL.
+
+    RTRL's influence `M_t = dh_t/dθ` moves by `M_t = J_t M_{t-1} + I_t`, the base rule's
+    `M̂_t` by `M̂_t = D_t M̂_{t-1} + I_t` with `D_t` its per-neuron part of the state Jacobian
+    `J_t` (and the same, exact, immediate term `I_t`). So the influence the base rule drops,
+    `E_t = M_t − M̂_t`, moves by
+
+    $$
+    E_t = J_t E_{t-1} + (J_t − D_t)\\,M̂_{t-1},
+    $$
+
+    which this rule keeps in rank `r` as `E_t ≈ U_t V_tᵀ` (`U_t` `|h| × r` with orthonormal
+    columns, `V_t` `|θ| × r`): with `T_t = J_t U_{t-1} V_{t-1}ᵀ + (J_t − D_t) M̂_{t-1}`,
+
+    $$
+    U_t = \\mathrm{orth}\\big(T_t T_tᵀ\\, \\mathrm{orth}(J_t U_{t-1})\\big), \\qquad
+    V_t = T_tᵀ U_t, \\qquad E_t = U_t U_tᵀ\\,T_t,
+    $$
+
+    the projection of the exact update on an `r`-dimensional subspace of the state, found by
+    one step of subspace iteration warm-started from the last subspace carried forward (more
+    with `iterations`), `orth` a QR factorisation. The online gradient at step `t` is
+    `(M̂_t + U_t V_tᵀ)ᵀ ḡ_t`.
+
+    **Why a projection.** It is deterministic and exact where it should be: at `r = |h|` the
+    columns of `U_t` are an orthonormal basis of the state, `U_t U_tᵀ = I`, and the rule is
+    exact RTRL up to round-off, however good the subspace; at `r = 0` nothing is added to the
+    base rule; from a zero trace the first step is RTRL's (`E_1 = 0`). In between the
+    subspace tracks the dominant left singular directions of the dropped influence, and
+    `U_t U_tᵀ T_t` is the best approximation of `T_t` with that column space. A truncated SVD
+    of `T_t` (the optimal rank-`r` truncation each step) would need `T_t` whole, `|h|`
+    products with the step and a `|h| × |h|` Gram of `M̂`: RTRL's compute. The subspace
+    iteration needs none of it: `T_t` and `T_tᵀ` are applied through `r` JVPs and VJPs of the
+    step, `D_t` (which the base rule's linearisation gives) and `r` products with the base
+    trace (its tangent and that tangent's transpose).
+
+    **Cost.** Memory per sample: the base rule's trace plus `r (|h| + |θ|)` values (`r` is
+    capped at `|h|`). Compute per step: the base rule's step, one linearisation of the cell,
+    and per iteration plus once more `r` VJPs, `r` JVPs and `2r` products with the base trace
+    (`O(r K |θ|)`), and QR factorisations of `|h| × r` matrices.
+
+    **Where it is exact.** The correction is RTRL's dropped influence for one cell: a
+    `Sequential` gets one trace per cell, as under the base rule, so the paths between layers
+    through later steps stay cut (credit within a step is exact); use `eqtrace.RTRL()` for a
+    network as one system. The base rule must trace the cell exactly as it defines (its
+    `strict` checks pass): with `strict=False` its immediate term may differ from `I_t` and
+    full rank is no longer RTRL. The trace is propagated forward (`J_t U`), so a cell with a
+    `jax.custom_vjp` function on its state's path is refused, as by `eqtrace.UORO`.
+
+    Blocks of steps (`steps`, `eqtrace.make_online_block`) scan the step, with the same values
+    and derivatives.
+
+    **Arguments:**
+
+    - `rank`: the rank `r ≥ 0` of the correction; `0` is the base rule, `r ≥ |h|` exact RTRL.
+    - `base`: the diagonal rule whose trace is corrected, `eqtrace.DRTRL()` (the default) or
+      `eqtrace.SnAp1()`, with its own options (`strict`, `trace_dtype`).
+    - `iterations`: subspace iterations per step (`≥ 1`, default 1): more move the subspace
+      closer to the dropped influence's dominant directions at `r` VJPs and JVPs each.
+    - `check_finite`: raise (through `eqx.error_if`) as soon as the state or trace holds a NaN
+      or inf. Off by default.
+    """
+
+    rank: int = 4
+    base: AbstractWeightTraceAlgorithm = eqx.field(default_factory=DRTRL)
+    iterations: int = 1
+    check_finite: bool = False
+    per_layer: ClassVar[bool] = True
+
+    def __check_init__(self):
+        _check_int("rank", self.rank, 0, "the rank of the correction; 0 is the base rule")
+        _check_int("iterations", self.iterations, 1, "subspace iterations per step")
+        if not isinstance(self.base, AbstractWeightTraceAlgorithm):
+            raise ValueError(
+                "LowRankRTRL: `base` must be a diagonal rule with weight-shaped traces, "
+                f"`eqtrace.DRTRL()` or `eqtrace.SnAp1()`, but received {self.base!r}."
+            )
+
+    # The base rule's structure, refusals and options.
+
+    def cell_structure(self, cell: AbstractCell, state: State, x: ExampleInput) -> Any:
+        return self.base.cell_structure(cell, state, x)
+
+    def with_structure(self, structure: Any) -> "LowRankRTRL":
+        prepared = copy.copy(self)
+        object.__setattr__(prepared, "base", self.base.with_structure(structure))
+        return prepared
+
+    def relaxed(self) -> "LowRankRTRL":
+        relaxed = copy.copy(self)
+        object.__setattr__(relaxed, "base", self.base.relaxed())
+        return relaxed
+
+    def cell_notes(self, cell: AbstractCell, state: State, x: ExampleInput) -> tuple[str, ...]:
+        """The base rule's notes, and the rank of the correction for this cell."""
+        size = flat_leaves(state).size
+        rank = min(int(self.rank), size)
+        line = (
+            f"LowRankRTRL adds a rank-{rank} correction to {type(self.base).__name__}'s trace "
+            f"(the cell has {size} state values"
+        )
+        line += "; at this rank it is exact RTRL)." if rank == size else ")."
+        return (*self.base.cell_notes(cell, state, x), line)
+
+    def init_cell_trace(
+        self, cell: AbstractCell, state: State, x: ExampleInput
+    ) -> LowRankRTRLTrace:
+        base = self.base.init_cell_trace(cell, state, x)
+        if any(jnp.iscomplexobj(leaf) for leaf in jtu.tree_leaves(state)):
+            raise ValueError(
+                f"LowRankRTRL cannot run {type(cell).__name__}: its state holds complex "
+                "arrays; hold the real and imaginary parts as two real leaves (as "
+                "`eqtrace.nn.LRUCell` does), or use `eqtrace.RTRL()`."
+            )
+        if x is not None and self.rank > 0:
+            _require_forward_mode(cell, state, x, "LowRankRTRL", "`J_t U`")
+        h = flat_leaves(state).reshape(-1)
+        theta, _ = real_ravel(eqx.filter(cell, eqx.is_inexact_array))
+        rank = min(int(self.rank), h.size)
+        dtype = jnp.result_type(h, theta)
+        return LowRankRTRLTrace(
+            base, jnp.zeros((h.size, rank), dtype), jnp.zeros((theta.size, rank), dtype)
+        )
+
+    def _influence(self, cell, state, base_trace, x, unravel_params):
+        """`z ↦ M̂ z` for flat parameter tangents `z`, from the base rule's trace."""
+
+        def apply(z):
+            tangent = unravel_params(z)
+            return flat_leaves(self.base.cell_tangent(cell, state, base_trace, x, tangent))
+
+        return lambda z: apply(z).reshape(-1)
+
+    def cell_step(
+        self, cell: AbstractCell, state: State, trace: LowRankRTRLTrace, x: Input
+    ) -> tuple[State, LowRankRTRLTrace]:
+        lin, new_base = self.base.linearised_step(cell, state, trace.base, x)
+        u, v = trace.state_factors, trace.param_factors
+        if u.shape[1] == 0:  # rank 0: the base rule
+            return lin.new_state, LowRankRTRLTrace(new_base, u, v)
+
+        params, static = eqx.partition(cell, eqx.is_inexact_array)
+        h = flat_leaves(state).reshape(-1)
+        theta, unravel_params = real_ravel(params)
+        shape = lin.jacobian.shape[::2]  # (K, N)
+
+        def transition(h):  # the step on the flat state, parameters fixed
+            new_state, _ = eqx.combine(params, static)(unflatten_like(state, h.reshape(shape)), x)
+            return flat_leaves(new_state).reshape(-1)
+
+        _, linear = jax.linearize(transition, h)
+        transpose = jax.linear_transpose(linear, h)
+
+        # `D_t` and its transpose, per neuron on the (K, N) layout.
+        d = lin.jacobian.astype(u.dtype)
+        d_t = jnp.swapaxes(d, 0, 1)
+
+        def off(w):  # (J − D) w
+            return linear(w) - mix(d, w.reshape(shape)).reshape(-1)
+
+        def off_t(w):  # (J − D)ᵀ w
+            return transpose(w)[0] - mix(d_t, w.reshape(shape)).reshape(-1)
+
+        influence = self._influence(cell, state, trace.base, x, unravel_params)
+        influence_t = jax.linear_transpose(influence, theta)
+
+        def cols(f):  # `f` on each of the rank's columns (axis 1)
+            return jax.vmap(f, in_axes=1, out_axes=1)
+
+        propagated = cols(linear)(u)  # J U, (|h|, r)
+
+        def apply(z):  # T z for z (|θ|, r)
+            return propagated @ (v.T @ z) + cols(off)(cols(influence)(z))
+
+        def apply_t(w):  # Tᵀ w for w (|h|, r)
+            return v @ (propagated.T @ w) + cols(lambda c: influence_t(c)[0])(cols(off_t)(w))
+
+        basis = jnp.linalg.qr(propagated)[0]
+        for _ in range(int(self.iterations)):
+            basis = jnp.linalg.qr(apply(apply_t(basis)))[0]
+        new_u = basis.astype(u.dtype)
+        new_v = apply_t(basis).astype(v.dtype)
+        return lin.new_state, LowRankRTRLTrace(new_base, new_u, new_v)
+
+    def cell_tangent(
+        self,
+        cell: AbstractCell,
+        state: State,
+        trace: LowRankRTRLTrace,
+        x: Input,
+        params_tangent: Any,
+    ) -> State:
+        base = self.base.cell_tangent(cell, state, trace.base, x, params_tangent)
+        if trace.state_factors.shape[1] == 0:
+            return base
+        delta, _ = real_ravel(params_tangent)
+        correction = trace.state_factors @ (
+            trace.param_factors.T @ delta.astype(trace.param_factors.dtype)
+        )
+        rows = flat_leaves(base) + correction.reshape(flat_leaves(base).shape)
+        return unflatten_like(state, rows)
