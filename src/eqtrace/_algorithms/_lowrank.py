@@ -7,7 +7,6 @@ from typing import Any, ClassVar
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-import jax.tree_util as jtu
 import numpy as np
 from jaxtyping import Array, Float
 
@@ -123,6 +122,11 @@ class LowRankRTRL(AbstractAlgorithm[LowRankRTRLTrace]):
 
     # The base rule's structure, refusals and options.
 
+    @property
+    def strict(self) -> bool:
+        """Whether the base rule refuses a cell that breaks its assumptions."""
+        return self.base.strict
+
     def cell_structure(self, cell: AbstractCell, state: State, x: ExampleInput) -> Any:
         return self.base.cell_structure(cell, state, x)
 
@@ -150,13 +154,8 @@ class LowRankRTRL(AbstractAlgorithm[LowRankRTRLTrace]):
     def init_cell_trace(
         self, cell: AbstractCell, state: State, x: ExampleInput
     ) -> LowRankRTRLTrace:
+        # The base rule's refusals first (it refuses complex and integer state leaves).
         base = self.base.init_cell_trace(cell, state, x)
-        if any(jnp.iscomplexobj(leaf) for leaf in jtu.tree_leaves(state)):
-            raise ValueError(
-                f"LowRankRTRL cannot run {type(cell).__name__}: its state holds complex "
-                "arrays; hold the real and imaginary parts as two real leaves (as "
-                "`eqtrace.nn.LRUCell` does), or use `eqtrace.RTRL()`."
-            )
         if x is not None and self.rank > 0:
             _require_forward_mode(cell, state, x, "LowRankRTRL", "`J_t U`")
         h = flat_leaves(state).reshape(-1)
