@@ -54,34 +54,44 @@ class LowRankRTRL(AbstractAlgorithm[LowRankRTRLTrace]):
     $$
 
     which this rule keeps in rank `r` as `E_t ≈ U_t V_tᵀ` (`U_t` `|h| × r` with orthonormal
-    columns, `V_t` `|θ| × r`): with `T_t = J_t U_{t-1} V_{t-1}ᵀ + (J_t − D_t) M̂_{t-1}`,
+    columns, `V_t` `|θ| × r`). With the exact update of the kept correction
 
     $$
-    U_t = \\mathrm{orth}\\big(T_t T_tᵀ\\, \\mathrm{orth}(J_t U_{t-1})\\big), \\qquad
-    V_t = T_tᵀ U_t, \\qquad E_t = U_t U_tᵀ\\,T_t,
+    T_t = J_t U_{t-1} V_{t-1}ᵀ + (J_t − D_t)\\,M̂_{t-1},
     $$
 
-    the projection of the exact update on an `r`-dimensional subspace of the state, found by
-    one step of subspace iteration warm-started from the last subspace carried forward (more
-    with `iterations`), `orth` a QR factorisation. The online gradient at step `t` is
+    a step takes an orthonormal basis `Q` (up to `2r` columns, at most `|h|`) of the span of
+    the last subspace carried forward, `J_t U_{t-1}`, and of the new term along the last
+    parameter factors, `(J_t − D_t) M̂_{t-1} V_{t-1}`, refines it by a step of subspace
+    iteration, `Q ← orth(T_t T_tᵀ Q)` (more with `iterations`), and keeps the best rank-`r`
+    approximation of `T_t` within it (Rayleigh–Ritz, from the eigenvectors `Z` of the small
+    Gram matrix of `T_tᵀ Q`):
+
+    $$
+    U_t = Q Z_r, \\qquad V_t = T_tᵀ Q Z_r, \\qquad E_t = U_t U_tᵀ\\,T_t,
+    $$
+
+    `Z_r` the eigenvectors of the `r` largest eigenvalues. The online gradient at step `t` is
     `(M̂_t + U_t V_tᵀ)ᵀ ḡ_t`.
 
     **Why a projection.** It is deterministic and exact where it should be: at `r = |h|` the
     columns of `U_t` are an orthonormal basis of the state, `U_t U_tᵀ = I`, and the rule is
-    exact RTRL up to round-off, however good the subspace; at `r = 0` nothing is added to the
-    base rule; from a zero trace the first step is RTRL's (`E_1 = 0`). In between the
-    subspace tracks the dominant left singular directions of the dropped influence, and
-    `U_t U_tᵀ T_t` is the best approximation of `T_t` with that column space. A truncated SVD
-    of `T_t` (the optimal rank-`r` truncation each step) would need `T_t` whole, `|h|`
-    products with the step and a `|h| × |h|` Gram of `M̂`: RTRL's compute. The subspace
-    iteration needs none of it: `T_t` and `T_tᵀ` are applied through `r` JVPs and VJPs of the
-    step, `D_t` (which the base rule's linearisation gives) and `r` products with the base
-    trace (its tangent and that tangent's transpose).
+    exact RTRL up to round-off, however the subspace was found; at `r = 0` nothing is added
+    to the base rule; from a zero trace the first step is RTRL's (`E_1 = 0`). Where `2r ≥
+    |h|` the basis spans the state and the step keeps the optimal rank-`r` truncation of
+    `T_t` (its truncated SVD). In general the truncated SVD would need `T_t` whole: `|h|`
+    products with the step and a `|h| × |h|` Gram of `M̂`, RTRL's compute. The subspace
+    iteration needs none of it: `T_t` and `T_tᵀ` are applied through JVPs and VJPs of the
+    step, `D_t` (which the base rule's linearisation gives) and products with the base trace
+    (its tangent and that tangent's transpose), a few per column of `Q`. Like any greedy
+    truncation, it does not promise that the error over many steps falls with `r`; measured
+    on random cells it does (docs/algorithms/lowrank.md).
 
     **Cost.** Memory per sample: the base rule's trace plus `r (|h| + |θ|)` values (`r` is
-    capped at `|h|`). Compute per step: the base rule's step, one linearisation of the cell,
-    and per iteration plus once more `r` VJPs, `r` JVPs and `2r` products with the base trace
-    (`O(r K |θ|)`), and QR factorisations of `|h| × r` matrices.
+    capped at `|h|`). Compute per step, with `p = min(2r, |h|)`: the base rule's step, one
+    linearisation of the cell, `r + p` JVPs of the step and `p` VJPs per iteration plus `p`
+    more, about `2p` products with the base trace per iteration plus `p + r` more
+    (`O(p K |θ|)` each), and QR factorisations of `|h| × p` matrices.
 
     **Where it is exact.** The correction is RTRL's dropped influence for one cell: a
     `Sequential` gets one trace per cell, as under the base rule, so the paths between layers
@@ -219,11 +229,20 @@ class LowRankRTRL(AbstractAlgorithm[LowRankRTRLTrace]):
         def apply_t(w):  # Tᵀ w for w (|h|, r)
             return v @ (propagated.T @ w) + cols(lambda c: influence_t(c)[0])(cols(off_t)(w))
 
-        basis = jnp.linalg.qr(propagated)[0]
+        # The candidates: the last subspace carried forward and the new term along the
+        # last parameter factors, `(J − D) M̂ V`, up to `2r` columns (at most |h|).
+        rank = u.shape[1]
+        candidates = jnp.concatenate([propagated, cols(off)(cols(influence)(v))], axis=1)
+        basis = jnp.linalg.qr(candidates[:, : min(2 * rank, h.size)])[0]
         for _ in range(int(self.iterations)):
             basis = jnp.linalg.qr(apply(apply_t(basis)))[0]
-        new_u = basis.astype(u.dtype)
-        new_v = apply_t(basis).astype(v.dtype)
+        # Rayleigh–Ritz: the best rank-r approximation of `T` within the basis's span, from
+        # the small Gram matrix of `Tᵀ basis` (its eigenvalues ascend).
+        projected = apply_t(basis)
+        _, rotation = jnp.linalg.eigh(projected.T @ projected)
+        rotation = rotation[:, ::-1][:, :rank]
+        new_u = (basis @ rotation).astype(u.dtype)
+        new_v = (projected @ rotation).astype(v.dtype)
         return lin.new_state, LowRankRTRLTrace(new_base, new_u, new_v)
 
     def cell_tangent(
