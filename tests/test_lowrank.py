@@ -34,8 +34,15 @@ def _state_size(model, xs):
     return sum(leaf.size for leaf in jax.tree.leaves(model.layers[0].init_state()))
 
 
-@pytest.mark.parametrize("base", [eqtrace.DRTRL(), eqtrace.SnAp1()], ids=["drtrl", "snap1"])
-@pytest.mark.parametrize("name", ["rnn", "gru", "alif"])
+@pytest.mark.parametrize(
+    "name, base",
+    [
+        pytest.param("rnn", eqtrace.SnAp1(), id="rnn-snap1"),
+        pytest.param("gru", eqtrace.DRTRL(), id="gru-drtrl"),
+        pytest.param("alif", eqtrace.DRTRL(), id="alif-drtrl"),
+        pytest.param("alif", eqtrace.SnAp1(), id="alif-snap1"),
+    ],
+)
 def test_full_rank_is_rtrl_and_rank_zero_the_base(name, base, getkey):
     model, xs, targets = _problem(name, getkey())
     full = _state_size(model, xs)

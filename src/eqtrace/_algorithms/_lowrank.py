@@ -20,8 +20,8 @@ from ._uoro import _require_forward_mode
 
 
 class LowRankRTRLTrace(eqx.Module):
-    """`LowRankRTRL`'s trace: the base rule's trace `ε_t` (the influence `M̂_t` it keeps) and
-    the factors of the correction `E_t = U_t V_tᵀ ≈ M_t − M̂_t`: `state_factors` `U_t`, whose
+    """`LowRankRTRL`'s trace: the base rule's trace `ε_t` (the influence `N_t` it keeps) and
+    the factors of the correction `E_t = U_t V_tᵀ ≈ M_t − N_t`: `state_factors` `U_t`, whose
     `r` orthonormal columns are shaped like the flattened state (leaves stacked, as the
     diagonal rules lay them out), and `param_factors` `V_t`, whose `r` columns are shaped like
     the flattened real parameters."""
@@ -44,25 +44,25 @@ class LowRankRTRL(AbstractAlgorithm[LowRankRTRLTrace]):
     rank-`r` online correction of the influence that rule drops; `rank=0` is the base rule,
     `rank ≥ |h|` (the number of state values of the cell) is exact RTRL.
 
-    RTRL's influence `M_t = dh_t/dθ` moves by `M_t = J_t M_{t-1} + I_t`, the base rule's
-    `M̂_t` by `M̂_t = D_t M̂_{t-1} + I_t` with `D_t` its per-neuron part of the state Jacobian
-    `J_t` (and the same, exact, immediate term `I_t`). So the influence the base rule drops,
-    `E_t = M_t − M̂_t`, moves by
+    RTRL's influence `M_t = dh_t/dθ` moves by `M_t = J_t M_{t-1} + I_t`; the influence
+    `N_t` that the base rule's trace holds moves by `N_t = D_t N_{t-1} + I_t`, with `D_t` its
+    per-neuron part of the state Jacobian `J_t` (and the same, exact, immediate term `I_t`).
+    So the influence the base rule drops, `E_t = M_t − N_t`, moves by
 
     $$
-    E_t = J_t E_{t-1} + (J_t − D_t)\\,M̂_{t-1},
+    E_t = J_t E_{t-1} + (J_t − D_t)\\,N_{t-1},
     $$
 
     which this rule keeps in rank `r` as `E_t ≈ U_t V_tᵀ` (`U_t` `|h| × r` with orthonormal
     columns, `V_t` `|θ| × r`). With the exact update of the kept correction
 
     $$
-    T_t = J_t U_{t-1} V_{t-1}ᵀ + (J_t − D_t)\\,M̂_{t-1},
+    T_t = J_t U_{t-1} V_{t-1}ᵀ + (J_t − D_t)\\,N_{t-1},
     $$
 
     a step takes an orthonormal basis `Q` (up to `2r` columns, at most `|h|`) of the span of
     the last subspace carried forward, `J_t U_{t-1}`, and of the new term along the last
-    parameter factors, `(J_t − D_t) M̂_{t-1} V_{t-1}`, refines it by a step of subspace
+    parameter factors, `(J_t − D_t) N_{t-1} V_{t-1}`, refines it by a step of subspace
     iteration, `Q ← orth(T_t T_tᵀ Q)` (more with `iterations`), and keeps the best rank-`r`
     approximation of `T_t` within it (Rayleigh–Ritz, from the eigenvectors `Z` of the small
     Gram matrix of `T_tᵀ Q`):
@@ -72,7 +72,7 @@ class LowRankRTRL(AbstractAlgorithm[LowRankRTRLTrace]):
     $$
 
     `Z_r` the eigenvectors of the `r` largest eigenvalues. The online gradient at step `t` is
-    `(M̂_t + U_t V_tᵀ)ᵀ ḡ_t`.
+    `(N_t + U_t V_tᵀ)ᵀ ḡ_t`.
 
     **Why a projection.** It is deterministic and exact where it should be: at `r = |h|` the
     columns of `U_t` are an orthonormal basis of the state, `U_t U_tᵀ = I`, and the rule is
@@ -80,7 +80,7 @@ class LowRankRTRL(AbstractAlgorithm[LowRankRTRLTrace]):
     to the base rule; from a zero trace the first step is RTRL's (`E_1 = 0`). Where `2r ≥
     |h|` the basis spans the state and the step keeps the optimal rank-`r` truncation of
     `T_t` (its truncated SVD). In general the truncated SVD would need `T_t` whole: `|h|`
-    products with the step and a `|h| × |h|` Gram of `M̂`, RTRL's compute. The subspace
+    products with the step and a `|h| × |h|` Gram of `N`, RTRL's compute. The subspace
     iteration needs none of it: `T_t` and `T_tᵀ` are applied through JVPs and VJPs of the
     step, `D_t` (which the base rule's linearisation gives) and products with the base trace
     (its tangent and that tangent's transpose), a few per column of `Q`. Like any greedy
