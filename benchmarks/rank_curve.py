@@ -4,6 +4,8 @@ loss at every step on random targets, the online gradient summed over the sequen
 
     python -m benchmarks.rank_curve [--hidden 16] [--length 50] [--seeds 3] [--base drtrl]
 
+The table of docs/algorithms/lowrank.md: `--hidden 32 --length 50 --seeds 2`.
+
 Per cell and rank: the relative error `‖g − g_RTRL‖ / ‖g_RTRL‖` and the cosine of the online
 gradient `g` to RTRL's (which equals BPTT's), as the mean over `--seeds` random cells and
 sequences (the worst seed in brackets), and the trace per sample in values. Rank 0 is the base
