@@ -8,12 +8,15 @@ The table of docs/algorithms/lowrank.md: `--hidden 32 --length 50 --seeds 2`.
 
 Per cell and rank: the relative error `‖g − g_RTRL‖ / ‖g_RTRL‖` and the cosine of the online
 gradient `g` to RTRL's (which equals BPTT's), as the mean over `--seeds` random cells and
-sequences (the worst seed in brackets), and the trace per sample in values. Rank 0 is the base
+sequences (the worst seed in brackets), the trace per sample in values, and the time of one
+online gradient over the sequence (jitted, after compilation; the median over the seeds) over
+the base rule's in the same run. Rank 0 is the base
 rule; the last row of each cell is its full rank (`|h|`, the number of state values), exact
 RTRL.
 """
 
 import argparse
+import time
 
 import equinox as eqx
 import jax
@@ -54,10 +57,13 @@ def _gradient(rule, model, xs, targets):
     state = model.init_state()
     trace = rule.init_trace(model, state, plan=plan)
     step = eqtrace.make_online_step(rule, static, plan=plan)
-    grads = jax.jit(
+    gradient = jax.jit(
         lambda p: eqtrace.online_gradient(step, _loss, p, state, trace, xs, targets)[1]
-    )(params)
-    return jax.flatten_util.ravel_pytree(grads)[0]
+    )
+    jax.block_until_ready(gradient(params))  # compiled
+    start = time.perf_counter()
+    grads = jax.block_until_ready(gradient(params))
+    return jax.flatten_util.ravel_pytree(grads)[0], time.perf_counter() - start
 
 
 def _problem(make, hidden, length, key):
@@ -83,8 +89,10 @@ def main():
         f"Base {type(base).__name__}, {args.hidden} neurons, T = {args.length}, "
         f"{args.seeds} seeds, {args.iterations} subspace iteration(s) per step."
     )
-    print("| cell | rank | relative error to RTRL | cosine to RTRL | trace per sample |")
-    print("| --- | --- | --- | --- | --- |")
+    print(
+        "| cell | rank | relative error to RTRL | cosine to RTRL | trace per sample | time × base |"
+    )
+    print("| --- | --- | --- | --- | --- | --- |")
     for name, make in CELLS.items():
         problems = [
             _problem(make, args.hidden, args.length, jr.fold_in(jr.key(0), seed))
@@ -92,26 +100,33 @@ def main():
         ]
         model, xs, _ = problems[0]
         full = sum(a.size for a in jax.tree.leaves(model.layers[0].init_state()))
-        references = [_gradient(eqtrace.RTRL(), *p) for p in problems]
+        references, rtrl_times = zip(*(_gradient(eqtrace.RTRL(), *p) for p in problems))
         ranks = sorted({0, 1, 2, 4, 8, 16, 32, full} & set(range(full + 1)))
+        base_time = None
         for rank in ranks:
             rule = eqtrace.LowRankRTRL(rank, base, iterations=args.iterations)
-            errors, cosines = [], []
+            errors, cosines, times = [], [], []
             for problem, reference in zip(problems, references):
-                g = _gradient(rule, *problem)
+                g, seconds = _gradient(rule, *problem)
+                times.append(seconds)
                 errors.append(float(jnp.linalg.norm(g - reference) / jnp.linalg.norm(reference)))
                 cosines.append(
                     float(g @ reference / (jnp.linalg.norm(g) * jnp.linalg.norm(reference)))
                 )
             size = eqtrace.trace_size(rule, model, xs[0]).values
             label = f"{rank} (base)" if rank == 0 else f"{rank} (full)" if rank == full else rank
+            base_time = base_time or float(np.median(times))
             print(
                 f"| {name} | {label} | {np.mean(errors):.3g} ({max(errors):.3g}) | "
-                f"{np.mean(cosines):.4f} ({min(cosines):.4f}) | {size:,} |",
+                f"{np.mean(cosines):.4f} ({min(cosines):.4f}) | {size:,} | "
+                f"{np.median(times) / base_time:.1f} |",
                 flush=True,
             )
         size = eqtrace.trace_size(eqtrace.RTRL(), model, xs[0]).values
-        print(f"| {name} | RTRL | 0 | 1 | {size:,} |", flush=True)
+        print(
+            f"| {name} | RTRL | 0 | 1 | {size:,} | {np.median(rtrl_times) / base_time:.1f} |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

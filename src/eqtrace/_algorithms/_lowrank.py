@@ -116,7 +116,7 @@ class LowRankRTRL(AbstractAlgorithm[LowRankRTRLTrace]):
     """
 
     rank: int = 4
-    base: AbstractWeightTraceAlgorithm = eqx.field(default_factory=DRTRL)
+    base: AbstractWeightTraceAlgorithm = DRTRL()
     iterations: int = 1
     check_finite: bool = False
     per_layer: ClassVar[bool] = True
