@@ -24,7 +24,9 @@ Tasks (`eqtrace.tasks`) and models:
 
 Rules (`RULES`): `drtrl` (`eqtrace.DRTRL()`), `ppprop` (`eqtrace.PPProp(decay=...)`, the task's
 `ppprop_decay`, or `ppprop@0.999` for another decay), `snap1`, `eprop`, `uoro`, `drtrl-window`
-(D-RTRL in exact windows of `block` steps, the last one ending at the loss) and `bptt`
+(D-RTRL in exact windows of `block` steps, the last one ending at the loss), `lowrank@R`
+(`eqtrace.LowRankRTRL(rank=R)`, D-RTRL plus a rank-R correction; `lowrank` alone: R = 4) and
+`bptt`
 (`eqtrace.bptt_gradient`). Each
 update draws a batch, computes the gradient of the task's loss with the rule through the
 drivers (`eqtrace.online_gradient` / `run_online` / `bptt_gradient`) and applies Adam (global-norm
@@ -74,8 +76,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @dataclasses.dataclass(frozen=True)
 class Rule:
-    """A rule the harness can run: its label, how to build it (from pp-prop's decay, `None`
-    for the others; `None` for BPTT, which has no online rule) and its plot style."""
+    """A rule the harness can run: its label, how to build it (from pp-prop's decay or
+    low-rank RTRL's rank, `None` for the others; `None` for BPTT, which has no online rule)
+    and its plot style."""
 
     label: str
     make: Callable[[float | None], Any]
@@ -95,6 +98,13 @@ RULES: dict[str, Rule] = {
         lambda decay: eqtrace.ExactWindows(eqtrace.DRTRL()),
         "tab:cyan",
         "P",
+    ),
+    # `lowrank@R`: D-RTRL plus a rank-R correction (the parameter passed as `decay`).
+    "lowrank": Rule(
+        "D-RTRL + low rank",
+        lambda rank: eqtrace.LowRankRTRL(rank=int(rank if rank is not None else 4)),
+        "tab:olive",
+        "*",
     ),
     "bptt": Rule("BPTT", lambda decay: None, "tab:green", "^"),
 }
@@ -404,6 +414,9 @@ def parse_rule(spec: str, task_config: dict[str, Any]) -> tuple[str, float | Non
     rule, _, decay_text = spec.partition("@")
     if rule not in RULES:
         raise ValueError(f"unknown rule {spec!r}; choose from {', '.join(RULES)}")
+    if rule == "lowrank":
+        rank = int(decay_text) if decay_text else 4
+        return rule, rank, f"D-RTRL + rank {rank}"
     if rule != "ppprop":
         if decay_text:
             raise ValueError(f"only ppprop takes a decay, not {spec!r}")

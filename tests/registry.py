@@ -87,6 +87,12 @@ class AlgorithmCase:
         return type(self.algorithm).cell_steps is not eqtrace.AbstractAlgorithm.cell_steps
 
 
+def _lowrank(*, strict: bool = True, **options) -> eqtrace.LowRankRTRL:
+    """A rank-2 correction of D-RTRL (the cells here have 4 to 16 state values: between the
+    base rule and RTRL); `strict` is the base rule's."""
+    return eqtrace.LowRankRTRL(rank=2, base=eqtrace.DRTRL(strict=strict), **options)
+
+
 ALGORITHMS: tuple[AlgorithmCase, ...] = (
     AlgorithmCase("rtrl", eqtrace.RTRL, exact=True, exact_elementwise=True, needs_structure=False),
     AlgorithmCase(
@@ -102,6 +108,10 @@ ALGORITHMS: tuple[AlgorithmCase, ...] = (
     AlgorithmCase(
         "snapn", eqtrace.SnAp, exact=False, exact_elementwise=False, needs_structure=False
     ),
+    # Low-rank RTRL at rank 2: D-RTRL plus a correction that stays at round-off where D-RTRL
+    # is exact (element-wise layers). test_lowrank.py holds it to RTRL at full rank, to D-RTRL
+    # and SnAp-1 at rank 0, and to an error that falls with the rank.
+    AlgorithmCase("lowrank", _lowrank, exact=False, exact_elementwise=True, needs_structure=True),
     AlgorithmCase(
         "eprop",
         eqtrace.EProp,

@@ -1307,8 +1307,13 @@ CASES: dict[str, Callable[[], list[Callable[[], object]]]] = {
         _restore(step=-3),
     ],
     "UORO without a key": lambda: [lambda: eqtrace.UORO()],
-    "A `custom_vjp` function under UORO": lambda: [
-        _init(eqtrace.UORO(key=_key()), VJPSurrogate(key=_key()))
+    "A `custom_vjp` function under UORO or LowRankRTRL": lambda: [
+        _init(eqtrace.UORO(key=_key()), VJPSurrogate(key=_key())),
+        _init(eqtrace.LowRankRTRL(2), VJPSurrogate(key=_key())),
+    ],
+    "A negative rank, or no iterations, for LowRankRTRL": lambda: [
+        lambda: eqtrace.LowRankRTRL(rank=-1),
+        lambda: eqtrace.LowRankRTRL(iterations=0),
     ],
     "A raw PRNG key": lambda: [
         lambda: eqtrace.UORO(key=jr.PRNGKey(0)),

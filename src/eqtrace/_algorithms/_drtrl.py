@@ -155,6 +155,14 @@ class AbstractWeightTraceAlgorithm(AbstractDiagonalAlgorithm[_Trace]):
     def cell_step(
         self, cell: AbstractCell, state: State, trace: _Trace, x: Input
     ) -> tuple[State, _Trace]:
+        lin, new_trace = self.linearised_step(cell, state, trace, x)
+        return lin.new_state, new_trace
+
+    def linearised_step(
+        self, cell: AbstractCell, state: State, trace: _Trace, x: Input
+    ) -> tuple[Linearisation, _Trace]:
+        """`cell_step` with the step's linearisation (its `jacobian` is `D_t`, the per-neuron
+        Jacobian that carries the trace), for a rule that corrects this one (`LowRankRTRL`)."""
         structure = self.prepared()
         lin = linearise(cell, structure, state, x, restricted=self.restriction(structure))
         new_ops = []
@@ -170,7 +178,7 @@ class AbstractWeightTraceAlgorithm(AbstractDiagonalAlgorithm[_Trace]):
             immediate = _reach.outer(op, reach, a, jnp.moveaxis(df, 0, -1))  # leaves (…, K)
             new_ops.append(jtu.tree_map(_propagate, propagate, eps, immediate))
         new_params = step_param_traces(structure, lin, trace.params)
-        return lin.new_state, self.trace_type(ops=tuple(new_ops), params=new_params)
+        return lin, self.trace_type(ops=tuple(new_ops), params=new_params)
 
     def cell_tangent(
         self, cell: AbstractCell, state: State, trace: _Trace, x: Input, params_tangent: Any

@@ -113,10 +113,13 @@ class UORO(AbstractAlgorithm[UOROTrace]):
         return unravel_state(trace.state_tilde * jnp.dot(trace.params_tilde, delta))
 
 
-def _require_forward_mode(cell: AbstractCell, state: State, x: Any) -> None:
+def _require_forward_mode(
+    cell: AbstractCell, state: State, x: Any, rule: str = "UORO", product: str = "`J^h h̃`"
+) -> None:
     """Refuses a cell that JAX cannot push a tangent forward through (a `jax.custom_vjp`
-    function on the state's path): UORO's `J^h h̃` is one forward-mode product. Found by
-    lowering that product for the cell's shapes, which computes nothing."""
+    function on the state's path): UORO's `J^h h̃` (and `LowRankRTRL`'s `J U`) is a
+    forward-mode product. Found by lowering that product for the cell's shapes, which computes
+    nothing."""
 
     def lowers() -> bool:
         arrays, static = eqx.partition((cell, state, x), eqx.is_array)
@@ -137,8 +140,8 @@ def _require_forward_mode(cell: AbstractCell, state: State, x: Any) -> None:
 
     if not lowers():
         raise ValueError(
-            f"UORO cannot run {type(cell).__name__}: its state goes through a `jax.custom_vjp` "
-            "function, which JAX cannot differentiate in forward mode, and UORO propagates its "
-            "trace forward (`J^h h̃`). Define the function with `jax.custom_jvp` instead (as "
+            f"{rule} cannot run {type(cell).__name__}: its state goes through a `jax.custom_vjp` "
+            f"function, which JAX cannot differentiate in forward mode, and {rule} propagates its "
+            f"trace forward ({product}). Define the function with `jax.custom_jvp` instead (as "
             "`eqtrace.nn.surrogate` does for spikes), or use `eqtrace.RTRL()` or a diagonal rule."
         )
