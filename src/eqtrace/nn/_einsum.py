@@ -63,9 +63,9 @@ def _sizes(equation, input_shape, weight_shape) -> dict[str, int]:
         for c, s in zip(subs, shape):
             if sizes.setdefault(c, s) != s:
                 raise ValueError(
-                    f"EinsumLinear: axis {c!r} of `equation` {equation!r} has size {sizes[c]} in "
-                    f"`input_shape` but {s} in `weight_shape`; a letter shared by the input and "
-                    "the weight must have one size."
+                    f"EinsumLinear: axis {c!r} of `equation` {equation!r} must have one size in "
+                    f"`input_shape` and `weight_shape`, but received {sizes[c]} in `input_shape` "
+                    f"and {s} in `weight_shape`. Give a letter shared by both one size."
                 )
     return sizes
 
