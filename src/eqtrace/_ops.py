@@ -166,10 +166,10 @@ def register_op(op_type: type, algebra: OpAlgebra | None = None) -> None:
     - `algebra`: an `OpAlgebra` (or a subclass overriding some of its methods); the default
       `OpAlgebra()` derives everything from calling the op.
 
-    **Returns:** nothing. Whether each weight of the op reaches a single output, which D-RTRL
-    needs for its weight-shaped traces, is checked on the cell, not declared: an op that mixes
-    (a low-rank `U @ V`, a convolution) is refused by D-RTRL with a clear error and traced by
-    pp-prop.
+    **Returns:** nothing. Which outputs each weight of the op reaches is read from the
+    op's code, not declared: an array whose weights each reach one output has a
+    weight-shaped trace under D-RTRL, SnAp-1 and e-prop; one whose weights reach several (a
+    low-rank `U @ V`, a convolution) has a trace per (output reached, weight).
     """
     algebra = OpAlgebra() if algebra is None else algebra
     if not isinstance(algebra, OpAlgebra):
