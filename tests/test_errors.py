@@ -1201,6 +1201,17 @@ CASES: dict[str, Callable[[], list[Callable[[], object]]]] = {
         lambda: nn.GroupedLinear(5, 6, 2, key=_key()),
         lambda: nn.GroupedLinear(4, 6, 4, key=_key()),
     ],
+    "An einsum op with an equation it does not take": lambda: [
+        lambda: nn.EinsumLinear("oi,i", (3,), (4, 3), key=_key()),
+        lambda: nn.EinsumLinear("i...,oi->o", (3,), (4, 3), key=_key()),
+        lambda: nn.EinsumLinear("ii,oi->o", (3, 3), (4, 3), key=_key()),
+        lambda: nn.EinsumLinear("i,oi->ok", (3,), (4, 3), key=_key()),
+    ],
+    "An einsum op whose shapes do not fit its equation": lambda: [
+        lambda: nn.EinsumLinear("i,oi->o", (3,), (4, 2), key=_key()),
+        lambda: nn.EinsumLinear("i,oi->o", (3, 1), (4, 3), key=_key()),
+        lambda: nn.EinsumLinear("i,oi->o", (3,), (4, 3), key=_key())(jnp.zeros(4)),
+    ],
     "An op input of several neurons under SnAp-1": lambda: [
         _init(eqtrace.SnAp1(), NormalisedInput(key=_key()), jnp.zeros(INPUT))
     ],

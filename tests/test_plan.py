@@ -154,8 +154,13 @@ def test_a_plan_for_another_model_is_refused():
 
 
 def _count_analyses(monkeypatch):
-    """Counts the structure analyses from here on."""
+    """Counts the structure analyses from here on, with the memo of earlier ones forgotten
+    (else a cell analysed before, by another test or by `init_trace`, is never analysed again
+    and a step that re-prepared its plan on every call would go unseen)."""
     import eqtrace._structure as structure
+    from eqtrace._memo import clear_structural_memos
+
+    clear_structural_memos()
 
     calls = []
     analyse = structure._analyse

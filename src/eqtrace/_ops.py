@@ -12,6 +12,7 @@ pass over a trace.
 
 import functools
 import math
+import string
 from typing import Any
 
 import equinox as eqx
@@ -21,6 +22,7 @@ import jax.tree_util as jtu
 import numpy as np
 
 from ._memo import clear_structural_memos
+from .nn._einsum import EinsumLinear, parse_equation
 from .nn._feedback import RandomFeedback
 from .nn._grouped import GroupedLinear
 from .nn._linear import Linear
@@ -164,10 +166,10 @@ def register_op(op_type: type, algebra: OpAlgebra | None = None) -> None:
     - `algebra`: an `OpAlgebra` (or a subclass overriding some of its methods); the default
       `OpAlgebra()` derives everything from calling the op.
 
-    **Returns:** nothing. Whether each weight of the op reaches a single output, which D-RTRL
-    needs for its weight-shaped traces, is checked on the cell, not declared: an op that mixes
-    (a low-rank `U @ V`, a convolution) is refused by D-RTRL with a clear error and traced by
-    pp-prop.
+    **Returns:** nothing. Which outputs each weight of the op reaches is read from the
+    op's code, not declared: an array whose weights each reach one output has a
+    weight-shaped trace under D-RTRL, SnAp-1 and e-prop; one whose weights reach several (a
+    low-rank `U @ V`, a convolution) has a trace per (output reached, weight).
     """
     algebra = OpAlgebra() if algebra is None else algebra
     if not isinstance(algebra, OpAlgebra):
@@ -479,6 +481,75 @@ class _ConvAlgebra(OpAlgebra):
         return _only_reached(op, reach, values)
 
 
+class _EinsumAlgebra(OpAlgebra):
+    """`eqtrace.nn.EinsumLinear`: `u = einsum("a,w->u", a, W) + b`. Where every output letter
+    of size above 1 is a letter of `W` (`fused`), each weight reaches one output and the
+    weight-trace methods are einsums of the equation's subscripts (`W`'s letters missing
+    from the output become unit axes, which broadcast). Otherwise `W`'s weights reach
+    several outputs: its trace takes the structural layout, through the derived
+    `outer_reached` (a VJP per colour, here one einsum), and these methods leave its entry
+    a placeholder (a scalar), except `outer`, which is the VJP itself."""
+
+    def _parts(self, op):
+        a_subs, w_subs, u_subs = parse_equation(op.equation)
+        sizes = dict(zip(u_subs, op.output_shape))
+        fused = all(sizes[c] == 1 for c in u_subs if c not in w_subs)
+        return a_subs, w_subs, u_subs, fused
+
+    @staticmethod
+    def _as_weight(w_subs, present, x):
+        """`x`, laid out over `present` (in `w_subs` order) then trailing axes, with a unit
+        axis for each of `W`'s letters not in `present`."""
+        shape = [x.shape[present.index(c)] if c in present else 1 for c in w_subs]
+        return x.reshape(*shape, *x.shape[len(present) :])
+
+    def spread(self, op, a, v):
+        del a
+        _, w_subs, u_subs, fused = self._parts(op)
+        if not fused:
+            return _with_weight_and_bias(op_params(op), jnp.zeros((), v.dtype), v)
+        present = "".join(c for c in w_subs if c in u_subs)
+        # Sums over the output's unit axes that `W` lacks, and orders the rest as in `W`.
+        core = jnp.einsum(f"{u_subs}...->{present}...", v)
+        weight = self._as_weight(w_subs, present, core)
+        return _with_weight_and_bias(op_params(op), weight, v)
+
+    def outer(self, op, a, cotangent):
+        a_subs, w_subs, u_subs, _ = self._parts(op)
+        present = "".join(c for c in w_subs if c in a_subs + u_subs)
+        core = jnp.einsum(f"{a_subs},{u_subs}...->{present}...", a, cotangent)
+        # Full-shaped: the derived `outer_reached` stacks these per colour.
+        extra = cotangent.shape[len(u_subs) :]
+        weight = jnp.broadcast_to(
+            self._as_weight(w_subs, present, core), (*op.weight.shape, *extra)
+        )
+        return _with_weight_and_bias(op_params(op), weight, cotangent)
+
+    def contract(self, op, a, trace, delta):
+        del a
+        _, w_subs, u_subs, fused = self._parts(op)
+        out = jnp.zeros(op.output_shape, delta.weight.dtype)
+        if fused:
+            present = "".join(c for c in u_subs if c in w_subs)
+            eps = jnp.broadcast_to(trace.weight, delta.weight.shape)
+            core = jnp.einsum(f"{w_subs},{w_subs}->{present}", eps, delta.weight)
+            out = core.reshape(op.output_shape)  # `present` is `u_subs` less unit axes
+        if op.bias is not None:
+            out = out + trace.bias * delta.bias
+        return out
+
+    def outer_sum(self, op, a, cotangent):
+        a_subs, w_subs, u_subs, fused = self._parts(op)
+        if not fused:
+            weight = jnp.zeros((), cotangent.dtype)
+        else:
+            time = next(c for c in string.ascii_letters if c not in a_subs + w_subs + u_subs)
+            present = "".join(c for c in w_subs if c in a_subs + u_subs)
+            core = jnp.einsum(f"{time}{a_subs},{time}{u_subs}...->{present}...", a, cotangent)
+            weight = self._as_weight(w_subs, present, core)
+        return _with_weight_and_bias(op_params(op), weight, jnp.sum(cotangent, axis=0))
+
+
 register_op(Linear, _DenseAlgebra())
 _DENSE, _DERIVED = _DenseAlgebra(), OpAlgebra()
 
@@ -497,3 +568,4 @@ register_op(RandomFeedback, _FeedbackAlgebra(_DenseAlgebra()))
 register_op(eqx.nn.Conv, _ConvAlgebra())
 register_op(GroupedLinear, _GroupedAlgebra())
 register_op(LowRankLinear, _LowRankAlgebra())
+register_op(EinsumLinear, _EinsumAlgebra())

@@ -3,6 +3,7 @@
 from .._sequential import Sequential as Sequential
 from . import surrogate as surrogate
 from ._delay import DelayLine as DelayLine
+from ._einsum import EinsumLinear as EinsumLinear
 from ._feedback import RandomFeedback as RandomFeedback
 from ._grouped import GroupedLinear as GroupedLinear
 from ._legendre import LegendreMemory as LegendreMemory
