@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 from equinox import AbstractClassVar, AbstractVar
 
+from .._batch_sum import contract_op
 from .._cell import AbstractCell
 from .._custom_types import ExampleInput, Input, State
 from .._link import AbstractDerivative, freeze, input_tangent, link
@@ -199,8 +200,7 @@ class AbstractWeightTraceAlgorithm(AbstractDiagonalAlgorithm[_Trace]):
             ):
                 if eps is not None:
                     a = jnp.zeros(site.input_shape, op_dtype(op))  # Its shape only.
-                    eps_k = jtu.tree_map(lambda e, d: e[..., k].astype(d.dtype), eps, delta)
-                    per_output = algebra(op).contract(op, a, eps_k, delta)
+                    per_output = contract_op(op, a, eps, delta, leaf=k)
                     row = row + from_outputs(structure, per_output, i)
             rows.append(row)
         return unflatten_like(state, rows)

@@ -1,0 +1,105 @@
+"""The contraction of a weight-shaped trace with a weight tangent, `Bᵀ(ε ⊙ δW)`, in a form whose
+transpose under `jax.vmap` (the online gradient, summed over the batch) reads the trace in its
+own layout.
+
+A rule's derivative is `ε_t · δθ` per sample; reverse mode transposes it, and `jax.vmap` over
+the batch sums the per-sample gradients, `∇W[o, i] = Σ_b ḡ[b, o] ε[b, o, i]`. Written as one
+`einsum`, that sum is a matrix product batched over the outputs `o` and contracting the batch
+axis `b`, which XLA computes only after copying the trace to `(o, b, i)` (a transposed read
+and write of the whole trace, then the product's own read); written as a multiply and a
+reduction over the major batch axis, XLA:CPU's reduction is an order of magnitude slower still.
+Over a batch of at most `UNROLLED_BATCH` samples, `contract` instead gives the batched map as
+one contraction per sample, so its transpose is a sum of `B` element-wise products, which XLA
+fuses into one pass that reads the trace where it lies (benchmarks/README.md, "Profile").
+
+The batch is seen through `jax.custom_batching.custom_vmap`: only its batching rule knows the
+batch. Values and gradients are those of the `einsum` up to the order of the sum's terms.
+"""
+
+from collections.abc import Callable
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+from jax.custom_batching import custom_vmap
+
+from ._ops import algebra
+
+
+#: Batches of at most this many samples sum their per-sample gradients as `B` terms of one
+#: element-wise pass; larger ones (and batches of other axes, e.g. steps mapped within a batch)
+#: keep the batched product.
+UNROLLED_BATCH = 128
+
+
+def contract_op(
+    op: Any, a: jax.Array, trace: Any, delta: Any, leaf: int | None = None
+) -> jax.Array:
+    """`algebra(op).contract(op, a, trace, delta)` (`a` gives the input's shape and dtype
+    only), through `contract`. With `leaf`, `trace` holds every state leaf's trace on a
+    trailing axis, and the one of leaf `leaf` is contracted: the slice is taken per sample, so
+    that XLA fuses it into the sum over the batch instead of copying it out of the trace."""
+    arrays, static = eqx.partition(op, eqx.is_array)
+    shape, dtype = a.shape, a.dtype
+
+    def fn(trace, delta, arrays):
+        op = eqx.combine(arrays, static)
+        trace = jtu.tree_map(
+            lambda e, d: (e if leaf is None else e[..., leaf]).astype(d.dtype), trace, delta
+        )
+        return algebra(op).contract(op, jnp.zeros(shape, dtype), trace, delta)
+
+    return contract(fn, trace, delta, arrays)
+
+
+def contract(fn: Callable[[Any, Any, Any], jax.Array], trace: Any, delta: Any, other: Any):
+    """`fn(trace, delta, other)` (linear in `delta`), whose transpose over a batch of `trace`
+    with `delta` and `other` shared is a sum of one element-wise product per sample."""
+    if not _batched(trace):
+        return fn(trace, delta, other)
+    return _per_sample(fn)(trace, delta, other)
+
+
+def _batched(tree: Any) -> bool:
+    """Whether `tree` is mapped by a `jax.vmap` around this call: only then does the batching
+    rule of a `custom_vmap` function run (at trace time)."""
+    seen = []
+
+    @custom_vmap
+    def probe(x):
+        return x
+
+    @probe.def_vmap
+    def rule(axis_size, in_batched, x):
+        del axis_size
+        seen.append(True)
+        return x, in_batched[0]
+
+    leaves = [leaf for leaf in jtu.tree_leaves(tree) if isinstance(leaf, jax.Array)]
+    if leaves:
+        probe(leaves[0])
+    return bool(seen)
+
+
+def _per_sample(fn: Callable[[Any, Any, Any], jax.Array]) -> Callable:
+    @custom_vmap
+    def per_sample(trace, delta, other):
+        return fn(trace, delta, other)
+
+    @per_sample.def_vmap
+    def rule(axis_size, in_batched, trace, delta, other):
+        trace_axes, delta_axes, other_axes = (
+            jtu.tree_map(lambda b: 0 if b else None, axes) for axes in in_batched
+        )
+        shared = not any(jtu.tree_leaves((in_batched[1], in_batched[2])))
+        if shared and all(jtu.tree_leaves(in_batched[0])) and axis_size <= UNROLLED_BATCH:
+            rows = [
+                fn(jtu.tree_map(lambda e, b=b: e[b], trace), delta, other) for b in range(axis_size)
+            ]
+            return jnp.stack(rows), True
+        mapped = jax.vmap(fn, in_axes=(trace_axes, delta_axes, other_axes))
+        return mapped(trace, delta, other), True
+
+    return per_sample
