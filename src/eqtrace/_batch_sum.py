@@ -13,7 +13,8 @@ one contraction per sample, so its transpose is a sum of `B` element-wise produc
 fuses into one pass that reads the trace where it lies (benchmarks/README.md, "Profile").
 
 The batch is seen through `jax.custom_batching.custom_vmap`: only its batching rule knows the
-batch. Values and gradients are those of the `einsum` up to the order of the sum's terms.
+batch. Values and gradients are those of the `einsum` up to the order of the sum's terms. Only
+on a single CPU device (`_unrolls`); elsewhere the `einsum` is kept as it was.
 """
 
 from collections.abc import Callable
@@ -38,28 +39,44 @@ def contract_op(
     op: Any, a: jax.Array, trace: Any, delta: Any, leaf: int | None = None
 ) -> jax.Array:
     """`algebra(op).contract(op, a, trace, delta)` (`a` gives the input's shape and dtype
-    only), through `contract`. With `leaf`, `trace` holds every state leaf's trace on a
-    trailing axis, and the one of leaf `leaf` is contracted: the slice is taken per sample, so
-    that XLA fuses it into the sum over the batch instead of copying it out of the trace."""
+    only), through `contract`; with `leaf`, of `trace[..., leaf]`."""
     arrays, static = eqx.partition(op, eqx.is_array)
     shape, dtype = a.shape, a.dtype
 
     def fn(trace, delta, arrays):
         op = eqx.combine(arrays, static)
-        trace = jtu.tree_map(
-            lambda e, d: (e if leaf is None else e[..., leaf]).astype(d.dtype), trace, delta
-        )
+        trace = jtu.tree_map(lambda e, d: e.astype(d.dtype), trace, delta)
         return algebra(op).contract(op, jnp.zeros(shape, dtype), trace, delta)
 
-    return contract(fn, trace, delta, arrays)
+    return contract(fn, trace, delta, arrays, leaf)
 
 
-def contract(fn: Callable[[Any, Any, Any], jax.Array], trace: Any, delta: Any, other: Any):
+def contract(
+    fn: Callable[[Any, Any, Any], jax.Array],
+    trace: Any,
+    delta: Any,
+    other: Any,
+    leaf: int | None = None,
+) -> jax.Array:
     """`fn(trace, delta, other)` (linear in `delta`), whose transpose over a batch of `trace`
-    with `delta` and `other` shared is a sum of one element-wise product per sample."""
-    if not _batched(trace):
-        return fn(trace, delta, other)
-    return _per_sample(fn)(trace, delta, other)
+    with `delta` and `other` shared is a sum of one element-wise product per sample. With
+    `leaf`, `trace` holds every state leaf's trace on a trailing axis and `fn` gets that of
+    leaf `leaf`: the slice is taken per sample, so that XLA fuses it into the sum instead of
+    copying it out of the trace first."""
+    if not (_unrolls() and _batched(trace)):
+        return fn(_select(trace, leaf), delta, other)
+    return _per_sample(fn, leaf)(trace, delta, other)
+
+
+def _select(trace: Any, leaf: int | None) -> Any:
+    return trace if leaf is None else jtu.tree_map(lambda e: e[..., leaf], trace)
+
+
+def _unrolls() -> bool:
+    """Whether to sum over the batch sample by sample: on a single CPU device. Elsewhere the
+    batched product stays: a GPU's reduction over the batch axis needs no unrolling (not yet
+    measured), and slicing a batch split over devices would gather it onto each of them."""
+    return jax.default_backend() == "cpu" and jax.device_count() == 1
 
 
 def _batched(tree: Any) -> bool:
@@ -83,23 +100,50 @@ def _batched(tree: Any) -> bool:
     return bool(seen)
 
 
-def _per_sample(fn: Callable[[Any, Any, Any], jax.Array]) -> Callable:
+def _per_sample(fn: Callable[[Any, Any, Any], jax.Array], leaf: int | None) -> Callable:
     @custom_vmap
     def per_sample(trace, delta, other):
-        return fn(trace, delta, other)
+        return fn(_select(trace, leaf), delta, other)
 
     @per_sample.def_vmap
     def rule(axis_size, in_batched, trace, delta, other):
-        trace_axes, delta_axes, other_axes = (
-            jtu.tree_map(lambda b: 0 if b else None, axes) for axes in in_batched
-        )
         shared = not any(jtu.tree_leaves((in_batched[1], in_batched[2])))
         if shared and all(jtu.tree_leaves(in_batched[0])) and axis_size <= UNROLLED_BATCH:
-            rows = [
-                fn(jtu.tree_map(lambda e, b=b: e[b], trace), delta, other) for b in range(axis_size)
-            ]
-            return jnp.stack(rows), True
-        mapped = jax.vmap(fn, in_axes=(trace_axes, delta_axes, other_axes))
+            return _unrolled(fn, leaf, axis_size)(trace, delta, other), True
+        axes = [jtu.tree_map(lambda b: 0 if b else None, batched) for batched in in_batched]
+        mapped = jax.vmap(lambda t, d, o: fn(_select(t, leaf), d, o), in_axes=tuple(axes))
         return mapped(trace, delta, other), True
 
     return per_sample
+
+
+def _unrolled(fn: Callable, leaf: int | None, size: int) -> Callable:
+    """`fn` of each of `size` samples of `trace` (and its leaf `leaf`), stacked: one
+    contraction per sample, so that the transpose sums `size` element-wise products. `fn` is
+    traced once and its operations replayed per sample, all under one `jax.jit`, which JAX
+    differentiates and transposes as one call: tracing `fn` per sample, at the level of the
+    surrounding transformations, costs seconds for a batch of 128."""
+
+    def sample(e, b):
+        if leaf is None:
+            return jax.lax.index_in_dim(e, b, keepdims=False)
+        start = (b, *[0] * (e.ndim - 2), leaf)
+        piece = jax.lax.slice(e, start, (b + 1, *e.shape[1:-1], leaf + 1))
+        return piece.reshape(e.shape[1:-1])
+
+    @jax.jit
+    def unrolled(trace, delta, other):
+        leaves = jtu.tree_leaves(trace)
+        closed = jax.make_jaxpr(fn)(
+            _select(jtu.tree_map(lambda e: e[0], trace), leaf), delta, other
+        )
+        shared = jtu.tree_leaves((delta, other))
+        rows = [
+            jax.core.eval_jaxpr(
+                closed.jaxpr, closed.consts, *[sample(e, b) for e in leaves], *shared
+            )[0]
+            for b in range(size)
+        ]
+        return jnp.stack(rows)
+
+    return unrolled
