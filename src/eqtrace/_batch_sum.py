@@ -13,8 +13,9 @@ one contraction per sample, so its transpose is a sum of `B` element-wise produc
 fuses into one pass that reads the trace where it lies (benchmarks/README.md, "Profile").
 
 The batch is seen through `jax.custom_batching.custom_vmap`: only its batching rule knows the
-batch. Values and gradients are those of the `einsum` up to the order of the sum's terms. Only
-on a single CPU device (`_unrolls`); elsewhere the `einsum` is kept as it was.
+batch (`_batched` says when it is bound under the map itself). Values and gradients are those
+of the `einsum` up to the order of the sum's terms. Only on a single CPU device (`_unrolls`);
+elsewhere the `einsum` is kept as it was.
 """
 
 from collections.abc import Callable
@@ -80,24 +81,21 @@ def _unrolls() -> bool:
 
 
 def _batched(tree: Any) -> bool:
-    """Whether `tree` is mapped by a `jax.vmap` around this call: only then does the batching
-    rule of a `custom_vmap` function run (at trace time)."""
-    seen = []
+    """Whether the innermost transformation here is a `jax.vmap` that maps `tree`: then the
+    batching rule of a `custom_vmap` function bound now runs at once. Under a differentiation
+    inside the map (`jax.vmap(jax.grad(...))`, per-sample gradients), the function would be
+    staged into the linear program instead, which JAX cannot transpose; so the answer is no
+    there. JAX has no public query for the current transformation: this reads its tracing
+    context, and answers no (the batched product) if that ever changes."""
+    try:
+        from jax._src import core  # noqa: PLC0415
 
-    @custom_vmap
-    def probe(x):
-        return x
-
-    @probe.def_vmap
-    def rule(axis_size, in_batched, x):
-        del axis_size
-        seen.append(True)
-        return x, in_batched[0]
-
-    leaves = [leaf for leaf in jtu.tree_leaves(tree) if isinstance(leaf, jax.Array)]
-    if leaves:
-        probe(leaves[0])
-    return bool(seen)
+        current = core.trace_ctx.trace
+    except (ImportError, AttributeError):
+        return False
+    if type(current).__name__ != "BatchTrace":
+        return False
+    return any(getattr(leaf, "_trace", None) is current for leaf in jtu.tree_leaves(tree))
 
 
 def _per_sample(fn: Callable[[Any, Any, Any], jax.Array], leaf: int | None) -> Callable:
