@@ -234,8 +234,10 @@ REGISTRY = {
         Algorithm("eprop-block", block=True, **_EPROP),
         Algorithm("ppprop", **_PPPROP),
         Algorithm("ppprop-block", block=True, **_PPPROP),
-        # Unbiased, |h| + |θ| per sample; blocks would keep every step's trace: stepped only.
+        # Unbiased, |h| + |θ| per sample. Its blocks form θ̃ every step (ρ_0 divides by its
+        # norm) but keep no step's θ̃ for the derivative (`UORO.cell_steps`).
         Algorithm("uoro", rule=_uoro),
+        Algorithm("uoro-block", rule=_uoro, block=True, supports_blocks=True),
         # BPTT within windows of `--block` steps, D-RTRL's trace across them.
         Algorithm("drtrl-window", block=True, windows=True, **_DRTRL),
     )

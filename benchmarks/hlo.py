@@ -132,6 +132,7 @@ def analyse(text: str, trace_bytes: int, top: int = 15) -> str:
             f" {mark}{size / 2**20:9.2f} MB  {ins['op']:<10} {ins['name']:<28} {shape[:70]}"
             f"  [{comp}]{root}"
         )
+    lines += ["", *traffic(computations, top_level, trace_bytes)]
     lines += ["", "dots (anywhere, fused or not):"]
     for comp, instructions in computations.items():
         if comp == "__entry__":
@@ -146,6 +147,34 @@ def analyse(text: str, trace_bytes: int, top: int = 15) -> str:
                     f"[{'fused' if comp in fused else 'top'}: {comp}]"
                 )
     return "\n".join(lines)
+
+
+def traffic(computations: dict, top_level: dict, trace_bytes: int) -> list[str]:
+    """The passes over trace-sized buffers: bytes that top-level instructions read (operands)
+    and write (outputs) in buffers of at least 1/16 of the trace (its leaves; the trace-sized
+    temporaries), in units of the whole trace. A step that reads its trace once and writes it
+    once makes 2.0; loop bodies count once (per iteration)."""
+    threshold = trace_bytes / 16
+    read = written = 0
+    for instructions in top_level.values():
+        sizes = {ins["name"]: _bytes(ins["shape"]) for ins in instructions}
+        for ins in instructions:
+            if ins["op"] in _VIEWS or ins["op"] == "while":
+                continue
+            out = _bytes(ins["shape"])
+            if out >= threshold:
+                written += out
+            operands = ins["args"].split(")")[0]
+            for name in re.findall(r"%([\w.\-]+)", operands):
+                size = sizes.get(name, 0)
+                if size >= threshold:
+                    read += size
+    return [
+        f"trace-sized traffic (buffers ≥ 1/16 of the trace; loop bodies once): read "
+        f"{read / 2**20:.2f} MB, written {written / 2**20:.2f} MB = "
+        f"{read / trace_bytes:.2f} + {written / trace_bytes:.2f} = "
+        f"{(read + written) / trace_bytes:.2f} passes over the trace"
+    ]
 
 
 def memory_report(compiled) -> str:

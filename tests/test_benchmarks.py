@@ -22,7 +22,7 @@ TINY = ["--input", "3", "--hidden", "4", "--batch", "2", "--steps", "4", "--repe
 # The names users type on the command line.
 NAMES = (
     "forward", "bptt", "rtrl", "drtrl", "drtrl-block", "drtrl-bf16", "snap1", "snap1-block",
-    "eprop", "eprop-block", "ppprop", "ppprop-block", "uoro", "drtrl-window",
+    "eprop", "eprop-block", "ppprop", "ppprop-block", "uoro", "uoro-block", "drtrl-window",
 )  # fmt: skip
 
 

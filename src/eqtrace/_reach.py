@@ -39,7 +39,7 @@ def _merge(op: Any, weight_shaped: Any, reached: list[jax.Array | None]) -> Any:
     )
 
 
-def _all_weight_shaped(reach: tuple[Reach | None, ...]) -> bool:
+def all_weight_shaped(reach: tuple[Reach | None, ...]) -> bool:
     return all(r is None for r in reach)
 
 
@@ -75,7 +75,7 @@ def spread(op: Any, reach: tuple[Reach | None, ...], a: jax.Array, v: jax.Array)
     every weight of output `i` (weight-shaped arrays, `OpAlgebra.spread`), `v[j]` on every
     pair `(j, w)` (the others)."""
     rules = algebra(op)
-    if _all_weight_shaped(reach):
+    if all_weight_shaped(reach):
         return rules.spread(op, a, v)
     base = rules.spread(op, a, v) if None in reach else None
     return _merge(op, base, [None if r is None else _gather(r, v) for r in reach])
@@ -84,7 +84,7 @@ def spread(op: Any, reach: tuple[Reach | None, ...], a: jax.Array, v: jax.Array)
 def outer(op: Any, reach: tuple[Reach | None, ...], a: jax.Array, cotangent: jax.Array) -> Any:
     """The immediate term `cotangent[j] ∂u_j/∂W_w` in the traces' layout."""
     rules = algebra(op)
-    if _all_weight_shaped(reach):
+    if all_weight_shaped(reach):
         return rules.outer(op, a, cotangent)
     base = rules.outer(op, a, cotangent) if None in reach else None
     return _merge(op, base, list(rules.outer_reached(op, a, cotangent, reach)))
@@ -93,7 +93,7 @@ def outer(op: Any, reach: tuple[Reach | None, ...], a: jax.Array, cotangent: jax
 def outer_sum(op: Any, reach: tuple[Reach | None, ...], a: jax.Array, cotangent: jax.Array) -> Any:
     """`Σ_t outer(a_t, cotangent_t)` over a leading time axis."""
     rules = algebra(op)
-    if _all_weight_shaped(reach):
+    if all_weight_shaped(reach):
         return rules.outer_sum(op, a, cotangent)
     base = rules.outer_sum(op, a, cotangent) if None in reach else None
     per_step = jax.vmap(lambda a_t, c_t: list(rules.outer_reached(op, a_t, c_t, reach)))(
@@ -108,7 +108,7 @@ def contract(
     """`Σ_w ε[j, w] δW_w` onto each output `j` (shaped like the op's output): the transpose
     of `spread`, for a trace without its leaf axis."""
     rules = algebra(op)
-    if _all_weight_shaped(reach):
+    if all_weight_shaped(reach):
         return rules.contract(op, a, trace, delta)
     trace_leaves, treedef = jtu.tree_flatten(trace)
     delta_leaves = jtu.tree_leaves(delta)

@@ -12,6 +12,7 @@ import jax.tree_util as jtu
 from equinox import AbstractClassVar, AbstractVar
 
 from .. import _reach
+from .._batch_sum import contract_op
 from .._cell import AbstractCell
 from .._custom_types import ExampleInput, Input, State
 from .._link import AbstractDerivative, freeze, input_tangent, link
@@ -196,8 +197,11 @@ class AbstractWeightTraceAlgorithm(AbstractDiagonalAlgorithm[_Trace]):
             ):
                 if eps is not None:
                     a = jnp.zeros(site.input_shape, op_dtype(op))  # Its shape only.
-                    eps_k = jtu.tree_map(lambda e, d: e[..., k].astype(d.dtype), eps, delta)
-                    per_output = _reach.contract(op, site.reach, a, eps_k, delta)
+                    if _reach.all_weight_shaped(site.reach):  # One pass over the batch.
+                        per_output = contract_op(op, a, eps, delta, leaf=k)
+                    else:
+                        eps_k = jtu.tree_map(lambda e, d: e[..., k].astype(d.dtype), eps, delta)
+                        per_output = _reach.contract(op, site.reach, a, eps_k, delta)
                     row = row + from_outputs(structure, per_output, i)
             rows.append(row)
         return unflatten_like(state, rows)
