@@ -23,7 +23,8 @@ Tasks (`eqtrace.tasks`) and models:
   window.
 
 Rules (`RULES`): `drtrl` (`eqtrace.DRTRL()`), `ppprop` (`eqtrace.PPProp(decay=...)`, the task's
-`ppprop_decay`, or `ppprop@0.999` for another decay), `snap1`, `eprop`, `uoro`, `drtrl-window`
+`ppprop_decay`, or `ppprop@0.999` for another decay), `snap1`, `eprop`, `snap1-filtered`
+(`eqtrace.Filtered(eqtrace.SnAp1())`: SnAp-1's traces through the read-out's leak), `uoro`, `drtrl-window`
 (D-RTRL in exact windows of `block` steps, the last one ending at the loss) and `bptt`
 (`eqtrace.bptt_gradient`). Each
 update draws a batch, computes the gradient of the task's loss with the rule through the
@@ -89,6 +90,9 @@ RULES: dict[str, Rule] = {
     "ppprop": Rule("pp-prop", lambda decay: eqtrace.PPProp(decay=decay), "tab:orange", "s"),
     "snap1": Rule("SnAp-1", lambda decay: eqtrace.SnAp1(), "tab:red", "X"),
     "eprop": Rule("e-prop", lambda decay: eqtrace.EProp(), "tab:brown", "D"),
+    "snap1-filtered": Rule(
+        "SnAp-1, filtered", lambda decay: eqtrace.Filtered(eqtrace.SnAp1()), "tab:pink", "*"
+    ),
     "uoro": Rule("UORO", lambda decay: eqtrace.UORO(key=jr.key(0)), "tab:purple", "v"),
     "drtrl-window": Rule(
         "D-RTRL, exact windows",
