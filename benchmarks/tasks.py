@@ -24,15 +24,14 @@ Tasks (`eqtrace.tasks`) and models:
 
 Rules (`RULES`): `drtrl` (`eqtrace.DRTRL()`), `ppprop` (`eqtrace.PPProp(decay=...)`, the task's
 `ppprop_decay`, or `ppprop@0.999` for another decay), `snap1`, `eprop`, `snap1-filtered`
-(`eqtrace.Filtered(eqtrace.SnAp1())`: SnAp-1's traces through the read-out's leak), `uoro`, `drtrl-window`
-(D-RTRL in exact windows of `block` steps, the last one ending at the loss) and `bptt`
-(`eqtrace.bptt_gradient`). Each
-update draws a batch, computes the gradient of the task's loss with the rule through the
-drivers (`eqtrace.online_gradient` / `run_online` / `bptt_gradient`) and applies Adam (global-norm
-clipping at 1, cosine decay of the learning rate). For the spiking tasks the per-sample mask of
-the decision window travels with the labels, `(targets, mask)`, into the loss; the online rules
-run the trace forward without gradient work up to the window (it holds no loss) and take the
-online gradient over the window only, in online blocks of `block` steps.
+(`eqtrace.Filtered(eqtrace.SnAp1())`: SnAp-1's traces through the read-out's leak), `uoro`,
+`drtrl-window` (D-RTRL in exact windows of `block` steps, the last one ending at the loss) and
+`bptt` (`eqtrace.bptt_gradient`). Each update draws a batch, computes the gradient of the task's
+loss with the rule through the drivers (`eqtrace.online_gradient` / `run_online` / `bptt_gradient`)
+and applies Adam (global-norm clipping at 1, cosine decay of the learning rate). For the spiking
+tasks the per-sample mask of the decision window travels with the labels, `(targets, mask)`, into
+the loss; the online rules run the trace forward without gradient work up to the window (it holds
+no loss) and take the online gradient over the window only, in online blocks of `block` steps.
 
 Recorded per (task, rule, seed): the test accuracy (last and best of the evaluations), the
 memory per sample (the trace from `eqtrace.trace_size`; for BPTT the states of all `T` steps, a

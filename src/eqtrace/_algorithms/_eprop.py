@@ -13,8 +13,8 @@ from equinox import AbstractVar
 
 from .._algorithm import AbstractAlgorithm
 from .._cell import AbstractCell
-from .._custom_types import ExampleInput, Input, State
 from .._consumer import consumer_leak
+from .._custom_types import ExampleInput, Input, State
 from .._link import AbstractDerivative, freeze, input_tangent, link
 from .._ops import algebra
 from .._sparsity import identity_colours, pullback_pattern
@@ -33,7 +33,7 @@ from ._diagonal import (
     to_outputs,
     transition_products,
 )
-from ._drtrl import AbstractWeightTraceAlgorithm, DRTRL, DRTRLTrace, block_weight_traces
+from ._drtrl import DRTRL, AbstractWeightTraceAlgorithm, block_weight_traces
 
 
 class EPropTrace(eqx.Module):
@@ -149,9 +149,9 @@ class AbstractFiltered(AbstractDiagonalAlgorithm[EPropTrace]):
         if acting_on_output:
             raise StructureError(
                 f"{type(self).__name__} cannot filter the output of {structure.cell_name} for "
-                f"its leaky read-out: {acting_on_output} act on the output but not on the state, so "
-                "their effect on later outputs is not in the eligibility traces. Move them "
-                f"into the read-out, or use {self._unfiltered}."
+                f"its leaky read-out: {acting_on_output} act on the output but not on the "
+                "state, so their effect on later outputs is not in the eligibility traces. "
+                f"Move them into the read-out, or use {self._unfiltered}."
             )
         # A parameter read by `output` as well as by the state update (a threshold in the
         # spike and in the reset): the filter covers its path through the state only.
@@ -159,17 +159,17 @@ class AbstractFiltered(AbstractDiagonalAlgorithm[EPropTrace]):
         if in_both:
             raise StructureError(
                 f"{type(self).__name__} cannot filter the output of {structure.cell_name} for "
-                f"its leaky read-out: {in_both} act on the output directly as well as through the state, "
-                "and the filter of the eligibility traces covers the path through the state "
-                "only. Read the parameter in the state update alone (store what `output` needs "
-                f"in the state), or use {self._unfiltered}."
+                f"its leaky read-out: {in_both} act on the output directly as well as through "
+                "the state, and the filter of the eligibility traces covers the path through "
+                "the state only. Read the parameter in the state update alone (store what "
+                f"`output` needs in the state), or use {self._unfiltered}."
             )
         problem = _output_problem(cell, structure, state)
         if problem is not None:
             raise StructureError(
                 f"{type(self).__name__} cannot filter the output of {structure.cell_name} for "
-                f"its leaky read-out: {problem}. e-prop filters the output's traces per neuron; use "
-                f"{self._unfiltered}, or make `output` one value per neuron."
+                f"its leaky read-out: {problem}. e-prop filters the output's traces per "
+                f"neuron; use {self._unfiltered}, or make `output` one value per neuron."
             )
 
     def init_cell_trace(self, cell: AbstractCell, state: State, x: ExampleInput) -> EPropTrace:
@@ -352,7 +352,6 @@ class AbstractFiltered(AbstractDiagonalAlgorithm[EPropTrace]):
             new_trace,
             jtu.tree_map(jnp.add, ys, ys_link),
         )
-
 
 
 class EProp(AbstractFiltered):
