@@ -188,9 +188,3 @@ def test_consumers_without_a_constant_leak_leave_the_rule_unfiltered(getkey):
         .rule.cell_notes(lif, lif.init_state(), jnp.zeros(INPUT))
     )
     assert "no filter" in notes[-1]
-
-
-def test_refuses_rules_without_weight_traces():
-    for rule in (eqtrace.EProp(), eqtrace.PPProp(0.5), eqtrace.RTRL()):
-        with pytest.raises(TypeError, match="Filtered: `rule` must be"):
-            eqtrace.Filtered(rule)

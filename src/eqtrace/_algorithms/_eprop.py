@@ -88,7 +88,7 @@ class AbstractFiltered(AbstractDiagonalAlgorithm[EPropTrace]):
     def for_layer(self, layer: AbstractCell, consumer: Any) -> "AbstractFiltered":
         """This rule with the filter `κ` of `consumer`, the layer reading `layer`'s output, if
         its leak is a constant `κ` (`eqtrace.nn.LeakyReadout`, a synaptic filter: read from
-        its code, see `eqtrace._consumer`); otherwise the rule unfiltered."""
+        its code when the rule is prepared); otherwise the rule unfiltered."""
         if self.readout_decay is not None:
             raise ValueError(
                 f"{type(self).__name__}: `readout_decay` (here {self.readout_decay}) is for a "

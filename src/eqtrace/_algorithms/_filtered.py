@@ -16,10 +16,10 @@ class Filtered(AbstractFiltered):
 
     A per-layer rule runs each cell of an `eqtrace.nn.Sequential` with its own trace and sends
     the next layer the cell's output `z_t` differentiated through that trace, within the step.
-    When the next layer keeps a leaky state, `h'_t = κ h'_{t-1} + P z_t + c` (an
+    When the next layer keeps a leaky state, `q_t = κ q_{t-1} + P z_t + c` (an
     `eqtrace.nn.LeakyReadout`, a synaptic filter: any cell whose state Jacobian is a constant
     `κ I` and whose input Jacobian `P` does not depend on its state or input), a change of
-    `z_s` reaches every later `h'_t` as `κ^{t−s} P`, which the per-step credit drops: on a
+    `z_s` reaches every later `q_t` as `κ^{t−s} P`, which the per-step credit drops: on a
     spiking network under a leaky read-out, D-RTRL's gradient loses most of its norm. This
     rule folds the leak into the trace of the cell's output,
 
@@ -28,7 +28,7 @@ class Filtered(AbstractFiltered):
     $$
 
     with `ε_t` the wrapped rule's trace, and differentiates the output by `\\bar e_t`; the next
-    layer's exact within-step `P` then gives `dh'_t/dθ = Σ_{s≤t} κ^{t−s} P\\, dz_s/dθ`, the
+    layer's exact within-step `P` then gives `dq_t/dθ = Σ_{s≤t} κ^{t−s} P\\, dz_s/dθ`, the
     credit through its leak, exactly. `κ`, and whether the next layer has one, are read from
     that layer's code when the rule is prepared (`eqtrace.prepare`): which arrays the values
     of its two Jacobians depend on, never sampled values; a next layer whose leak depends on
