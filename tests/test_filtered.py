@@ -168,6 +168,12 @@ def test_consumers_without_a_constant_leak_leave_the_rule_unfiltered(getkey):
         nn.LeakyReadout(HIDDEN, 2, tau=4.0, key=k2).decay
     )
     assert consumer_leak(lif, SynapticFilter(HIDDEN)).leak == 0.7
+    # The same under a trace (a rule prepared inside `jit`, the parameters tracers).
+    readout = nn.LeakyReadout(HIDDEN, 2, tau=4.0, key=k2)
+    params, static = eqx.partition(readout, eqx.is_inexact_array)
+    leaks = []
+    jax.jit(lambda p: leaks.append(consumer_leak(lif, eqx.combine(p, static)).leak))(params)
+    assert leaks == [consumer_leak(lif, readout).leak]
     refused = {
         "a spiking layer (its reset)": nn.LIF(HIDDEN, 2, key=k2),
         "a learnt time constant": LearntLeak(HIDDEN),

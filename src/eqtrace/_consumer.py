@@ -96,7 +96,10 @@ def _consumer_leak(layer: AbstractCell, consumer: AbstractCell, name: str) -> Co
         )
     if problems:
         return ConsumerLeak(None, tuple(problems))
-    leak = np.asarray(jacobians(flat_state, x, arrays, rest)[0])
+    # The leak depends on no array (checked): any values give it, and concrete ones keep it
+    # concrete when the rule is prepared under a trace (the parameters then being tracers).
+    ones = jtu.tree_map(lambda a: jnp.ones(jnp.shape(a), a.dtype), arrays)
+    leak = np.asarray(jacobians(flat_state, x, ones, rest)[0])
     kappa = float(leak[0, 0]) if leak.size else float("nan")
     if not np.array_equal(leak, kappa * np.eye(leak.shape[0], dtype=leak.dtype)):
         return ConsumerLeak(
