@@ -23,17 +23,17 @@ Tasks (`eqtrace.tasks`) and models:
   window.
 
 Rules (`RULES`): `drtrl` (`eqtrace.DRTRL()`), `ppprop` (`eqtrace.PPProp(decay=...)`, the task's
-`ppprop_decay`, or `ppprop@0.999` for another decay), `snap1`, `eprop`, `uoro`, `drtrl-window`
-(D-RTRL in exact windows of `block` steps, the last one ending at the loss), `lowrank@R`
-(`eqtrace.LowRankRTRL(rank=R)`, D-RTRL plus a rank-R correction; `lowrank` alone: R = 4) and
-`bptt`
-(`eqtrace.bptt_gradient`). Each
-update draws a batch, computes the gradient of the task's loss with the rule through the
-drivers (`eqtrace.online_gradient` / `run_online` / `bptt_gradient`) and applies Adam (global-norm
-clipping at 1, cosine decay of the learning rate). For the spiking tasks the per-sample mask of
-the decision window travels with the labels, `(targets, mask)`, into the loss; the online rules
-run the trace forward without gradient work up to the window (it holds no loss) and take the
-online gradient over the window only, in online blocks of `block` steps.
+`ppprop_decay`, or `ppprop@0.999` for another decay), `snap1`, `eprop`, `snap1-filtered`
+(`eqtrace.Filtered(eqtrace.SnAp1())`: SnAp-1's traces through the read-out's leak), `uoro`,
+`drtrl-window` (D-RTRL in exact windows of `block` steps, the last one ending at the loss),
+`lowrank@R` (`eqtrace.LowRankRTRL(rank=R)`, D-RTRL plus a rank-R correction; `lowrank` alone:
+R = 4) and `bptt` (`eqtrace.bptt_gradient`). Each update draws a batch, computes the gradient of
+the task's loss with the rule through the drivers (`eqtrace.online_gradient` / `run_online` /
+`bptt_gradient`) and applies Adam (global-norm clipping at 1, cosine decay of the learning rate).
+For the spiking tasks the per-sample mask of the decision window travels with the labels,
+`(targets, mask)`, into the loss; the online rules run the trace forward without gradient work up
+to the window (it holds no loss) and take the online gradient over the window only, in online
+blocks of `block` steps.
 
 Recorded per (task, rule, seed): the test accuracy (last and best of the evaluations), the
 memory per sample (the trace from `eqtrace.trace_size`; for BPTT the states of all `T` steps, a
@@ -92,6 +92,9 @@ RULES: dict[str, Rule] = {
     "ppprop": Rule("pp-prop", lambda decay: eqtrace.PPProp(decay=decay), "tab:orange", "s"),
     "snap1": Rule("SnAp-1", lambda decay: eqtrace.SnAp1(), "tab:red", "X"),
     "eprop": Rule("e-prop", lambda decay: eqtrace.EProp(), "tab:brown", "D"),
+    "snap1-filtered": Rule(
+        "SnAp-1, filtered", lambda decay: eqtrace.Filtered(eqtrace.SnAp1()), "tab:pink", "*"
+    ),
     "uoro": Rule("UORO", lambda decay: eqtrace.UORO(key=jr.key(0)), "tab:purple", "v"),
     "drtrl-window": Rule(
         "D-RTRL, exact windows",

@@ -170,8 +170,10 @@ SPECIALISED: tuple[AlgorithmCase, ...] = (
 
 #: Rules that wrap a registered rule (`eqtrace.ExactWindows(rule)`): stepping them is the
 #: wrapped rule, so the oracles above do not run them again; test_windows.py runs them over
-#: every entry of `ALGORITHMS`.
-WRAPPERS: tuple[type[eqtrace.AbstractAlgorithm], ...] = (eqtrace.ExactWindows,)
+#: every entry of `ALGORITHMS`. `eqtrace.Filtered(rule)` is the wrapped rule unless a layer
+#: with a constant leak reads the cell (then e-prop's filter on its traces):
+#: test_filtered.py holds it to its oracles.
+WRAPPERS: tuple[type[eqtrace.AbstractAlgorithm], ...] = (eqtrace.ExactWindows, eqtrace.Filtered)
 
 
 def rules(**flags) -> list[AlgorithmCase]:

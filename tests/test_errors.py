@@ -1225,6 +1225,11 @@ CASES: dict[str, Callable[[], list[Callable[[], object]]]] = {
             nn.Sequential([_gru(), nn.LeakyReadout(HIDDEN, 2, key=_key())]),
         )
     ],
+    "A rule `Filtered` cannot wrap": lambda: [
+        lambda: eqtrace.Filtered(eqtrace.EProp()),
+        lambda: eqtrace.Filtered(eqtrace.PPProp(0.9)),
+        lambda: eqtrace.Filtered(eqtrace.RTRL()),
+    ],
     "An output e-prop cannot filter": lambda: [
         _init(
             eqtrace.EProp(),

@@ -6,6 +6,7 @@ from . import nn as nn, plot as plot, tasks as tasks
 from ._algorithm import AbstractAlgorithm as AbstractAlgorithm
 from ._algorithms._drtrl import DRTRL as DRTRL, DRTRLTrace as DRTRLTrace
 from ._algorithms._eprop import EProp as EProp, EPropTrace as EPropTrace
+from ._algorithms._filtered import Filtered as Filtered
 from ._algorithms._lowrank import LowRankRTRL as LowRankRTRL, LowRankRTRLTrace as LowRankRTRLTrace
 from ._algorithms._otpe import OTPE as OTPE, OTPETrace as OTPETrace
 from ._algorithms._ottt import OTTT as OTTT, OTTTTrace as OTTTTrace
