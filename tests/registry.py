@@ -56,6 +56,8 @@ class AlgorithmCase:
       structure that sets it apart (e-prop is D-RTRL unless a cell feeds a leaky read-out).
       The products of every rule with every cell skip it (`rules` leaves it out unless asked
       for by `same_as=...`); its own tests hold it to that rule and to its own oracles.
+    - `forward_mode`: propagates its trace with forward-mode products (`J_t U`), so it refuses a
+      cell whose state goes through a `jax.custom_vjp` function (a deliberate, named refusal).
     - `cells`: for a rule made for one kind of cell (`SPECIALISED`), the registered cells it
       accepts; it refuses the generic models of the other oracles.
     """
@@ -70,6 +72,7 @@ class AlgorithmCase:
     supports_blocks: bool = True
     same_as: str | None = None
     cells: tuple[str, ...] = ()
+    forward_mode: bool = False
 
     @functools.cached_property
     def algorithm(self) -> eqtrace.AbstractAlgorithm:
@@ -111,7 +114,14 @@ ALGORITHMS: tuple[AlgorithmCase, ...] = (
     # Low-rank RTRL at rank 2: D-RTRL plus a correction that stays at round-off where D-RTRL
     # is exact (element-wise layers). test_lowrank.py holds it to RTRL at full rank, to D-RTRL
     # and SnAp-1 at rank 0, and to an error that falls with the rank.
-    AlgorithmCase("lowrank", _lowrank, exact=False, exact_elementwise=True, needs_structure=True),
+    AlgorithmCase(
+        "lowrank",
+        _lowrank,
+        exact=False,
+        exact_elementwise=True,
+        needs_structure=True,
+        forward_mode=True,
+    ),
     AlgorithmCase(
         "eprop",
         eqtrace.EProp,
@@ -135,6 +145,7 @@ ALGORITHMS: tuple[AlgorithmCase, ...] = (
         needs_structure=False,
         equals_rtrl_at_first_step=False,  # unbiased at T = 1, but a rank-one draw
         statistical=True,
+        forward_mode=True,
     ),
 )
 

@@ -128,11 +128,13 @@ MODES = {
 #: normaliser, UORO's PRNG key); every registered rule under `LONG`.
 SHARDED = [case for case in ALGORITHMS if LONG or case.name in ("drtrl", "snapn", "ppprop", "uoro")]
 
-#: The second half of the runs below, in a new process (JAX starts afresh: nothing compiled
-#: or cached survives), with 4 host devices: for each mode, the learner saved after the first
-#: stretch is restored into one built afresh, trained on the second stretch and saved again.
-#: Then the same with the batch sharded over the devices, checked there.
-_NEW_PROCESS = """
+#: The second half of the runs below, in new processes (JAX starts afresh: nothing compiled
+#: or cached survives). `_RESUME`, with the devices of this process (a process's arithmetic may
+#: depend on how many devices it has, e.g. the batch sum of `eqtrace._batch_sum`): for each
+#: mode, the learner saved after the first stretch is restored into one built afresh, trained
+#: on the second stretch and saved again. `_SHARDED`, with 4 host devices: the same with the
+#: batch sharded over the devices, checked there.
+_IMPORTS = """
 import sys
 sys.path.insert(0, TESTS)
 import jax
@@ -146,6 +148,8 @@ import test_checkpoint as tc
 
 xs, targets = tc._stream()
 first, second = slice(None, tc.SPLIT), slice(tc.SPLIT, None)
+"""
+_RESUME = """
 for name, (case, blocks) in tc.MODES.items():
     train, fresh = tc._learner(case.make, blocks)
     model, algorithm, like = fresh()
@@ -157,7 +161,8 @@ for name, (case, blocks) in tc.MODES.items():
     eqtrace.save_checkpoint(
         directory + "-resumed", tc.LENGTH, resumed, algorithm=algorithm, model=model
     )
-
+"""
+_SHARDED = """
 assert jax.device_count() == 4
 mesh = Mesh(jax.devices(), ("batch",))
 batched, replicated = NamedSharding(mesh, P("batch")), NamedSharding(mesh, P())
@@ -207,7 +212,7 @@ for case in tc.SHARDED:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """For each mode: the run straight on over both stretches of the stream, and the same run
-    saved after the first stretch and resumed in a new process (`_NEW_PROCESS`).
+    saved after the first stretch and resumed in a new process (`_RESUME`).
 
     **Returns:** `(straight, resumed, sharded)`: dicts of mode -> learner tree, and the
     new process's report of the sharded runs."""
@@ -224,27 +229,33 @@ def runs(tmp_path_factory):
         )
         straight[name] = train(interrupted, xs[second], targets[second])
         likes[name] = (model, algorithm, tree)
-    script = _NEW_PROCESS.replace("TESTS", repr(str(TESTS)))
-    script = script.replace("DIRECTORY", repr(str(directory)))
-    # The same XLA flags as this process (conftest.py's), so that the resumed run compiles the
-    # same programs: resuming must be bit-identical.
-    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=4"
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=flags.strip())
-    result = subprocess.run(
-        [sys.executable, "-W", "error", "-c", script],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=900,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
+    # The same XLA flags as this process (conftest.py's), so that the resumed runs compile the
+    # same programs: resuming must be bit-identical. Both processes run side by side.
+    flags = os.environ.get("XLA_FLAGS", "")
+    processes = {}
+    for part, extra in ((_RESUME, ""), (_SHARDED, " --xla_force_host_platform_device_count=4")):
+        script = (_IMPORTS + part).replace("TESTS", repr(str(TESTS)))
+        script = script.replace("DIRECTORY", repr(str(directory)))
+        env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=(flags + extra).strip())
+        processes[part] = subprocess.Popen(
+            [sys.executable, "-W", "error", "-c", script],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+    outputs = {}
+    for part, process in processes.items():
+        stdout, stderr = process.communicate(timeout=900)
+        assert process.returncode == 0, stdout + stderr
+        outputs[part] = stdout
     resumed = {}
     for name, (model, algorithm, like) in likes.items():
         resumed[name], step = eqtrace.restore_checkpoint(
             directory / f"{name}-resumed", like, algorithm=algorithm, model=model
         )
         assert step == LENGTH
-    return straight, resumed, result.stdout
+    return straight, resumed, outputs[_SHARDED]
 
 
 @pytest.mark.parametrize("mode", list(MODES))

@@ -76,7 +76,10 @@ def _select(trace: Any, leaf: int | None) -> Any:
 def _unrolls() -> bool:
     """Whether to sum over the batch sample by sample: on a single CPU device. Elsewhere the
     batched product stays: a GPU's reduction over the batch axis needs no unrolling (not yet
-    measured), and slicing a batch split over devices would gather it onto each of them."""
+    measured), and slicing a batch split over devices by GSPMD (which a trace cannot see)
+    would gather it onto each of them. So a process's last bits depend on how many devices
+    it has: a run resumes bit for bit on the same devices. A batch whose type says it is
+    split (explicit sharding) keeps the product too (`_split`)."""
     return jax.default_backend() == "cpu" and jax.device_count() == 1
 
 
@@ -98,6 +101,16 @@ def _batched(tree: Any) -> bool:
     return any(getattr(leaf, "_trace", None) is current for leaf in jtu.tree_leaves(tree))
 
 
+def _split(tree: Any) -> bool:
+    """Whether the batch axis of `tree` is sharded over devices in its type (explicit
+    sharding): slicing it per sample is not defined there, so the batched product stays."""
+    for leaf in jtu.tree_leaves(tree):
+        spec = getattr(getattr(jax.typeof(leaf), "sharding", None), "spec", None)
+        if spec and spec[0] is not None:
+            return True
+    return False
+
+
 def _per_sample(fn: Callable[[Any, Any, Any], jax.Array], leaf: int | None) -> Callable:
     @custom_vmap
     def per_sample(trace, delta, other):
@@ -106,7 +119,8 @@ def _per_sample(fn: Callable[[Any, Any, Any], jax.Array], leaf: int | None) -> C
     @per_sample.def_vmap
     def rule(axis_size, in_batched, trace, delta, other):
         shared = not any(jtu.tree_leaves((in_batched[1], in_batched[2])))
-        if shared and all(jtu.tree_leaves(in_batched[0])) and axis_size <= UNROLLED_BATCH:
+        unrollable = shared and all(jtu.tree_leaves(in_batched[0])) and not _split(trace)
+        if unrollable and axis_size <= UNROLLED_BATCH:
             return _unrolled(fn, leaf, axis_size)(trace, delta, other), True
         axes = [jtu.tree_map(lambda b: 0 if b else None, batched) for batched in in_batched]
         mapped = jax.vmap(lambda t, d, o: fn(_select(t, leaf), d, o), in_axes=tuple(axes))

@@ -124,15 +124,15 @@ class UORO(AbstractAlgorithm[UOROTrace]):
     def cell_steps(
         self, cell: AbstractCell, state: State, trace: UOROTrace, xs: Input
     ) -> tuple[State, UOROTrace]:
-        """`C` steps with the values of `C` single steps, keeping no step's `θ̃_t`.
+        """`C` steps with the values of `C` single steps, keeping no step's `θ̃ₜ`.
 
         The forward pass cannot skip a step's pass over `θ̃`: `ρ_0` of step `t` divides by the
         norm of `θ̃_{t-1}`, which depends on every earlier term of the block, so `θ̃` is formed
         at every step (as when stepping). What a block saves is the derivative: the rule's
-        change of `h_t`, `h̃_t (θ̃_t · δθ)`, needs only the scalar `s_t = θ̃_t · δθ`, which
+        change of `h_t`, `h̃ₜ (θ̃ₜ · δθ)`, needs only the scalar `s_t = θ̃ₜ · δθ`, which
         follows the recursion `s_t = s_{t-1} / ρ_0 + ν_t · (J^θ_t δθ) / ρ_1` from
-        `s_0 = θ̃_0 · δθ`. Reverse mode transposes it into one weighted VJP of the block's steps
-        and one read of `θ̃_0`, where the default block keeps every step's `θ̃_t` (`C` times the
+        `s_0 = θ̃₀ · δθ`. Reverse mode transposes it into one weighted VJP of the block's steps
+        and one read of `θ̃₀`, where the default block keeps every step's `θ̃ₜ` (`C` times the
         trace) and contracts them all.
         """
         params, static, frozen, (state, trace, stopped_xs) = freeze(cell, state, trace, xs)
