@@ -38,14 +38,18 @@ class _Unkeyable(Exception):
 
 
 def _leaf_key(leaf: Any) -> Any:
-    if isinstance(leaf, (jax.core.Tracer, jax.ShapeDtypeStruct, jax.Array, np.ndarray, np.generic)):
-        if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+    if isinstance(leaf, (jax.core.Tracer, jax.ShapeDtypeStruct)):
+        return ("abstract", tuple(leaf.shape), np.dtype(leaf.dtype), _weak(leaf))
+    if isinstance(leaf, (jax.Array, np.ndarray, np.generic)):
+        dtype = (
+            np.dtype(leaf.dtype)
+            if not jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key)
+            else None
+        )
+        if dtype is None:
             raise _Unkeyable  # A PRNG key: its values are not bytes we may compare.
-        dtype = np.dtype(leaf.dtype)
-        if jnp.issubdtype(dtype, jnp.inexact):  # Read abstractly, traced or not.
+        if jnp.issubdtype(dtype, jnp.inexact):
             return ("float", tuple(leaf.shape), dtype, _weak(leaf))
-        if isinstance(leaf, (jax.core.Tracer, jax.ShapeDtypeStruct)):  # Values unknown.
-            return ("abstract", tuple(leaf.shape), dtype, _weak(leaf))
         return ("exact", tuple(leaf.shape), dtype, np.asarray(leaf).tobytes())
     if leaf is None or isinstance(leaf, (bool, int, float, complex, str)):
         return ("value", type(leaf), leaf)
