@@ -85,6 +85,28 @@ def test_pattern_covers_every_numeric_nonzero(name):
         np.testing.assert_array_equal(pattern, EXACT[name])
 
 
+def test_patterns_are_the_same_inside_jit():
+    # A plan is built inside the traced step; a trace is laid out outside. The walk's own
+    # arrays (folded constants, 0/1 arrays through gathers and scatters) must be concrete in
+    # both, or the pattern widens inside (SnAp-n's layout then differs between the two).
+    h, x = jnp.zeros(4), jnp.zeros(3)
+    outside = {
+        name: pullback_pattern(fun, (h, x), (0,), identity_colours)
+        for name, fun in FUNCTIONS.items()
+    }
+    inside = {}
+
+    def analyse(scale, x):
+        for name, fun in FUNCTIONS.items():
+            inside[name] = pullback_pattern(fun, (h * scale, x), (0,), identity_colours)
+        return jnp.sum(scale * x)
+
+    jax.jit(analyse)(1.0, x)
+    for name in FUNCTIONS:
+        assert inside[name].unknown == outside[name].unknown, name
+        np.testing.assert_array_equal(inside[name].leaves[0][0], outside[name].leaves[0][0], name)
+
+
 def test_integer_fields_are_constants_only_when_known():
     mask = jnp.array([1, 0, 1, 0])
 

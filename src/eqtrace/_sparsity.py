@@ -228,7 +228,14 @@ class _Walk:
 
     def closed(self, closed, deps, values):
         consts = [np.asarray(c) if _is_concrete(c) else None for c in closed.consts]
-        return self.jaxpr(closed.jaxpr, [None] * len(consts) + list(deps), consts + list(values))
+        # The walk computes with constants (folding, 0/1 arrays through positional ops):
+        # eagerly, whatever transformation traces around it, so that the pattern of a cell
+        # is the same analysed inside `jit` or `grad` as outside (an array made under an
+        # outer trace would be a tracer, an unknown value, and widen the pattern).
+        with jax.ensure_compile_time_eval():
+            return self.jaxpr(
+                closed.jaxpr, [None] * len(consts) + list(deps), consts + list(values)
+            )
 
     def jaxpr(self, jaxpr, deps, values):
         return self.jaxpr_values(jaxpr, deps, values)[0]
