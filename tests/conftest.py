@@ -37,10 +37,40 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.environ["EQTRACE_TEST_JAX_
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
+import ast
+
 import jax
 import jax.random as jr
 import numpy as np
 import pytest
+from jaxtyping import _import_hook
+
+
+class _PublicFunctionsTransformer(_import_hook.JaxtypingTransformer):
+    """jaxtyping's import hook (`--jaxtyping-packages` in pyproject.toml) puts its beartype
+    decorator on every function of `eqtrace`, nested ones too, and a nested `def` is decorated
+    anew at every call of its parent: the structural analyses' closures were decorated tens of
+    thousands of times per test file, about a sixth of the suite's CPU time, checking nothing
+    (they carry no annotations). Here a function nested in another is decorated only if it
+    annotates an argument or its return: every public function, method and annotated closure
+    (such as the step `make_online_step` returns) is still checked."""
+
+    def visit_FunctionDef(self, node):
+        nested = any(isinstance(p, (ast.FunctionDef, ast.AsyncFunctionDef)) for p in self._parents)
+        arguments = [*node.args.posonlyargs, *node.args.args, *node.args.kwonlyargs]
+        arguments += [a for a in (node.args.vararg, node.args.kwarg) if a is not None]
+        annotated = node.returns is not None or any(a.annotation is not None for a in arguments)
+        if not nested or annotated:
+            return super().visit_FunctionDef(node)
+        self._no_type_check_level += 1
+        try:
+            return super().visit_FunctionDef(node)
+        finally:
+            self._no_type_check_level -= 1
+
+
+# Read when each module is imported, after this file is (nothing imports `eqtrace` earlier).
+_import_hook.JaxtypingTransformer = _PublicFunctionsTransformer
 
 
 # Exactness assertions (RTRL == BPTT to 1e-9) need float64.
