@@ -60,6 +60,11 @@ class AlgorithmCase:
       cell whose state goes through a `jax.custom_vjp` function (a deliberate, named refusal).
     - `cells`: for a rule made for one kind of cell (`SPECIALISED`), the registered cells it
       accepts; it refuses the generic models of the other oracles.
+    - `first_step_as`: the registered rule whose first step this one's is, exactly, on any
+      cell it accepts (LowRankRTRL's correction starts at zero, so its first step is its base
+      rule's). The products of first-step oracles with the ways a cell can be written (op
+      kinds, op orders, scalar ops) run that rule instead (`rules` leaves it out unless asked
+      for by `first_step_as=...`); its own tests hold it to RTRL beyond the first step.
     """
 
     name: str
@@ -73,6 +78,7 @@ class AlgorithmCase:
     same_as: str | None = None
     cells: tuple[str, ...] = ()
     forward_mode: bool = False
+    first_step_as: str | None = None
 
     @functools.cached_property
     def algorithm(self) -> eqtrace.AbstractAlgorithm:
@@ -121,6 +127,7 @@ ALGORITHMS: tuple[AlgorithmCase, ...] = (
         exact_elementwise=True,
         needs_structure=True,
         forward_mode=True,
+        first_step_as="drtrl",
     ),
     AlgorithmCase(
         "eprop",

@@ -29,7 +29,10 @@ STRUCTURAL = algorithms(needs_structure=True)
 #: Rules exact on an element-wise layer but not on any cell.
 EXACT_ELEMENTWISE = algorithms(exact_elementwise=True, exact=False)
 #: Rules that equal RTRL at T = 1 (exact rules are held to BPTT instead, a stronger oracle).
-FIRST_STEP_RULES = [case.algorithm for case in rules(equals_rtrl_at_first_step=True, exact=False)]
+FIRST_STEP_RULES = [
+    case.algorithm
+    for case in rules(equals_rtrl_at_first_step=True, exact=False, first_step_as=None)
+]
 
 
 def first_step_gradient(algorithm, model, state, x, target):

@@ -30,7 +30,7 @@ from registry import CELLS, EVERY_CELL, algorithm_cases, algorithms, cells, make
 
 
 #: Rules that equal RTRL at T = 1 (exact rules are held to BPTT instead, a stronger oracle).
-FIRST_STEP = algorithms(equals_rtrl_at_first_step=True, exact=False)
+FIRST_STEP = algorithms(equals_rtrl_at_first_step=True, exact=False, first_step_as=None)
 #: Rules exact on an element-wise layer but not on any cell.
 EXACT_ELEMENTWISE = algorithms(exact_elementwise=True, exact=False)
 #: Oracles that hold for every rule (batch = loop, jit = no jit, a gradient for every

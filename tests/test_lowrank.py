@@ -1,8 +1,11 @@
 """`LowRankRTRL`: D-RTRL's (or SnAp-1's) trace plus a rank-r correction. Its oracles, in
 float64 on tiny cells through the step-by-step trace path: at rank 0 it is the base rule; at
 full rank (r = the number of state values) it is exact RTRL over several steps, and so BPTT
-under a stateless read-out; the error to RTRL falls with the rank. (Blocks = steps, batch =
-per sample, jit = no jit and RTRL at the first step run through `registry.py`.)"""
+under a stateless read-out; the error to RTRL falls with the rank; its first step is its
+base rule's, exactly (the correction starts at zero), which is why the first-step products
+over cells and op kinds run the base rule (`first_step_as` in `registry.py`). (Blocks =
+steps, batch = per sample, jit = no jit and RTRL at the first step run through
+`registry.py`.)"""
 
 import equinox as eqx
 import jax
@@ -13,6 +16,7 @@ import eqtrace
 from eqtrace import nn
 from helpers import online_and_bptt, relative_error
 from registry import make_cell
+from test_any_cell import VJPSpiking, first_step_gradient
 
 
 LENGTH = 5
@@ -109,3 +113,24 @@ def test_more_iterations_stay_exact_at_full_rank(getkey):
     model, xs, targets = _problem("gru", getkey())
     online, bptt = online_and_bptt(eqtrace.LowRankRTRL(3, iterations=2), model, xs, targets)
     assert relative_error(online, bptt) <= 1e-10
+
+
+@pytest.mark.parametrize("name", ["alif", "lstm"])
+def test_its_first_step_is_its_base_rules(name, getkey):
+    model, xs, targets = _problem(name, getkey())
+    state = jax.tree.map(lambda s: s + 0.2, model.init_state())
+    for base in (eqtrace.DRTRL(), eqtrace.SnAp1()):
+        first = first_step_gradient(eqtrace.LowRankRTRL(2, base), model, state, xs[0], targets[0])
+        assert (
+            relative_error(first, first_step_gradient(base, model, state, xs[0], targets[0])) == 0
+        )
+
+
+def test_a_custom_vjp_cell_is_refused_by_name(getkey):
+    """The correction is propagated forward (`J_t U`): a `custom_vjp` on the state's path is
+    refused at `init_trace`, as by UORO, while rank 0 (the base rule) runs it."""
+    model = VJPSpiking(key=getkey())
+    x = jr.normal(getkey(), (3,))
+    with pytest.raises(ValueError, match="LowRankRTRL cannot run VJPSpiking"):
+        eqtrace.LowRankRTRL(2).init_trace(model, model.init_state(), x)
+    eqtrace.LowRankRTRL(0).init_trace(model, model.init_state(), x)

@@ -22,7 +22,8 @@ from registry import rules
 from test_any_cell import RawWeightUse, first_step_gradient
 
 
-DIAGONAL = [case.algorithm for case in rules(needs_structure=True, exact=False)]
+#: (A rule whose first step is another's, `first_step_as`, is that rule here.)
+DIAGONAL = [case.algorithm for case in rules(needs_structure=True, exact=False, first_step_as=None)]
 #: Rules that refuse a `custom_vjp` cell by name (they differentiate it in forward mode).
 FORWARD_MODE = tuple(type(case.algorithm) for case in rules(forward_mode=True))
 
