@@ -787,13 +787,9 @@ def _sub_jaxpr(eqn):
             calls = (
                 offset >= 0
                 and len(inner.jaxpr.outvars) == len(eqn.outvars)
+                and all(_rank(v) == _rank(o) for v, o in zip(inner.jaxpr.outvars, eqn.outvars))
                 and all(
-                    _rank(v) == _rank(o)
-                    for v, o in zip(inner.jaxpr.outvars, eqn.outvars)
-                )
-                and all(
-                    _rank(v) == _rank(o)
-                    for v, o in zip(inner.jaxpr.invars, eqn.invars[offset:])
+                    _rank(v) == _rank(o) for v, o in zip(inner.jaxpr.invars, eqn.invars[offset:])
                 )
             )
             return (inner, offset) if calls else None
