@@ -492,6 +492,8 @@ class _Names:
     sites: tuple[int, ...]
     param_paths: tuple[str, ...]
     param_shapes: tuple[tuple[int, ...], ...]
+    #: The ops called with floating arrays other than their own (rebuilt before the call).
+    rebuilt: tuple[int, ...] = ()
 
     @property
     def num_leaves(self) -> int:
@@ -572,7 +574,7 @@ def _layout(cell, state, x) -> tuple[_Names, tuple[bool, ...], Any]:
         )
     (neuron_shape,) = shapes
     op_paths = tuple(path for path, _ in find_ops(cell))
-    sites, nested = call_sites(cell, state, x)
+    sites, nested, rebuilt = call_sites(cell, state, x)
     if nested:
         raise StructureError(
             f"{name}: a synaptic op is called inside a JAX transformation within the cell ("
@@ -593,6 +595,7 @@ def _layout(cell, state, x) -> tuple[_Names, tuple[bool, ...], Any]:
         sites=tuple(sites),
         param_paths=tuple(jtu.keystr(p) for p, _ in params_with_paths),
         param_shapes=tuple(tuple(jnp.shape(leaf)) for _, leaf in params_with_paths),
+        rebuilt=rebuilt,
     )
     # Shapes only: no value of the cell, state or input enters the analysis.
     _, records = eqx.filter_eval_shape(
@@ -721,8 +724,12 @@ def _fed_op_inputs(cell, state, x, names: _Names, called, records, traced) -> li
 
 
 def _weights_outside_calls(names: _Names, patterns: _Patterns) -> list:
-    """Assumption: an op's weights change the state only through calls of the op."""
-    return [
+    """Assumption: an op's weights change the state only through calls of the op, and each
+    call computes with the op's own arrays. An op rebuilt before its call (`eqx.nn.WeightNorm`
+    calls a copy of its layer holding `g v / |v|`, `eqx.tree_at(…, op, …)(a)`) passes every
+    pattern check, since the call's output depends on the held arrays, but its op traces
+    would take `∂u/∂v` as that of `v a` (a wrong gradient even at the first step)."""
+    outside = [
         Violation(
             ViolationKind.WEIGHTS_OUTSIDE_CALLS,
             names.op_paths[i],
@@ -732,6 +739,21 @@ def _weights_outside_calls(names: _Names, patterns: _Patterns) -> list:
         )
         for i in np.flatnonzero(patterns.op_used_outside)
     ]
+    rebuilt = [
+        Violation(
+            ViolationKind.WEIGHTS_OUTSIDE_CALLS,
+            names.op_paths[i],
+            f"the op `{names.op_paths[i]}` is called with weights other than its own arrays "
+            "(rebuilt before the call, e.g. by `eqx.nn.WeightNorm` or `eqx.tree_at` on the "
+            "op), so its weights act through that rebuilding as well as through the call; "
+            "the op traces take the call to compute with the op's own arrays. Compute the "
+            "weights inside a registered op's `__call__` (`eqtrace.register_op`), or use "
+            "`eqtrace.RTRL()`.",
+        )
+        for i in names.rebuilt
+        if not patterns.op_used_outside[i]
+    ]
+    return outside + rebuilt
 
 
 def _unread(names: _Names, patterns: _Patterns, link: np.ndarray) -> list:
