@@ -248,12 +248,33 @@ class WeightNormed(eqtrace.AbstractCell):
         return h, h
 
 
+class TiedOps(eqtrace.AbstractCell):
+    """Two ops with tied weights through `eqx.nn.Shared`, which holds a placeholder in the
+    second op and rebuilds it at each call (the analysis crashed on the placeholder)."""
+
+    shared: eqx.nn.Shared
+
+    def __init__(self, *, key):
+        akey, bkey = jr.split(key)
+        ops = (eqx.nn.Linear(4, 4, key=akey), eqx.nn.Linear(4, 4, key=bkey))
+        self.shared = eqx.nn.Shared(ops, lambda p: p[1].weight, lambda p: p[0].weight)
+
+    def init_state(self):
+        return jnp.zeros(4)
+
+    def __call__(self, state, x):
+        a, b = self.shared()
+        h = 0.5 * state + jnp.tanh(a(x) + b(x**2))
+        return h, h
+
+
 @pytest.mark.parametrize("rule", STRUCTURAL)
 @pytest.mark.parametrize(
     "cell_cls, match",
     [
         (RawWeightUse, "`.op` change the state other than through calls"),
-        (WeightNormed, "`.op.layer` is called with weights other than its own arrays"),
+        (WeightNormed, "called with weights other than its own arrays \\(`.op.layer`\\)"),
+        (TiedOps, "called with weights other than its own arrays \\(`.shared.pytree\\[1\\]`\\)"),
     ],
 )
 def test_weights_used_outside_calls_are_refused(cell_cls, match, rule, getkey):

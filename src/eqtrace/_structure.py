@@ -492,8 +492,6 @@ class _Names:
     sites: tuple[int, ...]
     param_paths: tuple[str, ...]
     param_shapes: tuple[tuple[int, ...], ...]
-    #: The ops called with floating arrays other than their own (rebuilt before the call).
-    rebuilt: tuple[int, ...] = ()
 
     @property
     def num_leaves(self) -> int:
@@ -559,7 +557,8 @@ def _analyse(cell, state, x) -> CellStructure:
 def _layout(cell, state, x) -> tuple[_Names, tuple[bool, ...], Any]:
     """The names, which ops are called, and the shapes of each call's input and output
     (`(a, u)` records, from shapes only); refuses state leaves that are not real arrays of
-    one neuron shape and ops called inside a transformation within the cell."""
+    one neuron shape, ops called inside a transformation within the cell and ops called
+    with weights other than their own arrays."""
     name = type(cell).__name__
     leaves_with_paths = jtu.tree_leaves_with_path(state)
     state_paths = tuple(f"state{jtu.keystr(p)}" for p, _ in leaves_with_paths)
@@ -585,6 +584,20 @@ def _layout(cell, state, x) -> tuple[_Names, tuple[bool, ...], Any]:
             "kernel size 1 applies one weight matrix at many positions), or use "
             "`eqtrace.RTRL()` for this cell."
         )
+    if rebuilt:
+        # The op traces take each call to compute with the op's own arrays; a call of a
+        # rebuilt copy passes every pattern check (its output depends on the held arrays)
+        # while its weights act through the rebuilding too: `eqx.nn.WeightNorm`'s `v` got the
+        # gradient of `v x`, and `eqx.nn.Shared`'s placeholder crashed the analysis.
+        raise StructureError(
+            f"{name}: a synaptic op is called with weights other than its own arrays ("
+            + ", ".join(f"`{op_paths[i]}`" for i in rebuilt)
+            + "): a copy of it is rebuilt before the call (as `eqx.nn.WeightNorm` and "
+            "`eqx.nn.Shared` do, or `eqx.tree_at` on the op), so its weights act through that "
+            "rebuilding as well as through the call, which the op traces do not follow. "
+            "Compute such weights inside a registered op's `__call__` "
+            "(`eqtrace.register_op`), or use `eqtrace.RTRL()` for this cell."
+        )
     called = tuple(i in sites for i in range(len(op_paths)))
     params_with_paths = jtu.tree_leaves_with_path(eqx.filter(cell, other_params_spec(cell, called)))
     names = _Names(
@@ -595,7 +608,6 @@ def _layout(cell, state, x) -> tuple[_Names, tuple[bool, ...], Any]:
         sites=tuple(sites),
         param_paths=tuple(jtu.keystr(p) for p, _ in params_with_paths),
         param_shapes=tuple(tuple(jnp.shape(leaf)) for _, leaf in params_with_paths),
-        rebuilt=rebuilt,
     )
     # Shapes only: no value of the cell, state or input enters the analysis.
     _, records = eqx.filter_eval_shape(
@@ -724,12 +736,8 @@ def _fed_op_inputs(cell, state, x, names: _Names, called, records, traced) -> li
 
 
 def _weights_outside_calls(names: _Names, patterns: _Patterns) -> list:
-    """Assumption: an op's weights change the state only through calls of the op, and each
-    call computes with the op's own arrays. An op rebuilt before its call (`eqx.nn.WeightNorm`
-    calls a copy of its layer holding `g v / |v|`, `eqx.tree_at(…, op, …)(a)`) passes every
-    pattern check, since the call's output depends on the held arrays, but its op traces
-    would take `∂u/∂v` as that of `v a` (a wrong gradient even at the first step)."""
-    outside = [
+    """Assumption: an op's weights change the state only through calls of the op."""
+    return [
         Violation(
             ViolationKind.WEIGHTS_OUTSIDE_CALLS,
             names.op_paths[i],
@@ -739,21 +747,6 @@ def _weights_outside_calls(names: _Names, patterns: _Patterns) -> list:
         )
         for i in np.flatnonzero(patterns.op_used_outside)
     ]
-    rebuilt = [
-        Violation(
-            ViolationKind.WEIGHTS_OUTSIDE_CALLS,
-            names.op_paths[i],
-            f"the op `{names.op_paths[i]}` is called with weights other than its own arrays "
-            "(rebuilt before the call, e.g. by `eqx.nn.WeightNorm` or `eqx.tree_at` on the "
-            "op), so its weights act through that rebuilding as well as through the call; "
-            "the op traces take the call to compute with the op's own arrays. Compute the "
-            "weights inside a registered op's `__call__` (`eqtrace.register_op`), or use "
-            "`eqtrace.RTRL()`.",
-        )
-        for i in names.rebuilt
-        if not patterns.op_used_outside[i]
-    ]
-    return outside + rebuilt
 
 
 def _unread(names: _Names, patterns: _Patterns, link: np.ndarray) -> list:
