@@ -33,7 +33,13 @@ from eqtrace import nn
 from eqtrace._validation import example_input
 from helpers import LONG, LeakyTanh, Rolling, cast, mse, pairs, squared_loss
 from registry import ALGORITHMS, EVERY_CELL, make_cell
-from test_any_cell import CalledOutOfOrder, OutputNotOfState, RawWeightUse, VmappedOp
+from test_any_cell import (
+    CalledOutOfOrder,
+    OutputNotOfState,
+    RawWeightUse,
+    VmappedOp,
+    WeightNormed,
+)
 from test_eprop import RolledOutput
 from test_snapn import Untraceable
 
@@ -1272,6 +1278,9 @@ CASES: dict[str, Callable[[], list[Callable[[], object]]]] = {
     "An op called inside a transformation": lambda: [
         _init(eqtrace.DRTRL(), VmappedOp(key=_key()), jnp.zeros((4, 3))),
         _init(eqtrace.PPProp(0.5, strict=False), VmappedOp(key=_key()), jnp.zeros((4, 3))),
+    ],
+    "An op called with weights other than its own": lambda: [
+        _init(eqtrace.DRTRL(), WeightNormed(key=_key()), jnp.zeros(4)),
     ],
     "A checkpoint of another algorithm": lambda: [_restore(algorithm=eqtrace.DRTRL())],
     "A checkpoint of other hyperparameters": lambda: [
