@@ -268,13 +268,37 @@ class TiedOps(eqtrace.AbstractCell):
         return h, h
 
 
+REBUILT = "called with weights or masks other than its own arrays"
+
+
+class MaskSwapped(eqtrace.AbstractCell):
+    """Calls its masked op with another mask put in by `eqx.tree_at`: the op's floating arrays
+    are its own, but the traces read the held mask (D-RTRL was 1.0 off at the first step)."""
+
+    rec: nn.Linear
+    other: jax.Array
+
+    def __init__(self, *, key):
+        self.rec = nn.Linear(4, 4, mask=jnp.eye(4, dtype=bool), key=key)
+        self.other = jnp.asarray(np.random.default_rng(0).random((4, 4)) < 0.5)
+
+    def init_state(self):
+        return jnp.zeros(4)
+
+    def __call__(self, state, x):
+        op = eqx.tree_at(lambda op: op.mask, self.rec, self.other)
+        h = 0.5 * state + jnp.tanh(op(jnp.tanh(state)) + x)
+        return h, h
+
+
 @pytest.mark.parametrize("rule", STRUCTURAL)
 @pytest.mark.parametrize(
     "cell_cls, match",
     [
         (RawWeightUse, "`.op` change the state other than through calls"),
-        (WeightNormed, "called with weights other than its own arrays \\(`.op.layer`\\)"),
-        (TiedOps, "called with weights other than its own arrays \\(`.shared.pytree\\[1\\]`\\)"),
+        (WeightNormed, f"{REBUILT} \\(`.op.layer`\\)"),
+        (TiedOps, f"{REBUILT} \\(`.shared.pytree\\[1\\]`\\)"),
+        (MaskSwapped, f"{REBUILT} \\(`.rec`\\)"),
     ],
 )
 def test_weights_used_outside_calls_are_refused(cell_cls, match, rule, getkey):

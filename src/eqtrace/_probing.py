@@ -32,10 +32,10 @@ class _CallLog:
         # records cannot leave it.
         self.trace_state: Any = None
         self.nested: list[int] = []  # the ops called in another trace
-        # The floating arrays of each op as the cell holds it (set by `_wrap_ops`), and the
-        # ops called with other arrays: an op rebuilt before its call (`eqx.nn.WeightNorm`
-        # calls a copy of its layer holding `g v / |v|`) computes with weights that are not
-        # the op's own, while the op traces take the op's arrays as its weights.
+        # The leaves of each op as the cell holds it (set by `_wrap_ops`), and the ops called
+        # with other leaves: an op rebuilt before its call (`eqx.nn.WeightNorm` calls a copy
+        # of its layer holding `g v / |v|`; `eqx.tree_at` of its mask) computes with weights
+        # or masks that are not the op's own, while the op traces read the op's own.
         self.held: dict[int, list[Any]] = {}
         self.rebuilt: list[int] = []
 
@@ -43,7 +43,7 @@ class _CallLog:
         if get_opaque_trace_state(convention="eqtrace") != self.trace_state:
             self.nested.append(index)
         elif index in self.held:
-            arrays = jtu.tree_leaves(eqx.filter(op, eqx.is_inexact_array))
+            arrays = jtu.tree_leaves(op)
             held = self.held[index]
             if len(arrays) != len(held) or any(a is not b for a, b in zip(arrays, held)):
                 self.rebuilt.append(index)
@@ -90,7 +90,7 @@ def _wrap_ops(cell, log: _CallLog):
 
     def probed(node):
         index = next(counter)
-        log.held[index] = jtu.tree_leaves(eqx.filter(node, eqx.is_inexact_array))
+        log.held[index] = jtu.tree_leaves(node)
         return _Probed(node, index, log)
 
     return jtu.tree_map(lambda node: probed(node) if is_op(node) else node, cell, is_leaf=is_op)
@@ -122,8 +122,8 @@ def probed_call(
 def call_sites(cell, state, x) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
     """The op index of each op call in one step of `cell`, in call order; of the ops called
     inside a JAX transformation within the cell (`jax.vmap(self.op)`, a `lax.cond` branch or
-    a `lax.scan` body); and of the ops called with floating arrays other than the ones the
-    cell holds (rebuilt before the call, as `eqx.nn.WeightNorm` rebuilds its layer). Read
+    a `lax.scan` body); and of the ops called with arrays other than the ones the cell
+    holds (rebuilt before the call, as `eqx.nn.WeightNorm` rebuilds its layer). Read
     from the arrays' identities while tracing the step, not from their values."""
     log = _CallLog(None, None, True)
     eqx.filter_eval_shape(lambda c, s, x: _wrap_ops(c, log)(s, x)[0], cell, state, x)

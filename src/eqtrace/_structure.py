@@ -590,7 +590,7 @@ def _layout(cell, state, x) -> tuple[_Names, tuple[bool, ...], Any]:
         # while its weights act through the rebuilding too: `eqx.nn.WeightNorm`'s `v` got the
         # gradient of `v x`, and `eqx.nn.Shared`'s placeholder crashed the analysis.
         raise StructureError(
-            f"{name}: a synaptic op is called with weights other than its own arrays ("
+            f"{name}: a synaptic op is called with weights or masks other than its own arrays ("
             + ", ".join(f"`{op_paths[i]}`" for i in rebuilt)
             + "): a copy of it is rebuilt before the call (as `eqx.nn.WeightNorm` and "
             "`eqx.nn.Shared` do, or `eqx.tree_at` on the op), so its weights act through that "
