@@ -230,10 +230,83 @@ class RawWeightUse(eqtrace.AbstractCell):
         return h, h
 
 
+class WeightNormed(eqtrace.AbstractCell):
+    """`eqx.nn.WeightNorm` around an op: it calls a copy of its layer holding `g v / |v|`, so
+    the call computes with weights that are not the op's own arrays. Every pattern check
+    passed (the call's output depends on `v`), and D-RTRL, SnAp-1, e-prop and pp-prop gave
+    `v` the gradient of `v x`: relative error 1.2 at the first step (found by the audit)."""
+
+    op: eqx.nn.WeightNorm
+    decay: jax.Array
+
+    def __init__(self, *, key):
+        self.op = eqx.nn.WeightNorm(eqx.nn.Linear(4, 4, key=key))
+        self.decay = jnp.linspace(0.3, 0.8, 4)
+
+    def init_state(self):
+        return jnp.zeros(4)
+
+    def __call__(self, state, x):
+        h = self.decay * state + jnp.tanh(self.op(x))
+        return h, h
+
+
+class TiedOps(eqtrace.AbstractCell):
+    """Two ops with tied weights through `eqx.nn.Shared`, which holds a placeholder in the
+    second op and rebuilds it at each call (the analysis crashed on the placeholder)."""
+
+    shared: eqx.nn.Shared
+
+    def __init__(self, *, key):
+        akey, bkey = jr.split(key)
+        ops = (eqx.nn.Linear(4, 4, key=akey), eqx.nn.Linear(4, 4, key=bkey))
+        self.shared = eqx.nn.Shared(ops, lambda p: p[1].weight, lambda p: p[0].weight)
+
+    def init_state(self):
+        return jnp.zeros(4)
+
+    def __call__(self, state, x):
+        a, b = self.shared()
+        h = 0.5 * state + jnp.tanh(a(x) + b(x**2))
+        return h, h
+
+
+REBUILT = "called with weights or masks other than its own arrays"
+
+
+class MaskSwapped(eqtrace.AbstractCell):
+    """Calls its masked op with another mask put in by `eqx.tree_at`: the op's floating arrays
+    are its own, but the traces read the held mask (D-RTRL was 1.0 off at the first step)."""
+
+    rec: nn.Linear
+    other: jax.Array
+
+    def __init__(self, *, key):
+        self.rec = nn.Linear(4, 4, mask=jnp.eye(4, dtype=bool), key=key)
+        self.other = jnp.asarray(np.random.default_rng(0).random((4, 4)) < 0.5)
+
+    def init_state(self):
+        return jnp.zeros(4)
+
+    def __call__(self, state, x):
+        op = eqx.tree_at(lambda op: op.mask, self.rec, self.other)
+        h = 0.5 * state + jnp.tanh(op(jnp.tanh(state)) + x)
+        return h, h
+
+
 @pytest.mark.parametrize("rule", STRUCTURAL)
-def test_weights_used_outside_calls_are_refused(rule, getkey):
-    cell, x = RawWeightUse(key=getkey()), jnp.zeros(4)
-    with pytest.raises(ValueError, match="`.op` change the state other than through calls"):
+@pytest.mark.parametrize(
+    "cell_cls, match",
+    [
+        (RawWeightUse, "`.op` change the state other than through calls"),
+        (WeightNormed, f"{REBUILT} \\(`.op.layer`\\)"),
+        (TiedOps, f"{REBUILT} \\(`.shared.pytree\\[1\\]`\\)"),
+        (MaskSwapped, f"{REBUILT} \\(`.rec`\\)"),
+    ],
+)
+def test_weights_used_outside_calls_are_refused(cell_cls, match, rule, getkey):
+    cell, x = cell_cls(key=getkey()), jnp.zeros(4)
+    with pytest.raises(ValueError, match=match):
         rule.init_trace(cell, cell.init_state(), x)
     assert not eqtrace.check(cell, rule, x=x).ok
 

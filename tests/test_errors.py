@@ -33,7 +33,13 @@ from eqtrace import nn
 from eqtrace._validation import example_input
 from helpers import LONG, LeakyTanh, Rolling, cast, mse, pairs, squared_loss
 from registry import ALGORITHMS, EVERY_CELL, make_cell
-from test_any_cell import CalledOutOfOrder, OutputNotOfState, RawWeightUse, VmappedOp
+from test_any_cell import (
+    CalledOutOfOrder,
+    OutputNotOfState,
+    RawWeightUse,
+    VmappedOp,
+    WeightNormed,
+)
 from test_eprop import RolledOutput
 from test_snapn import Untraceable
 
@@ -501,6 +507,16 @@ def _trace_of_another_algorithm():
     model, _, _, _, _, state, _ = _setup()
     drtrl_trace = eqtrace.DRTRL().init_trace(model, state)
     return [lambda: eqtrace.RTRL().step(model, state, drtrl_trace, jnp.ones(INPUT))]
+
+
+def _traced_mask():
+    # `eqx.filter_jit` traces the mask of a masked LIF: SnAp-n's pattern, read in the step
+    # without a plan, is denser than the one `init_trace` read outside `jit`.
+    mask = jnp.asarray(np.random.default_rng(0).random((HIDDEN, HIDDEN)) < 0.5)
+    model = nn.LIF(INPUT, HIDDEN, recurrent=True, recurrent_mask=mask, key=_key())
+    rule, state, x = eqtrace.SnAp(2), model.init_state(), jnp.ones(INPUT)
+    trace = rule.init_trace(model, state, x)
+    return [lambda: eqx.filter_jit(rule.step)(model, state, trace, x)]
 
 
 class RawWeight(eqtrace.AbstractCell):
@@ -1101,6 +1117,7 @@ CASES: dict[str, Callable[[], list[Callable[[], object]]]] = {
     "Input of the wrong shape": _input_of_wrong_shape,
     "State of the wrong shape or structure": _state_of_wrong_shape,
     "Trace of another algorithm or model": _trace_of_another_algorithm,
+    "A model whose masks are traced": _traced_mask,
     "A step that changes the state's dtype": _step_changes_state_dtype,
     "An example input with an extra axis": _example_input_with_an_extra_axis,
     "An example input the cell cannot take": _example_input_the_cell_cannot_take,
@@ -1261,6 +1278,9 @@ CASES: dict[str, Callable[[], list[Callable[[], object]]]] = {
     "An op called inside a transformation": lambda: [
         _init(eqtrace.DRTRL(), VmappedOp(key=_key()), jnp.zeros((4, 3))),
         _init(eqtrace.PPProp(0.5, strict=False), VmappedOp(key=_key()), jnp.zeros((4, 3))),
+    ],
+    "An op called with weights other than its own": lambda: [
+        _init(eqtrace.DRTRL(), WeightNormed(key=_key()), jnp.zeros(4)),
     ],
     "A checkpoint of another algorithm": lambda: [_restore(algorithm=eqtrace.DRTRL())],
     "A checkpoint of other hyperparameters": lambda: [

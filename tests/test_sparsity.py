@@ -20,6 +20,12 @@ def _spike(x):
 _spike.defvjp(lambda x: (_spike(x), x), lambda x, g: (g * jnp.maximum(0.0, 1 - jnp.abs(x)),))
 
 
+#: A constant table whose last column `lax.reduce(…, lambda a, b: b, …)` takes: a `reduce`
+#: with a computation of its own holds a jaxpr and was walked as a call, which took the
+#: value of its initial value (zero) and cut the dependence of a product with it.
+_TABLE = np.array([[1.0, 2.0], [0.0, 3.0], [4.0, 5.0], [6.0, 0.0]])
+
+
 def _scatter(h, x):
     return jnp.zeros(5).at[jnp.array([0, 2, 2, 4])].add(h) + x[0]
 
@@ -42,6 +48,7 @@ FUNCTIONS = {
     "cumsum": lambda h, x: jnp.cumsum(h),
     "sort": lambda h, x: jnp.sort(h),
     "pad-slice": lambda h, x: jnp.pad(h, (1, 1))[1:-1] * 2,
+    "generic-reduce": lambda h, x: lax.reduce(_TABLE, 0.0, lambda a, b: b, (1,)) * h,
     # Placement and fences move no value between elements (a step traced under a mesh holds
     # `reshard`s and sharding constraints).
     "sharding-constraint": lambda h, x: lax.with_sharding_constraint(
@@ -63,6 +70,7 @@ EXACT = {
     "scatter-set": np.eye(4, dtype=bool)[[0, 3, 1, 2]],
     "sharding-constraint": np.eye(4, dtype=bool),
     "barrier": np.eye(4, dtype=bool),
+    "generic-reduce": np.diag([True, True, True, False]),
 }
 
 

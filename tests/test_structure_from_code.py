@@ -17,7 +17,7 @@ import eqtrace
 from eqtrace import nn
 from eqtrace._structure import _analyse
 from eqtrace.nn import surrogate
-from helpers import relative_error
+from helpers import LONG, relative_error
 from registry import rules
 from test_any_cell import RawWeightUse, first_step_gradient
 
@@ -497,3 +497,197 @@ def test_cells_from_an_independent_trial(getkey):
     for rule in (eqtrace.DRTRL(), eqtrace.SnAp1(), eqtrace.EProp()):
         with pytest.raises(eqtrace.StructureError, match="not linear in its weights"):
             rule.init_trace(positive, positive.init_state(), jnp.ones(3))
+
+
+class AdaptiveRefractory(eqtrace.AbstractCell):
+    """An ALIF as researchers write it: an adaptive threshold leaf, a refractory counter held
+    as a float leaf (`jnp.where(ref > 0, …)`), a detached reset and a spike leaf fed back
+    through a recurrent op."""
+
+    inp: eqx.nn.Linear
+    rec: eqx.nn.Linear
+    beta: jax.Array
+
+    def __init__(self, *, key):
+        k1, k2 = jr.split(key)
+        self.inp = eqx.nn.Linear(3, 4, key=k1)
+        self.rec = eqx.nn.Linear(4, 4, use_bias=False, key=k2)
+        self.beta = jnp.linspace(0.1, 0.4, 4)
+
+    def init_state(self):
+        return (jnp.zeros(4),) * 4
+
+    def __call__(self, state, x):
+        v, a, ref, s = state
+        threshold = 0.5 + self.beta * a
+        v = jnp.where(ref > 0, 0.0, 0.9 * v + self.inp(x) + self.rec(s))
+        v = v - jax.lax.stop_gradient(s) * threshold
+        s = surrogate.triangle(v - threshold, width=0.3)
+        ref = jnp.where(s > 0, 2.0, jnp.maximum(ref - 1.0, 0.0))
+        new_state = (v, 0.95 * a + s, ref, s)
+        return new_state, self.output(new_state)
+
+    def output(self, state):
+        return state[3]
+
+
+class MaskedRaw(eqtrace.AbstractCell):
+    """Raw recurrent weights (small shared parameters) under a boolean mask that keeps the
+    diagonal, applied both ways researchers write it: `jnp.where(mask, w, 0)` and
+    `v * mask.astype(v.dtype)`. The product is element-wise only through the mask's values."""
+
+    inp: eqx.nn.Linear
+    w: jax.Array
+    v: jax.Array
+    mask: jax.Array
+
+    def __init__(self, *, key):
+        k1, k2, k3 = jr.split(key, 3)
+        self.inp = eqx.nn.Linear(3, 4, key=k1)
+        self.w, self.v = jr.normal(k2, (4, 4)) / 3, jr.normal(k3, (4, 4)) / 3
+        self.mask = jnp.eye(4, dtype=bool)
+
+    def init_state(self):
+        return jnp.zeros(4)
+
+    def __call__(self, h, x):
+        w = jnp.where(self.mask, self.w, 0.0) + self.v * self.mask.astype(self.v.dtype)
+        h = 0.8 * h + jnp.tanh(self.inp(x) + w @ jnp.tanh(h))
+        return h, h
+
+
+class Routed(eqtrace.AbstractCell):
+    """Op outputs routed to the neurons by constant index tables: a permutation (`jnp.take`
+    and fancy indexing), `jax.ops.segment_sum` with constant segment ids, a pair-wise
+    `jnp.einsum`, `jnp.roll`; each output still reaches one neuron."""
+
+    inp: eqx.nn.Linear
+    rec: eqx.nn.Linear
+    perm: jax.Array
+    segments: jax.Array
+    route: str = eqx.field(static=True)
+
+    def __init__(self, route, *, key):
+        k1, k2 = jr.split(key)
+        self.inp = eqx.nn.Linear(3, 8, key=k1)
+        self.rec = eqx.nn.Linear(4, 8, key=k2)
+        self.perm = jnp.array([5, 2, 7, 0, 1, 3, 6, 4])
+        self.segments = jnp.array([3, 0, 2, 1, 0, 1, 3, 2])
+        self.route = route
+
+    def init_state(self):
+        return jnp.zeros(4)
+
+    def to_neurons(self, u):
+        if self.route == "take":
+            return jnp.take(u, self.perm)[:4] * u[self.perm][4:]
+        if self.route == "segment":
+            return jax.ops.segment_sum(u, self.segments, num_segments=4)
+        if self.route == "einsum":
+            return jnp.einsum("nk,k->n", u.reshape(4, 2), jnp.array([0.5, -1.0]))
+        return jnp.roll(u, 3)[:4]
+
+    def __call__(self, h, x):
+        u = self.to_neurons(self.inp(x)) + self.to_neurons(self.rec(jnp.tanh(h)))
+        h = 0.7 * h + jnp.tanh(u)
+        return h, h
+
+
+class FusedLSTM(eqtrace.AbstractCell):
+    """An LSTM written with one fused `Linear` on `[x, h]` producing every gate, then
+    `jnp.split`."""
+
+    gates: eqx.nn.Linear
+
+    def __init__(self, *, key):
+        self.gates = eqx.nn.Linear(3 + 4, 16, key=key)
+
+    def init_state(self):
+        return jnp.zeros(4), jnp.zeros(4)
+
+    def __call__(self, state, x):
+        h, c = state
+        i, f, g, o = jnp.split(self.gates(jnp.concatenate([x, h])), 4)
+        c = jax.nn.sigmoid(f) * c + jax.nn.sigmoid(i) * jnp.tanh(g)
+        h = jax.nn.sigmoid(o) * jnp.tanh(c)
+        return (h, c), self.output((h, c))
+
+    def output(self, state):
+        return state[0]
+
+
+AUDITED = {
+    "alif-refractory": (
+        lambda k: AdaptiveRefractory(key=k),
+        (
+            jnp.array([0.2, 0.6, 0.4, 0.7]),
+            jnp.array([0.1, 0, 0.3, 0]),
+            jnp.eye(4)[1],
+            jnp.eye(4)[3],
+        ),
+    ),
+    "masked-raw": (lambda k: MaskedRaw(key=k), jnp.linspace(-1, 1, 4)),
+    "take": (lambda k: Routed("take", key=k), jnp.linspace(-1, 1, 4)),
+    "segment-sum": (lambda k: Routed("segment", key=k), jnp.linspace(-1, 1, 4)),
+    "einsum": (lambda k: Routed("einsum", key=k), jnp.linspace(-1, 1, 4)),
+    "fused-lstm": (lambda k: FusedLSTM(key=k), (jnp.linspace(-1, 1, 4), jnp.linspace(1, -1, 4))),
+}
+
+
+#: By default the cell whose structure needs the supports of masked weights; all under `LONG`.
+AUDITED_DEFAULT = ["masked-raw"]
+
+
+@pytest.mark.parametrize("name", list(AUDITED) if LONG else AUDITED_DEFAULT)
+def test_cells_from_an_audit(name, getkey):
+    make, state = AUDITED[name]
+    assert_each_rule_exact(make(getkey()), state, jnp.array([0.5, -0.3, 0.8]))
+
+
+class Normed(eqtrace.AbstractCell):
+    """A layer norm of the drive, or a top-k of it: each op output reaches every neuron."""
+
+    inp: eqx.nn.Linear
+    norm: eqx.nn.LayerNorm
+    kind: str = eqx.field(static=True)
+
+    def __init__(self, kind, *, key):
+        self.inp = eqx.nn.Linear(3, 4, key=key)
+        self.norm = eqx.nn.LayerNorm(4)
+        self.kind = kind
+
+    def init_state(self):
+        return jnp.zeros(4)
+
+    def __call__(self, h, x):
+        u = self.inp(x)
+        if self.kind == "norm":
+            u = self.norm(u)
+        else:
+            values, indices = jax.lax.top_k(u, 2)
+            u = jnp.zeros(4).at[indices].set(values)
+        h = 0.8 * h + jnp.tanh(u)
+        return h, h
+
+
+@pytest.mark.parametrize("kind", ["norm", "top-k"])
+def test_a_layer_norm_or_top_k_of_the_drive_is_refused(kind, getkey):
+    assert_refused(Normed(kind, key=getkey()), jnp.ones(3), match="reaches 4 neurons")
+
+
+def test_traced_masks_are_named_with_the_fix(getkey):
+    """Under `eqx.filter_jit(rule.step)` a cell's integer and boolean arrays are traced: the
+    plan prepared there cannot read a mask, so the masked weights read as mixing the neurons
+    (D-RTRL refused the cell that `init_trace` had accepted) or SnAp-n's pattern widens (its
+    trace laid out otherwise than `init_trace`'s, as for `nn.LIF(recurrent_mask=...)`). Both
+    errors blamed the cell or the trace; they name the arrays and the fix, and the fix (a
+    plan prepared outside `jit`) gives the step's own result."""
+    model, x = MaskedRaw(key=getkey()), jnp.array([0.5, -0.3, 0.8])
+    state = jnp.linspace(-1, 1, 4)
+    for rule in [eqtrace.DRTRL(), eqtrace.SnAp(2)]:
+        trace = rule.init_trace(model, state, x)
+        with pytest.raises(ValueError, match="The integer or boolean arrays `.mask` of MaskedRaw"):
+            eqx.filter_jit(rule.step)(model, state, trace, x)
+        plan = eqtrace.prepare(rule, model, x)
+        jitted = eqx.filter_jit(rule.step)(model, state, trace, x, plan=plan)
+        assert relative_error(jitted, rule.step(model, state, trace, x)) <= 1e-12

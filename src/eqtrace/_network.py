@@ -196,12 +196,16 @@ def _init_layer(layer_plan, layer, state):
 def _check_arguments(algorithm, model, state, trace, x, plan):
     """Checks the arguments of a step; returns the plan of `algorithm` for `model` (`plan`, or
     prepared here), whose trace layout `trace` must have and whose rules run the layers."""
-    from ._plan import check_plan, prepare
+    from ._plan import check_plan, prepare, traced_note
 
     check_state(model, state)
     check_input(model, x)
     check_step_keeps_state(model, state, x)
     check_parameters_enter_step(model, state, x)
+    # A plan prepared here, inside a trace, cannot read traced masks or index tables, so its
+    # trace layout may differ from that of the plan `init_trace` prepared outside (SnAp-n's
+    # pattern of a masked cell under `eqx.filter_jit(rule.step)`): say so, and the fix.
+    note = traced_note(model) if plan is None else ""
     if plan is None:
         plan = prepare(algorithm, model, x)
     check_plan(f"{type(algorithm).__name__}.step", plan, algorithm, model)
@@ -209,7 +213,8 @@ def _check_arguments(algorithm, model, state, trace, x, plan):
         "trace",
         plan.trace,
         trace,
-        f"Create it with `{type(algorithm).__name__}(...).init_trace(model, state)` for this "
+        note
+        + f"Create it with `{type(algorithm).__name__}(...).init_trace(model, state)` for this "
         "model; a trace made by another algorithm or for another model cannot be reused.",
     )
     return plan

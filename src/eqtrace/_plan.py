@@ -243,6 +243,50 @@ def _layer_output(model: Sequential, i: int, layer, state, x) -> Any:
         ) from error
 
 
+def traced_discrete_arrays(model: Any) -> list[str]:
+    """The paths of `model`'s integer and boolean arrays that are tracers: under a `jax.jit` or
+    `eqx.filter_jit` that takes the model as an argument, its masks, sign vectors and index
+    tables have no value the structure analysis can read."""
+    return [
+        jtu.keystr(path)
+        for path, leaf in jtu.tree_leaves_with_path(model)
+        if isinstance(leaf, jax.core.Tracer)
+        and not jnp.issubdtype(leaf.dtype, jnp.inexact)
+        and not is_key(leaf)
+    ]
+
+
+def traced_note(model: Any) -> str:
+    """Why a plan prepared inside a trace may differ from the one prepared outside, and the
+    fix; empty if the model's integer and boolean arrays are known."""
+    paths = traced_discrete_arrays(model)
+    if not paths:
+        return ""
+    return (
+        f"The integer or boolean arrays {', '.join(f'`{p}`' for p in paths[:4])}"
+        f"{' …' if len(paths) > 4 else ''} of {type(model).__name__} are traced here (a "
+        "`jax.jit` or `eqx.filter_jit` that takes the model as an argument traces every "
+        "array), so the structure analysis cannot read their values (masks, signs, index "
+        "tables) and takes them as any value; outside `jit` it reads them, so the plan (the "
+        "structure, the trace's layout) may differ from the one `init_trace` prepared. "
+        "Prepare the plan outside `jit` and pass it, `plan = eqtrace.prepare(rule, model, x)` "
+        "then `rule.step(model, state, trace, x, plan=plan)`, or `jit` the step of "
+        "`eqtrace.make_online_step(rule, static)`, which keeps them static. "
+    )
+
+
+def _with_traced_note(error: ValueError, cell) -> ValueError:
+    """`error`, prefixed with `traced_note(cell)` when the cell's integer or boolean arrays are
+    traced: the refusal may come from values the analysis could not read (a permutation read
+    as any index table mixes every neuron), which its own message cannot say."""
+    note = traced_note(cell)
+    if not note:
+        return error
+    wrapped = type(error)(note + "The analysis then found: " + str(error))
+    wrapped.__cause__ = error
+    return wrapped
+
+
 def _cell_plan(rule: AbstractAlgorithm, cell, state, x, errors: list[ValueError]) -> LayerPlan:
     """The plan of one cell run by `rule` (already configured for it)."""
     if not has_parameters(cell):
@@ -250,7 +294,7 @@ def _cell_plan(rule: AbstractAlgorithm, cell, state, x, errors: list[ValueError]
     try:
         structure = rule.cell_structure(cell, concrete(state), concrete(x))
     except ValueError as error:  # A structure no diagonal rule takes; the refusal says why.
-        errors.append(error)
+        errors.append(_with_traced_note(error, cell))
         return LayerPlan(rule=rule, structure=None, input=x)
     # The rule that runs this cell reads its structure from now on; its `init_cell_trace`
     # raises its refusal of the structure.
@@ -260,7 +304,7 @@ def _cell_plan(rule: AbstractAlgorithm, cell, state, x, errors: list[ValueError]
             eqx.filter_eval_shape(rule.init_cell_trace, cell, concrete(state), concrete(x))
         )
     except ValueError as error:
-        errors.append(error)
+        errors.append(_with_traced_note(error, cell))
         return LayerPlan(rule=rule, structure=structure, input=x)
     neuron_axes, weight_axes = None, ()
     # A diagonal rule's structure; other rules' records (SnAp-n's mask) have no op sites.

@@ -32,10 +32,21 @@ class _CallLog:
         # records cannot leave it.
         self.trace_state: Any = None
         self.nested: list[int] = []  # the ops called in another trace
+        # The leaves of each op as the cell holds it (set by `_wrap_ops`), and the ops called
+        # with other leaves: an op rebuilt before its call (`eqx.nn.WeightNorm` calls a copy
+        # of its layer holding `g v / |v|`; `eqx.tree_at` of its mask) computes with weights
+        # or masks that are not the op's own, while the op traces read the op's own.
+        self.held: dict[int, list[Any]] = {}
+        self.rebuilt: list[int] = []
 
     def call(self, index: int, op: Any, raw_input: Any) -> jax.Array:
         if get_opaque_trace_state(convention="eqtrace") != self.trace_state:
             self.nested.append(index)
+        elif index in self.held:
+            arrays = jtu.tree_leaves(op)
+            held = self.held[index]
+            if len(arrays) != len(held) or any(a is not b for a, b in zip(arrays, held)):
+                self.rebuilt.append(index)
         site = len(self.records)
         rules = algebra(op)
         a = rules.input(op, raw_input)
@@ -76,11 +87,13 @@ def _wrap_ops(cell, log: _CallLog):
     """`cell` with its ops logged by `log`; call it at once, in the trace it is wrapped in."""
     log.trace_state = get_opaque_trace_state(convention="eqtrace")
     counter = iter(range(len(find_ops(cell))))
-    return jtu.tree_map(
-        lambda node: _Probed(node, next(counter), log) if is_op(node) else node,
-        cell,
-        is_leaf=is_op,
-    )
+
+    def probed(node):
+        index = next(counter)
+        log.held[index] = jtu.tree_leaves(node)
+        return _Probed(node, index, log)
+
+    return jtu.tree_map(lambda node: probed(node) if is_op(node) else node, cell, is_leaf=is_op)
 
 
 def probed_call(
@@ -106,13 +119,15 @@ def probed_call(
     return new_state, tuple(log.records)
 
 
-def call_sites(cell, state, x) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """The op index of each op call in one step of `cell`, in call order, and of the ops
-    called inside a JAX transformation within the cell (`jax.vmap(self.op)`, a `lax.cond`
-    branch or a `lax.scan` body)."""
+def call_sites(cell, state, x) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+    """The op index of each op call in one step of `cell`, in call order; of the ops called
+    inside a JAX transformation within the cell (`jax.vmap(self.op)`, a `lax.cond` branch or
+    a `lax.scan` body); and of the ops called with arrays other than the ones the cell
+    holds (rebuilt before the call, as `eqx.nn.WeightNorm` rebuilds its layer). Read
+    from the arrays' identities while tracing the step, not from their values."""
     log = _CallLog(None, None, True)
     eqx.filter_eval_shape(lambda c, s, x: _wrap_ops(c, log)(s, x)[0], cell, state, x)
-    return tuple(log.op_indices), tuple(sorted(set(log.nested)))
+    return tuple(log.op_indices), tuple(sorted(set(log.nested))), tuple(sorted(set(log.rebuilt)))
 
 
 def find_ops(cell) -> list[tuple[str, Any]]:

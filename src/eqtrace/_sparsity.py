@@ -634,6 +634,21 @@ class _Walk:
             out = _union(out, np.asarray(reached) > 0)
         return [out]
 
+    def _reduce(self, eqn, deps, values):
+        # `lax.reduce` with a computation of its own (not a sum, max, …): each result
+        # element may depend on every element of every operand along the reduced dimensions,
+        # and on every initial value.
+        count = len(eqn.outvars)
+        dims = tuple(eqn.params["dimensions"])
+        per_position = None
+        for d, v in zip(deps[:count], eqn.invars[:count]):
+            per_position = _union(per_position, _any(_full(d, v.aval.shape), dims))
+        inits = _union_all(deps[count:], self.num_colours)
+        return [
+            _union(_full(per_position, o.aval.shape), _full(inits, o.aval.shape))
+            for o in eqn.outvars
+        ]
+
     def _sort(self, eqn, deps, values):
         # Every result along the sorted dimension may come from any position of any operand.
         dim = eqn.params["dimension"]
@@ -760,13 +775,31 @@ def _sub_jaxpr(eqn):
     `remat`, …) and where its operands start, or `None`."""
     for key in ("jaxpr", "call_jaxpr", "fun_jaxpr"):
         inner = eqn.params.get(key)
-        if isinstance(inner, jcore.ClosedJaxpr):
-            return inner, len(eqn.invars) - len(inner.jaxpr.invars)
         if isinstance(inner, jcore.Jaxpr):
-            return jcore.ClosedJaxpr(inner, ()), len(eqn.invars) - len(inner.invars)
+            inner = jcore.ClosedJaxpr(inner, ())
+        if isinstance(inner, jcore.ClosedJaxpr):
+            offset = len(eqn.invars) - len(inner.jaxpr.invars)
+            # A call runs its jaxpr once on its operands: the same number of results, of the
+            # same ranks. `reduce` and `reduce_window` also hold a jaxpr, the scalar
+            # computation they fold along an axis; walked as a call, `lax.reduce(t, 0, lambda
+            # a, b: b, ...)` took the value of its initial value (a zero) and cut the
+            # dependence that a product with it carries.
+            calls = (
+                offset >= 0
+                and len(inner.jaxpr.outvars) == len(eqn.outvars)
+                and all(_rank(v) == _rank(o) for v, o in zip(inner.jaxpr.outvars, eqn.outvars))
+                and all(
+                    _rank(v) == _rank(o) for v, o in zip(inner.jaxpr.invars, eqn.invars[offset:])
+                )
+            )
+            return (inner, offset) if calls else None
     if "branches" in eqn.params or "body_jaxpr" in eqn.params:
         return eqn, 0
     return None
+
+
+def _rank(var) -> int:
+    return len(getattr(var.aval, "shape", ()))
 
 
 def _is_array(leaf) -> bool:

@@ -557,7 +557,8 @@ def _analyse(cell, state, x) -> CellStructure:
 def _layout(cell, state, x) -> tuple[_Names, tuple[bool, ...], Any]:
     """The names, which ops are called, and the shapes of each call's input and output
     (`(a, u)` records, from shapes only); refuses state leaves that are not real arrays of
-    one neuron shape and ops called inside a transformation within the cell."""
+    one neuron shape, ops called inside a transformation within the cell and ops called
+    with weights other than their own arrays."""
     name = type(cell).__name__
     leaves_with_paths = jtu.tree_leaves_with_path(state)
     state_paths = tuple(f"state{jtu.keystr(p)}" for p, _ in leaves_with_paths)
@@ -572,7 +573,7 @@ def _layout(cell, state, x) -> tuple[_Names, tuple[bool, ...], Any]:
         )
     (neuron_shape,) = shapes
     op_paths = tuple(path for path, _ in find_ops(cell))
-    sites, nested = call_sites(cell, state, x)
+    sites, nested, rebuilt = call_sites(cell, state, x)
     if nested:
         raise StructureError(
             f"{name}: a synaptic op is called inside a JAX transformation within the cell ("
@@ -582,6 +583,20 @@ def _layout(cell, state, x) -> tuple[_Names, tuple[bool, ...], Any]:
             "between results with `jnp.where`; a convolution such as `eqx.nn.Conv1d` with "
             "kernel size 1 applies one weight matrix at many positions), or use "
             "`eqtrace.RTRL()` for this cell."
+        )
+    if rebuilt:
+        # The op traces take each call to compute with the op's own arrays; a call of a
+        # rebuilt copy passes every pattern check (its output depends on the held arrays)
+        # while its weights act through the rebuilding too: `eqx.nn.WeightNorm`'s `v` got the
+        # gradient of `v x`, and `eqx.nn.Shared`'s placeholder crashed the analysis.
+        raise StructureError(
+            f"{name}: a synaptic op is called with weights or masks other than its own arrays ("
+            + ", ".join(f"`{op_paths[i]}`" for i in rebuilt)
+            + "): a copy of it is rebuilt before the call (as `eqx.nn.WeightNorm` and "
+            "`eqx.nn.Shared` do, or `eqx.tree_at` on the op), so its weights act through that "
+            "rebuilding as well as through the call, which the op traces do not follow. "
+            "Compute such weights inside a registered op's `__call__` "
+            "(`eqtrace.register_op`), or use `eqtrace.RTRL()` for this cell."
         )
     called = tuple(i in sites for i in range(len(op_paths)))
     params_with_paths = jtu.tree_leaves_with_path(eqx.filter(cell, other_params_spec(cell, called)))
