@@ -194,6 +194,14 @@ SPECIALISED: tuple[AlgorithmCase, ...] = (
 WRAPPERS: tuple[type[eqtrace.AbstractAlgorithm], ...] = (eqtrace.ExactWindows, eqtrace.Filtered)
 
 
+#: One registered rule per kind of trace leaf: RTRL's dense influence, weight-shaped traces
+#: (D-RTRL; SnAp-1, e-prop and LowRankRTRL's base lay theirs out alike), SnAp-n's compact
+#: influence with its index arrays, pp-prop's traces and scalar normaliser, UORO's PRNG key.
+#: Oracles of machinery that only carries a trace (checkpoints, exact windows, the fidelity
+#: monitor) run these by default and every rule under `EQTRACE_HYPOTHESIS_PROFILE=long`.
+TRACE_KINDS = ("rtrl", "drtrl", "snapn", "ppprop", "uoro")
+
+
 def rules(**flags) -> list[AlgorithmCase]:
     """The registered rules whose attributes equal `flags`, e.g. `rules(exact=False)`; by
     default without the rules that are `same_as` another."""

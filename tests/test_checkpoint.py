@@ -32,7 +32,7 @@ from hypothesis import given, settings
 import eqtrace
 from eqtrace import nn
 from helpers import LONG, mse
-from registry import ALGORITHMS
+from registry import ALGORITHMS, TRACE_KINDS
 
 
 TESTS = Path(__file__).resolve().parent
@@ -114,13 +114,13 @@ def _assert_identical(resumed, straight):
             assert a.dtype == b.dtype, jtu.keystr(path)
 
 
-#: Every registered rule, stepped or in blocks where it supports them: rotating by default
-#: (the sharded runs below resume every rule stepped), both under `LONG`.
+#: One rule per kind of trace leaf by default (`registry.TRACE_KINDS`), stepped or in blocks,
+#: rotating; every registered rule both ways under `LONG`.
 MODES = {
     f"{case.name}-{'blocks' if blocks else 'steps'}": (case, blocks)
     for i, case in enumerate(ALGORITHMS)
     for blocks in ([False, True] if case.supports_blocks else [False])
-    if LONG or not case.supports_blocks or blocks == bool(i % 2)
+    if LONG or (case.name in TRACE_KINDS and (not case.supports_blocks or blocks == bool(i % 2)))
 }
 
 #: The rules resumed with the batch sharded over 4 devices: one of each kind of trace leaf

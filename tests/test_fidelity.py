@@ -12,8 +12,8 @@ import pytest
 
 import eqtrace
 from eqtrace import nn
-from helpers import mse, relative_error
-from registry import ALGORITHMS
+from helpers import LONG, mse, relative_error
+from registry import ALGORITHMS, TRACE_KINDS
 
 
 LENGTH, BATCH, INPUT, HIDDEN, OUTPUT = 12, 3, 3, 4, 2
@@ -193,11 +193,14 @@ def test_training_is_unchanged(reference, block_size):
 
 
 @pytest.mark.parametrize(
-    "case", [pytest.param(case, id=case.name) for case in ALGORITHMS] + ["windows"]
+    "case",
+    [pytest.param(case, id=case.name) for case in ALGORITHMS if LONG or case.name in TRACE_KINDS]
+    + ["windows"],
 )
 def test_every_rule_runs_under_the_monitor(case):
-    """Every registered rule (and exact windows of D-RTRL), in blocks where it takes them,
-    with sequence targets and step weights: one finite reading per measured update."""
+    """Every kind of trace (every registered rule under `LONG`) and exact windows of D-RTRL,
+    in blocks where the rule takes them, with sequence targets and step weights: one finite
+    reading per measured update."""
     if case == "windows":
         rule, block_size = eqtrace.ExactWindows(eqtrace.DRTRL()), 2
     else:
