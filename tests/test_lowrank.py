@@ -118,11 +118,10 @@ def test_more_iterations_stay_exact_at_full_rank(getkey):
 def test_its_first_step_is_its_base_rules(getkey):
     model, xs, targets = _problem("lstm", getkey())
     state = jax.tree.map(lambda s: s + 0.2, model.init_state())
-    for base in (eqtrace.DRTRL(), eqtrace.SnAp1()):
-        first = first_step_gradient(eqtrace.LowRankRTRL(2, base), model, state, xs[0], targets[0])
-        assert (
-            relative_error(first, first_step_gradient(base, model, state, xs[0], targets[0])) == 0
-        )
+    # (Whatever the base rule: the correction is zero until the first step has run.)
+    first = first_step_gradient(eqtrace.LowRankRTRL(2), model, state, xs[0], targets[0])
+    base = first_step_gradient(eqtrace.DRTRL(), model, state, xs[0], targets[0])
+    assert relative_error(first, base) == 0
 
 
 def test_a_custom_vjp_cell_is_refused_by_name(getkey):
