@@ -190,7 +190,9 @@ def train(
     optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(schedule))
     params, static, update = make_update(method, model, optimizer, batch_size, rank)
     opt_state = optimizer.init(params)
-    accuracy = make_evaluate(static)
+    # Batches of 1 000, or of the whole test set if smaller (a `--fast` run's): one batch shape
+    # for the test and the training set, hence one compilation.
+    accuracy = make_evaluate(static, min(1000, len(data["y_test"])))
     length = data["x_train"].shape[1]
 
     curve: dict[str, list] = {"step": [], "loss": [], "eval_step": [], "test_accuracy": []}
