@@ -2,7 +2,8 @@
 
 Each example runs as a subprocess (`python examples/X.py --fast`), as a user would run it, in
 its own JAX process (float32, not this suite's float64).
-`long_stream.py` has a test of its own: run straight on, and stopped and resumed.
+`long_stream.py` has a test of its own: run straight on, and resumed from its checkpoint
+half way.
 """
 
 import importlib.util
