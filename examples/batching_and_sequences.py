@@ -69,7 +69,10 @@ def main(argv=None):
     algorithm = eqtrace.DRTRL()
     # Trainable arrays on one side, everything else (structure, static fields) on the other.
     params, static = eqx.partition(model, eqx.is_inexact_array)
-    online_step = eqtrace.make_online_step(algorithm, static)
+    # Jitted, as a step usually is: called outside `jit` (the loops of 2. and 3. below), it
+    # compiles once per input shape rather than running operation by operation, each operation
+    # compiled on its first call. Inside another `jit` (the training update) it is inlined.
+    online_step = jax.jit(eqtrace.make_online_step(algorithm, static))
 
     # 1. One step of one sample: no batch axis anywhere.
     state, trace = eqtrace.init_state_and_trace(model, algorithm)

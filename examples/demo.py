@@ -54,11 +54,14 @@ def parse_args(argv=None):
     parser.add_argument("--rank", type=float, default=100.0, help="pp-prop rank (default: 100)")
     parser.add_argument("--seed", type=int, default=0, help="PRNG seed (default: 0)")
     parser.add_argument(
-        "--fast", action="store_true", help="a tiny smoke run (hidden 8, 20 updates of batch 16)"
+        "--fast",
+        action="store_true",
+        help="a tiny smoke run (hidden 8, 20 updates of batch 16, 500 sequences in all)",
     )
     args = parser.parse_args(argv)
     if args.fast:
         args.hidden, args.steps, args.batch = 8, 20, 16
+    args.num_samples = 500 if args.fast else 5000
     args.algorithms = [a.strip().lower() for a in args.algorithms.split(",") if a.strip()]
     unknown = sorted(set(args.algorithms) - set(METHODS))
     if unknown:
@@ -69,7 +72,7 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     start = time.perf_counter()
-    data = load_mnist1d()
+    data = load_mnist1d(num_samples=args.num_samples)
     length = data["x_train"].shape[1]
     print(
         f"MNIST-1D: {len(data['y_train'])} train / {len(data['y_test'])} test sequences of "

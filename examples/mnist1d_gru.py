@@ -53,10 +53,15 @@ def parse_args(argv=None):
     parser.add_argument("--eval-every", type=int, default=250, help="test every N updates (250)")
     parser.add_argument("--seed", type=int, default=0, help="PRNG seed (default: 0)")
     parser.add_argument("--out", type=Path, default=Path("outputs"), help="where to save plots")
-    parser.add_argument("--fast", action="store_true", help="a tiny smoke run")
+    parser.add_argument(
+        "--fast",
+        action="store_true",
+        help="a tiny smoke run (hidden 8, 20 updates of batch 16, 500 sequences in all)",
+    )
     args = parser.parse_args(argv)
     if args.fast:
         args.hidden, args.steps, args.batch, args.eval_every = 8, 20, 16, 10
+    args.num_samples = 500 if args.fast else 5000
     args.algorithms = [a.strip().lower() for a in args.algorithms.split(",") if a.strip()]
     unknown = sorted(set(args.algorithms) - set(METHODS))
     if unknown:
@@ -96,7 +101,7 @@ def plot(results, path: Path) -> Path | None:
 def main(argv=None):
     args = parse_args(argv)
     start = time.perf_counter()
-    data = load_mnist1d()
+    data = load_mnist1d(num_samples=args.num_samples)
     length = data["x_train"].shape[1]
     front = f"DelayLine({args.delay}) + " if args.delay else ""
     print(

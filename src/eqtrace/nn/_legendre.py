@@ -3,7 +3,6 @@ import functools
 import equinox as eqx
 import jax.numpy as jnp
 import numpy as np
-import scipy.linalg
 from jaxtyping import Array, Float
 
 from .._cell import AbstractCell
@@ -18,6 +17,10 @@ def legendre_system(order: int, window: float) -> tuple[np.ndarray, np.ndarray]:
     `A_ij = (2i + 1)·(−1 if i < j else (−1)^(i−j+1))`, `B_i = (2i + 1)(−1)^i`; then
     `Ā = exp(A/θ)` and `B̄ = A⁻¹(Ā − I)B` (A is invertible).
     """
+    # Imported here: SciPy's linear algebra takes a quarter of a second to import, and only
+    # this constructor needs it (every process that imports eqtrace would pay for it).
+    import scipy.linalg
+
     i = np.arange(order)[:, None]
     j = np.arange(order)[None, :]
     a = (2 * i + 1) * np.where(i < j, -1.0, (-1.0) ** (i - j + 1))
