@@ -21,7 +21,7 @@ from helpers import (
     relative_error,
     squared_loss,
 )
-from registry import ALGORITHMS, algorithms, rules
+from registry import ALGORITHMS, TRACE_KINDS, algorithms, rules
 
 
 #: The rules that analyse a cell's structure (and refuse what breaks their assumptions).
@@ -451,9 +451,15 @@ def test_an_op_called_inside_a_transformation_is_refused(cell_cls, x, rule, getk
     assert relative_error(online, bptt) <= 1e-12
 
 
-# The block path for the rules that compute blocks their own way.
+# The block path for the rules that compute blocks their own way. Rules that scan their step
+# are held for one rule per kind of trace by default (every rule under `LONG`).
 @pytest.mark.parametrize(
-    "rule, blocks", [pytest.param(c.algorithm, c.own_blocks, id=c.name) for c in ALGORITHMS]
+    "rule, blocks",
+    [
+        pytest.param(c.algorithm, c.own_blocks, id=c.name)
+        for c in ALGORITHMS
+        if LONG or c.own_blocks or c.name in TRACE_KINDS
+    ],
 )
 def test_grad_of_jitted_vmapped_step_and_block(rule, blocks, getkey):
     """`jax.grad(jax.jit(jax.vmap(step)))` used to fail inside JAX (a constant link value
