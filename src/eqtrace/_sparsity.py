@@ -228,10 +228,11 @@ class _Walk:
 
     def closed(self, closed, deps, values):
         consts = [np.asarray(c) if _is_concrete(c) else None for c in closed.consts]
-        # The walk computes with constants (folding, 0/1 arrays through positional ops):
-        # eagerly, whatever transformation traces around it, so that the pattern of a cell
-        # is the same analysed inside `jit` or `grad` as outside (an array made under an
-        # outer trace would be a tracer, an unknown value, and widen the pattern).
+        # The walk computes with constants (folding, 0/1 arrays through positional ops and
+        # convolutions; every walk starts here): eagerly, whatever transformation traces
+        # around it, so that the pattern of a cell is the same analysed inside `jit` or `grad`
+        # as outside (an array made under an outer trace would be a tracer, an unknown value,
+        # and widen the pattern).
         with jax.ensure_compile_time_eval():
             return self.jaxpr(
                 closed.jaxpr, [None] * len(consts) + list(deps), consts + list(values)
@@ -393,8 +394,7 @@ class _Walk:
         if any(getattr(v.aval, "size", 2**31) > 2**16 for v in eqn.outvars):
             return out  # not worth keeping
         try:
-            with jax.ensure_compile_time_eval():
-                result = _bind(eqn.primitive, eqn.params, values)
+            result = _bind(eqn.primitive, eqn.params, values)
         except Exception:  # a primitive that cannot run eagerly: its value is just unknown
             return out
         results = result if eqn.primitive.multiple_results else [result]
@@ -486,8 +486,7 @@ class _Walk:
                 )
             return _bind(primitive, params, ops)
 
-        with jax.ensure_compile_time_eval():
-            out = jax.vmap(apply, in_axes=axes, out_axes=-1)(*operands)
+        out = jax.vmap(apply, in_axes=axes, out_axes=-1)(*operands)
         return _nonempty(np.asarray(out) > 0)
 
     # Structural primitives, on the colour arrays with NumPy.
@@ -629,8 +628,7 @@ class _Walk:
                 pair = (c, other) if i == 0 else (other, c)
                 return _bind(eqn.primitive, params, pair)
 
-            with jax.ensure_compile_time_eval():
-                reached = jax.vmap(apply, in_axes=-1, out_axes=-1)(colours)
+            reached = jax.vmap(apply, in_axes=-1, out_axes=-1)(colours)
             out = _union(out, np.asarray(reached) > 0)
         return [out]
 
