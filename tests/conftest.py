@@ -52,15 +52,19 @@ class _PublicFunctionsTransformer(_import_hook.JaxtypingTransformer):
     anew at every call of its parent: the structural analyses' closures were decorated tens of
     thousands of times per test file, about a sixth of the suite's CPU time, checking nothing
     (they carry no annotations). Here a function nested in another is decorated only if it
-    annotates an argument or its return: every public function, method and annotated closure
-    (such as the step `make_online_step` returns) is still checked."""
+    annotates an argument or its return, and private functions and methods (`_name`, not
+    dunders) are not decorated: their wrappers cost a tenth of the suite's CPU time (the
+    analyses call them per equation) and they are not the API. Every public function and
+    method (dunders included) and every annotated public closure (such as the step
+    `make_online_step` returns) is still checked."""
 
     def visit_FunctionDef(self, node):
         nested = any(isinstance(p, (ast.FunctionDef, ast.AsyncFunctionDef)) for p in self._parents)
         arguments = [*node.args.posonlyargs, *node.args.args, *node.args.kwonlyargs]
         arguments += [a for a in (node.args.vararg, node.args.kwarg) if a is not None]
         annotated = node.returns is not None or any(a.annotation is not None for a in arguments)
-        if not nested or annotated:
+        private = node.name.startswith("_") and not node.name.startswith("__")
+        if (not nested or annotated) and not private:
             return super().visit_FunctionDef(node)
         self._no_type_check_level += 1
         try:

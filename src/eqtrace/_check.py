@@ -114,6 +114,8 @@ class StructureReport:
     - `layer_rules`: per layer, how the rule runs it when it configures itself for that layer
       from the layer after it (e.g. `EProp(readout_decay=0.95)` under a leaky read-out), else
       `None`.
+    - `unread`: the layers whose structure the rule needs but could not read because it
+      refuses the model (`refusal` says why).
     """
 
     algorithm: str
@@ -123,6 +125,7 @@ class StructureReport:
     refusal: str | None = None
     notes: tuple[str, ...] = ()
     layer_rules: tuple[str | None, ...] = ()
+    unread: tuple[int, ...] = ()
 
     @property
     def violations(self) -> tuple[str, ...]:
@@ -141,6 +144,9 @@ class StructureReport:
     def __str__(self) -> str:
         lines = [f"eqtrace.check with {self.algorithm}:"]
         for i, cell in enumerate(self.cells):
+            if i in self.unread:
+                lines.append(f"  layer {i}: structure not read: refused, see REFUSED below")
+                continue
             if cell is None:
                 lines.append(f"  layer {i}: no diagonal structure needed")
                 continue
@@ -228,7 +234,7 @@ def check(
     else:
         sized = plan
     floats, nbytes = (None, None) if errors else (sized.trace_floats, sized.trace_bytes)
-    notes, layer_rules = [], []
+    notes, layer_rules, unread = [], [], []
     for i, (layer, lp) in enumerate(zip(layers, plan.layers)):
         # Configured otherwise than given (the structure it holds is not in its `repr`).
         configured = lp.rule is not None and repr(lp.rule) != repr(algorithm)
@@ -237,7 +243,11 @@ def check(
             continue
         if not has_parameters(layer):
             notes.append(f"layer {i}: {type(layer).__name__} has no parameters: no trace")
-        elif sized.layers[i].rule is not None:
+            continue
+        if refusal is not None and lp.structure is None and sized.layers[i].structure is None:
+            # A traced cell whose analysis the refusal stopped (not one that needs none).
+            unread.append(i)
+        if sized.layers[i].rule is not None:
             rule = sized.layers[i].rule
             try:
                 lines = rule.cell_notes(layer, layer.init_state(), concrete(lp.input))
@@ -255,4 +265,5 @@ def check(
         refusal,
         notes=tuple(notes),
         layer_rules=tuple(layer_rules),
+        unread=tuple(unread),
     )
