@@ -308,7 +308,12 @@ def test_weights_used_outside_calls_are_refused(cell_cls, match, rule, getkey):
     cell, x = cell_cls(key=getkey()), jnp.zeros(4)
     with pytest.raises(ValueError, match=match):
         rule.init_trace(cell, cell.init_state(), x)
-    assert not eqtrace.check(cell, rule, x=x).ok
+    report = eqtrace.check(cell, rule, x=x)
+    assert not report.ok
+    if report.cells[0] is None:  # The refusal stopped the analysis: the report says so.
+        text = str(report)
+        assert "layer 0: structure not read: refused" in text and "structure: refused" in text
+        assert "no diagonal structure needed" not in text
 
 
 def test_check_agrees_with_the_step(getkey):

@@ -167,9 +167,12 @@ class StructureReport:
             lines.append(f"  trace memory per sample: {size}")
         if self.refusal is not None:
             lines.append(f"  REFUSED by {self.algorithm}: {self.refusal}")
-        lines.append(
-            "  structure: OK" if self.ok else f"  structure: {len(self.violations)} violation(s)"
-        )
+        if self.ok:
+            lines.append("  structure: OK")
+        elif self.violations:
+            lines.append(f"  structure: {len(self.violations)} violation(s)")
+        else:
+            lines.append("  structure: refused")
         return "\n".join(lines)
 
 
