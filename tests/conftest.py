@@ -38,6 +38,8 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import ast
+import importlib.util
+import pathlib
 
 import jax
 import jax.random as jr
@@ -46,25 +48,59 @@ import pytest
 from jaxtyping import _import_hook
 
 
+def _exported_names() -> frozenset[str]:
+    """The names eqtrace exports: those its public modules (`__init__.py` files and modules
+    without a leading underscore) import or define at their top level (read from the source,
+    before `eqtrace` is imported)."""
+    (root,) = importlib.util.find_spec("eqtrace").submodule_search_locations
+    names = set()
+    for path in pathlib.Path(root).rglob("*.py"):
+        parts = path.relative_to(root).parts
+        if any(part.startswith("_") and part != "__init__.py" for part in parts):
+            continue
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.ImportFrom):
+                names.update(alias.asname or alias.name for alias in node.names)
+            elif isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+                names.add(node.name)
+    return frozenset(names)
+
+
 class _PublicFunctionsTransformer(_import_hook.JaxtypingTransformer):
     """jaxtyping's import hook (`--jaxtyping-packages` in pyproject.toml) puts its beartype
-    decorator on every function of `eqtrace`, nested ones too, and a nested `def` is decorated
-    anew at every call of its parent: the structural analyses' closures were decorated tens of
-    thousands of times per test file, about a sixth of the suite's CPU time, checking nothing
-    (they carry no annotations). Here a function nested in another is decorated only if it
-    annotates an argument or its return, and private functions and methods (`_name`, not
-    dunders) are not decorated: their wrappers cost a tenth of the suite's CPU time (the
-    analyses call them per equation) and they are not the API. Every public function and
-    method (dunders included) and every annotated public closure (such as the step
-    `make_online_step` returns) is still checked."""
+    decorator on every function of `eqtrace`, and a nested `def` is decorated anew at every
+    call of its parent: the structural analyses' helpers and closures, called per equation
+    while a step is traced, took about a quarter of the suite's CPU time in these wrappers
+    while checking nothing of the API. Here the public API is checked: every function eqtrace
+    exports (`_exported_names`), every public method (dunders included) of every public class,
+    and every annotated public closure (such as the step `make_online_step` returns); internal
+    functions (top-level functions eqtrace does not export, `_private` functions, methods and
+    classes, unannotated closures) are not decorated."""
+
+    _exported = _exported_names()
+
+    def visit_ClassDef(self, node):
+        if not node.name.startswith("_"):
+            return super().visit_ClassDef(node)
+        self._no_type_check_level += 1
+        try:
+            return super().visit_ClassDef(node)
+        finally:
+            self._no_type_check_level -= 1
 
     def visit_FunctionDef(self, node):
-        nested = any(isinstance(p, (ast.FunctionDef, ast.AsyncFunctionDef)) for p in self._parents)
+        parent = self._parents[-1]
         arguments = [*node.args.posonlyargs, *node.args.args, *node.args.kwonlyargs]
         arguments += [a for a in (node.args.vararg, node.args.kwarg) if a is not None]
         annotated = node.returns is not None or any(a.annotation is not None for a in arguments)
         private = node.name.startswith("_") and not node.name.startswith("__")
-        if (not nested or annotated) and not private:
+        if isinstance(parent, ast.Module):
+            checked = node.name in self._exported
+        elif isinstance(parent, ast.ClassDef):
+            checked = not private
+        else:
+            checked = annotated and not private
+        if checked:
             return super().visit_FunctionDef(node)
         self._no_type_check_level += 1
         try:
