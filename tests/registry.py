@@ -274,6 +274,8 @@ def _user(cls):
 #: Every built-in cell in the configurations the tests use, sizes chosen by the caller.
 CELLS: dict[str, CellCase] = {
     "rnn": CellCase(_builtin(nn.RNNCell), elementwise=False, state_leaves=1),
+    # The leaky RNN of rate models (RFLO's network).
+    "leaky-rnn": CellCase(_builtin(nn.RNNCell, alpha=0.3), elementwise=False, state_leaves=1),
     "gru": CellCase(_builtin(nn.GRUCell), elementwise=False, state_leaves=1),
     "lstm": CellCase(_builtin(nn.LSTMCell), elementwise=False, state_leaves=2),
     "mingru": CellCase(_builtin(nn.MinGRUCell), elementwise=True, state_leaves=1),

@@ -365,3 +365,6 @@ def test_invalid_arguments(getkey):
         nn.ALIF(INPUT, HIDDEN, recurrent_mask=jnp.ones((HIDDEN, HIDDEN), bool), key=getkey())
     with pytest.raises(ValueError, match="beta"):
         nn.ALIF(INPUT, HIDDEN, beta=-1.0, key=getkey())
+    for alpha in (0.0, 1.5):
+        with pytest.raises(ValueError, match=r"RNNCell: `alpha` must lie in \(0, 1\]"):
+            nn.RNNCell(INPUT, HIDDEN, alpha=alpha, key=getkey())

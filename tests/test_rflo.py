@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import jax.random as jr
 import jax.tree_util as jtu
+import pytest
 
 import eqtrace
 from eqtrace import nn
@@ -95,8 +96,12 @@ def _online(algorithm, model, xs, targets):
     )[1]
 
 
-def test_drtrl_with_random_feedback_is_rflo(getkey):
-    cell = LeakyRNN(0.2, key=getkey())
+@pytest.mark.parametrize("builtin", [True, False], ids=["nn.RNNCell", "user-cell"])
+def test_drtrl_with_random_feedback_is_rflo(builtin, getkey):
+    if builtin:
+        cell = nn.RNNCell(INPUT, HIDDEN, alpha=0.2, key=getkey())
+    else:
+        cell = LeakyRNN(0.2, key=getkey())
     linear = eqx.nn.Linear(HIDDEN, OUTPUT, key=getkey())
     readout = nn.RandomFeedback(linear, key=getkey())
     model = nn.Sequential([cell, readout])

@@ -22,11 +22,14 @@ def _orthogonal_like(op: Linear, key: PRNGKeyArray) -> Linear:
 
 
 class RNNCell(AbstractCell):
-    """Elman recurrent cell, `h_t = tanh(W_x x_t + W_h h_{t-1} + b)`.
+    """Elman recurrent cell, `h_t = tanh(W_x x_t + W_h h_{t-1} + b)`, or with a leak `α < 1`
+    the leaky RNN of rate models (Murray 2019's network for RFLO),
+    `h_t = (1 − α) h_{t-1} + α tanh(W_x x_t + W_h h_{t-1} + b)`.
 
     **Arguments:**
 
     - `input_size`, `hidden_size`: sizes of the input and of the hidden state.
+    - `alpha`: the integration rate `α ∈ (0, 1]` (`dt/τ`); `1` (default) is the Elman cell.
     - `dtype`: parameter dtype.
     - `key`: PRNG key.
     """
@@ -35,15 +38,30 @@ class RNNCell(AbstractCell):
     recurrent_op: Linear
     input_size: int = eqx.field(static=True)
     hidden_size: int = eqx.field(static=True)
+    alpha: float = eqx.field(static=True)
 
-    def __init__(self, input_size: int, hidden_size: int, *, dtype=None, key: PRNGKeyArray):
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        *,
+        alpha: float | int = 1.0,
+        dtype=None,
+        key: PRNGKeyArray,
+    ):
         check_size("RNNCell", input_size=input_size, hidden_size=hidden_size)
+        if isinstance(alpha, bool) or not 0 < alpha <= 1:
+            raise ValueError(
+                f"RNNCell: `alpha` must lie in (0, 1] (the integration rate dt/τ; 1 is the "
+                f"Elman cell), but received {alpha!r}."
+            )
         ikey, rkey, okey = jr.split(key, 3)
         self.input_op = Linear(input_size, hidden_size, dtype=dtype, key=ikey)
         recurrent = Linear(hidden_size, hidden_size, use_bias=False, dtype=dtype, key=rkey)
         self.recurrent_op = _orthogonal_like(recurrent, okey)
         self.input_size = input_size
         self.hidden_size = hidden_size
+        self.alpha = float(alpha)
 
     def init_state(self) -> Float[Array, " hidden"]:
         return jnp.zeros(self.hidden_size, self.input_op.weight.dtype)
@@ -52,6 +70,9 @@ class RNNCell(AbstractCell):
         self, state: Float[Array, " hidden"], x: Float[Array, " input"]
     ) -> tuple[Float[Array, " hidden"], Float[Array, " hidden"]]:
         h = jnp.tanh(self.input_op(x) + self.recurrent_op(state))
+        if self.alpha != 1:
+            # Python scalars keep the state's dtype (weak types).
+            h = (1 - self.alpha) * state + self.alpha * h
         return h, h
 
 
