@@ -124,7 +124,7 @@ class OTPE(AbstractDiagonalAlgorithm[OTPETrace]):
         if not isinstance(self.approximate, (bool, np.bool_)):
             raise TypeError(
                 "OTPE: `approximate` must be True (approximate OTPE) or False (OTPE), but "
-                f"received {self.approximate!r} of type {type(self.approximate).__name__}."
+                f"received {self.approximate!r}."
             )
 
     def _decay(self, structure: CellStructure) -> float:
