@@ -91,7 +91,7 @@ class OTPE(AbstractDiagonalAlgorithm[OTPETrace]):
     and the same credit `Wᵀ(δ_t ⊙ \\bar g_t)` to the layer below (a bias is the weight of the
     constant input 1, filtered the same way). Memory per sample: two values per op input, one
     per op output and the normaliser, independent of `|θ|` (OTTT's order: `2·50 + 128 + 1`
-    values for `LIF(50, 128)` instead of OTPE's `2·6 528 + 128 + 1`). It is an option of
+    values for `LIF(50, 128)` instead of OTPE's `2·6 400 + 128 + 1`). It is an option of
     this class rather than a rule of its own because it shares everything but `\\hat R`: the
     leak, the refusals, `\\bar g` and the credit sent down. It equals OTPE at the first step
     (both RTRL), and at every step on a linear leaky integrator of leak `λ` (constant
