@@ -244,8 +244,6 @@ def test_approximate_is_otpe_on_a_linear_leaky_integrator(getkey):
     otpe = _online(eqtrace.OTPE(leak=LEAK), model, xs, targets)
     assert relative_error(approximate, otpe) <= 1e-12
     assert all(bool(jnp.all(g != 0)) for g in jtu.tree_leaves(approximate))
-    other = _online(eqtrace.OTPE(leak=0.5, approximate=True), model, xs, targets)
-    assert relative_error(other, otpe) > 1e-3
 
 
 def _state_loss_gradient(algorithm, cell, xs):
