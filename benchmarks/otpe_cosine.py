@@ -1,6 +1,6 @@
 """Gradient cosine to BPTT (overall and per layer), trace size and time per sequence of OTPE
-on deep feed-forward LIF networks (the paper's setting), next to D-RTRL and OTTT on the same
-models (float32, one batch).
+and approximate OTPE on deep feed-forward LIF networks (the paper's setting), next to D-RTRL
+and OTTT on the same models (float32, one batch).
 
     python -m benchmarks.otpe_cosine
 
@@ -80,7 +80,11 @@ def main():
             readout = eqx.nn.Linear(HIDDEN, OUTPUT, dtype=jnp.float32, key=layer_keys[-1])
             model = nn.Sequential([*layers, readout])
             label = f"{depth} × LIF, reset {'detached' if detach else 'differentiated'}"
-            rules = [("OTPE", eqtrace.OTPE(leak=lam)), ("D-RTRL", eqtrace.DRTRL())]
+            rules = [
+                ("OTPE", eqtrace.OTPE(leak=lam)),
+                ("OTPE approx.", eqtrace.OTPE(leak=lam, approximate=True)),
+                ("D-RTRL", eqtrace.DRTRL()),
+            ]
             if detach:
                 rules.append(("OTTT", eqtrace.OTTT()))
             for rule_name, rule in rules:

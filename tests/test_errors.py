@@ -1133,6 +1133,12 @@ CASES: dict[str, Callable[[], list[Callable[[], object]]]] = {
         _init(eqtrace.OTPE(), nn.LIF(INPUT, HIDDEN, key=_key())),
         _init(eqtrace.OTPE(), nn.LIF(INPUT, HIDDEN, synapse=True, detach_reset=True, key=_key())),
     ],
+    "Approximate OTPE on a cell with parameters outside its ops": lambda: [
+        _init(
+            eqtrace.OTPE(leak=0.9, approximate=True),
+            nn.LIF(INPUT, HIDDEN, learn_tau=True, key=_key()),
+        ),
+    ],
     "An OTPE leak outside (0, 1)": lambda: [
         lambda: eqtrace.OTPE(leak=1.0),
         lambda: eqtrace.OTPE(leak=0.0),
@@ -1578,6 +1584,10 @@ def test_wrong_types_without_beartype():
         "params, None, state, trace, xs, targets)": (
             "TypeError: train_online: `optimizer` must be an Optax optimiser (with `init` and "
             "`update`, e.g. `optax.adam(1e-3)`), but received None."
+        ),
+        "eqtrace.OTPE(leak=0.5, approximate='yes')": (
+            "TypeError: OTPE: `approximate` must be True (approximate OTPE) or False (OTPE), "
+            "but received 'yes'."
         ),
         "eqtrace.ExactWindows(eqtrace.DRTRL)": (
             "TypeError: ExactWindows: `rule` must be an online rule (an instance of "

@@ -8,7 +8,11 @@ from ._algorithms._drtrl import DRTRL as DRTRL, DRTRLTrace as DRTRLTrace
 from ._algorithms._eprop import EProp as EProp, EPropTrace as EPropTrace
 from ._algorithms._filtered import Filtered as Filtered
 from ._algorithms._lowrank import LowRankRTRL as LowRankRTRL, LowRankRTRLTrace as LowRankRTRLTrace
-from ._algorithms._otpe import OTPE as OTPE, OTPETrace as OTPETrace
+from ._algorithms._otpe import (
+    OTPE as OTPE,
+    OTPEInputTraces as OTPEInputTraces,
+    OTPETrace as OTPETrace,
+)
 from ._algorithms._ottt import OTTT as OTTT, OTTTTrace as OTTTTrace
 from ._algorithms._ppprop import PPProp as PPProp, PPPropTrace as PPPropTrace
 from ._algorithms._rtrl import RTRL as RTRL, RTRLTrace as RTRLTrace
