@@ -100,8 +100,9 @@ def test_example_runs(name, tmp_path):
 
 
 def test_long_stream_resumes_from_the_command_line(tmp_path):
-    """examples/long_stream.py run straight to 1 200 steps saves a checkpoint at 600 on the way;
-    resumed with `--resume` from a copy of that checkpoint alone (as if the run had been
+    """examples/long_stream.py run straight to `--steps 1000` (its fast default is 1 200)
+    stops there and saves a checkpoint at 600 on the way (every 600) and at its last step;
+    resumed with `--resume` from a copy of the 600 checkpoint alone (as if the run had been
     stopped right after saving it), a new process ends as the straight run does, bit for bit
     (the script prints a digest of its final parameters). (One run fewer than stopping a second
     run at 600: the resumed process's start is the straight run's own state at 600.)"""
@@ -114,7 +115,7 @@ def test_long_stream_resumes_from_the_command_line(tmp_path):
             str(EXAMPLES / "long_stream.py"),
             "--fast",
             "--steps",
-            "1200",
+            "1000",
             "--checkpoints",
             str(tmp_path / directory),
             *extra,
@@ -127,9 +128,10 @@ def test_long_stream_resumes_from_the_command_line(tmp_path):
 
     straight = run("straight")
     assert "peak RSS" in straight
-    # Orbax's step folders (`<step>`); the straight run keeps its last two, 600 and 1 200.
+    # Orbax's step folders (`<step>`): the checkpoint at 600 and the one at the last step.
     steps = sorted(p.name for p in (tmp_path / "straight").iterdir() if p.name.isdigit())
-    assert steps == ["1200", "600"]
+    assert steps == ["1000", "600"]
+    assert "digest of the parameters at step 1000" in straight
     shutil.copytree(tmp_path / "straight" / "600", tmp_path / "interrupted" / "600")
     resumed = run("interrupted", "--resume")
     assert "resumed from step 600" in resumed
