@@ -98,6 +98,18 @@ def mse(y, target):
     return jnp.mean((y - target) ** 2)
 
 
+def online_only(algorithm, model, xs, targets, state=None):
+    """The summed per-step online gradient alone (through the trace path), without BPTT's."""
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+    state = model.init_state() if state is None else state
+    plan = eqtrace.prepare(algorithm, model, xs[0])
+    trace = algorithm.init_trace(model, state, plan=plan)
+    step = eqtrace.make_online_step(algorithm, static, plan=plan)
+    return eqtrace.online_gradient(
+        step, squared_loss, params, state, trace, xs, targets, reduction="sum"
+    )[1]
+
+
 def online_and_bptt(algorithm, model, xs, targets, loss_fn=squared_loss, state=None, trace=None):
     """Summed per-step online gradients (through the trace path) and the BPTT gradient."""
     params, static = eqx.partition(model, eqx.is_inexact_array)

@@ -18,7 +18,7 @@ import pytest
 
 import eqtrace
 from eqtrace import nn
-from helpers import online_and_bptt, relative_error, squared_loss
+from helpers import online_and_bptt, online_only, relative_error, squared_loss
 
 
 INPUT, HIDDEN, OUTPUT, LENGTH, TAU = 3, 5, 2, 8, 5.0
@@ -123,18 +123,6 @@ def test_first_step_sends_the_exact_credit_down(getkey):
     assert float(jnp.max(jnp.abs(online.layers[0].input_op.weight))) > 0
 
 
-def _online(algorithm, model, xs, targets):
-    """The summed online gradient alone (through the trace path), without BPTT's."""
-    params, static = eqx.partition(model, eqx.is_inexact_array)
-    state = model.init_state()
-    plan = eqtrace.prepare(algorithm, model, xs[0])
-    trace = algorithm.init_trace(model, state, plan=plan)
-    step = eqtrace.make_online_step(algorithm, static, plan=plan)
-    return eqtrace.online_gradient(
-        step, squared_loss, params, state, trace, xs, targets, reduction="sum"
-    )[1]
-
-
 def _spike(cell, v):
     return cell.surrogate((v - cell.threshold) / cell.threshold)
 
@@ -188,13 +176,13 @@ def test_approximate_equals_the_authors_update_written_naively(getkey):
     model = _model(getkey())
     xs, targets = _data(getkey())
     approximate = eqtrace.OTPE(leak=LEAK, approximate=True)
-    online = _online(approximate, model, xs, targets)
+    online = online_only(approximate, model, xs, targets)
     naive = _naive_approximate_otpe(model, xs, targets, LEAK)
     got = {"w1": online.layers[0].input_op.weight, "w2": online.layers[1].input_op.weight}
     assert relative_error(got, naive) <= 1e-12
     # Not vacuous: both layers learn, and it is not OTPE beyond the first step.
     assert all(float(jnp.max(jnp.abs(g))) > 0 for g in naive.values())
-    otpe = _online(eqtrace.OTPE(leak=LEAK), model, xs, targets)
+    otpe = online_only(eqtrace.OTPE(leak=LEAK), model, xs, targets)
     assert relative_error(online, otpe) > 1e-3
     # Its trace: two values per input and one per neuron and the normaliser, per layer.
     size = eqtrace.trace_size(approximate, model, xs[0]).values
@@ -206,7 +194,7 @@ def test_approximate_first_step_is_otpe_and_rtrl(getkey):
     model = _model(getkey())
     xs, targets = _data(getkey())
     rules = (eqtrace.OTPE(leak=LEAK, approximate=True), eqtrace.OTPE(leak=LEAK), eqtrace.RTRL())
-    approximate, otpe, exact = (_online(r, model, xs[:1], targets[:1]) for r in rules)
+    approximate, otpe, exact = (online_only(r, model, xs[:1], targets[:1]) for r in rules)
     assert relative_error(approximate, otpe) <= 1e-12
     assert relative_error(approximate, exact) <= 1e-12
     assert float(jnp.max(jnp.abs(approximate.layers[0].input_op.weight))) > 0
@@ -240,8 +228,8 @@ def test_approximate_is_otpe_on_a_linear_leaky_integrator(getkey):
         [_LeakyLinear(INPUT, HIDDEN, key=getkey()), _LeakyLinear(HIDDEN, OUTPUT, key=getkey())]
     )
     xs, targets = _data(getkey())
-    approximate = _online(eqtrace.OTPE(leak=LEAK, approximate=True), model, xs, targets)
-    otpe = _online(eqtrace.OTPE(leak=LEAK), model, xs, targets)
+    approximate = online_only(eqtrace.OTPE(leak=LEAK, approximate=True), model, xs, targets)
+    otpe = online_only(eqtrace.OTPE(leak=LEAK), model, xs, targets)
     assert relative_error(approximate, otpe) <= 1e-12
     assert all(bool(jnp.all(g != 0)) for g in jtu.tree_leaves(approximate))
 

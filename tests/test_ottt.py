@@ -17,7 +17,14 @@ import pytest
 
 import eqtrace
 from eqtrace import nn
-from helpers import online_and_bptt, online_in_blocks, random_state, relative_error, squared_loss
+from helpers import (
+    online_and_bptt,
+    online_in_blocks,
+    online_only,
+    random_state,
+    relative_error,
+    squared_loss,
+)
 from registry import SPECIALISED, make_cell
 
 
@@ -32,18 +39,6 @@ CASES = [
 def _data(key, length=LENGTH, scale=2.0):
     kx, kt = jr.split(key)
     return scale * jr.normal(kx, (length, INPUT)), jr.normal(kt, (length, OUTPUT))
-
-
-def _online(algorithm, model, xs, targets, state=None):
-    """The summed online gradient, through the trace path."""
-    params, static = eqx.partition(model, eqx.is_inexact_array)
-    state = model.init_state() if state is None else state
-    plan = eqtrace.prepare(algorithm, model, xs[0])
-    trace = algorithm.init_trace(model, state, plan=plan)
-    step = eqtrace.make_online_step(algorithm, static, plan=plan)
-    return eqtrace.online_gradient(
-        step, squared_loss, params, state, trace, xs, targets, reduction="sum"
-    )[1]
 
 
 def _naive_ottt(model, xs, targets):
@@ -97,7 +92,7 @@ def test_equals_the_papers_update_written_naively(getkey):
 
     model = nn.Sequential([lif(INPUT), lif(HIDDEN), eqx.nn.Linear(HIDDEN, OUTPUT, key=getkey())])
     xs, targets = _data(getkey())
-    online = _online(eqtrace.OTTT(), model, xs, targets)
+    online = online_only(eqtrace.OTTT(), model, xs, targets)
     naive = _naive_ottt(model, xs, targets)
     got = {
         "w1": online.layers[0].input_op.weight,
@@ -159,14 +154,16 @@ def test_its_rule_first_step_blocks_batch_and_jit_on_its_cells(case, cell, getke
     batch = 2
     xs = 2 * jr.normal(getkey(), (LENGTH, batch, INPUT))
     targets = jr.normal(getkey(), (LENGTH, batch, OUTPUT))
-    stepped = _online(rule, model, xs[:, 0], targets[:, 0])
+    stepped = online_only(rule, model, xs[:, 0], targets[:, 0])
     assert all(bool(jnp.any(g != 0)) for g in jtu.tree_leaves(stepped))
     if case.same_as is not None:
         same_as = dict(drtrl=eqtrace.DRTRL())[case.same_as]
-        assert relative_error(stepped, _online(same_as, model, xs[:, 0], targets[:, 0])) <= 1e-12
+        same = online_only(same_as, model, xs[:, 0], targets[:, 0])
+        assert relative_error(stepped, same) <= 1e-12
         assert eqtrace.trace_size(rule, model).values < eqtrace.trace_size(same_as, model).values
     state = random_state(np.random.default_rng(0), model)
-    first = [_online(r, model, xs[:1, 0], targets[:1, 0], state) for r in (rule, eqtrace.RTRL())]
+    rules = (rule, eqtrace.RTRL())
+    first = [online_only(r, model, xs[:1, 0], targets[:1, 0], state) for r in rules]
     assert relative_error(*first) <= 1e-12
     _, blocked, _, _ = online_in_blocks(rule, model, xs[:, 0], targets[:, 0], block_size=4)
     assert relative_error(blocked, stepped) <= 1e-12
@@ -181,7 +178,7 @@ def test_its_rule_first_step_blocks_batch_and_jit_on_its_cells(case, cell, getke
         )[1]
 
     batched = run(step)
-    second = _online(rule, model, xs[:, 1], targets[:, 1])
+    second = online_only(rule, model, xs[:, 1], targets[:, 1])
     assert relative_error(batched, jtu.tree_map(jnp.add, stepped, second)) <= 1e-12
     assert relative_error(run(jax.jit(step)), batched) <= 1e-12
 

@@ -11,7 +11,7 @@ import pytest
 
 import eqtrace
 from eqtrace import nn
-from helpers import relative_error, squared_loss
+from helpers import online_only, relative_error, squared_loss
 
 
 INPUT, HIDDEN, OUTPUT, LENGTH = 3, 5, 2, 7
@@ -87,15 +87,6 @@ def _naive_rflo(cell, readout, feedback, xs, targets):
     return grads
 
 
-def _online(algorithm, model, xs, targets):
-    params, static = eqx.partition(model, eqx.is_inexact_array)
-    state, trace = eqtrace.init_state_and_trace(model, algorithm, x=xs[0])
-    step = eqtrace.make_online_step(algorithm, static)
-    return eqtrace.online_gradient(
-        step, squared_loss, params, state, trace, xs, targets, reduction="sum"
-    )[1]
-
-
 @pytest.mark.parametrize("builtin", [True, False], ids=["nn.RNNCell", "user-cell"])
 def test_drtrl_with_random_feedback_is_rflo(builtin, getkey):
     if builtin:
@@ -106,7 +97,7 @@ def test_drtrl_with_random_feedback_is_rflo(builtin, getkey):
     readout = nn.RandomFeedback(linear, key=getkey())
     model = nn.Sequential([cell, readout])
     xs, targets = jr.normal(getkey(), (LENGTH, INPUT)), jr.normal(getkey(), (LENGTH, OUTPUT))
-    online = _online(eqtrace.DRTRL(), model, xs, targets)
+    online = online_only(eqtrace.DRTRL(), model, xs, targets)
     # `RandomFeedback` holds `B` in the read-out weight's shape; Murray's is its transpose.
     naive = _naive_rflo(cell, linear, readout.matrix.T, xs, targets)
     got = {
@@ -118,5 +109,5 @@ def test_drtrl_with_random_feedback_is_rflo(builtin, getkey):
     }
     assert relative_error(got, naive) <= 1e-12
     # Not vacuous: with the read-out's own weights as feedback, the update is another one.
-    symmetric = _online(eqtrace.DRTRL(), nn.Sequential([cell, linear]), xs, targets)
+    symmetric = online_only(eqtrace.DRTRL(), nn.Sequential([cell, linear]), xs, targets)
     assert relative_error(symmetric.layers[0], online.layers[0]) > 1e-2
