@@ -55,7 +55,9 @@ class UORO(AbstractAlgorithm[UOROTrace]):
     whatever the cell. It is exact only when the state has a single element.
 
     Each step costs one JVP ($J^h \\tilde h$) and one VJP ($ν^\\top J^θ$) of the cell, a few
-    forward passes; the trace holds $|h| + |θ|$ numbers and a key per sample. As for `RTRL`, a
+    forward passes; the trace holds $|h| + |θ|$ numbers and a key per sample. A block of steps
+    (`steps`, `make_online_block`) keeps no step's $\tilde θ_t$ for its derivative, which takes
+    each step's $ν^\top J^θ$ again from a VJP of the cell. As for `RTRL`, a
     `Sequential`'s recurrent core (its layers up to the last cell) is one system, and stateless
     layers after it are read-outs with exact gradients.
 
@@ -124,19 +126,19 @@ class UORO(AbstractAlgorithm[UOROTrace]):
     def cell_steps(
         self, cell: AbstractCell, state: State, trace: UOROTrace, xs: Input
     ) -> tuple[State, UOROTrace]:
-        """`C` steps with the values of `C` single steps; the derivative keeps no step's `θ̃_t`.
+        """`C` steps with the values of `C` single steps; the derivative keeps no step's `θ̃ₜ`.
 
         The forward pass forms `θ̃` at every step, as stepping does: `ρ_0` of step `t` divides
         by `‖θ̃_{t-1}‖`, which depends on every earlier term of the block. What a block saves is
         the derivative. The rule's change of `h_t` for a parameter tangent `δθ` is
-        `h̃_t (θ̃_t · δθ)`, and the scalar `s_t = θ̃_t · δθ` follows
-        `s_t = s_{t-1} / ρ_0 + (ν_tᵀ J^θ_t) · δθ / ρ_1` from `s_0 = θ̃_0 · δθ`. The row
+        `h̃ₜ (θ̃ₜ · δθ)`, and the scalar `s_t = θ̃ₜ · δθ` follows
+        `s_t = s_{t-1} / ρ_0 + (ν_tᵀ J^θ_t) · δθ / ρ_1` from `s_0 = θ̃₀ · δθ`. The row
         `ν_tᵀ J^θ_t` is a VJP of the cell (never a transposed JVP, which JAX cannot do through
         a `lax.cond` batched over the steps), recomputed per step when the recursion is
-        transposed: reverse mode gives `a_0 θ̃_0 + Σ_t (a_t / ρ_1) ν_tᵀ J^θ_t`, the weights
+        transposed: reverse mode gives `a_0 θ̃₀ + Σ_t (a_t / ρ_1) ν_tᵀ J^θ_t`, the weights
         `a_t` from a scalar recursion backwards over the block, with one `|θ|`-sized sum
-        carried. A block keeps `h_{t-1}`, `h̃_t`, `ν_t` (`3 |h|`) and `ρ_0, ρ_1` per step and
-        `θ̃_0` once, where the default block keeps every step's `θ̃_t` (`C |θ|`).
+        carried. A block keeps `h_{t-1}`, `h̃ₜ`, `ν_t` (`3 |h|`) and `ρ_0, ρ_1` per step and
+        `θ̃₀` once, where the default block keeps every step's `θ̃ₜ` (`C |θ|`).
         """
         params, static, frozen, (state, trace, stopped_xs) = freeze(cell, state, trace, xs)
 
