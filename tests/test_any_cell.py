@@ -747,6 +747,8 @@ def test_a_custom_vjp_surrogate(rule, getkey):
     uoro = eqtrace.UORO(key=jr.key(0))
     with pytest.raises(ValueError, match="UORO cannot run VJPSpiking: its state goes through"):
         uoro.init_trace(model, state, xs[0])
+    with pytest.raises(ValueError, match="UORO cannot run VJPSpiking: its state goes through"):
+        uoro.steps(model, state, None, xs)  # its blocks too
 
 
 class ScalarOps(eqtrace.AbstractCell):

@@ -581,6 +581,38 @@ _TOKENS = Case(
     batch=2,
     block=2,
 )
+@example(
+    # UORO's blocks on the cells its first block form failed on (its derivative transposed a
+    # JVP of the cell batched over the block's steps): a `lax.cond` on the state, then a spiking
+    # layer whose reset is detached by `stop_gradient`.
+    case=Case(
+        NetworkSpec(
+            (
+                LayerSpec(
+                    "generated",
+                    3,
+                    3,
+                    cell=dataclasses.replace(
+                        _one_leaf_cell((OpSpec("linear", 1, (_FROM_X,)),), (0,)), cond_gate=True
+                    ),
+                ),
+                LayerSpec(
+                    "lif",
+                    3,
+                    3,
+                    options=(("detach_reset", True), ("recurrent", True), ("threshold", 0.5)),
+                ),
+                LayerSpec("linear", 3, 2),
+            ),
+            bare=False,
+        ),
+        seed=2,
+        length=4,
+    ),
+    algorithm=eqtrace.UORO(key=jr.key(3)),
+    batch=2,
+    block=2,
+)
 @releasing_compiled_code
 def test_blocks_batches_and_jit(case, algorithm, batch, block):
     """For one rule per example (exact RTRL instead if a diagonal rule refuses the model):

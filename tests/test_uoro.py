@@ -2,7 +2,11 @@
 online gradient is RTRL's. Also its recurrence on a hand-computable cell, its keys (one per
 sample, independent across a batch, through `vmap`, `scan`, `jit` and `grad`), its trace memory
 and its errors. Batch = loop, jit = no jit and blocks = steps run for it with the other rules in
-test_diagonal.py and test_blocks.py."""
+test_diagonal.py and test_blocks.py (UORO has a block computation of its own, `cell_steps`);
+here its blocks equal its steps on the cells its block's derivative once failed on, and keep
+no step's `θ̃`."""
+
+import functools
 
 import equinox as eqx
 import jax
@@ -16,7 +20,7 @@ from scipy.stats import norm
 
 import eqtrace
 from eqtrace import nn
-from helpers import relative_error, squared_loss
+from helpers import LONG, relative_error, squared_loss
 
 
 LENGTH = 5
@@ -219,3 +223,155 @@ def test_bad_keys_are_explained(getkey):
     state, trace = eqtrace.init_state_and_trace(model, algorithm, 2)
     with pytest.raises(ValueError, match=r"(?s)`trace` does not fit.*key<fry>\[2\]"):
         algorithm.step(model, model.init_state(), trace, jnp.zeros(3))
+
+
+class CondOnState(eqtrace.AbstractCell):
+    """A leaky layer whose update passes through a `lax.cond` on its previous state: a
+    derivative that transposes a JVP of the cell batched over a block's steps fails inside JAX
+    (`Transpose rule for 'stop_gradient'`), as UORO's first block form did."""
+
+    op: eqx.nn.Linear
+
+    def __init__(self, in_size, *, key):
+        self.op = eqx.nn.Linear(in_size, 4, key=key)
+
+    def init_state(self):
+        return jnp.zeros(4)
+
+    def __call__(self, h, x):
+        v = 0.5 * h + jnp.tanh(2 * self.op(x))
+        # A predicate that flips often as the state moves: both branches are taken.
+        v = jax.lax.cond(_flip(h), lambda v: v, lambda v: 0.5 * jnp.tanh(v), v)
+        return v, v
+
+
+def _flip(h):
+    """Works on JAX and NumPy arrays alike."""
+    return (h.sum(-1) * 7 % (2 * np.pi)) < np.pi
+
+
+def _block_model(name, key):
+    k = jr.split(key, 5)
+    # A spiking layer whose reset is detached by `stop_gradient`, with a threshold its inputs
+    # cross.
+    lif = functools.partial(nn.LIF, recurrent=True, detach_reset=True, threshold=0.3)
+    if name == "gru":
+        return nn.Sequential([nn.GRUCell(3, 4, key=k[0]), eqx.nn.Linear(4, 2, key=k[1])])
+    if name == "lif-detached":
+        return nn.Sequential([lif(3, 4, key=k[0]), nn.LeakyReadout(4, 2, key=k[1])])
+    if name == "cond":
+        return nn.Sequential([CondOnState(3, key=k[0]), eqx.nn.Linear(4, 2, key=k[1])])
+    # The three as one stack (one system for UORO), with input credit to a layer below.
+    assert name == "stack"
+    return nn.Sequential(
+        [
+            eqx.nn.Linear(3, 3, key=k[0]),
+            nn.GRUCell(3, 4, key=k[1]),
+            CondOnState(4, key=k[2]),
+            lif(4, 4, key=k[3]),
+            nn.LeakyReadout(4, 2, key=k[4]),
+        ]
+    )
+
+
+def _layer_outputs(model, state, xs):
+    """Each layer's output over the steps of a batch (`xs` time-major)."""
+
+    def step(states, x):
+        new_states, outputs = [], []
+        for layer, layer_state in zip(model.layers, states):
+            if isinstance(layer, eqtrace.AbstractCell):
+                layer_state, x = jax.vmap(layer)(layer_state, x)
+            else:
+                x = jax.vmap(layer)(x)
+            new_states.append(layer_state)
+            outputs.append(x)
+        return tuple(new_states), outputs
+
+    return jax.lax.scan(step, state, xs)[1]
+
+
+@pytest.mark.parametrize("name", ["gru", "lif-detached", "cond", "stack"] if LONG else ["stack"])
+def test_blocks_equal_steps_under_jit_and_vmap(name, getkey):
+    """A batch of 2 (`vmap`) in jitted blocks of 1, 3 (a remainder of 2) and more steps than the
+    sequence, against stepping: loss, online gradient, state and trace (with its keys). By
+    default on the stack of a GRU, a `lax.cond` on the state and a detached spike reset; each
+    alone under `EQTRACE_HYPOTHESIS_PROFILE=long`."""
+    model = _block_model(name, getkey())
+    batch, block_sizes = 2, (1, 3, 2 * LENGTH)
+    xs = 2 * jr.normal(getkey(), (LENGTH, batch, 3))
+    targets = jr.normal(getkey(), (LENGTH, batch, 2))
+    algorithm = eqtrace.UORO(key=getkey())
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+    state, trace = eqtrace.init_state_and_trace(model, algorithm, batch, x=xs[0, 0])
+    step = jax.vmap(eqtrace.make_online_step(algorithm, static), in_axes=(None, 0, 0, 0))
+    block = jax.vmap(
+        eqtrace.make_online_block(algorithm, static), in_axes=(None, 0, 0, 1), out_axes=(0, 0, 1)
+    )
+
+    @eqx.filter_jit  # one compilation for all
+    def stepped_and_blocked(params, state, trace):
+        def run(block_size):
+            return eqtrace.online_gradient(
+                step if block_size is None else block,
+                squared_loss,
+                params,
+                state,
+                trace,
+                xs,
+                targets,
+                block_size=block_size,
+                reduction="sum",
+            )
+
+        return run(None), [run(size) for size in block_sizes]
+
+    stepped, blocked = stepped_and_blocked(params, state, trace)
+    for size, result in zip(block_sizes, blocked):
+        assert relative_error(result, stepped) <= 1e-10, f"blocks of {size}"
+    # Not vacuous: every parameter gets a gradient, the spiking layer spikes at some steps,
+    # and the cond takes both branches.
+    assert all(np.any(np.asarray(g) != 0) for g in jtu.tree_leaves(stepped[1]))
+    outputs = _layer_outputs(model, state, xs)
+    for layer, output in zip(model.layers, outputs):
+        if isinstance(layer, nn.LIF):
+            assert 0 < np.mean(output) < 1
+        if isinstance(layer, CondOnState):  # the predicate is on the previous state
+            assert 0 < np.mean(_flip(np.asarray(output[:-1]))) < 1
+
+
+def _arrays_in(jaxpr):
+    """The shapes of every value in `jaxpr` and the jaxprs inside it."""
+    for eqn in jaxpr.eqns:
+        yield from (v.aval.shape for v in eqn.outvars)
+        for param in eqn.params.values():
+            for inner in param if isinstance(param, tuple | list) else (param,):
+                inner = getattr(inner, "jaxpr", inner)
+                if hasattr(inner, "eqns"):
+                    yield from _arrays_in(inner)
+
+
+def test_a_block_keeps_no_steps_params_tilde(getkey):
+    """The gradient of a block of `C` steps holds no value of `C |θ|` numbers or more (the
+    scanned steps kept every step's `θ̃_t`, a `(C, B, |θ|)` array): its derivative recomputes
+    each step's `ν_tᵀ J^θ_t` where it is transposed."""
+    model = _block_model("gru", getkey())
+    algorithm = eqtrace.UORO(key=getkey())
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+    n_params = ravel_pytree(eqx.filter(model.core, eqx.is_inexact_array))[0].size
+    blocks, batch = 6, 2
+    xs = jnp.zeros((batch, blocks, 3))
+    state, trace = eqtrace.init_state_and_trace(model, algorithm, batch, x=xs[0, 0])
+
+    def largest(rule):
+        block = jax.vmap(eqtrace.make_online_block(rule, static), in_axes=(None, 0, 0, 0))
+        loss = lambda params: jnp.sum(block(params, state, trace, xs)[2] ** 2)  # noqa: E731
+        jaxpr = jax.make_jaxpr(jax.grad(loss))(params).jaxpr
+        return max(int(np.prod(shape)) for shape in _arrays_in(jaxpr))
+
+    assert largest(algorithm) < blocks * n_params
+
+    class Scanned(eqtrace.UORO):  # the default block: UORO's steps, scanned
+        cell_steps = eqtrace.AbstractAlgorithm.cell_steps
+
+    assert largest(Scanned(key=algorithm.key)) >= blocks * batch * n_params
