@@ -41,14 +41,16 @@ def _block_models(case) -> list[str]:
 
 
 def _block_cases() -> list:
-    """Each rule on the models of `_block_models`: all of them under `LONG`, else one, rotating
-    with the rule's place in the registry (the stacked network for most rules, ALIF for
-    SnAp-1). The LIF network is held to stepping by `test_own_blocks_any_size` (the rules with
+    """Each rule on the models of `_block_models`: all of them under `LONG`, else one: for a
+    rule with its own block computation, rotating with the rule's place in the registry; for a
+    rule whose blocks scan its steps (the same machinery for every such rule), the stacked
+    network. The LIF network is held to stepping by `test_own_blocks_any_size` (the rules with
     their own blocks) and `test_train_online_with_blocks` (every per-layer rule)."""
     params = []
     for i, case in enumerate(rules(supports_blocks=True)):
         models = _block_models(case)
-        for model_name in models if LONG else [models[i % len(models)]]:
+        default = models[i % len(models)] if case.own_blocks else "stack"
+        for model_name in models if LONG else [default]:
             params.append(pytest.param(case.algorithm, model_name, id=f"{case.name}-{model_name}"))
     return params
 

@@ -16,8 +16,8 @@ import optax
 import pytest
 
 import eqtrace
-from helpers import pairs
-from registry import algorithm_cases, make_cell
+from helpers import LONG, pairs
+from registry import TRACE_KINDS, algorithm_cases, make_cell
 
 
 LENGTH, BATCH, INPUT, HIDDEN = 4, 2, 3, 3
@@ -61,7 +61,11 @@ def _sequence(key, outputs=HIDDEN):
 _CELLS = ["gru", "lif-recurrent-synapse-learn-tau", "alif-recurrent-learn-tau-beta", "lstm"]
 
 
-@pytest.mark.parametrize("case, cell", pairs(algorithm_cases(), _CELLS))
+# One rule per kind of trace by default, every rule under `LONG`.
+@pytest.mark.parametrize(
+    "case, cell",
+    pairs([p for p in algorithm_cases() if LONG or p.values[0].name in TRACE_KINDS], _CELLS),
+)
 def test_true_learning_signal_gives_the_rules_online_gradient(case, cell, getkey):
     model = make_cell(cell, getkey(), INPUT, HIDDEN)
     params, step, state, trace = _setup(case.algorithm, model)

@@ -9,7 +9,7 @@ import jax.random as jr
 import pytest
 
 import eqtrace
-from helpers import Rolling
+from helpers import LONG, Rolling
 
 
 def _network():
@@ -175,7 +175,8 @@ def _count_analyses(monkeypatch):
 
 @pytest.mark.parametrize(
     "algorithm",
-    [eqtrace.DRTRL(), eqtrace.SnAp1(), eqtrace.EProp(), eqtrace.PPProp(0.5)],
+    # A weight-shaped trace and pp-prop's; SnAp-1's and e-prop's under `LONG`.
+    [eqtrace.DRTRL(), eqtrace.PPProp(0.5)] + ([eqtrace.SnAp1(), eqtrace.EProp()] if LONG else []),
     ids=lambda a: type(a).__name__,
 )
 def test_steps_read_the_structure_the_plan_holds(algorithm, monkeypatch):
