@@ -112,8 +112,10 @@ RULES: dict[str, Rule] = {
     # `snap@N`: SnAp-N (the parameter passed as `decay`; `snap` alone: N = 2).
     "snap": Rule("SnAp-n", lambda n: eqtrace.SnAp(int(n if n is not None else 2)), "tab:gray", "h"),
     # Synthetic gradients (DNI): BPTT in windows of the task's `block` steps, the credit from
-    # beyond each window predicted by a linear `eqtrace.SyntheticGradient` fitted alongside.
-    "dni": Rule("DNI", lambda window: DNI(int(window)), "black", "d"),
+    # beyond each window predicted by a linear `eqtrace.SyntheticGradient` fitted alongside
+    # (`dni@LR`: the predictor's learning rate, default `DNI_LR`; `dni@0`: never fitted, i.e.
+    # truncated BPTT in the same windows). The parameter passed is `(window, lr)`.
+    "dni": Rule("DNI", lambda spec: DNI(*spec), "black", "d"),
     "bptt": Rule("BPTT", lambda decay: None, "tab:green", "^"),
 }
 
@@ -124,10 +126,12 @@ DNI_LR = 1e-3
 
 @dataclasses.dataclass(frozen=True)
 class DNI:
-    """The `dni` rule: `eqtrace.synthetic_gradient` in windows of `window` steps. Not an
-    online rule (no trace): the harness trains the model and its predictor together."""
+    """The `dni` rule: `eqtrace.synthetic_gradient` in windows of `window` steps, the predictor
+    fitted by Adam at `lr`. Not an online rule (no trace): the harness trains the model and its
+    predictor together."""
 
     window: int
+    lr: float = DNI_LR
 
 
 #: pp-prop twice: with the task's decay (the paper's for the spiking tasks) and close to 1.
@@ -444,9 +448,13 @@ def parse_rule(spec: str, task_config: dict[str, Any]) -> tuple[str, float | Non
         return rule, n, f"SnAp-{n}"
     if rule == "dni":
         size = int(task_config.get("block", 0))
-        if decay_text or size < 1:
+        if size < 1:
             raise ValueError("dni takes its windows from the task: --set TASK.block=K (K ≥ 1)")
-        return rule, size, f"DNI, windows of {size}"
+        lr = float(decay_text) if decay_text else DNI_LR
+        if lr == 0:
+            return rule, (size, lr), f"truncated BPTT, windows of {size} (dni@0)"
+        suffix = f", predictor lr {lr:g}" if decay_text else ""
+        return rule, (size, lr), f"DNI, windows of {size}{suffix}"
     if rule != "ppprop":
         if decay_text:
             raise ValueError(f"only ppprop takes a decay, not {spec!r}")
@@ -689,7 +697,7 @@ def train(task: Task, rule_spec: str, seed: int, log: Callable[[str], None]) -> 
     if dni:  # the model as every rule, its predictor (starting at zero) with its own Adam
         params = (params, eqtrace.SyntheticGradient(model))
         optimizer = optax.multi_transform(
-            {"model": optimizer, "predictor": optax.adam(DNI_LR)},
+            {"model": optimizer, "predictor": optax.adam(algorithm.lr)},
             ("model", "predictor"),
         )
     opt_state = optimizer.init(params)
