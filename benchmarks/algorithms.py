@@ -307,8 +307,8 @@ REGISTRY = {
         Algorithm("ottt", rule=_ottt, per_layer=True, may_refuse=True),
         Algorithm("otpe", rule=_otpe, per_layer=True, may_refuse=True),
         # SnAp-2 and -3: on a dense recurrent cell their trace is RTRL's.
-        Algorithm("snap2", rule=_snap2, sized_trace=True),
-        Algorithm("snap3", rule=_snap3, sized_trace=True),
+        Algorithm("snap2", rule=_snap2, per_layer=True, sized_trace=True),
+        Algorithm("snap3", rule=_snap3, per_layer=True, sized_trace=True),
         # Synthetic gradients (DNI) in windows of `--block` steps; no trace.
         Algorithm("dni", baseline=_dni),
     )
