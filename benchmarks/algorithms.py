@@ -6,6 +6,7 @@ capability flags).
 """
 
 import dataclasses
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -46,6 +47,11 @@ class Algorithm:
     supports_blocks: bool = False
     # The trace is the full Jacobian dh/dθ, batch·|h|·|θ| numbers: skipped above --rtrl-limit.
     jacobian_trace: bool = False
+    # The trace may be as large as the Jacobian (SnAp-n on a dense cell): skipped when its
+    # batched trace holds more than --rtrl-limit numbers.
+    sized_trace: bool = False
+    # The rule accepts only some cells (OTTT, OTPE): skipped, with its refusal, on the others.
+    may_refuse: bool = False
     # `eqtrace.ExactWindows(rule)` in blocks: BPTT within each window of `--block` steps, the
     # rule's trace across them (a different gradient, the same trace).
     windows: bool = False
@@ -83,6 +89,21 @@ class Algorithm:
 
     def skip_reason(self, problem: Problem) -> str | None:
         """Why this configuration is not run on `problem`, or `None`."""
+        if self.may_refuse:
+            try:
+                self.batched_trace(problem)
+            except eqtrace.StructureError as error:
+                # The refusal's first two lines: what it needs and what the cell breaks.
+                why = " ".join(line.strip() for line in str(error).splitlines()[:2])
+                return f"{self.name} skipped: {why}"
+        if self.sized_trace:
+            numbers = sum(leaf.size for leaf in jax.tree.leaves(self.batched_trace(problem)))
+            if numbers > problem.config.rtrl_limit:
+                return (
+                    f"{self.name} skipped: its batched trace would hold {numbers:.2e} numbers "
+                    f"> --rtrl-limit {problem.config.rtrl_limit:.0e}"
+                )
+            return None
         if not self.jacobian_trace:
             return None
         n_state, n_params = problem.sizes()
@@ -149,6 +170,28 @@ def _bptt(problem: Problem) -> Runner:
     return run_bptt
 
 
+def _dni(problem: Problem) -> Runner:
+    """Synthetic gradients (`eqtrace.synthetic_gradient`): BPTT in windows of `--block` steps,
+    each started from a linear predictor's cotangent at its exit, and the predictor's fitting
+    gradient. The predictor is untrained (zero), so the model's gradient is truncated BPTT's;
+    its time and memory are those of any predictor (the same operations)."""
+    forward_step, config = _batched_forward_step(problem), problem.config
+    predictor = eqtrace.SyntheticGradient(problem.model)
+
+    def run_dni(params, stream):
+        ts = jnp.arange(config.steps)
+        state = problem.batched_init_state(params)
+        # A barrier, so that XLA cannot simplify products with the zero predictor away.
+        g = jax.lax.optimization_barrier(predictor)
+        loss, grads, _, predictor_grads, _ = eqtrace.synthetic_gradient(
+            _OnStream(forward_step, stream), stream.loss, params, g, state, ts, ts, config.block,
+            reduction="sum",
+        )  # fmt: skip
+        return loss, grads, predictor_grads
+
+    return run_dni
+
+
 def _online_runner(problem: Problem, algorithm: eqtrace.AbstractAlgorithm, block: bool) -> Runner:
     """Loss and online gradient by `eqtrace.online_gradient`, stepping or in blocks. The initial
     state and trace are built inside, so the inputs are the parameters and the data."""
@@ -210,6 +253,24 @@ def _uoro(config: Config, trace_dtype: Any) -> eqtrace.AbstractAlgorithm:
     return eqtrace.UORO(key=jax.random.key(0))
 
 
+def _ottt(config: Config, trace_dtype: Any) -> eqtrace.AbstractAlgorithm:
+    return eqtrace.OTTT()
+
+
+def _otpe(config: Config, trace_dtype: Any) -> eqtrace.AbstractAlgorithm:
+    # The LIF layer's membrane leak exp(−dt/τ_mem) at its defaults (dt = 1, τ_mem = 20): with
+    # a synapse (two state leaves) OTPE cannot read it from the code.
+    return eqtrace.OTPE(leak=math.exp(-1.0 / 20.0))
+
+
+def _snap2(config: Config, trace_dtype: Any) -> eqtrace.AbstractAlgorithm:
+    return eqtrace.SnAp(2)
+
+
+def _snap3(config: Config, trace_dtype: Any) -> eqtrace.AbstractAlgorithm:
+    return eqtrace.SnAp(3)
+
+
 _RTRL = dict(rule=_rtrl, exact=True, jacobian_trace=True)
 _DRTRL = dict(rule=_drtrl, per_layer=True, supports_blocks=True)
 _SNAP1 = dict(rule=_snap1, per_layer=True, supports_blocks=True)
@@ -240,6 +301,16 @@ REGISTRY = {
         Algorithm("uoro-block", rule=_uoro, block=True, supports_blocks=True),
         # BPTT within windows of `--block` steps, D-RTRL's trace across them.
         Algorithm("drtrl-window", block=True, windows=True, **_DRTRL),
+        # Issue 25's rules. None has a block form of its own (their blocks would scan steps).
+        # OTTT: LIF with its reset detached (`--detach-reset`); OTPE: and feed-forward
+        # (`--feedforward`). Skipped, with their refusal, on other cells.
+        Algorithm("ottt", rule=_ottt, per_layer=True, may_refuse=True),
+        Algorithm("otpe", rule=_otpe, per_layer=True, may_refuse=True),
+        # SnAp-2 and -3: on a dense recurrent cell their trace is RTRL's.
+        Algorithm("snap2", rule=_snap2, per_layer=True, sized_trace=True),
+        Algorithm("snap3", rule=_snap3, per_layer=True, sized_trace=True),
+        # Synthetic gradients (DNI) in windows of `--block` steps; no trace.
+        Algorithm("dni", baseline=_dni),
     )
 }
 ALGORITHMS = tuple(REGISTRY)

@@ -32,6 +32,10 @@ class Config:
     # RTRL is skipped when its batched trace, batch·|h|·|θ| numbers, exceeds this.
     rtrl_limit: float = 1e7
     seed: int = 0
+    # The LIF layer of the "lif" model: its reset detached from the gradient (which OTTT
+    # needs), and without recurrent weights (which OTPE needs).
+    detach_reset: bool = False
+    feedforward: bool = False
 
     def args(self) -> list[str]:
         """The command-line flags that rebuild this configuration (for the subprocesses)."""
@@ -40,12 +44,15 @@ class Config:
             *("--batch", str(self.batch), "--steps", str(self.steps), "--rank", str(self.rank)),
             *("--block", str(self.block)),
             *("--rtrl-limit", str(self.rtrl_limit), "--seed", str(self.seed)),
+            *(["--detach-reset"] if self.detach_reset else []),
+            *(["--feedforward"] if self.feedforward else []),
         ]
 
     def describe(self) -> str:
+        flags = " detach_reset" * self.detach_reset + " feedforward" * self.feedforward
         return (
-            f"model={self.model} input={self.input} hidden={self.hidden} batch={self.batch} "
-            f"steps={self.steps}"
+            f"model={self.model}{flags} input={self.input} hidden={self.hidden} "
+            f"batch={self.batch} steps={self.steps}"
         )
 
 
@@ -98,6 +105,8 @@ def build_problem(config: Config) -> Problem:
     cell_key, readout_key, x_key, y_key = jr.split(jr.key(config.seed), 4)
     batch, n_in, hidden, n_out = config.batch, config.input, config.hidden, 10
     dtype = jnp.result_type(float)
+    if config.model != "lif" and (config.detach_reset or config.feedforward):
+        raise ValueError("--detach-reset and --feedforward are options of --model lif.")
     if config.model == "gru":
         model = eqtrace.nn.Sequential(
             [
@@ -114,7 +123,14 @@ def build_problem(config: Config) -> Problem:
     elif config.model == "lif":
         model = eqtrace.nn.Sequential(
             [
-                eqtrace.nn.LIF(n_in, hidden, recurrent=True, synapse=True, key=cell_key),
+                eqtrace.nn.LIF(
+                    n_in,
+                    hidden,
+                    recurrent=not config.feedforward,
+                    synapse=True,
+                    detach_reset=config.detach_reset,
+                    key=cell_key,
+                ),
                 eqtrace.nn.LeakyReadout(hidden, n_out, key=readout_key),
             ]
         )

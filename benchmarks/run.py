@@ -41,13 +41,14 @@ def _trace_megabytes(problem: Problem, algorithm: algorithms.Algorithm) -> float
 
 
 def _add_cosines(results: list[dict], timings: dict[str, dict]) -> None:
-    """Each online rule's gradient cosine to BPTT's on the same batch (`cos_bptt`), when BPTT
-    ran; pops the calls' outputs, which the JSON record does not keep."""
+    """Each rule's gradient cosine to BPTT's on the same batch (`cos_bptt`), when BPTT ran
+    (online rules, and `dni`); pops the calls' outputs, which the JSON record does not keep."""
     outputs = {name: timing.pop("output", None) for name, timing in timings.items()}
     reference = outputs.get("bptt")
     for result in results:
         output = outputs.get(result["algorithm"])
-        if reference is not None and result.get("floor") is not None and output is not None:
+        compared = result.get("floor") is not None or result["algorithm"] == "dni"
+        if reference is not None and compared and output is not None:
             comparison = eqtrace.compare_gradients(output[1], reference[1])
             result["cos_bptt"] = float(comparison.overall_cosine)
 
@@ -159,6 +160,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--timeout", type=float, default=3600.0, help="per subprocess, seconds")
     parser.add_argument("--rtrl-limit", type=float, default=1e7, help="max batch·|h|·|θ| for RTRL")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--detach-reset", action="store_true", help="lif: the reset detached (OTTT needs it)"
+    )
+    parser.add_argument(
+        "--feedforward", action="store_true", help="lif: no recurrent weights (OTPE needs it)"
+    )
     parser.add_argument("--sweep-memory", action="store_true", help="memory versus T")
     parser.add_argument("--lengths", default="100,1000,10000", help="T values for the sweep")
     parser.add_argument(
@@ -181,6 +188,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
         block=args.block,
         rtrl_limit=args.rtrl_limit,
         seed=args.seed,
+        detach_reset=args.detach_reset,
+        feedforward=args.feedforward,
     )
 
 

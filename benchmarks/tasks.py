@@ -109,8 +109,31 @@ RULES: dict[str, Rule] = {
         "tab:olive",
         "*",
     ),
+    # `snap@N`: SnAp-N (the parameter passed as `decay`; `snap` alone: N = 2).
+    "snap": Rule("SnAp-n", lambda n: eqtrace.SnAp(int(n if n is not None else 2)), "tab:gray", "h"),
+    # Synthetic gradients (DNI): BPTT in windows of the task's `block` steps, the credit from
+    # beyond each window predicted by a linear `eqtrace.SyntheticGradient` fitted alongside
+    # (`dni@LR`: the predictor's learning rate, default `DNI_LR`; `dni@0`: never fitted, i.e.
+    # truncated BPTT in the same windows). The parameter passed is `(window, lr)`.
+    "dni": Rule("DNI", lambda spec: DNI(*spec), "black", "d"),
     "bptt": Rule("BPTT", lambda decay: None, "tab:green", "^"),
 }
+
+#: The predictor's optimiser in `dni` runs: Adam at this constant learning rate (its own, not
+#: clipped with the model's gradient).
+DNI_LR = 1e-3
+
+
+@dataclasses.dataclass(frozen=True)
+class DNI:
+    """The `dni` rule: `eqtrace.synthetic_gradient` in windows of `window` steps, the predictor
+    fitted by Adam at `lr`. Not an online rule (no trace): the harness trains the model and its
+    predictor together."""
+
+    window: int
+    lr: float = DNI_LR
+
+
 #: pp-prop twice: with the task's decay (the paper's for the spiking tasks) and close to 1.
 DEFAULT_RULES = ("drtrl", "ppprop", "ppprop@0.999", "bptt")
 
@@ -420,6 +443,18 @@ def parse_rule(spec: str, task_config: dict[str, Any]) -> tuple[str, float | Non
     if rule == "lowrank":
         rank = int(decay_text) if decay_text else 4
         return rule, rank, f"D-RTRL + rank {rank}"
+    if rule == "snap":
+        n = int(decay_text) if decay_text else 2
+        return rule, n, f"SnAp-{n}"
+    if rule == "dni":
+        size = int(task_config.get("block", 0))
+        if size < 1:
+            raise ValueError("dni takes its windows from the task: --set TASK.block=K (K ≥ 1)")
+        lr = float(decay_text) if decay_text else DNI_LR
+        if lr == 0:
+            return rule, (size, lr), f"truncated BPTT, windows of {size} (dni@0)"
+        suffix = f", predictor lr {lr:g}" if decay_text else ""
+        return rule, (size, lr), f"DNI, windows of {size}{suffix}"
     if rule != "ppprop":
         if decay_text:
             raise ValueError(f"only ppprop takes a decay, not {spec!r}")
@@ -472,11 +507,36 @@ def make_gradient(task: Task, rule: str, algorithm, model, batch: int) -> Callab
     if not task.spiking and task.config["loss"] == "all":
         reduction = "mean"
 
-    if algorithm is None:
+    if algorithm is None or isinstance(algorithm, DNI):
         forward = jax.vmap(eqtrace.make_forward_step(static), in_axes=(None, 0, 0))
         state0 = jax.vmap(lambda _: model.init_state())(jnp.arange(batch))
         if not task.spiking and task.config["loss"] == "last":
             step_weights = jnp.arange(length) == length - 1
+
+    if isinstance(algorithm, DNI):
+        # `params` is `(model parameters, predictor)`; the gradient is theirs too: the model's
+        # from the windows with the predicted credit, the predictor's from its fitting loss.
+        def dni_gradient(params, xs, targets, key=None):
+            del key
+            model_params, predictor = params
+            loss, grads, _, predictor_grads, _ = eqtrace.synthetic_gradient(
+                forward,
+                task.loss_fn,
+                model_params,
+                predictor,
+                state0,
+                xs,
+                targets,
+                algorithm.window,
+                reduction=reduction,
+                step_weights=step_weights,
+                sequence_targets=sequence_targets,
+            )
+            return loss, (grads, predictor_grads)
+
+        return dni_gradient
+
+    if algorithm is None:
 
         def gradient(params, xs, targets, key=None):
             del key  # BPTT draws no noise
@@ -552,6 +612,11 @@ def memory_per_sample(task: Task, algorithm, model) -> tuple[int, int, str]:
         floats = task.length * sum(leaf.size for leaf in leaves)
         nbytes = task.length * sum(leaf.nbytes for leaf in leaves)
         return floats, nbytes, "stored states (T × |state|, lower bound)"
+    if isinstance(algorithm, DNI):  # the window's states; the predictor is shared by the batch
+        leaves = jtu.tree_leaves(model.init_state())
+        floats = algorithm.window * sum(leaf.size for leaf in leaves)
+        nbytes = algorithm.window * sum(leaf.nbytes for leaf in leaves)
+        return floats, nbytes, "the window's states (lower bound) + a shared n² + n predictor"
     floats, nbytes = eqtrace.trace_size(algorithm, model)
     if isinstance(algorithm, eqtrace.ExactWindows):  # and the window's states, for its BPTT
         size = int(task.config.get("block", 0))
@@ -603,8 +668,11 @@ def _gradient_check(task: Task, rule: str, algorithm, model) -> Callable:
     def check(params):
         if online is None:
             return 1.0, 1.0
-        _, bptt_grads = reference(params, xs, targets)
+        model_params = params[0] if isinstance(algorithm, DNI) else params
+        _, bptt_grads = reference(model_params, xs, targets)
         _, grads = online(params, xs, targets)
+        if isinstance(algorithm, DNI):
+            grads = grads[0]
         comparison = eqtrace.compare_gradients(grads, bptt_grads)
         return float(comparison.overall_cosine), float(comparison.overall_norm_ratio)
 
@@ -625,8 +693,18 @@ def train(task: Task, rule_spec: str, seed: int, log: Callable[[str], None]) -> 
         else optax.adam(schedule)
     )
     optimizer = optax.chain(optax.clip_by_global_norm(1.0), adam)
+    dni = isinstance(algorithm, DNI)
+    if dni:  # the model as every rule, its predictor (starting at zero) with its own Adam
+        params = (params, eqtrace.SyntheticGradient(model))
+        optimizer = optax.multi_transform(
+            {"model": optimizer, "predictor": optax.adam(algorithm.lr)},
+            ("model", "predictor"),
+        )
     opt_state = optimizer.init(params)
     gradient = make_gradient(task, rule, algorithm, model, config["batch"])
+
+    def model_params(params):
+        return params[0] if dni else params
 
     noise_key = jr.key(seed + 2)
 
@@ -664,7 +742,7 @@ def train(task: Task, rule_spec: str, seed: int, log: Callable[[str], None]) -> 
             times.append(elapsed)
         curve["loss"].append(loss)
         if i % config["eval_every"] == 0 or i == steps:
-            accuracy, rate = evaluate(params, test_xs, test_targets)
+            accuracy, rate = evaluate(model_params(params), test_xs, test_targets)
             curve["eval_update"].append(i)
             curve["test_accuracy"].append(float(accuracy))
             log(
@@ -672,7 +750,7 @@ def train(task: Task, rule_spec: str, seed: int, log: Callable[[str], None]) -> 
                 f"test {float(accuracy):.1%}" + (f", {float(rate):.0f} Hz" if task.spiking else "")
             )
     train_seconds = time.perf_counter() - start
-    accuracy, rate = evaluate(params, test_xs, test_targets)
+    accuracy, rate = evaluate(model_params(params), test_xs, test_targets)
 
     cosine, ratio = gradient_check(params)
     floats, nbytes, memory_kind = memory_per_sample(task, algorithm, model)

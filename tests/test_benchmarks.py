@@ -23,7 +23,10 @@ TINY = ["--input", "3", "--hidden", "4", "--batch", "2", "--steps", "4", "--repe
 NAMES = (
     "forward", "bptt", "rtrl", "drtrl", "drtrl-block", "drtrl-bf16", "snap1", "snap1-block",
     "eprop", "eprop-block", "ppprop", "ppprop-block", "uoro", "uoro-block", "drtrl-window",
+    "ottt", "otpe", "snap2", "snap3", "dni",
 )  # fmt: skip
+# The rules that accept only some cells, and the "lif" options of the cells they accept.
+REFUSING = {"ottt": {"detach_reset": True}, "otpe": {"detach_reset": True, "feedforward": True}}
 
 
 def _tiny(model: str) -> Config:
@@ -43,7 +46,11 @@ def _rows(text: str) -> dict[str, list[str]]:
 def test_registry():
     assert algorithms.ALGORITHMS == NAMES
     problem = build_problem(_tiny("gru"))
+    lif = build_problem(dataclasses.replace(_tiny("lif"), detach_reset=True, feedforward=True))
     for algorithm in algorithms.REGISTRY.values():
+        if algorithm.name in REFUSING:  # refused on the GRU
+            assert algorithm.may_refuse and algorithm.make_rule(lif.config).per_layer
+            continue
         if not algorithm.online:
             assert not algorithm.block and algorithm.trace_dtype is None
             continue
@@ -70,9 +77,23 @@ def test_one_floor_per_trace():
 @pytest.mark.parametrize("model", ["gru", "lif"])
 def test_every_algorithm_traces(model):
     # Shapes only: every configuration builds its runner and traces (compiling all of them
-    # would take a minute).
+    # would take a minute). The rules that refuse these cells say so, and trace once on the
+    # cell they accept.
     problem = build_problem(_tiny(model))
     for algorithm in algorithms.REGISTRY.values():
+        if algorithm.name in REFUSING:
+            reason = algorithm.skip_reason(problem)
+            assert reason is not None and reason.startswith(f"{algorithm.name} skipped: "), reason
+            assert "cannot trace" in reason, reason
+            if model == "gru":
+                continue
+            problem_ok = build_problem(
+                dataclasses.replace(problem.config, **REFUSING[algorithm.name])
+            )
+            assert algorithm.skip_reason(problem_ok) is None
+            out = jax.eval_shape(algorithm.runner(problem_ok), problem_ok.params, problem_ok.stream)
+            assert out[0].shape == (), algorithm.name
+            continue
         out = jax.eval_shape(algorithm.runner(problem), problem.params, problem.stream)
         loss = out if algorithm.name == "forward" else out[0]
         assert loss.shape == (), algorithm.name
@@ -114,11 +135,13 @@ def test_tiny_run_with_floor(capsys):
 
 
 def test_rtrl_skipped_when_too_big(capsys):
-    run.main(["--model", "gru", *TINY, "--no-memory", "--algorithms", "rtrl", "--rtrl-limit", "1"])
+    run.main(["--model", "gru", *TINY, "--no-memory", "--algorithms", "rtrl,snap2", "--rtrl-limit",
+              "1"])  # fmt: skip
     out = capsys.readouterr().out
-    assert _rows(out)["rtrl"][1] == "skipped"
-    assert "note: rtrl skipped" in out
-    assert "rtrl floor" not in out
+    for name in ("rtrl", "snap2"):  # SnAp-2 by its trace's real size
+        assert _rows(out)[name][1] == "skipped"
+        assert f"note: {name} skipped" in out
+        assert f"{name} floor" not in out
 
 
 def test_memory_subprocess_and_sweep(tmp_path, capsys):
@@ -160,3 +183,14 @@ def test_mnist1d_blocks(capsys):
                             "update, blocks", "advance, blocks (product)",
                             "update, blocks (product)"}  # fmt: skip
     assert "× stepped update" in capsys.readouterr().out
+
+
+def test_shared_weight_ops(capsys):
+    # The script's path on one tiny cell (the others are the same code; the ops themselves are
+    # tested in test_shared_weight_ops.py).
+    from benchmarks import shared_weight_ops
+
+    rows = shared_weight_ops.main(["--tiny", "--rules", "drtrl", "--cells", "Grouped"])
+    assert [(r["cell"], r["rule"]) for r in rows] == [("Grouped", "BPTT"), ("Grouped", "D-RTRL")]
+    assert rows[1]["trace_values"] > 0 and 0 < rows[1]["cosine"] <= 1 + 1e-6
+    assert "| Grouped · D-RTRL |" in capsys.readouterr().out
