@@ -77,10 +77,32 @@ def tree_allclose(x: Any, y: Any, *, rtol: float = 1e-9, atol: float = 0.0) -> b
     )
 
 
+def low_rank_products(tree: Any) -> Any:
+    """`tree` with each `LowRankRTRLTrace` replaced by what it means, its base trace and its
+    correction `U Vᵀ`, the latter offset by the base trace's largest magnitude so that
+    `relative_error` measures it on the scale of the influence it corrects. The factors
+    themselves are defined up to the signs of their columns (and a rotation where the kept
+    directions' weights tie), and where the base rule drops nothing (an element-wise cell) they
+    hold round-off, whose directions and relative size mean nothing: two compilations of the
+    same computation may differ there."""
+
+    def meaning(node):
+        if not isinstance(node, eqtrace.LowRankRTRLTrace):
+            return node
+        u, v = node.state_factors, node.param_factors
+        leaves = [leaf for leaf in jtu.tree_leaves(node.base) if leaf.size]
+        scale = max((float(jnp.max(jnp.abs(leaf))) for leaf in leaves), default=0.0)
+        return node.base, jnp.einsum("...hr,...pr->...hp", u, v) + scale
+
+    is_trace = lambda node: isinstance(node, eqtrace.LowRankRTRLTrace)  # noqa: E731
+    return jtu.tree_map(meaning, tree, is_leaf=is_trace)
+
+
 def relative_error(x: Any, y: Any) -> float:
     """Largest leaf-wise `max|x - y| / max|y|` (zero leaves of `y` compare absolutely; PRNG
-    keys by their data)."""
-    x, y = key_data(x), key_data(y)
+    keys by their data; LowRankRTRL's traces by their base and correction,
+    `low_rank_products`)."""
+    x, y = key_data(low_rank_products(x)), key_data(low_rank_products(y))
     errors = [
         float(np.max(np.abs(np.asarray(a) - b)) / np.maximum(np.max(np.abs(b)), 1e-300))
         if b.size
