@@ -68,19 +68,21 @@ def _exported_names() -> frozenset[str]:
 
 class _PublicFunctionsTransformer(_import_hook.JaxtypingTransformer):
     """jaxtyping's import hook (`--jaxtyping-packages` in pyproject.toml) puts its beartype
-    decorator on every function of `eqtrace`, and a nested `def` is decorated anew at every
-    call of its parent: the structural analyses' helpers and closures, called per equation
-    while a step is traced, took about a quarter of the suite's CPU time in these wrappers
-    while checking nothing of the API. Here the public API is checked: every function eqtrace
-    exports (`_exported_names`), every public method (dunders included) of every public class,
-    and every annotated public closure (such as the step `make_online_step` returns); internal
-    functions (top-level functions eqtrace does not export, `_private` functions, methods and
-    classes, unannotated closures) are not decorated."""
+    decorator on every function and class of `eqtrace`, and a nested `def` is decorated anew at
+    every call of its parent: the structural analyses' helpers and closures, called per
+    equation while a step is traced, took about a quarter of the suite's CPU time in these
+    wrappers while checking nothing of the API. Here the public API is checked: every function
+    eqtrace exports (`_exported_names`), every class it exports with its public methods
+    (dunders included), and every annotated public closure (such as the step
+    `make_online_step` returns). Internal code is not decorated: top-level functions and
+    classes eqtrace does not export, `_private` functions, methods and classes, unannotated
+    closures."""
 
     _exported = _exported_names()
 
     def visit_ClassDef(self, node):
-        if not node.name.startswith("_"):
+        top = isinstance(self._parents[-1], ast.Module)
+        if not node.name.startswith("_") and (not top or node.name in self._exported):
             return super().visit_ClassDef(node)
         self._no_type_check_level += 1
         try:

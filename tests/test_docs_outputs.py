@@ -51,7 +51,8 @@ def test_printed_outputs_match_the_code(tmp_path):
     names = [str(page.relative_to(ROOT)) for page in SHOWING]
     # As a reader runs the pages: JAX's defaults, not this suite's float64 and XLA flags.
     env = {k: v for k, v in os.environ.items() if k not in ("JAX_ENABLE_X64", "XLA_FLAGS")}
-    env.update(JAX_PLATFORMS="cpu", TQDM_DISABLE="1")
+    # No persistent compilation cache: these programs (JAX's default flags) are the pages' own.
+    env.update(JAX_PLATFORMS="cpu", TQDM_DISABLE="1", JAX_ENABLE_COMPILATION_CACHE="false")
     run = subprocess.run(
         [sys.executable, str(ROOT / "tests" / "doc_blocks.py"), str(result_path), *names],
         cwd=tmp_path,

@@ -60,9 +60,17 @@ def _command(name: str, out: Path) -> list[str]:
     return command
 
 
-def _run(name: str, out: Path) -> subprocess.CompletedProcess:
-    env = dict(os.environ, MPLBACKEND="Agg", TQDM_DISABLE="1", JAX_PLATFORMS="cpu")
+def _environment(**extra: str) -> dict[str, str]:
+    """A user's environment: float32, and no persistent compilation cache (the suite's cache
+    pays across its workers; an example's programs are its own, so writing them is waste)."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", TQDM_DISABLE="1", **extra)
     env.pop("JAX_ENABLE_X64", None)
+    env["JAX_ENABLE_COMPILATION_CACHE"] = "false"
+    return env
+
+
+def _run(name: str, out: Path) -> subprocess.CompletedProcess:
+    env = _environment(MPLBACKEND="Agg")
     try:
         result = subprocess.run(
             _command(name, out), cwd=out, env=env, capture_output=True, text=True, timeout=TIMEOUT
@@ -106,8 +114,7 @@ def test_long_stream_resumes_from_the_command_line(tmp_path):
     stopped right after saving it), a new process ends as the straight run does, bit for bit
     (the script prints a digest of its final parameters). (One run fewer than stopping a second
     run at 600: the resumed process's start is the straight run's own state at 600.)"""
-    env = dict(os.environ, JAX_PLATFORMS="cpu", TQDM_DISABLE="1")
-    env.pop("JAX_ENABLE_X64", None)
+    env = _environment()
 
     def run(directory, *extra):
         command = [

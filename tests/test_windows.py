@@ -117,7 +117,7 @@ def limits_problem():
 
 
 @pytest.mark.parametrize(
-    "case", [p for p in algorithm_cases() if LONG or p.values[0].name in (*TRACE_KINDS, "snap1")]
+    "case", [p for p in algorithm_cases() if LONG or p.values[0].name in TRACE_KINDS]
 )
 def test_window_of_one_is_the_rule_and_of_all_is_bptt(case, limits_problem):
     """On a vmapped batch through two recurrent layers: `k = 1` gives the stepped rule's loss,
