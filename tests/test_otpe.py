@@ -25,33 +25,21 @@ INPUT, HIDDEN, OUTPUT, LENGTH, TAU = 3, 5, 2, 8, 5.0
 LEAK = math.exp(-1.0 / TAU)
 
 
-def _naive_otpe(model, xs, targets, lam):
-    """The authors' OTPE on `LIF → LIF`, loss on the top layer's spikes at each step. Per
-    layer: D-RTRL's trace of the membrane `E_t = (α − ϑ s'(v_{t-1})) E_{t-1} + x_t` (the
-    reset differentiated), `R̂_t = λ R̂_{t-1} + s'(v_t) E_t`, `r_t = λ r_{t-1} + 1`,
-    `ḡ_t = (λ r_{t-1}/r_t) ḡ_{t-1} + (1 − λ r_{t-1}/r_t) s'(v_t)`; the gradient `δ_t ⊙ R̂_t`,
-    and `δ` of the layer below `W_2ᵀ (δ_t ⊙ ḡ_t)`."""
+def _spike(cell, v):
+    return cell.surrogate((v - cell.threshold) / cell.threshold)
+
+
+def _slope(cell, v):
+    return jax.vmap(jax.grad(lambda v: _spike(cell, v)))(v)
+
+
+def _two_layers(model, xs, targets, layer, zeros, updates):
+    """The loop both naive oracles share, on `LIF → LIF` with the loss on the top layer's
+    spikes at each step: `layer(cell, carry, x) -> (carry, spikes)` per layer (`carry[4]` is
+    `ḡ`), `δ` of the layer below `W_2ᵀ (δ_t ⊙ ḡ_t)`, and `updates(δ_1, δ_2, c_1, c_2)` the
+    step's gradient terms of `w1` and `w2`."""
     lif1, lif2 = model.layers
     w1, w2 = lif1.input_op.weight, lif2.input_op.weight
-
-    def spike(cell, v):
-        return cell.surrogate((v - cell.threshold) / cell.threshold)
-
-    def slope(cell, v):
-        return jax.vmap(jax.grad(lambda v: spike(cell, v)))(v)
-
-    def layer(cell, carry, x):
-        v, e, r_hat, r, g_bar = carry
-        alpha = math.exp(-cell.dt / cell.tau_mem)
-        leak = alpha - cell.threshold * slope(cell, v)  # the reset differentiated
-        v = alpha * v - cell.threshold * spike(cell, v) + cell.input_op.weight @ x
-        e = leak[:, None] * e + x[None, :]
-        d = slope(cell, v)
-        r_hat = lam * r_hat + d[:, None] * e
-        ratio = lam * r / (lam * r + 1)
-        r = lam * r + 1
-        g_bar = ratio * g_bar + (1 - ratio) * d
-        return (v, e, r_hat, r, g_bar), spike(cell, v)
 
     def step(carry, inputs):
         c1, c2, grads = carry
@@ -60,17 +48,42 @@ def _naive_otpe(model, xs, targets, lam):
         c2, s2 = layer(lif2, c2, s1)
         delta2 = jax.grad(squared_loss)(s2, target)
         delta1 = w2.T @ (delta2 * c2[4])
-        updates = {"w1": delta1[:, None] * c1[2], "w2": delta2[:, None] * c2[2]}
-        return (c1, c2, jtu.tree_map(jnp.add, grads, updates)), None
-
-    def zeros(n_in, n_out):
-        return (jnp.zeros(n_out), jnp.zeros((n_out, n_in)), jnp.zeros((n_out, n_in)), 0.0,
-                jnp.zeros(n_out))  # fmt: skip
+        return (c1, c2, jtu.tree_map(jnp.add, grads, updates(delta1, delta2, c1, c2))), None
 
     grads = {"w1": jnp.zeros_like(w1), "w2": jnp.zeros_like(w2)}
     init = (zeros(INPUT, HIDDEN), zeros(HIDDEN, OUTPUT), grads)
     (*_, grads), _ = jax.lax.scan(step, init, (xs, targets))
     return grads
+
+
+def _naive_otpe(model, xs, targets, lam):
+    """The authors' OTPE on `LIF → LIF`, loss on the top layer's spikes at each step. Per
+    layer: D-RTRL's trace of the membrane `E_t = (α − ϑ s'(v_{t-1})) E_{t-1} + x_t` (the
+    reset differentiated), `R̂_t = λ R̂_{t-1} + s'(v_t) E_t`, `r_t = λ r_{t-1} + 1`,
+    `ḡ_t = (λ r_{t-1}/r_t) ḡ_{t-1} + (1 − λ r_{t-1}/r_t) s'(v_t)`; the gradient `δ_t ⊙ R̂_t`,
+    and `δ` of the layer below `W_2ᵀ (δ_t ⊙ ḡ_t)`."""
+
+    def layer(cell, carry, x):
+        v, e, r_hat, r, g_bar = carry
+        alpha = math.exp(-cell.dt / cell.tau_mem)
+        leak = alpha - cell.threshold * _slope(cell, v)  # the reset differentiated
+        v = alpha * v - cell.threshold * _spike(cell, v) + cell.input_op.weight @ x
+        e = leak[:, None] * e + x[None, :]
+        d = _slope(cell, v)
+        r_hat = lam * r_hat + d[:, None] * e
+        ratio = lam * r / (lam * r + 1)
+        r = lam * r + 1
+        g_bar = ratio * g_bar + (1 - ratio) * d
+        return (v, e, r_hat, r, g_bar), _spike(cell, v)
+
+    def zeros(n_in, n_out):
+        return (jnp.zeros(n_out), jnp.zeros((n_out, n_in)), jnp.zeros((n_out, n_in)), 0.0,
+                jnp.zeros(n_out))  # fmt: skip
+
+    def updates(delta1, delta2, c1, c2):
+        return {"w1": delta1[:, None] * c1[2], "w2": delta2[:, None] * c2[2]}
+
+    return _two_layers(model, xs, targets, layer, zeros, updates)
 
 
 def _model(key, **options):
@@ -123,21 +136,11 @@ def test_first_step_sends_the_exact_credit_down(getkey):
     assert float(jnp.max(jnp.abs(online.layers[0].input_op.weight))) > 0
 
 
-def _spike(cell, v):
-    return cell.surrogate((v - cell.threshold) / cell.threshold)
-
-
-def _slope(cell, v):
-    return jax.vmap(jax.grad(lambda v: _spike(cell, v)))(v)
-
-
 def _naive_approximate_otpe(model, xs, targets, lam):
     """The authors' approximate OTPE (`Approx_OTPE`) on `LIF → LIF`, loss on the top layer's
     spikes at each step. Per layer, no weight-shaped trace: the input filtered twice,
     `â_t = λ â_{t-1} + x_t` and `ẑ_t = λ ẑ_{t-1} + â_t`, and OTPE's `r_t` and `ḡ_t`; the
     gradient `(δ_t ⊙ ḡ_t) ⊗ ẑ_t`, and `δ` of the layer below `W_2ᵀ (δ_t ⊙ ḡ_t)`."""
-    lif1, lif2 = model.layers
-    w1, w2 = lif1.input_op.weight, lif2.input_op.weight
 
     def layer(cell, carry, x):
         v, a_hat, z_hat, r, g_bar = carry
@@ -150,26 +153,16 @@ def _naive_approximate_otpe(model, xs, targets, lam):
         g_bar = ratio * g_bar + (1 - ratio) * _slope(cell, v)
         return (v, a_hat, z_hat, r, g_bar), _spike(cell, v)
 
-    def step(carry, inputs):
-        c1, c2, grads = carry
-        x, target = inputs
-        c1, s1 = layer(lif1, c1, x)
-        c2, s2 = layer(lif2, c2, s1)
-        delta2 = jax.grad(squared_loss)(s2, target)
-        delta1 = w2.T @ (delta2 * c2[4])
-        updates = {
-            "w1": jnp.outer(delta1 * c1[4], c1[2]),
-            "w2": jnp.outer(delta2 * c2[4], c2[2]),
-        }
-        return (c1, c2, jtu.tree_map(jnp.add, grads, updates)), None
-
     def zeros(n_in, n_out):
         return (jnp.zeros(n_out), jnp.zeros(n_in), jnp.zeros(n_in), 0.0, jnp.zeros(n_out))
 
-    grads = {"w1": jnp.zeros_like(w1), "w2": jnp.zeros_like(w2)}
-    init = (zeros(INPUT, HIDDEN), zeros(HIDDEN, OUTPUT), grads)
-    (*_, grads), _ = jax.lax.scan(step, init, (xs, targets))
-    return grads
+    def updates(delta1, delta2, c1, c2):
+        return {
+            "w1": jnp.outer(delta1 * c1[4], c1[2]),
+            "w2": jnp.outer(delta2 * c2[4], c2[2]),
+        }
+
+    return _two_layers(model, xs, targets, layer, zeros, updates)
 
 
 def test_approximate_equals_the_authors_update_written_naively(getkey):

@@ -380,13 +380,8 @@ class OTPE(AbstractDiagonalAlgorithm[OTPETrace]):
             return eprop.cell_output_tangent(cell, state, trace.filtered, x, params_tangent)
         assert isinstance(trace.filtered, OTPEInputTraces)
         changes = self._op_changes(cell, trace.filtered, params_tangent, 1)
-        dtype = state_dtype(state)
-        total = jnp.zeros(structure.num_neurons, dtype)
-        for i, (summed, du) in enumerate(zip(trace.surrogates, changes)):
-            if summed is None or du is None:
-                continue
-            mean = (summed / trace.normaliser.astype(summed.dtype)).astype(du.dtype)
-            total = total + from_outputs(structure, mean * du, i).astype(dtype)
+        zero = jnp.zeros(structure.num_neurons, state_dtype(state))
+        total = _averaged(structure, trace, changes, zero)
         return total.reshape(structure.neuron_shape)
 
     def cell_output_input_tangent(
@@ -408,10 +403,15 @@ class OTPE(AbstractDiagonalAlgorithm[OTPETrace]):
             return cell.output(bypass), [u for _, u in records]
 
         bypass, changes = exact_tangent(through, diff_x, x_tangent)
-        total = jnp.ravel(bypass)
-        for i, (summed, du) in enumerate(zip(trace.surrogates, changes)):
-            if summed is None:
-                continue
-            mean = (summed / trace.normaliser.astype(summed.dtype)).astype(du.dtype)
-            total = total + from_outputs(structure, mean * du, i).astype(total.dtype)
-        return total.reshape(bypass.shape)
+        return _averaged(structure, trace, changes, jnp.ravel(bypass)).reshape(bypass.shape)
+
+
+def _averaged(structure: CellStructure, trace: OTPETrace, changes: list, total: jax.Array):
+    """`total + Σ_o ḡ_t[o] ⊙ du_o` over the calls with a surrogate sum, `ḡ_t` the leaky
+    average of the surrogate derivatives (the sum over its normaliser), in `total`'s dtype."""
+    for i, (summed, du) in enumerate(zip(trace.surrogates, changes)):
+        if summed is None or du is None:
+            continue
+        mean = (summed / trace.normaliser.astype(summed.dtype)).astype(du.dtype)
+        total = total + from_outputs(structure, mean * du, i).astype(total.dtype)
+    return total
